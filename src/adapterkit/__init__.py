@@ -1,0 +1,20 @@
+"""adapterkit: task-specific adapters over one frozen pretrained transformer."""
+
+from .adapter import Adapter, AdapterMeta, create_adapter
+from .base import Base, list_bases, load_base, pull_base
+from .batching import AdapterBatch, build_batch
+from .errors import (AdapterkitError, AdapterNameError, AdapterNotFoundError, BaseMismatchError,
+                     BaseNotAvailableError, ConfigError, CorruptAdapterError, TargetError,
+                     UnsupportedError)
+from .generate import generate
+from .methods import get_method, method_names
+from .methods.lora import LoraConfig
+from .runtime import AdapterRuntime
+
+__all__ = [
+    "Adapter", "AdapterMeta", "create_adapter", "Base", "list_bases", "load_base", "pull_base",
+    "AdapterBatch", "build_batch", "AdapterkitError", "AdapterNameError", "AdapterNotFoundError",
+    "BaseMismatchError", "BaseNotAvailableError", "ConfigError", "CorruptAdapterError", "TargetError",
+    "UnsupportedError", "generate", "get_method", "method_names", "LoraConfig", "AdapterRuntime",
+]
+__version__ = "0.1.0"

