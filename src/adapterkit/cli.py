@@ -1,0 +1,181 @@
+"""The `adapterkit` command: a thin typer map onto library functions."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import AdapterkitError
+
+app = typer.Typer(help="Task-specific adapters over one frozen base model.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+base_app = typer.Typer(help="Built-in and local base models.", no_args_is_help=True)
+adapter_app = typer.Typer(help="Create, inspect and export adapters.", no_args_is_help=True)
+app.add_typer(base_app, name="base")
+app.add_typer(adapter_app, name="adapter")
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False)
+    raise typer.Exit(2)
+
+
+@base_app.command("list")
+def base_list() -> None:
+    """List the built-in bases and whether their packages are installed."""
+    from .base import list_bases
+
+    table = Table("name", "kind", "installed", "ready", "description", "install")
+    for row in list_bases():
+        table.add_row(row["name"], row["kind"], "yes" if row["installed"] else "no",
+                      "yes" if row["ready"] else "no", row["description"], row["install"])
+    out.print(table)
+
+
+@base_app.command("pull")
+def base_pull(name: str) -> None:
+    """Make a built-in base ready (converts SmolLM2's GGUF once into the cache)."""
+    from .base import pull_base
+
+    try:
+        path = pull_base(name)
+    except AdapterkitError as exc:
+        _fail(exc)
+    out.print(f"{name}: {path}")
+
+
+@adapter_app.command("inspect")
+def adapter_inspect(path: Path, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Method, rank, targets, parameter count and base of an adapter folder (ours or PEFT's)."""
+    from .inspect import describe
+
+    try:
+        info = describe(path)
+    except AdapterkitError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(info))
+        return
+    table = Table("field", "value", show_header=False)
+    for key, value in info.items():
+        table.add_row(key, ", ".join(map(str, value)) if isinstance(value, list) else str(value))
+    out.print(table)
+
+
+@adapter_app.command("create")
+def adapter_create(
+    name: str,
+    out_dir: Path = typer.Option(..., "--out", help="Folder to write."),
+    base: str = typer.Option("smollm2-135m", help="Built-in base name or local folder."),
+    r: int = typer.Option(8, help="LoRA rank."),
+    alpha: float = typer.Option(16.0, help="LoRA alpha."),
+    targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj", help="Comma-separated module names, or a regex."),
+    init: str = typer.Option("default", help="'default' (B = 0, for training) or 'nonzero'."),
+    init_std: float = typer.Option(0.02, help="Std of B for init=nonzero."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Create a freshly initialised LoRA adapter for a base and save it (PEFT-loadable)."""
+    from .adapter import create_adapter
+    from .base import load_base
+    from .methods.lora import LoraConfig
+
+    try:
+        b = load_base(base)
+        target = tuple(t.strip() for t in targets.split(",")) if "," in targets or targets.isidentifier() else targets
+        cfg = LoraConfig(r=r, alpha=alpha, target_modules=target, init=init, init_std=init_std)
+        adapter = create_adapter(name, b.model, cfg, seed=seed, fingerprint=b.fingerprint, base_name=b.name)
+        adapter.save(out_dir)
+    except AdapterkitError as exc:
+        _fail(exc)
+    out.print(f"wrote {name} ({adapter.num_parameters():,} parameters) to {out_dir}")
+
+
+@adapter_app.command("export-merged")
+def adapter_export_merged(
+    adapters: List[Path] = typer.Argument(..., help="Adapter folders to merge in."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the merged transformers model."),
+    base: str = typer.Option("smollm2-135m"),
+) -> None:
+    """Write a plain transformers model folder: the base with the adapters merged in."""
+    from .adapter import Adapter
+    from .base import load_base
+    from .runtime import AdapterRuntime
+
+    try:
+        b = load_base(base)
+        rt = AdapterRuntime.from_base(b)
+        names = []
+        for path in adapters:
+            loaded = Adapter.load(path)
+            rt.add(loaded)
+            names.append(loaded.name)
+        rt.export_merged(out_dir, names, tokenizer=b.tokenizer)
+    except AdapterkitError as exc:
+        _fail(exc)
+    out.print(f"wrote {out_dir}")
+
+
+@app.command()
+def generate(
+    prompt: str,
+    base: str = typer.Option("smollm2-135m", help="Built-in base name or local folder."),
+    adapter: Optional[List[Path]] = typer.Option(None, "--adapter", help="Adapter folder; repeat for a mixed batch."),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=1),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per row."),
+) -> None:
+    """Greedy generation; with several --adapter, one row per adapter in one mixed batch."""
+    from .adapter import Adapter
+    from .base import load_base
+    from .generate import generate as run
+    from .runtime import AdapterRuntime
+
+    try:
+        b = load_base(base)
+        if b.tokenizer is None or b.kind != "causal-lm":
+            raise AdapterkitError(f"base {base!r} is not a causal LM with a tokenizer; generate needs one")
+        rt = AdapterRuntime.from_base(b)
+        rows = []
+        for path in adapter or []:
+            a = Adapter.load(path)
+            rt.add(a)
+            rows.append(a.name)
+        rows = rows or [None]
+        results = run(rt, b.tokenizer, [prompt] * len(rows), rows, max_new_tokens=max_tokens, chat=chat)
+    except AdapterkitError as exc:
+        _fail(exc)
+    for res in results:
+        if as_json:
+            print(json.dumps({"adapter": res.adapter, "text": res.text, "token_ids": res.token_ids}))
+        else:
+            out.print(f"[bold]{res.adapter or '(base)'}[/]: {res.text}", highlight=False)
+
+
+@app.command()
+def demo(
+    base: str = typer.Option("smollm2-135m"),
+    max_tokens: int = typer.Option(24, "--max-tokens"),
+) -> None:
+    """The main job on the embedded defaults: one base, three adapters, one mixed batch."""
+    from .demo import run_demo
+
+    try:
+        run_demo(base, max_tokens, out)
+    except AdapterkitError as exc:
+        _fail(exc)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

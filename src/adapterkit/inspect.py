@@ -1,0 +1,29 @@
+"""A summary of an adapter folder, for `adapterkit adapter inspect`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .adapter import SIDE_FILE, Adapter
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    adapter = Adapter.load(path)
+    config = adapter.config
+    targets = config.target_modules
+    return {
+        "name": adapter.name,
+        "method": config.type,
+        "format": "adapterkit" if (path / SIDE_FILE).is_file() else "peft",
+        "rank": adapter.ranks(),
+        "alpha": getattr(config, "alpha", None),
+        "rslora": getattr(config, "use_rslora", False),
+        "targets": targets if isinstance(targets, str) else list(targets),
+        "sites": len(adapter.sites),
+        "parameters": adapter.num_parameters(),
+        "base": adapter.meta.base_name,
+        "base_fingerprint": adapter.meta.base_fingerprint,
+        "task": adapter.meta.task,
+    }

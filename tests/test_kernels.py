@@ -1,0 +1,78 @@
+"""Every kernel against the float64 reference: skewed mixes, odd batch sizes, weighted K > 1."""
+
+import pytest
+import torch
+
+from adapterkit import build_batch
+from adapterkit.kernels import dense_kernel, gather_kernel, reference_delta, segment_kernel
+
+D_IN, D_OUT = 24, 40
+
+
+def make_factors(n_adapters, ranks, gen):
+    factors = {}
+    for slot in range(1, n_adapters + 1):
+        r = ranks[(slot - 1) % len(ranks)]
+        factors[slot] = (torch.randn(r, D_IN, generator=gen), torch.randn(D_OUT, r, generator=gen),
+                         0.5 + slot / 7)
+    return factors
+
+
+def stacks(factors, capacity):
+    rank = max(a.shape[0] for a, _, _ in factors.values())
+    a_stack = torch.zeros(capacity + 1, D_IN, rank)
+    b_stack = torch.zeros(capacity + 1, rank, D_OUT)
+    for slot, (a, b, scale) in factors.items():
+        a_stack[slot, :, : a.shape[0]] = a.t()
+        b_stack[slot, : a.shape[0], :] = b.t() * scale
+    return a_stack, b_stack
+
+
+def skewed_ids(n, n_adapters, gen, k=1):
+    # Zipf-like: adapter 1 dominates, a tail appears once or twice, ~15% rows have none.
+    probs = torch.tensor([1.0 / (i + 1) ** 1.5 for i in range(n_adapters)] + [0.15 * n_adapters ** 0.1])
+    draws = torch.multinomial(probs, n * k, replacement=True, generator=gen).view(n, k) + 1
+    return torch.where(draws == n_adapters + 1, torch.zeros_like(draws), draws)
+
+
+def run(kernel, x, batch, factors, capacity):
+    y = torch.zeros(x.shape[0], x.shape[1], D_OUT)
+    if kernel == "dense":
+        terms = [(a, b, batch.dense_w[s] * scale, None) for s, (a, b, scale) in factors.items() if s in batch.dense_w]
+        return dense_kernel(x, y, terms)
+    a_stack, b_stack = stacks(factors, capacity)
+    if kernel == "gather":
+        return gather_kernel(x, y, a_stack, b_stack, batch.gather_idx, batch.gather_w)
+    return segment_kernel(x, y, a_stack, b_stack, batch.order, batch.bounds, batch.seg_slots, batch.seg_w)
+
+
+@pytest.mark.parametrize("kernel", ["dense", "gather", "segment"])
+@pytest.mark.parametrize("n", [1, 7, 133])
+@pytest.mark.parametrize("n_adapters,length,ranks", [(1, 1, [4]), (5, 3, [2, 8]), (33, 1, [1, 4, 16])])
+@torch.no_grad()
+def test_kernel_matches_float64_reference(kernel, n, n_adapters, length, ranks):
+    gen = torch.Generator().manual_seed(n * 1000 + n_adapters)
+    factors = make_factors(n_adapters, ranks, gen)
+    ids = skewed_ids(n, n_adapters, gen)
+    ids[0, 0] = 1                                   # at least one adapter row, so the check is not vacuous
+    weights = torch.where(ids > 0, torch.rand(ids.shape, generator=gen) + 0.5, torch.zeros(ids.shape))
+    x = torch.randn(n, length, D_IN, generator=gen)
+    batch = build_batch(ids, weights, kernel=kernel)
+    got = run(kernel, x, batch, factors, capacity=n_adapters + 2)
+    want = reference_delta(x, ids, weights, factors)
+    assert want.abs().max() > 1.0
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["dense", "gather"])
+@torch.no_grad()
+def test_weighted_multi_adapter_rows(kernel):
+    gen = torch.Generator().manual_seed(7)
+    factors = make_factors(6, [3, 5], gen)
+    ids = skewed_ids(7, 6, gen, k=3)
+    ids[0] = torch.tensor([2, 2, 5])                  # the same adapter twice on a row adds up
+    weights = torch.where(ids > 0, torch.randn(ids.shape, generator=gen), torch.zeros(ids.shape))
+    x = torch.randn(7, 2, D_IN, generator=gen)
+    batch = build_batch(ids, weights, kernel=kernel)
+    torch.testing.assert_close(run(kernel, x, batch, factors, 8).double(),
+                               reference_delta(x, ids, weights, factors), rtol=1e-4, atol=1e-4)
