@@ -153,13 +153,26 @@ def load_base(name_or_path: str = DEFAULT_BASE, dtype: torch.dtype | str = torch
     archs = getattr(config, "architectures", None) or []
     causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
     auto = AutoModelForCausalLM if causal else AutoModel
-    model = auto.from_pretrained(str(path), dtype=dtype)
+    model = _quiet_load(auto, path, dtype)
     model.eval()
     model.requires_grad_(False)
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     return Base(name, path, model, tokenizer, fingerprint(model), "causal-lm" if causal else "encoder")
+
+
+def _quiet_load(auto: Any, path: Path, dtype: torch.dtype) -> nn.Module:
+    """Local loads take well under a second: no progress bar on stderr (it would garble --json)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return auto.from_pretrained(str(path), dtype=dtype)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def list_bases() -> list[dict[str, Any]]:

@@ -135,8 +135,9 @@ def match_targets(
                 names.append(name)
     if not names:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, linear_types)})
+        shown = target_modules if isinstance(target_modules, str) else list(target_modules)
         raise TargetError(
-            f"target_modules {target_modules!r} match no module of the base model; "
+            f"target_modules {shown!r} match no module of the base model; "
             f"its linear layers are named: {', '.join(leaves)}"
         )
     return names

@@ -1,0 +1,77 @@
+"""The CLI contract later checks rely on: generate --json, adapter inspect --json, clear errors."""
+
+import json
+
+import pytest
+from conftest import ATTN
+from typer.testing import CliRunner
+
+from adapterkit import Adapter, AdapterRuntime, LoraConfig, create_adapter, generate, load_base
+from adapterkit.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def adapters(tiny_llm_dir, tmp_path):
+    base = load_base(str(tiny_llm_dir))
+    paths = []
+    for i, name in enumerate(["alpha", "beta"]):
+        a = create_adapter(name, base.model, LoraConfig(r=4, target_modules=ATTN, init="nonzero", init_std=0.5),
+                           seed=i, fingerprint=base.fingerprint, base_name=base.name)
+        paths.append(a.save(tmp_path / name))
+    return base, paths
+
+
+def json_rows(output):
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+
+def test_generate_json_mixed_batch_equals_each_adapter_alone(tiny_llm_dir, adapters):
+    base, paths = adapters
+    prompt = "hello world the cat"
+    res = runner.invoke(app, ["generate", prompt, "--base", str(tiny_llm_dir), "--adapter", str(paths[0]),
+                              "--adapter", str(paths[1]), "--max-tokens", "6", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json_rows(res.output)
+    assert [r["adapter"] for r in rows] == ["alpha", "beta"]
+    rt = AdapterRuntime.from_base(base)
+    for row, path in zip(rows, paths):
+        rt.add(Adapter.load(path))
+        alone = generate(rt, base.tokenizer, [prompt], [row["adapter"]], max_new_tokens=6)[0]
+        assert row["token_ids"] == alone.token_ids and row["text"] == alone.text
+    plain = json_rows(runner.invoke(app, ["generate", prompt, "--base", str(tiny_llm_dir), "--max-tokens", "6",
+                                          "--json"]).output)
+    assert plain[0]["adapter"] is None
+    assert plain[0]["token_ids"] != rows[0]["token_ids"]       # the adapters change the greedy path
+
+
+def test_adapter_inspect_json(adapters):
+    _, paths = adapters
+    res = runner.invoke(app, ["adapter", "inspect", str(paths[0]), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert info["method"] == "lora" and info["rank"] == [4] and info["targets"] == ATTN
+    assert info["sites"] == 8 and info["parameters"] == 8 * 4 * 32 + 4 * (4 * 32) + 4 * (4 * 16)
+    assert info["format"] == "adapterkit" and info["base_fingerprint"].startswith("sha256:")
+
+
+def test_cli_errors_are_clear_and_exit_2(tiny_llm_dir, tmp_path):
+    res = runner.invoke(app, ["generate", "hi", "--base", str(tiny_llm_dir), "--adapter", str(tmp_path / "nope")])
+    assert res.exit_code == 2
+    assert "error:" in res.output and "does not exist" in res.output
+    res = runner.invoke(app, ["adapter", "create", "x", "--base", str(tiny_llm_dir), "--r", "0",
+                              "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "LoRA r must be a positive integer, got 0" in res.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_create_then_export_merged(tiny_llm_dir, tmp_path):
+    res = runner.invoke(app, ["adapter", "create", "made", "--base", str(tiny_llm_dir), "--r", "2",
+                              "--init", "nonzero", "--out", str(tmp_path / "made")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["adapter", "export-merged", str(tmp_path / "made"), "--base", str(tiny_llm_dir),
+                              "--out", str(tmp_path / "merged")])
+    assert res.exit_code == 0, res.output
+    merged = load_base(str(tmp_path / "merged"))
+    assert merged.tokenizer is not None and merged.fingerprint != load_base(str(tiny_llm_dir)).fingerprint
