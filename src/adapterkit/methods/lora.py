@@ -183,7 +183,8 @@ class LoraPool:
     def apply(self, x: torch.Tensor, y: torch.Tensor, batch: Any, training: bool) -> torch.Tensor:
         """x: module input [..., d_in]; y: base output [..., d_out]; returns y + this site's deltas."""
         x3, y3 = batch.view_input(x), batch.view_input(y)
-        if batch.kernel == "dense":
+        kernel = batch.kernel_for(x3.shape[1])
+        if kernel == "dense":
             terms = []
             for slot, w in batch.dense_w.items():
                 src = self.sources.get(slot)
@@ -196,9 +197,9 @@ class LoraPool:
             if not terms:
                 return y
             y3 = dense_kernel(x3, y3, terms)
-        elif batch.kernel == "gather":
+        elif kernel == "gather":
             y3 = gather_kernel(x3, y3, self.a_stack, self.b_stack, batch.gather_idx, batch.gather_w)
-        elif batch.kernel == "segment":
+        elif kernel == "segment":
             y3 = segment_kernel(x3, y3, self.a_stack, self.b_stack, batch.order, batch.bounds,
                                 batch.seg_slots, batch.seg_w)
         return y3.view(y.shape)
