@@ -12,6 +12,7 @@ slots (see batching.AdapterBatch); every wrapped site reads that one object.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, Union
 
@@ -81,7 +82,8 @@ class AdapterRuntime:
         site_map = self._resolve_sites(adapter)
         tensors = {}
         for own, module_name in site_map.items():
-            info = site_info(module_name, self._modules[module_name])
+            # Config patterns (rank_pattern...) refer to the adapter's own site names.
+            info = replace(site_info(module_name, self._modules[module_name]), name=own)
             expected = spec.tensor_shapes(adapter.config, info)
             got = {k: tuple(t.shape) for k, t in adapter.tensors[own].items()}
             if got != {k: tuple(v) for k, v in expected.items()}:
@@ -89,13 +91,13 @@ class AdapterRuntime:
                     f"adapter {name!r} does not fit this base at {module_name}: tensors {got}, "
                     f"the base needs {expected}; it was made for another base model"
                 )
-            tensors[module_name] = {k: self._cast(t) for k, t in adapter.tensors[own].items()}
+            tensors[module_name] = (own, {k: self._cast(t) for k, t in adapter.tensors[own].items()})
         slot = self._free_slot()
-        for module_name, parts in tensors.items():
+        for module_name, (own, parts) in tensors.items():
             site = self._sites.get(module_name)
             if site is None:
                 site = self._sites[module_name] = Site(self, module_name, self._modules[module_name])
-            site.pool(spec, self.capacity).add(slot, adapter.config, parts)
+            site.pool(spec, self.capacity).add(slot, adapter.config, parts, own)
         self.adapters[name], self._slots[name], self._site_maps[name] = adapter, slot, site_map
         if _trainable(adapter):
             self._versions[name] = _version(adapter)
@@ -253,7 +255,7 @@ class AdapterRuntime:
         with torch.no_grad():
             for own, module_name in self._site_maps[name].items():
                 module = self._modules[module_name]
-                info = self._sites[module_name].info
+                info = replace(self._sites[module_name].info, name=own)
                 delta = spec.delta_weight(adapter.config, info, adapter.tensors[own])
                 if module_name not in self._originals:
                     self._originals[module_name] = module.weight.detach().clone()

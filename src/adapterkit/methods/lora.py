@@ -147,9 +147,9 @@ class LoraPool:
     def __len__(self) -> int:
         return len(self.sources)
 
-    def add(self, slot: int, config: LoraConfig, tensors: Mapping[str, torch.Tensor]) -> None:
+    def add(self, slot: int, config: LoraConfig, tensors: Mapping[str, torch.Tensor], site_name: str) -> None:
         a, b = tensors["lora_A"], tensors["lora_B"]
-        self.sources[slot] = (a, b, config.scale(self.site.name), config.dropout)
+        self.sources[slot] = (a, b, config.scale(site_name), config.dropout)
         if a.shape[0] > self.rank:
             self._restack(a.shape[0], self.capacity)
         self.refresh(slot)
