@@ -18,8 +18,11 @@ and every forced kernel) equal PEFT's mixed batch (allclose atol=rtol=1e-4) with
 per row, adapterkit with adapters off equals the bare base, and the adapters change the output.
 Prefill outputs are compared the same way on the warm-up pass before its timing.
 
-    .venv/bin/python benchmarks/mixed_batch.py --quick            # smoke run, ~2 min
-    .venv/bin/python benchmarks/mixed_batch.py --kernels          # full run (long on 2 cores)
+    .venv/bin/python benchmarks/mixed_batch.py --quick --threads 1           # smoke run, ~40 s
+    .venv/bin/python benchmarks/mixed_batch.py --kernels --threads 1         # full run, ~26 min
+
+On a shared 2-core machine pass --threads 1 when anything else is running: two OpenMP threads
+sharing a core with another process spin-wait and single steps slow down 10-20x at random.
 
 Raw repetition times go to benchmarks/results/mixed_batch.json (rewritten after each U, so a cut
 run keeps what it measured) and a plot to the same path with .png.
@@ -232,8 +235,11 @@ class Systems:
     def rows(self, u: int) -> list[str]:
         return [f"a{i % u}" for i in range(self.args.batch)]
 
-    def auto_kernel(self, u: int) -> str:
-        return self.rt.make_batch(self.rows(u)).kernel
+    def auto_kernel(self, u: int, length: int) -> str:
+        """The kernel auto picks for rows of `length` tokens (newer batches choose per call)."""
+        batch = self.rt.make_batch(self.rows(u))
+        pick = getattr(batch, "kernel_for", None)
+        return pick(length) if pick is not None else batch.kernel
 
     def system_names(self, workload: str) -> list[str]:
         names = ["adapterkit", "peft", "base"]
@@ -343,7 +349,8 @@ def run_u(systems: Systems, workload: str, u: int, inputs: dict[str, Any], reps:
           gate: list[dict[str, Any]] | None) -> dict[str, Any]:
     names = systems.system_names(workload)
     steps = {s: systems.step(s, workload, u, inputs) for s in names}
-    record: dict[str, Any] = {"workload": workload, "U": u, "auto_kernel": systems.auto_kernel(u),
+    length = 1 if workload == "decode" else systems.args.prefill_len
+    record: dict[str, Any] = {"workload": workload, "U": u, "auto_kernel": systems.auto_kernel(u, length),
                               "systems": names, "times": {s: [] for s in names}}
     with torch.inference_mode():
         if gate is None:
@@ -375,6 +382,9 @@ def run_u(systems: Systems, workload: str, u: int, inputs: dict[str, Any], reps:
         "adapterkit_over_base": med["adapterkit"] / med["base"],
         "peft_over_adapterkit_paired": summary(paired_ratios(t["peft"], t["adapterkit"])),
         "adapterkit_over_base_paired": summary(paired_ratios(t["adapterkit"], t["base"])),
+        # Under heavy contention the fastest repetition is the least disturbed one.
+        "peft_over_adapterkit_min": min(t["peft"]) / min(t["adapterkit"]),
+        "adapterkit_over_base_min": min(t["adapterkit"]) / min(t["base"]),
     }
     if "adapterkit_off" in t:
         record["ratios"]["adapterkit_off_over_base"] = med["adapterkit_off"] / med["base"]
@@ -402,6 +412,7 @@ def fmt_t(s: dict[str, float]) -> str:
 
 def print_tables(records: list[dict[str, Any]], args: argparse.Namespace) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(width=200)
@@ -415,10 +426,10 @@ def print_tables(records: list[dict[str, Any]], args: argparse.Namespace) -> Non
                      + (f"1 new token on a {args.ctx}-token cache" if workload == "decode"
                         else f"{args.prefill_len} tokens/row")
                      + f"; step seconds, median (min–max) of {len(recs[0]['times']['base'])}")
-            table = Table(title=title)
+            table = Table(title=escape(title))
             for col in ("U", "auto", "adapterkit s", "PEFT s", "base s", "PEFT/ak", "ak/base",
                         *[f"{s} s" for s in extra]):
-                table.add_column(col, justify="right")
+                table.add_column(escape(col), justify="right")
             for r in recs:
                 sm, ra = r["summary"], r["ratios"]
                 table.add_row(str(r["U"]), r["auto_kernel"], fmt_t(sm["adapterkit"]), fmt_t(sm["peft"]),
@@ -509,6 +520,11 @@ def main(argv: list[str] | None = None) -> int:
               "init": "nonzero (init_std 0.02)", "prefill_logits_to_keep": None if args.full_logits else 1,
               "registered_adapters": max(args.us), "row_i_adapter": "a{i % U}",
               "gate": {"atol": ATOL, "rtol": RTOL}, "quick": args.quick}
+    busy = os.getloadavg()[0]
+    if busy + torch.get_num_threads() > (os.cpu_count() or 1) + 0.5:
+        log(f"WARNING: load average {busy:.1f} + {torch.get_num_threads()} torch threads > "
+            f"{os.cpu_count()} CPUs: oversubscribed OpenMP threads spin-wait and a step can slow "
+            "10-20x at random; stop other CPU work or pass --threads 1")
     log(f"{env['cpu_model']}, {env['torch_threads']} threads; torch {env['torch']}, transformers "
         f"{env['transformers']}, peft {env['peft']}; config {config}")
     result: dict[str, Any] = {"benchmark": "mixed_batch", "environment": env, "config": config,
@@ -536,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
             for workload in args.workloads:
                 reps = args.reps if workload == "decode" else args.prefill_reps
                 for u in args.us:
-                    log(f"rank {rank}: {workload} U={u} (auto kernel {systems.auto_kernel(u)})")
+                    length = 1 if workload == "decode" else args.prefill_len
+                    log(f"rank {rank}: {workload} U={u} (auto kernel {systems.auto_kernel(u, length)})")
                     rec = run_u(systems, workload, u, inputs[workload], reps, args.warmup,
                                 gates.get(u) if workload == "decode" else None)
                     rec["rank"] = rank
