@@ -6,12 +6,11 @@ import torch
 from adapterkit import ConfigError, build_batch
 
 CASES = [
-    # name, ids, weights, mode, kwargs, expected kernel for units of 1 token, expected unique
+    # name, ids, weights, mode, kwargs, expected kernel, expected unique
     ("no adapters", [0, 0, 0], None, "row", {}, "none", ()),
     ("one adapter", [1, 1, 0], None, "row", {}, "dense", (1,)),
     ("two adapters", [1, 2, 0, 2], None, "row", {}, "dense", (1, 2)),
-    ("many rows, decode -> gather", [1, 2, 3, 4, 0], None, "row", {}, "gather", (1, 2, 3, 4)),
-    ("4 rows per adapter -> segment", [1, 2, 3] * 4, None, "row", {}, "segment", (1, 2, 3)),
+    ("many rows -> gather", [1, 2, 3, 4, 0], None, "row", {}, "gather", (1, 2, 3, 4)),
     ("grad forces dense", [1, 2, 3, 4], None, "row", {"needs_grad": True}, "dense", (1, 2, 3, 4)),
     ("long token segments -> segment", [1] * 20 + [2] * 20 + [3] * 20, None, "token", {}, "segment", (1, 2, 3)),
     ("short token segments -> gather", [1, 2, 3, 1, 2, 3], None, "token", {}, "gather", (1, 2, 3)),
@@ -24,26 +23,9 @@ CASES = [
 @pytest.mark.parametrize("name,ids,weights,mode,kwargs,kernel,unique", CASES, ids=[c[0] for c in CASES])
 def test_kernel_choice_and_unique(name, ids, weights, mode, kwargs, kernel, unique):
     batch = build_batch(torch.tensor(ids), None if weights is None else torch.tensor(weights), mode=mode, **kwargs)
-    assert batch.kernel_for(1) == kernel
+    assert batch.kernel == kernel
     assert batch.unique == unique
     assert batch.ids.dim() == 2 and batch.weights.shape == batch.ids.shape
-
-
-@pytest.mark.parametrize("rows,length,kernel", [
-    ([1, 2, 3, 4] * 8, 1, "segment"),     # 8 rows per adapter: segments even at decode
-    (list(range(1, 33)), 1, "gather"),    # decode, B=32, U=32: one row per adapter
-    (list(range(1, 33)), 128, "segment"),  # prefill of the same batch: long segments
-    ([1, 2, 3, 4, 5, 6, 7, 8] * 2, 1, "gather"),
-    ([1, 2, 3, 4, 5, 6, 7, 8] * 2, 2, "segment"),   # 2 rows x 2 tokens per segment: 4 tokens
-])
-def test_row_batches_switch_gather_to_segment_by_tokens_per_row(rows, length, kernel):
-    batch = build_batch(torch.tensor(rows))
-    assert batch.kernel_for(length) == kernel
-
-
-def test_forced_kernels_never_switch():
-    batch = build_batch(torch.tensor([1, 2, 3, 4] * 8), kernel="gather")
-    assert batch.kernel_for(128) == "gather" and batch.order is None
 
 
 def test_dense_weights_sum_per_slot():

@@ -10,7 +10,6 @@ work is only tensor ops. All functions here are pure.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -23,9 +22,8 @@ KERNELS = ("auto", "dense", "gather", "segment")
 # Measured on SmolLM2-135M, B=32 (benchmarks/mixed_batch.py --kernels): the masked dense loop is
 # fastest up to this many distinct adapters; past it the gathered bmm wins.
 DENSE_MAX_ADAPTERS = 2
-# The segment loop beats the gathered bmm once segments average this many tokens (rows per
-# adapter x tokens per row): decode with many adapters gathers, prefill runs segments.
-SEGMENT_MIN_TOKENS = 4
+# In token mode the segment loop beats per-token gathers once segments average this many tokens.
+SEGMENT_MIN_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -36,9 +34,6 @@ class AdapterBatch:
     weights: torch.Tensor             # [n, K] float: weight of each slot (0 where ids == 0)
     unique: tuple[int, ...]           # sorted distinct slots > 0 in the batch
     kernel: str                       # "none" | "dense" | "gather" | "segment"
-    # auto choice between gather and segment, made per call from tokens per unit L (the same
-    # batch serves prefill and decode steps): segment when L >= segment_from_len; None = never.
-    segment_from_len: int | None = None
     # dense: slot -> [n, 1, 1] summed weight of that slot on each unit
     dense_w: dict[int, torch.Tensor] = field(default_factory=dict)
     # gather: per position k, the slot of every unit [n] and its weight [n, 1, 1] (None if all 1)
@@ -49,12 +44,6 @@ class AdapterBatch:
     bounds: tuple[int, ...] = ()                # len(seg_slots) + 1 offsets into order
     seg_slots: tuple[int, ...] = ()             # slot of each segment
     seg_w: torch.Tensor | None = None           # [m, 1, 1] weights in sorted order (None if all 1)
-
-    def kernel_for(self, length: int) -> str:
-        """The kernel for a call whose units hold `length` tokens each."""
-        if self.segment_from_len is not None and length >= self.segment_from_len:
-            return "segment"
-        return self.kernel
 
     def view_input(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d] -> [n, L, d] so weights [n, 1, 1] broadcast (n = rows, tokens or 1)."""
@@ -122,32 +111,27 @@ def build_batch(
     if not unique:
         return AdapterBatch(kernel="none", **common)
 
-    chosen, segment_from_len = kernel, None
+    chosen = kernel
     if chosen == "auto":
         if needs_grad or mode == "all" or len(unique) <= dense_max:
             chosen = "dense"
+        elif mode == "token" and k == 1 and n / len(unique) >= segment_min_tokens:
+            chosen = "segment"
         else:
             chosen = "gather"
-            if k == 1:
-                units_per_segment = int((ids > 0).sum()) / len(unique)
-                segment_from_len = max(1, math.ceil(segment_min_tokens / units_per_segment))
     if needs_grad and chosen != "dense":
         raise ConfigError(f"kernel {chosen!r} reads stacked copies; gradients need kernel 'dense'")
     if chosen == "dense":
         return AdapterBatch(kernel="dense", dense_w=_dense_weights(ids, weights, unique, dtype), **common)
     if mode == "all":
         raise ConfigError(f"kernel {chosen!r} needs per-row or per-token ids; mode 'all' uses 'dense'")
-    plans = {}
     if chosen == "gather":
         idx, ws = _gather_plan(ids, weights, dtype)
-        plans.update(gather_idx=idx, gather_w=ws)
-        if segment_from_len is None:
-            return AdapterBatch(kernel="gather", **plans, **common)
-    if k != 1:  # only reached for an explicit kernel="segment"
+        return AdapterBatch(kernel="gather", gather_idx=idx, gather_w=ws, **common)
+    if k != 1:
         raise ConfigError("kernel 'segment' takes one adapter per unit (K == 1); use 'gather' or 'dense'")
     order, bounds, slots, seg_w = _segment_plan(ids[:, 0], weights[:, 0], dtype)
-    return AdapterBatch(kernel=chosen, segment_from_len=segment_from_len, order=order, bounds=bounds,
-                        seg_slots=slots, seg_w=seg_w, **plans, **common)
+    return AdapterBatch(kernel="segment", order=order, bounds=bounds, seg_slots=slots, seg_w=seg_w, **common)
 
 
 def _dense_weights(ids, weights, unique, dtype) -> dict[int, torch.Tensor]:

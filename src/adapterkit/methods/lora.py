@@ -183,8 +183,7 @@ class LoraPool:
     def apply(self, x: torch.Tensor, y: torch.Tensor, batch: Any, training: bool) -> torch.Tensor:
         """x: module input [..., d_in]; y: base output [..., d_out]; returns y + this site's deltas."""
         x3, y3 = batch.view_input(x), batch.view_input(y)
-        kernel = batch.kernel_for(x3.shape[1])
-        if kernel == "dense":
+        if batch.kernel == "dense":
             terms = []
             for slot, w in batch.dense_w.items():
                 src = self.sources.get(slot)
@@ -197,9 +196,9 @@ class LoraPool:
             if not terms:
                 return y
             y3 = dense_kernel(x3, y3, terms)
-        elif kernel == "gather":
+        elif batch.kernel == "gather":
             y3 = gather_kernel(x3, y3, self.a_stack, self.b_stack, batch.gather_idx, batch.gather_w)
-        elif kernel == "segment":
+        elif batch.kernel == "segment":
             y3 = segment_kernel(x3, y3, self.a_stack, self.b_stack, batch.order, batch.bounds,
                                 batch.seg_slots, batch.seg_w)
         return y3.view(y.shape)
