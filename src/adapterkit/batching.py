@@ -22,8 +22,11 @@ KERNELS = ("auto", "dense", "gather", "segment")
 # Measured on SmolLM2-135M, B=32 (benchmarks/mixed_batch.py --kernels): the masked dense loop is
 # fastest up to this many distinct adapters; past it the gathered bmm wins.
 DENSE_MAX_ADAPTERS = 2
-# In token mode the segment loop beats per-token gathers once segments average this many tokens.
-SEGMENT_MIN_TOKENS = 16
+# Per-row ids: the gathered bmm is as fast as or faster than the segment loop for decode and for
+# prefill (it reads x and y once; segments copy x), so rows never use segments. Per-token ids: a
+# gather copies adapter weights per token, so the segment loop wins once segments average this
+# many tokens (decode-sized mixes cross over between 4 and 8 rows per adapter).
+SEGMENT_MIN_TOKENS = 8
 
 
 @dataclass(frozen=True)

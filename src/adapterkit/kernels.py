@@ -24,11 +24,15 @@ def dense_kernel(
     Masked dense: every unit runs through every adapter in the batch, masked by its weight. Best
     for few distinct adapters; the only kernel gradients flow through (it reads the live tensors).
     """
+    in_place = not torch.is_grad_enabled() and y.is_contiguous()
     for a, b, w, pre in terms:
         xin = pre(x) if pre is not None else x
         h = torch.matmul(xin.to(a.dtype), a.t()) * w.to(a.dtype)   # [n, L, r]
-        d = torch.matmul(h, b.t()).to(y.dtype)                       # [n, L, d_out]
-        y = y.add_(d) if not torch.is_grad_enabled() else y + d
+        if in_place and b.dtype == y.dtype:
+            # y2d += h2d @ B^T without an [n, L, d_out] temporary (prefill: saves a pass over y)
+            y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t())
+        else:
+            y = y + torch.matmul(h, b.t()).to(y.dtype)                # [n, L, d_out]
     return y
 
 
