@@ -14,14 +14,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, **overrides):
+    """overrides change the config (e.g. hidden_size=48: a base of another shape)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(cfg).eval()
+    cfg = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+               tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(LlamaConfig(**{**cfg, **overrides})).eval()
 
 
 def tiny_bert(seed: int = 0):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import ATTN, input_ids, save_tiny
+from conftest import ATTN, input_ids, save_tiny, tiny_llama
 
 import adapterkit.adapter as adapter_mod
 from adapterkit import (Adapter, AdapterNameError, AdapterNotFoundError, AdapterRuntime, BaseMismatchError,
@@ -77,10 +77,7 @@ def test_adapter_for_another_base_is_refused_by_fingerprint(llama, tmp_path):
 
 
 def test_adapter_for_another_base_is_refused_by_shape(llama, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    wide = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2))
+    wide = tiny_llama(hidden_size=48)
     peft_like = create_adapter("wide", wide, LoraConfig(target_modules=ATTN))      # no fingerprint (as PEFT's)
     rt = AdapterRuntime.from_base(llama)
     with pytest.raises(BaseMismatchError, match=r"does not fit this base at model.layers.0.self_attn.q_proj: "

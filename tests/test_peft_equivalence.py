@@ -17,7 +17,7 @@ import adapterkit
 from adapterkit import (AdapterRuntime, BaseMismatchError, ConfigError, CorruptAdapterError,
                         UnsupportedError, load_base)
 
-from conftest import TARGETS, input_ids, save_tiny
+from conftest import TARGETS, input_ids, save_tiny, tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -535,24 +535,12 @@ def test_truncated_peft_weights_are_corrupt(folders, tmp_path, cut):
 
 
 def _wide_llama(path: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(str(path))
+    tiny_llama(hidden_size=48).save_pretrained(str(path))
     return path
 
 
 def _deep_llama(path: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(str(path))
+    tiny_llama(num_hidden_layers=3).save_pretrained(str(path))
     return path
 
 
