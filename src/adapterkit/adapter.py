@@ -40,6 +40,7 @@ class AdapterMeta:
     base_fingerprint: str | None = None
     base_name: str | None = None
     task: str | None = None
+    labels: list[str] = field(default_factory=list)       # label set of a classification task
     metrics: dict[str, Any] = field(default_factory=dict)
     lineage: list[dict[str, Any]] = field(default_factory=list)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))

@@ -159,6 +159,46 @@ def generate(
             out.print(f"[bold]{res.adapter or '(base)'}[/]: {res.text}", highlight=False)
 
 
+def _store(path: Optional[Path]):
+    from .store import AdapterStore
+
+    return AdapterStore(path)
+
+
+STORE_OPT = typer.Option(None, "--store", help="Store folder (default $ADAPTERKIT_HOME/store).")
+
+
+@app.command("ls")
+def ls(store: Optional[Path] = STORE_OPT, as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the adapters in the store."""
+    rows = _store(store).list()
+    if as_json:
+        print(json.dumps(rows))
+        return
+    table = Table("name", "method", "rank", "task", "labels", "metrics", "base", "created")
+    for r in rows:
+        metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
+        table.add_row(r["name"], r["method"], ",".join(map(str, r["ranks"])), r["task"] or "",
+                      str(len(r["labels"])) if r["labels"] else "", metrics, r["base_name"] or "", r["created"])
+    out.print(table)
+
+
+@app.command("show")
+def show(name: str, store: Optional[Path] = STORE_OPT, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show one stored adapter: catalog row, lineage, path."""
+    try:
+        row = _store(store).show(name)
+    except AdapterkitError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(row))
+        return
+    table = Table("field", "value", show_header=False)
+    for key, value in row.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, (list, dict)) else str(value))
+    out.print(table)
+
+
 @app.command()
 def demo(
     base: str = typer.Option("smollm2-135m"),
