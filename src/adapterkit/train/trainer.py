@@ -1,0 +1,179 @@
+"""One method-agnostic training loop: only the adapter's tensors train, whatever the method.
+
+The loop never looks at the method: it asks the adapter for its tensors, makes them trainable,
+activates the adapter on every row and minimises `loss_fn(model, batch)`. Data order is a pure
+function of (seed, step), so a run resumed from a checkpoint replays the same batches and the
+same loss curve as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .._atomic import atomic_write_dir
+from ..errors import ConfigError
+from ..runtime import AdapterRuntime
+from ..safetensors_io import read_tensors, write_tensors
+from .schedule import SCHEDULES, lr_factor
+
+STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    checkpoint_every: int = 0          # 0 = only at the end
+    bf16: bool = False                 # autocast the forward to bfloat16 on CPU
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; use one of {SCHEDULES}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ConfigError(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps}")
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)     # one per optimizer step, from step 0
+    steps_done: int = 0
+
+
+def batch_indices(n_examples: int, batch_size: int, seed: int, micro_step: int) -> list[int]:
+    """Example indices of micro-batch `micro_step`: epochs are seeded permutations, laid end to end."""
+    out: list[int] = []
+    start = micro_step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n_examples)
+        perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.extend(perm[offset: offset + batch_size - len(out)].tolist())
+    return out
+
+
+def train(
+    runtime: AdapterRuntime,
+    adapter_name: str,
+    examples: Sequence[Any],
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+    loss_fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+    config: TrainConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    log_path: str | Path | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    if not examples:
+        raise ConfigError("no training examples")
+    runtime.slot(adapter_name)                       # a clear error for an unknown name
+    adapter = runtime.remove(adapter_name)
+    params = [t.requires_grad_(True) for parts in adapter.tensors.values() for t in parts.values()]
+    runtime.add(adapter)                             # re-attached trainable: the forward reads these tensors
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    result, start = TrainResult(), 0
+    if resume:
+        if checkpoint_dir is None or not (Path(checkpoint_dir) / STATE_JSON).is_file():
+            raise ConfigError(f"cannot resume: no checkpoint in {checkpoint_dir}")
+        start, result.losses = _load_state(Path(checkpoint_dir), params, optimizer, config)
+    runtime.activate(adapter_name)
+    model = runtime.model
+    was_training = model.training
+    model.train()
+    log = open(log_path, "a", encoding="utf-8") if log_path else None
+    try:
+        for step in range(start, config.steps):
+            t0, tokens = time.perf_counter(), 0
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * lr_factor(step, config.steps, config.warmup_steps, config.schedule)
+            total = 0.0
+            for micro in range(config.grad_accum):
+                idx = batch_indices(len(examples), config.batch_size, config.seed, step * config.grad_accum + micro)
+                batch = collate([examples[i] for i in idx])
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                    loss = loss_fn(model, batch) / config.grad_accum
+                loss.backward()
+                total += float(loss.detach())
+                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.losses.append(total)
+            if log is not None:
+                dt = time.perf_counter() - t0
+                log.write(json.dumps({"step": step, "loss": total, "lr": optimizer.param_groups[0]["lr"],
+                                      "tokens_per_s": tokens / dt if dt > 0 else None}) + "\n")
+                log.flush()
+            if on_step is not None:
+                on_step(step, total)
+            done = step + 1
+            if checkpoint_dir is not None and (done == config.steps or
+                                               (config.checkpoint_every and done % config.checkpoint_every == 0)):
+                _save_state(Path(checkpoint_dir), done, result.losses, params, optimizer, config)
+        result.steps_done = config.steps
+    finally:
+        if log is not None:
+            log.close()
+        runtime.deactivate()
+        model.train(was_training)
+        for p in params:
+            p.requires_grad_(False)
+        runtime.remove(adapter_name)
+        runtime.add(adapter)                         # frozen again, fast-kernel stacks re-copied
+    return result
+
+
+def _save_state(folder: Path, step: int, losses: list[float], params, optimizer, config: TrainConfig) -> None:
+    """Adapter tensors, AdamW moments and the step, written atomically as one folder."""
+    tensors: dict[str, torch.Tensor] = {}
+    steps: dict[str, float] = {}
+    for i, p in enumerate(params):
+        tensors[f"param.{i}"] = p.detach()
+        state = optimizer.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                tensors[f"{key}.{i}"] = state[key]
+        if "step" in state:
+            steps[str(i)] = float(state["step"])
+
+    def write(tmp: Path) -> None:
+        write_tensors(tmp / STATE_TENSORS, tensors)
+        (tmp / STATE_JSON).write_text(json.dumps({"type": "adapterkit.trainer_state", "format_version": 1,
+                                                  "step": step, "losses": losses, "adam_steps": steps,
+                                                  "config": asdict(config)}), encoding="utf-8")
+    atomic_write_dir(folder, write)
+
+
+def _load_state(folder: Path, params, optimizer, config: TrainConfig) -> tuple[int, list[float]]:
+    meta = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
+    saved = TrainConfig(**meta["config"])
+    if saved != config:
+        raise ConfigError(f"the checkpoint in {folder} was made with {saved}; resume with the same config")
+    tensors = read_tensors(folder / STATE_TENSORS)
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(tensors[f"param.{i}"])
+            if f"exp_avg.{i}" in tensors:
+                optimizer.state[p] = {"step": torch.tensor(meta["adam_steps"][str(i)]),
+                                      "exp_avg": tensors[f"exp_avg.{i}"].clone(),
+                                      "exp_avg_sq": tensors[f"exp_avg_sq.{i}"].clone()}
+    return int(meta["step"]), list(meta["losses"])

@@ -1,0 +1,112 @@
+"""The trainer: only adapter tensors change, loss falls, resume replays the same curve."""
+
+import json
+
+import pytest
+import torch
+from conftest import ATTN, save_tiny_tokenizer, tiny_llama
+
+from adapterkit import AdapterRuntime, ConfigError, LoraConfig, create_adapter, load_base
+from adapterkit.train.causal_lm import collate, encode
+from adapterkit.train.trainer import TrainConfig, batch_indices, train
+
+PAIRS = [("hello world", "the cat runs"), ("give me one tip", "write clear code"),
+         ("the dog", "is on the mat"), ("a cat", "runs fast and slow")]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    # A frozen random lm_head with the default 0.02 init caps |logits| near 1 (the final norm fixes
+    # the hidden scale), so no adapter could fit the data; a wider init lets training show.
+    path = tmp_path / "m"
+    tiny_llama(initializer_range=0.3).save_pretrained(str(path))
+    save_tiny_tokenizer(path)
+    base = load_base(str(path))
+    tok = base.tokenizer
+    examples = [encode(tok, {"prompt": p, "completion": c}, 32) for p, c in PAIRS]
+    return base, examples, (lambda b: collate(b, tok.pad_token_id))
+
+
+def fresh(base, seed=0, dropout=0.0):
+    rt = AdapterRuntime.from_base(base)
+    targets = ATTN + ["gate_proj", "up_proj", "down_proj"]
+    rt.add(create_adapter("t", base.model, LoraConfig(r=8, alpha=16, target_modules=targets, dropout=dropout),
+                          seed=seed))
+    return rt
+
+
+def lm_loss(model, batch):
+    return model(**batch).loss
+
+
+def test_only_adapter_tensors_train_and_loss_falls(setup, tmp_path):
+    base, examples, coll = setup
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    rt = fresh(base)
+    res = train(rt, "t", examples, coll, lm_loss, TrainConfig(steps=40, batch_size=4, lr=3e-2, warmup_steps=2),
+                log_path=tmp_path / "log.jsonl")
+    assert res.losses[-1] < 0.5 * res.losses[0]
+    assert all(torch.equal(before[k], v) for k, v in base.model.state_dict().items())
+    site = next(iter(rt.adapters["t"].tensors.values()))
+    assert site["lora_B"].abs().sum() > 0 and not site["lora_B"].requires_grad
+    lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(40)) and lines[0]["lr"] == pytest.approx(1.5e-2)
+    # after training the fast kernels see the trained tensors
+    ids = coll(examples)["input_ids"]
+    with torch.no_grad():
+        with rt.batch(["t"] * 4, kernel="dense"):
+            live = base.model(ids).logits
+        with rt.batch(["t"] * 4, kernel="gather"):
+            fast = base.model(ids).logits
+    torch.testing.assert_close(fast, live, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_replays_the_uninterrupted_run(setup, tmp_path):
+    base, examples, coll = setup
+    cfg = TrainConfig(steps=10, batch_size=3, grad_accum=2, lr=5e-3, warmup_steps=3, seed=7)
+    straight = fresh(base)
+    full = train(straight, "t", examples, coll, lm_loss, cfg)
+
+    cut = fresh(base)
+    first = TrainConfig(**{**cfg.__dict__})
+    with pytest.raises(KeyboardInterrupt):
+        def stop(step, loss):
+            if step == 5:
+                raise KeyboardInterrupt
+        train(cut, "t", examples, coll, lm_loss, TrainConfig(**{**cfg.__dict__, "checkpoint_every": 3}),
+              checkpoint_dir=tmp_path / "ck", on_step=stop)
+    resumed_rt = fresh(base)
+    resumed = train(resumed_rt, "t", examples, coll, lm_loss, TrainConfig(**{**first.__dict__, "checkpoint_every": 3}),
+                    checkpoint_dir=tmp_path / "ck", resume=True)
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-6)
+    a = straight.adapters["t"].tensors
+    b = resumed_rt.adapters["t"].tensors
+    for site in a:
+        torch.testing.assert_close(b[site]["lora_A"], a[site]["lora_A"], rtol=1e-5, atol=1e-6)
+
+
+def test_same_seed_same_run_and_batch_order(setup):
+    base, examples, coll = setup
+    cfg = TrainConfig(steps=5, batch_size=2, lr=5e-3, seed=3)
+    assert train(fresh(base), "t", examples, coll, lm_loss, cfg).losses == \
+        train(fresh(base), "t", examples, coll, lm_loss, cfg).losses
+    # each epoch is a permutation: over 2 micro-batches of 2, every example appears once
+    assert sorted(batch_indices(4, 2, 3, 0) + batch_indices(4, 2, 3, 1)) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(steps=0), "steps must be >= 1, got 0"),
+    (dict(lr=0.0), "lr must be a positive number"),
+    (dict(warmup_steps=5, steps=3), r"warmup_steps must be in \[0, steps=3\], got 5"),
+    (dict(schedule="exp"), "unknown schedule 'exp'"),
+])
+def test_bad_train_config(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_resume_needs_a_checkpoint(setup, tmp_path):
+    base, examples, coll = setup
+    with pytest.raises(ConfigError, match="cannot resume: no checkpoint in"):
+        train(fresh(base), "t", examples, coll, lm_loss, TrainConfig(steps=2), checkpoint_dir=tmp_path / "none",
+              resume=True)
