@@ -18,7 +18,9 @@ app = typer.Typer(help="Task-specific adapters over one frozen base model.", no_
 base_app = typer.Typer(help="Built-in and local base models.", no_args_is_help=True)
 adapter_app = typer.Typer(help="Create, inspect and export adapters.", no_args_is_help=True)
 app.add_typer(base_app, name="base")
+data_app = typer.Typer(help="Example tasks read offline from pip-packaged corpora.", no_args_is_help=True)
 app.add_typer(adapter_app, name="adapter")
+app.add_typer(data_app, name="data")
 out = Console()
 err = Console(stderr=True)
 
@@ -157,6 +159,44 @@ def generate(
             print(json.dumps({"adapter": res.adapter, "text": res.text, "token_ids": res.token_ids}))
         else:
             out.print(f"[bold]{res.adapter or '(base)'}[/]: {res.text}", highlight=False)
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """The named example tasks and their split sizes."""
+    from .data import list_tasks, load_task
+
+    table = Table("task", "labels", "train", "validation", "test", "source", "licence")
+    for name in list_tasks():
+        try:
+            card = load_task(name).card
+        except AdapterkitError as exc:
+            table.add_row(name, "", "", "", "", f"[red]{exc}[/]", "")
+            continue
+        sizes = card["sizes"]
+        table.add_row(name, str(len(card["labels"])), str(sizes["train"]), str(sizes["validation"]),
+                      str(sizes["test"]), card["source"]["package"], card["licence"].split(" (")[0])
+    out.print(table)
+
+
+@data_app.command("show")
+def data_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """A task's data card and a few examples."""
+    from .data import load_task
+
+    try:
+        task = load_task(name)
+    except AdapterkitError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps(task.card))
+        return
+    table = Table("field", "value", show_header=False)
+    for key, value in task.card.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, (list, dict)) else str(value))
+    out.print(table)
+    for ex in task.train[:3]:
+        out.print(f"[bold]{ex.label}[/]: {ex.text[:160]}", highlight=False)
 
 
 def _store(path: Optional[Path]):
