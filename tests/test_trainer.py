@@ -1,6 +1,7 @@
 """The trainer: only adapter tensors change, loss falls, resume replays the same curve."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -67,17 +68,16 @@ def test_resume_replays_the_uninterrupted_run(setup, tmp_path):
     straight = fresh(base)
     full = train(straight, "t", examples, coll, lm_loss, cfg)
 
-    cut = fresh(base)
-    first = TrainConfig(**{**cfg.__dict__})
+    def stop(step, loss):
+        if step == 5:                                 # killed after step 5; the checkpoint holds step 3
+            raise KeyboardInterrupt
+
+    checkpointed = replace(cfg, checkpoint_every=3)
     with pytest.raises(KeyboardInterrupt):
-        def stop(step, loss):
-            if step == 5:
-                raise KeyboardInterrupt
-        train(cut, "t", examples, coll, lm_loss, TrainConfig(**{**cfg.__dict__, "checkpoint_every": 3}),
-              checkpoint_dir=tmp_path / "ck", on_step=stop)
+        train(fresh(base), "t", examples, coll, lm_loss, checkpointed, checkpoint_dir=tmp_path / "ck", on_step=stop)
     resumed_rt = fresh(base)
-    resumed = train(resumed_rt, "t", examples, coll, lm_loss, TrainConfig(**{**first.__dict__, "checkpoint_every": 3}),
-                    checkpoint_dir=tmp_path / "ck", resume=True)
+    resumed = train(resumed_rt, "t", examples, coll, lm_loss, checkpointed, checkpoint_dir=tmp_path / "ck",
+                    resume=True)
     assert resumed.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-6)
     a = straight.adapters["t"].tensors
     b = resumed_rt.adapters["t"].tensors
