@@ -25,13 +25,13 @@ def tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**{**cfg, **overrides})).eval()
 
 
-def tiny_bert(seed: int = 0):
+def tiny_bert(seed: int = 0, **overrides):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)
-    return BertModel(cfg).eval()
+    cfg = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=64, max_position_embeddings=64)
+    return BertModel(BertConfig(**{**cfg, **overrides})).eval()
 
 
 def tiny_gpt2(seed: int = 0):

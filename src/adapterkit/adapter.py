@@ -52,6 +52,7 @@ class Adapter:
     config: Any                                   # the method's frozen config (has `type`)
     tensors: dict[str, dict[str, torch.Tensor]]   # site (module path) -> tensor name -> tensor
     meta: AdapterMeta = field(default_factory=AdapterMeta)
+    head: Any = None                              # a task head saved with the adapter (heads.py), or None
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -89,6 +90,8 @@ class Adapter:
             "meta": asdict(self.meta),
         }
         (folder / SIDE_FILE).write_text(json.dumps(side, indent=2), encoding="utf-8")
+        if self.head is not None:
+            self.head.save(folder)
 
     @classmethod
     def load(cls, path: str | Path, name: str | None = None) -> "Adapter":
@@ -115,7 +118,9 @@ class Adapter:
             config = config_from_dict(side["config"])
             meta = AdapterMeta(**side.get("meta", {}))
             saved_name = side.get("name")
-        return cls(name or saved_name or path.name, config, tensors, meta)
+        from .heads import ClassificationHead
+
+        return cls(name or saved_name or path.name, config, tensors, meta, ClassificationHead.load(path))
 
 
 def create_adapter(

@@ -81,13 +81,17 @@ def train(
     resume: bool = False,
     log_path: str | Path | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    extra_params: Sequence[torch.Tensor] = (),
 ) -> TrainResult:
+    """Minimise loss_fn over `examples` with only the adapter's tensors (and `extra_params`, e.g.
+    a task head's) trainable. Checkpoints hold both; resume continues from the last one."""
     if not examples:
         raise ConfigError("no training examples")
     runtime.slot(adapter_name)                       # a clear error for an unknown name
     adapter = runtime.remove(adapter_name)
     params = [t.requires_grad_(True) for parts in adapter.tensors.values() for t in parts.values()]
     runtime.add(adapter)                             # re-attached trainable: the forward reads these tensors
+    params += [t.requires_grad_(True) for t in extra_params]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     result, start = TrainResult(), 0
     if resume:

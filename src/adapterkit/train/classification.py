@@ -1,0 +1,53 @@
+"""Sequence classification with an adapter + a small head, for encoders and decoders alike.
+
+The frozen base (with the adapter active) gives hidden states [B, T, H] from its transformer body
+(`model.base_model`); the head pools them (mean for encoders, last token for decoders) and maps to
+labels. Batches are right-padded: {"input_ids", "attention_mask", "labels"}.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..heads import ClassificationHead
+from ..runtime import AdapterRuntime
+
+
+def collate_fn(tokenizer: Any, head: ClassificationHead, max_length: int) -> Callable[[list[Any]], dict]:
+    """examples with .text and .label -> a padded batch (texts longer than max_length are cut)."""
+    def collate(examples: list[Any]) -> dict[str, torch.Tensor]:
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "right"
+        try:
+            enc = tokenizer([e.text for e in examples], truncation=True, max_length=max_length, padding=True,
+                            return_tensors="pt")
+        finally:
+            tokenizer.padding_side = side
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                "labels": head.label_ids([e.label for e in examples])}
+    return collate
+
+
+def logits(model: torch.nn.Module, head: ClassificationHead, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    body = getattr(model, "base_model", model)
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return head.logits(hidden, batch["attention_mask"])
+
+
+def loss_fn(head: ClassificationHead) -> Callable[[torch.nn.Module, dict], torch.Tensor]:
+    return lambda model, batch: torch.nn.functional.cross_entropy(logits(model, head, batch), batch["labels"])
+
+
+@torch.no_grad()
+def predict(runtime: AdapterRuntime, adapter_name: str, head: ClassificationHead, examples: Sequence[Any],
+            collate: Callable[[list[Any]], dict], batch_size: int = 32) -> list[str]:
+    """The head's label for every example, with the adapter active on every row."""
+    out: list[str] = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate(list(examples[start:start + batch_size]))
+        with runtime.batch([adapter_name] * batch["input_ids"].shape[0]):
+            ids = logits(runtime.model, head, batch).argmax(-1).tolist()
+        out.extend(head.labels[i] for i in ids)
+    return out
