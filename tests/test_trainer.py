@@ -68,8 +68,8 @@ def test_resume_replays_the_uninterrupted_run(setup, tmp_path):
     straight = fresh(base)
     full = train(straight, "t", examples, coll, lm_loss, cfg)
 
-    def stop(step, loss):
-        if step == 5:                                 # killed after step 5; the checkpoint holds step 3
+    def stop(record):
+        if record["step"] == 5:                                 # killed after step 5; the checkpoint holds step 3
             raise KeyboardInterrupt
 
     checkpointed = replace(cfg, checkpoint_every=3)

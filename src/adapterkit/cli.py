@@ -239,6 +239,103 @@ def show(name: str, store: Optional[Path] = STORE_OPT, as_json: bool = typer.Opt
     out.print(table)
 
 
+def _examples(task: Optional[str], split: str, file: Optional[Path], text_field: str, label_field: str):
+    from .data import load_task, read_examples
+
+    if file is not None:
+        return list(read_examples(file, text_field, label_field).examples)
+    if task is None:
+        raise AdapterkitError("give --task NAME (see `adapterkit data list`) or a data file")
+    return load_task(task).split(split)
+
+
+@app.command("train")
+def train_cmd(
+    name: str = typer.Option(..., "--name", help="Name of the adapter in the store."),
+    base: str = typer.Option("smollm2-135m", help="Built-in base name or local folder."),
+    task: Optional[str] = typer.Option(None, help="Example task (adapterkit data list)."),
+    train_file: Optional[Path] = typer.Option(None, "--train-file", help="JSONL/CSV with text and label."),
+    eval_file: Optional[Path] = typer.Option(None, "--eval-file", help="JSONL/CSV scored after training."),
+    text_field: str = typer.Option("text", "--text-field"),
+    label_field: str = typer.Option("label", "--label-field"),
+    method: str = typer.Option("lora", help="Adapter method (the registry's names)."),
+    r: int = typer.Option(8, help="LoRA rank."),
+    alpha: float = typer.Option(16.0, help="LoRA alpha."),
+    targets: Optional[str] = typer.Option(None, help="Comma-separated target modules (default per base)."),
+    steps: int = typer.Option(300),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    grad_accum: int = typer.Option(1, "--grad-accum"),
+    lr: float = typer.Option(2e-4),
+    warmup: int = typer.Option(0, help="Warm-up steps."),
+    max_length: int = typer.Option(128, "--max-length", help="Longer texts are truncated."),
+    seed: int = typer.Option(0),
+    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast on CPU."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a stored adapter of the same name."),
+    store: Optional[Path] = STORE_OPT,
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train a classification adapter (+ head) on a task or a file and store it with its metrics."""
+    from .base import load_base
+    from .methods import get_method
+    from .train.run import train_classifier
+    from .train.trainer import TrainConfig
+
+    try:
+        if get_method(method).name != "lora":  # pragma: no cover - only LoRA is registered yet
+            raise AdapterkitError(f"training method {method!r} is not wired into `train` yet")
+        st = _store(store)
+        if name in st and not overwrite:
+            raise AdapterkitError(f"an adapter named {name!r} is already in the store at {st.root}; "
+                                  "choose another name or pass --overwrite to replace it")
+        train_ex = _examples(task, "train", train_file, text_field, label_field)
+        eval_ex = _examples(task, "validation", eval_file, text_field, label_field) \
+            if (task or eval_file) else []
+        config = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                             warmup_steps=warmup, seed=seed, bf16=bf16)
+        b = load_base(base)
+        target_list = tuple(t.strip() for t in targets.split(",")) if targets else None
+        _, metrics = train_classifier(b, name, train_ex, eval_ex, task=task or (str(train_file) if train_file else None),
+                                      store=st, config=config, r=r, alpha=alpha, targets=target_list,
+                                      max_length=max_length, overwrite=overwrite, progress=progress)
+    except AdapterkitError as exc:
+        _fail(exc)
+    out.print(f"stored [bold]{name}[/] in {st.root}; validation: " +
+              (", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+               or "none"), highlight=False)
+
+
+@app.command("eval")
+def eval_cmd(
+    name: str,
+    task: Optional[str] = typer.Option(None, help="Example task to score on."),
+    split: str = typer.Option("test", help="train, validation or test."),
+    file: Optional[Path] = typer.Option(None, "--file", help="JSONL/CSV with text and label instead of a task."),
+    text_field: str = typer.Option("text", "--text-field"),
+    label_field: str = typer.Option("label", "--label-field"),
+    base: Optional[str] = typer.Option(None, help="Base (default: the one the adapter was trained on)."),
+    max_length: int = typer.Option(128, "--max-length"),
+    store: Optional[Path] = STORE_OPT,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Accuracy and macro-F1 of a stored classification adapter on a task split or a file."""
+    from .base import load_base
+    from .runtime import AdapterRuntime
+    from .train.run import evaluate
+
+    try:
+        adapter = _store(store).get(name)
+        b = load_base(base or adapter.meta.base_name or "smollm2-135m")
+        rt = AdapterRuntime.from_base(b)
+        rt.add(adapter)
+        metrics = evaluate(rt, adapter, _examples(task, split, file, text_field, label_field), max_length)
+    except AdapterkitError as exc:
+        _fail(exc)
+    if as_json:
+        print(json.dumps({"adapter": name, "task": task, "split": split if task else None, **metrics}))
+        return
+    out.print(f"{name}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} (n={metrics['n']})")
+
+
 @app.command()
 def demo(
     base: str = typer.Option("smollm2-135m"),

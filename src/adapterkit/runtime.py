@@ -49,10 +49,13 @@ class AdapterRuntime:
         self._merged: list[str] = []
         self._current: AdapterBatch | None = None
         self._default: AdapterBatch | None = None
+        self.tokenizer: Any = None                            # set by from_base
 
     @classmethod
     def from_base(cls, base: Any, capacity: int = 8) -> "AdapterRuntime":
-        return cls(base.model, fingerprint=base.fingerprint, base_name=base.name, capacity=capacity)
+        rt = cls(base.model, fingerprint=base.fingerprint, base_name=base.name, capacity=capacity)
+        rt.tokenizer = base.tokenizer
+        return rt
 
     # ------------------------------------------------------------------ attach / detach
     @property

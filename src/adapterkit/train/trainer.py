@@ -80,7 +80,7 @@ def train(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     log_path: str | Path | None = None,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,   # gets each step's log record
     extra_params: Sequence[torch.Tensor] = (),
 ) -> TrainResult:
     """Minimise loss_fn over `examples` with only the adapter's tensors (and `extra_params`, e.g.
@@ -122,13 +122,14 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             result.losses.append(total)
+            dt = time.perf_counter() - t0
+            record = {"step": step, "loss": total, "lr": optimizer.param_groups[0]["lr"],
+                      "tokens_per_s": tokens / dt if dt > 0 else None}
             if log is not None:
-                dt = time.perf_counter() - t0
-                log.write(json.dumps({"step": step, "loss": total, "lr": optimizer.param_groups[0]["lr"],
-                                      "tokens_per_s": tokens / dt if dt > 0 else None}) + "\n")
+                log.write(json.dumps(record) + "\n")
                 log.flush()
             if on_step is not None:
-                on_step(step, total)
+                on_step(record)
             done = step + 1
             if checkpoint_dir is not None and (done == config.steps or
                                                (config.checkpoint_every and done % config.checkpoint_every == 0)):
