@@ -28,7 +28,7 @@ def test_train_then_eval(files, tmp_path):
     runner = CliRunner()
     args = ["train", "--name", "toy", "--base", str(base), "--train-file", str(data), "--eval-file", str(data),
             "--text-field", "sentence", "--label-field", "y", "--steps", "40", "--batch-size", "6", "--lr", "0.03",
-            "--targets", "q_proj,v_proj", "--store", str(tmp_path / "store"), "--no-progress"]
+            "--targets", "q_proj,v_proj", "--eval-every", "10", "--store", str(tmp_path / "store"), "--no-progress"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "validation: accuracy=1.0000" in res.output
@@ -39,7 +39,7 @@ def test_train_then_eval(files, tmp_path):
     assert got["accuracy"] == 1.0 and got["macro_f1"] == 1.0 and got["n"] == 6
     shown = json.loads(runner.invoke(app, ["show", "toy", "--store", str(tmp_path / "store"), "--json"]).output)
     assert shown["labels"] == ["canine", "feline"] and shown["metrics"]["validation_accuracy"] == 1.0
-    assert shown["lineage"][0]["params"]["steps"] == 40
+    assert shown["lineage"][0]["params"]["steps"] == 40 and shown["lineage"][0]["params"]["best_step"] in (10, 20, 30, 40)
     # the same name again is refused before any training
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and "already in the store" in res.output and "--overwrite" in res.output

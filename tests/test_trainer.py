@@ -110,3 +110,20 @@ def test_resume_needs_a_checkpoint(setup, tmp_path):
     with pytest.raises(ConfigError, match="cannot resume: no checkpoint in"):
         train(fresh(base), "t", examples, coll, lm_loss, TrainConfig(steps=2), checkpoint_dir=tmp_path / "none",
               resume=True)
+
+
+def test_eval_every_keeps_the_best_tensors(setup):
+    base, examples, coll = setup
+    rt = fresh(base)
+    scores = iter([0.2, 0.9, 0.5, 0.4])              # the best is the 2nd evaluation (after 4 steps)
+    snapshots = []
+
+    def evaluate():
+        snapshots.append(next(iter(rt.adapters["t"].tensors.values()))["lora_B"].clone())
+        return next(scores)
+
+    res = train(rt, "t", examples, coll, lm_loss, TrainConfig(steps=8, batch_size=2, lr=1e-2, eval_every=2),
+                evaluate=evaluate)
+    assert res.evals == [(2, 0.2), (4, 0.9), (6, 0.5), (8, 0.4)] and res.best_step == 4
+    final = next(iter(rt.adapters["t"].tensors.values()))["lora_B"]
+    assert torch.equal(final, snapshots[1]) and not torch.equal(final, snapshots[3])

@@ -269,6 +269,7 @@ def train_cmd(
     warmup: int = typer.Option(0, help="Warm-up steps."),
     max_length: int = typer.Option(128, "--max-length", help="Longer texts are truncated."),
     seed: int = typer.Option(0),
+    eval_every: int = typer.Option(0, "--eval-every", help="Score the eval split every N steps; keep the best."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast on CPU."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a stored adapter of the same name."),
     store: Optional[Path] = STORE_OPT,
@@ -291,7 +292,7 @@ def train_cmd(
         eval_ex = _examples(task, "validation", eval_file, text_field, label_field) \
             if (task or eval_file) else []
         config = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                             warmup_steps=warmup, seed=seed, bf16=bf16)
+                             warmup_steps=warmup, seed=seed, bf16=bf16, eval_every=eval_every)
         b = load_base(base)
         target_list = tuple(t.strip() for t in targets.split(",")) if targets else None
         _, metrics = train_classifier(b, name, train_ex, eval_ex, task=task or (str(train_file) if train_file else None),

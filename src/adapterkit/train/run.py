@@ -68,14 +68,15 @@ def train_classifier(
     rt = AdapterRuntime.from_base(base)
     rt.add(adapter)
     collate = collate_fn(base.tokenizer, adapter.head, max_length)
+    score = (lambda: evaluate(rt, adapter, eval_examples, max_length)["accuracy"]) if eval_examples else None
     with _Progress(config.steps, progress) as bar:
-        train(rt, name, train_examples, collate, loss_fn(adapter.head), config,
-              extra_params=[adapter.head.weight, adapter.head.bias], on_step=bar.update)
+        result = train(rt, name, train_examples, collate, loss_fn(adapter.head), config,
+                       extra_params=[adapter.head.weight, adapter.head.bias], on_step=bar.update, evaluate=score)
     metrics = evaluate(rt, adapter, eval_examples, max_length) if eval_examples else {}
     adapter.meta.metrics = {f"validation_{k}": v for k, v in metrics.items()}
     adapter.meta.lineage = [{"op": "train", "inputs": [], "params": {
         **asdict(config), "method": "lora", "r": r, "alpha": alpha, "targets": list(lora.target_modules),
-        "max_length": max_length, "train_examples": len(train_examples)}}]
+        "max_length": max_length, "train_examples": len(train_examples), "best_step": result.best_step}}]
     store.put(adapter, overwrite=overwrite)
     return adapter, metrics
 

@@ -38,9 +38,12 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     checkpoint_every: int = 0          # 0 = only at the end
+    eval_every: int = 0                # 0 = no evaluation during training
     bf16: bool = False                 # autocast the forward to bfloat16 on CPU
 
     def __post_init__(self) -> None:
+        if self.eval_every < 0 or self.checkpoint_every < 0:
+            raise ConfigError("eval_every and checkpoint_every must be >= 0")
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -56,6 +59,8 @@ class TrainConfig:
 class TrainResult:
     losses: list[float] = field(default_factory=list)     # one per optimizer step, from step 0
     steps_done: int = 0
+    evals: list[tuple[int, float]] = field(default_factory=list)   # (steps done, metric)
+    best_step: int | None = None      # the tensors left in the adapter are from this step
 
 
 def batch_indices(n_examples: int, batch_size: int, seed: int, micro_step: int) -> list[int]:
@@ -82,9 +87,14 @@ def train(
     log_path: str | Path | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,   # gets each step's log record
     extra_params: Sequence[torch.Tensor] = (),
+    evaluate: Callable[[], float] | None = None,
 ) -> TrainResult:
     """Minimise loss_fn over `examples` with only the adapter's tensors (and `extra_params`, e.g.
-    a task head's) trainable. Checkpoints hold both; resume continues from the last one."""
+    a task head's) trainable. Checkpoints hold both; resume continues from the last one.
+
+    With `evaluate` (higher is better) and config.eval_every, the model is scored every N steps and
+    at the end; the best-scoring tensors are kept and left in the adapter when training ends.
+    """
     if not examples:
         raise ConfigError("no training examples")
     runtime.slot(adapter_name)                       # a clear error for an unknown name
@@ -103,6 +113,7 @@ def train(
     was_training = model.training
     model.train()
     log = open(log_path, "a", encoding="utf-8") if log_path else None
+    best: tuple[float, int, list[torch.Tensor]] | None = None
     try:
         for step in range(start, config.steps):
             t0, tokens = time.perf_counter(), 0
@@ -131,10 +142,23 @@ def train(
             if on_step is not None:
                 on_step(record)
             done = step + 1
+            if evaluate is not None and config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+                model.eval()
+                with torch.no_grad():
+                    metric = float(evaluate())
+                model.train()
+                result.evals.append((done, metric))
+                if best is None or metric > best[0]:
+                    best = (metric, done, [p.detach().clone() for p in params])
             if checkpoint_dir is not None and (done == config.steps or
                                                (config.checkpoint_every and done % config.checkpoint_every == 0)):
                 _save_state(Path(checkpoint_dir), done, result.losses, params, optimizer, config)
         result.steps_done = config.steps
+        if best is not None:
+            with torch.no_grad():
+                for p, kept in zip(params, best[2]):
+                    p.copy_(kept)
+            result.best_step = best[1]
     finally:
         if log is not None:
             log.close()
