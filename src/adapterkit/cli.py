@@ -25,6 +25,17 @@ out = Console()
 err = Console(stderr=True)
 
 
+def _print_record(record: dict, as_json: bool) -> None:
+    """One object: a JSON line, or a two-column field/value table."""
+    if as_json:
+        print(json.dumps(record))
+        return
+    table = Table("field", "value", show_header=False)
+    for key, value in record.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, (list, dict)) else str(value))
+    out.print(table)
+
+
 def _fail(exc: Exception) -> None:
     err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
@@ -63,13 +74,7 @@ def adapter_inspect(path: Path, as_json: bool = typer.Option(False, "--json", he
         info = describe(path)
     except AdapterkitError as exc:
         _fail(exc)
-    if as_json:
-        print(json.dumps(info))
-        return
-    table = Table("field", "value", show_header=False)
-    for key, value in info.items():
-        table.add_row(key, ", ".join(map(str, value)) if isinstance(value, list) else str(value))
-    out.print(table)
+    _print_record(info, as_json)
 
 
 @adapter_app.command("create")
@@ -188,13 +193,9 @@ def data_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
         task = load_task(name)
     except AdapterkitError as exc:
         _fail(exc)
+    _print_record(task.card, as_json)
     if as_json:
-        print(json.dumps(task.card))
         return
-    table = Table("field", "value", show_header=False)
-    for key, value in task.card.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, (list, dict)) else str(value))
-    out.print(table)
     for ex in task.train[:3]:
         out.print(f"[bold]{ex.label}[/]: {ex.text[:160]}", highlight=False)
 
@@ -230,13 +231,7 @@ def show(name: str, store: Optional[Path] = STORE_OPT, as_json: bool = typer.Opt
         row = _store(store).show(name)
     except AdapterkitError as exc:
         _fail(exc)
-    if as_json:
-        print(json.dumps(row))
-        return
-    table = Table("field", "value", show_header=False)
-    for key, value in row.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, (list, dict)) else str(value))
-    out.print(table)
+    _print_record(row, as_json)
 
 
 def _examples(task: Optional[str], split: str, file: Optional[Path], text_field: str, label_field: str):
