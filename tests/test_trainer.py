@@ -9,7 +9,7 @@ from conftest import ATTN, save_tiny_tokenizer, tiny_llama
 
 from adapterkit import AdapterRuntime, ConfigError, LoraConfig, create_adapter, load_base
 from adapterkit.train.causal_lm import collate, encode
-from adapterkit.train.trainer import TrainConfig, batch_indices, train
+from adapterkit.train.trainer import BatchPlan, TrainConfig, train
 
 PAIRS = [("hello world", "the cat runs"), ("give me one tip", "write clear code"),
          ("the dog", "is on the mat"), ("a cat", "runs fast and slow")]
@@ -91,7 +91,24 @@ def test_same_seed_same_run_and_batch_order(setup):
     assert train(fresh(base), "t", examples, coll, lm_loss, cfg).losses == \
         train(fresh(base), "t", examples, coll, lm_loss, cfg).losses
     # each epoch is a permutation: over 2 micro-batches of 2, every example appears once
-    assert sorted(batch_indices(4, 2, 3, 0) + batch_indices(4, 2, 3, 1)) == [0, 1, 2, 3]
+    plan = BatchPlan(4, 2, 3)
+    assert sorted(plan.indices(0) + plan.indices(1)) == [0, 1, 2, 3]
+
+
+def test_length_bucketing_cuts_padding_and_stays_deterministic():
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 200, (1000,), generator=gen).tolist()
+
+    def padding(plan):
+        batches = [plan.indices(k) for k in range(1000 // 8)]
+        assert sorted(i for b in batches for i in b) == list(range(1000))      # one epoch, each once
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    plain, bucketed = padding(BatchPlan(1000, 8, 1)), padding(BatchPlan(1000, 8, 1, lengths))
+    assert bucketed < 0.1 * plain
+    assert BatchPlan(1000, 8, 1, lengths).indices(77) == BatchPlan(1000, 8, 1, lengths).indices(77)
+    with pytest.raises(ConfigError, match="3 lengths for 4 examples"):
+        BatchPlan(4, 2, 0, [1, 2, 3])
 
 
 @pytest.mark.parametrize("kwargs,match", [

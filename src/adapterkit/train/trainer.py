@@ -63,15 +63,45 @@ class TrainResult:
     best_step: int | None = None      # the tensors left in the adapter are from this step
 
 
-def batch_indices(n_examples: int, batch_size: int, seed: int, micro_step: int) -> list[int]:
-    """Example indices of micro-batch `micro_step`: epochs are seeded permutations, laid end to end."""
-    out: list[int] = []
-    start = micro_step * batch_size
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), n_examples)
-        perm = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.extend(perm[offset: offset + batch_size - len(out)].tolist())
-    return out
+class BatchPlan:
+    """Example indices of every micro-batch, a pure function of (seed, micro_step).
+
+    Each epoch is a seeded permutation, laid end to end with the next. With `lengths`, the
+    permutation is cut into windows of `window` batches, each window sorted by length and cut
+    into batches, and the batches shuffled (seeded): rows of a batch have similar lengths, so
+    little compute goes to padding, while the order stays random at batch granularity.
+    """
+
+    def __init__(self, n_examples: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None,
+                 window: int = 50) -> None:
+        if lengths is not None and len(lengths) != n_examples:
+            raise ConfigError(f"{len(lengths)} lengths for {n_examples} examples")
+        self.n, self.batch_size, self.seed, self.window = n_examples, batch_size, seed, window
+        self.lengths = list(lengths) if lengths is not None else None
+        self._epochs: dict[int, list[int]] = {}
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        if epoch not in self._epochs:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            order = torch.randperm(self.n, generator=gen).tolist()
+            if self.lengths is not None:
+                span = self.batch_size * self.window
+                batches = []
+                for w in range(0, self.n, span):
+                    chunk = sorted(order[w:w + span], key=lambda i: self.lengths[i])
+                    batches += [chunk[b:b + self.batch_size] for b in range(0, len(chunk), self.batch_size)]
+                shuffled = torch.randperm(len(batches), generator=gen).tolist()
+                order = [i for k in shuffled for i in batches[k]]
+            self._epochs = {epoch: order}          # keep one epoch: steps walk forward
+        return self._epochs[epoch]
+
+    def indices(self, micro_step: int) -> list[int]:
+        out: list[int] = []
+        start = micro_step * self.batch_size
+        while len(out) < self.batch_size:
+            epoch, offset = divmod(start + len(out), self.n)
+            out.extend(self.epoch_order(epoch)[offset: offset + self.batch_size - len(out)])
+        return out
 
 
 def train(
@@ -88,9 +118,11 @@ def train(
     on_step: Callable[[dict[str, Any]], None] | None = None,   # gets each step's log record
     extra_params: Sequence[torch.Tensor] = (),
     evaluate: Callable[[], float] | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> TrainResult:
     """Minimise loss_fn over `examples` with only the adapter's tensors (and `extra_params`, e.g.
     a task head's) trainable. Checkpoints hold both; resume continues from the last one.
+    `lengths` (one per example, any unit) turns on length-bucketed batches (BatchPlan).
 
     With `evaluate` (higher is better) and config.eval_every, the model is scored every N steps and
     at the end; the best-scoring tensors are kept and left in the adapter when training ends.
@@ -113,6 +145,7 @@ def train(
     was_training = model.training
     model.train()
     log = open(log_path, "a", encoding="utf-8") if log_path else None
+    plan = BatchPlan(len(examples), config.batch_size, config.seed, lengths)
     best: tuple[float, int, list[torch.Tensor]] | None = None
     try:
         for step in range(start, config.steps):
@@ -121,7 +154,7 @@ def train(
                 group["lr"] = config.lr * lr_factor(step, config.steps, config.warmup_steps, config.schedule)
             total = 0.0
             for micro in range(config.grad_accum):
-                idx = batch_indices(len(examples), config.batch_size, config.seed, step * config.grad_accum + micro)
+                idx = plan.indices(step * config.grad_accum + micro)
                 batch = collate([examples[i] for i in idx])
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
                     loss = loss_fn(model, batch) / config.grad_accum
