@@ -62,3 +62,25 @@ def test_metrics_table():
     m = classification_metrics(["a", "a", "b", "c"], ["a", "b", "b", "c"], ["a", "b", "c"])
     assert m["accuracy"] == 0.75
     assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1.0) / 3)
+
+
+def test_causal_lm_train_learns_the_completions(files, tmp_path):
+    base, _ = files
+    data = tmp_path / "instruct.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p, "completion": c}) for p, c in [
+        ("give me one tip", "write clear code"), ("hello world", "the cat runs")]) + "\n")
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--objective", "causal-lm", "--name", "inst", "--base", str(base),
+                              "--train-file", str(data), "--eval-file", str(data), "--steps", "60",
+                              "--batch-size", "2", "--lr", "0.03", "--targets", "q_proj,k_proj,v_proj,o_proj",
+                              "--store", str(tmp_path / "s"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    shown = json.loads(runner.invoke(app, ["show", "inst", "--store", str(tmp_path / "s"), "--json"]).output)
+    assert shown["metrics"]["validation_exact_match"] == 1.0
+    assert shown["metrics"]["validation_loss"] < 0.5
+    assert shown["lineage"][0]["params"]["objective"] == "causal-lm"
+    # the trained adapter generates the completion through the generate CLI
+    path = shown["path"]
+    out = runner.invoke(app, ["generate", "give me one tip", "--base", str(base), "--adapter", path,
+                              "--max-tokens", "5", "--json"])
+    assert json.loads(out.output.splitlines()[-1])["text"].split() == ["write", "clear", "code"]

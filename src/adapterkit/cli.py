@@ -254,6 +254,8 @@ def train_cmd(
     text_field: str = typer.Option("text", "--text-field"),
     label_field: str = typer.Option("label", "--label-field"),
     method: str = typer.Option("lora", help="Adapter method (the registry's names)."),
+    objective: str = typer.Option("classification", help="classification (text, label) or causal-lm "
+                                  "(JSONL prompt/completion or messages)."),
     r: int = typer.Option(8, help="LoRA rank."),
     alpha: float = typer.Option(16.0, help="LoRA alpha."),
     targets: Optional[str] = typer.Option(None, help="Comma-separated target modules (default per base)."),
@@ -283,16 +285,28 @@ def train_cmd(
         if name in st and not overwrite:
             raise AdapterkitError(f"an adapter named {name!r} is already in the store at {st.root}; "
                                   "choose another name or pass --overwrite to replace it")
-        train_ex = _examples(task, "train", train_file, text_field, label_field)
-        eval_ex = _examples(task, "validation", eval_file, text_field, label_field) \
-            if (task or eval_file) else []
+        if objective not in ("classification", "causal-lm"):
+            raise AdapterkitError(f"unknown objective {objective!r}; use classification or causal-lm")
         config = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                              warmup_steps=warmup, seed=seed, bf16=bf16, eval_every=eval_every)
-        b = load_base(base)
         target_list = tuple(t.strip() for t in targets.split(",")) if targets else None
-        _, metrics = train_classifier(b, name, train_ex, eval_ex, task=task or (str(train_file) if train_file else None),
-                                      store=st, config=config, r=r, alpha=alpha, targets=target_list,
-                                      max_length=max_length, overwrite=overwrite, progress=progress)
+        common = dict(task=task or (str(train_file) if train_file else None), store=st, config=config, r=r,
+                      alpha=alpha, targets=target_list, max_length=max_length, overwrite=overwrite,
+                      progress=progress)
+        if objective == "causal-lm":
+            from .data.readers import read_records
+            from .train.instruct import train_instructions
+
+            if train_file is None:
+                raise AdapterkitError("causal-lm training reads --train-file (JSONL prompt/completion or messages)")
+            train_recs = read_records(train_file)[0]
+            eval_recs = read_records(eval_file)[0] if eval_file else []
+            _, metrics = train_instructions(load_base(base), name, train_recs, eval_recs, **common)
+        else:
+            train_ex = _examples(task, "train", train_file, text_field, label_field)
+            eval_ex = _examples(task, "validation", eval_file, text_field, label_field) \
+                if (task or eval_file) else []
+            _, metrics = train_classifier(load_base(base), name, train_ex, eval_ex, **common)
     except AdapterkitError as exc:
         _fail(exc)
     out.print(f"stored [bold]{name}[/] in {st.root}; validation: " +

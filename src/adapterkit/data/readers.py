@@ -22,7 +22,7 @@ from typing import Iterator, Literal
 from adapterkit.data.tasks import Example
 from adapterkit.errors import AdapterkitError
 
-__all__ = ["DataFormatError", "ReadProblem", "ReadResult", "read_examples"]
+__all__ = ["DataFormatError", "ReadProblem", "ReadResult", "read_examples", "read_records"]
 
 
 class DataFormatError(AdapterkitError, ValueError):
@@ -78,6 +78,12 @@ def _value(v: object, name: str) -> str:
 
 def _jsonl_records(path: Path, text_field: str, label_field: str):
     """Yields (line, Example | problem message)."""
+    for lineno, obj in jsonl_objects(path):
+        yield lineno, obj if isinstance(obj, str) else _example_from(obj, text_field, label_field, "fields")
+
+
+def jsonl_objects(path: Path):
+    """Yields (line, dict | problem message) for every line of a JSONL file."""
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             try:
@@ -96,7 +102,7 @@ def _jsonl_records(path: Path, text_field: str, label_field: str):
             if not isinstance(obj, dict):
                 yield lineno, f"expected a JSON object, got {type(obj).__name__}"
                 continue
-            yield lineno, _example_from(obj, text_field, label_field, "fields")
+            yield lineno, obj
 
 
 def _example_from(record: dict, text_field: str, label_field: str, what: str) -> Example | str:
@@ -150,6 +156,24 @@ def _csv_records(path: Path, text_field: str, label_field: str, delimiter: str):
             yield start, f"expected {len(header)} columns, got {len(row)}"
             continue
         yield start, _example_from(dict(zip(header, row)), text_field, label_field, "columns")
+
+
+def read_records(path: str | Path, on_error: Literal["raise", "skip"] = "raise") -> tuple[list[dict], list[ReadProblem]]:
+    """Every JSON object of a JSONL file (instruction data: prompt/completion or messages)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataFormatError(f"{p}: no such file")
+    records, problems = [], []
+    for lineno, obj in jsonl_objects(p):
+        if isinstance(obj, str):
+            if on_error == "raise":
+                raise DataFormatError(f"{p}:{lineno}: {obj}")
+            problems.append(ReadProblem(str(p), lineno, obj))
+        else:
+            records.append(obj)
+    if not records:
+        raise DataFormatError(f"{p}: no usable records")
+    return records, problems
 
 
 def read_examples(

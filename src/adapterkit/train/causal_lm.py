@@ -24,7 +24,7 @@ class Encoded:
     truncated: bool            # True when the example was cut to max_length
 
 
-def _split(tokenizer: Any, example: Mapping[str, Any]) -> tuple[list[int], list[int]]:
+def split_ids(tokenizer: Any, example: Mapping[str, Any]) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) for one example."""
     if "messages" in example:
         messages = list(example["messages"])
@@ -50,7 +50,7 @@ def _split(tokenizer: Any, example: Mapping[str, Any]) -> tuple[list[int], list[
 
 def encode(tokenizer: Any, example: Mapping[str, Any], max_length: int) -> Encoded:
     """Tokenise one example; too long -> keep the prompt's end and the completion's start."""
-    prompt, completion = _split(tokenizer, example)
+    prompt, completion = split_ids(tokenizer, example)
     truncated = len(prompt) + len(completion) > max_length
     if truncated:
         keep_completion = min(len(completion), max(1, max_length // 2))

@@ -1,0 +1,89 @@
+"""Instruction tuning end to end: JSONL records -> trainer -> loss / perplexity / exact match -> store."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from functools import partial
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..adapter import Adapter, create_adapter
+from ..base import Base
+from ..errors import AdapterNameError, ConfigError
+from ..methods.lora import LoraConfig
+from ..runtime import AdapterRuntime
+from ..store import AdapterStore
+from .causal_lm import IGNORE, collate, encode, split_ids
+from .run import DEFAULT_TARGETS, _Progress
+from .trainer import TrainConfig, train
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).loss
+
+
+@torch.no_grad()
+def evaluate_instructions(rt: AdapterRuntime, name: str, records: Sequence[Mapping[str, Any]], max_length: int,
+                          batch_size: int = 8) -> dict[str, float]:
+    """Completion-token loss and perplexity (token-weighted), and greedy exact match."""
+    tok = rt.tokenizer
+    if tok is None or not records:
+        raise ConfigError("evaluation needs a runtime built from a base with a tokenizer, and records")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    total, count, exact = 0.0, 0, 0
+    for start in range(0, len(records), batch_size):
+        chunk = list(records[start:start + batch_size])
+        batch = collate([encode(tok, r, max_length) for r in chunk], pad)
+        with rt.batch([name] * len(chunk)):
+            logits = rt.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels,
+                                                   ignore_index=IGNORE, reduction="sum")
+        total, count = total + float(losses), count + int((labels != IGNORE).sum())
+        for record in chunk:                         # greedy exact match, one record at a time
+            prompt, completion = split_ids(tok, record)
+            want = [t for t in completion if t != tok.eos_token_id]
+            with rt.batch([name]):
+                out = rt.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                        max_new_tokens=len(want) + 1, do_sample=False, pad_token_id=pad)
+            got = out[0, len(prompt):].tolist()
+            got = got[: got.index(tok.eos_token_id)] if tok.eos_token_id in got else got
+            exact += int(got == want)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "exact_match": exact / len(records),
+            "n": len(records)}
+
+
+def train_instructions(base: Base, name: str, train_records: Sequence[Mapping[str, Any]],
+                       eval_records: Sequence[Mapping[str, Any]], *, task: str | None, store: AdapterStore,
+                       config: TrainConfig, r: int = 8, alpha: float = 16.0, targets: Sequence[str] | None = None,
+                       max_length: int = 512, overwrite: bool = False, progress: bool = True
+                       ) -> tuple[Adapter, dict[str, float]]:
+    if base.kind != "causal-lm" or base.tokenizer is None:
+        raise ConfigError(f"instruction tuning needs a causal LM with a tokenizer; {base.name} is a {base.kind}")
+    if name in store and not overwrite:
+        raise AdapterNameError(f"an adapter named {name!r} is already in the store at {store.root}; "
+                               "choose another name or pass --overwrite to replace it")
+    tok = base.tokenizer
+    encoded = [encode(tok, rec, max_length) for rec in train_records]
+    truncated = sum(e.truncated for e in encoded)
+    lora = LoraConfig(r=r, alpha=alpha, target_modules=tuple(targets or DEFAULT_TARGETS[base.kind]))
+    adapter = create_adapter(name, base.model, lora, seed=config.seed, fingerprint=base.fingerprint,
+                             base_name=base.name, task=task)
+    rt = AdapterRuntime.from_base(base)
+    rt.add(adapter)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    score = (lambda: -evaluate_instructions(rt, name, eval_records, max_length)["loss"]) if eval_records else None
+    with _Progress(config.steps, progress) as bar:
+        result = train(rt, name, encoded, partial(collate, pad_id=pad), lm_loss, config, on_step=bar.update,
+                       evaluate=score, lengths=[len(e.input_ids) for e in encoded])
+    metrics = evaluate_instructions(rt, name, eval_records, max_length) if eval_records else {}
+    adapter.meta.metrics = {f"validation_{k}": v for k, v in metrics.items()}
+    adapter.meta.lineage = [{"op": "train", "inputs": [], "params": {
+        **asdict(config), "objective": "causal-lm", "method": "lora", "r": r, "alpha": alpha,
+        "targets": list(lora.target_modules), "max_length": max_length, "train_examples": len(encoded),
+        "truncated_examples": truncated, "best_step": result.best_step}}]
+    store.put(adapter, overwrite=overwrite)
+    return adapter, metrics
