@@ -79,6 +79,12 @@ def test_causal_lm_train_learns_the_completions(files, tmp_path):
     assert shown["metrics"]["validation_exact_match"] == 1.0
     assert shown["metrics"]["validation_loss"] < 0.5
     assert shown["lineage"][0]["params"]["objective"] == "causal-lm"
+    res = runner.invoke(app, ["eval", "inst", "--file", str(data), "--base", str(base), "--store", str(tmp_path / "s"),
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["exact_match"] == 1.0
+    res = runner.invoke(app, ["eval", "inst", "--base", str(base), "--store", str(tmp_path / "s")])
+    assert res.exit_code == 2 and "has no classification head: give --file" in res.output
     # the trained adapter generates the completion through the generate CLI
     path = shown["path"]
     out = runner.invoke(app, ["generate", "give me one tip", "--base", str(base), "--adapter", path,

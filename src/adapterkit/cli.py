@@ -327,7 +327,8 @@ def eval_cmd(
     store: Optional[Path] = STORE_OPT,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Accuracy and macro-F1 of a stored classification adapter on a task split or a file."""
+    """Accuracy and macro-F1 of a classification adapter on a task split or a file; loss, perplexity
+    and exact match of an instruction adapter on a JSONL file."""
     from .base import load_base
     from .runtime import AdapterRuntime
     from .train.run import evaluate
@@ -337,13 +338,22 @@ def eval_cmd(
         b = load_base(base or adapter.meta.base_name or "smollm2-135m")
         rt = AdapterRuntime.from_base(b)
         rt.add(adapter)
-        metrics = evaluate(rt, adapter, _examples(task, split, file, text_field, label_field), max_length)
+        if adapter.head is None:                       # an instruction adapter: loss, perplexity, exact match
+            from .data.readers import read_records
+            from .train.instruct import evaluate_instructions
+
+            if file is None:
+                raise AdapterkitError(f"{name!r} has no classification head: give --file with JSONL "
+                                      "prompt/completion or messages records")
+            metrics = evaluate_instructions(rt, name, read_records(file)[0], max_length)
+        else:
+            metrics = evaluate(rt, adapter, _examples(task, split, file, text_field, label_field), max_length)
     except AdapterkitError as exc:
         _fail(exc)
     if as_json:
         print(json.dumps({"adapter": name, "task": task, "split": split if task else None, **metrics}))
         return
-    out.print(f"{name}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} (n={metrics['n']})")
+    out.print(f"{name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
 
 
 @app.command()
