@@ -276,9 +276,10 @@ def train_cmd(
     from .base import load_base
     from .methods import get_method
     from .train.run import train_classifier
-    from .train.trainer import TrainConfig
+    from .train.trainer import TrainConfig, init_distributed_from_env
 
     try:
+        rank, _ = init_distributed_from_env()       # torchrun --nproc_per_node=N -m adapterkit.cli train ...
         if get_method(method).name != "lora":  # pragma: no cover - only LoRA is registered yet
             raise AdapterkitError(f"training method {method!r} is not wired into `train` yet")
         st = _store(store)
@@ -309,6 +310,8 @@ def train_cmd(
             _, metrics = train_classifier(load_base(base), name, train_ex, eval_ex, **common)
     except AdapterkitError as exc:
         _fail(exc)
+    if rank != 0:
+        return
     out.print(f"stored [bold]{name}[/] in {st.root}; validation: " +
               (", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
                or "none"), highlight=False)

@@ -146,6 +146,9 @@ def train(
     model.train()
     log = open(log_path, "a", encoding="utf-8") if log_path else None
     plan = BatchPlan(len(examples), config.batch_size, config.seed, lengths)
+    rank, world = _dist_rank_world()
+    if config.batch_size % world:
+        raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the {world} processes")
     best: tuple[float, int, list[torch.Tensor]] | None = None
     try:
         for step in range(start, config.steps):
@@ -155,12 +158,16 @@ def train(
             total = 0.0
             for micro in range(config.grad_accum):
                 idx = plan.indices(step * config.grad_accum + micro)
+                idx = idx[rank::world]                # multi-process: this rank's share of the global batch
                 batch = collate([examples[i] for i in idx])
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
                     loss = loss_fn(model, batch) / config.grad_accum
                 loss.backward()
                 total += float(loss.detach())
                 tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            if world > 1:
+                _all_reduce_mean(params, world)
+                total = _mean_across(total, world)
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
@@ -202,6 +209,49 @@ def train(
         runtime.remove(adapter_name)
         runtime.add(adapter)                         # frozen again, fast-kernel stacks re-copied
     return result
+
+
+def init_distributed_from_env() -> tuple[int, int]:
+    """Under torchrun (WORLD_SIZE > 1 in the environment) join the gloo process group once."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return _dist_rank_world()
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) under torchrun / torch.distributed, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_mean(params: Sequence[torch.Tensor], world: int) -> None:
+    """Average the gradients of the trainable (adapter) tensors only, in one flat all-reduce: the
+    frozen base has no gradients and is never communicated (what DDP would do for these tensors)."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset: offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def _mean_across(value: float, world: int) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / world
 
 
 def _save_state(folder: Path, step: int, losses: list[float], params, optimizer, config: TrainConfig) -> None:
