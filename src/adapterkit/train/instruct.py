@@ -16,8 +16,8 @@ from ..methods.lora import LoraConfig
 from ..runtime import AdapterRuntime
 from ..store import AdapterStore
 from .causal_lm import IGNORE, collate, encode, split_ids
-from .run import DEFAULT_TARGETS, _Progress
-from .trainer import TrainConfig, _dist_rank_world, train
+from .run import DEFAULT_TARGETS, TrainProgress
+from .trainer import TrainConfig, dist_rank_world, train
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -76,7 +76,7 @@ def train_instructions(base: Base, name: str, train_records: Sequence[Mapping[st
     rt.add(adapter)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     score = (lambda: -evaluate_instructions(rt, name, eval_records, max_length)["loss"]) if eval_records else None
-    with _Progress(config.steps, progress and _dist_rank_world()[0] == 0) as bar:
+    with TrainProgress(config.steps, progress and dist_rank_world()[0] == 0) as bar:
         result = train(rt, name, encoded, partial(collate, pad_id=pad), lm_loss, config, on_step=bar.update,
                        evaluate=score, lengths=[len(e.input_ids) for e in encoded])
     metrics = evaluate_instructions(rt, name, eval_records, max_length) if eval_records else {}
@@ -85,6 +85,6 @@ def train_instructions(base: Base, name: str, train_records: Sequence[Mapping[st
         **asdict(config), "objective": "causal-lm", "method": "lora", "r": r, "alpha": alpha,
         "targets": list(lora.target_modules), "max_length": max_length, "train_examples": len(encoded),
         "truncated_examples": truncated, "best_step": result.best_step}}]
-    if _dist_rank_world()[0] == 0:                   # under torchrun only rank 0 writes the store
+    if dist_rank_world()[0] == 0:                   # under torchrun only rank 0 writes the store
         store.put(adapter, overwrite=overwrite)
     return adapter, metrics

@@ -18,7 +18,7 @@ from ..methods.lora import LoraConfig
 from ..runtime import AdapterRuntime
 from ..store import AdapterStore
 from .classification import collate_fn, loss_fn, predict
-from .trainer import TrainConfig, _dist_rank_world, train
+from .trainer import TrainConfig, dist_rank_world, train
 
 DEFAULT_TARGETS = {"causal-lm": ("q_proj", "k_proj", "v_proj", "o_proj"), "encoder": ("query", "key", "value")}
 POOLING = {"causal-lm": "last", "encoder": "mean"}
@@ -69,7 +69,7 @@ def train_classifier(
     rt.add(adapter)
     collate = collate_fn(base.tokenizer, adapter.head, max_length)
     score = (lambda: evaluate(rt, adapter, eval_examples, max_length)["accuracy"]) if eval_examples else None
-    with _Progress(config.steps, progress and _dist_rank_world()[0] == 0) as bar:
+    with TrainProgress(config.steps, progress and dist_rank_world()[0] == 0) as bar:
         result = train(rt, name, train_examples, collate, loss_fn(adapter.head), config,
                        extra_params=[adapter.head.weight, adapter.head.bias], on_step=bar.update, evaluate=score,
                        lengths=[len(e.text) for e in train_examples])   # characters: a cheap length proxy
@@ -78,7 +78,7 @@ def train_classifier(
     adapter.meta.lineage = [{"op": "train", "inputs": [], "params": {
         **asdict(config), "method": "lora", "r": r, "alpha": alpha, "targets": list(lora.target_modules),
         "max_length": max_length, "train_examples": len(train_examples), "best_step": result.best_step}}]
-    if _dist_rank_world()[0] == 0:                   # under torchrun only rank 0 writes the store
+    if dist_rank_world()[0] == 0:                   # under torchrun only rank 0 writes the store
         store.put(adapter, overwrite=overwrite)
     return adapter, metrics
 
@@ -94,13 +94,13 @@ def evaluate(rt: AdapterRuntime, adapter: Adapter, examples: Sequence[Any], max_
     return classification_metrics(predicted, [e.label for e in examples], head.labels)
 
 
-class _Progress:
+class TrainProgress:
     """A rich progress bar with loss and ETA; silent when disabled."""
 
     def __init__(self, total: int, enabled: bool) -> None:
         self.total, self.enabled = total, enabled
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> "TrainProgress":
         if self.enabled:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -146,7 +146,7 @@ def train(
     model.train()
     log = open(log_path, "a", encoding="utf-8") if log_path else None
     plan = BatchPlan(len(examples), config.batch_size, config.seed, lengths)
-    rank, world = _dist_rank_world()
+    rank, world = dist_rank_world()
     if config.batch_size % world:
         raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the {world} processes")
     best: tuple[float, int, list[torch.Tensor]] | None = None
@@ -219,10 +219,10 @@ def init_distributed_from_env() -> tuple[int, int]:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
-    return _dist_rank_world()
+    return dist_rank_world()
 
 
-def _dist_rank_world() -> tuple[int, int]:
+def dist_rank_world() -> tuple[int, int]:
     """(rank, world size) under torchrun / torch.distributed, else (0, 1)."""
     import torch.distributed as dist
 
