@@ -283,9 +283,7 @@ def train_cmd(
         if get_method(method).name != "lora":  # pragma: no cover - only LoRA is registered yet
             raise AdapterkitError(f"training method {method!r} is not wired into `train` yet")
         st = _store(store)
-        if name in st and not overwrite:
-            raise AdapterkitError(f"an adapter named {name!r} is already in the store at {st.root}; "
-                                  "choose another name or pass --overwrite to replace it")
+        st.check_free(name, overwrite)                # before loading the base or the data
         if objective not in ("classification", "causal-lm"):
             raise AdapterkitError(f"unknown objective {objective!r}; use classification or causal-lm")
         config = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,

@@ -17,6 +17,11 @@ class Generation:
     token_ids: list[int]      # generated tokens only, up to (not including) EOS
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The pad token id, or EOS for tokenizers without one (Llama-style)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def generate(
     runtime: AdapterRuntime,
     tokenizer: Any,
@@ -43,7 +48,7 @@ def generate(
     finally:
         tokenizer.padding_side = side
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = pad_id(tokenizer)
     generate_kwargs.setdefault("do_sample", False)
     with torch.no_grad(), runtime.batch(list(adapters), kernel=kernel):
         out = runtime.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad, **generate_kwargs)

@@ -60,16 +60,26 @@ class AdapterStore:
         with closing(self._connect()) as conn:
             return conn.execute("SELECT 1 FROM adapters WHERE name = ?", (name,)).fetchone() is not None
 
+    def check_free(self, name: str, overwrite: bool = False, conn: sqlite3.Connection | None = None) -> None:
+        """Raise if `name` is stored and overwrite is off (callers check before long work)."""
+        if overwrite:
+            return
+        if conn is None:
+            taken = name in self
+        else:
+            taken = conn.execute("SELECT 1 FROM adapters WHERE name = ?", (name,)).fetchone() is not None
+        if taken:
+            raise AdapterNameError(
+                f"an adapter named {name!r} is already in the store at {self.root}; "
+                "choose another name or pass --overwrite to replace it"
+            )
+
     def put(self, adapter: Adapter, *, overwrite: bool = False) -> Path:
         """Save `adapter` under its name; refuses an existing name unless overwrite."""
         name = validate_name(adapter.name)
         with closing(self._connect()) as conn, conn:
             conn.execute("BEGIN IMMEDIATE")          # one writer at a time, checked and written together
-            if not overwrite and conn.execute("SELECT 1 FROM adapters WHERE name = ?", (name,)).fetchone():
-                raise AdapterNameError(
-                    f"an adapter named {name!r} is already in the store at {self.root}; "
-                    "choose another name or pass --overwrite to replace it"
-                )
+            self.check_free(name, overwrite, conn)
             path = adapter.save(self.path(name))
             meta = adapter.meta
             row = (name, adapter.config.type, meta.base_fingerprint, meta.base_name, meta.task,

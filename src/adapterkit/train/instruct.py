@@ -11,7 +11,8 @@ import torch
 
 from ..adapter import Adapter, create_adapter
 from ..base import Base
-from ..errors import AdapterNameError, ConfigError
+from ..generate import pad_id
+from ..errors import ConfigError
 from ..methods.lora import LoraConfig
 from ..runtime import AdapterRuntime
 from ..store import AdapterStore
@@ -31,7 +32,7 @@ def evaluate_instructions(rt: AdapterRuntime, name: str, records: Sequence[Mappi
     tok = rt.tokenizer
     if tok is None or not records:
         raise ConfigError("evaluation needs a runtime built from a base with a tokenizer, and records")
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     total, count, exact = 0.0, 0, 0
     for start in range(0, len(records), batch_size):
         chunk = list(records[start:start + batch_size])
@@ -63,9 +64,7 @@ def train_instructions(base: Base, name: str, train_records: Sequence[Mapping[st
                        ) -> tuple[Adapter, dict[str, float]]:
     if base.kind != "causal-lm" or base.tokenizer is None:
         raise ConfigError(f"instruction tuning needs a causal LM with a tokenizer; {base.name} is a {base.kind}")
-    if name in store and not overwrite:
-        raise AdapterNameError(f"an adapter named {name!r} is already in the store at {store.root}; "
-                               "choose another name or pass --overwrite to replace it")
+    store.check_free(name, overwrite)                # before any work
     tok = base.tokenizer
     encoded = [encode(tok, rec, max_length) for rec in train_records]
     truncated = sum(e.truncated for e in encoded)
@@ -74,7 +73,7 @@ def train_instructions(base: Base, name: str, train_records: Sequence[Mapping[st
                              base_name=base.name, task=task)
     rt = AdapterRuntime.from_base(base)
     rt.add(adapter)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     score = (lambda: -evaluate_instructions(rt, name, eval_records, max_length)["loss"]) if eval_records else None
     with TrainProgress(config.steps, progress and dist_rank_world()[0] == 0) as bar:
         result = train(rt, name, encoded, partial(collate, pad_id=pad), lm_loss, config, on_step=bar.update,

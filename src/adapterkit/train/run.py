@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 from ..adapter import Adapter, create_adapter
 from ..base import Base
-from ..errors import AdapterNameError, ConfigError
+from ..errors import ConfigError
 from ..heads import ClassificationHead
 from ..methods.lora import LoraConfig
 from ..runtime import AdapterRuntime
@@ -56,9 +56,7 @@ def train_classifier(
     overwrite: bool = False,
     progress: bool = True,
 ) -> tuple[Adapter, dict[str, float]]:
-    if name in store and not overwrite:
-        raise AdapterNameError(f"an adapter named {name!r} is already in the store at {store.root}; "
-                               "choose another name or pass --overwrite to replace it")
+    store.check_free(name, overwrite)                # before any work
     labels = sorted({e.label for e in train_examples})
     lora = LoraConfig(r=r, alpha=alpha, target_modules=tuple(targets or DEFAULT_TARGETS[base.kind]))
     adapter = create_adapter(name, base.model, lora, seed=config.seed, fingerprint=base.fingerprint,
