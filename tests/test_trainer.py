@@ -62,10 +62,11 @@ def test_only_adapter_tensors_train_and_loss_falls(setup, tmp_path):
     torch.testing.assert_close(fast, live, rtol=1e-5, atol=1e-5)
 
 
-def test_resume_replays_the_uninterrupted_run(setup, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.3])   # with dropout the masks must replay too
+def test_resume_replays_the_uninterrupted_run(setup, tmp_path, dropout):
     base, examples, coll = setup
     cfg = TrainConfig(steps=10, batch_size=3, grad_accum=2, lr=5e-3, warmup_steps=3, seed=7)
-    straight = fresh(base)
+    straight = fresh(base, dropout=dropout)
     full = train(straight, "t", examples, coll, lm_loss, cfg)
 
     def stop(record):
@@ -74,8 +75,10 @@ def test_resume_replays_the_uninterrupted_run(setup, tmp_path):
 
     checkpointed = replace(cfg, checkpoint_every=3)
     with pytest.raises(KeyboardInterrupt):
-        train(fresh(base), "t", examples, coll, lm_loss, checkpointed, checkpoint_dir=tmp_path / "ck", on_step=stop)
-    resumed_rt = fresh(base)
+        train(fresh(base, dropout=dropout), "t", examples, coll, lm_loss, checkpointed, checkpoint_dir=tmp_path / "ck",
+              on_step=stop)
+    torch.rand(5)                                               # the caller's RNG moved on meanwhile
+    resumed_rt = fresh(base, dropout=dropout)
     resumed = train(resumed_rt, "t", examples, coll, lm_loss, checkpointed, checkpoint_dir=tmp_path / "ck",
                     resume=True)
     assert resumed.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-6)

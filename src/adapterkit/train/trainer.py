@@ -2,8 +2,9 @@
 
 The loop never looks at the method: it asks the adapter for its tensors, makes them trainable,
 activates the adapter on every row and minimises `loss_fn(model, batch)`. Data order is a pure
-function of (seed, step), so a run resumed from a checkpoint replays the same batches and the
-same loss curve as an uninterrupted one.
+function of (seed, step), and so is every random draw (the global RNG is seeded per micro-batch),
+so a run resumed from a checkpoint replays the same batches, masks and dropout, and the same loss
+curve as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -159,6 +160,9 @@ def train(
             for micro in range(config.grad_accum):
                 idx = plan.indices(step * config.grad_accum + micro)
                 idx = idx[rank::world]                # multi-process: this rank's share of the global batch
+                # Random draws in collate (MLM masks) and the forward (dropout) are a pure function of
+                # (seed, micro step, rank): a resumed run replays them exactly.
+                torch.manual_seed((config.seed * 1_000_003 + step * config.grad_accum + micro) * 64 + rank)
                 batch = collate([examples[i] for i in idx])
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
                     loss = loss_fn(model, batch) / config.grad_accum
