@@ -147,3 +147,72 @@ def test_eval_every_keeps_the_best_tensors(setup):
     assert res.evals == [(2, 0.2), (4, 0.9), (6, 0.5), (8, 0.4)] and res.best_step == 4
     final = next(iter(rt.adapters["t"].tensors.values()))["lora_B"]
     assert torch.equal(final, snapshots[1]) and not torch.equal(final, snapshots[3])
+
+
+def test_the_best_tensors_survive_a_resume(setup, tmp_path):
+    base, examples, coll = setup
+    cfg = TrainConfig(steps=8, batch_size=2, lr=1e-2, eval_every=2, checkpoint_every=4)
+    scores = {2: 0.2, 4: 0.9, 6: 0.5, 8: 0.4}           # the best is after step 4, before the interruption
+    done, snaps = {}, {}
+
+    def hooks(rt, stop_at=None):
+        def on_step(record):
+            done["n"] = record["step"] + 1
+            if record["step"] == stop_at:
+                raise KeyboardInterrupt
+
+        def evaluate():
+            snaps[done["n"]] = next(iter(rt.adapters["t"].tensors.values()))["lora_B"].clone()
+            return scores[done["n"]]
+        return {"on_step": on_step, "evaluate": evaluate}
+
+    first = fresh(base)
+    with pytest.raises(KeyboardInterrupt):
+        train(first, "t", examples, coll, lm_loss, cfg, checkpoint_dir=tmp_path / "ck", **hooks(first, stop_at=5))
+    best_before = snaps[4]
+    second = fresh(base)
+    res = train(second, "t", examples, coll, lm_loss, cfg, checkpoint_dir=tmp_path / "ck", resume=True,
+                **hooks(second))
+    assert res.evals == [(2, 0.2), (4, 0.9), (6, 0.5), (8, 0.4)] and res.best_step == 4
+    assert torch.equal(next(iter(second.adapters["t"].tensors.values()))["lora_B"], best_before)
+
+
+def test_resume_refuses_another_run(setup, tmp_path):
+    base, examples, coll = setup
+    cfg = TrainConfig(steps=2, batch_size=2, lr=1e-2)
+    train(fresh(base), "t", examples, coll, lm_loss, cfg, checkpoint_dir=tmp_path / "ck", run_info={"r": 8})
+    with pytest.raises(ConfigError, match=r"other settings \(lr, steps: 0.01 vs 0.02, 2 vs 3\)"):
+        train(fresh(base), "t", examples, coll, lm_loss, replace(cfg, lr=2e-2, steps=3), checkpoint_dir=tmp_path / "ck",
+              resume=True, run_info={"r": 8})
+    with pytest.raises(ConfigError, match=r"belongs to another run \(different examples\)"):
+        train(fresh(base), "t", examples[:3], coll, lm_loss, cfg, checkpoint_dir=tmp_path / "ck", resume=True,
+              run_info={"r": 8})
+    with pytest.raises(ConfigError, match=r"belongs to another run \(different r\)"):
+        train(fresh(base), "t", examples, coll, lm_loss, cfg, checkpoint_dir=tmp_path / "ck", resume=True,
+              run_info={"r": 4})
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
+    import errno
+
+    from adapterkit.train import trainer as trainer_mod
+
+    base, examples, coll = setup
+    cfg = TrainConfig(steps=6, batch_size=2, lr=1e-2, checkpoint_every=2)
+    real_write, calls = trainer_mod.write_tensors, []
+
+    def write_tensors(path, tensors):
+        calls.append(path)
+        if len(calls) == 2:                                      # the checkpoint after step 4: disk full
+            path.write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, tensors)
+    monkeypatch.setattr(trainer_mod, "write_tensors", write_tensors)
+    with pytest.raises(OSError, match="No space left on device"):
+        train(fresh(base), "t", examples, coll, lm_loss, cfg, checkpoint_dir=tmp_path / "ck")
+    saved = json.loads((tmp_path / "ck" / "trainer_state.json").read_text())
+    assert saved["step"] == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["ck", "m"]   # no temp folders left
+    monkeypatch.setattr(trainer_mod, "write_tensors", real_write)
+    straight = train(fresh(base), "t", examples, coll, lm_loss, cfg)
+    resumed = train(fresh(base), "t", examples, coll, lm_loss, cfg, checkpoint_dir=tmp_path / "ck", resume=True)
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-5, abs=1e-6)

@@ -30,6 +30,12 @@ def collate_fn(tokenizer: Any, head: ClassificationHead, max_length: int) -> Cal
     return collate
 
 
+def token_lengths(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    """Untruncated token count of every text (special tokens included): bucketing keys, and the
+    count of texts longer than max_length that collate cuts."""
+    return [len(ids) for ids in tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]]
+
+
 def logits(model: torch.nn.Module, head: ClassificationHead, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     body = getattr(model, "base_model", model)
     hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state

@@ -17,7 +17,7 @@ from ..heads import ClassificationHead
 from ..methods.lora import LoraConfig
 from ..runtime import AdapterRuntime
 from ..store import AdapterStore
-from .classification import collate_fn, loss_fn, predict
+from .classification import collate_fn, loss_fn, predict, token_lengths
 from .trainer import TrainConfig, dist_rank_world, train
 
 DEFAULT_TARGETS = {"causal-lm": ("q_proj", "k_proj", "v_proj", "o_proj"), "encoder": ("query", "key", "value")}
@@ -55,6 +55,7 @@ def train_classifier(
     max_length: int = 128,
     overwrite: bool = False,
     progress: bool = True,
+    log_path: str | None = None,
 ) -> tuple[Adapter, dict[str, float]]:
     store.check_free(name, overwrite)                # before any work
     labels = sorted({e.label for e in train_examples})
@@ -66,16 +67,19 @@ def train_classifier(
     rt = AdapterRuntime.from_base(base)
     rt.add(adapter)
     collate = collate_fn(base.tokenizer, adapter.head, max_length)
+    lengths = token_lengths(base.tokenizer, [e.text for e in train_examples])
+    truncated = sum(n > max_length for n in lengths)      # collate cuts these to max_length
     score = (lambda: evaluate(rt, adapter, eval_examples, max_length)["accuracy"]) if eval_examples else None
     with TrainProgress(config.steps, progress and dist_rank_world()[0] == 0) as bar:
         result = train(rt, name, train_examples, collate, loss_fn(adapter.head), config,
                        extra_params=[adapter.head.weight, adapter.head.bias], on_step=bar.update, evaluate=score,
-                       lengths=[len(e.text) for e in train_examples])   # characters: a cheap length proxy
+                       lengths=lengths, log_path=log_path)
     metrics = evaluate(rt, adapter, eval_examples, max_length) if eval_examples else {}
     adapter.meta.metrics = {f"validation_{k}": v for k, v in metrics.items()}
     adapter.meta.lineage = [{"op": "train", "inputs": [], "params": {
         **asdict(config), "method": "lora", "r": r, "alpha": alpha, "targets": list(lora.target_modules),
-        "max_length": max_length, "train_examples": len(train_examples), "best_step": result.best_step}}]
+        "max_length": max_length, "train_examples": len(train_examples), "truncated_examples": truncated,
+        "best_step": result.best_step}}]
     if dist_rank_world()[0] == 0:                   # under torchrun only rank 0 writes the store
         store.put(adapter, overwrite=overwrite)
     return adapter, metrics

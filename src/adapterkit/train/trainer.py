@@ -120,6 +120,7 @@ def train(
     extra_params: Sequence[torch.Tensor] = (),
     evaluate: Callable[[], float] | None = None,
     lengths: Sequence[int] | None = None,
+    run_info: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Minimise loss_fn over `examples` with only the adapter's tensors (and `extra_params`, e.g.
     a task head's) trainable. Checkpoints hold both; resume continues from the last one.
@@ -127,6 +128,8 @@ def train(
 
     With `evaluate` (higher is better) and config.eval_every, the model is scored every N steps and
     at the end; the best-scoring tensors are kept and left in the adapter when training ends.
+    `run_info` (JSON: data size, rank, targets...) is saved in checkpoints; resume refuses a
+    checkpoint whose run_info or config differ, naming the fields.
     """
     if not examples:
         raise ConfigError("no training examples")
@@ -137,10 +140,12 @@ def train(
     params += [t.requires_grad_(True) for t in extra_params]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     result, start = TrainResult(), 0
+    run_info = {**(run_info or {}), "examples": len(examples), "shapes": [list(p.shape) for p in params]}
+    best: tuple[float, int, list[torch.Tensor]] | None = None
     if resume:
         if checkpoint_dir is None or not (Path(checkpoint_dir) / STATE_JSON).is_file():
             raise ConfigError(f"cannot resume: no checkpoint in {checkpoint_dir}")
-        start, result.losses = _load_state(Path(checkpoint_dir), params, optimizer, config)
+        start, best = _load_state(Path(checkpoint_dir), params, optimizer, config, run_info, result)
     runtime.activate(adapter_name)
     model = runtime.model
     was_training = model.training
@@ -150,7 +155,6 @@ def train(
     rank, world = dist_rank_world()
     if config.batch_size % world:
         raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the {world} processes")
-    best: tuple[float, int, list[torch.Tensor]] | None = None
     try:
         for step in range(start, config.steps):
             t0, tokens = time.perf_counter(), 0
@@ -179,7 +183,7 @@ def train(
             result.losses.append(total)
             dt = time.perf_counter() - t0
             record = {"step": step, "loss": total, "lr": optimizer.param_groups[0]["lr"],
-                      "tokens_per_s": tokens / dt if dt > 0 else None}
+                      "tokens_per_s": tokens / dt if dt > 0 else None, "seconds": dt}
             if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -196,7 +200,7 @@ def train(
                     best = (metric, done, [p.detach().clone() for p in params])
             if checkpoint_dir is not None and (done == config.steps or
                                                (config.checkpoint_every and done % config.checkpoint_every == 0)):
-                _save_state(Path(checkpoint_dir), done, result.losses, params, optimizer, config)
+                _save_state(Path(checkpoint_dir), done, result, best, params, optimizer, config, run_info)
         result.steps_done = config.steps
         if best is not None:
             with torch.no_grad():
@@ -258,8 +262,10 @@ def _mean_across(value: float, world: int) -> float:
     return float(t) / world
 
 
-def _save_state(folder: Path, step: int, losses: list[float], params, optimizer, config: TrainConfig) -> None:
-    """Adapter tensors, AdamW moments and the step, written atomically as one folder."""
+def _save_state(folder: Path, step: int, result: TrainResult, best, params, optimizer, config: TrainConfig,
+                run_info: dict[str, Any]) -> None:
+    """Trainable tensors, AdamW moments, the step, the loss/eval history and the best-so-far tensors,
+    written atomically as one folder (a failed write, e.g. a full disk, keeps the previous one)."""
     tensors: dict[str, torch.Tensor] = {}
     steps: dict[str, float] = {}
     for i, p in enumerate(params):
@@ -270,20 +276,34 @@ def _save_state(folder: Path, step: int, losses: list[float], params, optimizer,
                 tensors[f"{key}.{i}"] = state[key]
         if "step" in state:
             steps[str(i)] = float(state["step"])
+    if best is not None:
+        tensors.update({f"best.{i}": t for i, t in enumerate(best[2])})
 
     def write(tmp: Path) -> None:
         write_tensors(tmp / STATE_TENSORS, tensors)
-        (tmp / STATE_JSON).write_text(json.dumps({"type": "adapterkit.trainer_state", "format_version": 1,
-                                                  "step": step, "losses": losses, "adam_steps": steps,
-                                                  "config": asdict(config)}), encoding="utf-8")
+        (tmp / STATE_JSON).write_text(json.dumps({
+            "type": "adapterkit.trainer_state", "format_version": 1, "step": step, "losses": result.losses,
+            "evals": result.evals, "best": None if best is None else {"metric": best[0], "step": best[1]},
+            "adam_steps": steps, "config": asdict(config), "run_info": run_info}), encoding="utf-8")
     atomic_write_dir(folder, write)
 
 
-def _load_state(folder: Path, params, optimizer, config: TrainConfig) -> tuple[int, list[float]]:
+def _load_state(folder: Path, params, optimizer, config: TrainConfig, run_info: dict[str, Any],
+                result: TrainResult):
+    """Restore a checkpoint into params/optimizer/result; returns (step, best)."""
     meta = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
     saved = TrainConfig(**meta["config"])
     if saved != config:
-        raise ConfigError(f"the checkpoint in {folder} was made with {saved}; resume with the same config")
+        changed = sorted(k for k, v in asdict(config).items() if asdict(saved)[k] != v)
+        raise ConfigError(f"the checkpoint in {folder} was made with other settings ({', '.join(changed)}: "
+                          f"{', '.join(f'{getattr(saved, k)!r} vs {getattr(config, k)!r}' for k in changed)}); "
+                          "resume with the same settings, or start over without resume")
+    saved_info = json.loads(json.dumps(meta.get("run_info", {})))
+    now = json.loads(json.dumps(run_info))            # tuples -> lists, as saved
+    changed = sorted(k for k in set(saved_info) | set(now) if saved_info.get(k) != now.get(k))
+    if changed:
+        raise ConfigError(f"the checkpoint in {folder} belongs to another run (different {', '.join(changed)}); "
+                          "resume with the same data and adapter settings, or start over without resume")
     tensors = read_tensors(folder / STATE_TENSORS)
     with torch.no_grad():
         for i, p in enumerate(params):
@@ -292,4 +312,9 @@ def _load_state(folder: Path, params, optimizer, config: TrainConfig) -> tuple[i
                 optimizer.state[p] = {"step": torch.tensor(meta["adam_steps"][str(i)]),
                                       "exp_avg": tensors[f"exp_avg.{i}"].clone(),
                                       "exp_avg_sq": tensors[f"exp_avg_sq.{i}"].clone()}
-    return int(meta["step"]), list(meta["losses"])
+    result.losses = list(meta["losses"])
+    result.evals = [tuple(e) for e in meta.get("evals", [])]
+    best = None
+    if meta.get("best") is not None:
+        best = (meta["best"]["metric"], meta["best"]["step"], [tensors[f"best.{i}"].clone() for i in range(len(params))])
+    return int(meta["step"]), best
