@@ -76,12 +76,16 @@ def test_resume_replays_the_uninterrupted_run(setup, tmp_path, dropout):
     checkpointed = replace(cfg, checkpoint_every=3)
     with pytest.raises(KeyboardInterrupt):
         train(fresh(base, dropout=dropout), "t", examples, coll, lm_loss, checkpointed, checkpoint_dir=tmp_path / "ck",
-              on_step=stop)
+              on_step=stop, log_path=tmp_path / "log.jsonl")
     torch.rand(5)                                               # the caller's RNG moved on meanwhile
     resumed_rt = fresh(base, dropout=dropout)
     resumed = train(resumed_rt, "t", examples, coll, lm_loss, checkpointed, checkpoint_dir=tmp_path / "ck",
-                    resume=True)
+                    resume=True, log_path=tmp_path / "log.jsonl")
     assert resumed.losses == pytest.approx(full.losses, rel=1e-5, abs=1e-6)
+    # the log reads like one run: steps 0..9 once each (4 and 5 were logged, then replayed)
+    logged = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in logged] == list(range(10))
+    assert [x["loss"] for x in logged] == pytest.approx(full.losses, rel=1e-5, abs=1e-6)
     a = straight.adapters["t"].tensors
     b = resumed_rt.adapters["t"].tensors
     for site in a:

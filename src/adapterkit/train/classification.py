@@ -15,17 +15,21 @@ from ..heads import ClassificationHead
 from ..runtime import AdapterRuntime
 
 
+def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask [B, T]; texts longer than max_length are cut."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = side
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
 def collate_fn(tokenizer: Any, head: ClassificationHead, max_length: int) -> Callable[[list[Any]], dict]:
-    """examples with .text and .label -> a padded batch (texts longer than max_length are cut)."""
+    """examples with .text and .label -> a padded batch with the head's label ids."""
     def collate(examples: list[Any]) -> dict[str, torch.Tensor]:
-        side = tokenizer.padding_side
-        tokenizer.padding_side = "right"
-        try:
-            enc = tokenizer([e.text for e in examples], truncation=True, max_length=max_length, padding=True,
-                            return_tensors="pt")
-        finally:
-            tokenizer.padding_side = side
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+        return {**encode_texts(tokenizer, [e.text for e in examples], max_length),
                 "labels": head.label_ids([e.label for e in examples])}
     return collate
 
@@ -36,10 +40,14 @@ def token_lengths(tokenizer: Any, texts: Sequence[str]) -> list[int]:
     return [len(ids) for ids in tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]]
 
 
-def logits(model: torch.nn.Module, head: ClassificationHead, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, T, H] from the transformer body (`model.base_model`: no LM head is computed)."""
     body = getattr(model, "base_model", model)
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    return head.logits(hidden, batch["attention_mask"])
+    return body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+
+
+def logits(model: torch.nn.Module, head: ClassificationHead, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return head.logits(hidden_states(model, batch), batch["attention_mask"])
 
 
 def loss_fn(head: ClassificationHead) -> Callable[[torch.nn.Module, dict], torch.Tensor]:
@@ -47,9 +55,9 @@ def loss_fn(head: ClassificationHead) -> Callable[[torch.nn.Module, dict], torch
 
 
 @torch.no_grad()
-def predict(runtime: AdapterRuntime, adapter_name: str, head: ClassificationHead, examples: Sequence[Any],
+def predict(runtime: AdapterRuntime, adapter_name: str | None, head: ClassificationHead, examples: Sequence[Any],
             collate: Callable[[list[Any]], dict], batch_size: int = 32) -> list[str]:
-    """The head's label for every example, with the adapter active on every row."""
+    """The head's label for every example, with the adapter (None: no adapter) active on every row."""
     out: list[str] = []
     for start in range(0, len(examples), batch_size):
         batch = collate(list(examples[start:start + batch_size]))

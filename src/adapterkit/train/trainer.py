@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .._atomic import atomic_write_dir
+from .._atomic import atomic_write_dir, atomic_write_text
 from ..errors import ConfigError
 from ..runtime import AdapterRuntime
 from ..safetensors_io import read_tensors, write_tensors
@@ -150,6 +150,8 @@ def train(
     model = runtime.model
     was_training = model.training
     model.train()
+    if log_path and resume:
+        _truncate_log(Path(log_path), start)         # steps after the checkpoint are logged again
     log = open(log_path, "a", encoding="utf-8") if log_path else None
     plan = BatchPlan(len(examples), config.batch_size, config.seed, lengths)
     rank, world = dist_rank_world()
@@ -260,6 +262,14 @@ def _mean_across(value: float, world: int) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t) / world
+
+
+def _truncate_log(path: Path, start: int) -> None:
+    """Keep the JSONL records of steps before `start` (the resumed run rewrites the rest)."""
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) < start]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _save_state(folder: Path, step: int, result: TrainResult, best, params, optimizer, config: TrainConfig,
