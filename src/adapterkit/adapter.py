@@ -118,9 +118,9 @@ class Adapter:
             config = config_from_dict(side["config"])
             meta = AdapterMeta(**side.get("meta", {}))
             saved_name = side.get("name")
-        from .heads import ClassificationHead
+        from .heads import load_head
 
-        return cls(name or saved_name or path.name, config, tensors, meta, ClassificationHead.load(path))
+        return cls(name or saved_name or path.name, config, tensors, meta, load_head(path))
 
 
 def create_adapter(

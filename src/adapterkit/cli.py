@@ -249,13 +249,14 @@ def train_cmd(
     name: str = typer.Option(..., "--name", help="Name of the adapter in the store."),
     base: str = typer.Option("smollm2-135m", help="Built-in base name or local folder."),
     task: Optional[str] = typer.Option(None, help="Example task (adapterkit data list)."),
-    train_file: Optional[Path] = typer.Option(None, "--train-file", help="JSONL/CSV with text and label."),
+    train_file: Optional[Path] = typer.Option(None, "--train-file", help="JSONL/CSV with text and label "
+                                              "(mlm: .txt, one document per line, or JSONL)."),
     eval_file: Optional[Path] = typer.Option(None, "--eval-file", help="JSONL/CSV scored after training."),
     text_field: str = typer.Option("text", "--text-field"),
     label_field: str = typer.Option("label", "--label-field"),
     method: str = typer.Option("lora", help="Adapter method (the registry's names)."),
-    objective: str = typer.Option("classification", help="classification (text, label) or causal-lm "
-                                  "(JSONL prompt/completion or messages)."),
+    objective: str = typer.Option("classification", help="classification (text, label), causal-lm "
+                                  "(JSONL prompt/completion or messages) or mlm (plain text, encoder bases)."),
     r: int = typer.Option(8, help="LoRA rank."),
     alpha: float = typer.Option(16.0, help="LoRA alpha."),
     targets: Optional[str] = typer.Option(None, help="Comma-separated target modules (default per base)."),
@@ -284,8 +285,8 @@ def train_cmd(
             raise AdapterkitError(f"training method {method!r} is not wired into `train` yet")
         st = _store(store)
         st.check_free(name, overwrite)                # before loading the base or the data
-        if objective not in ("classification", "causal-lm"):
-            raise AdapterkitError(f"unknown objective {objective!r}; use classification or causal-lm")
+        if objective not in ("classification", "causal-lm", "mlm"):
+            raise AdapterkitError(f"unknown objective {objective!r}; use classification, causal-lm or mlm")
         config = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                              warmup_steps=warmup, seed=seed, bf16=bf16, eval_every=eval_every)
         target_list = tuple(t.strip() for t in targets.split(",")) if targets else None
@@ -301,6 +302,15 @@ def train_cmd(
             train_recs = read_records(train_file)[0]
             eval_recs = read_records(eval_file)[0] if eval_file else []
             _, metrics = train_instructions(load_base(base), name, train_recs, eval_recs, **common)
+        elif objective == "mlm":
+            from .train.mlm import read_texts, train_mlm
+
+            if train_file is None:
+                raise AdapterkitError("mlm training reads --train-file (.txt, one document per line, or JSONL "
+                                      "with --text-field)")
+            train_texts = read_texts(train_file, text_field)
+            eval_texts = read_texts(eval_file, text_field) if eval_file else []
+            _, metrics = train_mlm(load_base(base), name, train_texts, eval_texts, **common)
         else:
             train_ex = _examples(task, "train", train_file, text_field, label_field)
             eval_ex = _examples(task, "validation", eval_file, text_field, label_field) \
@@ -320,7 +330,8 @@ def eval_cmd(
     name: str,
     task: Optional[str] = typer.Option(None, help="Example task to score on."),
     split: str = typer.Option("test", help="train, validation or test."),
-    file: Optional[Path] = typer.Option(None, "--file", help="JSONL/CSV with text and label instead of a task."),
+    file: Optional[Path] = typer.Option(None, "--file", help="JSONL/CSV with text and label instead of a task "
+                                        "(masked-LM adapters: .txt or JSONL text)."),
     text_field: str = typer.Option("text", "--text-field"),
     label_field: str = typer.Option("label", "--label-field"),
     base: Optional[str] = typer.Option(None, help="Base (default: the one the adapter was trained on)."),
@@ -329,8 +340,10 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Accuracy and macro-F1 of a classification adapter on a task split or a file; loss, perplexity
-    and exact match of an instruction adapter on a JSONL file."""
+    and exact match of an instruction adapter on a JSONL file; masked-token loss, perplexity and
+    accuracy of a masked-LM adapter on a text file."""
     from .base import load_base
+    from .heads import MLMHead
     from .runtime import AdapterRuntime
     from .train.run import evaluate
 
@@ -339,7 +352,14 @@ def eval_cmd(
         b = load_base(base or adapter.meta.base_name or "smollm2-135m")
         rt = AdapterRuntime.from_base(b)
         rt.add(adapter)
-        if adapter.head is None:                       # an instruction adapter: loss, perplexity, exact match
+        if isinstance(adapter.head, MLMHead):          # a language / domain adapter: masked-token loss
+            from .train.mlm import evaluate_mlm, read_texts
+
+            if file is None:
+                raise AdapterkitError(f"{name!r} is a masked-LM adapter: give --file with plain text (.txt, one "
+                                      "document per line, or JSONL with --text-field)")
+            metrics = evaluate_mlm(rt, adapter, read_texts(file, text_field), max_length)
+        elif adapter.head is None:                     # an instruction adapter: loss, perplexity, exact match
             from .data.readers import read_records
             from .train.instruct import evaluate_instructions
 

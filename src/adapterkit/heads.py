@@ -1,8 +1,9 @@
-"""Task heads saved with an adapter: a classification head over the base's pooled hidden states.
+"""Task heads saved with an adapter: a classification head over the base's pooled hidden states,
+and a masked-LM head (BERT's) for language/domain adapters on encoders.
 
-Files beside the adapter: task_head.safetensors (weight [n_labels, hidden], bias [n_labels]) and
-task_head.json (type, format_version, labels, pooling). PEFT ignores them, so the folder stays a
-loadable PEFT adapter.
+Files beside the adapter: task_head.safetensors (the head's trainable tensors) and task_head.json
+(type, format_version and the head's settings). `load_head` picks the class from the json "type".
+PEFT ignores these files, so the folder stays a loadable PEFT adapter.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, CorruptAdapterError
+from .errors import BaseMismatchError, ConfigError, CorruptAdapterError
 from .safetensors_io import read_tensors, write_tensors
 
 HEAD_TENSORS, HEAD_JSON = "task_head.safetensors", "task_head.json"
@@ -45,15 +46,17 @@ class ClassificationHead:
                               "evaluate on data whose labels the adapter was trained on")
         return torch.tensor([index[label] for label in labels])
 
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """hidden [B, T, H], attention_mask [B, T] (right padding) -> pooled [B, H]."""
+        if self.pooling == "mean":
+            mask = attention_mask.to(hidden.dtype)
+            return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        last = attention_mask.sum(1).clamp(min=1) - 1
+        return hidden[torch.arange(hidden.shape[0]), last]
+
     def logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """hidden [B, T, H], attention_mask [B, T] (right padding) -> logits [B, n_labels]."""
-        mask = attention_mask.to(hidden.dtype)
-        if self.pooling == "mean":
-            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        else:
-            last = attention_mask.sum(1).clamp(min=1) - 1
-            pooled = hidden[torch.arange(hidden.shape[0]), last]
-        return pooled.to(self.weight.dtype) @ self.weight.t() + self.bias
+        return self.pool(hidden, attention_mask).to(self.weight.dtype) @ self.weight.t() + self.bias
 
     def save(self, folder: Path) -> None:
         write_tensors(folder / HEAD_TENSORS, {"weight": self.weight, "bias": self.bias})
@@ -69,3 +72,94 @@ class ClassificationHead:
             raise CorruptAdapterError(f"{folder / HEAD_JSON} has type {meta.get('type')!r}, not a classification head")
         tensors = read_tensors(folder / HEAD_TENSORS)
         return cls(list(meta["labels"]), meta["pooling"], tensors["weight"], tensors["bias"])
+
+
+@dataclass
+class MLMHead:
+    """transformers' BertOnlyMLMHead: dense H->H, activation, LayerNorm, then a decoder TIED to the
+    base's frozen input word embeddings [V, H] plus a trainable bias [V]. Only the trainable tensors
+    are saved; the decoder weight is passed in from the base at every call."""
+    hidden_act: str
+    layer_norm_eps: float
+    dense_weight: torch.Tensor    # [H, H]
+    dense_bias: torch.Tensor      # [H]
+    norm_weight: torch.Tensor     # [H]
+    norm_bias: torch.Tensor       # [H]
+    bias: torch.Tensor            # [V]
+
+    TYPE = "adapterkit.mlm_head"
+    # file tensor names = HF's names under `cls.predictions.` -> our fields
+    NAMES = {"transform.dense.weight": "dense_weight", "transform.dense.bias": "dense_bias",
+             "transform.LayerNorm.weight": "norm_weight", "transform.LayerNorm.bias": "norm_bias", "bias": "bias"}
+
+    @classmethod
+    def create(cls, config, seed: int = 0) -> "MLMHead":
+        """A fresh head for a BERT-style model config (HF's init: dense ~ N(0, initializer_range))."""
+        act = getattr(config, "hidden_act", "gelu")
+        if not isinstance(act, str):
+            raise ConfigError(f"the base's hidden_act is {act!r}, not a name; the MLM head needs a named activation")
+        hidden, std = config.hidden_size, getattr(config, "initializer_range", 0.02)
+        gen = torch.Generator().manual_seed(seed)
+        return cls(act, float(getattr(config, "layer_norm_eps", 1e-12)),
+                   torch.randn(hidden, hidden, generator=gen) * std, torch.zeros(hidden),
+                   torch.ones(hidden), torch.zeros(hidden), torch.zeros(config.vocab_size))
+
+    def params(self) -> list[torch.Tensor]:
+        """The trainable tensors (the tied decoder weight is the base's and stays frozen)."""
+        return [getattr(self, field) for field in self.NAMES.values()]
+
+    def logits(self, hidden: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H], embeddings (the base's input word embeddings) [V, H] -> logits [..., V]."""
+        from transformers.activations import ACT2FN
+
+        want = (self.bias.shape[0], self.dense_weight.shape[0])
+        if tuple(embeddings.shape) != want:
+            raise BaseMismatchError(f"this MLM head was made for embeddings of shape {want} (vocab, hidden), but the "
+                                    f"base has {tuple(embeddings.shape)}; load the adapter onto its own base")
+        x = torch.nn.functional.linear(hidden.to(self.dense_weight.dtype), self.dense_weight, self.dense_bias)
+        x = torch.nn.functional.layer_norm(ACT2FN[self.hidden_act](x), x.shape[-1:], self.norm_weight,
+                                           self.norm_bias, self.layer_norm_eps)
+        return torch.nn.functional.linear(x, embeddings.to(x.dtype), self.bias)
+
+    def save(self, folder: Path) -> None:
+        write_tensors(folder / HEAD_TENSORS, {name: getattr(self, field) for name, field in self.NAMES.items()})
+        (folder / HEAD_JSON).write_text(json.dumps({"type": self.TYPE, "format_version": 1,
+                                                    "hidden_act": self.hidden_act, "layer_norm_eps": self.layer_norm_eps,
+                                                    "decoder": "tied to the base's input word embeddings"}),
+                                        encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: Path) -> "MLMHead":
+        meta = _head_json(folder)
+        if meta.get("type") != cls.TYPE or meta.get("format_version", 0) > 1:
+            raise CorruptAdapterError(f"{folder / HEAD_JSON} is type {meta.get('type')!r} version "
+                                      f"{meta.get('format_version')!r}, not an MLM head of version 1: "
+                                      "upgrade adapterkit")
+        tensors = read_tensors(folder / HEAD_TENSORS)
+        missing = sorted(set(cls.NAMES) - set(tensors))
+        if missing:
+            raise CorruptAdapterError(f"{folder / HEAD_TENSORS} lacks the MLM head tensor(s) {missing}; "
+                                      "save the adapter again")
+        return cls(meta["hidden_act"], float(meta["layer_norm_eps"]),
+                   **{field: tensors[name] for name, field in cls.NAMES.items()})
+
+
+HEAD_TYPES = {"adapterkit.classification_head": ClassificationHead, MLMHead.TYPE: MLMHead}
+
+
+def load_head(folder: Path) -> ClassificationHead | MLMHead | None:
+    """The head saved in an adapter folder (its class from the json "type"), or None without one."""
+    if not (folder / HEAD_JSON).is_file():
+        return None
+    kind = _head_json(folder).get("type")
+    if kind not in HEAD_TYPES:
+        raise CorruptAdapterError(f"{folder / HEAD_JSON} has type {kind!r}; this adapterkit reads the heads "
+                                  f"{sorted(HEAD_TYPES)}: upgrade adapterkit")
+    return HEAD_TYPES[kind].load(folder)
+
+
+def _head_json(folder: Path) -> dict:
+    try:
+        return json.loads((folder / HEAD_JSON).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CorruptAdapterError(f"{folder / HEAD_JSON} is not valid JSON ({exc}); save the adapter again") from None
