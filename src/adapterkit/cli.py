@@ -380,13 +380,19 @@ def eval_cmd(
 @app.command()
 def demo(
     base: str = typer.Option("smollm2-135m"),
-    max_tokens: int = typer.Option(24, "--max-tokens"),
+    steps: int = typer.Option(80, help="Training steps per example task (batch 8)."),
+    n_test: int = typer.Option(300, "--n-test", help="Test rows scored per task."),
+    retrain: bool = typer.Option(False, "--retrain", help="Train again even if the store has the adapters."),
+    store: Optional[Path] = STORE_OPT,
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """The main job on the embedded defaults: one base, three adapters, one mixed batch."""
-    from .demo import run_demo
+    """The main job on the embedded defaults: train (or reuse) adapters for three example tasks, score
+    them in mixed batches, print base vs adapter accuracy."""
+    from .demo import DemoSettings, run_demo
 
     try:
-        run_demo(base, max_tokens, out)
+        run_demo(base, out, settings=DemoSettings(steps=steps, n_test=n_test), store=_store(store),
+                 retrain=retrain, progress=progress)
     except AdapterkitError as exc:
         _fail(exc)
 
