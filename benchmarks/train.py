@@ -144,7 +144,8 @@ def train_peft(base, train_ex, test_ex, run, steps, score) -> dict:
     from adapterkit.heads import ClassificationHead
     from adapterkit.methods.lora import LoraConfig
     from adapterkit.train.classification import collate_fn, token_lengths
-    from adapterkit.train.run import DEFAULT_TARGETS, POOLING, classification_metrics
+    from adapterkit.train.fit import DEFAULT_TARGETS
+    from adapterkit.train.run import POOLING, classification_metrics
     from adapterkit.train.schedule import lr_factor
     from adapterkit.train.trainer import BatchPlan
 

@@ -60,6 +60,19 @@ def _isolated_home(request, tmp_path_factory, monkeypatch):
         monkeypatch.setenv("ADAPTERKIT_HOME", str(tmp_path_factory.mktemp("home")))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request):
+    # Tiny models gain nothing from a second thread, and two OpenMP threads sharing a busy 2-core
+    # machine spin-wait: the suite ran 10-50x slower next to a benchmark. Real-model tests keep all.
+    if request.node.get_closest_marker("real") is not None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=["llama", "bert", "gpt2"])
 def tiny_base(request, tmp_path):
     from adapterkit import load_base

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from conftest import save_tiny_tokenizer, tiny_llama
 from typer.testing import CliRunner
 
@@ -90,3 +91,71 @@ def test_causal_lm_train_learns_the_completions(files, tmp_path):
     out = runner.invoke(app, ["generate", "give me one tip", "--base", str(base), "--adapter", path,
                               "--max-tokens", "5", "--json"])
     assert json.loads(out.output.splitlines()[-1])["text"].split() == ["write", "clear", "code"]
+
+
+def _train_args(base, data, store, name, *extra):
+    return ["train", "--name", name, "--base", str(base), "--train-file", str(data), "--text-field", "sentence",
+            "--label-field", "y", "--steps", "6", "--batch-size", "3", "--lr", "0.03", "--targets", "q_proj,v_proj",
+            "--checkpoint-every", "2", "--store", str(store), "--no-progress", *extra]
+
+
+def test_interrupted_run_resumes_to_the_same_adapter(files, tmp_path, monkeypatch):
+    from adapterkit.store import AdapterStore
+    from adapterkit.train import progress
+
+    base, data = files
+    store = tmp_path / "store"
+    runner = CliRunner()
+    assert runner.invoke(app, _train_args(base, data, store, "straight")).exit_code == 0
+
+    real_update = progress.TrainProgress.update
+
+    def killed_after_step_3(self, record):
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+        real_update(self, record)
+    monkeypatch.setattr(progress.TrainProgress, "update", killed_after_step_3)
+    res = runner.invoke(app, _train_args(base, data, store, "cut"))
+    assert res.exit_code == 130
+    assert "interrupted; nothing was stored as 'cut'. The last checkpoint (step 2) is in" in res.output
+    assert "run the same command with --resume to continue" in res.output
+    assert "cut" not in AdapterStore(store)                                   # the catalog never saw it
+    monkeypatch.setattr(progress.TrainProgress, "update", real_update)
+
+    res = runner.invoke(app, _train_args(base, data, store, "cut"))             # no --resume: refused
+    assert res.exit_code == 2 and "an interrupted run of 'cut' left a checkpoint at step 2" in res.output
+    assert "pass --resume to continue it, or --overwrite to start over" in res.output
+    res = runner.invoke(app, _train_args(base, data, store, "cut", "--resume"))
+    assert res.exit_code == 0, res.output
+    a, b = AdapterStore(store).get("straight"), AdapterStore(store).get("cut")
+    for site in a.tensors:
+        torch.testing.assert_close(b.tensors[site]["lora_B"], a.tensors[site]["lora_B"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.head.weight, a.head.weight, rtol=1e-5, atol=1e-6)
+    logs = {n: [json.loads(x) for x in (store / "runs" / n / "train_log.jsonl").read_text().splitlines()]
+            for n in ("straight", "cut")}
+    assert [x["step"] for x in logs["cut"]] == list(range(6))
+    assert [x["loss"] for x in logs["cut"]] == pytest.approx([x["loss"] for x in logs["straight"]], rel=1e-5)
+    assert not (store / "runs" / "cut" / "checkpoint").exists()                 # dropped once stored
+
+
+def test_resume_and_overwrite_edge_cases(files, tmp_path):
+    base, data = files
+    store = tmp_path / "store"
+    runner = CliRunner()
+    res = runner.invoke(app, _train_args(base, data, store, "none", "--resume"))
+    assert res.exit_code == 2 and "nothing to resume: no checkpoint of a run named 'none'" in res.output
+    res = runner.invoke(app, _train_args(base, data, store, "x", "--schedule", "exp"))
+    assert res.exit_code == 2 and "unknown schedule 'exp'" in res.output
+
+
+def test_truncated_texts_are_counted(files, tmp_path):
+    base, _ = files
+    data = tmp_path / "long.jsonl"
+    rows = ROWS + [("the cat runs fast and the dog runs slow " * 20, "feline")]
+    data.write_text("\n".join(json.dumps({"sentence": t, "y": y}) for t, y in rows) + "\n")
+    runner = CliRunner()
+    res = runner.invoke(app, _train_args(base, data, tmp_path / "s", "long", "--max-length", "16"))
+    assert res.exit_code == 0, res.output
+    shown = json.loads(runner.invoke(app, ["show", "long", "--store", str(tmp_path / "s"), "--json"]).output)
+    assert shown["lineage"][0]["params"]["truncated_examples"] == 1
+    assert shown["lineage"][0]["params"]["max_length"] == 16

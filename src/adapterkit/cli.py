@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from .cli_common import STORE_OPT, fail, open_store, out, print_record
+from .cli_train import eval_cmd, train_cmd
 from .errors import AdapterkitError
 
 app = typer.Typer(help="Task-specific adapters over one frozen base model.", no_args_is_help=True,
@@ -21,26 +22,8 @@ app.add_typer(base_app, name="base")
 data_app = typer.Typer(help="Example tasks read offline from pip-packaged corpora.", no_args_is_help=True)
 app.add_typer(adapter_app, name="adapter")
 app.add_typer(data_app, name="data")
-out = Console()
-err = Console(stderr=True)
-
-
-def _print_record(record: dict, as_json: bool) -> None:
-    """One object: a JSON line, or a two-column field/value table."""
-    if as_json:
-        print(json.dumps(record))
-        return
-    table = Table("field", "value", show_header=False)
-    for key, value in record.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, (list, dict)) else str(value))
-    out.print(table)
-
-
-def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
+app.command("train")(train_cmd)
+app.command("eval")(eval_cmd)
 @base_app.command("list")
 def base_list() -> None:
     """List the built-in bases and whether their packages are installed."""
@@ -61,7 +44,7 @@ def base_pull(name: str) -> None:
     try:
         path = pull_base(name)
     except AdapterkitError as exc:
-        _fail(exc)
+        fail(exc)
     out.print(f"{name}: {path}")
 
 
@@ -73,8 +56,8 @@ def adapter_inspect(path: Path, as_json: bool = typer.Option(False, "--json", he
     try:
         info = describe(path)
     except AdapterkitError as exc:
-        _fail(exc)
-    _print_record(info, as_json)
+        fail(exc)
+    print_record(info, as_json)
 
 
 @adapter_app.command("create")
@@ -101,7 +84,7 @@ def adapter_create(
         adapter = create_adapter(name, b.model, cfg, seed=seed, fingerprint=b.fingerprint, base_name=b.name)
         adapter.save(out_dir)
     except AdapterkitError as exc:
-        _fail(exc)
+        fail(exc)
     out.print(f"wrote {name} ({adapter.num_parameters():,} parameters) to {out_dir}")
 
 
@@ -126,7 +109,7 @@ def adapter_export_merged(
             names.append(loaded.name)
         rt.export_merged(out_dir, names, tokenizer=b.tokenizer)
     except AdapterkitError as exc:
-        _fail(exc)
+        fail(exc)
     out.print(f"wrote {out_dir}")
 
 
@@ -158,7 +141,7 @@ def generate(
         rows = rows or [None]
         results = run(rt, b.tokenizer, [prompt] * len(rows), rows, max_new_tokens=max_tokens, chat=chat)
     except AdapterkitError as exc:
-        _fail(exc)
+        fail(exc)
     for res in results:
         if as_json:
             print(json.dumps({"adapter": res.adapter, "text": res.text, "token_ids": res.token_ids}))
@@ -192,27 +175,18 @@ def data_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
     try:
         task = load_task(name)
     except AdapterkitError as exc:
-        _fail(exc)
-    _print_record(task.card, as_json)
+        fail(exc)
+    print_record(task.card, as_json)
     if as_json:
         return
     for ex in task.train[:3]:
         out.print(f"[bold]{ex.label}[/]: {ex.text[:160]}", highlight=False)
 
 
-def _store(path: Optional[Path]):
-    from .store import AdapterStore
-
-    return AdapterStore(path)
-
-
-STORE_OPT = typer.Option(None, "--store", help="Store folder (default $ADAPTERKIT_HOME/store).")
-
-
 @app.command("ls")
 def ls(store: Optional[Path] = STORE_OPT, as_json: bool = typer.Option(False, "--json")) -> None:
     """List the adapters in the store."""
-    rows = _store(store).list()
+    rows = open_store(store).list()
     if as_json:
         print(json.dumps(rows))
         return
@@ -228,153 +202,10 @@ def ls(store: Optional[Path] = STORE_OPT, as_json: bool = typer.Option(False, "-
 def show(name: str, store: Optional[Path] = STORE_OPT, as_json: bool = typer.Option(False, "--json")) -> None:
     """Show one stored adapter: catalog row, lineage, path."""
     try:
-        row = _store(store).show(name)
+        row = open_store(store).show(name)
     except AdapterkitError as exc:
-        _fail(exc)
-    _print_record(row, as_json)
-
-
-def _examples(task: Optional[str], split: str, file: Optional[Path], text_field: str, label_field: str):
-    from .data import load_task, read_examples
-
-    if file is not None:
-        return list(read_examples(file, text_field, label_field).examples)
-    if task is None:
-        raise AdapterkitError("give --task NAME (see `adapterkit data list`) or a data file")
-    return load_task(task).split(split)
-
-
-@app.command("train")
-def train_cmd(
-    name: str = typer.Option(..., "--name", help="Name of the adapter in the store."),
-    base: str = typer.Option("smollm2-135m", help="Built-in base name or local folder."),
-    task: Optional[str] = typer.Option(None, help="Example task (adapterkit data list)."),
-    train_file: Optional[Path] = typer.Option(None, "--train-file", help="JSONL/CSV with text and label "
-                                              "(mlm: .txt, one document per line, or JSONL)."),
-    eval_file: Optional[Path] = typer.Option(None, "--eval-file", help="JSONL/CSV scored after training."),
-    text_field: str = typer.Option("text", "--text-field"),
-    label_field: str = typer.Option("label", "--label-field"),
-    method: str = typer.Option("lora", help="Adapter method (the registry's names)."),
-    objective: str = typer.Option("classification", help="classification (text, label), causal-lm "
-                                  "(JSONL prompt/completion or messages) or mlm (plain text, encoder bases)."),
-    r: int = typer.Option(8, help="LoRA rank."),
-    alpha: float = typer.Option(16.0, help="LoRA alpha."),
-    targets: Optional[str] = typer.Option(None, help="Comma-separated target modules (default per base)."),
-    steps: int = typer.Option(300),
-    batch_size: int = typer.Option(8, "--batch-size"),
-    grad_accum: int = typer.Option(1, "--grad-accum"),
-    lr: float = typer.Option(2e-4),
-    warmup: int = typer.Option(0, help="Warm-up steps."),
-    max_length: int = typer.Option(128, "--max-length", help="Longer texts are truncated."),
-    seed: int = typer.Option(0),
-    eval_every: int = typer.Option(0, "--eval-every", help="Score the eval split every N steps; keep the best."),
-    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast on CPU."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a stored adapter of the same name."),
-    store: Optional[Path] = STORE_OPT,
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
-) -> None:
-    """Train a classification adapter (+ head) on a task or a file and store it with its metrics."""
-    from .base import load_base
-    from .methods import get_method
-    from .train.run import train_classifier
-    from .train.trainer import TrainConfig, init_distributed_from_env
-
-    try:
-        rank, _ = init_distributed_from_env()       # torchrun --nproc_per_node=N -m adapterkit.cli train ...
-        if get_method(method).name != "lora":  # pragma: no cover - only LoRA is registered yet
-            raise AdapterkitError(f"training method {method!r} is not wired into `train` yet")
-        st = _store(store)
-        st.check_free(name, overwrite)                # before loading the base or the data
-        if objective not in ("classification", "causal-lm", "mlm"):
-            raise AdapterkitError(f"unknown objective {objective!r}; use classification, causal-lm or mlm")
-        config = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                             warmup_steps=warmup, seed=seed, bf16=bf16, eval_every=eval_every)
-        target_list = tuple(t.strip() for t in targets.split(",")) if targets else None
-        common = dict(task=task or (str(train_file) if train_file else None), store=st, config=config, r=r,
-                      alpha=alpha, targets=target_list, max_length=max_length, overwrite=overwrite,
-                      progress=progress)
-        if objective == "causal-lm":
-            from .data.readers import read_records
-            from .train.instruct import train_instructions
-
-            if train_file is None:
-                raise AdapterkitError("causal-lm training reads --train-file (JSONL prompt/completion or messages)")
-            train_recs = read_records(train_file)[0]
-            eval_recs = read_records(eval_file)[0] if eval_file else []
-            _, metrics = train_instructions(load_base(base), name, train_recs, eval_recs, **common)
-        elif objective == "mlm":
-            from .train.mlm import read_texts, train_mlm
-
-            if train_file is None:
-                raise AdapterkitError("mlm training reads --train-file (.txt, one document per line, or JSONL "
-                                      "with --text-field)")
-            train_texts = read_texts(train_file, text_field)
-            eval_texts = read_texts(eval_file, text_field) if eval_file else []
-            _, metrics = train_mlm(load_base(base), name, train_texts, eval_texts, **common)
-        else:
-            train_ex = _examples(task, "train", train_file, text_field, label_field)
-            eval_ex = _examples(task, "validation", eval_file, text_field, label_field) \
-                if (task or eval_file) else []
-            _, metrics = train_classifier(load_base(base), name, train_ex, eval_ex, **common)
-    except AdapterkitError as exc:
-        _fail(exc)
-    if rank != 0:
-        return
-    out.print(f"stored [bold]{name}[/] in {st.root}; validation: " +
-              (", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-               or "none"), highlight=False)
-
-
-@app.command("eval")
-def eval_cmd(
-    name: str,
-    task: Optional[str] = typer.Option(None, help="Example task to score on."),
-    split: str = typer.Option("test", help="train, validation or test."),
-    file: Optional[Path] = typer.Option(None, "--file", help="JSONL/CSV with text and label instead of a task "
-                                        "(masked-LM adapters: .txt or JSONL text)."),
-    text_field: str = typer.Option("text", "--text-field"),
-    label_field: str = typer.Option("label", "--label-field"),
-    base: Optional[str] = typer.Option(None, help="Base (default: the one the adapter was trained on)."),
-    max_length: int = typer.Option(128, "--max-length"),
-    store: Optional[Path] = STORE_OPT,
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
-    """Accuracy and macro-F1 of a classification adapter on a task split or a file; loss, perplexity
-    and exact match of an instruction adapter on a JSONL file; masked-token loss, perplexity and
-    accuracy of a masked-LM adapter on a text file."""
-    from .base import load_base
-    from .heads import MLMHead
-    from .runtime import AdapterRuntime
-    from .train.run import evaluate
-
-    try:
-        adapter = _store(store).get(name)
-        b = load_base(base or adapter.meta.base_name or "smollm2-135m")
-        rt = AdapterRuntime.from_base(b)
-        rt.add(adapter)
-        if isinstance(adapter.head, MLMHead):          # a language / domain adapter: masked-token loss
-            from .train.mlm import evaluate_mlm, read_texts
-
-            if file is None:
-                raise AdapterkitError(f"{name!r} is a masked-LM adapter: give --file with plain text (.txt, one "
-                                      "document per line, or JSONL with --text-field)")
-            metrics = evaluate_mlm(rt, adapter, read_texts(file, text_field), max_length)
-        elif adapter.head is None:                     # an instruction adapter: loss, perplexity, exact match
-            from .data.readers import read_records
-            from .train.instruct import evaluate_instructions
-
-            if file is None:
-                raise AdapterkitError(f"{name!r} has no classification head: give --file with JSONL "
-                                      "prompt/completion or messages records")
-            metrics = evaluate_instructions(rt, name, read_records(file)[0], max_length)
-        else:
-            metrics = evaluate(rt, adapter, _examples(task, split, file, text_field, label_field), max_length)
-    except AdapterkitError as exc:
-        _fail(exc)
-    if as_json:
-        print(json.dumps({"adapter": name, "task": task, "split": split if task else None, **metrics}))
-        return
-    out.print(f"{name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        fail(exc)
+    print_record(row, as_json)
 
 
 @app.command()
@@ -391,10 +222,10 @@ def demo(
     from .demo import DemoSettings, run_demo
 
     try:
-        run_demo(base, out, settings=DemoSettings(steps=steps, n_test=n_test), store=_store(store),
+        run_demo(base, out, settings=DemoSettings(steps=steps, n_test=n_test), store=open_store(store),
                  retrain=retrain, progress=progress)
     except AdapterkitError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def main() -> None:  # pragma: no cover

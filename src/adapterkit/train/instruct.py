@@ -9,16 +9,15 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..adapter import Adapter, create_adapter
+from ..adapter import Adapter
 from ..base import Base
 from ..generate import pad_id
 from ..errors import ConfigError
-from ..methods.lora import LoraConfig
 from ..runtime import AdapterRuntime
 from ..store import AdapterStore
 from .causal_lm import IGNORE, collate, encode, split_ids
-from .run import DEFAULT_TARGETS, TrainProgress
-from .trainer import TrainConfig, dist_rank_world, train
+from .fit import finish, fit, start_run
+from .trainer import TrainConfig
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -60,30 +59,22 @@ def evaluate_instructions(rt: AdapterRuntime, name: str, records: Sequence[Mappi
 def train_instructions(base: Base, name: str, train_records: Sequence[Mapping[str, Any]],
                        eval_records: Sequence[Mapping[str, Any]], *, task: str | None, store: AdapterStore,
                        config: TrainConfig, r: int = 8, alpha: float = 16.0, targets: Sequence[str] | None = None,
-                       max_length: int = 512, overwrite: bool = False, progress: bool = True
-                       ) -> tuple[Adapter, dict[str, float]]:
+                       max_length: int = 512, overwrite: bool = False, progress: bool = True, resume: bool = False,
+                       log_path: str | None = None) -> tuple[Adapter, dict[str, float]]:
     if base.kind != "causal-lm" or base.tokenizer is None:
         raise ConfigError(f"instruction tuning needs a causal LM with a tokenizer; {base.name} is a {base.kind}")
-    store.check_free(name, overwrite)                # before any work
+    adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
+                        overwrite=overwrite, resume=resume)
     tok = base.tokenizer
     encoded = [encode(tok, rec, max_length) for rec in train_records]
     truncated = sum(e.truncated for e in encoded)
-    lora = LoraConfig(r=r, alpha=alpha, target_modules=tuple(targets or DEFAULT_TARGETS[base.kind]))
-    adapter = create_adapter(name, base.model, lora, seed=config.seed, fingerprint=base.fingerprint,
-                             base_name=base.name, task=task)
-    rt = AdapterRuntime.from_base(base)
-    rt.add(adapter)
-    pad = pad_id(tok)
-    score = (lambda: -evaluate_instructions(rt, name, eval_records, max_length)["loss"]) if eval_records else None
-    with TrainProgress(config.steps, progress and dist_rank_world()[0] == 0) as bar:
-        result = train(rt, name, encoded, partial(collate, pad_id=pad), lm_loss, config, on_step=bar.update,
-                       evaluate=score, lengths=[len(e.input_ids) for e in encoded])
+    info = {"objective": "causal-lm", "method": "lora", "r": r, "alpha": alpha,
+            "targets": list(adapter.config.target_modules), "max_length": max_length}
+    score = (lambda rt: -evaluate_instructions(rt, name, eval_records, max_length)["loss"]) if eval_records else None
+    rt, result = fit(base, adapter, encoded, partial(collate, pad_id=pad_id(tok)), lm_loss, config, store=store,
+                     resume=resume, log_path=log_path, progress=progress, evaluate=score,
+                     lengths=[len(e.input_ids) for e in encoded], run_info=info)
     metrics = evaluate_instructions(rt, name, eval_records, max_length) if eval_records else {}
-    adapter.meta.metrics = {f"validation_{k}": v for k, v in metrics.items()}
-    adapter.meta.lineage = [{"op": "train", "inputs": [], "params": {
-        **asdict(config), "objective": "causal-lm", "method": "lora", "r": r, "alpha": alpha,
-        "targets": list(lora.target_modules), "max_length": max_length, "train_examples": len(encoded),
-        "truncated_examples": truncated, "best_step": result.best_step}}]
-    if dist_rank_world()[0] == 0:                   # under torchrun only rank 0 writes the store
-        store.put(adapter, overwrite=overwrite)
+    finish(store, adapter, metrics, {**asdict(config), **info, "train_examples": len(encoded),
+                                     "truncated_examples": truncated, "best_step": result.best_step}, overwrite)
     return adapter, metrics

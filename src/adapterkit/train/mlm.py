@@ -19,18 +19,17 @@ from typing import Any, Sequence
 
 import torch
 
-from ..adapter import Adapter, create_adapter
+from ..adapter import Adapter
 from ..base import Base
 from ..data.readers import DataFormatError, _value, jsonl_objects
 from ..errors import ConfigError
 from ..generate import pad_id
 from ..heads import MLMHead
-from ..methods.lora import LoraConfig
 from ..runtime import AdapterRuntime
 from ..store import AdapterStore
 from .causal_lm import IGNORE
-from .run import DEFAULT_TARGETS, TrainProgress
-from .trainer import TrainConfig, dist_rank_world, train
+from .fit import finish, fit, start_run
+from .trainer import TrainConfig
 
 MASK_PROB = 0.15
 TEXT_SUFFIXES, JSONL_SUFFIXES = (".txt", ".text"), (".jsonl", ".ndjson", ".json")
@@ -174,7 +173,8 @@ def evaluate_mlm(rt: AdapterRuntime, adapter: Adapter, texts: Sequence[str], max
 def train_mlm(base: Base, name: str, train_texts: Sequence[str], eval_texts: Sequence[str], *, task: str | None,
               store: AdapterStore, config: TrainConfig, r: int = 8, alpha: float = 16.0,
               targets: Sequence[str] | None = None, max_length: int = 128, overwrite: bool = False,
-              progress: bool = True) -> tuple[Adapter, dict[str, float]]:
+              progress: bool = True, resume: bool = False, log_path: str | None = None
+              ) -> tuple[Adapter, dict[str, float]]:
     """Train a LoRA adapter + a fresh MLM head on plain text and store both with metrics and lineage."""
     if base.kind != "encoder":
         raise ConfigError(f"masked-LM training needs an encoder base (BERT-style, e.g. minilm-l6); {base.name} is "
@@ -187,28 +187,21 @@ def train_mlm(base: Base, name: str, train_texts: Sequence[str], eval_texts: Seq
     if positions is not None and max_length > positions:
         raise ConfigError(f"max_length {max_length} is longer than the {positions} positions of {base.name}; "
                           f"use --max-length {positions} or less")
-    store.check_free(name, overwrite)                # before any work
+    adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
+                        overwrite=overwrite, resume=resume)
     docs, truncated, dropped = encode_texts(tok, train_texts, max_length)
     if not docs:
         raise ConfigError("no training text has a token that can be masked")
-    lora = LoraConfig(r=r, alpha=alpha, target_modules=tuple(targets or DEFAULT_TARGETS[base.kind]))
-    adapter = create_adapter(name, base.model, lora, seed=config.seed, fingerprint=base.fingerprint,
-                             base_name=base.name, task=task)
     adapter.head = MLMHead.create(base.model.config, config.seed)
-    rt = AdapterRuntime.from_base(base)
-    rt.add(adapter)
-    collate = MaskCollator(tok, adapter.head.bias.shape[0])
-    score = (lambda: -evaluate_mlm(rt, adapter, eval_texts, max_length)["loss"]) if eval_texts else None
-    with TrainProgress(config.steps, progress and dist_rank_world()[0] == 0) as bar:
-        result = train(rt, name, docs, collate, mlm_loss(adapter.head), config, extra_params=adapter.head.params(),
-                       on_step=bar.update, evaluate=score, lengths=[len(d) for d in docs])
+    info = {"objective": "mlm", "method": "lora", "r": r, "alpha": alpha,
+            "targets": list(adapter.config.target_modules), "max_length": max_length, "mask_prob": MASK_PROB}
+    score = (lambda rt: -evaluate_mlm(rt, adapter, eval_texts, max_length)["loss"]) if eval_texts else None
+    rt, result = fit(base, adapter, docs, MaskCollator(tok, adapter.head.bias.shape[0]), mlm_loss(adapter.head),
+                     config, store=store, resume=resume, log_path=log_path, progress=progress,
+                     extra_params=adapter.head.params(), evaluate=score, lengths=[len(d) for d in docs],
+                     run_info=info)
     metrics = evaluate_mlm(rt, adapter, eval_texts, max_length) if eval_texts else {}
-    adapter.meta.metrics = {f"validation_{k}": v for k, v in metrics.items()}
-    adapter.meta.lineage = [{"op": "train", "inputs": [], "params": {
-        **asdict(config), "objective": "mlm", "method": "lora", "r": r, "alpha": alpha,
-        "targets": list(lora.target_modules), "max_length": max_length, "mask_prob": MASK_PROB,
-        "train_examples": len(docs), "truncated_examples": truncated, "dropped_examples": dropped,
-        "best_step": result.best_step}}]
-    if dist_rank_world()[0] == 0:                   # under torchrun only rank 0 writes the store
-        store.put(adapter, overwrite=overwrite)
+    finish(store, adapter, metrics, {**asdict(config), **info, "train_examples": len(docs),
+                                     "truncated_examples": truncated, "dropped_examples": dropped,
+                                     "best_step": result.best_step}, overwrite)
     return adapter, metrics

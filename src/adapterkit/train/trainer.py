@@ -150,11 +150,15 @@ def train(
     model = runtime.model
     was_training = model.training
     model.train()
-    if log_path and resume:
-        _truncate_log(Path(log_path), start)         # steps after the checkpoint are logged again
-    log = open(log_path, "a", encoding="utf-8") if log_path else None
-    plan = BatchPlan(len(examples), config.batch_size, config.seed, lengths)
     rank, world = dist_rank_world()
+    writer = rank == 0                               # under torchrun only rank 0 writes the log and checkpoints
+    if log_path and resume and writer:
+        _truncate_log(Path(log_path), start)         # steps after the checkpoint are logged again
+    log = None
+    if log_path and writer:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "a", encoding="utf-8")
+    plan = BatchPlan(len(examples), config.batch_size, config.seed, lengths)
     if config.batch_size % world:
         raise ConfigError(f"batch_size {config.batch_size} must be a multiple of the {world} processes")
     try:
@@ -200,7 +204,7 @@ def train(
                 result.evals.append((done, metric))
                 if best is None or metric > best[0]:
                     best = (metric, done, [p.detach().clone() for p in params])
-            if checkpoint_dir is not None and (done == config.steps or
+            if checkpoint_dir is not None and writer and (done == config.steps or
                                                (config.checkpoint_every and done % config.checkpoint_every == 0)):
                 _save_state(Path(checkpoint_dir), done, result, best, params, optimizer, config, run_info)
         result.steps_done = config.steps

@@ -1,0 +1,91 @@
+"""What every `train_*` entry point shares: a fresh LoRA adapter, the run folder in the store
+(checkpoint + JSONL log), the progress bar, and storing the result.
+
+The run folder is `<store>/runs/<name>/`: `checkpoint/` holds the last good trainer state (written
+atomically every `checkpoint_every` steps) and `train_log.jsonl` one record per step. The checkpoint
+lives until the adapter is safely in the store, so an interrupted run (Ctrl-C, a crash, a full disk)
+continues with resume=True (`--resume`). A new run over a leftover checkpoint is refused unless
+overwrite, so a checkpoint is never thrown away silently.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..adapter import Adapter, create_adapter, validate_name
+from ..base import Base
+from ..errors import ConfigError
+from ..methods.lora import LoraConfig
+from ..runtime import AdapterRuntime
+from ..store import AdapterStore
+from .progress import TrainProgress
+from .trainer import STATE_JSON, TrainConfig, TrainResult, dist_rank_world, train
+
+DEFAULT_TARGETS = {"causal-lm": ("q_proj", "k_proj", "v_proj", "o_proj"), "encoder": ("query", "key", "value")}
+CHECKPOINT, LOG = "checkpoint", "train_log.jsonl"
+
+
+def run_dir(store: AdapterStore, name: str) -> Path:
+    return store.root / "runs" / validate_name(name)
+
+
+def check_run(store: AdapterStore, name: str, *, overwrite: bool, resume: bool) -> None:
+    """Refuse a stored name (unless overwrite), a resume with no checkpoint, and a fresh run over a
+    leftover checkpoint (unless overwrite, which deletes it). Cheap: callers run it before loading."""
+    store.check_free(name, overwrite)
+    ckpt = run_dir(store, name) / CHECKPOINT
+    if resume and not (ckpt / STATE_JSON).is_file():
+        raise ConfigError(f"nothing to resume: no checkpoint of a run named {name!r} in {ckpt.parent}")
+    if not resume and (ckpt / STATE_JSON).is_file():
+        if not overwrite:
+            raise ConfigError(f"an interrupted run of {name!r} left a checkpoint at step {checkpoint_step(ckpt)} "
+                              f"in {ckpt}; pass --resume to continue it, or --overwrite to start over")
+        if dist_rank_world()[0] == 0:
+            shutil.rmtree(ckpt.parent)
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    state = folder / STATE_JSON
+    return json.loads(state.read_text(encoding="utf-8"))["step"] if state.is_file() else None
+
+
+def start_run(base: Base, name: str, *, task: str | None, store: AdapterStore, config: TrainConfig, r: int,
+              alpha: float, targets: Sequence[str] | None, overwrite: bool, resume: bool) -> Adapter:
+    """Check the name and the run folder before any work; return the fresh (seeded) adapter."""
+    check_run(store, name, overwrite=overwrite, resume=resume)
+    lora = LoraConfig(r=r, alpha=alpha, target_modules=tuple(targets or DEFAULT_TARGETS[base.kind]))
+    return create_adapter(name, base.model, lora, seed=config.seed, fingerprint=base.fingerprint,
+                          base_name=base.name, task=task)
+
+
+def fit(base: Base, adapter: Adapter, examples: Sequence[Any], collate: Callable, loss_fn: Callable,
+        config: TrainConfig, *, store: AdapterStore, resume: bool = False, log_path: str | Path | None = None,
+        progress: bool = True, extra_params: Sequence[torch.Tensor] = (),
+        evaluate: Callable[[AdapterRuntime], float] | None = None, lengths: Sequence[int] | None = None,
+        run_info: dict[str, Any] | None = None) -> tuple[AdapterRuntime, TrainResult]:
+    """Train `adapter` on a fresh runtime over `base`, checkpointing into the run folder; `evaluate`
+    (higher is better) gets the runtime."""
+    rt = AdapterRuntime.from_base(base)
+    rt.add(adapter)
+    folder = run_dir(store, adapter.name)
+    with TrainProgress(config.steps, progress and dist_rank_world()[0] == 0) as bar:
+        result = train(rt, adapter.name, examples, collate, loss_fn, config, checkpoint_dir=folder / CHECKPOINT,
+                       resume=resume, log_path=log_path or folder / LOG, on_step=bar.update,
+                       extra_params=extra_params, evaluate=(lambda: evaluate(rt)) if evaluate else None,
+                       lengths=lengths, run_info={"base": base.fingerprint, **(run_info or {})})
+    return rt, result
+
+
+def finish(store: AdapterStore, adapter: Adapter, metrics: dict[str, Any], params: dict[str, Any],
+           overwrite: bool) -> None:
+    """Record metrics and lineage, store the adapter (rank 0 only), then drop the checkpoint."""
+    adapter.meta.metrics = {f"validation_{k}": v for k, v in metrics.items()}
+    adapter.meta.lineage = [{"op": "train", "inputs": [], "params": params}]
+    if dist_rank_world()[0] == 0:
+        store.put(adapter, overwrite=overwrite)
+        shutil.rmtree(run_dir(store, adapter.name) / CHECKPOINT, ignore_errors=True)
