@@ -46,6 +46,27 @@ def test_generate_json_mixed_batch_equals_each_adapter_alone(tiny_llm_dir, adapt
     assert plain[0]["token_ids"] != rows[0]["token_ids"]       # the adapters change the greedy path
 
 
+def test_generate_compose_runs_weighted_adapters_on_one_row(tiny_llm_dir, adapters):
+    base, paths = adapters
+    prompt = "hello world the cat"
+    spec = f"{paths[0]}=1.0,{paths[1]}=0.5"
+    res = runner.invoke(app, ["generate", prompt, "--base", str(tiny_llm_dir), "--adapter", str(paths[0]),
+                              "--compose", spec, "--max-tokens", "6", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json_rows(res.output)
+    assert [r["adapter"] for r in rows] == ["alpha", {"alpha": 1.0, "beta": 0.5}]
+    rt = AdapterRuntime.from_base(base)
+    for path in paths:
+        rt.add(Adapter.load(path))
+    both = generate(rt, base.tokenizer, [prompt], [{"alpha": 1.0, "beta": 0.5}], max_new_tokens=6)[0]
+    assert rows[1]["token_ids"] == both.token_ids
+    assert rows[1]["token_ids"] != rows[0]["token_ids"]        # beta at 0.5 changes alpha's greedy path
+    for bad, message in [("./a", "each item must be FOLDER=WEIGHT"), ("./a=x", "each item must be FOLDER=WEIGHT"),
+                         (f"{paths[0]}=1,{paths[0]}=2", "names an adapter twice")]:
+        res = runner.invoke(app, ["generate", prompt, "--base", str(tiny_llm_dir), "--compose", bad])
+        assert res.exit_code == 2 and message in res.output, res.output
+
+
 def test_adapter_inspect_json(adapters):
     _, paths = adapters
     res = runner.invoke(app, ["adapter", "inspect", str(paths[0]), "--json"])

@@ -113,16 +113,37 @@ def adapter_export_merged(
     out.print(f"wrote {out_dir}")
 
 
+def parse_composition(spec: str) -> list[tuple[Path, float]]:
+    """'FOLDER=WEIGHT,FOLDER=WEIGHT' -> [(folder, weight)]; a clear error for anything else."""
+    parts = []
+    for item in spec.split(","):
+        path, sep, weight = item.strip().rpartition("=")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = None
+        if not sep or not path or value is None:
+            raise AdapterkitError(f"--compose {spec!r}: each item must be FOLDER=WEIGHT (e.g. ./lang=1.0,./task=0.5), "
+                                  f"got {item.strip()!r}")
+        parts.append((Path(path), value))
+    if len({p for p, _ in parts}) != len(parts):
+        raise AdapterkitError(f"--compose {spec!r} names an adapter twice; give each adapter once with its weight")
+    return parts
+
+
 @app.command()
 def generate(
     prompt: str,
     base: str = typer.Option("smollm2-135m", help="Built-in base name or local folder."),
     adapter: Optional[List[Path]] = typer.Option(None, "--adapter", help="Adapter folder; repeat for a mixed batch."),
+    compose: Optional[List[str]] = typer.Option(None, "--compose", help="One row with several adapters active at "
+                                                "once, weighted: 'FOLDER=WEIGHT,FOLDER=WEIGHT' (e.g. a language "
+                                                "adapter + a task adapter); repeatable."),
     max_tokens: int = typer.Option(32, "--max-tokens", min=1),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per row."),
 ) -> None:
-    """Greedy generation; with several --adapter, one row per adapter in one mixed batch."""
+    """Greedy generation; one row per --adapter and per --compose, all in one mixed batch."""
     from .adapter import Adapter
     from .base import load_base
     from .generate import generate as run
@@ -133,11 +154,16 @@ def generate(
         if b.tokenizer is None or b.kind != "causal-lm":
             raise AdapterkitError(f"base {base!r} is not a causal LM with a tokenizer; generate needs one")
         rt = AdapterRuntime.from_base(b)
-        rows = []
-        for path in adapter or []:
-            a = Adapter.load(path)
-            rt.add(a)
-            rows.append(a.name)
+        loaded: dict[Path, str] = {}
+
+        def attach(path: Path) -> str:            # each folder attached once, however often it is named
+            if path not in loaded:
+                a = Adapter.load(path)
+                rt.add(a)
+                loaded[path] = a.name
+            return loaded[path]
+        rows: list = [attach(path) for path in adapter or []]
+        rows += [{attach(path): w for path, w in parse_composition(spec)} for spec in compose or []]
         rows = rows or [None]
         results = run(rt, b.tokenizer, [prompt] * len(rows), rows, max_new_tokens=max_tokens, chat=chat)
     except AdapterkitError as exc:
