@@ -1,0 +1,100 @@
+"""`adapterkit merge RECIPE --name NAME`: registered in cli.py with app.command("merge")(merge_cmd)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import AdapterkitError
+
+_out = Console()
+_err = Console(stderr=True)
+
+
+def merge_cmd(
+    recipe: Path = typer.Argument(..., help="YAML merge recipe (see the example below)."),
+    name: str = typer.Option(..., "--name", help="Name of the merged adapter in the store "
+                             "(reversible: the basis adapters are NAME.basis0, NAME.basis1, ...)."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Store folder (default $ADAPTERKIT_HOME/store)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a stored adapter of the same name."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Merge adapters of one base into a new stored adapter, from a YAML recipe.
+
+    \b
+    Merges use each site's full ΔW = scale·B·A, never A and B apart; inputs
+    may differ in rank, alpha and target modules (a missing site is zero).
+    concat: exact, ranks add. linear, task_arithmetic: exact unless rank.
+    ties, magnitude_prune, dare_linear, dare_ties: dense ΔW re-factored by
+    SVD to rank (default: the sum of the input ranks). reversible: k basis
+    adapters + per-task coefficients. The lineage (inputs, method,
+    parameters) is stored; the per-site re-factorisation error is printed.
+
+    \b
+    Example recipe (merge.yaml):
+      method: ties
+      inputs:                     # store names or adapter folders
+        - adapter: sentiment
+          weight: 1.0
+        - adapter: ./adapters/topic
+          weight: 0.5
+      parameters:                 # the method's own parameters
+        density: 0.3              # ties also: elect_on, mean, majority, lam
+      rank: 32                    # output rank
+      seed: 0                     # DARE masks, randomized SVD
+
+    \b
+      adapterkit merge merge.yaml --name multi --store ./store
+    Reversible: method: reversible, parameters: {k: 2} stores multi.basis0..
+    """
+    from .merge.recipe import load_recipe, run_recipe
+    from .merge.reversible import ReversibleMerge
+    from .store import AdapterStore
+
+    try:
+        st = AdapterStore(store)
+        spec = load_recipe(recipe)
+        k = spec.parameters.get("k")
+        names = ([f"{name}.basis{j}" for j in range(k if isinstance(k, int) else 0)]
+                 if spec.method == "reversible" else [name])
+        for n in names:
+            st.check_free(n, overwrite)                 # before the (long) merge
+        result = run_recipe(spec, name, store=st, base_dir=recipe.parent)
+        if isinstance(result, ReversibleMerge):
+            for b in result.basis:
+                st.put(b, overwrite=overwrite)
+            _print_reversible(result, st, as_json)
+            return
+        adapter, report = result
+        path = st.put(adapter, overwrite=overwrite)
+    except AdapterkitError as exc:
+        _err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    if as_json:
+        print(json.dumps({**report.to_dict(), "name": name, "path": str(path)}))
+        return
+    table = Table("site", "rank", "rel. error", title=f"{name}: {report.method} merge of "
+                  f"{', '.join(i['name'] for i in report.inputs)}")
+    for site, err in report.site_errors.items():
+        table.add_row(site, str(report.site_ranks[site]), f"{err:.2e}")
+    _out.print(table)
+    _out.print(f"stored [bold]{name}[/] in {st.root}: total rel. error {report.total_error:.3e}, "
+               f"max {report.max_error:.3e} over {len(report.site_errors)} sites ({report.seconds:.1f} s)",
+               highlight=False)
+
+
+def _print_reversible(rev, st, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({**rev.to_json(), "store": str(st.root)}))
+        return
+    table = Table("task", "rel. error", *[b.name for b in rev.basis], title="reversible merge: coefficients")
+    for i, t in enumerate(rev.tasks):
+        table.add_row(t["name"], f"{rev.errors[t['name']]:.2e}", *[f"{c:.4f}" for c in rev.coefficients[i].tolist()])
+    _out.print(table)
+    _out.print(f"stored {', '.join(b.name for b in rev.basis)} in {st.root}; a task is the weighted row "
+               "{basis: coefficient} of these adapters, or recover(ReversibleMerge.from_store(store, name), task)", highlight=False)

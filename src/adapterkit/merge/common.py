@@ -1,0 +1,150 @@
+"""What every merge shares: input checks, per-site ΔW (dense or as factors), the output adapter.
+
+Merges work on ΔW = scale · B @ A per site, in LoRA's layout [d_out, d_in] (for GPT-2 Conv1D sites
+too: the transpose is the module's business, not the merge's). A site that an input does not
+target counts as ΔW = 0 for that input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..adapter import Adapter, AdapterMeta
+from ..errors import BaseMismatchError, ConfigError, UnsupportedError
+from ..methods import SiteInfo
+from ..methods.lora import LoraConfig
+
+Factors = tuple[torch.Tensor, torch.Tensor]     # (B [d_out, r], A [r, d_in]); ΔW = B @ A, scale folded in B
+
+
+def content_fingerprint(adapter: Adapter) -> str:
+    """sha256 of the config and every tensor's bytes: identifies an input in lineage."""
+    h = hashlib.sha256(repr(sorted(adapter.config.to_dict().items())).encode())
+    for site in sorted(adapter.tensors):
+        for part in sorted(adapter.tensors[site]):
+            t = adapter.tensors[site][part].detach().cpu().contiguous()
+            h.update(f"{site}.{part}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Checked merge inputs. sites: the union of all inputs' sites (first-seen order) -> (d_out, d_in)."""
+
+    adapters: tuple[Adapter, ...]
+    fingerprints: tuple[str, ...]              # content fingerprint per input
+    sites: dict[str, tuple[int, int]]
+    base_fingerprint: str | None
+    base_name: str | None
+
+    def present(self, site: str) -> list[int]:
+        """Indices of the inputs that target `site` (the others count as zero there)."""
+        return [i for i, a in enumerate(self.adapters) if site in a.tensors]
+
+    def lineage_inputs(self, weights: Sequence[float] | None = None) -> list[dict[str, Any]]:
+        return [{"name": a.name, "fingerprint": fp, "base_fingerprint": a.meta.base_fingerprint,
+                 **({"weight": float(weights[i])} if weights is not None else {})}
+                for i, (a, fp) in enumerate(zip(self.adapters, self.fingerprints))]
+
+
+def check_inputs(adapters: Sequence[Adapter]) -> Inputs:
+    """Refuse: no input, non-adapters, a method without low-rank factors, the same adapter twice
+    (by name or by content), different bases (naming both fingerprints), clashing site shapes."""
+    adapters = tuple(adapters)
+    if not adapters:
+        raise ConfigError("merge needs at least one adapter; the input list is empty")
+    for a in adapters:
+        if not isinstance(a, Adapter):
+            raise ConfigError(f"merge inputs must be Adapter objects, got {type(a).__name__}")
+        if a.config.type != "lora":
+            raise UnsupportedError(f"adapter {a.name!r} is a {a.config.type!r} adapter; merging reads "
+                                   "low-rank (lora) adapters only")
+    names = [a.name for a in adapters]
+    twice = sorted(n for n, c in Counter(names).items() if c > 1)
+    if twice:
+        raise ConfigError(f"adapter(s) {twice} are given more than once; list each input once "
+                          "(raise its weight instead of repeating it)")
+    fps = tuple(content_fingerprint(a) for a in adapters)
+    seen: dict[str, str] = {}
+    for a, fp in zip(adapters, fps):
+        if fp in seen:
+            raise ConfigError(f"inputs {seen[fp]!r} and {a.name!r} are the same adapter (identical tensors, "
+                              f"{fp}); list it once and raise its weight instead")
+        seen[fp] = a.name
+    first = next((a for a in adapters if a.meta.base_fingerprint), None)
+    for a in adapters:
+        fp = a.meta.base_fingerprint
+        if first is not None and fp and fp != first.meta.base_fingerprint:
+            raise BaseMismatchError(
+                f"cannot merge adapters of different bases: {first.name!r} was made for "
+                f"{first.meta.base_name or '?'} ({first.meta.base_fingerprint}) but {a.name!r} for "
+                f"{a.meta.base_name or '?'} ({fp}); merge adapters of one base only")
+    sites: dict[str, tuple[int, int]] = {}
+    owner: dict[str, str] = {}
+    for a in adapters:
+        for site, parts in a.tensors.items():
+            shape = (parts["lora_B"].shape[0], parts["lora_A"].shape[1])
+            if sites.setdefault(site, shape) != shape:
+                raise BaseMismatchError(
+                    f"site {site!r} is {sites[site][0]}x{sites[site][1]} in {owner[site]!r} but "
+                    f"{shape[0]}x{shape[1]} in {a.name!r}: the adapters were made for different bases")
+            owner.setdefault(site, a.name)
+    return Inputs(adapters, fps, sites, first.meta.base_fingerprint if first else None,
+                  first.meta.base_name if first else None)
+
+
+def site_factors(adapter: Adapter, site: str) -> Factors:
+    """(scale · B, A) in float32: the config's scale(site) honours rank/alpha patterns and rsLoRA."""
+    parts = adapter.tensors[site]
+    return adapter.config.scale(site) * parts["lora_B"].float(), parts["lora_A"].float()
+
+
+def site_delta(adapter: Adapter, site: str) -> torch.Tensor:
+    """Dense ΔW [d_out, d_in] through the method registry's delta_weight (LoRA layout)."""
+    parts = adapter.tensors[site]
+    d_out, d_in = parts["lora_B"].shape[0], parts["lora_A"].shape[1]
+    info = SiteInfo(site, d_in, d_out, False, torch.float32)
+    return adapter.method.delta_weight(adapter.config, info, parts).float()
+
+
+def stacked_deltas(adapters: Sequence[Adapter], site: str) -> torch.Tensor:
+    """[n, d_out, d_in] float32: scale_i · B_i @ A_i for adapters that all have `site`, written
+    straight into one tensor (no per-input copies)."""
+    b0, a0 = adapters[0].tensors[site]["lora_B"], adapters[0].tensors[site]["lora_A"]
+    out = torch.empty(len(adapters), b0.shape[0], a0.shape[1])
+    for i, adapter in enumerate(adapters):
+        b, a = site_factors(adapter, site)
+        torch.matmul(b, a, out=out[i])
+    return out
+
+
+def lowrank_sqnorm(b: torch.Tensor, a: torch.Tensor) -> float:
+    """||B @ A||_F² without forming it: sum((BᵀB) ⊙ (AAᵀ)), in float64 (B [m, r], A [r, n])."""
+    b, a = b.double(), a.double()
+    return float(((b.t() @ b) * (a @ a.t())).sum())
+
+
+def build_adapter(name: str, factors: dict[str, Factors], inputs: Inputs,
+                  lineage: dict[str, Any], metrics: dict[str, Any] | None = None) -> Adapter:
+    """A LoRA adapter with ΔW = B @ A at every site (scale 1 everywhere: alpha = rank per site).
+    r is the most common site rank; other sites get exact (escaped) rank_pattern/alpha_pattern keys."""
+    ranks = {s: b.shape[1] for s, (b, _) in factors.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    odd = {re.escape(s): k for s, k in ranks.items() if k != r}
+    fan = any(getattr(a.config, "fan_in_fan_out", False) for a in inputs.adapters)
+    config = LoraConfig(r=r, alpha=float(r), target_modules=tuple(factors), rank_pattern=odd,
+                        alpha_pattern={k: float(v) for k, v in odd.items()}, fan_in_fan_out=fan)
+    tensors = {}
+    for site, (b, a) in factors.items():
+        s = config.scale(site)                       # 1.0 by construction; divided out for safety
+        tensors[site] = {"lora_A": a.float().contiguous(), "lora_B": (b.float() / s).contiguous()}
+    meta = AdapterMeta(base_fingerprint=inputs.base_fingerprint, base_name=inputs.base_name,
+                       metrics=dict(metrics or {}), lineage=[lineage])
+    return Adapter(name, config, tensors, meta)

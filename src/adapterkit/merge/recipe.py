@@ -1,0 +1,137 @@
+"""YAML merge recipes, validated with pydantic at the edge (`extra="forbid"`: a typo in a key is an
+error that names its path, e.g. `inputs.1.wieght`).
+
+    format_version: 1          # optional
+    method: ties               # a merge method (api.METHODS) or "reversible"
+    inputs:                    # store names, or adapter folders (relative to the recipe's folder)
+      - adapter: sentiment
+        weight: 1.0
+      - adapter: ./adapters/topic
+        weight: 0.5
+    parameters:                # the method's own parameters (weights come from inputs)
+      density: 0.3
+    rank: 32                   # output rank (reversible: the rank of each basis adapter)
+    seed: 0                    # DARE masks and the randomized SVD
+
+An input is read from the store when the store holds that name, else as a folder path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+
+from ..adapter import Adapter
+from ..errors import AdapterNotFoundError, ConfigError
+from .api import get_merge_method, merge_method_names, merge_with_report
+from .reversible import merge_reversible
+
+
+class RecipeInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    adapter: str = Field(min_length=1)
+    weight: float = 1.0
+
+
+class MergeRecipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format_version: Literal[1] = 1
+    method: str
+    inputs: list[RecipeInput] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    rank: Optional[PositiveInt] = None
+    seed: int = 0
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        valid = merge_method_names() + ["reversible"]
+        if value not in valid:
+            raise ValueError(f"unknown merge method {value!r}; valid methods: {', '.join(sorted(valid))}")
+        return value
+
+    @field_validator("parameters")
+    @classmethod
+    def _no_weights(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "weights" in value:
+            raise ValueError("give each input's weight in inputs[].weight, not parameters.weights")
+        return value
+
+    def merge_params(self) -> dict[str, Any]:
+        """Keyword arguments for merge(): parameters + weights, and rank / seed when the recipe sets them."""
+        params = dict(self.parameters)
+        accepted = {"k", "rank"} if self.method == "reversible" else set(get_merge_method(self.method).params)
+        for key in ("rank", "seed"):
+            if key not in self.model_fields_set:
+                continue
+            if key in params:
+                raise ConfigError(f"{key} is given twice (top level and parameters.{key}); keep one")
+            if key not in accepted:
+                raise ConfigError(f"recipe key {key!r} does not apply to merge method {self.method!r} "
+                                  f"(its parameters: {', '.join(sorted(['weights', *accepted]))})")
+            params[key] = getattr(self, key)
+        return {**params, "weights": [i.weight for i in self.inputs]}
+
+
+def _format(exc: ValidationError) -> str:
+    lines = []
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> MergeRecipe:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a merge recipe is a YAML mapping (method, inputs, ...), got "
+                          f"{type(data).__name__}")
+    try:
+        return MergeRecipe.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: invalid merge recipe ({exc.error_count()} error(s)):\n{_format(exc)}\n"
+                          f"valid keys: {', '.join(MergeRecipe.model_fields)}; inputs[]: "
+                          f"{', '.join(RecipeInput.model_fields)}") from exc
+
+
+def load_recipe(path: str | Path) -> MergeRecipe:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read merge recipe {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return parse_recipe(data, str(path))
+
+
+def resolve_input(ref: str, store: Any = None, base_dir: str | Path | None = None) -> Adapter:
+    """A store name (if the store holds it), else an adapter folder (relative to base_dir)."""
+    if store is not None and ref in store:
+        return store.get(ref)
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = Path(base_dir) / path
+    if path.is_dir():
+        return Adapter.load(path)
+    where = f"the store at {store.root}" if store is not None else "no store"
+    raise AdapterNotFoundError(f"merge input {ref!r} is neither an adapter in {where} nor an adapter folder "
+                               f"({path} does not exist)")
+
+
+def run_recipe(recipe: MergeRecipe, name: str, *, store: Any = None, base_dir: str | Path | None = None):
+    """Load the inputs and merge. Returns (Adapter, MergeReport), or a ReversibleMerge."""
+    adapters = [resolve_input(i.adapter, store, base_dir) for i in recipe.inputs]
+    params = recipe.merge_params()
+    if recipe.method == "reversible":
+        weights = params.pop("weights")
+        if any(w != 1.0 for w in weights):
+            raise ConfigError("reversible merging takes no input weights (each task is recovered on its own)")
+        unknown = sorted(set(params) - {"k", "rank"})
+        if unknown or "k" not in params:
+            raise ConfigError(f"reversible merging takes parameters k (required: the number of basis "
+                              f"adapters) and rank; got {sorted(params)}")
+        return merge_reversible(adapters, params["k"], rank=params.get("rank"), name=name)
+    return merge_with_report(adapters, recipe.method, name=name, **params)
