@@ -96,3 +96,8 @@ def test_create_then_export_merged(tiny_llm_dir, tmp_path):
     assert res.exit_code == 0, res.output
     merged = load_base(str(tmp_path / "merged"))
     assert merged.tokenizer is not None and merged.fingerprint != load_base(str(tiny_llm_dir)).fingerprint
+
+
+def test_merge_is_registered_with_its_example():
+    res = runner.invoke(app, ["merge", "--help"])
+    assert res.exit_code == 0 and "Example recipe (merge.yaml)" in res.output and "method: ties" in res.output

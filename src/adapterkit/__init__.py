@@ -7,6 +7,7 @@ from .errors import (AdapterkitError, AdapterNameError, AdapterNotFoundError, Ba
                      BaseNotAvailableError, ConfigError, CorruptAdapterError, TargetError,
                      UnsupportedError)
 from .generate import generate
+from .merge import merge, merge_reversible, merge_with_report, recover
 from .methods import get_method, method_names
 from .methods.lora import LoraConfig
 from .runtime import AdapterRuntime
@@ -15,6 +16,6 @@ __all__ = [
     "Adapter", "AdapterMeta", "create_adapter", "Base", "list_bases", "load_base", "pull_base",
     "AdapterBatch", "build_batch", "AdapterkitError", "AdapterNameError", "AdapterNotFoundError",
     "BaseMismatchError", "BaseNotAvailableError", "ConfigError", "CorruptAdapterError", "TargetError",
-    "UnsupportedError", "generate", "get_method", "method_names", "LoraConfig", "AdapterRuntime",
+    "UnsupportedError", "generate", "merge", "merge_reversible", "merge_with_report", "recover", "get_method", "method_names", "LoraConfig", "AdapterRuntime",
 ]
 __version__ = "0.1.0"

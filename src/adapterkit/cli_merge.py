@@ -7,20 +7,17 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from .cli_common import STORE_OPT, fail, open_store, out
 from .errors import AdapterkitError
-
-_out = Console()
-_err = Console(stderr=True)
 
 
 def merge_cmd(
     recipe: Path = typer.Argument(..., help="YAML merge recipe (see the example below)."),
     name: str = typer.Option(..., "--name", help="Name of the merged adapter in the store "
                              "(reversible: the basis adapters are NAME.basis0, NAME.basis1, ...)."),
-    store: Optional[Path] = typer.Option(None, "--store", help="Store folder (default $ADAPTERKIT_HOME/store)."),
+    store: Optional[Path] = STORE_OPT,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a stored adapter of the same name."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -54,10 +51,9 @@ def merge_cmd(
     """
     from .merge.recipe import load_recipe, run_recipe
     from .merge.reversible import ReversibleMerge
-    from .store import AdapterStore
 
     try:
-        st = AdapterStore(store)
+        st = open_store(store)
         spec = load_recipe(recipe)
         k = spec.parameters.get("k")
         names = ([f"{name}.basis{j}" for j in range(k if isinstance(k, int) else 0)]
@@ -73,8 +69,7 @@ def merge_cmd(
         adapter, report = result
         path = st.put(adapter, overwrite=overwrite)
     except AdapterkitError as exc:
-        _err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
+        fail(exc)
     if as_json:
         print(json.dumps({**report.to_dict(), "name": name, "path": str(path)}))
         return
@@ -82,8 +77,8 @@ def merge_cmd(
                   f"{', '.join(i['name'] for i in report.inputs)}")
     for site, err in report.site_errors.items():
         table.add_row(site, str(report.site_ranks[site]), f"{err:.2e}")
-    _out.print(table)
-    _out.print(f"stored [bold]{name}[/] in {st.root}: total rel. error {report.total_error:.3e}, "
+    out.print(table)
+    out.print(f"stored [bold]{name}[/] in {st.root}: total rel. error {report.total_error:.3e}, "
                f"max {report.max_error:.3e} over {len(report.site_errors)} sites ({report.seconds:.1f} s)",
                highlight=False)
 
@@ -95,6 +90,6 @@ def _print_reversible(rev, st, as_json: bool) -> None:
     table = Table("task", "rel. error", *[b.name for b in rev.basis], title="reversible merge: coefficients")
     for i, t in enumerate(rev.tasks):
         table.add_row(t["name"], f"{rev.errors[t['name']]:.2e}", *[f"{c:.4f}" for c in rev.coefficients[i].tolist()])
-    _out.print(table)
-    _out.print(f"stored {', '.join(b.name for b in rev.basis)} in {st.root}; a task is the weighted row "
+    out.print(table)
+    out.print(f"stored {', '.join(b.name for b in rev.basis)} in {st.root}; a task is the weighted row "
                "{basis: coefficient} of these adapters, or recover(ReversibleMerge.from_store(store, name), task)", highlight=False)
