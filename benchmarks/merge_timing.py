@@ -1,7 +1,7 @@
 """Timing check (not a test): merge 8 random rank-16 adapters over every SmolLM2-135M site
 (30 layers x q, k, v, o, gate, up, down; hidden 576, intermediate 1536, kv dim 192).
 
-    python -m adapterkit.merge.timing [--threads 2] [--method ties] [--svd randomized] [--repeat 3]
+    .venv/bin/python benchmarks/merge_timing.py [--threads 2] [--method ties] [--svd randomized] [--repeat 3]
 
 Prints the wall time of merge() (torch threads = --threads; merge() runs that many site workers)
 and, for `--check` sites, the randomized SVD's relative error next
@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from ..adapter import Adapter, AdapterMeta
-from ..methods.lora import LoraConfig
-from .api import merge_with_report
-from .common import site_delta
-from .ties import ties
+from adapterkit.adapter import Adapter, AdapterMeta
+from adapterkit.merge.api import merge_with_report
+from adapterkit.merge.common import site_delta
+from adapterkit.merge.ties import ties
+from adapterkit.methods.lora import LoraConfig
 
 HIDDEN, INTER, KV, LAYERS = 576, 1536, 192, 30
 SHAPES = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (KV, HIDDEN),
