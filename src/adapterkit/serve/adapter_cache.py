@@ -1,0 +1,490 @@
+"""Adapter cache of the serving engine: disk -> RAM (LRU by bytes) -> active slots.
+
+Tiers
+  disk   the roots (adapter_roots.py): the store, `--adapters` folders, folders named by load().
+  RAM    adapters read, structurally checked and converted to the base dtype, not attached: an
+         LRU bounded by the bytes of their tensors (`ram_cache_mb`). An adapter larger than the
+         whole budget is never kept there (it is read from disk again when needed).
+  slots  adapters attached to the AdapterRuntime, at most `max_loaded` at once. An adapter leaves
+         RAM when attached and goes back (most recent) when evicted from its slot, so memory held
+         is at most ram_cache_mb + max_loaded adapters.
+
+Policies
+  - acquire(name) attaches the adapter if needed and counts one request in flight; release(handle)
+    ends it. An adapter with requests in flight, or pinned, is never evicted; the victim is the
+    least recently used idle one (use = acquire or release).
+  - Every slot busy: acquire raises NoFreeSlotError at once (timeout=0: the engine keeps the
+    request queued and retries next step; the API answers 429 when its queue is full), or waits up
+    to `timeout` seconds for a release. The engine thread itself must use timeout=0.
+  - A new adapter is attached BEFORE its victim is detached (the runtime gets max_loaded + 1
+    slots), so an adapter the base refuses (runtime.add checks fingerprint and shapes) evicts
+    nobody and leaves the cache as it was; the error is raised to that request only.
+  - load(name, path) reads and validates at once (attached, detached, kept in RAM): a corrupt or
+    foreign adapter fails the load call (HTTP 400) and nothing is registered. A name already
+    served from another folder (loaded, or in a root) is refused; the same name and folder is a no-op.
+  - unload(name) stops serving the name at once (new acquires: AdapterNotFoundError). With requests
+    in flight the detach is deferred to the last release and unload returns False. An unloaded
+    name stays hidden from lazy discovery until load(name, path) names it again.
+  - pin(name) attaches it and keeps it attached until unpin/unload; at most max_loaded - 1 pins,
+    so one slot always serves the others.
+  - prefetch(name) reads into RAM on a background thread; idempotent; a read error is raised by
+    the next acquire of that name (once).
+
+Threads: one re-entrant lock guards the bookkeeping and every runtime mutation (attach/detach).
+Disk reads run outside it, and concurrent requests for one name share one read (a Future).
+Forward passes must not overlap attach/detach (LoraPool restacks its slot tensors), so the engine
+runs them inside `cache.batch(rows)` or `with cache.locked():`, which hold the same lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import Counter, OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence
+
+from ..adapter import Adapter, validate_name
+from ..errors import (AdapterkitError, AdapterNameError, AdapterNotFoundError, ConfigError,
+                      CorruptAdapterError)
+from .adapter_roots import AdapterRoots, Source
+
+# Upper bounds (seconds) of the load-time histogram buckets (Prometheus `le`), plus +Inf.
+LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class NoFreeSlotError(AdapterkitError, RuntimeError):
+    """Every adapter slot holds an adapter with requests in flight or pinned: queue, or HTTP 429."""
+
+
+@dataclass(eq=False)
+class _Entry:
+    """One read adapter, in the RAM tier or attached."""
+
+    source: Source
+    adapter: Adapter
+    nbytes: int             # bytes of its tensors (base dtype)
+    slot: int = 0           # runtime slot while attached, else 0
+    refs: int = 0           # requests in flight
+    draining: bool = False  # unloaded while in flight: detached at the last release
+
+
+@dataclass(eq=False)
+class AdapterHandle:
+    """One request's hold on an attached adapter; `slot` stays valid until release."""
+
+    name: str
+    slot: int
+    _cache: "AdapterCache" = field(repr=False)
+    _entry: _Entry = field(repr=False)
+    released: bool = False
+
+    def release(self) -> None:
+        self._cache.release(self)
+
+    def __enter__(self) -> "AdapterHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.released:
+            self.release()
+
+
+_BUSY = object()   # _victim(): every slot is busy
+
+
+class AdapterCache:
+    def __init__(self, runtime: Any, *, store: Any = None, adapter_dirs: Iterable[Any] = (),
+                 max_loaded: int = 8, ram_cache_mb: float = 1024.0, prefetch_workers: int = 1) -> None:
+        if max_loaded < 1:
+            raise ConfigError(f"max_loaded must be >= 1, got {max_loaded}")
+        if ram_cache_mb < 0:
+            raise ConfigError(f"ram_cache_mb must be >= 0, got {ram_cache_mb}")
+        if runtime.adapters:
+            raise ConfigError("the adapter cache owns attach/detach: give it a runtime with no adapters attached")
+        self.runtime = runtime
+        self.max_loaded = max_loaded
+        self.ram_budget = int(ram_cache_mb * 2 ** 20)
+        runtime.capacity = max(runtime.capacity, max_loaded + 1)   # the spare slot: attach before evicting
+        self.roots = AdapterRoots(store, adapter_dirs, runtime.fingerprint)
+        self._dtype = next(runtime.model.parameters()).dtype
+        self._lock = threading.RLock()
+        self._freed = threading.Condition(self._lock)       # notified when a slot may have become free
+        self._sources: dict[str, Source] = self.roots.scan()  # served names (raises on a clash)
+        self._hidden: set[str] = set()                       # unloaded: skipped by lazy discovery
+        self._ram: OrderedDict[str, _Entry] = OrderedDict()     # RAM tier, least recent first
+        self._active: OrderedDict[str, _Entry] = OrderedDict()  # attached, least recent first
+        self._pinned: set[str] = set()
+        self._loading: dict[str, Future] = {}                # reads in progress, shared by waiters
+        self._prefetch_errors: dict[str, BaseException] = {}
+        self._ram_bytes = self._active_bytes = 0
+        self._count: Counter[str] = Counter()
+        self._requests: Counter[str] = Counter()
+        self._load_hist = [0] * (len(LOAD_BUCKETS) + 1)       # per bucket (not cumulative), last = +Inf
+        self._load_sum = 0.0
+        self._executor = ThreadPoolExecutor(max_workers=prefetch_workers, thread_name_prefix="adapter-prefetch")
+
+    # ------------------------------------------------------------------ names
+    def names(self) -> list[str]:
+        """Served names (for /v1/models): discovered, lazily found or loaded, minus unloaded."""
+        with self._lock:
+            return sorted(self._sources)
+
+    def _source(self, name: str) -> Source:
+        with self._lock:
+            src = self._sources.get(name)
+            if src is not None:
+                return src
+            blocked = name in self._hidden or name in self._active
+        if not blocked:
+            found = self.roots.find(name)          # a few stats, outside the lock
+            if found is not None:
+                with self._lock:
+                    if name not in self._hidden and name not in self._active:
+                        return self._sources.setdefault(name, found)
+        why = self.roots.skipped.get(name)
+        if why is not None:
+            raise AdapterNotFoundError(f"adapter {name!r} is not served: {why}")
+        with self._lock:
+            known = sorted(self._sources)
+        shown = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "") if known else "none"
+        raise AdapterNotFoundError(f"unknown adapter {name!r}; served adapters: {shown}")
+
+    # ------------------------------------------------------------------ acquire / release
+    def acquire(self, name: str, timeout: float = 0.0) -> AdapterHandle:
+        """Attach `name` if needed and hold it (refcount + 1) until `release`. Raises
+        AdapterNotFoundError, NoFreeSlotError (after `timeout` s), or the adapter's read/base error."""
+        src = self._source(name)
+        deadline = time.monotonic() + timeout
+        loaded: _Entry | None = None      # an entry read (or found) by this call, kept across retries
+        first = True
+        while True:
+            owner, fut = False, None
+            with self._lock:
+                if self._sources.get(name) is not src:
+                    raise AdapterNotFoundError(f"adapter {name!r} was unloaded")
+                e = self._active.get(name)
+                if e is not None:
+                    if first:
+                        self._count["slot_hits"] += 1
+                    return self._hold(e)
+                if first:
+                    self._count["slot_misses"] += 1
+                    err = self._prefetch_errors.pop(name, None)
+                    if err is not None:
+                        raise err
+                e = self._ram.get(name)
+                if e is None and loaded is not None and loaded.source is src:
+                    e = loaded
+                if first:
+                    self._count["ram_hits" if e is not None else "ram_misses"] += 1
+                    first = False
+                if e is not None:
+                    victim = self._victim()
+                    if victim is not _BUSY:
+                        self._attach(e, victim)
+                        return self._hold(e)
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        self._count["busy_errors"] += 1
+                        if name not in self._ram:
+                            self._ram_put(e)           # keep the read for a later request
+                        raise NoFreeSlotError(
+                            f"no free adapter slot for {name!r}: all {self.max_loaded} slots hold adapters "
+                            f"with requests in flight or pinned ({', '.join(self._active)}); retry later"
+                        )
+                    loaded = e
+                    self._freed.wait(remaining)
+                    continue
+                fut = self._loading.get(name)
+                if fut is None:
+                    fut = self._loading[name] = Future()
+                    owner = True
+            if owner:
+                self._read_into(src, fut, prefetch=False)
+            try:
+                loaded = fut.result()
+            except BaseException as exc:
+                with self._lock:
+                    if self._prefetch_errors.get(name) is exc:   # reported here, not again
+                        del self._prefetch_errors[name]
+                raise
+
+    def release(self, handle: AdapterHandle) -> None:
+        with self._lock:
+            if handle.released:
+                raise ConfigError(f"the handle on adapter {handle.name!r} was already released")
+            handle.released = True
+            e = handle._entry
+            e.refs -= 1
+            if e.refs == 0:
+                if e.draining:
+                    self._detach(e, keep=False)
+                elif self._active.get(handle.name) is e:
+                    self._active.move_to_end(handle.name)
+                self._freed.notify_all()
+
+    def _hold(self, e: _Entry) -> AdapterHandle:
+        name = e.source.name
+        e.refs += 1
+        self._active.move_to_end(name)
+        self._requests[name] += 1
+        return AdapterHandle(name, e.slot, self, e)
+
+    # ------------------------------------------------------------------ tiers (lock held)
+    def _victim(self) -> Any:
+        """None when a slot is free, else the least recently used idle unpinned entry, else _BUSY."""
+        if len(self._active) < self.max_loaded:
+            return None
+        for name, e in self._active.items():
+            if e.refs == 0 and name not in self._pinned:
+                return e
+        return _BUSY
+
+    def _attach(self, e: _Entry, victim: _Entry | None) -> None:
+        name = e.source.name
+        try:
+            e.slot = self.runtime.add(e.adapter)       # validates base fingerprint and shapes
+        except BaseException:
+            self._count["attach_errors"] += 1
+            self._ram_remove(name, e)                  # a refused adapter is not kept
+            raise
+        self._ram_remove(name, e)
+        self._active[name] = e
+        self._active_bytes += e.nbytes
+        if victim is not None:
+            self._detach(victim, keep=True)
+            self._count["evictions_slot"] += 1
+
+    def _detach(self, e: _Entry, keep: bool) -> None:
+        name = e.source.name
+        self.runtime.remove(name)
+        del self._active[name]
+        self._active_bytes -= e.nbytes
+        e.slot = 0
+        if keep and self._sources.get(name) is e.source:
+            self._ram_put(e)
+
+    def _ram_put(self, e: _Entry) -> None:
+        """Insert as most recent; evict least recent entries until the byte budget holds."""
+        name = e.source.name
+        self._ram_remove(name)
+        if e.nbytes > self.ram_budget:
+            self._count["ram_rejects"] += 1
+            return
+        while self._ram_bytes + e.nbytes > self.ram_budget:
+            _, old = self._ram.popitem(last=False)
+            self._ram_bytes -= old.nbytes
+            self._count["evictions_ram"] += 1
+        self._ram[name] = e
+        self._ram_bytes += e.nbytes
+
+    def _ram_remove(self, name: str, only: _Entry | None = None) -> None:
+        e = self._ram.get(name)
+        if e is not None and (only is None or e is only):
+            del self._ram[name]
+            self._ram_bytes -= e.nbytes
+
+    # ------------------------------------------------------------------ reading (no lock)
+    def _read(self, src: Source) -> _Entry:
+        """Read and convert one adapter; any failure is a typed adapterkit error."""
+        if not src.path.is_dir():
+            raise CorruptAdapterError(f"adapter {src.name!r}: folder {src.path} no longer exists")
+        self.roots.check_folder(src.path)              # a file swapped for a symlink out since discovery
+        try:
+            adapter = Adapter.load(src.path, name=src.name)
+        except AdapterkitError:
+            raise
+        except Exception as exc:
+            raise CorruptAdapterError(
+                f"adapter {src.name!r} at {src.path} could not be read ({type(exc).__name__}: {exc})") from None
+        for parts in adapter.tensors.values():        # convert once here, so attach copies nothing
+            for key, t in parts.items():
+                if t.is_floating_point() and t.dtype != self._dtype:
+                    parts[key] = t.to(self._dtype)
+        nbytes = sum(t.numel() * t.element_size() for parts in adapter.tensors.values() for t in parts.values())
+        return _Entry(src, adapter, nbytes)
+
+    def _read_into(self, src: Source, fut: Future, prefetch: bool) -> None:
+        """Read `src`, record the load, resolve `fut` (prefetch: also insert into RAM)."""
+        name, t0 = src.name, time.perf_counter()
+        try:
+            e = self._read(src)
+        except BaseException as exc:
+            with self._lock:
+                if self._loading.get(name) is fut:
+                    del self._loading[name]
+                self._count["load_errors"] += 1
+                if prefetch and self._sources.get(name) is src:
+                    self._prefetch_errors[name] = exc
+            fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        with self._lock:
+            if self._loading.get(name) is fut:
+                del self._loading[name]
+            self._record_load(time.perf_counter() - t0)
+            if prefetch and self._sources.get(name) is src and name not in self._active:
+                self._ram_put(e)
+        fut.set_result(e)
+
+    def _record_load(self, seconds: float) -> None:
+        self._count["loads"] += 1
+        self._load_sum += seconds
+        i = next((i for i, le in enumerate(LOAD_BUCKETS) if seconds <= le), len(LOAD_BUCKETS))
+        self._load_hist[i] += 1
+
+    # ------------------------------------------------------------------ prefetch / pins
+    def prefetch(self, name: str) -> Future | None:
+        """Start reading `name` into RAM in the background (call when a request is queued).
+        Returns the read's Future, or None when there is nothing to read. Unknown names raise now."""
+        src = self._source(name)
+        with self._lock:
+            if name in self._active or name in self._prefetch_errors:
+                return None
+            if name in self._ram:
+                self._ram.move_to_end(name)
+                return None
+            fut = self._loading.get(name)
+            if fut is not None:
+                return fut
+            fut = self._loading[name] = Future()
+            self._count["prefetches"] += 1
+            try:
+                self._executor.submit(self._read_into, src, fut, True)
+            except RuntimeError:                        # executor shut down
+                del self._loading[name]
+                raise ConfigError("the adapter cache is closed") from None
+            return fut
+
+    def pin(self, name: str, timeout: float = 0.0) -> None:
+        """Attach `name` and keep it attached until unpin/unload (a hot adapter)."""
+        handle = self.acquire(name, timeout)
+        try:
+            with self._lock:
+                if name not in self._pinned and len(self._pinned) >= self.max_loaded - 1:
+                    raise ConfigError(
+                        f"cannot pin {name!r}: {len(self._pinned)} of {self.max_loaded} adapter slots are pinned "
+                        "and one must stay free for the other adapters; unpin one or raise max_loaded"
+                    )
+                self._pinned.add(name)
+        finally:
+            self.release(handle)
+
+    def unpin(self, name: str) -> bool:
+        """Make `name` evictable again; False if it was not pinned."""
+        with self._lock:
+            if name not in self._pinned:
+                return False
+            self._pinned.discard(name)
+            self._freed.notify_all()
+            return True
+
+    # ------------------------------------------------------------------ load / unload by request
+    def load(self, name: str, path: Any) -> Source:
+        """Serve the adapter folder `path` (confined to the roots) as `name` (vLLM's
+        load_lora_adapter). Reads and validates now; the same name and folder again is a no-op."""
+        validate_name(name)
+        real = self.roots.resolve(path)
+        in_root = self.roots.find(name)                # a root folder of that name, not yet requested
+        with self._lock:
+            same = self._check_free(name, real, in_root)
+        if same is not None:
+            return same
+        src = Source(name, real, "load")
+        fut: Future = Future()
+        self._read_into(src, fut, prefetch=False)
+        e = fut.result()                               # raises the read error
+        with self._lock:
+            same = self._check_free(name, real, in_root)
+            if same is not None:
+                return same
+            try:                                       # the base's own checks (fingerprint, shapes)
+                self.runtime.add(e.adapter)            # the spare slot is always free here
+            except BaseException:
+                self._count["attach_errors"] += 1
+                raise
+            self.runtime.remove(name)
+            self._sources[name] = src
+            self._hidden.discard(name)
+            self._ram_put(e)
+        return src
+
+    def _check_free(self, name: str, real: Any, in_root: Source | None) -> Source | None:
+        """None if `name` may be loaded from `real`; the current Source if it already is."""
+        if name in self._active and self._active[name].draining:
+            raise AdapterNameError(f"adapter {name!r} is still being unloaded (requests in flight); retry shortly")
+        src = self._sources.get(name)
+        if src is None and in_root is not None and name not in self._hidden and in_root.path != real:
+            src = in_root                               # a root serves this name from another folder
+        if src is None:
+            return None
+        if src.path == real:
+            return src
+        raise AdapterNameError(f"an adapter named {name!r} is already served (from {src.path}); "
+                               "unload it first or choose another name")
+
+    def unload(self, name: str) -> bool:
+        """Stop serving `name`. True: gone now; False: detached at its last in-flight release."""
+        with self._lock:
+            if self._sources.pop(name, None) is None:
+                raise AdapterNotFoundError(f"unknown adapter {name!r}; nothing to unload")
+            self._hidden.add(name)
+            self._pinned.discard(name)
+            self._prefetch_errors.pop(name, None)
+            self._ram_remove(name)
+            e = self._active.get(name)
+            if e is None:
+                return True
+            if e.refs == 0:
+                self._detach(e, keep=False)
+                self._freed.notify_all()
+                return True
+            e.draining = True
+            return False
+
+    # ------------------------------------------------------------------ forwards, stats, close
+    @contextlib.contextmanager
+    def batch(self, rows: Sequence[Any], **kwargs: Any) -> Iterator[Any]:
+        """runtime.batch(rows) with the cache lock held: no attach/detach during the forward."""
+        with self._lock, self.runtime.batch(rows, **kwargs) as b:
+            yield b
+
+    def locked(self) -> Any:
+        """The cache lock (re-entrant), for an engine that builds batches with runtime.batch_from_ids."""
+        return self._lock
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for /metrics. Hits/misses count acquire calls: slot_* whether the adapter was
+        attached, ram_* (slot misses only) whether RAM had it; loads = disk reads."""
+        with self._lock:
+            cumulative, total = {}, 0
+            for le, n in zip([*map(str, LOAD_BUCKETS), "+Inf"], self._load_hist):
+                total += n
+                cumulative[le] = total
+            keys = ("slot_hits", "slot_misses", "ram_hits", "ram_misses", "loads",
+                    "load_errors", "attach_errors", "busy_errors", "evictions_slot", "evictions_ram",
+                    "ram_rejects", "prefetches")
+            return {
+                **{k: self._count[k] for k in keys},
+                "load_seconds": {"sum": self._load_sum, "count": self._count["loads"], "buckets": cumulative},
+                "ram_bytes": self._ram_bytes, "ram_budget_bytes": self.ram_budget, "ram_adapters": list(self._ram),
+                "active_bytes": self._active_bytes, "max_loaded": self.max_loaded,
+                "active": {n: {"slot": e.slot, "refs": e.refs, "pinned": n in self._pinned, "draining": e.draining}
+                           for n, e in self._active.items()},
+                "pinned": sorted(self._pinned), "served": len(self._sources),
+                "requests": dict(self._requests),
+            }
+
+    def close(self) -> None:
+        """Finish background reads and stop the prefetch thread."""
+        self._executor.shutdown(wait=True)
+
+    def __enter__(self) -> "AdapterCache":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
