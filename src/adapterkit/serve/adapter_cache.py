@@ -3,8 +3,9 @@
 Tiers
   disk   the roots (adapter_roots.py): the store, `--adapters` folders, folders named by load().
   RAM    adapters read, structurally checked and converted to the base dtype, not attached: an
-         LRU bounded by the bytes of their tensors (`ram_cache_mb`). An adapter larger than the
-         whole budget is never kept there (it is read from disk again when needed).
+         LRU bounded by the bytes of their tensors (`ram_cache_mb`, MiB). An adapter larger than
+         the whole budget is never kept there (it is read from disk again when needed). Fit to the
+         base (fingerprint, shapes) is runtime.add's check, made at attach (and by load()).
   slots  adapters attached to the AdapterRuntime, at most `max_loaded` at once. An adapter leaves
          RAM when attached and goes back (most recent) when evicted from its slot, so memory held
          is at most ram_cache_mb + max_loaded adapters.
