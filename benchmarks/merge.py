@@ -58,22 +58,12 @@ def log(msg: str) -> None:
 def task_adapters(base, store, tasks, settings, progress):
     """The stored demo adapter per task (trained now when missing or made with other settings)."""
     from adapterkit.data import load_task
-    from adapterkit.demo import _reusable
-    from adapterkit.train.run import train_classifier
-    from adapterkit.train.trainer import TrainConfig
+    from adapterkit.demo import task_adapter
 
-    s = settings
-    config = TrainConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.steps // 10, seed=s.seed)
     out = {}
     for task in tasks:
-        name = f"demo-{task}"
-        adapter = _reusable(store, name, base.fingerprint, config, s)
-        if adapter is None:
-            log(f"training {name}")
-            adapter, _ = train_classifier(base, name, load_task(task).train, [], task=task, store=store, config=config,
-                                          r=s.r, alpha=s.alpha, max_length=s.max_length, overwrite=True,
-                                          progress=progress)
-        out[task] = adapter
+        out[task], how = task_adapter(base, store, load_task(task), settings, progress=progress)
+        log(f"demo-{task}: {how}")
     return out
 
 

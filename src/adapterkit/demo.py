@@ -54,21 +54,11 @@ def run_demo(base_name: str, console: Console, *, tasks: Sequence[str] = DEMO_TA
     base = load_base(base_name)
     console.print(f"base [bold]{base.name}[/] ({base.fingerprint}) loaded in {time.perf_counter() - t0:.1f} s")
     rt = AdapterRuntime.from_base(base)
-    config = TrainConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.steps // 10, seed=s.seed)
     rows, per_task = [], []                 # per task: (task index, adapter name, example) for the mixed stream
     for k, task_name in enumerate(tasks):
         task = load_task(task_name)
-        name = f"demo-{task_name}"
-        t1 = time.perf_counter()
-        adapter = _reusable(store, name, base.fingerprint, config, s) if not retrain else None
-        if adapter is None:
-            console.print(f"training [bold]{name}[/]: {s.steps} steps x {s.batch_size} examples")
-            adapter, _ = train_classifier(base, name, task.train, [], task=task_name, store=store, config=config,
-                                          r=s.r, alpha=s.alpha, max_length=s.max_length, overwrite=True,
-                                          progress=progress)
-            how = f"trained in {time.perf_counter() - t1:.0f} s"
-        else:
-            how = "reused from the store"
+        adapter, how = task_adapter(base, store, task, s, retrain=retrain, progress=progress, console=console)
+        name = adapter.name
         rt.add(adapter)
         seen = task.train[: s.steps * s.batch_size]          # the probe gets as many training examples
         probe = fit_probe(base, seen, POOLING[base.kind], s.max_length, seed=s.seed)
@@ -111,6 +101,23 @@ def classify_mixed(rt: AdapterRuntime, items: Sequence[tuple[str, str]], max_len
                 logits = head.logits(hidden[i:i + 1], batch["attention_mask"][i:i + 1])
                 out.append(head.labels[int(logits.argmax(-1))])
     return out
+
+
+def task_adapter(base: Any, store: AdapterStore, task: Any, s: DemoSettings, *, retrain: bool = False,
+                 progress: bool = True, console: Console | None = None) -> tuple[Any, str]:
+    """The store's `demo-<task>` adapter if it was trained on this base with these settings, else
+    train it now (overwriting). Returns (adapter, how it was obtained)."""
+    name = f"demo-{task.name}"
+    config = TrainConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.steps // 10, seed=s.seed)
+    adapter = None if retrain else _reusable(store, name, base.fingerprint, config, s)
+    if adapter is not None:
+        return adapter, "reused from the store"
+    if console is not None:
+        console.print(f"training [bold]{name}[/]: {s.steps} steps x {s.batch_size} examples")
+    t0 = time.perf_counter()
+    adapter, _ = train_classifier(base, name, task.train, [], task=task.name, store=store, config=config, r=s.r,
+                                  alpha=s.alpha, max_length=s.max_length, overwrite=True, progress=progress)
+    return adapter, f"trained in {time.perf_counter() - t0:.0f} s"
 
 
 def _reusable(store: AdapterStore, name: str, fingerprint: str, config: TrainConfig, s: DemoSettings):
