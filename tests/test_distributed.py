@@ -13,7 +13,7 @@ from adapterkit import AdapterRuntime, LoraConfig, create_adapter, load_base
 from adapterkit.data import Example
 from adapterkit.heads import ClassificationHead
 from adapterkit.train.classification import collate_fn, loss_fn
-from adapterkit.train.trainer import TrainConfig, train
+from adapterkit.train.trainer import TrainConfig, finish_distributed, train
 
 DATA = [Example(t, l) for t, l in [("the cat runs", "a"), ("a dog is on the mat", "b"), ("cat and cat", "a"),
                                    ("dog dog", "b"), ("the cat is fast", "a"), ("a slow dog runs", "b"),
@@ -41,14 +41,14 @@ def run(path, out_file, rank=0, world=1, rendezvous=None):
         if rank == 0:
             tensors = {f"{s}.{k}": t for s, p in rt.adapters["d"].tensors.items() for k, t in p.items()}
             torch.save({"tensors": tensors, "head": head.weight, "losses": res.losses}, out_file)
+        finish_distributed()
     except BaseException:
         import traceback
 
         (out_file.parent / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        if world > 1:
+        if dist.is_initialized():
             dist.destroy_process_group()
+        raise
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):

@@ -64,7 +64,7 @@ def train_cmd(
     from .methods import get_method
     from .train.fit import CHECKPOINT, check_run, checkpoint_step, run_dir
     from .train.run import train_classifier
-    from .train.trainer import TrainConfig, init_distributed_from_env
+    from .train.trainer import TrainConfig, finish_distributed, init_distributed_from_env
 
     st = open_store(store)
     try:
@@ -112,6 +112,7 @@ def train_cmd(
         fail(AdapterkitError(f"interrupted; nothing was stored as {name!r}. " + (
             f"The last checkpoint (step {step}) is in {ckpt}: run the same command with --resume to continue."
             if step is not None else "No checkpoint was written yet (see --checkpoint-every).")), code=130)
+    finish_distributed()
     if rank != 0:
         return
     out.print(f"stored [bold]{name}[/] in {st.root}; validation: " +

@@ -236,6 +236,16 @@ def init_distributed_from_env() -> tuple[int, int]:
     return dist_rank_world()
 
 
+def finish_distributed() -> None:
+    """Leave the process group together: a barrier first, so no rank tears gloo down while another
+    still talks to it (that race aborts a process with "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def dist_rank_world() -> tuple[int, int]:
     """(rank, world size) under torchrun / torch.distributed, else (0, 1)."""
     import torch.distributed as dist
