@@ -1,0 +1,335 @@
+"""Continuous-batching generation engine: one base, many adapters, mixed in every step.
+
+    engine = Engine.build("smollm2-135m", store=AdapterStore(), config=EngineConfig(max_batch=32))
+    engine.start()
+    stream = engine.submit(GenerationRequest(prompt_ids, adapter="math", params=SamplingParams(max_tokens=64)))
+
+Scheduling (iteration level, one background thread):
+  every step  1. drops cancelled sequences (frees their KV cache and adapter slot);
+              2. admits waiting requests in arrival order while the batch has room (max_batch), the
+                 KV budget has room for prompt + max_tokens, this step's prefill tokens stay within
+                 max_prefill_tokens (the first prefill of a step is always allowed), and the
+                 adapter gets a slot (a request whose adapter finds every slot busy waits without
+                 blocking requests behind it whose adapters are attached);
+              3. runs ONE forward over the new prompts and one token of every running sequence
+                 (forward.FlatDecoder: flat ragged batch, per-sequence KV caches), each token routed
+                 to its sequence's adapter by the runtime's mixed-batch kernels;
+              4. picks the next token per sequence, streams text, finishes on EOS / stop string /
+                 max_tokens and releases what the sequence held.
+Decodes run every step and prefill is bounded per step, so neither starves the other.
+
+Admission errors are per request: an unknown adapter fails submit() (HTTP 404); an adapter that
+fails to load or attach ends only its own request with finish_reason "error".
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+
+from ..errors import AdapterkitError, AdapterNotFoundError, ConfigError
+from .adapter_cache import AdapterCache, AdapterHandle, NoFreeSlotError
+from .detok import Detokenizer
+from .engine_metrics import EngineMetrics
+from .forward import FlatDecoder, SeqCache, Segment
+from .requests import (ContextLengthError, GenerationRequest, QueueFullError, RequestStream, StreamEvent,
+                       Usage)
+from .sampling import choose, make_generator
+
+
+class EngineStoppedError(AdapterkitError, RuntimeError):
+    """The engine is shutting down and takes no new requests: HTTP 503."""
+
+
+@dataclass
+class EngineConfig:
+    max_batch: int = 32                  # sequences decoding together
+    max_queue: int = 256                 # waiting requests before submit raises QueueFullError
+    max_prefill_tokens: int = 1024       # prompt tokens per step (the first prompt of a step may exceed it)
+    kv_cache_mb: float = 2048.0          # KV memory for all sequences (prompt + max_tokens reserved each)
+    kv_budget_tokens: Optional[int] = None   # overrides kv_cache_mb when given
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_budget_tokens is not None and self.kv_budget_tokens < 1:
+            raise ConfigError(f"kv_budget_tokens must be >= 1, got {self.kv_budget_tokens}")
+        if self.kv_cache_mb <= 0:
+            raise ConfigError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
+
+
+@dataclass(eq=False)
+class _Seq:
+    stream: RequestStream
+    handle: Optional[AdapterHandle]
+    cache: SeqCache
+    detok: Detokenizer
+    generator: Optional[torch.Generator]
+    pending: list[int]                   # tokens to feed next step (the prompt, then the last token)
+    generated: int = 0
+    slot: int = 0
+
+    @property
+    def params(self):
+        return self.stream.request.params
+
+
+@dataclass(eq=False)
+class _Waiting:
+    stream: RequestStream
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+class Engine:
+    def __init__(self, runtime: Any, tokenizer: Any, cache: AdapterCache, config: EngineConfig | None = None,
+                 *, base_name: str | None = None) -> None:
+        self.runtime = runtime
+        self.tokenizer = tokenizer
+        self.cache = cache
+        self.config = config or EngineConfig()
+        self.base_name = base_name or runtime.base_name or "base"
+        runtime.model.eval()
+        self.decoder = FlatDecoder(runtime.model)
+        self.max_context = self.decoder.max_context
+        self.kv_budget = self.config.kv_budget_tokens or max(
+            1, int(self.config.kv_cache_mb * 2 ** 20) // self.decoder.bytes_per_token())
+        self.eos_ids = _eos_ids(runtime.model, tokenizer)
+        self.metrics_ = EngineMetrics()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._waiting: collections.deque[_Waiting] = collections.deque()
+        self._running: list[_Seq] = []
+        self._reserved = 0                       # KV tokens reserved by running sequences
+        self._accepting = True
+        self._stop = False
+        self._cancel_all = False
+        self._thread: Optional[threading.Thread] = None
+
+    @classmethod
+    def build(cls, base: str = "smollm2-135m", *, store: Any = None, adapter_dirs: Iterable[Any] = (),
+              config: EngineConfig | None = None, max_loaded_adapters: int = 8,
+              ram_cache_mb: float = 1024.0) -> "Engine":
+        """Load the base, make a runtime and an adapter cache over the store and adapter folders."""
+        from ..base import load_base
+        from ..runtime import AdapterRuntime
+
+        b = load_base(base)
+        runtime = AdapterRuntime.from_base(b, capacity=max_loaded_adapters + 1)
+        cache = AdapterCache(runtime, store=store, adapter_dirs=adapter_dirs, max_loaded=max_loaded_adapters,
+                             ram_cache_mb=ram_cache_mb)
+        return cls(runtime, b.tokenizer, cache, config, base_name=b.name)
+
+    # ------------------------------------------------------------------ client side
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="adapterkit-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue a request; returns its stream at once. Raises before queueing on an unknown adapter,
+        a prompt that does not fit the context, a full queue or a stopping engine."""
+        p = request.params
+        n = len(request.prompt_ids)
+        if n + p.max_tokens > self.max_context:
+            raise ContextLengthError(
+                f"the prompt has {n} tokens and max_tokens is {p.max_tokens}: {n + p.max_tokens} > the model's "
+                f"context of {self.max_context} tokens; shorten the prompt or lower max_tokens")
+        if n + p.max_tokens > self.kv_budget:
+            raise ContextLengthError(
+                f"prompt + max_tokens = {n + p.max_tokens} tokens exceed the engine's KV budget of "
+                f"{self.kv_budget} tokens; lower max_tokens or raise --kv-cache-mb")
+        if request.adapter is not None and request.adapter not in self.cache.names():
+            raise AdapterNotFoundError(f"unknown adapter {request.adapter!r}; served adapters: "
+                                       f"{', '.join(sorted(self.cache.names())) or 'none'}")
+        stream = RequestStream(request)
+        with self._lock:
+            if not self._accepting:
+                raise EngineStoppedError("the server is shutting down; no new requests are taken")
+            if len(self._waiting) >= self.config.max_queue:
+                raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting); retry later")
+            self._waiting.append(_Waiting(stream))
+            self.metrics_.observe_submit(request.adapter or self.base_name)
+            self._wake.notify()
+        if request.adapter is not None:
+            try:
+                self.cache.prefetch(request.adapter)
+            except AdapterkitError:
+                pass                                   # acquire raises it for this request
+        return stream
+
+    def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
+        """Stop taking requests; finish (drain=True) or cancel everything in flight, then join.
+        Anything still running after `timeout` seconds is cancelled."""
+        with self._lock:
+            self._accepting = False
+            self._cancel_all = not drain
+            self._wake.notify()
+        if self._thread is None:
+            return
+        deadline = time.monotonic() + timeout
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            with self._lock:
+                if not self._waiting and not self._running:
+                    break
+            time.sleep(0.01)
+        with self._lock:
+            self._cancel_all = True
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    def metrics(self) -> dict[str, Any]:
+        with self._lock:
+            return self.metrics_.snapshot(queue_depth=len(self._waiting), running=len(self._running),
+                                          kv_reserved=self._reserved, kv_budget=self.kv_budget)
+
+    # ------------------------------------------------------------------ engine thread
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._lock:
+                while not self._stop and not self._waiting and not self._running:
+                    self._wake.wait()
+                if self._stop and not self._waiting and not self._running:
+                    return
+                cancel_all = self._cancel_all
+            try:
+                self.step(cancel_all)
+            except Exception as exc:              # a bug in a step fails the sequences in it, not the server
+                self._fail_running(exc)
+            if self._stop and cancel_all:
+                with self._lock:
+                    if not self._running and not self._waiting:
+                        return
+
+    def step(self, cancel_all: bool = False) -> None:
+        """One iteration: drop cancelled, admit, forward, sample, stream."""
+        self._drop_cancelled(cancel_all)
+        new = self._admit()
+        batch = [s for s in self._running if s not in new] + new
+        if not batch:
+            if self._waiting:                     # every waiting adapter is busy: let releases happen
+                time.sleep(0.002)
+            return
+        t0 = time.perf_counter()
+        tokens, positions, segments, slots, last = [], [], [], [], []
+        for s in batch:
+            start = len(tokens)
+            tokens += s.pending
+            positions += range(s.cache.length, s.cache.length + len(s.pending))
+            slots += [s.slot] * len(s.pending)
+            segments.append(Segment(s.cache, start, len(s.pending)))
+            last.append(len(tokens) - 1)
+        tok = torch.tensor(tokens)
+        with self.cache.locked(), torch.inference_mode():
+            with self.runtime.use(self.runtime.batch_from_ids(torch.tensor(slots), mode="token")):
+                h = self.decoder.hidden(tok, torch.tensor(positions), segments)
+            idx = torch.tensor(last)
+            with self.runtime.use(self.runtime.batch_from_ids(torch.tensor(slots)[idx], mode="token")):
+                logits = self.decoder.logits(h[idx])
+        picked = choose(logits, [s.params for s in batch], [s.generator for s in batch])
+        self.metrics_.observe_step(time.perf_counter() - t0, prompt_tokens=sum(len(s.pending) for s in new),
+                                   batch=len(batch))
+        for s, token in zip(batch, picked):
+            self._advance(s, token)
+
+    def _advance(self, s: _Seq, token: int) -> None:
+        s.generated += 1
+        s.pending = [token]
+        p = s.params
+        if token in self.eos_ids and not p.ignore_eos:
+            self._finish(s, "stop", [], s.detok.flush())
+            return
+        text, hit_stop = s.detok.add(token)
+        if hit_stop:
+            self._finish(s, "stop", [token], text)
+        elif s.generated >= p.max_tokens:
+            self._finish(s, "length", [token], text + s.detok.flush())
+        else:
+            s.stream._emit(StreamEvent(text, (token,)))
+
+    def _finish(self, s: _Seq, reason: str, tokens: list[int], text: str, error: BaseException | None = None) -> None:
+        usage = Usage(len(s.stream.request.prompt_ids), len(s.stream.token_ids) + len(tokens))
+        with self._lock:
+            if s in self._running:
+                self._running.remove(s)
+                self._reserved -= s.cache.capacity
+        if s.handle is not None:
+            s.handle.release()
+        s.stream._emit(StreamEvent(text, tuple(tokens), finish_reason=reason, usage=usage, error=error))
+        self.metrics_.observe_finish(s.stream, reason)
+
+    def _drop_cancelled(self, cancel_all: bool) -> None:
+        for s in list(self._running):
+            if cancel_all or s.stream.cancelled:
+                self._finish(s, "cancelled", [], s.detok.flush())
+        with self._lock:
+            gone = [w for w in self._waiting if cancel_all or w.stream.cancelled]
+            for w in gone:
+                self._waiting.remove(w)
+        for w in gone:
+            self._end_waiting(w.stream, "cancelled")
+
+    def _end_waiting(self, stream: RequestStream, reason: str, error: BaseException | None = None) -> None:
+        stream._emit(StreamEvent("", (), finish_reason=reason, usage=Usage(len(stream.request.prompt_ids), 0),
+                                 error=error))
+        self.metrics_.observe_finish(stream, reason)
+
+    def _admit(self) -> list[_Seq]:
+        new: list[_Seq] = []
+        prefill = 0
+        with self._lock:
+            waiting = list(self._waiting)
+        for w in waiting:
+            req = w.stream.request
+            need = len(req.prompt_ids) + req.params.max_tokens
+            if len(self._running) >= self.config.max_batch or self._reserved + need > self.kv_budget:
+                break                                        # in order: no overtaking on capacity
+            if new and prefill + len(req.prompt_ids) > self.config.max_prefill_tokens:
+                break
+            handle = None
+            if req.adapter is not None:
+                try:
+                    handle = self.cache.acquire(req.adapter, timeout=0)
+                except NoFreeSlotError:
+                    continue                                 # its adapter waits; others may go
+                except AdapterkitError as exc:               # unloaded, corrupt, foreign base
+                    with self._lock:
+                        self._waiting.remove(w)
+                    self._end_waiting(w.stream, "error", exc)
+                    continue
+            s = _Seq(w.stream, handle, self.decoder.new_cache(need),
+                     Detokenizer(self.tokenizer, req.params.stop),
+                     None if req.params.greedy else make_generator(req.params.seed),
+                     list(req.prompt_ids), slot=handle.slot if handle else 0)
+            with self._lock:
+                self._waiting.remove(w)
+                self._running.append(s)
+                self._reserved += need
+            self.metrics_.observe_queue(time.monotonic() - w.queued_at)
+            prefill += len(req.prompt_ids)
+            new.append(s)
+        return new
+
+    def _fail_running(self, exc: BaseException) -> None:
+        err = exc if isinstance(exc, AdapterkitError) else RuntimeError(f"engine step failed: {exc!r}")
+        for s in list(self._running):
+            self._finish(s, "error", [], "", error=err)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    for src in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(src, int):
+            ids.add(src)
+        elif src:
+            ids.update(int(i) for i in src)
+    return frozenset(ids)
