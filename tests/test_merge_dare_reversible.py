@@ -1,13 +1,12 @@
-"""DARE, the one-adapter identity of every method, and reversible merging, against direct references."""
-
-import json
+"""DARE, the one-adapter identity of every method and parallel sites, against direct references
+(reversible merging: test_merge_reversible.py)."""
 
 import numpy as np
 import pytest
 import torch
 from test_merge import SHAPES, close, inputs, lora, out_delta, ref_delta, ref_ties
 
-from adapterkit.merge import ReversibleMerge, merge, merge_reversible, merge_with_report, recover
+from adapterkit.merge import merge, merge_with_report
 from adapterkit.merge.dare import drop, site_generator
 
 
@@ -67,71 +66,6 @@ def test_merging_one_adapter_with_weight_one_returns_it(method, params):
         assert np.abs(ref_delta(a, site)).max() > 0.1
         close(out_delta(out, site), ref_delta(a, site), 1e-4)   # "big" goes through the randomized SVD
     assert rep.max_error < 1e-4
-
-
-# ----------------------------------------------------------------------------- reversible merging
-def ref_reversible(ads, k):
-    """Direct reference: stack every task's ΔW over all sites into X [P, n]; rank-k truncated SVD."""
-    x = np.stack([np.concatenate([ref_delta(a, s).ravel() for s in SHAPES]) for a in ads], 1)
-    u, s, vh = np.linalg.svd(x, full_matrices=False)
-    approx = (u[:, :k] * s[:k]) @ vh[:k]
-    errors = np.linalg.norm(x - approx, axis=0) / np.linalg.norm(x, axis=0)
-    return approx, errors
-
-
-def unstack(col):
-    out, at = {}, 0
-    for s, (m, n) in SHAPES.items():
-        out[s], at = col[at:at + m * n].reshape(m, n), at + m * n
-    return out
-
-
-def test_reversible_k_equals_n_recovers_every_task_exactly(tmp_path):
-    ads = inputs()
-    rev = merge_reversible(ads, k=3, name="rev")
-    assert [b.name for b in rev.basis] == ["rev.basis0", "rev.basis1", "rev.basis2"]
-    assert max(rev.errors.values()) < 1e-5
-    rev.save(tmp_path / "rev")
-    index = json.loads((tmp_path / "rev" / "reversible.json").read_text())
-    assert (index["type"], index["format_version"]) == ("adapterkit.reversible", 1)
-    loaded = ReversibleMerge.load(tmp_path / "rev")
-    for a in ads:
-        got = recover(loaded, a.name)
-        assert got.name == a.name
-        for site in SHAPES:
-            want = ref_delta(a, site)
-            close(out_delta(got, site) if site in got.tensors else np.zeros(SHAPES[site]), want, 1e-4)
-
-
-@pytest.mark.parametrize("k", [1, 2])
-def test_reversible_k_below_n_reports_the_direct_reconstruction_error(k):
-    ads = inputs()
-    rev = merge_reversible(ads, k=k)
-    approx, errors = ref_reversible(ads, k)
-    assert errors.max() > 0.1                                   # a real loss, not a vacuous pass
-    np.testing.assert_allclose([rev.errors[a.name] for a in ads], errors, rtol=1e-4, atol=1e-6)
-    for i, a in enumerate(ads):
-        want = unstack(approx[:, i])
-        got = recover(rev, i)
-        for site in SHAPES:
-            close(out_delta(got, site), want[site], 1e-4)
-        # at run time a task is the weighted row of the basis adapters
-        weights = rev.row_weights(a.name)
-        row = sum(c * out_delta(next(b for b in rev.basis if b.name == n), "big") for n, c in weights.items())
-        close(row, want["big"], 1e-4)
-
-
-def test_reversible_compressed_basis_reports_its_extra_loss():
-    ads = inputs()
-    exact, small = merge_reversible(ads, k=2), merge_reversible(ads, k=2, rank=2)
-    assert all(b.ranks() == [2] for b in small.basis)
-    extra = [small.errors[a.name] - exact.errors[a.name] for a in ads]
-    assert min(extra) > -1e-6 and max(extra) > 1e-3
-    for a in ads:
-        got = recover(small, a.name)                            # the error is measured on what is stored
-        x = np.concatenate([ref_delta(a, s).ravel() for s in SHAPES])
-        y = np.concatenate([out_delta(got, s).ravel() for s in SHAPES])
-        assert np.linalg.norm(x - y) / np.linalg.norm(x) == pytest.approx(small.errors[a.name], rel=1e-3)
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])

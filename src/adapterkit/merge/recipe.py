@@ -10,7 +10,8 @@ error that names its path, e.g. `inputs.1.wieght`).
         weight: 0.5
     parameters:                # the method's own parameters (weights come from inputs)
       density: 0.3
-    rank: 32                   # output rank (reversible: the rank of each basis adapter)
+    rank: 32                   # output rank (reversible: the rank of each basis adapter;
+                               #   its parameters: k, per_site)
     seed: 0                    # DARE masks and the randomized SVD
 
 An input is read from the store when the store holds that name, else as a folder path.
@@ -28,6 +29,8 @@ from ..adapter import Adapter
 from ..errors import AdapterNotFoundError, ConfigError
 from .api import get_merge_method, merge_method_names, merge_with_report
 from .reversible import merge_reversible
+
+REVERSIBLE_PARAMS = ("k", "rank", "per_site")    # merge_reversible's keyword parameters
 
 
 class RecipeInput(BaseModel):
@@ -63,7 +66,7 @@ class MergeRecipe(BaseModel):
     def merge_params(self) -> dict[str, Any]:
         """Keyword arguments for merge(): parameters + weights, and rank / seed when the recipe sets them."""
         params = dict(self.parameters)
-        accepted = {"k", "rank"} if self.method == "reversible" else set(get_merge_method(self.method).params)
+        accepted = set(REVERSIBLE_PARAMS) if self.method == "reversible" else set(get_merge_method(self.method).params)
         for key in ("rank", "seed"):
             if key not in self.model_fields_set:
                 continue
@@ -129,9 +132,9 @@ def run_recipe(recipe: MergeRecipe, name: str, *, store: Any = None, base_dir: s
         weights = params.pop("weights")
         if any(w != 1.0 for w in weights):
             raise ConfigError("reversible merging takes no input weights (each task is recovered on its own)")
-        unknown = sorted(set(params) - {"k", "rank"})
+        unknown = sorted(set(params) - set(REVERSIBLE_PARAMS))
         if unknown or "k" not in params:
             raise ConfigError(f"reversible merging takes parameters k (required: the number of basis "
-                              f"adapters) and rank; got {sorted(params)}")
-        return merge_reversible(adapters, params["k"], rank=params.get("rank"), name=name)
+                              f"adapters), rank and per_site (default true); got {sorted(params)}")
+        return merge_reversible(adapters, name=name, **params)
     return merge_with_report(adapters, recipe.method, name=name, **params)
