@@ -17,19 +17,21 @@ from adapterkit.merge.recipe import parse_recipe
 from adapterkit.store import AdapterStore
 
 
-def truncated(x, k):
-    u, s, vh = np.linalg.svd(x, full_matrices=False)
-    return (u[:, :k] * s[:k]) @ vh[:k]
+def truncated(x, k, w):
+    """Best rank-k approximation of the columns x_i weighted by w_i, unweighted again."""
+    u, s, vh = np.linalg.svd(x * w, full_matrices=False)
+    return (u[:, :k] * s[:k]) @ vh[:k] / w
 
 
-def ref_reversible(ads, k, per_site):
+def ref_reversible(ads, k, per_site, normalize=False):
     """(approx {site: [n, d_out, d_in]}, overall errors [n], site errors {site: [n]}) of the rank-k fit."""
     deltas = {s: np.stack([ref_delta(a, s) for a in ads]) for s in SHAPES}
     flat = {s: d.reshape(len(ads), -1).T for s, d in deltas.items()}          # X_s [P_s, n]
+    w = 1 / np.linalg.norm(np.concatenate(list(flat.values())), axis=0) if normalize else np.ones(len(ads))
     if per_site:
-        approx = {s: truncated(x, k) for s, x in flat.items()}
+        approx = {s: truncated(x, k, w) for s, x in flat.items()}
     else:
-        cat = truncated(np.concatenate(list(flat.values())), k)
+        cat = truncated(np.concatenate(list(flat.values())), k, w)
         approx, at = {}, 0
         for s, x in flat.items():
             approx[s], at = cat[at:at + len(x)], at + len(x)
@@ -51,13 +53,14 @@ def row_delta(rev, task, site):
     return sum(c * out_delta(by_name[n], site) for n, c in rev.row_weights(task).items())
 
 
+@pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("per_site", [True, False])
 @pytest.mark.parametrize("k", [1, 2])
-def test_k_below_n_matches_the_direct_truncated_svd_and_reports_its_errors(k, per_site):
+def test_k_below_n_matches_the_direct_truncated_svd_and_reports_its_errors(k, per_site, normalize):
     ads = inputs()                          # ranks 2/3/4, rsLoRA, rank+alpha patterns, missing sites
-    rev = merge_reversible(ads, k=k, per_site=per_site)
+    rev = merge_reversible(ads, k=k, per_site=per_site, normalize=normalize)
     assert rev.per_site is per_site and len(rev.basis) == k
-    approx, errors, site_errors = ref_reversible(ads, k, per_site)
+    approx, errors, site_errors = ref_reversible(ads, k, per_site, normalize)
     assert errors.max() > 0.1                                   # a real loss, not a vacuous pass
     np.testing.assert_allclose([rev.errors[a.name] for a in ads], errors, rtol=1e-4, atol=1e-6)
     for i, a in enumerate(ads):
@@ -71,6 +74,14 @@ def test_k_below_n_matches_the_direct_truncated_svd_and_reports_its_errors(k, pe
             close(recovered(rev, i, site), approx[site][i], 1e-4)
 
 
+def test_normalize_evens_out_the_relative_errors_of_unequal_tasks():
+    ads = [lora("big", 2, 2.0, 1, std=10.0), lora("mid", 2, 2.0, 2, std=3.0), lora("small", 2, 2.0, 3)]
+    plain, even = merge_reversible(ads, k=2), merge_reversible(ads, k=2, normalize=True)
+    assert plain.errors["small"] > 0.9 and plain.errors["big"] < 1e-3    # the smallest ΔW is dropped
+    assert max(even.errors.values()) < plain.errors["small"] - 0.2
+    assert sum(e ** 2 for e in even.errors.values()) < sum(e ** 2 for e in plain.errors.values())
+
+
 @pytest.mark.parametrize("k", [1, 2])
 def test_per_site_loses_less_energy_in_total_than_one_shared_set_of_coefficients(k):
     """Optimal per site, so optimal in the sum; one task alone may lose a little more."""
@@ -81,10 +92,10 @@ def test_per_site_loses_less_energy_in_total_than_one_shared_set_of_coefficients
     assert lost[0] < lost[1]
 
 
-@pytest.mark.parametrize("per_site", [True, False])
-def test_k_equals_n_recovers_every_task_exactly_after_a_save_and_load(tmp_path, per_site):
+@pytest.mark.parametrize("per_site, normalize", [(True, False), (False, False), (True, True)])
+def test_k_equals_n_recovers_every_task_exactly_after_a_save_and_load(tmp_path, per_site, normalize):
     ads = inputs()
-    rev = merge_reversible(ads, k=3, name="rev", per_site=per_site)
+    rev = merge_reversible(ads, k=3, name="rev", per_site=per_site, normalize=normalize)
     assert [b.name for b in rev.basis] == ["rev.basis0", "rev.basis1", "rev.basis2"]
     assert max(rev.errors.values()) < 1e-5
     assert max(e for per in rev.site_errors.values() for e in per.values()) < 1e-5
@@ -193,9 +204,10 @@ def test_the_store_lineage_and_a_recipe_round_trip_the_per_site_coefficients(tmp
     for a in ads:
         for site in SHAPES:
             close(recovered(back, a.name, site), recovered(rev, a.name, site), 1e-6)
-    glob = run_recipe(parse_recipe({"method": "reversible", "parameters": {"k": 2, "per_site": False},
+    glob = run_recipe(parse_recipe({"method": "reversible", "parameters": {"k": 2, "per_site": False, "normalize": True},
                                     "inputs": [{"adapter": a.name} for a in ads]}), "g", store=st)
-    assert not glob.per_site and glob.errors == merge_reversible(ads, k=2, per_site=False).errors
+    assert not glob.per_site and glob.basis[0].meta.lineage[0]["params"]["normalize"] is True
+    assert glob.errors == pytest.approx(merge_reversible(ads, k=2, per_site=False, normalize=True).errors, rel=1e-9)
 
 
 def test_a_version_1_folder_still_loads_as_a_global_merge(tmp_path):
@@ -223,6 +235,7 @@ K_MESSAGE = ("reversible merge k must be an integer in [1, 3] (the number of bas
     ({"k": 2.0}, K_MESSAGE.format("2.0")),
     ({"k": 2, "rank": 0}, "rank must be a positive integer (or None), got 0"),
     ({"k": 2, "per_site": "yes"}, "per_site must be true or false, got 'yes'"),
+    ({"k": 2, "normalize": 1}, "normalize must be true or false, got 1"),
 ])
 def test_bad_parameters_are_refused_with_an_exact_message(kwargs, message):
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
@@ -235,6 +248,7 @@ def test_an_unknown_recipe_parameter_is_refused(tmp_path):
     recipe = parse_recipe({"method": "reversible", "parameters": {"k": 1, "persite": True},
                            "inputs": [{"adapter": "a"}]})
     with pytest.raises(ConfigError, match=re.escape("reversible merging takes parameters k (required: the number "
-                                                    "of basis adapters), rank and per_site (default true); got "
+                                                    "of basis adapters), rank, per_site (default true) and normalize "
+                                                    "(default false); got "
                                                     "['k', 'persite']")):
         run_recipe(recipe, "x", store=st)

@@ -11,7 +11,7 @@ error that names its path, e.g. `inputs.1.wieght`).
     parameters:                # the method's own parameters (weights come from inputs)
       density: 0.3
     rank: 32                   # output rank (reversible: the rank of each basis adapter;
-                               #   its parameters: k, per_site)
+                               #   its parameters: k, per_site, normalize)
     seed: 0                    # DARE masks and the randomized SVD
 
 An input is read from the store when the store holds that name, else as a folder path.
@@ -30,7 +30,7 @@ from ..errors import AdapterNotFoundError, ConfigError
 from .api import get_merge_method, merge_method_names, merge_with_report
 from .reversible import merge_reversible
 
-REVERSIBLE_PARAMS = ("k", "rank", "per_site")    # merge_reversible's keyword parameters
+REVERSIBLE_PARAMS = ("k", "rank", "per_site", "normalize")    # merge_reversible's keyword parameters
 
 
 class RecipeInput(BaseModel):
@@ -135,6 +135,7 @@ def run_recipe(recipe: MergeRecipe, name: str, *, store: Any = None, base_dir: s
         unknown = sorted(set(params) - set(REVERSIBLE_PARAMS))
         if unknown or "k" not in params:
             raise ConfigError(f"reversible merging takes parameters k (required: the number of basis "
-                              f"adapters), rank and per_site (default true); got {sorted(params)}")
+                              f"adapters), rank, per_site (default true) and normalize (default false); "
+                              f"got {sorted(params)}")
         return merge_reversible(adapters, name=name, **params)
     return merge_with_report(adapters, recipe.method, name=name, **params)

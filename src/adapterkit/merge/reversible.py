@@ -15,14 +15,20 @@ tasks present at s: an absent task has coefficient 0 there, and a site with p < 
 zero directions j >= p. `per_site=False` keeps the former global mode: ONE Gram matrix G = Σ_s G_s
 (each adapter as one long vector), one C [n, k] shared by every site.
 
+`normalize=True` weighs the tasks equally: the fit is of w_i x_i with w_i = 1 / ||ΔW_i|| (the norm over
+all sites), i.e. it minimises Σ_i (relative error_i)² instead of Σ_i (absolute error_i)², so a task with
+a small ΔW is not the first to be dropped. Same closed form on W G W (W = diag(w)): basis_j =
+Σ_i w_i V[i, j] ΔW_i and C = V / w (the coefficients carry the norm back).
+
 Storage is exact: basis adapter j holds basis_j(s) at every site as ONE low-rank product, since a
 linear combination of rank-r_i products is the rank-Σr_i product [V[0,j]B_0 | V[1,j]B_1 | ..] @
 [A_0; A_1; ..]; `rank` re-factors it by an exact SVD (lossy: the loss shows in the errors).
 
 Conventions. Each eigenvector is signed so that its largest-magnitude entry is positive.
 `eigenvalues`: global mode, the n eigenvalues of G; per-site mode, Σ_s λ_j(s) (the energy of basis
-direction j summed over sites), n values. Errors are relative Frobenius errors ||ΔW_i - R_i|| / ||ΔW_i||
-of the recovered R_i against what is stored (compression included), also computed from factors:
+direction j summed over sites), n values (of W G W with normalize). Errors are relative Frobenius
+errors ||ΔW_i - R_i|| / ||ΔW_i|| of the recovered R_i against what is stored (compression included),
+also computed from factors:
 `errors[task]` over all sites, `site_errors[task][site]` per site the task targets (`error_summary()`:
 overall, median and max over sites). Run time: per-site coefficients are not one scalar per basis
 adapter, so `coefficients` [n, k] is the best SITE-SHARED row (least squares over all sites against
@@ -220,7 +226,7 @@ def _combination(adapters: Sequence[Adapter], coeffs: Sequence[float], site: str
 
 
 def merge_reversible(adapters: Sequence[Adapter], k: int, *, rank: int | None = None, per_site: bool = True,
-                     name: str = "reversible") -> ReversibleMerge:
+                     normalize: bool = False, name: str = "reversible") -> ReversibleMerge:
     """k basis adapters named f"{name}.basis{j}", the coefficients and the errors; see the module doc."""
     inputs = check_inputs(adapters)
     n = len(inputs.adapters)
@@ -229,14 +235,20 @@ def merge_reversible(adapters: Sequence[Adapter], k: int, *, rank: int | None = 
                           f"adapters, at most the number of tasks), got {k!r}")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ConfigError(f"rank must be a positive integer (or None), got {rank!r}")
-    if not isinstance(per_site, bool):
-        raise ConfigError(f"per_site must be true or false, got {per_site!r}")
+    for key, value in (("per_site", per_site), ("normalize", normalize)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
     names = [a.name for a in inputs.adapters]
     f64 = {"dtype": torch.float64}
     with torch.no_grad():
+        # the fit is of the weighted tasks w_i x_i (w = 1, or 1 / ||x_i|| with normalize): V from
+        # W G W, basis_j = Σ_i w_i V[i, j] ΔW_i, C = V / w
+        whole = task_gram(inputs) if normalize or not per_site else None
+        norms = whole.diagonal().sqrt() if normalize else None
+        w = torch.where(norms > 0, 1 / norms, 1.0) if normalize else torch.ones(n, **f64)
         if not per_site:
-            evals, vecs = principal(task_gram(inputs))
-            shared = vecs[:, :k].contiguous()
+            evals, vecs = principal(w[:, None] * whole * w[None, :])
+            shared = vecs[:, :k]
         energy, total, lost = torch.zeros(n, **f64), torch.zeros(n, **f64), torch.zeros(n, **f64)
         g_sum, h_sum = torch.zeros(n, k, **f64), torch.zeros(k, k, **f64)
         site_coeffs, factors, site_errors = {}, [{} for _ in range(k)], {t: {} for t in names}
@@ -244,14 +256,14 @@ def merge_reversible(adapters: Sequence[Adapter], k: int, *, rank: int | None = 
             x = _task_stack(inputs, site)
             gram = _cross(x, x)
             if per_site:
-                c, lam = _site_fit(gram, inputs.present(site), k)
+                v, lam = _site_fit(w[:, None] * gram * w[None, :], inputs.present(site), k)
                 energy += lam
             else:
-                c = shared
-            site_coeffs[site] = c
+                v = shared
+            c = site_coeffs[site] = v / w[:, None]
             b, a, owner = x
-            for j in range(k):                    # basis_j = Σ_i C[i, j] ΔW_i: each column scaled by its owner's C
-                bj = b * (owner.t() @ c[:, j])[None, :]
+            for j in range(k):                    # basis_j = Σ_i w_i V[i, j] ΔW_i: scale B's columns by owner
+                bj = b * (owner.t() @ (w * v[:, j]))[None, :]
                 bj, aj = truncate_factors(bj, a, rank)[:2] if rank else (bj, a)
                 factors[j][site] = (bj.float(), aj.float())          # as stored
             y = _stacked([(j, *factors[j][site]) for j in range(k)], k)
@@ -269,14 +281,14 @@ def merge_reversible(adapters: Sequence[Adapter], k: int, *, rank: int | None = 
             row_lost = (total - 2 * (coeffs * g_sum).sum(1) + ((coeffs @ h_sum) * coeffs).sum(1)).clamp_min(0)
             row_errors, eigenvalues = ratio(row_lost), energy.tolist()
         else:
-            coeffs, row_errors, eigenvalues = shared, dict(errors), evals.tolist()
+            coeffs, row_errors, eigenvalues = shared / w[:, None], dict(errors), evals.tolist()
     tasks = inputs.lineage_inputs()
     for t, a in zip(tasks, inputs.adapters):
         t["task"] = a.meta.task
     basis = []
     for j in range(k):
         lineage = {"op": "merge", "method": "reversible", "inputs": tasks,
-                   "params": {"k": k, "rank": rank, "per_site": per_site}, "basis_index": j,
+                   "params": {"k": k, "rank": rank, "per_site": per_site, "normalize": normalize}, "basis_index": j,
                    "coefficients": {t: coeffs[i, j].item() for i, t in enumerate(names)},
                    "task_errors": errors, "row_errors": row_errors, "site_errors": site_errors,
                    "eigenvalues": eigenvalues}
