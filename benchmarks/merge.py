@@ -7,7 +7,8 @@ merge produces ONE LoRA body shared by all tasks; each task keeps its own head. 
 the test rows (first --n-test) with:
   alone                    the task's own adapter
   ours: linear (mean), task_arithmetic (λ), ties, dare_ties (several densities / λ), and the
-        reversible merge (k basis adapters; each task recovered as its linear combination)
+        reversible merge (k basis adapters; each task recovered as its linear combination), fitted
+        per site for each --k, and with one global set of coefficients for the first k
   peft: add_weighted_adapter with combination_type linear, ties and ties_svd on the same adapters
         (linear/ties combine A and B separately; ties_svd works on ΔW like ours)
 Normalised retention = merged accuracy / alone accuracy, averaged over the tasks.
@@ -17,6 +18,8 @@ with each method (median of --reps).
 
     .venv/bin/python benchmarks/merge.py                 # ~15 min when the adapters are stored
     .venv/bin/python benchmarks/merge.py --quick         # 40 test rows per task, 1 timing rep
+    .venv/bin/python benchmarks/merge.py --only reversible --k 2 3   # re-measure the reversible rows
+                                          # only; the other rows of the results file are kept
 
 Results: benchmarks/results/merge.json and merge.png (bar plot of retention).
 """
@@ -130,11 +133,77 @@ def timing(reps: int) -> dict[str, dict]:
     return out
 
 
+def reversible_rows(rt, adapters, tests, ks, max_length) -> dict[str, dict]:
+    """Per-site reversible merges (plain and normalized) for each k and the global one for ks[0]:
+    accuracy of every task recovered from the basis, with its reconstruction errors (overall,
+    per-site median/max, and of the site-shared runtime row)."""
+    from adapterkit.merge import merge_reversible, recover
+
+    inputs = [adapters[t] for t in TASKS]
+    out = {}
+    configs = [(k, True, norm) for k in ks for norm in (False, True)] + [(ks[0], False, False)]
+    for k, per_site, normalize in configs:
+        label = f"reversible k={k} ({'per site' if per_site else 'global'}{', normalized' if normalize else ''})"
+        t0 = time.perf_counter()
+        rev = merge_reversible(inputs, k=k, per_site=per_site, normalize=normalize, name="bench-rev")
+        seconds = time.perf_counter() - t0
+        acc = {}
+        for t in TASKS:
+            rec = recover(rev, adapters[t].name, name="bench-recovered")
+            rt.add(rec)
+            acc[t] = accuracy(rt, "bench-recovered", adapters[t].head, tests[t], max_length)
+            rt.remove("bench-recovered")
+        summary = rev.error_summary()
+        out[label] = {"system": "adapterkit", "method": "reversible",
+                      "params": {"k": k, "per_site": per_site, "normalize": normalize}, "accuracy": acc, "merge_seconds": seconds, "reconstruction_error": rev.errors,
+                      "site_error_median": {t: v["site_median"] for t, v in summary.items()},
+                      "site_error_max": {t: v["site_max"] for t, v in summary.items()},
+                      "row_error": rev.row_errors, "eigenvalues": rev.eigenvalues}
+        log(f"{label}: {acc} errors {rev.errors} ({seconds:.1f} s)")
+    return out
+
+
+def finish(results: dict, alone: dict, rev_key: str) -> None:
+    """Retention per row and the summary (targets) of a results dict."""
+    for row in results["methods"].values():
+        row["retention"] = {t: row["accuracy"][t] / alone[t] if alone[t] > 0 else None for t in TASKS}
+        kept = [v for v in row["retention"].values() if v is not None]     # a task the adapter never gets right: n/a
+        row["mean_retention"] = statistics.fmean(kept) if kept else None
+    ours = {k: v for k, v in results["methods"].items() if v["system"] == "adapterkit"}
+    single = {k: v for k, v in ours.items() if v["method"] != "reversible"}     # ONE merged adapter
+    best = max(single, key=lambda k: single[k]["mean_retention"])
+    peft_best = max((v["mean_retention"] for v in results["methods"].values() if v["system"] == "peft"), default=None)
+    rev = results["methods"][rev_key]["mean_retention"]
+    timing_ = results.get("timing_8x_rank16_all_sites", {})
+    results["summary"] = {
+        "best_ours": best, "best_ours_mean_retention": single[best]["mean_retention"],
+        "reversible": rev_key, "reversible_mean_retention": rev,
+        "reversible_all": {k: v["mean_retention"] for k, v in ours.items() if v["method"] == "reversible"},
+        "best_peft_mean_retention": peft_best,
+        "targets": {"best_ours_ge_0.90": single[best]["mean_retention"] >= 0.90,
+                    "reversible_ge_0.95": rev >= 0.95,
+                    "never_below_peft": peft_best is None or single[best]["mean_retention"] >= peft_best,
+                    "ties_8x16_le_10s": timing_["ties"]["median_s"] <= 10.0 if "ties" in timing_ else None}}
+
+
+def write(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, out)
+    plot(results, out.with_suffix(".png"))
+    print(json.dumps(results["summary"], indent=1))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default="smollm2-135m")
     p.add_argument("--n-test", type=int, default=300)
-    p.add_argument("--k", type=int, default=2, help="basis size of the reversible merge")
+    p.add_argument("--k", type=int, nargs="+", default=[2, 3],
+                   help="basis sizes of the reversible merge (the first is the headline, per site, and also runs "
+                        "global)")
+    p.add_argument("--only", choices=["reversible"], default=None,
+                   help="re-measure only these rows (and alone, to check it); keep the rest of --out")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true")
@@ -153,7 +222,7 @@ def main(argv=None) -> None:
     from adapterkit.base import load_base
     from adapterkit.data import load_task
     from adapterkit.demo import DemoSettings
-    from adapterkit.merge import merge_reversible, merge_with_report, recover
+    from adapterkit.merge import merge_with_report
     from adapterkit.runtime import AdapterRuntime
     from adapterkit.store import AdapterStore
 
@@ -166,11 +235,29 @@ def main(argv=None) -> None:
     rt = AdapterRuntime.from_base(base)
     for ad in adapters.values():
         rt.add(ad)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    rev_key = f"reversible k={a.k[0]} (per site)"
+    if a.only:
+        results = json.loads(out.read_text())
+        alone = {t: accuracy(rt, adapters[t].name, adapters[t].head, tests[t], settings.max_length) for t in TASKS}
+        if alone != results["alone"] or {t: len(v) for t, v in tests.items()} != results["n_test"]:
+            sys.exit(f"alone accuracies {alone} differ from the ones in {out} ({results['alone']}): the adapters or "
+                     "test rows changed, so the kept rows are stale; rerun the whole benchmark")
+        log(f"alone: {alone} (as in {out})")
+        rows = reversible_rows(rt, adapters, tests, a.k, settings.max_length)
+        when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        for row in rows.values():
+            row["measured"] = {"date": when, "commit": commit, "threads": a.threads, "torch": torch.__version__}
+        kept = list(results["methods"].items())
+        ours = [(k, v) for k, v in kept if v["system"] == "adapterkit" and v["method"] != "reversible"]
+        results["methods"] = {**dict(ours), **rows, **{k: v for k, v in kept if v["system"] != "adapterkit"}}
+        finish(results, alone, rev_key)
+        write(results, out)
+        return
     results = {"benchmark": "merge", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                "environment": {"threads": a.threads, "torch": torch.__version__,
                                "transformers": transformers.__version__, "peft": peft.__version__,
-                               "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                                        text=True).stdout.strip()},
+                               "commit": commit},
                "base": a.base, "tasks": list(TASKS), "n_test": {t: len(v) for t, v in tests.items()},
                "adapter_settings": settings.__dict__, "methods": {}}
     alone = {t: accuracy(rt, adapters[t].name, adapters[t].head, tests[t], settings.max_length) for t in TASKS}
@@ -185,43 +272,13 @@ def main(argv=None) -> None:
         results["methods"][label] = {"system": "adapterkit", "method": method, "params": params, "accuracy": acc,
                                      "merge_seconds": report.seconds, "refactor_error_total": report.total_error}
         log(f"{label}: {acc}")
-    rev = merge_reversible(inputs, k=a.k, name="bench-rev")
-    acc = {}
-    for t in TASKS:
-        rec = recover(rev, adapters[t].name, name="bench-recovered")
-        rt.add(rec)
-        acc[t] = accuracy(rt, "bench-recovered", adapters[t].head, tests[t], settings.max_length)
-        rt.remove("bench-recovered")
-    results["methods"][f"reversible k={a.k}"] = {"system": "adapterkit", "method": "reversible", "params": {"k": a.k},
-                                                 "accuracy": acc, "reconstruction_error": rev.errors,
-                                                 "eigenvalues": rev.eigenvalues}
-    log(f"reversible k={a.k}: {acc} errors {rev.errors}")
+    results["methods"].update(reversible_rows(rt, adapters, tests, a.k, settings.max_length))
     if not a.no_peft:
         for label, row in peft_accuracies(a.base, adapters, tests, settings.max_length, store).items():
             results["methods"][label] = {"system": "peft", **row}
-    for row in results["methods"].values():
-        row["retention"] = {t: row["accuracy"][t] / alone[t] if alone[t] > 0 else None for t in TASKS}
-        kept = [v for v in row["retention"].values() if v is not None]     # a task the adapter never gets right: n/a
-        row["mean_retention"] = statistics.fmean(kept) if kept else None
     results["timing_8x_rank16_all_sites"] = timing(a.reps)
-    ours = {k: v for k, v in results["methods"].items() if v["system"] == "adapterkit"}
-    best = max(ours, key=lambda k: ours[k]["mean_retention"])
-    peft_best = max((v["mean_retention"] for v in results["methods"].values() if v["system"] == "peft"), default=None)
-    rev_key = f"reversible k={a.k}"
-    results["summary"] = {
-        "best_ours": best, "best_ours_mean_retention": ours[best]["mean_retention"],
-        "reversible_mean_retention": results["methods"][rev_key]["mean_retention"],
-        "best_peft_mean_retention": peft_best,
-        "targets": {"best_ours_ge_0.90": ours[best]["mean_retention"] >= 0.90,
-                    "reversible_ge_0.95": results["methods"][rev_key]["mean_retention"] >= 0.95,
-                    "never_below_peft": peft_best is None or ours[best]["mean_retention"] >= peft_best,
-                    "ties_8x16_le_10s": results["timing_8x_rank16_all_sites"]["ties"]["median_s"] <= 10.0}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out)
-    plot(results, out.with_suffix(".png"))
-    print(json.dumps(results["summary"], indent=1))
+    finish(results, alone, rev_key)
+    write(results, out)
 
 
 def plot(results: dict, path: Path) -> None:
