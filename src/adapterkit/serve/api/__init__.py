@@ -1,0 +1,8 @@
+"""OpenAI-compatible HTTP API: router.py (routes), protocol.py (pydantic bodies, response shapes),
+service.py (logic, no web framework), errors.py (exception -> HTTP status, in one place), metrics.py
+(Prometheus text)."""
+
+from .router import create_app
+from .service import ApiSettings, OpenAIService
+
+__all__ = ["create_app", "ApiSettings", "OpenAIService"]

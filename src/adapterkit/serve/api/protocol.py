@@ -1,0 +1,287 @@
+"""OpenAI-compatible request bodies (pydantic, strict) and the response / chunk shapes.
+
+Bodies are parsed strictly: "5" is not an integer, true is not a number, unknown fields are refused
+(OpenAI does the same), so a misspelt option never silently changes nothing. Options of the OpenAI
+API this server does not implement (logprobs, echo, penalties, tools...) are accepted only at their
+neutral value and otherwise refused with 400 naming the field. Ranges that depend on the served
+model (max_tokens against the context) are the service's check.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import InvalidRequestError
+
+MAX_STOP = 16                   # stop strings per request
+_NEUTRAL: dict[str, tuple[Any, ...]] = {   # unsupported options: the values that change nothing
+    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
+    "suffix": (None, ""), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None, False, True), "response_format": (None, {"type": "text"}),
+}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+def _neutral_only(data: Any, names: tuple[str, ...]) -> Any:
+    if isinstance(data, dict):
+        for name in names:
+            if name in data and data[name] not in _NEUTRAL[name]:
+                raise InvalidRequestError(f"{name} is not supported by this server; omit it", param=name,
+                                          code="unsupported_parameter")
+    return data
+
+
+class _Sampling(_Body):
+    """Fields shared by completions and chat completions."""
+
+    model: str = Field(min_length=1)
+    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1, description="0 or -1: off (vLLM extension)")
+    seed: Optional[int] = Field(None, ge=0, lt=2 ** 63)
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    n: Optional[int] = None
+    ignore_eos: bool = False          # vLLM extension: generate max_tokens tokens whatever comes
+    user: Optional[str] = None        # accepted, unused
+    # Unsupported OpenAI options, neutral values only (checked before the field types).
+    logprobs: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, v: Any) -> Any:
+        if v is None or isinstance(v, str):
+            return v
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+            raise ValueError("stop must be a string or a list of strings")
+        if len(v) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings, got {len(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _checks(self) -> "_Sampling":
+        if self.n not in (None, 1):
+            raise InvalidRequestError(f"n must be 1 or absent (one choice per request), got {self.n}", param="n")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options is only allowed with stream: true", param="stream_options")
+        if self.stop is not None and any(not s for s in self.stop_list):
+            raise InvalidRequestError("stop strings must be non-empty", param="stop")
+        return self
+
+    @property
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str]]
+    max_tokens: Optional[int] = Field(16, ge=1)     # OpenAI's default for completions
+    echo: Any = None
+    best_of: Any = None
+    suffix: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        return _neutral_only(data, ("logprobs", "echo", "best_of", "suffix", "presence_penalty",
+                                    "frequency_penalty", "logit_bias"))
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if len(v) != 1 or not isinstance(v[0], str):
+                raise ValueError("prompt must be a string or a list of ONE string (send one request per prompt)")
+            return v[0]
+        if not isinstance(v, str):
+            raise ValueError("prompt must be a string or a list of one string")
+        return v
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    name: Optional[str] = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            for part in v:
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    raise ValueError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported")
+        elif v is not None and not isinstance(v, str):
+            raise ValueError("content must be a string or a list of text parts")
+        return v
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)               # None: up to the context
+    max_completion_tokens: Optional[int] = Field(None, ge=1)    # OpenAI's newer name; wins when both given
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, data: Any) -> Any:
+        return _neutral_only(data, ("logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
+                                    "logit_bias", "tools", "tool_choice", "parallel_tool_calls",
+                                    "response_format"))
+
+    @property
+    def max_new_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+
+class LoadAdapterRequest(BaseModel):
+    """vLLM's POST /v1/load_lora_adapter body (other vLLM fields, e.g. load_inplace, are ignored)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    lora_name: str
+    lora_path: str
+
+
+class UnloadAdapterRequest(BaseModel):
+    """vLLM's POST /v1/unload_lora_adapter body (lora_int_id is ignored)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    lora_name: str
+
+
+# ---------------------------------------------------------------------- parsing
+def parse_body(model: type[BaseModel], raw: bytes) -> Any:
+    """Validate a JSON body; any problem is an InvalidRequestError naming the field."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        err = max(errors, key=lambda e: len(e["loc"]))       # a union's deepest member error says most
+        if err["type"] == "json_invalid":
+            raise InvalidRequestError(f"the body is not valid JSON: {err['msg']}", code="invalid_json") from None
+        param = field_path(err["loc"])
+        if err["type"] == "model_type" and not param:
+            raise InvalidRequestError("the body must be a JSON object", code="invalid_json") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        if not param:
+            raise InvalidRequestError(msg) from None
+        if err["type"] == "missing":
+            msg = f"{param} is required"
+        elif err["type"] == "extra_forbidden":
+            msg = f"{param} is not a known field"
+        elif not msg.startswith(err["loc"][-1] if isinstance(err["loc"][-1], str) else "\0"):
+            msg = f"{param}: {msg}"
+        raise InvalidRequestError(msg, param=param) from None
+
+
+_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def field_path(loc: tuple[Any, ...]) -> str:
+    """('messages', 0, 'content') -> 'messages[0].content'; union member tags ('list[TextPart]') dropped."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part.isidentifier() and part not in _TAGS and not part[0].isupper():
+            out += f".{part}" if out else part
+    return out
+
+
+# ---------------------------------------------------------------------- responses
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage_dict(usage: Any) -> dict[str, int]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+
+
+def model_card(model_id: str, created: int, parent: Optional[str]) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "adapterkit",
+            "root": model_id, "parent": parent}
+
+
+def completion(rid: str, created: int, model: str, text: str, finish: str, usage: Any) -> dict[str, Any]:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "usage": usage_dict(usage), "system_fingerprint": None}
+
+
+def completion_chunk(rid: str, created: int, model: str, text: str, finish: Optional[str],
+                     with_usage: bool) -> dict[str, Any]:
+    chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
+             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+             "system_fingerprint": None}
+    if with_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def chat_completion(rid: str, created: int, model: str, text: str, finish: str, usage: Any) -> dict[str, Any]:
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": finish}],
+            "usage": usage_dict(usage), "system_fingerprint": None}
+
+
+def chat_chunk(rid: str, created: int, model: str, delta: dict[str, Any], finish: Optional[str],
+               with_usage: bool) -> dict[str, Any]:
+    chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+             "system_fingerprint": None}
+    if with_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(rid: str, created: int, model: str, obj: str, usage: Any) -> dict[str, Any]:
+    """The last chunk before [DONE] when stream_options.include_usage: no choices, the usage."""
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+            "usage": usage_dict(usage), "system_fingerprint": None}

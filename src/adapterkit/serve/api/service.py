@@ -1,0 +1,310 @@
+"""What the OpenAI-compatible endpoints do, without any web framework (router.py maps HTTP onto it).
+
+Model names: `model` is the base's name (the bare base), a served adapter's name, or
+`BASE:ADAPTER` whose BASE part must be the served base. Anything else is an error (404): a request
+is never answered by the base in place of an adapter it named.
+
+Chat prompts: the tokenizer's chat template with add_generation_prompt=True, tokenised without
+adding special tokens again (the template writes them). A tokenizer without a chat template gets a
+plain rendering instead, one "role: content" line per message and then "assistant:".
+
+Cancellation: every request's engine stream is cancelled when the coroutine serving it is cancelled
+(client gone) or the SSE body is closed before the end, so the engine frees its batch row, KV cache
+and adapter slot at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Optional
+
+from ...adapter import validate_name
+from ...errors import AdapterkitError, AdapterNameError, AdapterNotFoundError, ConfigError
+from ..requests import ContextLengthError, GenerationRequest, RequestStream, SamplingParams, StreamEvent
+from . import metrics as prom
+from . import protocol as P
+from .errors import (AuthenticationError, InvalidRequestError, ModelNotFoundError, ServiceUnavailableError,
+                     blame, error_status)
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20     # 1 MiB
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    api_key: Optional[str] = None                 # Bearer key for every route but /health; None: open
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies: 413
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1:
+            raise ConfigError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("the API key is empty; give a non-empty key or none")
+
+
+def sse(obj: Any) -> str:
+    """One server-sent event: `data: {json}` and a blank line."""
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class EventStream:
+    """A streamed answer: `chunks()` yields SSE strings; `close()` cancels an unfinished request.
+    The service has read the first engine event already, so errors before any token were raised
+    as HTTP errors instead of a 200 stream."""
+
+    def __init__(self, stream: RequestStream, first: StreamEvent, rest: AsyncIterator[StreamEvent],
+                 render: Callable[[StreamEvent, bool], list[Any]], tail: Callable[[StreamEvent], list[Any]]) -> None:
+        self.stream = stream
+        self._first, self._rest = first, rest
+        self._render, self._tail = render, tail
+
+    async def chunks(self) -> AsyncIterator[str]:
+        try:
+            ev, first = self._first, True
+            while True:
+                if ev.finished and ev.finish_reason not in ("stop", "length"):
+                    for obj in self._render(StreamEvent(ev.text, ev.token_ids), first):
+                        yield sse(obj)
+                    yield sse(error_status(_failure(ev))[1])
+                    break
+                for obj in self._render(ev, first):
+                    yield sse(obj)
+                if ev.finished:
+                    for obj in self._tail(ev):
+                        yield sse(obj)
+                    break
+                first = False
+                ev = await self._rest.__anext__()
+            yield SSE_DONE
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.stream.final is None:
+            self.stream.cancel()
+
+
+def _failure(ev: StreamEvent) -> BaseException:
+    """The exception behind a final event that is neither stop nor length."""
+    if ev.finish_reason == "cancelled":
+        return ServiceUnavailableError("the request was cancelled before it finished (the server is shutting down)")
+    return ev.error if ev.error is not None else RuntimeError(f"generation ended with {ev.finish_reason!r}")
+
+
+class OpenAIService:
+    def __init__(self, engine: Any, settings: ApiSettings | None = None) -> None:
+        self.engine = engine
+        self.settings = settings or ApiSettings()
+        self.created = P.now()
+
+    # ------------------------------------------------------------------ auth, health, metrics
+    def check_auth(self, authorization: Optional[str]) -> None:
+        """`Authorization: Bearer KEY` must carry the configured key (constant-time compare)."""
+        key = self.settings.api_key
+        if key is None:
+            return
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise AuthenticationError("missing API key: send the header 'Authorization: Bearer <key>'")
+        if not hmac.compare_digest(given.strip().encode(), key.encode()):
+            raise AuthenticationError("invalid API key")
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "base": self.engine.base_name, "adapters": len(self.engine.cache.names())}
+
+    def metrics_text(self) -> str:
+        return prom.render(self.engine.metrics(), self.engine.cache.stats())
+
+    # ------------------------------------------------------------------ models
+    def list_models(self) -> dict[str, Any]:
+        base = self.engine.base_name
+        data = [P.model_card(base, self.created, None)]
+        data += [P.model_card(name, self.created, base) for name in self.engine.cache.names()]
+        return {"object": "list", "data": data}
+
+    def get_model(self, model_id: str) -> dict[str, Any]:
+        adapter = self.resolve(model_id)
+        if adapter is None:
+            return P.model_card(self.engine.base_name, self.created, None)
+        if adapter not in self.engine.cache.names():
+            raise ModelNotFoundError(f"the model {model_id!r} does not exist", param="model")
+        return P.model_card(adapter, self.created, self.engine.base_name)
+
+    def resolve(self, model: str) -> Optional[str]:
+        """The adapter a `model` names, or None for the base. Unknown adapters are the engine's 404."""
+        base = self.engine.base_name
+        if model == base:
+            return None
+        name = model
+        if ":" in model:
+            head, _, name = model.rpartition(":")
+            if head != base:
+                raise ModelNotFoundError(f"model {model!r}: base {head!r} is not served here; this server "
+                                         f"serves {base!r} (use '{base}:ADAPTER' or the adapter name)", param="model")
+        try:
+            validate_name(name)
+        except AdapterNameError:
+            raise ModelNotFoundError(f"the model {model!r} does not exist; served: {base!r} and its adapters "
+                                     "(GET /v1/models)", param="model") from None
+        return name
+
+    # ------------------------------------------------------------------ generation
+    async def completion(self, req: P.CompletionRequest) -> dict[str, Any] | EventStream:
+        adapter = self.resolve(req.model)
+        ids = await asyncio.to_thread(self._encode, req.prompt, True)
+        params = self._params(req, len(ids), req.max_tokens, "max_tokens", "prompt")
+        rid, created, model = P.new_id("cmpl"), P.now(), req.model
+        if req.stream:
+            usage = req.include_usage
+
+            def render(ev: StreamEvent, first: bool) -> list[Any]:
+                return [P.completion_chunk(rid, created, model, ev.text, None, usage)] if ev.text or first else []
+
+            def tail(ev: StreamEvent) -> list[Any]:
+                out = [P.completion_chunk(rid, created, model, "", ev.finish_reason, usage)]
+                return out + ([P.usage_chunk(rid, created, model, "text_completion", ev.usage)] if usage else [])
+            return await self._stream(ids, adapter, params, "prompt", render, tail)
+        text, final = await self._collect(ids, adapter, params, "prompt")
+        return P.completion(rid, created, model, text, final.finish_reason, final.usage)
+
+    async def chat(self, req: P.ChatCompletionRequest) -> dict[str, Any] | EventStream:
+        adapter = self.resolve(req.model)
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                    for m in req.messages]
+        ids = await asyncio.to_thread(self._encode_chat, messages)
+        params = self._params(req, len(ids), req.max_new_tokens, req.max_tokens_param, "messages")
+        rid, created, model = P.new_id("chatcmpl"), P.now(), req.model
+        if req.stream:
+            usage = req.include_usage
+
+            def render(ev: StreamEvent, first: bool) -> list[Any]:
+                out = [P.chat_chunk(rid, created, model, {"role": "assistant", "content": ""}, None, usage)] \
+                    if first else []
+                if ev.text:
+                    out.append(P.chat_chunk(rid, created, model, {"content": ev.text}, None, usage))
+                return out
+
+            def tail(ev: StreamEvent) -> list[Any]:
+                out = [P.chat_chunk(rid, created, model, {}, ev.finish_reason, usage)]
+                return out + ([P.usage_chunk(rid, created, model, "chat.completion.chunk", ev.usage)] if usage else [])
+            return await self._stream(ids, adapter, params, "messages", render, tail)
+        text, final = await self._collect(ids, adapter, params, "messages")
+        return P.chat_completion(rid, created, model, text, final.finish_reason, final.usage)
+
+    def _encode(self, text: str, special: bool) -> list[int]:
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise ConfigError(f"the base {self.engine.base_name!r} has no tokenizer; it cannot serve text requests")
+        return list(tok(text, add_special_tokens=special)["input_ids"])
+
+    def _encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        tok = self.engine.tokenizer
+        if tok is not None and getattr(tok, "chat_template", None):
+            try:
+                text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:          # jinja: e.g. "roles must alternate user/assistant"
+                raise InvalidRequestError(f"the chat template refused these messages: {exc}",
+                                          param="messages") from None
+            return self._encode(text, False)
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return self._encode(text, True)
+
+    def _params(self, req: Any, n_prompt: int, max_tokens: Optional[int], max_param: str,
+                prompt_param: str) -> SamplingParams:
+        ctx = self.engine.max_context
+        if n_prompt == 0:
+            raise InvalidRequestError(f"{prompt_param} is empty: it encodes to no tokens", param=prompt_param)
+        if n_prompt >= ctx:
+            raise _param(ContextLengthError(
+                f"{prompt_param} has {n_prompt} tokens; the model's context is {ctx} tokens (prompt + at least one "
+                "generated token); shorten it"), prompt_param)
+        room = ctx - n_prompt
+        if max_tokens is None:
+            max_tokens = room
+        elif max_tokens > room:
+            raise _param(ContextLengthError(
+                f"{max_param} is {max_tokens} but the {n_prompt}-token {prompt_param} leaves room for {room} tokens "
+                f"in the model's context of {ctx}; lower {max_param}"), max_param)
+        with blame(max_param):
+            return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                  top_k=max(req.top_k, 0), seed=req.seed, stop=req.stop_list,
+                                  ignore_eos=req.ignore_eos)
+
+    def _submit(self, ids: list[int], adapter: Optional[str], params: SamplingParams, prompt_param: str) -> RequestStream:
+        try:
+            return self.engine.submit(GenerationRequest(prompt_ids=ids, adapter=adapter, params=params))
+        except AdapterNotFoundError as exc:
+            raise _param(exc, "model")
+        except ContextLengthError as exc:        # the engine's KV budget
+            raise _param(exc, "max_tokens")
+        except ConfigError as exc:
+            raise _param(exc, prompt_param)
+
+    async def _collect(self, ids: list[int], adapter: Optional[str], params: SamplingParams,
+                       prompt_param: str) -> tuple[str, StreamEvent]:
+        stream = self._submit(ids, adapter, params, prompt_param)
+        try:
+            async for _ in stream:
+                pass
+        finally:
+            if stream.final is None:        # cancelled (client gone) or the loop is closing
+                stream.cancel()
+        final = stream.final
+        assert final is not None
+        if final.finish_reason not in ("stop", "length"):
+            raise _failure(final)
+        return stream.text, final
+
+    async def _stream(self, ids: list[int], adapter: Optional[str], params: SamplingParams, prompt_param: str,
+                      render: Callable[[StreamEvent, bool], list[Any]],
+                      tail: Callable[[StreamEvent], list[Any]]) -> EventStream:
+        stream = self._submit(ids, adapter, params, prompt_param)
+        events = stream.__aiter__()
+        try:
+            first = await events.__anext__()      # admission errors become HTTP errors, not a 200 stream
+        except BaseException:
+            if stream.final is None:
+                stream.cancel()
+            raise
+        if first.finished and first.finish_reason not in ("stop", "length") and not stream.token_ids:
+            raise _failure(first)
+        return EventStream(stream, first, events, render, tail)
+
+    # ------------------------------------------------------------------ adapters (vLLM endpoints)
+    async def load_adapter(self, req: P.LoadAdapterRequest) -> dict[str, Any]:
+        name = req.lora_name
+        if name == self.engine.base_name:
+            raise _param(AdapterNameError(f"{name!r} is the base model's name; choose another adapter name"),
+                         "lora_name")
+        try:
+            validate_name(name)
+            src = await asyncio.to_thread(self.engine.cache.load, name, req.lora_path)
+        except AdapterNameError as exc:
+            _param(exc, "lora_name")
+            raise
+        except AdapterkitError as exc:
+            _param(exc, "lora_path")
+            raise
+        return {"status": "ok", "lora_name": name,
+                "message": f"Success: LoRA adapter '{name}' added successfully.", "parent": self.engine.base_name,
+                "origin": src.origin}
+
+    async def unload_adapter(self, req: P.UnloadAdapterRequest) -> dict[str, Any]:
+        name = req.lora_name
+        with blame("lora_name"):
+            gone = self.engine.cache.unload(name)
+        msg = (f"Success: LoRA adapter '{name}' removed successfully." if gone else
+               f"LoRA adapter '{name}' is no longer served; it is detached when its in-flight requests finish.")
+        return {"status": "ok", "lora_name": name, "message": msg, "detached": gone}
+
+
+def _param(exc: BaseException, param: str) -> BaseException:
+    """Name the request field an error is about (errors.error_status puts it in the body)."""
+    if getattr(exc, "param", None) is None:
+        exc.param = param            # type: ignore[attr-defined]
+    return exc
