@@ -1,0 +1,75 @@
+"""`adapterkit serve`: the OpenAI-compatible server; registered in cli.py with app.command("serve")(serve_cmd)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .cli_common import fail
+from .errors import AdapterkitError
+
+
+def serve_cmd(
+    base: str = typer.Option("smollm2-135m", "--base", help="Built-in base name or local transformers folder."),
+    adapters: Optional[List[Path]] = typer.Option(None, "--adapters", help="Folder whose subfolders are adapters "
+                                                  "(ours or PEFT's), served by folder name; repeatable."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (loopback by default)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port; 0 picks a free one."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="ADAPTERKIT_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on every route but /health "
+                                          "(or set ADAPTERKIT_API_KEY, which keeps it out of the process list)."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Sequences decoding together."),
+    max_queue: int = typer.Option(256, "--max-queue", min=1, help="Waiting requests before answering 429."),
+    kv_cache_mb: float = typer.Option(2048.0, "--kv-cache-mb", min=1.0, help="KV cache memory for all sequences."),
+    max_loaded_adapters: int = typer.Option(8, "--max-loaded-adapters", min=1, help="Adapters attached at once."),
+    ram_cache_mb: float = typer.Option(1024.0, "--ram-cache-mb", min=0.0, help="RAM tier for adapters not attached."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Adapter store to serve (default: "
+                                         "$ADAPTERKIT_HOME/store when it exists)."),
+    max_body_mb: float = typer.Option(1.0, "--max-body-mb", min=0.001, help="Largest request body (413 above)."),
+    shutdown_timeout: float = typer.Option(30.0, "--shutdown-timeout", min=0.0,
+                                           help="Seconds requests in flight get to finish on SIGINT/SIGTERM."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (warning: no access log)."),
+) -> None:
+    """Serve the base and its adapters over an OpenAI-compatible HTTP API.
+
+    \b
+    Each adapter is an OpenAI "model" (parent: the base); "model" may be an
+    adapter, the base, or BASE:ADAPTER. Also vLLM's /v1/load_lora_adapter and
+    /v1/unload_lora_adapter (paths confined to the store and --adapters
+    folders), /health and /metrics (Prometheus).
+
+    \b
+      adapterkit serve --adapters ./adapters --port 8000
+      curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "math", "prompt": "2+2=", "max_tokens": 8}'
+    """
+    from .base import adapterkit_home
+    from .serve.api import ApiSettings
+    from .serve.engine import Engine, EngineConfig
+    from .serve.server import bind, serve
+    from .store import AdapterStore
+
+    try:
+        settings = ApiSettings(api_key=api_key, max_body_bytes=int(max_body_mb * 2 ** 20))
+        if store is None and (adapterkit_home() / "store").is_dir():
+            store = adapterkit_home() / "store"
+        try:
+            sock = bind(host, port)           # before the (slow) base load: a taken port fails at once
+        except OSError as exc:
+            raise AdapterkitError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                                  "choose another --port (0 picks a free one)") from None
+        try:
+            engine = Engine.build(base, store=AdapterStore(store) if store is not None else None,
+                                  adapter_dirs=adapters or [],
+                                  config=EngineConfig(max_batch=max_batch, max_queue=max_queue, kv_cache_mb=kv_cache_mb),
+                                  max_loaded_adapters=max_loaded_adapters, ram_cache_mb=ram_cache_mb)
+        except BaseException:
+            sock.close()
+            raise
+        code = serve(engine, host=host, settings=settings, drain_timeout=shutdown_timeout, log_level=log_level,
+                     sock=sock)
+    except AdapterkitError as exc:
+        fail(exc)
+    raise typer.Exit(code)
