@@ -298,3 +298,20 @@ def test_streams_read_from_an_event_loop(env):
         eng.stop()
     assert events[-1].finished and "".join(e.text for e in events) == s.text
     assert [t for e in events for t in e.token_ids] == s.token_ids
+
+
+def test_an_adapter_folder_added_after_start_is_found_on_first_request(env, tmp_path):
+    import shutil
+
+    root = tmp_path / "root"
+    root.mkdir()
+    eng = Engine.build(str(env.base), adapter_dirs=[root]).start()
+    try:
+        with pytest.raises(AdapterNotFoundError, match="unknown adapter 'late'; served adapters: none"):
+            eng.submit(GenerationRequest([1, 5, 6], adapter="late", params=GREEDY))
+        shutil.copytree(env.adapters / "t5", root / "late")
+        s = eng.submit(GenerationRequest(prompt(5, 7), adapter="late", params=GREEDY))
+        s.result(timeout=30)
+    finally:
+        eng.stop()
+    assert s.token_ids == peft_greedy(env, "t5", prompt(5, 7), GREEDY.max_tokens)

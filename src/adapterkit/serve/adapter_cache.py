@@ -133,6 +133,11 @@ class AdapterCache:
         with self._lock:
             return sorted(self._sources)
 
+    def find(self, name: str) -> Source:
+        """Where `name` is served from (found lazily in the roots if new); AdapterNotFoundError if
+        it is not served, with the reason or the served names."""
+        return self._source(name)
+
     def _source(self, name: str) -> Source:
         with self._lock:
             src = self._sources.get(name)

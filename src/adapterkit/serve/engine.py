@@ -32,7 +32,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from ..errors import AdapterkitError, AdapterNotFoundError, ConfigError
+from ..errors import AdapterkitError, ConfigError
 from .adapter_cache import AdapterCache, AdapterHandle, NoFreeSlotError
 from .detok import Detokenizer
 from .engine_metrics import EngineMetrics
@@ -145,9 +145,8 @@ class Engine:
             raise ContextLengthError(
                 f"prompt + max_tokens = {n + p.max_tokens} tokens exceed the engine's KV budget of "
                 f"{self.kv_budget} tokens; lower max_tokens or raise --kv-cache-mb")
-        if request.adapter is not None and request.adapter not in self.cache.names():
-            raise AdapterNotFoundError(f"unknown adapter {request.adapter!r}; served adapters: "
-                                       f"{', '.join(sorted(self.cache.names())) or 'none'}")
+        if request.adapter is not None:
+            self.cache.find(request.adapter)         # AdapterNotFoundError; finds new folders lazily
         stream = RequestStream(request)
         with self._lock:
             if not self._accepting:
