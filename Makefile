@@ -4,6 +4,7 @@ setup:
 	scripts/setup.sh
 run: setup
 	.venv/bin/adapterkit demo
+	.venv/bin/adapterkit serve
 test: setup
 	.venv/bin/python -m pytest -q
 bench: setup
