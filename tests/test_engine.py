@@ -315,3 +315,31 @@ def test_an_adapter_folder_added_after_start_is_found_on_first_request(env, tmp_
     finally:
         eng.stop()
     assert s.token_ids == peft_greedy(env, "t5", prompt(5, 7), GREEDY.max_tokens)
+
+
+def test_submit_never_waits_for_a_running_step(env):
+    """The API thread submits while the engine thread is inside a (slowed) forward: submit (adapter
+    lookup, prefetch) takes the cache's bookkeeping lock, the forward holds only the runtime lock."""
+    eng = engine(env)
+    inside, release = threading.Event(), threading.Event()
+    orig = eng.decoder.hidden
+
+    def slow(*a, **k):
+        inside.set()
+        release.wait(10)
+        return orig(*a, **k)
+
+    eng.decoder.hidden = slow
+    try:
+        first = eng.submit(GenerationRequest([1, 5, 6], adapter="t0", params=GREEDY))
+        assert inside.wait(10)
+        t0 = time.monotonic()
+        second = eng.submit(GenerationRequest([1, 5, 7], adapter="t6", params=GREEDY))
+        waited = time.monotonic() - t0
+        release.set()
+        first.result(timeout=30), second.result(timeout=30)
+    finally:
+        release.set()
+        eng.stop()
+    assert waited < 0.5, waited
+    assert second.token_ids == peft_greedy(env, "t6", [1, 5, 7], GREEDY.max_tokens)

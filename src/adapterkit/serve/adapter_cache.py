@@ -31,10 +31,12 @@ Policies
   - prefetch(name) reads into RAM on a background thread; idempotent; a read error is raised by
     the next acquire of that name (once).
 
-Threads: one re-entrant lock guards the bookkeeping and every runtime mutation (attach/detach).
-Disk reads run outside it, and concurrent requests for one name share one read (a Future).
-Forward passes must not overlap attach/detach (LoraPool restacks its slot tensors), so the engine
-runs them inside `cache.batch(rows)` or `with cache.locked():`, which hold the same lock.
+Threads: a re-entrant bookkeeping lock guards the tiers and counters (short sections); a second
+re-entrant runtime lock guards every runtime mutation (attach/detach) and every forward pass
+(LoraPool restacks its slot tensors on attach), so the engine runs forwards inside
+`cache.batch(rows)` or `with cache.locked():`. Order: bookkeeping, then runtime; a forward holds
+only the runtime lock, so submitting (find, prefetch) never waits for a step. Disk reads run
+outside both, and concurrent requests for one name share one read (a Future).
 """
 
 from __future__ import annotations
@@ -111,7 +113,8 @@ class AdapterCache:
         runtime.capacity = max(runtime.capacity, max_loaded + 1)   # the spare slot: attach before evicting
         self.roots = AdapterRoots(store, adapter_dirs, runtime.fingerprint)
         self._dtype = next(runtime.model.parameters()).dtype
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()                      # bookkeeping: short sections only
+        self._runtime_lock = threading.RLock()              # runtime attach/detach vs forward passes
         self._freed = threading.Condition(self._lock)       # notified when a slot may have become free
         self._sources: dict[str, Source] = self.roots.scan()  # served names (raises on a clash)
         self._hidden: set[str] = set()                       # unloaded: skipped by lazy discovery
@@ -252,7 +255,8 @@ class AdapterCache:
     def _attach(self, e: _Entry, victim: _Entry | None) -> None:
         name = e.source.name
         try:
-            e.slot = self.runtime.add(e.adapter)       # validates base fingerprint and shapes
+            with self._runtime_lock:
+                e.slot = self.runtime.add(e.adapter)   # validates base fingerprint and shapes
         except BaseException:
             self._count["attach_errors"] += 1
             self._ram_remove(name, e)                  # a refused adapter is not kept
@@ -266,7 +270,8 @@ class AdapterCache:
 
     def _detach(self, e: _Entry, keep: bool) -> None:
         name = e.source.name
-        self.runtime.remove(name)
+        with self._runtime_lock:
+            self.runtime.remove(name)
         del self._active[name]
         self._active_bytes -= e.nbytes
         e.slot = 0
@@ -408,12 +413,13 @@ class AdapterCache:
             same = self._check_free(name, real, in_root)
             if same is not None:
                 return same
-            try:                                       # the base's own checks (fingerprint, shapes)
-                self.runtime.add(e.adapter)            # the spare slot is always free here
-            except BaseException:
-                self._count["attach_errors"] += 1
-                raise
-            self.runtime.remove(name)
+            with self._runtime_lock:
+                try:                                   # the base's own checks (fingerprint, shapes)
+                    self.runtime.add(e.adapter)        # the spare slot is always free here
+                except BaseException:
+                    self._count["attach_errors"] += 1
+                    raise
+                self.runtime.remove(name)
             self._sources[name] = src
             self._hidden.discard(name)
             self._ram_put(e)
@@ -455,13 +461,15 @@ class AdapterCache:
     # ------------------------------------------------------------------ forwards, stats, close
     @contextlib.contextmanager
     def batch(self, rows: Sequence[Any], **kwargs: Any) -> Iterator[Any]:
-        """runtime.batch(rows) with the cache lock held: no attach/detach during the forward."""
-        with self._lock, self.runtime.batch(rows, **kwargs) as b:
+        """runtime.batch(rows) with the runtime lock held: no attach/detach during the forward."""
+        with self._runtime_lock, self.runtime.batch(rows, **kwargs) as b:
             yield b
 
     def locked(self) -> Any:
-        """The cache lock (re-entrant), for an engine that builds batches with runtime.batch_from_ids."""
-        return self._lock
+        """The runtime lock (re-entrant), for an engine that builds batches with runtime.batch_from_ids.
+        It is not the bookkeeping lock, so find/prefetch/acquire of attached adapters never wait for
+        a forward pass (an API thread submitting during a step is not blocked)."""
+        return self._runtime_lock
 
     def stats(self) -> dict[str, Any]:
         """Counters for /metrics. Hits/misses count acquire calls: slot_* whether the adapter was
