@@ -87,9 +87,16 @@ def _print_reversible(rev, st, as_json: bool) -> None:
     if as_json:
         print(json.dumps({**rev.to_json(), "store": str(st.root)}))
         return
-    table = Table("task", "rel. error", *[b.name for b in rev.basis], title="reversible merge: coefficients")
+    title = "reversible merge: per-site fit" if rev.per_site else "reversible merge: coefficients"
+    table = Table("task", "rel. error", "row error", *[b.name for b in rev.basis], title=title)
     for i, t in enumerate(rev.tasks):
-        table.add_row(t["name"], f"{rev.errors[t['name']]:.2e}", *[f"{c:.4f}" for c in rev.coefficients[i].tolist()])
+        name = t["name"]
+        table.add_row(name, f"{rev.errors[name]:.2e}", f"{rev.row_errors.get(name, rev.errors[name]):.2e}",
+                      *[f"{c:.4f}" for c in rev.coefficients[i].tolist()])
     out.print(table)
-    out.print(f"stored {', '.join(b.name for b in rev.basis)} in {st.root}; a task is the weighted row "
-               "{basis: coefficient} of these adapters, or recover(ReversibleMerge.from_store(store, name), task)", highlight=False)
+    how = ("recover(ReversibleMerge.from_store(store, name), task) rebuilds a task exactly as fitted ('rel. error', "
+           "each site with its own coefficients); the weighted row {basis: coefficient} shown is the best single "
+           "row for all sites ('row error')" if rev.per_site else
+           "a task is the weighted row {basis: coefficient} of these adapters, or "
+           "recover(ReversibleMerge.from_store(store, name), task)")
+    out.print(f"stored {', '.join(b.name for b in rev.basis)} in {st.root}; {how}", highlight=False)
