@@ -116,15 +116,15 @@ def cache_summary(stats: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def tune_peft_batch(base: str, root: Path, names: list[str], sizes: list[int], vocab: int) -> tuple[int, dict]:
-    """Closed-loop throughput of one full static batch per size; the best size is the baseline's."""
+def tune(make, sizes: list[int], n_requests: int, names: list[str], vocab: int, label: str) -> tuple[int, dict]:
+    """Saturation throughput per batch size (one run of n_requests each); the best size is used."""
     found = {}
     for b in sizes:
-        sysm = PeftStaticSystem(base, root, names, batch=b)
-        r = drive(sysm, workload(b, names, "uniform", float("inf"), 99, vocab))
+        sysm = make(b)
+        r = drive(sysm, workload(max(b, n_requests), names, "uniform", float("inf"), 99, vocab))
         sysm.close()
         found[b] = r["output_tokens_per_s"]
-        log(f"  peft batch {b}: {found[b]:.1f} tok/s")
+        log(f"  {label} batch {b}: {found[b]:.1f} tok/s")
     return max(found, key=found.get), found
 
 
@@ -152,10 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="smollm2-135m")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--requests", type=int, default=48, help="requests per saturation run")
+    ap.add_argument("--requests", type=int, default=64, help="requests per saturation run")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--max-batch", type=int, default=32)
-    ap.add_argument("--peft-batches", default="8,16,32")
+    ap.add_argument("--max-batch", type=int, default=32, help="engine batch when saturation (tuning) is not run")
+    ap.add_argument("--peft-batches", default="16,32,64")
+    ap.add_argument("--engine-batches", default="32,64")
     ap.add_argument("--sweep", default="0.4,0.7,1.0", help="offered rate as fractions of adapterkit's saturation")
     ap.add_argument("--sweep-requests", type=int, default=32)
     ap.add_argument("--adapter-dir", type=Path, default=Path.home() / ".cache" / "adapterkit" / "bench-serve")
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "serve.json")
     args = ap.parse_args(argv)
     if args.quick:
-        args.requests, args.rounds, args.sweep_requests, args.peft_batches = 8, 1, 6, "8"
+        args.requests, args.rounds, args.sweep_requests, args.peft_batches, args.engine_batches = 8, 1, 6, "8", "8"
         args.sweep = "0.5"
         args.out = args.out.with_name("serve_quick.json")
     torch.set_num_threads(args.threads)
@@ -190,9 +191,16 @@ def main(argv: list[str] | None = None) -> None:
     names64 = all_names[:64]
 
     if "saturation" in parts:
-        log("tuning the PEFT baseline's static batch size")
-        best, tuned = tune_peft_batch(args.base, roots[64], names64, [int(x) for x in args.peft_batches.split(",")],
-                                      vocab)
+        log("tuning the batch size of adapterkit's engine and of the PEFT baseline (best tokens/s of each)")
+        ak_batch, ak_tuned = tune(lambda b: EngineSystem(args.base, roots[64], max_batch=b, max_loaded=64,
+                                                         ram_cache_mb=1024, warm=tuple(names64)),
+                                  [int(x) for x in args.engine_batches.split(",")], args.requests, names64, vocab,
+                                  "adapterkit")
+        best, tuned = tune(lambda b: PeftStaticSystem(args.base, roots[64], names64, batch=b),
+                           [int(x) for x in args.peft_batches.split(",")], args.requests, names64, vocab, "peft")
+        args.max_batch = ak_batch
+        results["environment"]["engine_max_batch"] = ak_batch
+        results["engine_batch_tuning_tokens_per_s"] = ak_tuned
         results["peft_batch_tuning_tokens_per_s"] = tuned
         results["peft_batch"] = best
         runs: dict[str, list[dict]] = {"adapterkit": [], "peft": [], "base_engine": [], "base_hf_static": []}
