@@ -474,8 +474,9 @@ def test_queue_full_is_429_and_a_stopped_engine_is_503(world):
 
 
 # ---------------------------------------------------------------------- client disconnect
-async def _disconnecting_call(app, path: str, body: dict, after_chunks: int) -> list:
-    """Drive the ASGI app directly: send the body, then disconnect once `after_chunks` body parts went out."""
+async def _disconnecting_call(app, path: str, body: dict, after_chunks: int, running=lambda: True) -> list:
+    """Drive the ASGI app directly: send the body, then disconnect once `after_chunks` body parts went
+    out and `running()` holds (a client gone before its request reached the engine cancels nothing)."""
     raw = json.dumps(body).encode()
     sent: list = []
     state = {"body_sent": False}
@@ -484,7 +485,7 @@ async def _disconnecting_call(app, path: str, body: dict, after_chunks: int) -> 
         if not state["body_sent"]:
             state["body_sent"] = True
             return {"type": "http.request", "body": raw, "more_body": False}
-        while sum(m["type"] == "http.response.body" for m in sent) < after_chunks:
+        while sum(m["type"] == "http.response.body" for m in sent) < after_chunks or not running():
             await asyncio.sleep(0.001)
         return {"type": "http.disconnect"}
 
@@ -505,7 +506,8 @@ def test_a_client_that_disconnects_cancels_its_request(world, stream):
     before = engine.metrics()["finished_total"].get("cancelled", 0)
     body = {"model": "alpha", "prompt": PROMPT, "max_tokens": engine.max_context - 10, "ignore_eos": True,
             "stream": stream}
-    sent = run(_disconnecting_call(world.app, "/v1/completions", body, after_chunks=2 if stream else 0))
+    sent = run(_disconnecting_call(world.app, "/v1/completions", body, after_chunks=2 if stream else 0,
+                                   running=lambda: engine.metrics()["running"] > 0))
     wait_for(lambda: engine.metrics()["finished_total"].get("cancelled", 0) == before + 1)
     wait_for(lambda: engine.metrics()["running"] == 0)
     if stream:
