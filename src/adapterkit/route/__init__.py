@@ -1,0 +1,47 @@
+"""Routers: choose adapters from the input itself, so a request need not name one.
+
+    retrieval.py   training-free: nearest adapter descriptor (embedding centroid), calibrated
+                   confidence, OOD threshold -> fallback; top-k rows with weights
+    gate.py        learned MeteoRA-style per-layer gate: top-k adapters per token, mixed-batch kernels
+    common.py      Decision, typed errors, adapter records (content fingerprints), store artifacts
+    evaluate.py    routing accuracy, confusion matrix (table + PNG), end-to-end accuracy vs the oracle
+
+    router = load_router(store, "auto", encoder=Encoder.from_base(base, runtime=rt))
+    [d] = router.route(["what a wonderful film"])    # d.adapters == {"sentiment": 1.0}, d.fallback False
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .common import (AUTO, AdapterRecord, Decision, EmptyPromptError, RouterNotFoundError, StaleRouterError,
+                     default_router, list_routers, read_router, set_default_router)
+from .encoder import Encoder
+from .gate import GateRouter, train_gate
+from .retrieval import RetrievalRouter, fit_retrieval
+from .retrieval import TYPE as RETRIEVAL_TYPE
+from .gate import TYPE as GATE_TYPE
+
+__all__ = ["AUTO", "AdapterRecord", "Decision", "EmptyPromptError", "Encoder", "GateRouter", "RetrievalRouter",
+           "RouterNotFoundError", "StaleRouterError", "default_router", "fit_retrieval", "list_routers",
+           "load_router", "set_default_router", "train_gate"]
+
+
+def load_router(store: Any, name: str = AUTO, *, encoder: Encoder | None = None, strict: bool = True,
+                verify: bool = True) -> RetrievalRouter | GateRouter:
+    """The stored router `name` ("auto": the store's default router).
+
+    Retrieval: `encoder` (default: load the encoder the router was fitted with by name) must have the
+    recorded fingerprint. verify: compare every adapter with the store; strict raises
+    StaleRouterError naming the deleted/replaced ones, non-strict marks them unusable (never chosen;
+    decisions that would have chosen them fall back and say why)."""
+    meta, tensors = read_router(store, name)
+    if meta["type"] == RETRIEVAL_TYPE:
+        if encoder is None:
+            encoder = Encoder.load(meta["encoder"]["name"], max_length=int(meta["encoder"].get("max_length", 128)))
+        router: RetrievalRouter | GateRouter = RetrievalRouter.from_artifact(meta, tensors, encoder)
+    else:
+        router = GateRouter.from_artifact(meta, tensors)
+    if verify:
+        router.verify(store, strict=strict)
+    return router

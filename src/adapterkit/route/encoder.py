@@ -1,0 +1,63 @@
+"""Text -> one vector per text, for the retrieval router: mean-pooled last hidden states of a frozen
+model (the adapters' own base, or a small sentence encoder such as MiniLM), no adapter active.
+
+The encoder is identified by its base fingerprint; a stored router refuses another encoder.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import BaseMismatchError, ConfigError
+
+
+@dataclass
+class Encoder:
+    model: torch.nn.Module
+    tokenizer: Any
+    name: str
+    fingerprint: str
+    max_length: int = 128
+    runtime: Any = None           # an AdapterRuntime on `model`: encode with its adapters disabled
+
+    @classmethod
+    def from_base(cls, base: Any, *, max_length: int = 128, runtime: Any = None) -> "Encoder":
+        if base.tokenizer is None:
+            raise ConfigError(f"base {base.name!r} has no tokenizer; a retrieval router needs one to read prompts")
+        return cls(base.model, base.tokenizer, base.name, base.fingerprint, max_length, runtime)
+
+    @classmethod
+    def load(cls, name_or_path: str, *, max_length: int = 128) -> "Encoder":
+        from ..base import load_base
+
+        return cls.from_base(load_base(name_or_path), max_length=max_length)
+
+    def spec(self) -> dict[str, Any]:
+        return {"name": self.name, "fingerprint": self.fingerprint, "pooling": "mean", "max_length": self.max_length}
+
+    def check(self, spec: dict[str, Any]) -> None:
+        if spec["fingerprint"] != self.fingerprint:
+            raise BaseMismatchError(
+                f"the router was fitted with encoder {spec['name']} ({spec['fingerprint']}), but the encoder given "
+                f"is {self.name} ({self.fingerprint}); load the router with its own encoder")
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """[N, H] float32: the mean over non-pad tokens of the last hidden state (texts cut at max_length)."""
+        from ..train.classification import encode_texts, hidden_states
+
+        out = []
+        ctx = self.runtime.disabled() if self.runtime is not None else nullcontext()
+        with ctx:
+            for start in range(0, len(texts), batch_size):
+                batch = encode_texts(self.tokenizer, list(texts[start:start + batch_size]), self.max_length)
+                hidden = hidden_states(self.model, batch).float()               # [B, T, H]
+                mask = batch["attention_mask"].to(hidden.dtype)[..., None]      # [B, T, 1]
+                out.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
+        if not out:
+            return torch.zeros(0, int(self.model.config.hidden_size))
+        return torch.cat(out)

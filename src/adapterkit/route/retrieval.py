@@ -1,0 +1,259 @@
+"""Retrieval router (training-free): one descriptor per adapter, the nearest descriptor wins.
+
+Fit: embed examples of each adapter's task with a frozen encoder (encoder.py: mean-pooled hidden
+states), subtract the center c (the mean of the per-adapter means: mean-pooled states of one model
+share a large common direction, which would make every cosine ≈ 1), normalise, and average per
+adapter: descriptor d_a = normalize(mean_i normalize(e_i - c)).
+
+Route a text with embedding e: s_a = cos(e - c, d_a) for every adapter a, then
+  * OOD: max_a s_a < threshold  ->  the fallback (the base, or a named fallback adapter);
+    threshold = the (1 - coverage) quantile of max_a s_a over held-out in-task examples, so a share
+    `coverage` of in-distribution prompts pass;
+  * otherwise p = softmax(s / T) (T fitted on the held-out examples by minimising the negative
+    log-likelihood of the true adapter, so p is a calibrated confidence); the top_k adapters by p
+    are active on the row with weights p renormalised over them (weights below min_weight dropped).
+An adapter the router may not use (deleted or replaced in the store since fitting) is never chosen:
+if it is the nearest, the row goes to the fallback and the decision says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..adapter import Adapter
+from ..errors import ConfigError
+from .common import (AdapterRecord, Decision, check_adapters, check_base, check_prompts, check_router_name,
+                     now, read_router, records_from_meta, save_router, stale_adapters, stale_error)
+from .encoder import Encoder
+
+TYPE = "adapterkit.router.retrieval"
+TEMPERATURES = torch.logspace(math.log10(0.002), math.log10(2.0), 121)   # the grid T is fitted on
+
+
+@dataclass
+class RetrievalRouter:
+    name: str
+    records: list[AdapterRecord]
+    descriptors: torch.Tensor         # [n, H] unit rows, in the centered space
+    center: torch.Tensor              # [H]
+    temperature: float
+    threshold: float                  # min similarity of the nearest descriptor (below: fallback)
+    encoder_spec: dict[str, Any]
+    top_k: int = 1
+    min_weight: float = 0.05
+    min_confidence: float = 0.0       # below: fallback (ambiguous between adapters); 0 = off
+    fallback: AdapterRecord | None = None
+    examples: dict[str, Any] = field(default_factory=dict)      # lineage: source, counts, hashes
+    calibration: dict[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=now)
+    encoder: Encoder | None = None
+    unusable: dict[str, str] = field(default_factory=dict)      # adapter -> why it may not be used
+    kind: str = "retrieval"
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.records]
+
+    # ------------------------------------------------------------------ routing
+    def similarities(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """embeddings [N, H] -> cosine similarities [N, n] to the descriptors."""
+        z = torch.nn.functional.normalize(embeddings.float() - self.center, dim=-1)
+        return z @ self.descriptors.t()
+
+    def route(self, texts: Sequence[str]) -> list[Decision]:
+        """One Decision per prompt. Raises EmptyPromptError for an empty/whitespace prompt."""
+        texts = check_prompts(texts)
+        if self.encoder is None:
+            raise ConfigError(f"router {self.name!r} has no encoder attached; load it with load_router(...)")
+        return self.decide(self.similarities(self.encoder.embed(texts)))
+
+    def decide(self, sims: torch.Tensor) -> list[Decision]:
+        """sims [N, n] -> one Decision per row (pure: no model involved)."""
+        return [self._decide_row(row) for row in sims]
+
+    def _decide_row(self, s: torch.Tensor) -> Decision:
+        names = self.names
+        scores = {n: round(float(v), 6) for n, v in zip(names, s)}
+        usable = torch.tensor([n not in self.unusable for n in names])
+        nearest = int(s.argmax())
+        if not usable.any():
+            return self._fallback(scores, 0.0, "no adapter of this router is usable: "
+                                  + "; ".join(self.unusable.values()))
+        probs = torch.softmax(torch.where(usable, s, torch.tensor(-math.inf)) / self.temperature, dim=0)
+        if names[nearest] in self.unusable:
+            return self._fallback(scores, 0.0, f"the nearest adapter is unusable: {self.unusable[names[nearest]]}")
+        conf = float(probs[nearest])
+        if float(s[nearest]) < self.threshold:
+            return self._fallback(scores, conf, (
+                f"out of distribution: the nearest adapter {names[nearest]!r} has similarity "
+                f"{float(s[nearest]):.3f} < threshold {self.threshold:.3f}"))
+        if conf < self.min_confidence:
+            return self._fallback(scores, conf, (
+                f"ambiguous: the nearest adapter {names[nearest]!r} has confidence {conf:.3f} < "
+                f"min_confidence {self.min_confidence:.3f}"))
+        k = min(self.top_k, int(usable.sum()))
+        top_p, top_i = probs.topk(k)
+        weights = top_p / top_p.sum()
+        keep = (weights >= self.min_weight) | (torch.arange(k) == 0)
+        weights = weights[keep] / weights[keep].sum()
+        chosen = {names[int(i)]: round(float(w), 6) for i, w in zip(top_i[keep], weights)}
+        return Decision(chosen, scores, conf, False,
+                        f"nearest adapter {names[nearest]!r}: similarity {float(s[nearest]):.3f} >= threshold "
+                        f"{self.threshold:.3f}, confidence {conf:.3f}")
+
+    def _fallback(self, scores: dict[str, float], conf: float, why: str) -> Decision:
+        if self.fallback is not None and self.fallback.name not in self.unusable:
+            return Decision({self.fallback.name: 1.0}, scores, conf, True, f"{why}; served by the fallback "
+                            f"adapter {self.fallback.name!r}")
+        return Decision({}, scores, conf, True, f"{why}; served by the base model")
+
+    # ------------------------------------------------------------------ checks
+    def check_base(self, fingerprint: str | None, base_name: str | None = None) -> None:
+        """Raise BaseMismatchError unless the router's adapters belong to this base."""
+        check_base(self.records + ([self.fallback] if self.fallback else []), fingerprint, base_name)
+
+    def verify(self, store: Any, *, strict: bool = True) -> dict[str, str]:
+        """Compare the recorded adapters with the store. strict: raise StaleRouterError naming them;
+        else mark them unusable (never chosen, decisions say why) and return {name: why}."""
+        stale = stale_adapters(self.records + ([self.fallback] if self.fallback else []), store)
+        if stale and strict:
+            raise stale_error(self.name, stale)
+        self.unusable = stale
+        return stale
+
+    # ------------------------------------------------------------------ artifact
+    def to_meta(self) -> dict[str, Any]:
+        return {"type": TYPE, "format_version": 1, "kind": self.kind, "name": self.name,
+                "adapters": [vars(r) for r in self.records],
+                "fallback": vars(self.fallback) if self.fallback else None,
+                "encoder": self.encoder_spec, "temperature": self.temperature, "threshold": self.threshold,
+                "top_k": self.top_k, "min_weight": self.min_weight, "min_confidence": self.min_confidence,
+                "examples": self.examples, "calibration": self.calibration, "created": self.created}
+
+    def save(self, store: Any, *, overwrite: bool = False):
+        check_router_name(store, self.name, overwrite)
+        return save_router(store, self.name, self.to_meta(),
+                           {"descriptors": self.descriptors, "center": self.center})
+
+    @classmethod
+    def from_artifact(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
+                      encoder: Encoder | None) -> "RetrievalRouter":
+        if encoder is not None:
+            encoder.check(meta["encoder"])
+        fb = meta.get("fallback")
+        return cls(meta["name"], records_from_meta(meta), tensors["descriptors"].float(), tensors["center"].float(),
+                   float(meta["temperature"]), float(meta["threshold"]), meta["encoder"], int(meta["top_k"]),
+                   float(meta["min_weight"]), float(meta.get("min_confidence", 0.0)),
+                   AdapterRecord(**fb) if fb else None, meta.get("examples", {}), meta.get("calibration", {}),
+                   meta.get("created", ""), encoder)
+
+
+# ---------------------------------------------------------------------------- fitting
+def _split(texts: Sequence[str], seed: str, share: float = 0.2) -> tuple[list[str], list[str]]:
+    items = list(texts)
+    random.Random(seed).shuffle(items)
+    n_out = max(1, round(share * len(items)))
+    return items[n_out:], items[:n_out]
+
+
+def texts_hash(texts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8") + b"\0")
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def fit_temperature(sims: torch.Tensor, labels: torch.Tensor) -> float:
+    """argmin over the grid TEMPERATURES of the NLL of softmax(sims / T) at the true labels."""
+    nll = torch.stack([torch.nn.functional.cross_entropy(sims / t, labels) for t in TEMPERATURES])
+    return float(TEMPERATURES[int(nll.argmin())])
+
+
+def fit_retrieval(
+    name: str,
+    adapters: Sequence[Adapter],
+    examples: Mapping[str, Sequence[str]],
+    encoder: Encoder,
+    *,
+    held_out: Mapping[str, Sequence[str]] | None = None,
+    top_k: int = 1,
+    coverage: float = 0.99,
+    min_weight: float = 0.05,
+    min_confidence: float = 0.0,
+    fallback: Adapter | None = None,
+    source: str = "examples",
+) -> RetrievalRouter:
+    """A retrieval router over `adapters` from example texts per adapter name (`examples`), calibrated
+    on `held_out` texts per adapter (default: a seeded 20 % of `examples`)."""
+    records = check_adapters(adapters)
+    if not 0.0 < coverage <= 1.0:
+        raise ConfigError(f"coverage must be in (0, 1] (the share of in-task prompts that must pass), got {coverage}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ConfigError(f"top_k must be a positive integer, got {top_k!r}")
+    if not 0.0 <= min_weight < 1.0:
+        raise ConfigError(f"min_weight must be in [0, 1), got {min_weight}")
+    names = [r.name for r in records]
+    missing = [n for n in names if len([t for t in examples.get(n, ()) if t.strip()]) < (1 if held_out else 2)]
+    if missing:
+        raise ConfigError(f"no example texts for adapter(s) {missing} (a retrieval router needs >= 2 per adapter); "
+                          "give the adapters a task in the store or pass --examples FILE")
+    unknown = sorted(set(examples) - set(names))
+    if unknown:
+        raise ConfigError(f"examples name adapter(s) {unknown} that are not in the router's adapters {names}")
+    fit_texts, cal_texts = {}, {}
+    for n in names:
+        texts = [t for t in examples[n] if t.strip()]
+        if held_out is None:
+            fit_texts[n], cal_texts[n] = _split(texts, f"adapterkit:route:{n}")
+        else:
+            fit_texts[n], cal_texts[n] = texts, [t for t in held_out.get(n, ()) if t.strip()]
+            if not cal_texts[n]:
+                raise ConfigError(f"no held-out texts for adapter {n!r}; give some or omit held_out")
+    per = {n: encoder.embed(fit_texts[n]) for n in names}                  # n -> [m, H]
+    center = torch.stack([e.mean(0) for e in per.values()]).mean(0)       # mean of per-adapter means
+    descriptors = torch.stack([
+        torch.nn.functional.normalize(torch.nn.functional.normalize(e - center, dim=-1).mean(0), dim=0)
+        for e in per.values()])
+    router = RetrievalRouter(name, records, descriptors, center, 1.0, -1.0, encoder.spec(), top_k, min_weight,
+                             min_confidence, AdapterRecord.of(fallback) if fallback is not None else None,
+                             encoder=encoder)
+    cal_emb = torch.cat([encoder.embed(cal_texts[n]) for n in names])
+    labels = torch.tensor([i for i, n in enumerate(names) for _ in cal_texts[n]])
+    sims = router.similarities(cal_emb)
+    router.temperature = fit_temperature(sims, labels)
+    best = sims.max(1).values
+    router.threshold = float(torch.quantile(best, 1.0 - coverage, interpolation="lower")) if coverage < 1 else \
+        float(best.min())
+    probs = torch.softmax(sims / router.temperature, 1)
+    conf, pred = probs.max(1)
+    router.calibration = {
+        "held_out": {n: len(cal_texts[n]) for n in names},
+        "accuracy": round(float((pred == labels).float().mean()), 6),
+        "coverage_target": coverage,
+        "coverage": round(float((best >= router.threshold).float().mean()), 6),
+        "mean_confidence": round(float(conf.mean()), 6),
+        "nll": round(float(torch.nn.functional.cross_entropy(sims / router.temperature, labels)), 6),
+        "ece": round(_ece(conf, pred == labels), 6),
+    }
+    router.examples = {"source": source,
+                       "fit": {n: {"count": len(fit_texts[n]), "sha256": texts_hash(fit_texts[n])} for n in names},
+                       "held_out": {n: {"count": len(cal_texts[n]), "sha256": texts_hash(cal_texts[n])}
+                                    for n in names}}
+    return router
+
+
+def _ece(conf: torch.Tensor, correct: torch.Tensor, bins: int = 10) -> float:
+    """Expected calibration error over equal-width confidence bins."""
+    total = 0.0
+    edges = torch.linspace(0, 1, bins + 1)
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            total += float(m.float().mean()) * abs(float(conf[m].mean()) - float(correct[m].float().mean()))
+    return total
