@@ -12,6 +12,7 @@ from rich.table import Table
 
 from .cli_common import STORE_OPT, fail, open_store, out, print_record
 from .cli_merge import merge_cmd
+from .cli_route import route_app
 from .cli_serve import serve_cmd
 from .cli_train import eval_cmd, train_cmd
 from .errors import AdapterkitError
@@ -28,6 +29,7 @@ app.command("train")(train_cmd)
 app.command("eval")(eval_cmd)
 app.command("merge")(merge_cmd)
 app.command("serve")(serve_cmd)
+app.add_typer(route_app, name="route")
 @base_app.command("list")
 def base_list() -> None:
     """List the built-in bases and whether their packages are installed."""

@@ -1,0 +1,223 @@
+"""Store-level entry points the CLI maps onto: fit a router over stored adapters, evaluate it.
+
+Examples for an adapter come from its task in the catalog (the task's train split for descriptors /
+gate training, its validation split for calibration) or from a JSONL file of {"text", "adapter"}
+lines (optional "label": the task label, used to train a gate with the adapters' heads).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..errors import ConfigError
+from ..heads import ClassificationHead
+from .common import check_base, check_router_name, read_router, set_default_router
+from .encoder import Encoder
+from .evaluate import Item, RouteReport, evaluate_router
+from .gate import GateRouter, causal_lm_loss, token_labels, train_gate
+from .retrieval import fit_retrieval
+
+KINDS = ("retrieval", "gate")
+UNLABELLED = ""
+
+
+def load_adapters(store: Any, names: Sequence[str]) -> list:
+    return [store.get(n) for n in names]
+
+
+def open_base(store: Any, adapters: Sequence[Any], base: str | None):
+    """The base the adapters were made for: `base` (name or folder) or the catalog's base name."""
+    from ..base import load_base
+
+    if base is None:
+        base = next((a.meta.base_name for a in adapters if a.meta.base_name), None)
+        if base is None:
+            raise ConfigError("the adapters do not record their base; pass --base NAME_OR_FOLDER")
+    b = load_base(base)
+    from .common import AdapterRecord
+
+    check_base([AdapterRecord.of(a) for a in adapters], b.fingerprint, b.name)
+    return b
+
+
+def task_examples(adapters: Sequence[Any], n_fit: int, n_held: int):
+    """{adapter: fit texts}, {adapter: held-out texts}, {adapter: labels of the fit texts}, source."""
+    from ..data import load_task
+
+    fit, held, labels = {}, {}, {}
+    no_task = [a.name for a in adapters if not a.meta.task]
+    if no_task:
+        raise ConfigError(f"adapter(s) {no_task} record no task in the store; pass --examples FILE (JSONL lines "
+                          '{"text": ..., "adapter": ...}) to give the router examples of them')
+    for a in adapters:
+        task = load_task(a.meta.task)
+        fit[a.name] = [e.text for e in task.train[:n_fit]]
+        labels[a.name] = [e.label for e in task.train[:n_fit]]
+        held[a.name] = [e.text for e in task.validation[:n_held]]
+    source = "tasks: " + ", ".join(f"{a.name}={a.meta.task} (train[:{n_fit}], validation[:{n_held}])" for a in adapters)
+    return fit, held, labels, source
+
+
+def file_examples(path: Path, names: Sequence[str]):
+    """A JSONL file of {"text", "adapter"[, "label"]} -> {adapter: texts}, {adapter: labels}."""
+    from ..data.readers import read_records
+
+    records, _ = read_records(path)
+    texts: dict[str, list[str]] = {n: [] for n in names}
+    labels: dict[str, list[str]] = {n: [] for n in names}
+    for i, r in enumerate(records, start=1):
+        if not isinstance(r.get("text"), str) or not isinstance(r.get("adapter"), str):
+            raise ConfigError(f"{path}: record {i} needs string fields 'text' and 'adapter', got keys {sorted(r)}")
+        if r["adapter"] not in texts:
+            raise ConfigError(f"{path}: record {i} names adapter {r['adapter']!r}, which is not one of the router's "
+                              f"adapters {list(names)}")
+        texts[r["adapter"]].append(r["text"])
+        labels[r["adapter"]].append(str(r.get("label", UNLABELLED)))
+    return texts, labels
+
+
+def fit_router(store: Any, adapter_names: Sequence[str], name: str, *, kind: str = "retrieval",
+               base: str | None = None, encoder: str = "base", examples_file: Path | None = None,
+               n_examples: int = 64, n_held: int = 64, top_k: int = 1, coverage: float = 0.99,
+               fallback: str | None = None, steps: int = 100, lr: float = 1e-2, batch_size: int = 8,
+               gate_weight: float = 1.0, max_length: int = 128, seed: int = 0, overwrite: bool = False,
+               make_default: bool = False, on_step: Callable[[int, dict], None] | None = None):
+    """Fit and store a router over stored adapters; returns it."""
+    if kind not in KINDS:
+        raise ConfigError(f"unknown router kind {kind!r}; use one of {', '.join(KINDS)}")
+    check_router_name(store, name, overwrite)                  # before any long work
+    adapters = load_adapters(store, adapter_names)
+    from .common import check_adapters
+
+    check_adapters(adapters)
+    if examples_file is not None:
+        texts, labels = file_examples(examples_file, adapter_names)
+        held, source = None, f"file: {examples_file}"
+    else:
+        texts, held, labels, source = task_examples(adapters, n_examples, n_held)
+    if kind == "retrieval":
+        fb = store.get(fallback) if fallback else None
+        if encoder == "base":
+            b = open_base(store, adapters, base)
+            enc = Encoder.from_base(b, max_length=max_length)
+        else:
+            enc = Encoder.load(encoder, max_length=max_length)
+        router = fit_retrieval(name, adapters, texts, enc, held_out=held, top_k=top_k, coverage=coverage,
+                               fallback=fb, source=source)
+    else:
+        if fallback:
+            raise ConfigError("a gate routes every token to its adapters; --fallback is for --kind retrieval")
+        b = open_base(store, adapters, base)
+        router = _fit_gate(name, b, adapters, texts, labels, top_k=top_k, steps=steps, lr=lr,
+                           batch_size=batch_size, gate_weight=gate_weight, max_length=max_length, seed=seed,
+                           source=source, on_step=on_step)
+    router.save(store, overwrite=overwrite)
+    if make_default:
+        set_default_router(store, name)
+    return router
+
+
+def _fit_gate(name, base, adapters, texts, labels, *, top_k, steps, lr, batch_size, gate_weight, max_length,
+              seed, source, on_step):
+    from ..runtime import AdapterRuntime
+    from ..train.classification import encode_texts
+
+    rt = AdapterRuntime.from_base(base)
+    for a in adapters:
+        rt.add(a)
+    gate = GateRouter.create(name, rt, adapters, top_k=top_k, seed=seed)
+    names = [a.name for a in adapters]
+    heads = [a.head for a in adapters]
+    use_heads = all(isinstance(h, ClassificationHead) for h in heads) and all(
+        lab != UNLABELLED and lab in heads[i].labels for i, n in enumerate(names) for lab in labels[n])
+    rows = [(t, i, labels[n][j]) for i, n in enumerate(names) for j, t in enumerate(texts[n]) if t.strip()]
+    random.Random(seed).shuffle(rows)
+    batches = []
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        enc = encode_texts(base.tokenizer, [t for t, _, _ in chunk], max_length)
+        batch = {**enc, "gate_labels": token_labels(enc["attention_mask"], [i for _, i, _ in chunk]),
+                 "tasks": torch.tensor([i for _, i, _ in chunk])}
+        if use_heads:
+            batch["labels"] = torch.tensor([heads[i].labels.index(lab) for _, i, lab in chunk])
+        batches.append(batch)
+    if use_heads:
+        task_loss, objective = _head_loss(heads), "classification heads"
+    elif base.kind == "causal-lm":
+        task_loss, objective = causal_lm_loss, "causal-lm"
+    else:
+        task_loss, objective = None, "gate cross-entropy only"
+    gate.training = {"examples": source, "task_loss": objective, "batch_size": batch_size, "seed": seed,
+                     "max_length": max_length, "rows": len(rows)}
+    train_gate(gate, rt, batches, steps=steps, lr=lr, gate_weight=gate_weight, task_loss=task_loss, on_step=on_step)
+    return gate
+
+
+def _head_loss(heads):
+    from ..train.classification import hidden_states
+
+    def loss(model, batch):
+        hidden = hidden_states(model, batch)
+        terms = [torch.nn.functional.cross_entropy(
+            heads[int(t)].logits(hidden[i:i + 1], batch["attention_mask"][i:i + 1]), batch["labels"][i:i + 1])
+            for i, t in enumerate(batch["tasks"])]
+        return torch.stack(terms).mean()
+    return loss
+
+
+def eval_items(router_meta: dict, tasks: Sequence[str] | None, file: Path | None, split: str, n: int) -> list[Item]:
+    """Labelled prompts: each task's split (oracle: the router's adapter of that task), or a JSONL
+    file of {"text", "adapter"[, "label"]}."""
+    names = [r["name"] for r in router_meta["adapters"]]
+    if file is not None:
+        from ..data.readers import read_records
+
+        records, _ = read_records(file)
+        items = []
+        for i, r in enumerate(records, start=1):
+            if not isinstance(r.get("text"), str) or not isinstance(r.get("adapter"), str):
+                raise ConfigError(f"{file}: record {i} needs string fields 'text' and 'adapter'")
+            items.append(Item(r["text"], r["adapter"], r.get("label"), r.get("task")))
+        return items
+    if not tasks:
+        raise ConfigError("give --tasks t1,t2 (example tasks) or --file FILE (JSONL text, adapter[, label])")
+    from ..data import load_task
+
+    by_task = {r["task"]: r["name"] for r in router_meta["adapters"] if r.get("task")}
+    items = []
+    for t in tasks:
+        if t not in by_task:
+            raise ConfigError(f"no adapter of router {router_meta['name']!r} was trained on task {t!r}; its adapters' "
+                              f"tasks: {', '.join(f'{a}={tk}' for tk, a in by_task.items()) or 'none'}")
+        items += [Item(e.text, by_task[t], e.label, t) for e in load_task(t).split(split)[:n]]
+    random.Random(0).shuffle(items)            # one mixed stream of the tasks
+    return items
+
+
+def eval_router(store: Any, name: str, *, tasks: Sequence[str] | None = None, file: Path | None = None,
+                split: str = "test", n: int = 200, base: str | None = None, batch_size: int = 32,
+                max_length: int = 128, strict: bool = True) -> RouteReport:
+    from ..runtime import AdapterRuntime
+    from . import load_router
+
+    meta, _ = read_router(store, name)
+    items = eval_items(meta, tasks, file, split, n)
+    names = [r["name"] for r in meta["adapters"]]
+    extra = [meta["fallback"]["name"]] if meta.get("fallback") else []
+    oracles = sorted({it.oracle for it in items} - set(names) - set(extra))
+    adapters = load_adapters(store, names + extra + oracles)
+    b = open_base(store, adapters, base)
+    rt = AdapterRuntime.from_base(b)
+    for a in adapters:
+        rt.add(a)
+    encoder = None
+    if meta["type"] == "adapterkit.router.retrieval":
+        spec = meta["encoder"]
+        encoder = (Encoder.from_base(b, max_length=int(spec["max_length"]), runtime=rt)
+                   if spec["fingerprint"] == b.fingerprint else Encoder.load(spec["name"], max_length=int(spec["max_length"])))
+    router = load_router(store, meta["name"], encoder=encoder, strict=strict)
+    return evaluate_router(router, rt, items, batch_size=batch_size, max_length=max_length)
