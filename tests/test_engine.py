@@ -343,3 +343,30 @@ def test_submit_never_waits_for_a_running_step(env):
         eng.stop()
     assert waited < 0.5, waited
     assert second.token_ids == peft_greedy(env, "t6", [1, 5, 7], GREEDY.max_tokens)
+
+
+def test_a_row_with_several_weighted_adapters_equals_the_runtime_reference(env):
+    """{name: weight} on one request (stacking / a router's top-k) next to single-adapter rows."""
+    from adapterkit import Adapter, AdapterRuntime
+
+    mix = {"t0": 0.7, "t3": 0.3}
+    rt = AdapterRuntime(tiny_llama(), capacity=4)
+    for name in mix:
+        rt.add(Adapter.load(env.adapters / name))
+    ids = prompt(9, 6)
+    with torch.no_grad(), rt.batch([mix]):
+        out = rt.model.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False, eos_token_id=2,
+                                pad_token_id=0)[0, len(ids):].tolist()
+    want = out[: out.index(2)] if 2 in out else out
+    eng = engine(env)
+    try:
+        mixed = eng.submit(GenerationRequest(ids, adapter=mix, params=GREEDY))
+        single = eng.submit(GenerationRequest(ids, adapter="t0", params=GREEDY))
+        mixed.result(timeout=30), single.result(timeout=30)
+        counts = eng.metrics()["requests_total"]
+    finally:
+        eng.stop()
+    assert mixed.token_ids == want != single.token_ids
+    assert counts["t0+t3"] == 1
+    with pytest.raises(ConfigError, match="adapter weights must be finite numbers; t1 is not"):
+        GenerationRequest([1, 2], adapter={"t1": float("nan")})

@@ -67,13 +67,13 @@ class EngineConfig:
 @dataclass(eq=False)
 class _Seq:
     stream: RequestStream
-    handle: Optional[AdapterHandle]
+    handles: list[AdapterHandle]         # one per adapter on the row, released at the end
     cache: SeqCache
     detok: Detokenizer
     generator: Optional[torch.Generator]
     pending: list[int]                   # tokens to feed next step (the prompt, then the last token)
     generated: int = 0
-    slot: int = 0
+    slots: list[tuple[int, float]] = field(default_factory=list)   # (runtime slot, weight) per adapter
 
     @property
     def params(self):
@@ -145,8 +145,8 @@ class Engine:
             raise ContextLengthError(
                 f"prompt + max_tokens = {n + p.max_tokens} tokens exceed the engine's KV budget of "
                 f"{self.kv_budget} tokens; lower max_tokens or raise --kv-cache-mb")
-        if request.adapter is not None:
-            self.cache.find(request.adapter)         # AdapterNotFoundError; finds new folders lazily
+        for name in request.adapters:
+            self.cache.find(name)                    # AdapterNotFoundError; finds new folders lazily
         stream = RequestStream(request)
         with self._lock:
             if not self._accepting:
@@ -154,11 +154,11 @@ class Engine:
             if len(self._waiting) >= self.config.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.config.max_queue} waiting); retry later")
             self._waiting.append(_Waiting(stream))
-            self.metrics_.observe_submit(request.adapter or self.base_name)
+            self.metrics_.observe_submit(request.label or self.base_name)
             self._wake.notify()
-        if request.adapter is not None:
+        for name in request.adapters:
             try:
-                self.cache.prefetch(request.adapter)
+                self.cache.prefetch(name)
             except AdapterkitError:
                 pass                                   # acquire raises it for this request
         return stream
@@ -218,20 +218,22 @@ class Engine:
                 time.sleep(0.002)
             return
         t0 = time.perf_counter()
-        tokens, positions, segments, slots, last = [], [], [], [], []
+        k = max(1, max(len(s.slots) for s in batch))           # adapters per row, padded with slot 0
+        tokens, positions, segments, slots, weights, last = [], [], [], [], [], []
         for s in batch:
             start = len(tokens)
             tokens += s.pending
             positions += range(s.cache.length, s.cache.length + len(s.pending))
-            slots += [s.slot] * len(s.pending)
+            row = s.slots + [(0, 0.0)] * (k - len(s.slots))
+            slots += [[slot for slot, _ in row]] * len(s.pending)
+            weights += [[w for _, w in row]] * len(s.pending)
             segments.append(Segment(s.cache, start, len(s.pending)))
             last.append(len(tokens) - 1)
-        tok = torch.tensor(tokens)
+        tok, ids, ws, idx = torch.tensor(tokens), torch.tensor(slots), torch.tensor(weights), torch.tensor(last)
         with self.cache.locked(), torch.inference_mode():
-            with self.runtime.use(self.runtime.batch_from_ids(torch.tensor(slots), mode="token")):
+            with self.runtime.use(self.runtime.batch_from_ids(ids, ws, mode="token")):
                 h = self.decoder.hidden(tok, torch.tensor(positions), segments)
-            idx = torch.tensor(last)
-            with self.runtime.use(self.runtime.batch_from_ids(torch.tensor(slots)[idx], mode="token")):
+            with self.runtime.use(self.runtime.batch_from_ids(ids[idx], ws[idx], mode="token")):
                 logits = self.decoder.logits(h[idx])
         picked = choose(logits, [s.params for s in batch], [s.generator for s in batch])
         self.metrics_.observe_step(time.perf_counter() - t0, prompt_tokens=sum(len(s.pending) for s in new),
@@ -260,8 +262,8 @@ class Engine:
             if s in self._running:
                 self._running.remove(s)
                 self._reserved -= s.cache.capacity
-        if s.handle is not None:
-            s.handle.release()
+        for h in s.handles:
+            h.release()
         s.stream._emit(StreamEvent(text, tuple(tokens), finish_reason=reason, usage=usage, error=error))
         self.metrics_.observe_finish(s.stream, reason)
 
@@ -293,21 +295,26 @@ class Engine:
                 break                                        # in order: no overtaking on capacity
             if new and prefill + len(req.prompt_ids) > self.config.max_prefill_tokens:
                 break
-            handle = None
-            if req.adapter is not None:
-                try:
-                    handle = self.cache.acquire(req.adapter, timeout=0)
-                except NoFreeSlotError:
-                    continue                                 # its adapter waits; others may go
-                except AdapterkitError as exc:               # unloaded, corrupt, foreign base
-                    with self._lock:
-                        self._waiting.remove(w)
-                    self._end_waiting(w.stream, "error", exc)
-                    continue
-            s = _Seq(w.stream, handle, self.decoder.new_cache(need),
+            handles: list[AdapterHandle] = []
+            try:
+                for name in req.adapters:
+                    handles.append(self.cache.acquire(name, timeout=0))
+            except NoFreeSlotError:
+                for h in handles:
+                    h.release()
+                continue                                     # its adapters wait; others may go
+            except AdapterkitError as exc:                   # unloaded, corrupt, foreign base
+                for h in handles:
+                    h.release()
+                with self._lock:
+                    self._waiting.remove(w)
+                self._end_waiting(w.stream, "error", exc)
+                continue
+            weights = req.adapters
+            s = _Seq(w.stream, handles, self.decoder.new_cache(need),
                      Detokenizer(self.tokenizer, req.params.stop),
                      None if req.params.greedy else make_generator(req.params.seed),
-                     list(req.prompt_ids), slot=handle.slot if handle else 0)
+                     list(req.prompt_ids), slots=[(h.slot, weights[h.name]) for h in handles])
             with self._lock:
                 self._waiting.remove(w)
                 self._running.append(s)

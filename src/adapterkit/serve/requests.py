@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Iterator, Optional
+from typing import Any, AsyncIterator, Iterator, Mapping, Optional, Union
 
 from ..errors import AdapterkitError, ConfigError
 
@@ -69,13 +70,34 @@ class SamplingParams:
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]                       # already tokenised (chat template applied by the caller)
-    adapter: Optional[str] = None               # None = the bare base
+    # None = the bare base; a name; or {name: weight}: several adapters active on the row (stacking,
+    # a router's top-k), each delta scaled by its weight
+    adapter: Optional[Union[str, Mapping[str, float]]] = None
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
             raise ConfigError("the prompt is empty; give at least one token")
+        if isinstance(self.adapter, Mapping):
+            weights = {str(k): float(v) for k, v in self.adapter.items()}
+            bad = [k for k, v in weights.items() if not math.isfinite(v)]
+            if bad:
+                raise ConfigError(f"adapter weights must be finite numbers; {', '.join(bad)} is not")
+            self.adapter = weights or None
+
+    @property
+    def adapters(self) -> dict[str, float]:
+        """{name: weight} of the row ({} = the bare base)."""
+        if self.adapter is None:
+            return {}
+        return {self.adapter: 1.0} if isinstance(self.adapter, str) else dict(self.adapter)
+
+    @property
+    def label(self) -> Optional[str]:
+        """One name for metrics: the adapter, 'a+b' for several, None for the base."""
+        names = self.adapters
+        return "+".join(sorted(names)) if names else None
 
 
 @dataclass(frozen=True)
