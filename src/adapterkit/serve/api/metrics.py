@@ -75,9 +75,15 @@ class Exposition:
         return "\n".join(self.lines) + "\n"
 
 
-def render(engine: Mapping[str, Any], cache: Mapping[str, Any]) -> str:
-    """The /metrics body. engine: Engine.metrics(); cache: AdapterCache.stats()."""
+def render(engine: Mapping[str, Any], cache: Mapping[str, Any],
+           routes: Optional[Mapping[tuple[str, str, bool], int]] = None) -> str:
+    """The /metrics body. engine: Engine.metrics(); cache: AdapterCache.stats(); routes: routing
+    decisions {(router, adapter or "base", fallback): count}."""
     e = Exposition()
+    if routes is not None:
+        full = e.family("routing_decisions_total", "counter", "Requests routed by a router, per chosen adapter.")
+        for (router, adapter, fallback), n in sorted(routes.items()):
+            e.sample(full, n, {"router": router, "adapter": adapter, "fallback": str(bool(fallback)).lower()})
     e.gauge("queue_depth", engine.get("queue_depth", 0), "Requests waiting for a batch slot.")
     e.gauge("running_requests", engine.get("running", 0), "Sequences in the running batch.")
     e.gauge("tokens_per_second", engine.get("tokens_per_second", 0.0), "Generated tokens per second (recent window).")

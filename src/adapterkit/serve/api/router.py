@@ -31,6 +31,7 @@ from . import protocol as P
 from .errors import (APIError, InvalidRequestError, PayloadTooLargeError, RouteNotFoundError, error_body,
                      error_headers, error_status)
 from .metrics import CONTENT_TYPE
+from .routing import HEADER, header_value
 from .service import ApiSettings, EventStream, OpenAIService
 
 log = logging.getLogger("adapterkit.serve")
@@ -82,8 +83,10 @@ class SSEResponse(StreamingResponse):
     """Server-sent events whose request is cancelled however the response ends (done, error, disconnect)."""
 
     def __init__(self, events: EventStream) -> None:
-        super().__init__(events.chunks(), media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        if events.routed is not None:
+            headers[HEADER] = header_value(events.routed["adapters"])
+        super().__init__(events.chunks(), media_type="text/event-stream", headers=headers)
         self.events = events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -175,7 +178,8 @@ def create_app(engine: Any, settings: Optional[ApiSettings] = None) -> FastAPI:
             return SSEResponse(result)
         if isinstance(result, Response):
             return result
-        return JSONResponse(result)
+        routed = result.get("adapterkit")
+        return JSONResponse(result, headers={HEADER: header_value(routed["adapters"])} if routed else None)
 
     @v1.post("/v1/completions")
     async def completions(request: Request) -> Response:

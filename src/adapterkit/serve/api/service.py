@@ -25,6 +25,7 @@ from ...adapter import validate_name
 from ...errors import AdapterkitError, AdapterNameError, AdapterNotFoundError, ConfigError
 from ..requests import ContextLengthError, GenerationRequest, RequestStream, SamplingParams, StreamEvent
 from . import metrics as prom
+from .routing import Routing, decision_body, route_text
 from . import protocol as P
 from .errors import (AuthenticationError, InvalidRequestError, ModelNotFoundError, ServiceUnavailableError,
                      blame, error_status)
@@ -60,6 +61,7 @@ class EventStream:
     def __init__(self, stream: RequestStream, first: StreamEvent, rest: AsyncIterator[StreamEvent],
                  render: Callable[[StreamEvent, bool], list[Any]], tail: Callable[[StreamEvent], list[Any]]) -> None:
         self.stream = stream
+        self.routed: Optional[dict[str, Any]] = None      # set for `auto` / router requests
         self._first, self._rest = first, rest
         self._render, self._tail = render, tail
 
@@ -101,6 +103,7 @@ class OpenAIService:
         self.engine = engine
         self.settings = settings or ApiSettings()
         self.created = P.now()
+        self.routing = Routing(engine, engine.cache.roots.store)
 
     # ------------------------------------------------------------------ auth, health, metrics
     def check_auth(self, authorization: Optional[str]) -> None:
@@ -118,13 +121,14 @@ class OpenAIService:
         return {"status": "ok", "base": self.engine.base_name, "adapters": len(self.engine.cache.names())}
 
     def metrics_text(self) -> str:
-        return prom.render(self.engine.metrics(), self.engine.cache.stats())
+        return prom.render(self.engine.metrics(), self.engine.cache.stats(), self.routing.counts())
 
     # ------------------------------------------------------------------ models
     def list_models(self) -> dict[str, Any]:
         base = self.engine.base_name
         data = [P.model_card(base, self.created, None)]
         data += [P.model_card(name, self.created, base) for name in self.engine.cache.names()]
+        data += [P.model_card(name, self.created, base) for name in self.routing.names()]   # auto, routers
         return {"object": "list", "data": data}
 
     def get_model(self, model_id: str) -> dict[str, Any]:
@@ -154,8 +158,21 @@ class OpenAIService:
         return name
 
     # ------------------------------------------------------------------ generation
+    async def _pick(self, model: str, text: str, param: str) -> tuple[Any, Optional[dict[str, Any]]]:
+        """(adapter(s) for the engine, the routing record or None). A router (`auto` or its name)
+        chooses from the text; anything else is resolve()'s adapter or the base."""
+        if not self.routing.is_router(model):
+            return self.resolve(model), None
+        try:
+            decision = await asyncio.to_thread(self.routing.decide, model, text)
+        except AdapterNotFoundError as exc:
+            raise _param(exc, "model")
+        except ConfigError as exc:                        # an empty or whitespace prompt
+            raise _param(exc, param)
+        return decision.adapters or None, decision_body(model, decision)
+
     async def completion(self, req: P.CompletionRequest) -> dict[str, Any] | EventStream:
-        adapter = self.resolve(req.model)
+        adapter, routed = await self._pick(req.model, route_text(req.prompt, None), "prompt")
         ids = await asyncio.to_thread(self._encode, req.prompt, True)
         params = self._params(req, len(ids), req.max_tokens, "max_tokens", "prompt")
         rid, created, model = P.new_id("cmpl"), P.now(), req.model
@@ -168,14 +185,14 @@ class OpenAIService:
             def tail(ev: StreamEvent) -> list[Any]:
                 out = [P.completion_chunk(rid, created, model, "", ev.finish_reason, usage)]
                 return out + ([P.usage_chunk(rid, created, model, "text_completion", ev.usage)] if usage else [])
-            return await self._stream(ids, adapter, params, "prompt", render, tail)
+            return await self._stream(ids, adapter, params, "prompt", render, tail, routed)
         text, final = await self._collect(ids, adapter, params, "prompt")
-        return P.completion(rid, created, model, text, final.finish_reason, final.usage)
+        return _routed(P.completion(rid, created, model, text, final.finish_reason, final.usage), routed)
 
     async def chat(self, req: P.ChatCompletionRequest) -> dict[str, Any] | EventStream:
-        adapter = self.resolve(req.model)
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                     for m in req.messages]
+        adapter, routed = await self._pick(req.model, route_text(None, messages), "messages")
         ids = await asyncio.to_thread(self._encode_chat, messages)
         params = self._params(req, len(ids), req.max_new_tokens, req.max_tokens_param, "messages")
         rid, created, model = P.new_id("chatcmpl"), P.now(), req.model
@@ -192,9 +209,9 @@ class OpenAIService:
             def tail(ev: StreamEvent) -> list[Any]:
                 out = [P.chat_chunk(rid, created, model, {}, ev.finish_reason, usage)]
                 return out + ([P.usage_chunk(rid, created, model, "chat.completion.chunk", ev.usage)] if usage else [])
-            return await self._stream(ids, adapter, params, "messages", render, tail)
+            return await self._stream(ids, adapter, params, "messages", render, tail, routed)
         text, final = await self._collect(ids, adapter, params, "messages")
-        return P.chat_completion(rid, created, model, text, final.finish_reason, final.usage)
+        return _routed(P.chat_completion(rid, created, model, text, final.finish_reason, final.usage), routed)
 
     def _encode(self, text: str, special: bool) -> list[int]:
         tok = self.engine.tokenizer
@@ -262,7 +279,7 @@ class OpenAIService:
 
     async def _stream(self, ids: list[int], adapter: Optional[str], params: SamplingParams, prompt_param: str,
                       render: Callable[[StreamEvent, bool], list[Any]],
-                      tail: Callable[[StreamEvent], list[Any]]) -> EventStream:
+                      tail: Callable[[StreamEvent], list[Any]], routed: Optional[dict[str, Any]] = None) -> EventStream:
         stream = self._submit(ids, adapter, params, prompt_param)
         events = stream.__aiter__()
         try:
@@ -273,7 +290,9 @@ class OpenAIService:
             raise
         if first.finished and first.finish_reason not in ("stop", "length") and not stream.token_ids:
             raise _failure(first)
-        return EventStream(stream, first, events, render, tail)
+        out = EventStream(stream, first, events, render, tail)
+        out.routed = routed
+        return out
 
     # ------------------------------------------------------------------ adapters (vLLM endpoints)
     async def load_adapter(self, req: P.LoadAdapterRequest) -> dict[str, Any]:
@@ -301,6 +320,13 @@ class OpenAIService:
         msg = (f"Success: LoRA adapter '{name}' removed successfully." if gone else
                f"LoRA adapter '{name}' is no longer served; it is detached when its in-flight requests finish.")
         return {"status": "ok", "lora_name": name, "message": msg, "detached": gone}
+
+
+def _routed(body: dict[str, Any], routed: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """A routed answer says which adapter(s) served it (also in the x-adapterkit-adapters header)."""
+    if routed is not None:
+        body["adapterkit"] = routed
+    return body
 
 
 def _param(exc: BaseException, param: str) -> BaseException:

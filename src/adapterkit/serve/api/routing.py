@@ -1,0 +1,122 @@
+"""`model="auto"` and `model="<router>"`: the server asks a stored router which adapter(s) serve a
+request (no web-framework import; service.py calls it).
+
+    routing = Routing(engine, store)
+    if routing.is_router(model):
+        decision = routing.decide(model, text)      # in a worker thread: it runs an encoder forward
+        adapters = decision.adapters or None        # {name: weight}; {} -> the bare base
+
+Routers are loaded once per name, non-strict: an adapter deleted or replaced in the store since the
+router was fitted is never chosen, and a prompt that would have gone to it falls back (the decision
+says why). A router fitted with the served base as its encoder encodes with that same model, with
+adapters switched off, under the runtime lock (between engine steps); any other encoder (MiniLM)
+is loaded once and runs on its own. Only retrieval routers are served: a learned gate routes each
+token inside the forward, which the engine does not do yet (refused with that reason).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Any, Optional
+
+from ...errors import BaseMismatchError, UnsupportedError
+
+HEADER = "x-adapterkit-adapters"
+
+
+def header_value(adapters: dict[str, float]) -> str:
+    """`name=weight,...`, or `base` for the bare base."""
+    return ",".join(f"{n}={w:.4g}" for n, w in adapters.items()) or "base"
+
+
+class Routing:
+    def __init__(self, engine: Any, store: Any) -> None:
+        self.engine = engine
+        self.store = store
+        self._routers: dict[str, Any] = {}
+        self._encoders: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self.decisions: collections.Counter[tuple[str, str, bool]] = collections.Counter()  # (router, top, fallback)
+
+    def names(self) -> list[str]:
+        """Routers a request may name ("auto" when the store has a default router)."""
+        if self.store is None:
+            return []
+        from ...route import default_router, list_routers
+
+        return (["auto"] if default_router(self.store) else []) + list_routers(self.store)
+
+    def is_router(self, model: str) -> bool:
+        if model == "auto":
+            return True
+        return self.store is not None and model in self.names()
+
+    def router(self, model: str) -> Any:
+        with self._lock:
+            if model not in self._routers:
+                self._routers[model] = self._load(model)
+            return self._routers[model]
+
+    def _load(self, model: str) -> Any:
+        from ...route import RETRIEVAL_TYPE, RouterNotFoundError, load_router
+        from ...route.common import read_router
+
+        if self.store is None:
+            raise RouterNotFoundError(f"no router {model!r}: this server has no adapter store (--store)")
+        meta, _ = read_router(self.store, model)
+        if meta["type"] != RETRIEVAL_TYPE:
+            raise UnsupportedError(f"router {model!r} is a learned per-token gate; the server routes with "
+                                   "retrieval routers only (the engine does not run per-token gates yet)")
+        encoder = self._encoder(meta["encoder"])
+        router = load_router(self.store, model, encoder=encoder, strict=False)
+        router.check_base(self.engine.runtime.fingerprint, self.engine.base_name)
+        return router
+
+    def _encoder(self, spec: dict[str, Any]) -> Any:
+        from ...route import Encoder
+
+        rt = self.engine.runtime
+        if spec["fingerprint"] == rt.fingerprint:       # the served base itself, adapters off
+            return Encoder(rt.model, self.engine.tokenizer, self.engine.base_name, rt.fingerprint,
+                           int(spec.get("max_length", 128)), runtime=rt)
+        key = spec["fingerprint"]
+        if key not in self._encoders:
+            enc = Encoder.load(spec["name"], max_length=int(spec.get("max_length", 128)))
+            if enc.fingerprint != key:
+                raise BaseMismatchError(f"the router's encoder {spec['name']} ({key}) is not the one installed "
+                                        f"here ({enc.fingerprint}); refit the router")
+            self._encoders[key] = enc
+        return self._encoders[key]
+
+    def decide(self, model: str, text: str) -> Any:
+        """The router's Decision for one prompt (blocking: call it from a worker thread)."""
+        router = self.router(model)
+        if router.encoder.runtime is not None:           # shares the engine's model: between steps
+            with self.engine.cache.locked():
+                [decision] = router.route([text])
+        else:
+            [decision] = router.route([text])
+        with self._lock:
+            self.decisions[(model, decision.top or "base", bool(decision.fallback))] += 1
+        return decision
+
+    def counts(self) -> dict[tuple[str, str, bool], int]:
+        with self._lock:
+            return dict(self.decisions)
+
+
+def decision_body(model: str, decision: Any) -> dict[str, Any]:
+    """The `adapterkit` field of a routed response: which adapter(s) served it and why."""
+    return {"router": model, "adapters": decision.adapters, "confidence": decision.confidence,
+            "fallback": decision.fallback, "reason": decision.reason}
+
+
+def route_text(prompt: Optional[str], messages: Optional[list[dict[str, Any]]]) -> str:
+    """What a router reads: the prompt, or the last user message of a chat."""
+    if prompt is not None:
+        return prompt
+    for m in reversed(messages or []):
+        if m.get("role") == "user":
+            return str(m.get("content") or "")
+    return ""

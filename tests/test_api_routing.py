@@ -1,0 +1,114 @@
+"""`model="auto"` / `model="<router>"` through the HTTP API: the server asks the store's retrieval
+router, serves the request with the chosen adapter(s), says which in the JSON and a header, and
+counts the decisions in /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import httpx
+import pytest
+from conftest import save_tiny, save_tiny_tokenizer
+
+from adapterkit import LoraConfig, create_adapter, load_base
+from adapterkit.route import Encoder, load_router
+from adapterkit.route.api import fit_router
+from adapterkit.serve.api import create_app
+from adapterkit.serve.engine import Engine, EngineConfig
+from adapterkit.store import AdapterStore
+
+VOCAB = {"ad-a": [f"w{i}" for i in range(0, 20)], "ad-b": [f"w{i}" for i in range(20, 40)]}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("api-route")
+    path = save_tiny("llama", tmp / "base")
+    save_tiny_tokenizer(path)
+    base = load_base(str(path))
+    store = AdapterStore(tmp / "store")
+    for i, name in enumerate(VOCAB):
+        store.put(create_adapter(name, base.model, LoraConfig(r=2, init="nonzero", init_std=0.5), seed=i,
+                                 fingerprint=base.fingerprint, base_name=base.name))
+    r = random.Random(1)
+    rows = [{"text": " ".join(r.choice(VOCAB[a]) for _ in range(r.randint(5, 10))), "adapter": a}
+            for a in VOCAB for _ in range(30)]
+    examples = tmp / "train.jsonl"
+    examples.write_text("\n".join(json.dumps(x) for x in rows) + "\n")
+    fit_router(store, list(VOCAB), "r1", examples_file=examples, base=str(path), make_default=True)
+    engine = Engine.build(str(path), store=store, config=EngineConfig(max_batch=8)).start()
+    yield base, store, engine, create_app(engine)
+    engine.stop(drain=False)
+
+
+def post(app, body):
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+            return await c.post("/v1/completions", json=body)
+    return asyncio.run(go())
+
+
+def get(app, url):
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+            return await c.get(url)
+    return asyncio.run(go())
+
+
+PROMPTS = ["w1 w2 w3 w4 w5 w6", "w21 w22 w23 w24 w25", "w3 w7 w11 w13 w17", "w30 w31 w35 w38 w39"]
+
+
+@pytest.mark.parametrize("model", ["auto", "r1"])
+def test_auto_serves_what_the_router_decides_and_says_so(world, model):
+    base, store, engine, app = world
+    router = load_router(store, "r1", encoder=Encoder.from_base(base))
+    for prompt in PROMPTS:
+        want = router.route([prompt])[0]
+        r = post(app, {"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0})
+        assert r.status_code == 200, r.text
+        got = r.json()["adapterkit"]
+        assert got["router"] == model and got["adapters"] == pytest.approx(want.adapters)
+        assert got["fallback"] == want.fallback and got["reason"] == want.reason
+        served = want.top or engine.base_name
+        assert r.headers["x-adapterkit-adapters"] == (f"{served}=1" if want.top else "base")
+        direct = post(app, {"model": served, "prompt": prompt, "max_tokens": 6, "temperature": 0})
+        assert r.json()["choices"][0]["text"] == direct.json()["choices"][0]["text"]
+        assert "adapterkit" not in direct.json() and "x-adapterkit-adapters" not in direct.headers
+    tops = {router.route([p])[0].top for p in PROMPTS}
+    assert tops == {"ad-a", "ad-b"}                # the prompts really go to different adapters
+
+
+def test_streaming_auto_has_the_header_and_metrics_count_decisions(world):
+    base, store, engine, app = world
+    r = post(app, {"model": "auto", "prompt": PROMPTS[1], "max_tokens": 4, "temperature": 0, "stream": True})
+    assert r.status_code == 200 and r.headers["x-adapterkit-adapters"] == "ad-b=1"
+    assert r.text.endswith("data: [DONE]\n\n")
+    text = get(app, "/metrics").text
+    line = [x for x in text.splitlines() if x.startswith('adapterkit_routing_decisions_total{router="auto",'
+                                                       'adapter="ad-b",fallback="false"}')]
+    assert line and float(line[0].split()[-1]) >= 1
+
+
+def test_models_list_the_routers(world):
+    *_, app = world
+    ids = [m["id"] for m in get(app, "/v1/models").json()["data"]]
+    assert ids[-2:] == ["auto", "r1"] and {"ad-a", "ad-b"} <= set(ids)
+
+
+def test_empty_prompt_for_auto_is_400(world):
+    *_, app = world
+    r = post(app, {"model": "auto", "prompt": "   ", "max_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert "empty" in r.json()["error"]["message"]
+
+
+def test_auto_without_a_default_router_is_404(tmp_path):
+    path = save_tiny("llama", tmp_path / "base")
+    save_tiny_tokenizer(path)
+    engine = Engine.build(str(path), store=AdapterStore(tmp_path / "store"))
+    r = post(create_app(engine), {"model": "auto", "prompt": "w1 w2", "max_tokens": 4})
+    err = r.json()["error"]
+    assert r.status_code == 404 and err["param"] == "model"
+    assert err["message"].startswith("no default router in the store at ")
