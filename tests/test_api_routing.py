@@ -37,7 +37,8 @@ def world(tmp_path_factory):
             for a in VOCAB for _ in range(30)]
     examples = tmp / "train.jsonl"
     examples.write_text("\n".join(json.dumps(x) for x in rows) + "\n")
-    fit_router(store, list(VOCAB), "r1", examples_file=examples, base=str(path), make_default=True)
+    fit_router(store, list(VOCAB), "r1", examples_file=examples, base=str(path), encoder="base",
+               make_default=True)
     engine = Engine.build(str(path), store=store, config=EngineConfig(max_batch=8)).start()
     yield base, store, engine, create_app(engine)
     engine.stop(drain=False)

