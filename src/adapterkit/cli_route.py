@@ -27,8 +27,8 @@ def route_fit(
     kind: str = typer.Option("retrieval", help="retrieval (training-free, per prompt) or gate (learned, per token)."),
     base: Optional[str] = typer.Option(None, help="The adapters' base (default: the base the store records)."),
     encoder: str = typer.Option("minilm-l6", help="retrieval: a sentence encoder (built-in name or folder; "
-                                "default MiniLM-L6: 0.94 routing accuracy on the 4-task benchmark vs 0.68 for the "
-                                "base) or 'base' (mean-pooled states of the adapters' base)."),
+                                "default MiniLM-L6: 0.949 routing accuracy on the 4-task benchmark vs 0.892 for the "
+                                "base, and 7x faster) or 'base' (mean-pooled states of the adapters' base)."),
     examples: Optional[Path] = typer.Option(None, "--examples", help="JSONL lines {\"text\", \"adapter\"[, \"label\"]} "
                                             "(default: each adapter's task from the store)."),
     n_examples: int = typer.Option(1024, "--n-examples", min=2, help="Examples per adapter from its task's train "
