@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._atomic import atomic_write_dir, recover_dir
-from .errors import AdapterNameError, CorruptAdapterError
+from .errors import AdapterNameError, BaseMismatchError, CorruptAdapterError
 from .methods import MethodSpec, config_from_dict, get_method, match_targets, site_info
 
 FORMAT_VERSION = 1
@@ -121,6 +121,19 @@ class Adapter:
         from .heads import load_head
 
         return cls(name or saved_name or path.name, config, tensors, meta, load_head(path))
+
+
+def check_same_base(adapters: Any, action: str, fix: str) -> None:
+    """Raise BaseMismatchError naming both fingerprints unless every adapter that records a base
+    records the same one. action: e.g. "merge adapters"; fix: the advice after the semicolon."""
+    first = next((a for a in adapters if a.meta.base_fingerprint), None)
+    for a in adapters:
+        fp = a.meta.base_fingerprint
+        if first is not None and fp and fp != first.meta.base_fingerprint:
+            raise BaseMismatchError(
+                f"cannot {action} of different bases: {first.name!r} was made for "
+                f"{first.meta.base_name or '?'} ({first.meta.base_fingerprint}) but {a.name!r} for "
+                f"{a.meta.base_name or '?'} ({fp}); {fix}")
 
 
 def create_adapter(

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..adapter import Adapter, AdapterMeta
+from ..adapter import Adapter, AdapterMeta, check_same_base
 from ..errors import BaseMismatchError, ConfigError, UnsupportedError
 from ..methods import SiteInfo
 from ..methods.lora import LoraConfig
@@ -78,14 +78,8 @@ def check_inputs(adapters: Sequence[Adapter]) -> Inputs:
             raise ConfigError(f"inputs {seen[fp]!r} and {a.name!r} are the same adapter (identical tensors, "
                               f"{fp}); list it once and raise its weight instead")
         seen[fp] = a.name
+    check_same_base(adapters, "merge adapters", "merge adapters of one base only")
     first = next((a for a in adapters if a.meta.base_fingerprint), None)
-    for a in adapters:
-        fp = a.meta.base_fingerprint
-        if first is not None and fp and fp != first.meta.base_fingerprint:
-            raise BaseMismatchError(
-                f"cannot merge adapters of different bases: {first.name!r} was made for "
-                f"{first.meta.base_name or '?'} ({first.meta.base_fingerprint}) but {a.name!r} for "
-                f"{a.meta.base_name or '?'} ({fp}); merge adapters of one base only")
     sites: dict[str, tuple[int, int]] = {}
     owner: dict[str, str] = {}
     for a in adapters:

@@ -22,7 +22,7 @@ from .retrieval import RetrievalRouter, fit_retrieval
 from .retrieval import TYPE as RETRIEVAL_TYPE
 from .gate import TYPE as GATE_TYPE
 
-__all__ = ["AUTO", "AdapterRecord", "Decision", "EmptyPromptError", "Encoder", "GateRouter", "RetrievalRouter",
+__all__ = ["AUTO", "GATE_TYPE", "RETRIEVAL_TYPE", "AdapterRecord", "Decision", "EmptyPromptError", "Encoder", "GateRouter", "RetrievalRouter",
            "RouterNotFoundError", "StaleRouterError", "default_router", "fit_retrieval", "list_routers",
            "load_router", "set_default_router", "train_gate"]
 

@@ -174,7 +174,6 @@ def _head_loss(heads):
 def eval_items(router_meta: dict, tasks: Sequence[str] | None, file: Path | None, split: str, n: int) -> list[Item]:
     """Labelled prompts: each task's split (oracle: the router's adapter of that task), or a JSONL
     file of {"text", "adapter"[, "label"]}."""
-    names = [r["name"] for r in router_meta["adapters"]]
     if file is not None:
         from ..data.readers import read_records
 

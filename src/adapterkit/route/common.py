@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from .._atomic import atomic_write_dir, atomic_write_text, recover_dir
-from ..adapter import Adapter, validate_name
+from ..adapter import Adapter, check_same_base, validate_name
 from ..errors import (AdapterkitError, AdapterNameError, AdapterNotFoundError, BaseMismatchError,
                       ConfigError, CorruptAdapterError)
 from ..safetensors_io import read_tensors, write_tensors
@@ -92,14 +92,7 @@ def check_adapters(adapters: Sequence[Adapter]) -> list[AdapterRecord]:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ConfigError(f"adapter(s) {twice} are listed more than once; list each adapter once")
-    first = next((a for a in adapters if a.meta.base_fingerprint), None)
-    for a in adapters:
-        fp = a.meta.base_fingerprint
-        if first is not None and fp and fp != first.meta.base_fingerprint:
-            raise BaseMismatchError(
-                f"cannot route between adapters of different bases: {first.name!r} was made for "
-                f"{first.meta.base_name or '?'} ({first.meta.base_fingerprint}) but {a.name!r} for "
-                f"{a.meta.base_name or '?'} ({fp}); a router serves the adapters of one base")
+    check_same_base(adapters, "route between adapters", "a router serves the adapters of one base")
     return [AdapterRecord.of(a) for a in adapters]
 
 
@@ -231,3 +224,12 @@ def check_prompts(texts: Sequence[str]) -> list[str]:
 def records_from_meta(meta: dict[str, Any]) -> list[AdapterRecord]:
     return [AdapterRecord(**r) for r in meta["adapters"]]
 
+
+def verify_router(router: Any, records: Sequence[AdapterRecord], store: Any, strict: bool) -> dict[str, str]:
+    """Compare a router's recorded adapters with the store. strict: raise StaleRouterError naming
+    them; else mark them unusable on the router (never chosen) and return {name: why}."""
+    stale = stale_adapters(list(records), store)
+    if stale and strict:
+        raise stale_error(router.name, stale)
+    router.unusable = stale
+    return stale

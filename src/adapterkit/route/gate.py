@@ -25,7 +25,7 @@ import torch
 
 from ..errors import ConfigError
 from .common import (AdapterRecord, Decision, check_adapters, check_base, check_prompts, check_router_name,
-                     now, records_from_meta, save_router, stale_adapters, stale_error)
+                     now, records_from_meta, save_router, verify_router)
 
 TYPE = "adapterkit.router.gate"
 IGNORE = -100
@@ -209,11 +209,7 @@ class GateRouter:
 
     def verify(self, store: Any, *, strict: bool = True) -> dict[str, str]:
         """As RetrievalRouter.verify: strict raises StaleRouterError; else stale adapters get -inf logits."""
-        stale = stale_adapters(self.records, store)
-        if stale and strict:
-            raise stale_error(self.name, stale)
-        self.unusable = stale
-        return stale
+        return verify_router(self, self.records, store, strict)
 
     def to_meta(self) -> dict[str, Any]:
         return {"type": TYPE, "format_version": 1, "kind": self.kind, "name": self.name,

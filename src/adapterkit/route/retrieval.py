@@ -35,7 +35,7 @@ import torch
 from ..adapter import Adapter
 from ..errors import ConfigError
 from .common import (AdapterRecord, Decision, check_adapters, check_base, check_prompts, check_router_name,
-                     now, read_router, records_from_meta, save_router, stale_adapters, stale_error)
+                     now, records_from_meta, save_router, verify_router)
 from .encoder import Encoder
 
 TYPE = "adapterkit.router.retrieval"
@@ -137,11 +137,7 @@ class RetrievalRouter:
     def verify(self, store: Any, *, strict: bool = True) -> dict[str, str]:
         """Compare the recorded adapters with the store. strict: raise StaleRouterError naming them;
         else mark them unusable (never chosen, decisions say why) and return {name: why}."""
-        stale = stale_adapters(self.records + ([self.fallback] if self.fallback else []), store)
-        if stale and strict:
-            raise stale_error(self.name, stale)
-        self.unusable = stale
-        return stale
+        return verify_router(self, self.records + ([self.fallback] if self.fallback else []), store, strict)
 
     # ------------------------------------------------------------------ artifact
     def to_meta(self) -> dict[str, Any]:
