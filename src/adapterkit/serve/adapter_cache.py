@@ -31,12 +31,10 @@ Policies
   - prefetch(name) reads into RAM on a background thread; idempotent; a read error is raised by
     the next acquire of that name (once).
 
-Threads: a re-entrant bookkeeping lock guards the tiers and counters (short sections); a second
-re-entrant runtime lock guards every runtime mutation (attach/detach) and every forward pass
-(LoraPool restacks its slot tensors on attach), so the engine runs forwards inside
-`cache.batch(rows)` or `with cache.locked():`. Order: bookkeeping, then runtime; a forward holds
-only the runtime lock, so submitting (find, prefetch) never waits for a step. Disk reads run
-outside both, and concurrent requests for one name share one read (a Future).
+Threads: a bookkeeping lock (short sections) and a runtime lock that every attach/detach and every
+forward takes (LoraPool restacks on attach: engines run forwards in `cache.batch(rows)` or `with
+cache.locked():`); order bookkeeping -> runtime, so a submit never waits for a step. Disk reads run
+outside both; concurrent requests for one name share one read (a Future).
 """
 
 from __future__ import annotations
@@ -466,9 +464,8 @@ class AdapterCache:
             yield b
 
     def locked(self) -> Any:
-        """The runtime lock (re-entrant), for an engine that builds batches with runtime.batch_from_ids.
-        It is not the bookkeeping lock, so find/prefetch/acquire of attached adapters never wait for
-        a forward pass (an API thread submitting during a step is not blocked)."""
+        """The runtime lock (re-entrant) for forwards built with runtime.batch_from_ids; find and
+        prefetch never wait for it."""
         return self._runtime_lock
 
     def stats(self) -> dict[str, Any]:
