@@ -135,8 +135,7 @@ class AdapterCache:
             return sorted(self._sources)
 
     def find(self, name: str) -> Source:
-        """Where `name` is served from (found lazily in the roots if new); AdapterNotFoundError if
-        it is not served, with the reason or the served names."""
+        """Where `name` is served from (found lazily if new); AdapterNotFoundError if not served."""
         return self._source(name)
 
     def _source(self, name: str) -> Source:
