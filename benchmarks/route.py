@@ -101,6 +101,7 @@ def main(argv=None) -> None:
     p.add_argument("--gate-steps", type=int, default=0, help="also train and score a per-token gate (0: skip)")
     p.add_argument("--reps", type=int, default=30, help="latency repetitions")
     p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--out", type=Path, default=None, help="results file (default results/route.json)")
     args = p.parse_args(argv)
     if args.quick:
         args.n_test, args.reps = 40, 10
@@ -133,7 +134,7 @@ def main(argv=None) -> None:
     held = {adapters[t].name: [e.text for e in task.validation[:args.n_held]] for t, task in tasks.items()}
 
     routers, results = {}, {"routers": {}}
-    for enc_name in args.encoders.split(","):
+    for enc_name in [e for e in args.encoders.split(",") if e]:
         enc = (Encoder.from_base(base, max_length=args.max_length, runtime=rt) if enc_name == "base"
                else Encoder.load(enc_name, max_length=args.max_length))
         t0 = time.perf_counter()
@@ -174,8 +175,8 @@ def main(argv=None) -> None:
     results.update({"tasks": list(TASKS), "n_per_task": args.n_test, "n": len(items), "base": base.name,
                     "base_fingerprint": base.fingerprint, "torch_threads": torch.get_num_threads(),
                     "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "seconds": time.perf_counter() - t_start, "args": vars(args)})
-    out = RESULTS / f"route{'_quick' if args.quick else ''}.json"
+                    "seconds": time.perf_counter() - t_start, "args": {k: str(v) for k, v in vars(args).items()}})
+    out = args.out or RESULTS / f"route{'_quick' if args.quick else ''}.json"
     out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     _print(results)
     log(f"wrote {out}")
