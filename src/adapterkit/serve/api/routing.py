@@ -48,9 +48,20 @@ class Routing:
         return (["auto"] if default_router(self.store) else []) + list_routers(self.store)
 
     def is_router(self, model: str) -> bool:
+        """"auto", or the name of a router in the store (one stat; names are validated first)."""
         if model == "auto":
             return True
-        return self.store is not None and model in self.names()
+        if self.store is None or model in self._routers:
+            return model in self._routers
+        from ...adapter import validate_name
+        from ...errors import AdapterNameError
+        from ...route.common import ROUTER_JSON, router_path
+
+        try:
+            validate_name(model)
+        except AdapterNameError:
+            return False
+        return (router_path(self.store, model) / ROUTER_JSON).is_file()
 
     def router(self, model: str) -> Any:
         with self._lock:
