@@ -9,7 +9,6 @@ import random
 
 import httpx
 import pytest
-import torch
 from conftest import ATTN, save_tiny, save_tiny_tokenizer
 
 from adapterkit import AdapterRuntime, LoraConfig, create_adapter, load_base

@@ -105,6 +105,36 @@ def test_empty_prompt_for_auto_is_400(world):
     assert "empty" in r.json()["error"]["message"]
 
 
+def test_an_adapter_replaced_while_serving_is_never_routed_to(tmp_path):
+    path = save_tiny("llama", tmp_path / "base")
+    save_tiny_tokenizer(path)
+    base = load_base(str(path))
+    store = AdapterStore(tmp_path / "store")
+    for i, name in enumerate(VOCAB):
+        store.put(create_adapter(name, base.model, LoraConfig(r=2, init="nonzero", init_std=0.5), seed=i,
+                                 fingerprint=base.fingerprint, base_name=base.name))
+    rows = [{"text": " ".join(VOCAB[a][j % 20] for j in range(k, k + 6)), "adapter": a} for a in VOCAB for k in range(20)]
+    (tmp_path / "ex.jsonl").write_text("\n".join(json.dumps(x) for x in rows) + "\n")
+    fit_router(store, list(VOCAB), "r1", examples_file=tmp_path / "ex.jsonl", base=str(path), encoder="base",
+               make_default=True)
+    engine = Engine.build(str(path), store=store, config=EngineConfig(max_batch=4)).start()
+    app = create_app(engine)
+    try:
+        prompt = next(p for p in PROMPTS if load_router(store, "r1", encoder=Encoder.from_base(base))
+                      .route([p])[0].top == "ad-b")
+        first = post(app, {"model": "auto", "prompt": prompt, "max_tokens": 3, "temperature": 0}).json()
+        assert first["adapterkit"]["adapters"] == {"ad-b": 1.0}
+        store.put(create_adapter("ad-b", base.model, LoraConfig(r=2, init="nonzero", init_std=0.5), seed=9,
+                                 fingerprint=base.fingerprint, base_name=base.name), overwrite=True)
+        again = post(app, {"model": "auto", "prompt": prompt, "max_tokens": 3, "temperature": 0})
+    finally:
+        engine.stop(drain=False)
+    got = again.json()["adapterkit"]
+    assert again.status_code == 200 and got["fallback"] is True and got["adapters"] == {}
+    assert "adapter 'ad-b' was replaced in the store" in got["reason"]
+    assert again.headers["x-adapterkit-adapters"] == "base"
+
+
 def test_auto_without_a_default_router_is_404(tmp_path):
     path = save_tiny("llama", tmp_path / "base")
     save_tiny_tokenizer(path)

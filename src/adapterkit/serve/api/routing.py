@@ -51,8 +51,8 @@ class Routing:
         """"auto", or the name of a router in the store (one stat; names are validated first)."""
         if model == "auto":
             return True
-        if self.store is None or model in self._routers:
-            return model in self._routers
+        if self.store is None:
+            return False
         from ...adapter import validate_name
         from ...errors import AdapterNameError
         from ...route.common import ROUTER_JSON, router_path
@@ -64,10 +64,29 @@ class Routing:
         return (router_path(self.store, model) / ROUTER_JSON).is_file()
 
     def router(self, model: str) -> Any:
+        """The loaded router, reloaded (and so re-verified against the store) whenever the store's
+        catalog, the router's file or the default router changed: an adapter replaced or deleted
+        while serving is never routed to."""
+        sig = self._signature(model)
         with self._lock:
-            if model not in self._routers:
-                self._routers[model] = self._load(model)
-            return self._routers[model]
+            cached = self._routers.get(model)
+            if cached is None or cached[0] != sig:
+                self._routers[model] = (sig, self._load(model))
+            return self._routers[model][1]
+
+    def _signature(self, model: str) -> tuple[Any, ...]:
+        from ...route import default_router
+        from ...route.common import ROUTER_JSON, router_path
+
+        if self.store is None:
+            return ()
+        name = default_router(self.store) if model == "auto" else model
+        if not name:
+            return ()
+
+        def mtime(p: Any) -> int:
+            return p.stat().st_mtime_ns if p.exists() else 0
+        return (name, mtime(router_path(self.store, name) / ROUTER_JSON), mtime(self.store.root / "catalog.sqlite"))
 
     def _load(self, model: str) -> Any:
         from ...route import RETRIEVAL_TYPE, RouterNotFoundError, load_router
