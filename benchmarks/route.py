@@ -5,7 +5,12 @@ Four SmolLM2 classification adapters (LoRA + head; the demo's `demo-<task>` adap
 missing) are routed by the retrieval router with two encoders: the adapters' own base (mean-pooled
 SmolLM2 states) and MiniLM-L6, scoring each adapter by the mean cosine to its 10 nearest examples
 (up to 1024 train examples per task, --n-fit); calibration: 64 validation examples per task
-(coverage target 0.99). Optionally a learned per-token gate (--gate-steps).
+(coverage target 0.99). Each encoder runs twice, side by side: with the lexical channel (character
+n-gram TF-IDF, weight chosen on the calibration examples: the default) and dense only (`-dense`).
+Optionally a learned per-token gate (--gate-steps).
+
+Out-of-distribution prompts: the test texts of two tasks no adapter was trained on (Reuters R8 news,
+20 Newsgroups posts); reported is the share each retrieval router sends to the fallback.
 
 Reported per router: routing accuracy, confusion matrix (table + PNG), fallback rate, end-to-end
 accuracy with `auto` (the routed adapter and its head) vs the oracle adapter (the task's own) vs the
@@ -36,6 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TASKS = ("rt-sentiment", "election-tweets", "tweet-sentiment", "chat-topics")
+OOD_TASKS = ("reuters-r8", "20newsgroups")
 
 
 def log(msg: str) -> None:
@@ -132,17 +138,20 @@ def main(argv=None) -> None:
     random.Random(0).shuffle(items)
     fit = {adapters[t].name: [e.text for e in task.train[:args.n_fit]] for t, task in tasks.items()}
     held = {adapters[t].name: [e.text for e in task.validation[:args.n_held]] for t, task in tasks.items()}
+    ood = {t: [e.text for e in load_task(t).test[:args.n_test]] for t in OOD_TASKS}
 
     routers, results = {}, {"routers": {}}
     for enc_name in [e for e in args.encoders.split(",") if e]:
         enc = (Encoder.from_base(base, max_length=args.max_length, runtime=rt) if enc_name == "base"
                else Encoder.load(enc_name, max_length=args.max_length))
         t0 = time.perf_counter()
-        router = fit_retrieval(f"retrieval-{enc_name}", list(adapters.values()), fit, enc, held_out=held,
-                               source=f"tasks: train[:{args.n_fit}], validation[:{args.n_held}]")
-        fit_s = time.perf_counter() - t0
-        routers[router.name] = router
-        log(f"{router.name}: fitted in {fit_s:.1f} s, calibration {router.calibration}")
+        for suffix, lexical in (("", True), ("-dense", False)):
+            t0 = time.perf_counter()
+            router = fit_retrieval(f"retrieval-{enc_name}{suffix}", list(adapters.values()), fit, enc, held_out=held,
+                                   lexical=lexical, source=f"tasks: train[:{args.n_fit}], validation[:{args.n_held}]")
+            fit_s = time.perf_counter() - t0
+            routers[router.name] = router
+            log(f"{router.name}: fitted in {fit_s:.1f} s, calibration {router.calibration}")
     if args.gate_steps:
         gate = GateRouter.create("gate", rt, list(adapters.values()), top_k=1)
         names = [a.name for a in adapters.values()]
@@ -163,7 +172,11 @@ def main(argv=None) -> None:
         png = plot_confusion(report, RESULTS / f"route_confusion_{name}{'_quick' if args.quick else ''}.png")
         results["routers"][name] = {**report.to_dict(), "plot": str(png.relative_to(ROOT)),
                                     "eval_s": time.perf_counter() - t0, "meta": _meta(router)}
-        log(f"{name}: routing {report.routing_accuracy:.4f}, e2e {report.end_to_end}")
+        if router.kind == "retrieval":
+            results["routers"][name]["ood_to_fallback"] = {
+                t: sum(d.fallback for d in router.route(texts)) / len(texts) for t, texts in ood.items()}
+        log(f"{name}: routing {report.routing_accuracy:.4f}, e2e {report.end_to_end}, "
+            f"OOD to fallback {results['routers'][name].get('ood_to_fallback')}")
 
     merged = merge(list(adapters.values()), "task_arithmetic", name="bench-merged", lam=0.5)
     rt.add(merged)
@@ -190,12 +203,14 @@ def _meta(router):
 
 def _print(results: dict) -> None:
     lat = results["latency"]
-    print(f"{'router':24} {'routing':>8} {'fallback':>8} {'auto':>7} {'oracle':>7} {'auto/oracle':>11} "
-          f"{'+% classify':>11} {'+% gen32':>9}")
+    print(f"{'router':26} {'routing':>8} {'fallback':>8} {'auto':>7} {'oracle':>7} {'auto/oracle':>11} "
+          f"{'+% classify':>11} {'+% gen32':>9} {'OOD->fallback':>14}")
     for name, r in results["routers"].items():
         e = r["end_to_end"]
-        print(f"{name:24} {r['routing_accuracy']:8.4f} {r['fallback_rate']:8.4f} {e['auto']:7.4f} {e['oracle']:7.4f} "
-              f"{e['ratio']:11.4f} {100 * lat[name]['added_vs_classify']:10.1f}% {100 * lat[name]['added_vs_generate32']:8.1f}%")
+        ood = r.get("ood_to_fallback")
+        print(f"{name:26} {r['routing_accuracy']:8.4f} {r['fallback_rate']:8.4f} {e['auto']:7.4f} {e['oracle']:7.4f} "
+              f"{e['ratio']:11.4f} {100 * lat[name]['added_vs_classify']:10.1f}% {100 * lat[name]['added_vs_generate32']:8.1f}% "
+              f"{' '.join(f'{v:.2f}' for v in ood.values()) if ood else '-':>14}")
     print(f"best merged adapter (task arithmetic λ=0.5, oracle head): {results['merged_task_arithmetic_0.5']:.4f}")
 
 

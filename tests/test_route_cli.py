@@ -51,6 +51,12 @@ def test_fit_then_eval_retrieval(world, tmp_path):
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
     assert "stored retrieval router r1 over ad-a, ad-b" in text and "(default)" in text
+    res = runner.invoke(app, ["route", "fit", "--adapters", "ad-a,ad-b", "--name", "r-lex", "--encoder", "base",
+                              "--examples", str(train), "--lexical-weight", "0.5", "--store", str(store), "--json"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads(res.output)
+    assert meta["lexical"]["weight"] == 0.5 and meta["calibration"]["lexical_weight_accuracy"].keys() == {"0.5"}
+    assert meta["lexical"]["kind"] == "char-ngram-tfidf" and meta["default"] is False
     res = runner.invoke(app, ["route", "eval", "auto", "--file", str(test), "--store", str(store), "--json",
                               "--plot", str(tmp_path / "cm.png")])
     assert res.exit_code == 0, res.output
@@ -71,7 +77,8 @@ def test_fit_then_eval_retrieval(world, tmp_path):
     assert "end-to-end accuracy auto" in text and "of the oracle)" in text
     assert (store / "routers" / "r1" / "confusion.png").is_file()
     rows = json.loads(runner.invoke(app, ["route", "ls", "--store", str(store), "--json"]).output)
-    assert rows[0]["name"] == "r1" and rows[0]["kind"] == "retrieval" and rows[0]["default"] is True
+    [row] = [r for r in rows if r["name"] == "r1"]
+    assert row["kind"] == "retrieval" and row["default"] is True
 
 
 def test_fit_gate_from_the_cli(world):
@@ -93,6 +100,10 @@ def test_fit_gate_from_the_cli(world):
     (["--name", "ad-a"], "routers and adapters share one model namespace"),
     (["--adapters", "ad-a,nope"], "error: no adapter named 'nope' in the store at"),
     ([], "error: adapter(s) ['ad-a', 'ad-b'] record no task in the store; pass --examples FILE"),
+    (["--kind", "gate", "--lexical-weight", "1"],
+     "error: --lexical/--lexical-weight are options of --kind retrieval; a gate reads hidden states"),
+    (["--no-lexical", "--lexical-weight", "1"],
+     "error: lexical_weight must be a finite number >= 0 with the lexical channel on, got 1.0"),
 ])
 def test_fit_refuses_bad_input(world, args, message):
     store, _, _ = world

@@ -93,12 +93,17 @@ def test_routes_in_task_prompts_to_their_adapter_with_calibrated_confidence(worl
     assert 0.0019 <= router.temperature <= 2.01
 
 
-def test_out_of_distribution_prompts_go_to_the_fallback_never_to_an_adapter(world):
-    router = fit(world)
+@pytest.mark.parametrize("neighbors, why", [
+    (10, "out of distribution: the mean similarity to the 10 nearest examples is 0.000 < threshold "),
+    (0, "out of distribution: the nearest adapter "),          # descriptors: the top score is the test
+])
+def test_out_of_distribution_prompts_go_to_the_fallback_never_to_an_adapter(world, neighbors, why):
+    router = fit(world, neighbors=neighbors)
+    assert router.to_meta()["ood"] == ("knn-uncentered" if neighbors else "max-score")
     ood = sentences(OOD_WORDS, 30, "ood")
     for d in router.route(ood):
         assert d.fallback and d.adapters == {}, d
-        assert d.reason.startswith("out of distribution: the nearest adapter ")
+        assert d.reason.startswith(why)
         assert d.reason.endswith("; served by the base model")
     # a named fallback adapter serves them instead of the base
     base, store, adapters, examples, _ = world
@@ -279,7 +284,7 @@ def test_neighbor_scores_equal_a_direct_reference_and_survive_the_store(world):
     """neighbors=k: score_a = mean cosine to a's k nearest (centered) examples; 0: the descriptors."""
     base, store, adapters, examples, test = world
     enc = BagOfWords()
-    router = fit(world, "knn", neighbors=3, held_out=test)            # fit texts are exactly `examples`
+    router = fit(world, "knn", neighbors=3, held_out=test, lexical=False)   # fit texts are exactly `examples`
     texts = [t for ts in test.values() for t in ts[:4]]
     emb = enc.embed(texts)
     center = torch.stack([enc.embed(examples[n]).mean(0) for n in router.names]).mean(0)
@@ -288,11 +293,16 @@ def test_neighbor_scores_equal_a_direct_reference_and_survive_the_store(world):
         (z @ torch.nn.functional.normalize(enc.embed(examples[n]) - center, dim=-1).t()).topk(3, dim=1).values.mean(1)
         for n in router.names], 1)
     torch.testing.assert_close(router.similarities(emb), want)
-    flat = fit(world, "flat", neighbors=0, held_out=test)
+    # OOD typicality: mean cosine of the UNcentered embedding to its 3 nearest fit examples of any adapter
+    raw = torch.nn.functional.normalize(torch.cat([enc.embed(examples[n]) for n in router.names]), dim=-1)
+    want_t = (torch.nn.functional.normalize(emb, dim=-1) @ raw.t()).topk(3, dim=1).values.mean(1)
+    torch.testing.assert_close(router.typicality(emb), want_t)
+    flat = fit(world, "flat", neighbors=0, held_out=test, lexical=False)
     assert flat.bank is None and not torch.allclose(flat.similarities(emb), want)
     router.save(store, overwrite=True)
     again = load_router(store, "knn", encoder=enc)
     assert again.neighbors == 3
+    torch.testing.assert_close(again.typicality(emb), want_t)
     assert [d.adapters for d in again.route(texts)] == [d.adapters for d in router.route(texts)]
     with pytest.raises(ConfigError) as e:
         fit(world, "bad", neighbors=-1)

@@ -27,14 +27,19 @@ def route_fit(
     kind: str = typer.Option("retrieval", help="retrieval (training-free, per prompt) or gate (learned, per token)."),
     base: Optional[str] = typer.Option(None, help="The adapters' base (default: the base the store records)."),
     encoder: str = typer.Option("minilm-l6", help="retrieval: a sentence encoder (built-in name or folder; "
-                                "default MiniLM-L6: 0.949 routing accuracy on the 4-task benchmark vs 0.892 for the "
-                                "base, and 7x faster) or 'base' (mean-pooled states of the adapters' base)."),
+                                "default MiniLM-L6: more accurate and 7x faster than the base on the 4-task benchmark) "
+                                "or 'base' (mean-pooled states of the adapters' base)."),
     examples: Optional[Path] = typer.Option(None, "--examples", help="JSONL lines {\"text\", \"adapter\"[, \"label\"]} "
                                             "(default: each adapter's task from the store)."),
     n_examples: int = typer.Option(1024, "--n-examples", min=2, help="Examples per adapter from its task's train "
                                    "split (fewer if the split is smaller)."),
     neighbors: int = typer.Option(10, "--neighbors", min=0, help="retrieval: score = mean cosine to the adapter's k "
                                   "nearest examples (0: one centroid descriptor per adapter)."),
+    lexical: bool = typer.Option(True, "--lexical/--no-lexical", help="retrieval: also score character n-gram "
+                                 "TF-IDF similarity (the prompt's form: @handles, URLs, 'Which ...?'), mixed with a "
+                                 "weight chosen on the held-out examples."),
+    lexical_weight: Optional[float] = typer.Option(None, "--lexical-weight", help="retrieval: fix the lexical "
+                                                   "weight w in (dense + w*lexical)/(1+w) instead of choosing it."),
     n_held: int = typer.Option(64, "--n-held", min=1, help="Calibration examples per adapter (validation split)."),
     top_k: int = typer.Option(1, "--top-k", min=1, help="Adapters active on a row (retrieval) / token (gate)."),
     coverage: float = typer.Option(0.99, help="retrieval: share of in-task prompts that must pass the OOD threshold."),
@@ -63,6 +68,7 @@ def route_fit(
         st = open_store(store)
         router = fit_router(st, _names(adapters), name, kind=kind, base=base, encoder=encoder, examples_file=examples,
                             n_examples=n_examples, n_held=n_held, top_k=top_k, neighbors=neighbors, coverage=coverage, fallback=fallback,
+                            lexical=lexical, lexical_weight=lexical_weight,
                             steps=steps, lr=lr, batch_size=batch_size, gate_weight=gate_weight,
                             max_length=max_length, overwrite=overwrite, make_default=default)
         is_default = default_router(st) == name
@@ -77,7 +83,7 @@ def route_fit(
         out.print(f"stored retrieval router [bold]{name}[/] over {', '.join(router.names)} in {st.root}: held-out "
                   f"routing accuracy {cal['accuracy']:.3f}, coverage {cal['coverage']:.3f} (target "
                   f"{cal['coverage_target']}), temperature {router.temperature:.4g}, OOD threshold "
-                  f"{router.threshold:.3f}, ECE {cal['ece']:.3f}" + (" (default)" if is_default else ""),
+                  f"{router.threshold:.3f}, ECE {cal['ece']:.3f}, lexical weight {router.lexical_weight:g}" + (" (default)" if is_default else ""),
                   highlight=False)
     else:
         final = meta["training"].get("final", {})

@@ -1,7 +1,8 @@
 """Routers: choose adapters from the input itself, so a request need not name one.
 
-    retrieval.py   training-free: nearest adapter descriptor (embedding centroid), calibrated
+    retrieval.py   training-free: nearest adapter examples / descriptor (embeddings), calibrated
                    confidence, OOD threshold -> fallback; top-k rows with weights
+    lexical.py     the retrieval router's second channel: character n-gram TF-IDF (the prompt's form)
     gate.py        learned MeteoRA-style per-layer gate: top-k adapters per token, mixed-batch kernels
     common.py      Decision, typed errors, adapter records (content fingerprints), store artifacts
     evaluate.py    routing accuracy, confusion matrix (table + PNG), end-to-end accuracy vs the oracle

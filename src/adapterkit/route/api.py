@@ -19,7 +19,7 @@ from .common import check_base, check_router_name, read_router, set_default_rout
 from .encoder import Encoder
 from .evaluate import Item, RouteReport, evaluate_router
 from .gate import GateRouter, causal_lm_loss, token_labels, train_gate
-from .retrieval import fit_retrieval
+from .retrieval import check_lexical, fit_retrieval
 
 KINDS = ("retrieval", "gate")
 UNLABELLED = ""
@@ -83,13 +83,16 @@ def file_examples(path: Path, names: Sequence[str]):
 def fit_router(store: Any, adapter_names: Sequence[str], name: str, *, kind: str = "retrieval",
                base: str | None = None, encoder: str = "minilm-l6", examples_file: Path | None = None,
                n_examples: int = 1024, n_held: int = 64, top_k: int = 1, coverage: float = 0.99,
-               neighbors: int = 10,
+               neighbors: int = 10, lexical: bool = True, lexical_weight: float | None = None,
                fallback: str | None = None, steps: int = 100, lr: float = 1e-2, batch_size: int = 8,
                gate_weight: float = 1.0, max_length: int = 128, seed: int = 0, overwrite: bool = False,
                make_default: bool = False, on_step: Callable[[int, dict], None] | None = None):
     """Fit and store a router over stored adapters; returns it."""
     if kind not in KINDS:
         raise ConfigError(f"unknown router kind {kind!r}; use one of {', '.join(KINDS)}")
+    if kind != "retrieval" and (lexical_weight is not None or not lexical):
+        raise ConfigError("--lexical/--lexical-weight are options of --kind retrieval; a gate reads hidden states")
+    check_lexical(lexical, lexical_weight)
     check_router_name(store, name, overwrite)                  # before any long work
     adapters = load_adapters(store, adapter_names)
     from .common import check_adapters
@@ -108,7 +111,7 @@ def fit_router(store: Any, adapter_names: Sequence[str], name: str, *, kind: str
         else:
             enc = Encoder.load(encoder, max_length=max_length)
         router = fit_retrieval(name, adapters, texts, enc, held_out=held, top_k=top_k, coverage=coverage,
-                               neighbors=neighbors,
+                               neighbors=neighbors, lexical=lexical, lexical_weight=lexical_weight,
                                fallback=fb, source=source)
     else:
         if fallback:
