@@ -18,6 +18,10 @@ Scheduling (iteration level, one background thread):
                  max_tokens and releases what the sequence held.
 Decodes run every step and prefill is bounded per step, so neither starves the other.
 
+A request may carry a learned per-token gate instead of fixed adapters: it holds a slot for each of
+the gate's adapters and, at every gated layer, its tokens go to the adapters the gate picks there
+(gating.py); other rows of the step keep their fixed adapters.
+
 Admission errors are per request: an unknown adapter fails submit() (HTTP 404); an adapter that
 fails to load or attach ends only its own request with finish_reason "error".
 """
@@ -37,6 +41,7 @@ from .adapter_cache import AdapterCache, AdapterHandle, NoFreeSlotError
 from .detok import Detokenizer
 from .engine_metrics import EngineMetrics
 from .forward import FlatDecoder, SeqCache, Segment
+from .gating import GateState, gate_layers, layer_routing
 from .requests import (ContextLengthError, GenerationRequest, QueueFullError, RequestStream, StreamEvent,
                        Usage)
 from .sampling import choose, make_generator
@@ -74,6 +79,7 @@ class _Seq:
     pending: list[int]                   # tokens to feed next step (the prompt, then the last token)
     generated: int = 0
     slots: list[tuple[int, float]] = field(default_factory=list)   # (runtime slot, weight) per adapter
+    gate: Optional[GateState] = None     # a gated request: per-token adapters from its gate
 
     @property
     def params(self):
@@ -145,6 +151,11 @@ class Engine:
             raise ContextLengthError(
                 f"prompt + max_tokens = {n + p.max_tokens} tokens exceed the engine's KV budget of "
                 f"{self.kv_budget} tokens; lower max_tokens or raise --kv-cache-mb")
+        if request.gate is not None:
+            self._gate_layers(request.gate)          # ConfigError: a gate of another model
+            if not request.adapters:
+                raise ConfigError(f"gate {request.gate.name!r} has no usable adapter: "
+                                  + "; ".join(request.gate.unusable.values()))
         for name in request.adapters:
             self.cache.find(name)                    # AdapterNotFoundError; finds new folders lazily
         stream = RequestStream(request)
@@ -230,9 +241,11 @@ class Engine:
             segments.append(Segment(s.cache, start, len(s.pending)))
             last.append(len(tokens) - 1)
         tok, ids, ws, idx = torch.tensor(tokens), torch.tensor(slots), torch.tensor(weights), torch.tensor(last)
+        gated = [(seg.start, seg.n, s.gate) for s, seg in zip(batch, segments) if s.gate is not None]
         with self.cache.locked(), torch.inference_mode():
+            before = layer_routing(self.runtime, ids, ws, gated) if gated else None
             with self.runtime.use(self.runtime.batch_from_ids(ids, ws, mode="token")):
-                h = self.decoder.hidden(tok, torch.tensor(positions), segments)
+                h = self.decoder.hidden(tok, torch.tensor(positions), segments, before_layer=before)
             with self.runtime.use(self.runtime.batch_from_ids(ids[idx], ws[idx], mode="token")):
                 logits = self.decoder.logits(h[idx])
         picked = choose(logits, [s.params for s in batch], [s.generator for s in batch])
@@ -264,6 +277,8 @@ class Engine:
                 self._reserved -= s.cache.capacity
         for h in s.handles:
             h.release()
+        if s.gate is not None:
+            s.stream.adapter_usage = s.gate.shares()
         s.stream._emit(StreamEvent(text, tuple(tokens), finish_reason=reason, usage=usage, error=error))
         self.metrics_.observe_finish(s.stream, reason)
 
@@ -315,6 +330,11 @@ class Engine:
                      Detokenizer(self.tokenizer, req.params.stop),
                      None if req.params.greedy else make_generator(req.params.seed),
                      list(req.prompt_ids), slots=[(h.slot, weights[h.name]) for h in handles])
+            if req.gate is not None:                         # no fixed adapters: the gate picks per token
+                by_name = {h.name: h.slot for h in handles}
+                s.slots = []
+                s.gate = GateState(req.gate, torch.tensor([by_name.get(n, 0) for n in req.gate.names]),
+                                   self._gate_layers(req.gate))
             with self._lock:
                 self._waiting.remove(w)
                 self._running.append(s)
@@ -323,6 +343,11 @@ class Engine:
             prefill += len(req.prompt_ids)
             new.append(s)
         return new
+
+    def _gate_layers(self, gate: Any) -> dict[int, int]:
+        """The gate's layer map on this base (BaseMismatchError / ConfigError for another base)."""
+        gate.check_base(self.runtime.fingerprint, self.base_name)
+        return gate_layers(gate, self.runtime.model, self.decoder.layers)
 
     def _fail_running(self, exc: BaseException) -> None:
         err = exc if isinstance(exc, AdapterkitError) else RuntimeError(f"engine step failed: {exc!r}")

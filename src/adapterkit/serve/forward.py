@@ -17,8 +17,9 @@ with rotary positions. Output equals the Hugging Face forward (tests/test_engine
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -86,29 +87,37 @@ class FlatDecoder:
         return 2 * len(self.layers) * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
 
     @torch.inference_mode()
-    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, segments: Sequence[Segment],
+               before_layer: Optional[Callable[[int, torch.Tensor], ContextManager[Any]]] = None) -> torch.Tensor:
         """tokens, positions [T] -> final-norm hidden states [T, hidden]; fills the caches and
-        advances each segment's cache length by its n. Adapter routing is the caller's (runtime.use)."""
+        advances each segment's cache length by its n. Adapter routing is the caller's (runtime.use);
+        before_layer(i, h [1, T, d] = layer i's input) may return a context that holds for layer i
+        only (a per-token gate routes each layer's tokens from that layer's input)."""
         h = self.inner.embed_tokens(tokens[None])                        # [1, T, d]
         cos, sin = self.inner.rotary_emb(h, positions[None])             # [1, T, hd]
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]                # [T, 1, hd]
         T = tokens.shape[0]
         for i, layer in enumerate(self.layers):
-            residual = h
-            x = layer.input_layernorm(h)
-            att = layer.self_attn
-            q = att.q_proj(x).view(T, self.heads, self.head_dim)
-            k = att.k_proj(x).view(T, self.kv_heads, self.head_dim)
-            v = att.v_proj(x).view(T, self.kv_heads, self.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            out = self._attend(i, q, k, v, segments)                      # [T, heads*hd]
-            h = residual + att.o_proj(out[None])
-            residual = h
-            h = residual + layer.mlp(layer.post_attention_layernorm(h))
+            with before_layer(i, h) if before_layer is not None else contextlib.nullcontext():
+                h = self._layer(i, layer, h, cos, sin, T, segments)
         for s in segments:
             s.cache.length += s.n
         return self.inner.norm(h)[0]
+
+    def _layer(self, i: int, layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, T: int,
+               segments: Sequence[Segment]) -> torch.Tensor:
+        residual = h
+        x = layer.input_layernorm(h)
+        att = layer.self_attn
+        q = att.q_proj(x).view(T, self.heads, self.head_dim)
+        k = att.k_proj(x).view(T, self.kv_heads, self.head_dim)
+        v = att.v_proj(x).view(T, self.kv_heads, self.head_dim)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        out = self._attend(i, q, k, v, segments)                      # [T, heads*hd]
+        h = residual + att.o_proj(out[None])
+        residual = h
+        return residual + layer.mlp(layer.post_attention_layernorm(h))
 
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 segments: Sequence[Segment]) -> torch.Tensor:

@@ -75,10 +75,15 @@ class GenerationRequest:
     adapter: Optional[Union[str, Mapping[str, float]]] = None
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    # a learned per-token gate (route.GateRouter) instead of fixed adapter(s): it picks each token's
+    # adapters at every layer (serve/gating.py)
+    gate: Any = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
             raise ConfigError("the prompt is empty; give at least one token")
+        if self.gate is not None and self.adapter is not None:
+            raise ConfigError("a request names either adapter(s) or a gate, not both")
         if isinstance(self.adapter, Mapping):
             weights = {str(k): float(v) for k, v in self.adapter.items()}
             bad = [k for k, v in weights.items() if not math.isfinite(v)]
@@ -88,14 +93,18 @@ class GenerationRequest:
 
     @property
     def adapters(self) -> dict[str, float]:
-        """{name: weight} of the row ({} = the bare base)."""
+        """{name: weight} of the row ({} = the bare base); a gate's usable adapters (each may serve a token)."""
+        if self.gate is not None:
+            return {n: 1.0 for n in self.gate.names if n not in self.gate.unusable}
         if self.adapter is None:
             return {}
         return {self.adapter: 1.0} if isinstance(self.adapter, str) else dict(self.adapter)
 
     @property
     def label(self) -> Optional[str]:
-        """One name for metrics: the adapter, 'a+b' for several, None for the base."""
+        """One name for metrics: the adapter, 'a+b' for several, 'gate:<name>', None for the base."""
+        if self.gate is not None:
+            return f"gate:{self.gate.name}"
         names = self.adapters
         return "+".join(sorted(names)) if names else None
 
@@ -137,6 +146,7 @@ class RequestStream:
         self.text = ""                             # all text so far (stop strings cut)
         self.token_ids: list[int] = []             # all generated tokens so far
         self.final: Optional[StreamEvent] = None
+        self.adapter_usage: Optional[dict[str, float]] = None   # gated: share of gate weight per adapter, at the end
         self._drained = False                      # result() consumed the end marker
         self._cancel = threading.Event()
         self._sync: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
