@@ -143,3 +143,53 @@ def test_auto_without_a_default_router_is_404(tmp_path):
     err = r.json()["error"]
     assert r.status_code == 404 and err["param"] == "model"
     assert err["message"].startswith("no default router in the store at ")
+
+
+def test_a_gate_router_is_served_per_token_and_reports_what_it_did(tmp_path):
+    """model="<gate>": the engine runs the gate per token; the JSON and the header give each adapter's
+    share of gate weight (equal to the engine's own gated request); a stream's header names the gate."""
+    from adapterkit.route import GateRouter
+    from adapterkit.serve.api.routing import header_value
+    from adapterkit.serve.requests import GenerationRequest, SamplingParams
+
+    path = save_tiny("llama", tmp_path / "base")
+    save_tiny_tokenizer(path)
+    base = load_base(str(path))
+    store = AdapterStore(tmp_path / "store")
+    for i, name in enumerate(VOCAB):
+        store.put(create_adapter(name, base.model, LoraConfig(r=2, init="nonzero", init_std=0.5), seed=i,
+                                 fingerprint=base.fingerprint, base_name=base.name))
+    rows = [{"text": " ".join(VOCAB[a][j % 20] for j in range(k, k + 6)), "adapter": a} for a in VOCAB for k in range(20)]
+    (tmp_path / "ex.jsonl").write_text("\n".join(json.dumps(x) for x in rows) + "\n")
+    gate = fit_router(store, list(VOCAB), "g1", kind="gate", examples_file=tmp_path / "ex.jsonl", base=str(path),
+                      steps=5)
+    assert isinstance(gate, GateRouter)
+    engine = Engine.build(str(path), store=store, config=EngineConfig(max_batch=4)).start()
+    app = create_app(engine)
+    try:
+        r = post(app, {"model": "g1", "prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0})
+        ids = list(base.tokenizer(PROMPTS[0])["input_ids"])
+        direct = engine.submit(GenerationRequest(ids, gate=load_router(store, "g1"),
+                                                 params=SamplingParams(max_tokens=5, temperature=0.0)))
+        direct.result(timeout=30)
+        s = post(app, {"model": "g1", "prompt": PROMPTS[1], "max_tokens": 3, "temperature": 0, "stream": True})
+        empty = post(app, {"model": "g1", "prompt": "  ", "max_tokens": 3})
+        metrics = get(app, "/metrics").text
+        models = [m["id"] for m in get(app, "/v1/models").json()["data"]]
+    finally:
+        engine.stop(drain=False)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    got = body["adapterkit"]
+    assert got["gate"] is True and got["router"] == "g1" and got["fallback"] is False
+    assert got["adapters"] == direct.adapter_usage and sum(got["adapters"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert body["choices"][0]["text"] == direct.text
+    assert r.headers["x-adapterkit-adapters"] == header_value(got["adapters"])
+    assert got["reason"].startswith("per-token gate 'g1' (top-1 of 2 adapters at each of 2 layers)")
+    assert s.status_code == 200 and s.headers["x-adapterkit-adapters"] == "gate:g1(ad-a,ad-b)"
+    assert s.text.endswith("data: [DONE]\n\n")
+    assert empty.status_code == 400 and empty.json()["error"]["param"] == "prompt"
+    top = max(got["adapters"], key=got["adapters"].get)
+    assert f'adapterkit_routing_decisions_total{{router="g1",adapter="{top}",fallback="false"}} 1' in metrics
+    assert 'adapterkit_routing_decisions_total{router="g1",adapter="(per-token)",fallback="false"} 1' in metrics
+    assert "g1" in models

@@ -31,7 +31,7 @@ from . import protocol as P
 from .errors import (APIError, InvalidRequestError, PayloadTooLargeError, RouteNotFoundError, error_body,
                      error_headers, error_status)
 from .metrics import CONTENT_TYPE
-from .routing import HEADER, header_value
+from .routing import HEADER, routed_header
 from .service import ApiSettings, EventStream, OpenAIService
 
 log = logging.getLogger("adapterkit.serve")
@@ -85,7 +85,7 @@ class SSEResponse(StreamingResponse):
     def __init__(self, events: EventStream) -> None:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         if events.routed is not None:
-            headers[HEADER] = header_value(events.routed["adapters"])
+            headers[HEADER] = routed_header(events.routed)
         super().__init__(events.chunks(), media_type="text/event-stream", headers=headers)
         self.events = events
 
@@ -179,7 +179,7 @@ def create_app(engine: Any, settings: Optional[ApiSettings] = None) -> FastAPI:
         if isinstance(result, Response):
             return result
         routed = result.get("adapterkit")
-        return JSONResponse(result, headers={HEADER: header_value(routed["adapters"])} if routed else None)
+        return JSONResponse(result, headers={HEADER: routed_header(routed)} if routed else None)
 
     @v1.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -10,8 +10,13 @@ Routers are loaded once per name, non-strict: an adapter deleted or replaced in 
 router was fitted is never chosen, and a prompt that would have gone to it falls back (the decision
 says why). A router fitted with the served base as its encoder encodes with that same model, with
 adapters switched off, under the runtime lock (between engine steps); any other encoder (MiniLM)
-is loaded once and runs on its own. Only retrieval routers are served: a learned gate routes each
-token inside the forward, which the engine does not do yet (refused with that reason).
+is loaded once and runs on its own.
+
+A learned gate router decides per token inside the forward (serve/gating.py), so there is no
+decision before generation: the request goes to the engine with the gate; the answer reports each
+adapter's share of the gate weight over the request's tokens (JSON field and header). A streamed
+answer's header, sent before any token, names the gate and its candidate adapters instead
+(`gate:NAME(a,b,c)`), and /metrics counts it under adapter "(per-token)".
 """
 
 from __future__ import annotations
@@ -20,14 +25,22 @@ import collections
 import threading
 from typing import Any, Optional
 
-from ...errors import BaseMismatchError, UnsupportedError
+from ...errors import BaseMismatchError
 
 HEADER = "x-adapterkit-adapters"
+PER_TOKEN = "(per-token)"
 
 
 def header_value(adapters: dict[str, float]) -> str:
     """`name=weight,...`, or `base` for the bare base."""
     return ",".join(f"{n}={w:.4g}" for n, w in adapters.items()) or "base"
+
+
+def routed_header(routed: dict[str, Any]) -> str:
+    """The header of a routed answer; a gate's before its tokens exist: `gate:NAME(candidates)`."""
+    if routed.get("gate") and routed.get("adapters") is None:
+        return f"gate:{routed['router_name']}({','.join(routed['candidates'])})"
+    return header_value(routed["adapters"])
 
 
 class Routing:
@@ -95,9 +108,10 @@ class Routing:
         if self.store is None:
             raise RouterNotFoundError(f"no router {model!r}: this server has no adapter store (--store)")
         meta, _ = read_router(self.store, model)
-        if meta["type"] != RETRIEVAL_TYPE:
-            raise UnsupportedError(f"router {model!r} is a learned per-token gate; the server routes with "
-                                   "retrieval routers only (the engine does not run per-token gates yet)")
+        if meta["type"] != RETRIEVAL_TYPE:                 # a learned gate: runs inside the engine
+            gate = load_router(self.store, model, strict=False)
+            gate.check_base(self.engine.runtime.fingerprint, self.engine.base_name)
+            return gate
         encoder = self._encoder(meta["encoder"])
         router = load_router(self.store, model, encoder=encoder, strict=False)
         router.check_base(self.engine.runtime.fingerprint, self.engine.base_name)
@@ -120,20 +134,42 @@ class Routing:
         return self._encoders[key]
 
     def decide(self, model: str, text: str) -> Any:
-        """The router's Decision for one prompt (blocking: call it from a worker thread)."""
+        """The router's Decision for one prompt, or the GateRouter itself (it decides per token in
+        the engine). Blocking: call it from a worker thread."""
         router = self.router(model)
+        if router.kind == "gate":
+            return router
         if router.encoder.runtime is not None:           # shares the engine's model: between steps
             with self.engine.cache.locked():
                 [decision] = router.route([text])
         else:
             [decision] = router.route([text])
-        with self._lock:
-            self.decisions[(model, decision.top or "base", bool(decision.fallback))] += 1
+        self.record(model, decision.top, bool(decision.fallback))
         return decision
+
+    def record(self, model: str, top: Optional[str], fallback: bool = False) -> None:
+        """Count one routing decision for /metrics (top None: the base)."""
+        with self._lock:
+            self.decisions[(model, top or "base", fallback)] += 1
 
     def counts(self) -> dict[tuple[str, str, bool], int]:
         with self._lock:
             return dict(self.decisions)
+
+
+def gate_body(model: str, gate: Any) -> dict[str, Any]:
+    """The `adapterkit` field of a gated request; gate_done() fills in what the gate did."""
+    return {"router": model, "router_name": gate.name, "gate": True, "adapters": None, "confidence": None,
+            "fallback": False, "candidates": [n for n in gate.names if n not in gate.unusable],
+            "reason": f"per-token gate {gate.name!r} (top-{gate.top_k} of {len(gate.names)} adapters at each of "
+                      f"{len(gate.layers)} layers)"}
+
+
+def gate_done(routed: dict[str, Any], usage: Optional[dict[str, float]]) -> dict[str, Any]:
+    """adapters = each adapter's share of the gate weight over the request's tokens and layers."""
+    routed["adapters"] = dict(sorted((usage or {}).items(), key=lambda kv: -kv[1]))
+    routed["reason"] += "; adapters: share of the gate weight over the request's tokens and layers"
+    return routed
 
 
 def decision_body(model: str, decision: Any) -> dict[str, Any]:

@@ -24,8 +24,9 @@ from typing import Any, AsyncIterator, Callable, Optional
 from ...adapter import validate_name
 from ...errors import AdapterkitError, AdapterNameError, AdapterNotFoundError, ConfigError
 from ..requests import ContextLengthError, GenerationRequest, RequestStream, SamplingParams, StreamEvent
+from ...route.common import check_prompts
 from . import metrics as prom
-from .routing import Routing, decision_body, route_text
+from .routing import PER_TOKEN, Routing, decision_body, gate_body, gate_done, route_text
 from . import protocol as P
 from .errors import (AuthenticationError, InvalidRequestError, ModelNotFoundError, ServiceUnavailableError,
                      blame, error_status)
@@ -158,21 +159,25 @@ class OpenAIService:
         return name
 
     # ------------------------------------------------------------------ generation
-    async def _pick(self, model: str, text: str, param: str) -> tuple[Any, Optional[dict[str, Any]]]:
-        """(adapter(s) for the engine, the routing record or None). A router (`auto` or its name)
-        chooses from the text; anything else is resolve()'s adapter or the base."""
+    async def _pick(self, model: str, text: str, param: str) -> tuple[Any, Any, Optional[dict[str, Any]]]:
+        """(adapter(s) for the engine, a per-token gate or None, the routing record or None). A
+        router (`auto` or its name) chooses from the text; anything else is resolve()'s adapter or
+        the base."""
         if not self.routing.is_router(model):
-            return self.resolve(model), None
+            return self.resolve(model), None, None
         try:
+            check_prompts([text])                         # EmptyPromptError, also for a gate
             decision = await asyncio.to_thread(self.routing.decide, model, text)
         except AdapterNotFoundError as exc:
             raise _param(exc, "model")
         except ConfigError as exc:                        # an empty or whitespace prompt
             raise _param(exc, param)
-        return decision.adapters or None, decision_body(model, decision)
+        if getattr(decision, "kind", None) == "gate":
+            return None, decision, gate_body(model, decision)
+        return decision.adapters or None, None, decision_body(model, decision)
 
     async def completion(self, req: P.CompletionRequest) -> dict[str, Any] | EventStream:
-        adapter, routed = await self._pick(req.model, route_text(req.prompt, None), "prompt")
+        adapter, gate, routed = await self._pick(req.model, route_text(req.prompt, None), "prompt")
         ids = await asyncio.to_thread(self._encode, req.prompt, True)
         params = self._params(req, len(ids), req.max_tokens, "max_tokens", "prompt")
         rid, created, model = P.new_id("cmpl"), P.now(), req.model
@@ -185,14 +190,14 @@ class OpenAIService:
             def tail(ev: StreamEvent) -> list[Any]:
                 out = [P.completion_chunk(rid, created, model, "", ev.finish_reason, usage)]
                 return out + ([P.usage_chunk(rid, created, model, "text_completion", ev.usage)] if usage else [])
-            return await self._stream(ids, adapter, params, "prompt", render, tail, routed)
-        text, final = await self._collect(ids, adapter, params, "prompt")
+            return await self._stream(ids, adapter, params, "prompt", render, tail, routed, gate)
+        text, final = await self._collect(ids, adapter, params, "prompt", gate, routed)
         return _routed(P.completion(rid, created, model, text, final.finish_reason, final.usage), routed)
 
     async def chat(self, req: P.ChatCompletionRequest) -> dict[str, Any] | EventStream:
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                     for m in req.messages]
-        adapter, routed = await self._pick(req.model, route_text(None, messages), "messages")
+        adapter, gate, routed = await self._pick(req.model, route_text(None, messages), "messages")
         ids = await asyncio.to_thread(self._encode_chat, messages)
         params = self._params(req, len(ids), req.max_new_tokens, req.max_tokens_param, "messages")
         rid, created, model = P.new_id("chatcmpl"), P.now(), req.model
@@ -209,8 +214,8 @@ class OpenAIService:
             def tail(ev: StreamEvent) -> list[Any]:
                 out = [P.chat_chunk(rid, created, model, {}, ev.finish_reason, usage)]
                 return out + ([P.usage_chunk(rid, created, model, "chat.completion.chunk", ev.usage)] if usage else [])
-            return await self._stream(ids, adapter, params, "messages", render, tail, routed)
-        text, final = await self._collect(ids, adapter, params, "messages")
+            return await self._stream(ids, adapter, params, "messages", render, tail, routed, gate)
+        text, final = await self._collect(ids, adapter, params, "messages", gate, routed)
         return _routed(P.chat_completion(rid, created, model, text, final.finish_reason, final.usage), routed)
 
     def _encode(self, text: str, special: bool) -> list[int]:
@@ -252,9 +257,10 @@ class OpenAIService:
                                   top_k=max(req.top_k, 0), seed=req.seed, stop=req.stop_list,
                                   ignore_eos=req.ignore_eos)
 
-    def _submit(self, ids: list[int], adapter: Optional[str], params: SamplingParams, prompt_param: str) -> RequestStream:
+    def _submit(self, ids: list[int], adapter: Optional[str], params: SamplingParams, prompt_param: str,
+                gate: Any = None) -> RequestStream:
         try:
-            return self.engine.submit(GenerationRequest(prompt_ids=ids, adapter=adapter, params=params))
+            return self.engine.submit(GenerationRequest(prompt_ids=ids, adapter=adapter, params=params, gate=gate))
         except AdapterNotFoundError as exc:
             raise _param(exc, "model")
         except ContextLengthError as exc:        # the engine's KV budget
@@ -263,8 +269,9 @@ class OpenAIService:
             raise _param(exc, prompt_param)
 
     async def _collect(self, ids: list[int], adapter: Optional[str], params: SamplingParams,
-                       prompt_param: str) -> tuple[str, StreamEvent]:
-        stream = self._submit(ids, adapter, params, prompt_param)
+                       prompt_param: str, gate: Any = None,
+                       routed: Optional[dict[str, Any]] = None) -> tuple[str, StreamEvent]:
+        stream = self._submit(ids, adapter, params, prompt_param, gate)
         try:
             async for _ in stream:
                 pass
@@ -275,12 +282,19 @@ class OpenAIService:
         assert final is not None
         if final.finish_reason not in ("stop", "length"):
             raise _failure(final)
+        if gate is not None and routed is not None:
+            gate_done(routed, stream.adapter_usage)
+            top = max(routed["adapters"], key=routed["adapters"].get) if routed["adapters"] else None
+            self.routing.record(routed["router"], top)
         return stream.text, final
 
     async def _stream(self, ids: list[int], adapter: Optional[str], params: SamplingParams, prompt_param: str,
                       render: Callable[[StreamEvent, bool], list[Any]],
-                      tail: Callable[[StreamEvent], list[Any]], routed: Optional[dict[str, Any]] = None) -> EventStream:
-        stream = self._submit(ids, adapter, params, prompt_param)
+                      tail: Callable[[StreamEvent], list[Any]], routed: Optional[dict[str, Any]] = None,
+                      gate: Any = None) -> EventStream:
+        stream = self._submit(ids, adapter, params, prompt_param, gate)
+        if gate is not None and routed is not None:
+            self.routing.record(routed["router"], PER_TOKEN)
         events = stream.__aiter__()
         try:
             first = await events.__anext__()      # admission errors become HTTP errors, not a 200 stream
