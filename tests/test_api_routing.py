@@ -105,7 +105,8 @@ def test_empty_prompt_for_auto_is_400(world):
     assert "empty" in r.json()["error"]["message"]
 
 
-def test_an_adapter_replaced_while_serving_is_never_routed_to(tmp_path):
+def private_world(tmp_path):
+    """A tiny base, a store of the two adapters and a JSONL of examples, for tests that change them."""
     path = save_tiny("llama", tmp_path / "base")
     save_tiny_tokenizer(path)
     base = load_base(str(path))
@@ -115,8 +116,12 @@ def test_an_adapter_replaced_while_serving_is_never_routed_to(tmp_path):
                                  fingerprint=base.fingerprint, base_name=base.name))
     rows = [{"text": " ".join(VOCAB[a][j % 20] for j in range(k, k + 6)), "adapter": a} for a in VOCAB for k in range(20)]
     (tmp_path / "ex.jsonl").write_text("\n".join(json.dumps(x) for x in rows) + "\n")
-    fit_router(store, list(VOCAB), "r1", examples_file=tmp_path / "ex.jsonl", base=str(path), encoder="base",
-               make_default=True)
+    return path, base, store, tmp_path / "ex.jsonl"
+
+
+def test_an_adapter_replaced_while_serving_is_never_routed_to(tmp_path):
+    path, base, store, examples = private_world(tmp_path)
+    fit_router(store, list(VOCAB), "r1", examples_file=examples, base=str(path), encoder="base", make_default=True)
     engine = Engine.build(str(path), store=store, config=EngineConfig(max_batch=4)).start()
     app = create_app(engine)
     try:
@@ -152,17 +157,8 @@ def test_a_gate_router_is_served_per_token_and_reports_what_it_did(tmp_path):
     from adapterkit.serve.api.routing import header_value
     from adapterkit.serve.requests import GenerationRequest, SamplingParams
 
-    path = save_tiny("llama", tmp_path / "base")
-    save_tiny_tokenizer(path)
-    base = load_base(str(path))
-    store = AdapterStore(tmp_path / "store")
-    for i, name in enumerate(VOCAB):
-        store.put(create_adapter(name, base.model, LoraConfig(r=2, init="nonzero", init_std=0.5), seed=i,
-                                 fingerprint=base.fingerprint, base_name=base.name))
-    rows = [{"text": " ".join(VOCAB[a][j % 20] for j in range(k, k + 6)), "adapter": a} for a in VOCAB for k in range(20)]
-    (tmp_path / "ex.jsonl").write_text("\n".join(json.dumps(x) for x in rows) + "\n")
-    gate = fit_router(store, list(VOCAB), "g1", kind="gate", examples_file=tmp_path / "ex.jsonl", base=str(path),
-                      steps=5)
+    path, base, store, examples = private_world(tmp_path)
+    gate = fit_router(store, list(VOCAB), "g1", kind="gate", examples_file=examples, base=str(path), steps=5)
     assert isinstance(gate, GateRouter)
     engine = Engine.build(str(path), store=store, config=EngineConfig(max_batch=4)).start()
     app = create_app(engine)
