@@ -9,6 +9,11 @@ SmolLM2 states) and MiniLM-L6, scoring each adapter by the mean cosine to its 10
 n-gram TF-IDF, weight chosen on the calibration examples: the default) and dense only (`-dense`).
 Optionally a learned per-token gate (--gate-steps).
 
+Through the server (--server-reps): the same engine and OpenAI API as `adapterkit serve` over a
+temporary store holding the four adapters and the MiniLM router as default; one request at a time,
+median latency of POST /v1/completions (32 tokens, greedy, ignore_eos) with model="auto" vs with
+the prompt's own adapter named, alternated on the same prompts.
+
 Out-of-distribution prompts: the test texts of two tasks no adapter was trained on (Reuters R8 news,
 20 Newsgroups posts); reported is the share each retrieval router sends to the fallback.
 
@@ -97,6 +102,48 @@ def latency(rt, routers, items, reps, max_length) -> dict:
     return out
 
 
+def server_latency(adapters, router, items, reps: int, tmp: Path) -> dict:
+    """Median seconds per request through the HTTP API: model="auto" vs the oracle adapter named."""
+    import asyncio
+
+    import httpx
+
+    from adapterkit.serve.api import create_app
+    from adapterkit.serve.engine import Engine, EngineConfig
+    from adapterkit.store import AdapterStore
+
+    store = AdapterStore(tmp / "store")
+    for a in adapters:
+        store.put(a)
+    router.save(store, overwrite=True)
+    from adapterkit.route import set_default_router
+
+    set_default_router(store, router.name)
+    engine = Engine.build("smollm2-135m", store=store, config=EngineConfig(max_batch=8)).start()
+    app = create_app(engine)
+    sample = random.Random(2).sample(items, reps)
+    times: dict[str, list[float]] = {"auto": [], "named": []}
+
+    async def run() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://bench", timeout=120) as c:
+            for i, it in enumerate([items[0]] + sample):          # the first request warms up, not timed
+                for model in (("auto", it.oracle) if i % 2 else (it.oracle, "auto")):
+                    t0 = time.perf_counter()
+                    r = await c.post("/v1/completions", json={"model": model, "prompt": it.text, "max_tokens": 32,
+                                                              "temperature": 0, "ignore_eos": True})
+                    dt = time.perf_counter() - t0
+                    assert r.status_code == 200, r.text
+                    assert r.json()["usage"]["completion_tokens"] == 32
+                    if i:
+                        times["auto" if model == "auto" else "named"].append(dt)
+    try:
+        asyncio.run(run())
+    finally:
+        engine.stop(drain=False)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"reps": reps, "router": router.name, "median_s": med, "added": med["auto"] / med["named"] - 1.0}
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -106,11 +153,12 @@ def main(argv=None) -> None:
     p.add_argument("--encoders", default="base,minilm-l6")
     p.add_argument("--gate-steps", type=int, default=0, help="also train and score a per-token gate (0: skip)")
     p.add_argument("--reps", type=int, default=30, help="latency repetitions")
+    p.add_argument("--server-reps", type=int, default=20, help="requests per model through the HTTP API (0: skip)")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--out", type=Path, default=None, help="results file (default results/route.json)")
     args = p.parse_args(argv)
     if args.quick:
-        args.n_test, args.reps = 40, 10
+        args.n_test, args.reps, args.server_reps = 40, 10, min(args.server_reps, 4)
 
     from adapterkit import AdapterRuntime, load_base, merge
     from adapterkit.data import load_task
@@ -185,6 +233,13 @@ def main(argv=None) -> None:
     log(f"merged: {results['merged_task_arithmetic_0.5']:.4f}")
     results["latency"] = latency(rt, routers, items, args.reps, args.max_length)
     log(f"latency: {results['latency']}")
+    if args.server_reps and "retrieval-minilm-l6" in routers:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            results["server_latency"] = server_latency(list(adapters.values()), routers["retrieval-minilm-l6"],
+                                                       items, args.server_reps, Path(tmp))
+        log(f"server latency: {results['server_latency']}")
     results.update({"tasks": list(TASKS), "n_per_task": args.n_test, "n": len(items), "base": base.name,
                     "base_fingerprint": base.fingerprint, "torch_threads": torch.get_num_threads(),
                     "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -212,6 +267,10 @@ def _print(results: dict) -> None:
               f"{e['ratio']:11.4f} {100 * lat[name]['added_vs_classify']:10.1f}% {100 * lat[name]['added_vs_generate32']:8.1f}% "
               f"{' '.join(f'{v:.2f}' for v in ood.values()) if ood else '-':>14}")
     print(f"best merged adapter (task arithmetic λ=0.5, oracle head): {results['merged_task_arithmetic_0.5']:.4f}")
+    if "server_latency" in results:
+        sl = results["server_latency"]
+        print(f"through the server ({sl['router']}, 32 tokens): auto {sl['median_s']['auto']:.3f} s vs named "
+              f"{sl['median_s']['named']:.3f} s median: {100 * sl['added']:+.1f}%")
 
 
 if __name__ == "__main__":
