@@ -148,7 +148,7 @@ def plot_confusion(report: RouteReport, path: str | Path) -> Path:
         for j in range(len(report.columns)):
             ax.text(j, i, str(report.confusion[i][j]), ha="center", va="center",
                     color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
-    ax.set_title(f"{report.router} ({report.kind}): routing accuracy {report.routing_accuracy:.3f}")
+    ax.set_title(f"{report.router} ({report.kind})\nrouting accuracy {report.routing_accuracy:.3f}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
