@@ -58,6 +58,11 @@ def get(app, url):
     return asyncio.run(go())
 
 
+def sse_chunks(text):
+    """The JSON objects of an SSE body (without the [DONE] marker)."""
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+
+
 PROMPTS = ["w1 w2 w3 w4 w5 w6", "w21 w22 w23 w24 w25", "w3 w7 w11 w13 w17", "w30 w31 w35 w38 w39"]
 
 
@@ -86,6 +91,10 @@ def test_streaming_auto_has_the_header_and_metrics_count_decisions(world):
     r = post(app, {"model": "auto", "prompt": PROMPTS[1], "max_tokens": 4, "temperature": 0, "stream": True})
     assert r.status_code == 200 and r.headers["x-adapterkit-adapters"] == "ad-b=1"
     assert r.text.endswith("data: [DONE]\n\n")
+    chunks = sse_chunks(r.text)
+    [finish] = [c for c in chunks if c["choices"][0]["finish_reason"]]
+    assert finish["adapterkit"]["adapters"] == {"ad-b": 1.0} and finish["adapterkit"]["router"] == "auto"
+    assert all("adapterkit" not in c for c in chunks if c is not finish)
     text = get(app, "/metrics").text
     line = [x for x in text.splitlines() if x.startswith('adapterkit_routing_decisions_total{router="auto",'
                                                        'adapter="ad-b",fallback="false"}')]
@@ -184,6 +193,10 @@ def test_a_gate_router_is_served_per_token_and_reports_what_it_did(tmp_path):
     assert got["reason"].startswith("per-token gate 'g1' (top-1 of 2 adapters at each of 2 layers)")
     assert s.status_code == 200 and s.headers["x-adapterkit-adapters"] == "gate:g1(ad-a,ad-b)"
     assert s.text.endswith("data: [DONE]\n\n")
+    [finish] = [c for c in sse_chunks(s.text) if c["choices"] and c["choices"][0]["finish_reason"]]
+    shares = finish["adapterkit"]["adapters"]
+    assert finish["adapterkit"]["gate"] is True and set(shares) <= {"ad-a", "ad-b"}
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-5)
     assert empty.status_code == 400 and empty.json()["error"]["param"] == "prompt"
     top = max(got["adapters"], key=got["adapters"].get)
     assert f'adapterkit_routing_decisions_total{{router="g1",adapter="{top}",fallback="false"}} 1' in metrics

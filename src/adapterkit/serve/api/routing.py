@@ -16,7 +16,8 @@ A learned gate router decides per token inside the forward (serve/gating.py), so
 decision before generation: the request goes to the engine with the gate; the answer reports each
 adapter's share of the gate weight over the request's tokens (JSON field and header). A streamed
 answer's header, sent before any token, names the gate and its candidate adapters instead
-(`gate:NAME(a,b,c)`), and /metrics counts it under adapter "(per-token)".
+(`gate:NAME(a,b,c)`); its finish chunk carries the shares; /metrics counts it under adapter
+"(per-token)".
 """
 
 from __future__ import annotations

@@ -57,7 +57,8 @@ SSE_DONE = "data: [DONE]\n\n"
 class EventStream:
     """A streamed answer: `chunks()` yields SSE strings; `close()` cancels an unfinished request.
     The service has read the first engine event already, so errors before any token were raised
-    as HTTP errors instead of a 200 stream."""
+    as HTTP errors instead of a 200 stream. A routed answer's finish chunk carries the `adapterkit`
+    field (for a gate: each adapter's share of the gate weight, known only at the end)."""
 
     def __init__(self, stream: RequestStream, first: StreamEvent, rest: AsyncIterator[StreamEvent],
                  render: Callable[[StreamEvent, bool], list[Any]], tail: Callable[[StreamEvent], list[Any]]) -> None:
@@ -78,7 +79,12 @@ class EventStream:
                 for obj in self._render(ev, first):
                     yield sse(obj)
                 if ev.finished:
-                    for obj in self._tail(ev):
+                    tail = self._tail(ev)
+                    if self.routed is not None and tail:        # the finish chunk says who served it
+                        if self.routed.get("gate"):
+                            gate_done(self.routed, self.stream.adapter_usage)
+                        tail[0]["adapterkit"] = self.routed
+                    for obj in tail:
                         yield sse(obj)
                     break
                 first = False
