@@ -25,13 +25,7 @@ VOCAB = {"ad-a": [f"w{i}" for i in range(0, 20)], "ad-b": [f"w{i}" for i in rang
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("api-route")
-    path = save_tiny("llama", tmp / "base")
-    save_tiny_tokenizer(path)
-    base = load_base(str(path))
-    store = AdapterStore(tmp / "store")
-    for i, name in enumerate(VOCAB):
-        store.put(create_adapter(name, base.model, LoraConfig(r=2, init="nonzero", init_std=0.5), seed=i,
-                                 fingerprint=base.fingerprint, base_name=base.name))
+    path, base, store, _ = private_world(tmp)
     r = random.Random(1)
     rows = [{"text": " ".join(r.choice(VOCAB[a]) for _ in range(r.randint(5, 10))), "adapter": a}
             for a in VOCAB for _ in range(30)]

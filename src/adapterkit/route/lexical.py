@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -76,6 +76,7 @@ class Lexical:
     idf_values: torch.Tensor         # [U] float: their idf
     unseen_idf: float                # idf of a bucket no fit text has
     ngrams: tuple[int, int] = NGRAMS
+    _dense: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)   # idf() built once
 
     @classmethod
     def fit(cls, texts: Sequence[str], ngrams: tuple[int, int] = NGRAMS) -> "Lexical":
@@ -87,10 +88,12 @@ class Lexical:
         return cls(seen, idf, math.log(1.0 + m) + 1.0, ngrams)
 
     def idf(self) -> torch.Tensor:
-        """Dense [BUCKETS] idf."""
-        out = torch.full((BUCKETS,), self.unseen_idf)
-        out[self.idf_buckets] = self.idf_values
-        return out
+        """Dense [BUCKETS] idf (4 MiB, built on first use: vectors() runs per routed prompt)."""
+        if self._dense is None:
+            out = torch.full((BUCKETS,), self.unseen_idf)
+            out[self.idf_buckets] = self.idf_values
+            self._dense = out
+        return self._dense
 
     def vectors(self, texts: Sequence[str]) -> torch.Tensor:
         """texts -> sparse COO [N, BUCKETS] unit TF-IDF rows."""
