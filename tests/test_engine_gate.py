@@ -100,6 +100,14 @@ def test_bad_gated_requests_are_refused_with_the_reason(env, tmp_path):
         with pytest.raises(ConfigError) as e:
             eng.submit(GenerationRequest([1, 5], gate=stale))
         assert str(e.value) == "gate 'g' has no usable adapter: t0 was deleted; t1 was deleted; t2 was deleted; t3 was deleted"
+        small = engine(env, max_loaded=3)
+        try:
+            with pytest.raises(ConfigError) as e:
+                small.submit(GenerationRequest([1, 5], gate=gate))
+            assert str(e.value) == ("the request needs 4 adapters at once; the server holds at most 3 (raise "
+                                    "--max-loaded-adapters)")
+        finally:
+            small.stop()
         mismatched = GateRouter(gate.name, [replace(r, base_fingerprint="sha256:other", base_name="other")
                                             for r in gate.records], gate.layers, gate.weight, gate.bias, 1)
         with pytest.raises(BaseMismatchError, match="adapter 't0' was made for base other"):

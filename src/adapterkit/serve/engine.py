@@ -156,6 +156,9 @@ class Engine:
             if not request.adapters:
                 raise ConfigError(f"gate {request.gate.name!r} has no usable adapter: "
                                   + "; ".join(request.gate.unusable.values()))
+        if len(request.adapters) > self.cache.max_loaded:   # it would wait for slots forever
+            raise ConfigError(f"the request needs {len(request.adapters)} adapters at once; the server holds at "
+                              f"most {self.cache.max_loaded} (raise --max-loaded-adapters)")
         for name in request.adapters:
             self.cache.find(name)                    # AdapterNotFoundError; finds new folders lazily
         stream = RequestStream(request)
