@@ -7,7 +7,8 @@ SmolLM2 states) and MiniLM-L6, scoring each adapter by the mean cosine to its 10
 (up to 1024 train examples per task, --n-fit); calibration: 64 validation examples per task
 (coverage target 0.99). Each encoder runs twice, side by side: with the lexical channel (character
 n-gram TF-IDF, weight chosen on the calibration examples: the default) and dense only (`-dense`).
-Optionally a learned per-token gate (--gate-steps).
+Optionally a learned per-token gate (--gate-steps), trained as the issue asks: the task loss (each
+example under its own adapter's head) plus the gate cross-entropy on its known task.
 
 Through the server (--server-reps): the same engine and OpenAI API as `adapterkit serve` over a
 temporary store holding the four adapters and the MiniLM router as default; one request at a time,
@@ -152,6 +153,8 @@ def main(argv=None) -> None:
     p.add_argument("--n-held", type=int, default=64)
     p.add_argument("--encoders", default="base,minilm-l6")
     p.add_argument("--gate-steps", type=int, default=0, help="also train and score a per-token gate (0: skip)")
+    p.add_argument("--gate-top-k", type=int, default=1, help="adapters per token of the gate (with 1 the task "
+                   "loss gives the gate no gradient: the one chosen adapter's softmax weight is always 1)")
     p.add_argument("--reps", type=int, default=30, help="latency repetitions")
     p.add_argument("--server-reps", type=int, default=20, help="requests per model through the HTTP API (0: skip)")
     p.add_argument("--max-length", type=int, default=64)
@@ -164,6 +167,7 @@ def main(argv=None) -> None:
     from adapterkit.data import load_task
     from adapterkit.demo import DemoSettings, task_adapter
     from adapterkit.route import Encoder, GateRouter, fit_retrieval, train_gate
+    from adapterkit.route.api import head_loss
     from adapterkit.route.evaluate import Item, evaluate_router, plot_confusion
     from adapterkit.route.gate import token_labels
     from adapterkit.store import AdapterStore
@@ -201,16 +205,21 @@ def main(argv=None) -> None:
             routers[router.name] = router
             log(f"{router.name}: fitted in {fit_s:.1f} s, calibration {router.calibration}")
     if args.gate_steps:
-        gate = GateRouter.create("gate", rt, list(adapters.values()), top_k=1)
+        gate = GateRouter.create("gate", rt, list(adapters.values()), top_k=args.gate_top_k)
         names = [a.name for a in adapters.values()]
-        rows = [(text, i) for i, n in enumerate(names) for text in fit[n]]
+        head_list = [heads[n] for n in names]
+        rows = [(e.text, i, head_list[i].labels.index(e.label)) for i, t in enumerate(TASKS)
+                for e in tasks[t].train[:args.n_fit]]
         random.Random(0).shuffle(rows)
         batches = []
         for s in range(0, len(rows), 8):
-            enc = encode_texts(base.tokenizer, [r[0] for r in rows[s:s + 8]], args.max_length)
-            batches.append({**enc, "gate_labels": token_labels(enc["attention_mask"], [r[1] for r in rows[s:s + 8]])})
+            chunk = rows[s:s + 8]
+            enc = encode_texts(base.tokenizer, [r[0] for r in chunk], args.max_length)
+            batches.append({**enc, "gate_labels": token_labels(enc["attention_mask"], [r[1] for r in chunk]),
+                            "tasks": torch.tensor([r[1] for r in chunk]), "labels": torch.tensor([r[2] for r in chunk])})
         t0 = time.perf_counter()
-        hist = train_gate(gate, rt, batches, steps=args.gate_steps, lr=1e-2, task_loss=None)
+        # the issue's objective: the task loss (each row under its adapter's head) + the gate cross-entropy
+        hist = train_gate(gate, rt, batches, steps=args.gate_steps, lr=1e-2, task_loss=head_loss(head_list))
         log(f"gate: {args.gate_steps} steps in {time.perf_counter() - t0:.0f} s, final {hist[-1]}")
         routers["gate"] = gate
 

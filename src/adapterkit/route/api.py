@@ -151,7 +151,7 @@ def _fit_gate(name, base, adapters, texts, labels, *, top_k, steps, lr, batch_si
             batch["labels"] = torch.tensor([heads[i].labels.index(lab) for _, i, lab in chunk])
         batches.append(batch)
     if use_heads:
-        task_loss, objective = _head_loss(heads), "classification heads"
+        task_loss, objective = head_loss(heads), "classification heads"
     elif base.kind == "causal-lm":
         task_loss, objective = causal_lm_loss, "causal-lm"
     else:
@@ -162,7 +162,7 @@ def _fit_gate(name, base, adapters, texts, labels, *, top_k, steps, lr, batch_si
     return gate
 
 
-def _head_loss(heads):
+def head_loss(heads):
     from ..train.classification import hidden_states
 
     def loss(model, batch):
