@@ -50,11 +50,10 @@ class GateState:
     gate: Any
     slots: torch.Tensor                      # [n] long
     layer_of: dict[int, int]
-    usage: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    usage: torch.Tensor = field(init=False)  # [n] float64
 
     def __post_init__(self) -> None:
-        if self.usage.numel() == 0:
-            self.usage = torch.zeros(len(self.gate.names), dtype=torch.float64)
+        self.usage = torch.zeros(len(self.gate.names), dtype=torch.float64)
 
     def shares(self) -> dict[str, float]:
         """{adapter: share of the gate weight it got} over every token the gate routed."""
