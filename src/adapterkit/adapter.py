@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._atomic import atomic_write_dir, recover_dir
-from .errors import AdapterNameError, BaseMismatchError, CorruptAdapterError
+from .errors import AdapterNameError, BaseMismatchError, CorruptAdapterError, NonFiniteError
 from .methods import MethodSpec, config_from_dict, get_method, match_targets, site_info
 
 FORMAT_VERSION = 1
@@ -72,6 +72,27 @@ class Adapter:
         """Distinct ranks over sites (low-rank methods only)."""
         return sorted({p["lora_A"].shape[0] for p in self.tensors.values() if "lora_A" in p})
 
+    def check_finite(self, dtype: torch.dtype = torch.float32) -> "Adapter":
+        """Raise NonFiniteError naming the first tensor (or site ΔW) that holds NaN / inf or whose
+        values overflow `dtype` (the dtype the adapter will run in). Returns self."""
+        limit = torch.finfo(dtype).max
+        spec = self.method
+        for site, parts in self.tensors.items():
+            for key, t in parts.items():
+                _check_tensor(self.name, f"{site}.{key}", t, dtype, limit)
+            if spec.max_delta is not None:
+                peak = spec.max_delta(self.config, site, parts, limit)
+                if not peak <= limit:           # also catches NaN
+                    raise NonFiniteError(
+                        f"adapter {self.name!r}: its weight change at {site} reaches {peak:.3g}, beyond "
+                        f"{str(dtype).removeprefix('torch.')}'s range ({limit:.3g}); the adapter's weights or "
+                        "scale (alpha / r) are corrupt: re-train or re-save it")
+        head = self.head
+        for key, t in (vars(head).items() if head is not None else ()):
+            if isinstance(t, torch.Tensor):
+                _check_tensor(self.name, f"task head {key}", t, torch.float32, torch.finfo(torch.float32).max)
+        return self
+
     def save(self, path: str | Path) -> Path:
         """Write atomically: an interrupted save leaves the previous folder at `path` intact."""
         return atomic_write_dir(path, self._write)
@@ -94,8 +115,10 @@ class Adapter:
             self.head.save(folder)
 
     @classmethod
-    def load(cls, path: str | Path, name: str | None = None) -> "Adapter":
-        """Load our folder or any PEFT LoRA folder; `name` defaults to the saved name or folder name."""
+    def load(cls, path: str | Path, name: str | None = None, *, head: bool = True) -> "Adapter":
+        """Load our folder or any PEFT LoRA folder; `name` defaults to the saved name or folder name.
+        Refuses tensors with NaN / inf (NonFiniteError naming the tensor). head=False skips the task
+        head (generation does not use it, so a damaged head does not stop it)."""
         from .formats.peft import read_peft
 
         path = Path(path)
@@ -106,21 +129,68 @@ class Adapter:
         meta, saved_name = AdapterMeta(), None
         side_path = path / SIDE_FILE
         if side_path.is_file():
+            side = _read_side(side_path)
             try:
-                side = json.loads(side_path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise CorruptAdapterError(f"{side_path} is not valid JSON ({exc})") from None
-            if side.get("type") != "adapterkit.adapter" or side.get("format_version", 0) > FORMAT_VERSION:
-                raise CorruptAdapterError(
-                    f"{side_path} is type {side.get('type')!r} version {side.get('format_version')!r}; "
-                    f"this adapterkit reads adapterkit.adapter up to version {FORMAT_VERSION}: upgrade adapterkit"
-                )
-            config = config_from_dict(side["config"])
-            meta = AdapterMeta(**side.get("meta", {}))
+                side_config = config_from_dict(side["config"])
+                meta = AdapterMeta(**side.get("meta", {}))
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise CorruptAdapterError(f"{side_path} lacks or mangles a field ({type(exc).__name__}: {exc}); "
+                                          "save the adapter again") from None
+            _check_agree(path, config, side_config)
+            config = side_config                  # it also keeps what PEFT has no key for (init, init_std)
             saved_name = side.get("name")
         from .heads import load_head
 
-        return cls(name or saved_name or path.name, config, tensors, meta, load_head(path))
+        adapter = cls(name or saved_name or path.name, config, tensors, meta, load_head(path) if head else None)
+        return adapter.check_finite()
+
+
+def _read_side(side_path: Path) -> dict[str, Any]:
+    try:
+        side = json.loads(side_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptAdapterError(f"{side_path} is not valid JSON ({exc})") from None
+    if not isinstance(side, dict):
+        raise CorruptAdapterError(f"{side_path} is not a JSON object; save the adapter again")
+    if side.get("type") != "adapterkit.adapter" or not isinstance(side.get("format_version", 0), int) \
+            or side.get("format_version", 0) > FORMAT_VERSION:
+        raise CorruptAdapterError(
+            f"{side_path} is type {side.get('type')!r} version {side.get('format_version')!r}; "
+            f"this adapterkit reads adapterkit.adapter up to version {FORMAT_VERSION}: upgrade adapterkit")
+    return side
+
+
+def _check_agree(path: Path, peft_config: Any, side_config: Any) -> None:
+    """adapter_config.json (what PEFT reads) and adapterkit.json (ours) must describe one adapter:
+    where they differ, PEFT and adapterkit would run different adapters from the same folder."""
+    from .formats.peft import CONFIG_FILE, config_to_peft
+
+    try:
+        ours = config_to_peft(side_config, None)
+    except AttributeError:                    # a method PEFT has no format for: nothing to compare
+        return
+    theirs = config_to_peft(peft_config, None)
+    diff = [f"{k} ({theirs.get(k)!r} vs {ours.get(k)!r})" for k in sorted(set(ours) | set(theirs))
+            if ours.get(k) != theirs.get(k)]
+    if diff:
+        raise CorruptAdapterError(
+            f"adapter folder {path}: {CONFIG_FILE} and {SIDE_FILE} disagree on {', '.join(diff)}; PEFT reads the "
+            f"first, adapterkit the second, so they would run different adapters: fix the edited file or save the "
+            "adapter again")
+
+
+def _check_tensor(name: str, what: str, t: torch.Tensor, dtype: torch.dtype, limit: float) -> None:
+    if not t.is_floating_point():
+        return
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise NonFiniteError(f"adapter {name!r}: tensor {what} has {bad} non-finite value(s) (NaN or inf); "
+                             "the adapter is corrupt: re-train or re-save it")
+    peak = float(t.abs().max()) if t.numel() else 0.0
+    if peak > limit:
+        raise NonFiniteError(f"adapter {name!r}: tensor {what} has values up to {peak:.3g}, beyond "
+                             f"{str(dtype).removeprefix('torch.')}'s range ({limit:.3g}); the adapter is corrupt: "
+                             "re-train or re-save it")
 
 
 def check_same_base(adapters: Any, action: str, fix: str) -> None:

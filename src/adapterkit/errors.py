@@ -34,6 +34,10 @@ class CorruptAdapterError(AdapterkitError, ValueError):
     """An adapter file that cannot be read: truncated, not safetensors, missing tensors."""
 
 
+class NonFiniteError(CorruptAdapterError):
+    """Adapter tensors (or their ΔW) that hold NaN or inf, or overflow the dtype they run in."""
+
+
 class TargetError(AdapterkitError, ValueError):
     """target_modules that match nothing in the base model."""
 

@@ -51,6 +51,9 @@ class MethodSpec:
     # ΔW in the module's weight layout, or None when the method is not linear in W.
     delta_weight: Callable[[Any, SiteInfo, Mapping[str, torch.Tensor]], torch.Tensor] | None
     peft_type: str | None = None                # PEFT's name for interchange, if any
+    # (config, site, tensors, limit) -> max |ΔW| of a site (float64; an upper bound is enough when it
+    # is <= limit): a finite adapter whose ΔW overflows the base dtype is refused at the door.
+    max_delta: Callable[[Any, str, Mapping[str, torch.Tensor], float], float] | None = None
 
 
 _REGISTRY: dict[str, MethodSpec] = {}

@@ -132,6 +132,17 @@ def delta_weight(config: LoraConfig, site: SiteInfo, tensors: Mapping[str, torch
     return delta.t() if site.fan_in_fan_out else delta
 
 
+def max_delta(config: LoraConfig, site_name: str, tensors: Mapping[str, torch.Tensor], limit: float) -> float:
+    """max |scale · B @ A|: the bound scale · r · max|B| · max|A| when it is below `limit`, else exact
+    (float64), so the usual case costs two max() and no matmul."""
+    a, b = tensors["lora_A"].double(), tensors["lora_B"].double()
+    scale = config.scale(site_name)
+    bound = scale * a.shape[0] * float(a.abs().max()) * float(b.abs().max())
+    if bound <= limit:
+        return bound
+    return scale * float((b @ a).abs().max())
+
+
 class LoraPool:
     """All LoRA adapters at one site. Slot tensors: A [S+1, d_in, R], B [S+1, R, d_out], row 0 zero."""
 
@@ -213,5 +224,6 @@ LORA = register_method(
         make_pool=LoraPool,
         delta_weight=delta_weight,
         peft_type="LORA",
+        max_delta=max_delta,
     )
 )
