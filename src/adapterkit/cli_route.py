@@ -101,25 +101,40 @@ def route_eval(
     split: str = typer.Option("test"),
     n: int = typer.Option(200, help="Prompts per task."),
     base: Optional[str] = typer.Option(None),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Confusion-matrix PNG (default: beside the router)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Confusion-matrix PNG (default: beside the router, "
+                                        "if matplotlib is installed)."),
     store: Optional[Path] = STORE_OPT,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Routing accuracy, confusion matrix (table + PNG) and end-to-end accuracy vs the oracle adapter."""
     from .route.api import eval_router
     from .route.common import read_router, router_path
-    from .route.evaluate import plot_confusion
+    from .route.evaluate import check_plot_path, plot_available, plot_confusion
 
     try:
         st = open_store(store)
         meta, _ = read_router(st, name)
+        png = plot if plot is not None or not plot_available() else router_path(st, meta["name"]) / "confusion.png"
+        if png is not None:
+            check_plot_path(png)                         # before the long work, not after it
         report = eval_router(st, name, tasks=_names(tasks) if tasks else None, file=file, split=split, n=n, base=base)
-        png = plot_confusion(report, plot or router_path(st, meta["name"]) / "confusion.png")
     except AdapterkitError as exc:
         fail(exc)
+    plot_error = None
+    if png is not None:
+        try:
+            png = plot_confusion(report, png)
+        except AdapterkitError as exc:                   # print the results first, then the error
+            png, plot_error = None, exc
     if as_json:
-        print(json.dumps({**report.to_dict(), "plot": str(png)}))
-        return
+        print(json.dumps({**report.to_dict(), "plot": str(png) if png else None}))
+    else:
+        _print_report(report, png, plot_error)
+    if plot_error is not None:
+        fail(plot_error)
+
+
+def _print_report(report, png: Optional[Path], plot_error: Optional[Exception]) -> None:
     table = Table("oracle \\ routed", *report.columns, "accuracy", title=f"router {report.router} ({report.kind}): "
                   f"{report.n} prompts")
     for label, row in zip(report.labels, report.confusion):
@@ -131,7 +146,13 @@ def route_eval(
     if e2e:
         line += (f"; end-to-end accuracy auto {e2e['auto']:.3f} vs oracle {e2e['oracle']:.3f} "
                  f"({'n/a' if e2e['ratio'] is None else format(e2e['ratio'], '.3f')} of the oracle)")
-    out.print(line + f"; plot: {png}", highlight=False)
+    if png is not None:
+        line += f"; plot: {png}"
+    elif plot_error is not None:
+        line += "; plot not written (see the error below)"
+    else:
+        line += "; no plot (pip install matplotlib to save the confusion matrix as a PNG)"
+    out.print(line, highlight=False)
 
 
 @route_app.command("ls")

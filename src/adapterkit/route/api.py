@@ -15,13 +15,17 @@ import torch
 
 from ..errors import ConfigError
 from ..heads import ClassificationHead
-from .common import check_base, check_router_name, read_router, set_default_router
+from .common import (check_adapters, check_base, check_count, check_router_name, check_top_k, check_writable,
+                     read_router, routers_dir, set_default_router)
 from .encoder import Encoder
 from .evaluate import Item, RouteReport, evaluate_router
 from .gate import GateRouter, causal_lm_loss, token_labels, train_gate
+from .gate import check_options as check_gate
 from .retrieval import check_lexical, fit_retrieval
+from .retrieval import check_options as check_retrieval
 
 KINDS = ("retrieval", "gate")
+SPLITS = ("train", "validation", "test")
 UNLABELLED = ""
 
 
@@ -94,10 +98,19 @@ def fit_router(store: Any, adapter_names: Sequence[str], name: str, *, kind: str
         raise ConfigError("--lexical/--lexical-weight are options of --kind retrieval; a gate reads hidden states")
     check_lexical(lexical, lexical_weight)
     check_router_name(store, name, overwrite)                  # before any long work
+    check_writable(routers_dir(store), f"router {name!r} into {routers_dir(store)}",
+                   "pass --store FOLDER that you can write to")
     adapters = load_adapters(store, adapter_names)
-    from .common import check_adapters
-
-    check_adapters(adapters)
+    names = [r.name for r in check_adapters(adapters)]
+    check_top_k(top_k, names)
+    check_count("n_examples (--n-examples, examples per adapter)", n_examples)
+    check_count("n_held (--n-held, calibration examples per adapter)", n_held)
+    check_count("max_length (--max-length)", max_length)
+    if kind == "retrieval":
+        check_retrieval(names, top_k=top_k, coverage=coverage, neighbors=neighbors, lexical=lexical,
+                        lexical_weight=lexical_weight)
+    else:
+        check_gate(steps=steps, lr=lr, gate_weight=gate_weight, batch_size=batch_size)
     if examples_file is not None:
         texts, labels = file_examples(examples_file, adapter_names)
         held, source = None, f"file: {examples_file}"
@@ -120,7 +133,11 @@ def fit_router(store: Any, adapter_names: Sequence[str], name: str, *, kind: str
         router = _fit_gate(name, b, adapters, texts, labels, top_k=top_k, steps=steps, lr=lr,
                            batch_size=batch_size, gate_weight=gate_weight, max_length=max_length, seed=seed,
                            source=source, on_step=on_step)
-    router.save(store, overwrite=overwrite)
+    try:
+        router.save(store, overwrite=overwrite)
+    except OSError as exc:
+        raise ConfigError(f"cannot write router {name!r} into {routers_dir(store)} ({exc}); nothing was stored: "
+                          "pass --store FOLDER that you can write to and fit again") from exc
     if make_default:
         set_default_router(store, name)
     return router
@@ -189,6 +206,8 @@ def eval_items(router_meta: dict, tasks: Sequence[str] | None, file: Path | None
         return items
     if not tasks:
         raise ConfigError("give --tasks t1,t2 (example tasks) or --file FILE (JSONL text, adapter[, label])")
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; the splits are {', '.join(SPLITS)}: pass --split test")
     from ..data import load_task
 
     by_task = {r["task"]: r["name"] for r in router_meta["adapters"] if r.get("task")}
@@ -208,6 +227,9 @@ def eval_router(store: Any, name: str, *, tasks: Sequence[str] | None = None, fi
     from ..runtime import AdapterRuntime
     from . import load_router
 
+    check_count("n (--n, prompts per task)", n)
+    check_count("batch_size", batch_size)
+    check_count("max_length", max_length)
     meta, _ = read_router(store, name)
     items = eval_items(meta, tasks, file, split, n)
     names = [r["name"] for r in meta["adapters"]]

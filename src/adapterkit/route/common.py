@@ -17,6 +17,9 @@ it and says which (StaleRouterError, or a fallback decision with the reason when
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import os
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -191,6 +194,10 @@ def read_router(store: Any, name: str) -> tuple[dict[str, Any], dict[str, torch.
         raise CorruptAdapterError(f"{path / ROUTER_JSON} is type {meta.get('type')!r} version "
                                   f"{meta.get('format_version')!r}; this adapterkit reads adapterkit.router.* up "
                                   f"to version {FORMAT_VERSION}: upgrade adapterkit")
+    top_k, n = meta.get("top_k"), len(meta.get("adapters") or [])
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n:
+        raise CorruptAdapterError(f"{path / ROUTER_JSON} records top_k {top_k!r} for {n} adapter(s); top_k must be "
+                                  f"in [1, {n}]: fit the router again (adapterkit route fit ... --overwrite)")
     return meta, read_tensors(path / ROUTER_TENSORS)
 
 
@@ -219,6 +226,54 @@ def check_prompts(texts: Sequence[str]) -> list[str]:
         raise EmptyPromptError(f"prompt(s) at index {bad} are empty or whitespace only; a router chooses the "
                                "adapter from the prompt's text: send text, or name an adapter as the model")
     return texts
+
+
+# ---------------------------------------------------------------------------- option checks
+def check_count(name: str, value: Any, minimum: int = 1) -> int:
+    """Refuse a non-integer count or one below `minimum`; `name` says which option (and its flag)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_positive(name: str, value: Any, *, zero: bool = False) -> float:
+    """Refuse a non-finite number, or one <= 0 (< 0 with zero=True)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value < 0 or (value == 0 and not zero):
+        raise ConfigError(f"{name} must be a finite number {'>=' if zero else '>'} 0, got {value!r}")
+    return float(value)
+
+
+def check_top_k(top_k: Any, names: Sequence[str]) -> int:
+    """1 <= top_k <= the number of adapters the router chooses from (naming both numbers)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
+        raise ConfigError(f"top_k must be a positive integer, got {top_k!r}")
+    if top_k > len(names):
+        raise ConfigError(f"top_k must be an integer in [1, {len(names)}] (the number of adapters), got {top_k}: "
+                          f"the router has {len(names)} adapter(s) ({', '.join(names)}), so at most {len(names)} "
+                          f"can be active; pass --top-k {len(names)} or less")
+    return top_k
+
+
+def check_writable(folder: str | os.PathLike, what: str, fix: str) -> None:
+    """Before any long work: the folder (or its nearest existing ancestor: missing folders are made
+    when writing) is a folder we may write to."""
+    parent = Path(folder)
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write {what}: {parent} is a file, not a folder; {fix}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {what}: the folder {parent} is not writable; {fix}")
+
+
+def check_output_path(path: str | os.PathLike, what: str, fix: str) -> Path:
+    """Before any long work: refuse an output file path that is a folder or cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"the {what} {path} is a folder, not a file; {fix}")
+    check_writable(path.parent, f"the {what} {path}", fix)
+    return path
 
 
 def records_from_meta(meta: dict[str, Any]) -> list[AdapterRecord]:

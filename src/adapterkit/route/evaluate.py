@@ -9,6 +9,7 @@ routed to several adapters runs with all of them (weighted) and answers with the
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 import time
@@ -21,7 +22,7 @@ import torch
 from ..errors import ConfigError
 from ..heads import ClassificationHead
 from ..train.classification import encode_texts, hidden_states
-from .common import Decision
+from .common import Decision, check_output_path
 
 FALLBACK = "(fallback)"
 
@@ -129,8 +130,30 @@ def _argmax(head: ClassificationHead, hidden: torch.Tensor, mask: torch.Tensor) 
     return head.labels[int(head.logits(hidden, mask).argmax(-1))]
 
 
+PLOT_FIX = "pass --plot PATH in a folder you can write to"
+
+
+def plot_available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def check_plot_path(path: str | Path) -> Path:
+    """Refuse, before any work, a plot path that cannot be written (or no matplotlib to draw it)."""
+    if not plot_available():
+        raise ConfigError("the confusion-matrix plot needs matplotlib: pip install matplotlib")
+    return check_output_path(path, "plot", PLOT_FIX)
+
+
 def plot_confusion(report: RouteReport, path: str | Path) -> Path:
-    """Row-normalised confusion matrix as a PNG (written atomically)."""
+    """Row-normalised confusion matrix as a PNG (written atomically). Raises ConfigError (not a bare
+    OSError) if the file cannot be written."""
+    try:
+        return _plot(report, Path(path))
+    except OSError as exc:
+        raise ConfigError(f"cannot write the plot {path} ({exc.strerror or exc}); {PLOT_FIX}") from exc
+
+
+def _plot(report: RouteReport, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,14 +173,15 @@ def plot_confusion(report: RouteReport, path: str | Path) -> Path:
                     color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
     ax.set_title(f"{report.router} ({report.kind})\nrouting accuracy {report.routing_accuracy:.3f}", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    tmp = None
+    try:                                   # the figure is closed even when the folder cannot be written
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
+        os.close(fd)
         fig.savefig(tmp, dpi=120)
         os.replace(tmp, path)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return path

@@ -24,8 +24,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ..errors import ConfigError
-from .common import (AdapterRecord, Decision, check_adapters, check_base, check_prompts, check_router_name,
-                     now, records_from_meta, save_router, verify_router)
+from .common import (AdapterRecord, Decision, check_adapters, check_base, check_count, check_positive,
+                     check_prompts, check_router_name, check_top_k, now, records_from_meta, save_router,
+                     verify_router)
 
 TYPE = "adapterkit.router.gate"
 IGNORE = -100
@@ -90,9 +91,8 @@ class GateRouter:
         """A fresh gate over `adapters` (Adapter objects attached to `rt`), small random init."""
         records = check_adapters(adapters)
         check_base(records, rt.fingerprint, rt.base_name)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= len(records):
-            raise ConfigError(f"top_k must be an integer in [1, {len(records)}] (the number of adapters), got {top_k!r}")
         names = [r.name for r in records]
+        check_top_k(top_k, names)
         layers = find_layers(rt.model, site_modules(rt, names))
         hidden = int(rt.model.config.hidden_size)
         gen = torch.Generator().manual_seed(seed)
@@ -252,6 +252,14 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
                                              target.reshape(-1), ignore_index=IGNORE)
 
 
+def check_options(*, steps: int = 100, lr: float = 1e-2, gate_weight: float = 1.0, batch_size: int = 8) -> None:
+    """Gate training's options, checked before any work (fit_router calls it first too)."""
+    check_count("steps (--steps, gate training steps)", steps)
+    check_positive("lr (--lr, the gate's learning rate)", lr)
+    check_positive("gate_weight (--gate-weight)", gate_weight, zero=True)
+    check_count("batch_size (--batch-size)", batch_size)
+
+
 def train_gate(gate: GateRouter, rt: Any, batches: Sequence[dict[str, torch.Tensor]], *, steps: int = 100,
                lr: float = 1e-2, gate_weight: float = 1.0,
                task_loss: Callable[[torch.nn.Module, dict], torch.Tensor] | None = causal_lm_loss,
@@ -259,8 +267,9 @@ def train_gate(gate: GateRouter, rt: Any, batches: Sequence[dict[str, torch.Tens
     """Train the gate's W, b (the adapters and base stay frozen). Each batch: input_ids,
     attention_mask [B, T], gate_labels [B, T] (adapter index per token, IGNORE to skip), plus what
     task_loss reads. Batches are cycled in order. Returns one record per step."""
-    if steps < 1 or not batches:
-        raise ConfigError("train_gate needs steps >= 1 and at least one batch")
+    check_options(steps=steps, lr=lr, gate_weight=gate_weight)
+    if not batches:
+        raise ConfigError("train_gate needs at least one batch")
     gate.weight.requires_grad_(True)
     gate.bias.requires_grad_(True)
     opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=0.0)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import random
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -46,7 +47,7 @@ import torch
 from ..adapter import Adapter
 from ..errors import ConfigError
 from .common import (AdapterRecord, Decision, check_adapters, check_base, check_prompts, check_router_name,
-                     now, records_from_meta, save_router, verify_router)
+                     check_top_k, now, records_from_meta, save_router, verify_router)
 from .encoder import Encoder
 from .lexical import Lexical, cosine, mean_rows, pack_rows, transpose, unpack_rows
 
@@ -284,16 +285,9 @@ def fit_retrieval(
     on `held_out` texts per adapter (default: a seeded 20 % of `examples`). lexical: add the
     character n-gram channel, its weight chosen on the held-out texts (or fixed by lexical_weight)."""
     records = check_adapters(adapters)
-    if not 0.0 < coverage <= 1.0:
-        raise ConfigError(f"coverage must be in (0, 1] (the share of in-task prompts that must pass), got {coverage}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ConfigError(f"top_k must be a positive integer, got {top_k!r}")
-    if not 0.0 <= min_weight < 1.0:
-        raise ConfigError(f"min_weight must be in [0, 1), got {min_weight}")
-    if isinstance(neighbors, bool) or not isinstance(neighbors, int) or neighbors < 0:
-        raise ConfigError(f"neighbors must be an integer >= 0 (0: one descriptor per adapter), got {neighbors!r}")
-    check_lexical(lexical, lexical_weight)
     names = [r.name for r in records]
+    check_options(names, top_k=top_k, coverage=coverage, min_weight=min_weight, neighbors=neighbors,
+                  lexical=lexical, lexical_weight=lexical_weight)
     missing = [n for n in names if len([t for t in examples.get(n, ()) if t.strip()]) < (1 if held_out else 2)]
     if missing:
         raise ConfigError(f"no example texts for adapter(s) {missing} (a retrieval router needs >= 2 per adapter); "
@@ -360,6 +354,19 @@ def fit_retrieval(
                        "held_out": {n: {"count": len(cal_texts[n]), "sha256": texts_hash(cal_texts[n])}
                                     for n in names}}
     return router
+
+
+def check_options(names: Sequence[str], *, top_k: int = 1, coverage: float = 0.99, min_weight: float = 0.05,
+                  neighbors: int = 10, lexical: bool = True, lexical_weight: float | None = None) -> None:
+    """fit_retrieval's options, checked before any embedding (fit_router calls it first too)."""
+    if isinstance(coverage, bool) or not isinstance(coverage, numbers.Real) or not 0.0 < coverage <= 1.0:
+        raise ConfigError(f"coverage must be in (0, 1] (the share of in-task prompts that must pass), got {coverage}")
+    check_top_k(top_k, names)
+    if isinstance(min_weight, bool) or not isinstance(min_weight, numbers.Real) or not 0.0 <= min_weight < 1.0:
+        raise ConfigError(f"min_weight must be in [0, 1), got {min_weight}")
+    if isinstance(neighbors, bool) or not isinstance(neighbors, int) or neighbors < 0:
+        raise ConfigError(f"neighbors must be an integer >= 0 (0: one descriptor per adapter), got {neighbors!r}")
+    check_lexical(lexical, lexical_weight)
 
 
 def check_lexical(lexical: bool, lexical_weight: float | None) -> None:
