@@ -62,7 +62,7 @@ def train_cmd(
     """Train a classification adapter (+ head) on a task or a file and store it with its metrics."""
     from .base import load_base
     from .methods import get_method
-    from .train.fit import CHECKPOINT, check_run, checkpoint_step, run_dir
+    from .train.fit import CHECKPOINT, check_run, checkpoint_step, run_dir, run_lock
     from .train.run import train_classifier
     from .train.trainer import TrainConfig, finish_distributed, init_distributed_from_env
 
@@ -76,34 +76,37 @@ def train_cmd(
         config = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule,
                              weight_decay=weight_decay, warmup_steps=warmup, seed=seed, bf16=bf16,
                              eval_every=eval_every, checkpoint_every=checkpoint_every)
-        check_run(st, name, overwrite=overwrite, resume=resume)      # before loading the base or the data
-        target_list = tuple(t.strip() for t in targets.split(",")) if targets else None
-        common = dict(task=task or (str(train_file) if train_file else None), store=st, config=config, r=r,
-                      alpha=alpha, targets=target_list, max_length=max_length, overwrite=overwrite,
-                      progress=progress, resume=resume, log_path=str(log) if log else None)
-        if objective == "causal-lm":
-            from .data.readers import read_records
-            from .train.instruct import train_instructions
+        # One run per name: a second trainer of it fails here, before it deletes (--overwrite), resumes
+        # or writes anything, and before loading the base or the data. Freed when the process ends.
+        with run_lock(st, name):
+            check_run(st, name, overwrite=overwrite, resume=resume)      # before loading the base or the data
+            target_list = tuple(t.strip() for t in targets.split(",")) if targets else None
+            common = dict(task=task or (str(train_file) if train_file else None), store=st, config=config, r=r,
+                          alpha=alpha, targets=target_list, max_length=max_length, overwrite=overwrite,
+                          progress=progress, resume=resume, log_path=str(log) if log else None)
+            if objective == "causal-lm":
+                from .data.readers import read_records
+                from .train.instruct import train_instructions
 
-            if train_file is None:
-                raise AdapterkitError("causal-lm training reads --train-file (JSONL prompt/completion or messages)")
-            train_recs = read_records(train_file)[0]
-            eval_recs = read_records(eval_file)[0] if eval_file else []
-            _, metrics = train_instructions(load_base(base), name, train_recs, eval_recs, **common)
-        elif objective == "mlm":
-            from .train.mlm import read_texts, train_mlm
+                if train_file is None:
+                    raise AdapterkitError("causal-lm training reads --train-file (JSONL prompt/completion or messages)")
+                train_recs = read_records(train_file)[0]
+                eval_recs = read_records(eval_file)[0] if eval_file else []
+                _, metrics = train_instructions(load_base(base), name, train_recs, eval_recs, **common)
+            elif objective == "mlm":
+                from .train.mlm import read_texts, train_mlm
 
-            if train_file is None:
-                raise AdapterkitError("mlm training reads --train-file (.txt, one document per line, or JSONL "
-                                      "with --text-field)")
-            train_texts = read_texts(train_file, text_field)
-            eval_texts = read_texts(eval_file, text_field) if eval_file else []
-            _, metrics = train_mlm(load_base(base), name, train_texts, eval_texts, **common)
-        else:
-            train_ex = _examples(task, "train", train_file, text_field, label_field)
-            eval_ex = _examples(task, "validation", eval_file, text_field, label_field) \
-                if (task or eval_file) else []
-            _, metrics = train_classifier(load_base(base), name, train_ex, eval_ex, **common)
+                if train_file is None:
+                    raise AdapterkitError("mlm training reads --train-file (.txt, one document per line, or JSONL "
+                                          "with --text-field)")
+                train_texts = read_texts(train_file, text_field)
+                eval_texts = read_texts(eval_file, text_field) if eval_file else []
+                _, metrics = train_mlm(load_base(base), name, train_texts, eval_texts, **common)
+            else:
+                train_ex = _examples(task, "train", train_file, text_field, label_field)
+                eval_ex = _examples(task, "validation", eval_file, text_field, label_field) \
+                    if (task or eval_file) else []
+                _, metrics = train_classifier(load_base(base), name, train_ex, eval_ex, **common)
     except AdapterkitError as exc:
         fail(exc)
     except KeyboardInterrupt:

@@ -6,23 +6,29 @@ atomically every `checkpoint_every` steps) and `train_log.jsonl` one record per 
 lives until the adapter is safely in the store, so an interrupted run (Ctrl-C, a crash, a full disk)
 continues with resume=True (`--resume`). A new run over a leftover checkpoint is refused unless
 overwrite, so a checkpoint is never thrown away silently.
+
+One run per name at a time: `run_lock` holds `<store>/runs/.locks/<name>.lock` (an OS lock, freed
+when the process ends however it ends) around everything that reads or writes the run folder. A
+second trainer of the name fails at once, before it deletes (--overwrite), resumes or writes anything.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from ..adapter import Adapter, create_adapter, validate_name
 from ..base import Base
-from ..errors import ConfigError
+from ..errors import AdapterkitError, ConfigError
 from ..methods.lora import LoraConfig
 from ..runtime import AdapterRuntime
 from ..store import AdapterStore
+from .filelock import LockHeld, file_lock
 from .progress import TrainProgress
 from .trainer import STATE_JSON, TrainConfig, TrainResult, dist_rank_world, train
 
@@ -30,8 +36,43 @@ DEFAULT_TARGETS = {"causal-lm": ("q_proj", "k_proj", "v_proj", "o_proj"), "encod
 CHECKPOINT, LOG = "checkpoint", "train_log.jsonl"
 
 
+class RunInProgressError(AdapterkitError, RuntimeError):
+    """Another process is training an adapter of the same name into the same store."""
+
+
 def run_dir(store: AdapterStore, name: str) -> Path:
     return store.root / "runs" / validate_name(name)
+
+
+def lock_path(store: AdapterStore, name: str) -> Path:
+    return store.root / "runs" / ".locks" / f"{validate_name(name)}.lock"   # names never start with "."
+
+
+@contextmanager
+def run_lock(store: AdapterStore, name: str) -> Iterator[None]:
+    """Hold the run lock of `name` for the block, or raise RunInProgressError at once. Re-entrant in
+    one thread. Under torch.distributed it is a collective: rank 0 alone takes the lock and every rank
+    gets its outcome, so all ranks fail together (none waits forever for a rank that stopped)."""
+    path = lock_path(store, name)
+    rank, world = dist_rank_world()
+    with ExitStack() as stack:
+        error = None
+        if rank == 0:
+            try:
+                stack.enter_context(file_lock(path))
+            except LockHeld as exc:
+                error = (f"another run is training {name!r} into the store at {store.root}: it holds the lock "
+                         f"{path}" + (f" ({exc.holder})" if exc.holder else "") + "; wait for it to end (the lock "
+                         "is freed when that process exits, however it ends) or choose another --name")
+        if world > 1:
+            import torch.distributed as dist
+
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0)
+            error = shared[0]
+        if error is not None:
+            raise RunInProgressError(error)
+        yield
 
 
 def check_run(store: AdapterStore, name: str, *, overwrite: bool, resume: bool) -> None:
@@ -56,7 +97,8 @@ def checkpoint_step(folder: Path) -> int | None:
 
 def start_run(base: Base, name: str, *, task: str | None, store: AdapterStore, config: TrainConfig, r: int,
               alpha: float, targets: Sequence[str] | None, overwrite: bool, resume: bool) -> Adapter:
-    """Check the name and the run folder before any work; return the fresh (seeded) adapter."""
+    """Check the name and the run folder before any work; return the fresh (seeded) adapter.
+    Call it, and everything up to `finish`, inside `run_lock(store, name)`."""
     check_run(store, name, overwrite=overwrite, resume=resume)
     lora = LoraConfig(r=r, alpha=alpha, target_modules=tuple(targets or DEFAULT_TARGETS[base.kind]))
     return create_adapter(name, base.model, lora, seed=config.seed, fingerprint=base.fingerprint,

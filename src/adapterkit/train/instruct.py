@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from ..runtime import AdapterRuntime
 from ..store import AdapterStore
 from .causal_lm import IGNORE, collate, encode, split_ids
-from .fit import finish, fit, start_run
+from .fit import finish, fit, run_lock, start_run
 from .trainer import TrainConfig
 
 
@@ -63,18 +63,20 @@ def train_instructions(base: Base, name: str, train_records: Sequence[Mapping[st
                        log_path: str | None = None) -> tuple[Adapter, dict[str, float]]:
     if base.kind != "causal-lm" or base.tokenizer is None:
         raise ConfigError(f"instruction tuning needs a causal LM with a tokenizer; {base.name} is a {base.kind}")
-    adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
-                        overwrite=overwrite, resume=resume)
-    tok = base.tokenizer
-    encoded = [encode(tok, rec, max_length) for rec in train_records]
-    truncated = sum(e.truncated for e in encoded)
-    info = {"objective": "causal-lm", "method": "lora", "r": r, "alpha": alpha,
-            "targets": list(adapter.config.target_modules), "max_length": max_length}
-    score = (lambda rt: -evaluate_instructions(rt, name, eval_records, max_length)["loss"]) if eval_records else None
-    rt, result = fit(base, adapter, encoded, partial(collate, pad_id=pad_id(tok)), lm_loss, config, store=store,
-                     resume=resume, log_path=log_path, progress=progress, evaluate=score,
-                     lengths=[len(e.input_ids) for e in encoded], run_info=info)
-    metrics = evaluate_instructions(rt, name, eval_records, max_length) if eval_records else {}
-    finish(store, adapter, metrics, {**asdict(config), **info, "train_examples": len(encoded),
-                                     "truncated_examples": truncated, "best_step": result.best_step}, overwrite)
-    return adapter, metrics
+    with run_lock(store, name):      # one run per name: a second trainer fails here
+        adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
+                            overwrite=overwrite, resume=resume)
+        tok = base.tokenizer
+        encoded = [encode(tok, rec, max_length) for rec in train_records]
+        truncated = sum(e.truncated for e in encoded)
+        info = {"objective": "causal-lm", "method": "lora", "r": r, "alpha": alpha,
+                "targets": list(adapter.config.target_modules), "max_length": max_length}
+        score = ((lambda rt: -evaluate_instructions(rt, name, eval_records, max_length)["loss"])
+                 if eval_records else None)
+        rt, result = fit(base, adapter, encoded, partial(collate, pad_id=pad_id(tok)), lm_loss, config, store=store,
+                         resume=resume, log_path=log_path, progress=progress, evaluate=score,
+                         lengths=[len(e.input_ids) for e in encoded], run_info=info)
+        metrics = evaluate_instructions(rt, name, eval_records, max_length) if eval_records else {}
+        finish(store, adapter, metrics, {**asdict(config), **info, "train_examples": len(encoded),
+                                         "truncated_examples": truncated, "best_step": result.best_step}, overwrite)
+        return adapter, metrics

@@ -28,7 +28,7 @@ from ..heads import MLMHead
 from ..runtime import AdapterRuntime
 from ..store import AdapterStore
 from .causal_lm import IGNORE
-from .fit import finish, fit, start_run
+from .fit import finish, fit, run_lock, start_run
 from .trainer import TrainConfig
 
 MASK_PROB = 0.15
@@ -187,21 +187,22 @@ def train_mlm(base: Base, name: str, train_texts: Sequence[str], eval_texts: Seq
     if positions is not None and max_length > positions:
         raise ConfigError(f"max_length {max_length} is longer than the {positions} positions of {base.name}; "
                           f"use --max-length {positions} or less")
-    adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
-                        overwrite=overwrite, resume=resume)
-    docs, truncated, dropped = encode_texts(tok, train_texts, max_length)
-    if not docs:
-        raise ConfigError("no training text has a token that can be masked")
-    adapter.head = MLMHead.create(base.model.config, config.seed)
-    info = {"objective": "mlm", "method": "lora", "r": r, "alpha": alpha,
-            "targets": list(adapter.config.target_modules), "max_length": max_length, "mask_prob": MASK_PROB}
-    score = (lambda rt: -evaluate_mlm(rt, adapter, eval_texts, max_length)["loss"]) if eval_texts else None
-    rt, result = fit(base, adapter, docs, MaskCollator(tok, adapter.head.bias.shape[0]), mlm_loss(adapter.head),
-                     config, store=store, resume=resume, log_path=log_path, progress=progress,
-                     extra_params=adapter.head.params(), evaluate=score, lengths=[len(d) for d in docs],
-                     run_info=info)
-    metrics = evaluate_mlm(rt, adapter, eval_texts, max_length) if eval_texts else {}
-    finish(store, adapter, metrics, {**asdict(config), **info, "train_examples": len(docs),
-                                     "truncated_examples": truncated, "dropped_examples": dropped,
-                                     "best_step": result.best_step}, overwrite)
-    return adapter, metrics
+    with run_lock(store, name):      # one run per name: a second trainer fails here
+        adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
+                            overwrite=overwrite, resume=resume)
+        docs, truncated, dropped = encode_texts(tok, train_texts, max_length)
+        if not docs:
+            raise ConfigError("no training text has a token that can be masked")
+        adapter.head = MLMHead.create(base.model.config, config.seed)
+        info = {"objective": "mlm", "method": "lora", "r": r, "alpha": alpha,
+                "targets": list(adapter.config.target_modules), "max_length": max_length, "mask_prob": MASK_PROB}
+        score = (lambda rt: -evaluate_mlm(rt, adapter, eval_texts, max_length)["loss"]) if eval_texts else None
+        rt, result = fit(base, adapter, docs, MaskCollator(tok, adapter.head.bias.shape[0]), mlm_loss(adapter.head),
+                         config, store=store, resume=resume, log_path=log_path, progress=progress,
+                         extra_params=adapter.head.params(), evaluate=score, lengths=[len(d) for d in docs],
+                         run_info=info)
+        metrics = evaluate_mlm(rt, adapter, eval_texts, max_length) if eval_texts else {}
+        finish(store, adapter, metrics, {**asdict(config), **info, "train_examples": len(docs),
+                                         "truncated_examples": truncated, "dropped_examples": dropped,
+                                         "best_step": result.best_step}, overwrite)
+        return adapter, metrics

@@ -1,8 +1,8 @@
 """Train a classification adapter for a task end to end: data -> trainer -> metrics -> store.
 
-`train_classifier` refuses a stored name before any work (unless overwrite), trains adapter + head
-with a progress bar (loss, tokens/s, ETA), scores the validation split and stores the adapter with
-its task, labels, metrics and lineage.
+`train_classifier` refuses a stored name (unless overwrite) and a name another process is training
+(the run lock) before any work, trains adapter + head with a progress bar (loss, tokens/s, ETA),
+scores the validation split and stores the adapter with its task, labels, metrics and lineage.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ..heads import ClassificationHead
 from ..runtime import AdapterRuntime
 from ..store import AdapterStore
 from .classification import collate_fn, loss_fn, predict, token_lengths
-from .fit import finish, fit, start_run
+from .fit import finish, fit, run_lock, start_run
 from .trainer import TrainConfig
 
 POOLING = {"causal-lm": "last", "encoder": "mean"}
@@ -57,24 +57,25 @@ def train_classifier(
     resume: bool = False,
     log_path: str | None = None,
 ) -> tuple[Adapter, dict[str, float]]:
-    adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
-                        overwrite=overwrite, resume=resume)
-    labels = sorted({e.label for e in train_examples})
-    adapter.head = ClassificationHead.create(labels, base.model.config.hidden_size, POOLING[base.kind], config.seed)
-    adapter.meta.labels = labels
-    lengths = token_lengths(base.tokenizer, [e.text for e in train_examples])
-    truncated = sum(n > max_length for n in lengths)      # collate cuts these to max_length
-    info = {"objective": "classification", "method": "lora", "r": r, "alpha": alpha,
-            "targets": list(adapter.config.target_modules), "max_length": max_length, "labels": labels}
-    score = (lambda rt: evaluate(rt, adapter, eval_examples, max_length)["accuracy"]) if eval_examples else None
-    rt, result = fit(base, adapter, train_examples, collate_fn(base.tokenizer, adapter.head, max_length),
-                     loss_fn(adapter.head), config, store=store, resume=resume, log_path=log_path, progress=progress,
-                     extra_params=[adapter.head.weight, adapter.head.bias], evaluate=score, lengths=lengths,
-                     run_info=info)
-    metrics = evaluate(rt, adapter, eval_examples, max_length) if eval_examples else {}
-    finish(store, adapter, metrics, {**asdict(config), **info, "train_examples": len(train_examples),
-                                     "truncated_examples": truncated, "best_step": result.best_step}, overwrite)
-    return adapter, metrics
+    with run_lock(store, name):      # one run per name: a second trainer fails here
+        adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
+                            overwrite=overwrite, resume=resume)
+        labels = sorted({e.label for e in train_examples})
+        adapter.head = ClassificationHead.create(labels, base.model.config.hidden_size, POOLING[base.kind], config.seed)
+        adapter.meta.labels = labels
+        lengths = token_lengths(base.tokenizer, [e.text for e in train_examples])
+        truncated = sum(n > max_length for n in lengths)      # collate cuts these to max_length
+        info = {"objective": "classification", "method": "lora", "r": r, "alpha": alpha,
+                "targets": list(adapter.config.target_modules), "max_length": max_length, "labels": labels}
+        score = (lambda rt: evaluate(rt, adapter, eval_examples, max_length)["accuracy"]) if eval_examples else None
+        rt, result = fit(base, adapter, train_examples, collate_fn(base.tokenizer, adapter.head, max_length),
+                         loss_fn(adapter.head), config, store=store, resume=resume, log_path=log_path,
+                         progress=progress, extra_params=[adapter.head.weight, adapter.head.bias], evaluate=score,
+                         lengths=lengths, run_info=info)
+        metrics = evaluate(rt, adapter, eval_examples, max_length) if eval_examples else {}
+        finish(store, adapter, metrics, {**asdict(config), **info, "train_examples": len(train_examples),
+                                         "truncated_examples": truncated, "best_step": result.best_step}, overwrite)
+        return adapter, metrics
 
 
 def evaluate(rt: AdapterRuntime, adapter: Adapter, examples: Sequence[Any], max_length: int = 128) -> dict[str, float]:
