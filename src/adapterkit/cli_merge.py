@@ -40,6 +40,7 @@ def merge_cmd(
           weight: 1.0
         - adapter: ./adapters/topic
           weight: 0.5
+          name: topic             # optional: its name in the merge
       parameters:                 # the method's own parameters
         density: 0.3              # ties also: elect_on, mean, majority, lam
       rank: 32                    # output rank

@@ -11,6 +11,9 @@ Sites are independent: dense merges run them on `workers` threads (merge_with_re
 The report holds the relative Frobenius error of that re-factorisation per site (0 when exact);
 the output's lineage records the inputs (names, content and base fingerprints, weights), the
 method and every parameter (defaults included).
+Refused, never stored nor reported with a made-up error: inputs holding NaN / inf (NonFiniteError),
+a result that is not finite in float32 (dense ΔW, factors, output ΔW: ConfigError naming the site
+and what to lower), and a failed SVD (ConfigError naming the site).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import ConfigError, UnsupportedError
-from .common import build_adapter, check_inputs, lowrank_sqnorm, site_factors, stacked_deltas
+from .common import (build_adapter, check_inputs, check_result, linalg_errors, lowrank_sqnorm,
+                     require_finite, site_factors, stacked_deltas)
 from .concat import concat
 from .dare import RESCALE, dare_linear, dare_ties, site_generator
 from .linear import linear
@@ -140,24 +144,39 @@ class MergeReport:
         return {**asdict(self), "max_error": self.max_error, "mean_error": self.mean_error}
 
 
+def _fix(spec: MergeMethod) -> str:
+    """What to change when a merge overflows float32."""
+    lam = " (or lam)" if "lam" in spec.params else ""
+    return f"lower the input weights{lam} so that the merged weight change fits in float32"
+
+
 def _merge_site(spec: MergeMethod, p: dict[str, Any], weights: list[float], inputs: Any, site: str):
     """One site: (B, A), relative error, ||M||² of the exact merged ΔW (for the total error)."""
     idx = inputs.present(site)
     ws = [weights[i] for i in idx]
+    action = f"merge {spec.name!r}"
     if spec.kind == "factors":
         factors = [site_factors(inputs.adapters[i], site) for i in idx]
         lam = p.get("lam", 1.0)
         if spec.name == "concat":
             return concat(factors, ws), 0.0, 0.0
-        (b, a), err = linear(factors, ws, lam=lam, rank=p["rank"])
+        if p["rank"] is not None:                 # the SVD must not see an overflowed product
+            require_finite(concat(factors, [lam * w for w in ws])[0], action, site, _fix(spec))
+        with linalg_errors(f"{action}: re-factoring site {site!r} to rank {p['rank']}",
+                           "its inputs' weight changes are too ill-conditioned to factor: try another rank"):
+            (b, a), err = linear(factors, ws, lam=lam, rank=p["rank"])
         # ||M||² of the exact sum, needed for the total error only when truncated
         return (b, a), err, (lowrank_sqnorm(*concat(factors, [lam * w for w in ws])) if err else 0.0)
     deltas = stacked_deltas([inputs.adapters[i] for i in idx], site)            # [n_site, m, d]
     extra = ([site_generator(p["seed"], site, inputs.adapters[i].name) for i in idx],) if spec.uses_rng else ()
     fn_params = {k: p[k] for k in spec.params if k not in _DENSE}
-    dense = spec.fn(deltas, torch.tensor(ws), *extra, **fn_params)
+    dense = require_finite(spec.fn(deltas, torch.tensor(ws), *extra, **fn_params), action, site, _fix(spec))
     rank = p["rank"] or sum(inputs.adapters[i].tensors[site]["lora_A"].shape[0] for i in idx)
-    b, a, err = refactor_dense(dense, rank, svd=p["svd"], seed=p["seed"])
+    other = "exact" if p["svd"] == "randomized" else "randomized"
+    with linalg_errors(f"{action}: re-factoring site {site!r} to rank {rank}",
+                       f"the merged weight change is too ill-conditioned to factor: try svd={other!r} or "
+                       "another rank"):
+        b, a, err = refactor_dense(dense, rank, svd=p["svd"], seed=p["seed"])
     return (b, a), err, float(torch.linalg.matrix_norm(dense.double())) ** 2
 
 
@@ -193,6 +212,9 @@ def merge_with_report(adapters: Sequence[Adapter], method: str = "concat", *, na
     sq_total = sum(r[2] for r in results)
     sq_lost = sum(r[2] * r[1] ** 2 for r in results)
     total = (sq_lost / sq_total) ** 0.5 if sq_total > 0 else 0.0
+    if not math.isfinite(total):                  # ||M||² beyond float64: never report a made-up error
+        raise ConfigError(f"merge {spec.name!r}: the merged weight changes are too large to measure the "
+                          f"re-factorisation error; {_fix(spec)}")
     lineage_params = {k: v for k, v in p.items() if k != "weights"}
     report = MergeReport(spec.name, lineage_params, inputs.lineage_inputs(p["weights"]), errors,
                          {s: b.shape[1] for s, (b, _) in out.items()}, total, 0.0, name)
@@ -200,6 +222,7 @@ def merge_with_report(adapters: Sequence[Adapter], method: str = "concat", *, na
                "site_errors": errors}
     merged = build_adapter(name, out, inputs, lineage, {"merge_error_total": total,
                                                         "merge_error_max": report.max_error})
+    check_result(merged, f"merge {spec.name!r}", _fix(spec))
     report.seconds = time.perf_counter() - start
     return merged, report
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..adapter import Adapter, AdapterMeta, check_same_base
-from ..errors import BaseMismatchError, ConfigError, UnsupportedError
+from ..errors import BaseMismatchError, ConfigError, NonFiniteError, UnsupportedError
 from ..methods import SiteInfo
 from ..methods.lora import LoraConfig
 
@@ -55,8 +56,9 @@ class Inputs:
 
 
 def check_inputs(adapters: Sequence[Adapter]) -> Inputs:
-    """Refuse: no input, non-adapters, a method without low-rank factors, the same adapter twice
-    (by name or by content), different bases (naming both fingerprints), clashing site shapes."""
+    """Refuse: no input, non-adapters, a method without low-rank factors, NaN / inf (or a ΔW beyond
+    float32) in any input (NonFiniteError naming the tensor), the same adapter twice (by name or by
+    content), different bases (naming both fingerprints), clashing site shapes."""
     adapters = tuple(adapters)
     if not adapters:
         raise ConfigError("merge needs at least one adapter; the input list is empty")
@@ -66,6 +68,7 @@ def check_inputs(adapters: Sequence[Adapter]) -> Inputs:
         if a.config.type != "lora":
             raise UnsupportedError(f"adapter {a.name!r} is a {a.config.type!r} adapter; merging reads "
                                    "low-rank (lora) adapters only")
+        a.check_finite(torch.float32)           # merges compute in float32
     names = [a.name for a in adapters]
     twice = sorted(n for n, c in Counter(names).items() if c > 1)
     if twice:
@@ -142,3 +145,39 @@ def build_adapter(name: str, factors: dict[str, Factors], inputs: Inputs,
     meta = AdapterMeta(base_fingerprint=inputs.base_fingerprint, base_name=inputs.base_name,
                        metrics=dict(metrics or {}), lineage=[lineage])
     return Adapter(name, config, tensors, meta)
+
+
+def _not_finite(action: str, what: str, site: str, fix: str) -> ConfigError:
+    return ConfigError(f"{action}: the {what} at site {site!r} is not finite (NaN or inf) or beyond float32's "
+                       f"range ({torch.finfo(torch.float32).max:.3g}); {fix}")
+
+
+def check_result(adapter: Adapter, action: str, fix: str, what: str = "merged weight change") -> Adapter:
+    """Refuse an output whose tensors or ΔW hold NaN / inf or exceed float32 (merges compute in
+    float32): ConfigError naming the site, e.g. "merge 'ties': the merged weight change at site
+    'x' is not finite ...; {fix}". Returns the adapter."""
+    for site, parts in adapter.tensors.items():
+        try:
+            Adapter(adapter.name, adapter.config, {site: parts}).check_finite(torch.float32)
+        except NonFiniteError:
+            raise _not_finite(action, what, site, fix) from None
+    return adapter
+
+
+def require_finite(t: torch.Tensor, action: str, site: str, fix: str,
+                   what: str = "merged weight change") -> torch.Tensor:
+    """check_result for an intermediate (a dense ΔW, concatenated factors) before any SVD sees it."""
+    if not bool(torch.isfinite(t).all()):
+        raise _not_finite(action, what, site, fix)
+    return t
+
+
+@contextmanager
+def linalg_errors(what: str | Callable[[], str], fix: str):
+    """A torch.linalg failure (SVD / QR / eigh not converging) -> ConfigError "{what} failed (...); {fix}".
+    what: a string, or a function giving it when the failure happens (e.g. naming the current site)."""
+    try:
+        yield
+    except torch.linalg.LinAlgError as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{what() if callable(what) else what} failed ({detail}); {fix}") from None

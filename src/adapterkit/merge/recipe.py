@@ -8,35 +8,59 @@ error that names its path, e.g. `inputs.1.wieght`).
         weight: 1.0
       - adapter: ./adapters/topic
         weight: 0.5
+        name: topic2           # optional: its name in the merge (default: the stored / saved name)
     parameters:                # the method's own parameters (weights come from inputs)
       density: 0.3
     rank: 32                   # output rank (reversible: the rank of each basis adapter;
                                #   its parameters: k, per_site, normalize)
     seed: 0                    # DARE masks and the randomized SVD
 
-An input is read from the store when the store holds that name, else as a folder path.
+An input is read from the store when the store holds that name, else as a folder path. Errors
+about an input name it as the recipe does (two folders holding adapters saved under one name are
+told apart by their paths). Numbers follow YAML 1.2 (`1e-30` is a float; YAML 1.1 reads a string).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
-from ..adapter import Adapter
-from ..errors import AdapterNotFoundError, ConfigError
+from ..adapter import Adapter, validate_name
+from ..errors import AdapterNotFoundError, ConfigError, NonFiniteError
 from .api import get_merge_method, merge_method_names, merge_with_report
+from .common import content_fingerprint
 from .reversible import merge_reversible
 
 REVERSIBLE_PARAMS = ("k", "rank", "per_site", "normalize")    # merge_reversible's keyword parameters
+MAX_BYTES = 1 << 20                                             # a recipe is a small text file
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader (no arbitrary objects) that also reads YAML 1.2 floats: an exponent without a dot
+    or without a sign (1e-30, 2E3, .5e1) is a float; YAML 1.1's resolver leaves them strings."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
 
 
 class RecipeInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
     adapter: str = Field(min_length=1)
-    weight: float = 1.0
+    weight: float = Field(1.0, allow_inf_nan=False)
+    name: Optional[str] = None          # its name in the merge (lineage); default: the stored / saved name
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: Optional[str]) -> Optional[str]:
+        return value if value is None else validate_name(value)
 
 
 class MergeRecipe(BaseModel):
@@ -100,13 +124,26 @@ def parse_recipe(data: Any, source: str = "recipe") -> MergeRecipe:
 
 
 def load_recipe(path: str | Path) -> MergeRecipe:
+    """Read and validate a YAML recipe; a missing, binary, empty or non-YAML file is a ConfigError naming it."""
     path = Path(path)
+    fix = "give a YAML merge recipe (method, inputs, ...; see `adapterkit merge --help`)"
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read merge recipe {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
+    if len(raw) > MAX_BYTES:
+        raise ConfigError(f"merge recipe {path} is over {MAX_BYTES >> 20} MiB: not a recipe; {fix}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"merge recipe {path} is not a text file (UTF-8); {fix}") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:     # ValueError: e.g. a bad date
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        raise ConfigError(f"merge recipe {path} is empty; {fix}")
     return parse_recipe(data, str(path))
 
 
@@ -124,9 +161,38 @@ def resolve_input(ref: str, store: Any = None, base_dir: str | Path | None = Non
                                f"({path} does not exist)")
 
 
+def _load_input(item: RecipeInput, store: Any, base_dir: str | Path | None) -> Adapter:
+    """resolve_input, checked finite, renamed to item.name; errors name the input as the recipe does."""
+    try:
+        adapter = resolve_input(item.adapter, store, base_dir).check_finite(torch.float32)
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"merge input {item.adapter!r}: {exc}") from None
+    return adapter if item.name is None else dataclasses.replace(adapter, name=item.name)
+
+
+def _check_distinct(items: list[RecipeInput], adapters: list[Adapter]) -> None:
+    """Each input once, with a name of its own; named by the recipe's refs (two folders may hold
+    adapters saved under one name)."""
+    fps = [content_fingerprint(a) for a in adapters]
+    for j, (item, a) in enumerate(zip(items, adapters)):
+        for i in range(j):
+            first, other = items[i].adapter, item.adapter
+            if first == other and adapters[i].name == a.name:
+                raise ConfigError(f"merge input {first!r} is given more than once; list each input once "
+                                  "(raise its weight instead of repeating it)")
+            if fps[i] == fps[j]:
+                raise ConfigError(f"merge inputs {first!r} and {other!r} are the same adapter (identical tensors, "
+                                  f"{fps[j]}); list it once and raise its weight instead")
+            if adapters[i].name == a.name:
+                raise ConfigError(f"merge inputs {first!r} and {other!r} are different adapters that share the "
+                                  f"name {a.name!r}; give each a distinct name in the recipe (`name:` next to "
+                                  f"`adapter:`, e.g. name: {a.name}-2)")
+
+
 def run_recipe(recipe: MergeRecipe, name: str, *, store: Any = None, base_dir: str | Path | None = None):
     """Load the inputs and merge. Returns (Adapter, MergeReport), or a ReversibleMerge."""
-    adapters = [resolve_input(i.adapter, store, base_dir) for i in recipe.inputs]
+    adapters = [_load_input(i, store, base_dir) for i in recipe.inputs]
+    _check_distinct(recipe.inputs, adapters)
     params = recipe.merge_params()
     if recipe.method == "reversible":
         weights = params.pop("weights")

@@ -54,7 +54,8 @@ import torch
 from .._atomic import atomic_write_dir
 from ..adapter import Adapter, AdapterMeta
 from ..errors import ConfigError, CorruptAdapterError
-from .common import Inputs, build_adapter, check_inputs, site_factors
+from .common import (Inputs, build_adapter, check_inputs, check_result, linalg_errors, require_finite,
+                     site_factors)
 from .concat import concat
 from .svd import truncate_factors
 
@@ -240,7 +241,9 @@ def merge_reversible(adapters: Sequence[Adapter], k: int, *, rank: int | None = 
             raise ConfigError(f"{key} must be true or false, got {value!r}")
     names = [a.name for a in inputs.adapters]
     f64 = {"dtype": torch.float64}
-    with torch.no_grad():
+    where = "over all sites"                  # where the fit is, should the linear algebra fail
+    with torch.no_grad(), linalg_errors(lambda: f"reversible merge: the fit {where}", "the inputs' weight "
+                                        "changes are too ill-conditioned to fit: try another k, or normalize"):
         # the fit is of the weighted tasks w_i x_i (w = 1, or 1 / ||x_i|| with normalize): V from
         # W G W, basis_j = Σ_i w_i V[i, j] ΔW_i, C = V / w
         whole = task_gram(inputs) if normalize or not per_site else None
@@ -253,6 +256,7 @@ def merge_reversible(adapters: Sequence[Adapter], k: int, *, rank: int | None = 
         g_sum, h_sum = torch.zeros(n, k, **f64), torch.zeros(k, k, **f64)
         site_coeffs, factors, site_errors = {}, [{} for _ in range(k)], {t: {} for t in names}
         for site in inputs.sites:
+            where = f"at site {site!r}"
             x = _task_stack(inputs, site)
             gram = _cross(x, x)
             if per_site:
@@ -275,6 +279,7 @@ def merge_reversible(adapters: Sequence[Adapter], k: int, *, rank: int | None = 
                 site_errors[names[i]][site] = float((miss[i] / sq[i]).sqrt()) if sq[i] > 0 else 0.0
         def ratio(num: torch.Tensor) -> dict[str, float]:
             return {t: float((num[i] / total[i]).sqrt()) if total[i] > 0 else 0.0 for i, t in enumerate(names)}
+        where = "over all sites"
         errors = ratio(lost)
         if per_site:      # the least-squares site-shared row: min_c Σ_s ||ΔW_i(s) - Σ_j c_j basis_j(s)||²
             coeffs = g_sum @ torch.linalg.pinv(h_sum, hermitian=True)
@@ -294,7 +299,9 @@ def merge_reversible(adapters: Sequence[Adapter], k: int, *, rank: int | None = 
                    "eigenvalues": eigenvalues}
         if per_site:
             lineage["site_coefficients"] = {s: c[:, j].tolist() for s, c in site_coeffs.items()}
-        basis.append(build_adapter(f"{name}.basis{j}", factors[j], inputs, lineage))
+        basis.append(check_result(build_adapter(f"{name}.basis{j}", factors[j], inputs, lineage),
+                                  "reversible merge", "the inputs' weight changes are too large to combine in "
+                                  "float32: scale them down", what="basis weight change"))
     return ReversibleMerge(tasks, coeffs, basis, errors, eigenvalues, site_coeffs if per_site else None,
                            site_errors, row_errors)
 
@@ -305,11 +312,13 @@ def recover(reversible: ReversibleMerge, task: str | int, *, name: str | None = 
     k · basis rank, or `rank` after an exact SVD of the product)."""
     i = reversible.index(task)
     info = reversible.tasks[i]
+    action, fix = f"recovering {info['name']!r}", "the reversible merge's coefficients or basis are corrupt: redo it"
     sites = list(dict.fromkeys(s for b in reversible.basis for s in b.tensors))
     factors, used = {}, {}
     for site in sites:
         coeffs = reversible.coefficients_at(site)[i].tolist()
         b, a = _combination(reversible.basis, coeffs, site)
+        require_finite(b, action, site, fix, what="weight change")      # before any SVD sees it
         factors[site] = truncate_factors(b, a, rank)[:2] if rank else (b, a)
         used[site] = coeffs
     first = reversible.basis[0]
@@ -318,7 +327,7 @@ def recover(reversible: ReversibleMerge, task: str | int, *, name: str | None = 
                "basis": [b.name for b in reversible.basis],
                "coefficients": used if reversible.per_site else reversible.coefficients[i].tolist(),
                "reconstruction_error": reversible.errors.get(info["name"])}
-    out = build_adapter(name or info["name"], factors, inputs, lineage)
+    out = check_result(build_adapter(name or info["name"], factors, inputs, lineage), action, fix, "weight change")
     out.meta = AdapterMeta(base_fingerprint=out.meta.base_fingerprint, base_name=out.meta.base_name,
                            task=info.get("task"), lineage=out.meta.lineage)
     return out

@@ -8,11 +8,18 @@ Two inputs:
     iteration), which is what keeps the 8 x rank-16 SmolLM2 merge within seconds on 2 threads.
 The error is always measured, never estimated: ||M - B'A'||_F / ||M||_F (0 for M = 0).
 The singular values are split evenly, B' = U √S and A' = √S Vh (balanced factors).
+NaN / inf input is refused (ConfigError); a dense M is first scaled by an even power of two to
+max |M| ~ 1 (exact), so that the randomized range finder's (M Mᵀ)^niter M neither overflows nor
+underflows float32; SVD output that is not finite raises torch.linalg.LinAlgError like a failed SVD.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from ..errors import ConfigError
 
 SVD_MODES = ("randomized", "exact")
 
@@ -37,6 +44,8 @@ def lowrank_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def truncate_factors(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best rank-`rank` factors of B @ A and the relative Frobenius error. A product already of
     rank <= `rank` is returned unchanged (error 0): no numerical noise for nothing."""
+    if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())):
+        raise ConfigError("the factors to re-factor hold NaN or inf; nothing finite can be factored")
     if b.shape[1] <= rank:
         return b, a, 0.0
     u, s, vh = lowrank_svd(b, a)
@@ -44,6 +53,7 @@ def truncate_factors(b: torch.Tensor, a: torch.Tensor, rank: int) -> tuple[torch
     kept = float((s[:rank].double() ** 2).sum())
     err = (max(total - kept, 0.0) / total) ** 0.5 if total > 0 else 0.0
     nb, na = _split(u, s, vh, rank)
+    _check_output(nb, na, err)
     return nb, na, err
 
 
@@ -76,11 +86,17 @@ def refactor_dense(m: torch.Tensor, rank: int, *, svd: str = "randomized", niter
     """Factors (B [m, r], A [r, n]) of a dense ΔW with r = min(rank, m, n), and the relative error.
     rank >= min(m, n) is exact without any SVD: B = M, A = I (or B = I, A = M)."""
     rows, cols = m.shape
+    if not bool(torch.isfinite(m).all()):
+        raise ConfigError("the matrix to re-factor holds NaN or inf; nothing finite can be factored")
     if rank >= min(rows, cols):
         eye = torch.eye(min(rows, cols), dtype=m.dtype)
         return (m, eye, 0.0) if cols <= rows else (eye, m, 0.0)
     if svd not in SVD_MODES:
         raise ValueError(f"svd must be one of {SVD_MODES}, got {svd!r}")
+    peak = float(m.abs().max()) if m.numel() else 0.0
+    e = math.frexp(peak)[1] // 2                   # M = 4^e M', max |M'| in [1/2, 2)
+    if e:
+        m = m * 2.0 ** -e * 2.0 ** -e              # two steps: 2^-2e alone may overflow float32
     if svd == "exact" or rank + 16 >= min(rows, cols):
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
     else:
@@ -88,4 +104,10 @@ def refactor_dense(m: torch.Tensor, rank: int, *, svd: str = "randomized", niter
     b, a = _split(u, s, vh, rank)
     norm = float(torch.linalg.matrix_norm(m))
     err = float(torch.linalg.matrix_norm(m - b @ a)) / norm if norm > 0 else 0.0
-    return b, a, err
+    _check_output(b, a, err)
+    return (b * 2.0 ** e, a * 2.0 ** e, err) if e else (b, a, err)
+
+
+def _check_output(b: torch.Tensor, a: torch.Tensor, err: float) -> None:
+    if not (math.isfinite(err) and bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())):
+        raise torch.linalg.LinAlgError("the SVD returned NaN or inf")
