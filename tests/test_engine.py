@@ -140,7 +140,10 @@ def test_filter_logits_top_k_top_p_temperature():
 
 @pytest.mark.parametrize("bad, message", [
     (dict(max_tokens=0), "max_tokens must be an integer >= 1, got 0"),
-    (dict(temperature=-1.0), "temperature must be in [0, 100], got -1.0"),
+    (dict(temperature=-1.0), "temperature must be 0 (greedy) or in [0.0001, 100], got -1.0"),
+    (dict(temperature=1e-40), "temperature must be 0 (greedy) or in [0.0001, 100], got 1e-40"),
+    (dict(temperature=float("nan")), "temperature must be 0 (greedy) or in [0.0001, 100], got nan"),
+    (dict(seed=-1), "seed must be an integer in [0, 2**63), got -1"),
     (dict(top_p=0.0), "top_p must be in (0, 1], got 0.0"),
     (dict(top_k=-2), "top_k must be an integer >= 0 (0 = off), got -2"),
     (dict(stop=[""]), "stop strings must be non-empty"),

@@ -21,13 +21,17 @@ def dense_kernel(
     """y += sum_u (w_u * (pre_u(x) @ A_u^T)) @ B_u^T   for terms (A_u, B_u, w_u [n,1,1], pre_u).
 
     w_u carries the per-unit weight times the adapter's scale; pre_u is dropout or None.
-    Masked dense: every unit runs through every adapter in the batch, masked by its weight. Best
+    Masked dense: every unit runs through every adapter in the batch, masked by its weight (a
+    unit with weight 0 gets exactly 0 from that adapter, whatever the adapter's values). Best
     for few distinct adapters; the only kernel gradients flow through (it reads the live tensors).
     """
     in_place = not torch.is_grad_enabled() and y.is_contiguous()
     for a, b, w, pre in terms:
         xin = pre(x) if pre is not None else x
         h = torch.matmul(xin.to(a.dtype), a.t()) * w.to(a.dtype)   # [n, L, r]
+        # Units without this adapter (w = 0) get exactly 0 even where x @ A^T overflowed: 0 * inf = NaN
+        # would leak one adapter's overflow into every row of the batch.
+        h = h.masked_fill(w == 0, 0.0)
         if in_place and b.dtype == y.dtype:
             # y2d += h2d @ B^T without an [n, L, d_out] temporary (prefill: saves a pass over y)
             y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.t())

@@ -36,7 +36,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from ..errors import AdapterkitError, ConfigError
+from ..errors import AdapterkitError, ConfigError, NonFiniteError
 from .adapter_cache import AdapterCache, AdapterHandle, NoFreeSlotError
 from .detok import Detokenizer
 from .engine_metrics import EngineMetrics
@@ -44,7 +44,7 @@ from .forward import FlatDecoder, SeqCache, Segment
 from .gating import GateState, gate_layers, layer_routing
 from .requests import (ContextLengthError, GenerationRequest, QueueFullError, RequestStream, StreamEvent,
                        Usage)
-from .sampling import choose, make_generator
+from .sampling import NonFiniteLogitsError, choose, make_generator
 
 
 class EngineStoppedError(AdapterkitError, RuntimeError):
@@ -223,7 +223,8 @@ class Engine:
                         return
 
     def step(self, cancel_all: bool = False) -> None:
-        """One iteration: drop cancelled, admit, forward, sample, stream."""
+        """One iteration: drop cancelled, admit, forward, sample, stream. A failure confined to one
+        request (its forward, its logits, its sampling, its text) ends that request only."""
         self._drop_cancelled(cancel_all)
         new = self._admit()
         batch = [s for s in self._running if s not in new] + new
@@ -232,6 +233,52 @@ class Engine:
                 time.sleep(0.002)
             return
         t0 = time.perf_counter()
+        rows = self._logits_isolated(batch)
+        ok = [i for i, r in enumerate(rows) if not isinstance(r, BaseException)]
+        picked: list[Any] = list(rows)
+        if ok:
+            chosen = choose(torch.stack([rows[i] for i in ok]), [batch[i].params for i in ok],
+                            [batch[i].generator for i in ok])
+            for i, c in zip(ok, chosen):
+                picked[i] = c
+        self.metrics_.observe_step(time.perf_counter() - t0, prompt_tokens=sum(len(s.pending) for s in new),
+                                   batch=len(batch))
+        for s, token in zip(batch, picked):
+            try:
+                if isinstance(token, BaseException):
+                    raise token
+                self._advance(s, token)
+            except Exception as exc:                  # this request only; the others go on
+                self._finish(s, "error", [], "", error=self._row_error(s, exc))
+
+    def _logits_isolated(self, batch: list[_Seq]) -> list[Any]:
+        """Next-token logits [V] per sequence, or the exception its forward raised. One forward for
+        the batch; if it raises, each sequence runs alone so only the failing ones fail (caches
+        and gate counts are rolled back first: a failed forward leaves no trace)."""
+        saved = [(s.cache.length, s.gate.usage.clone() if s.gate is not None else None) for s in batch]
+
+        def rollback(seqs: list[_Seq], states: list[Any]) -> None:
+            for s, (length, usage) in zip(seqs, states):
+                s.cache.length = length
+                if usage is not None:
+                    s.gate.usage = usage.clone()
+        try:
+            return list(self._forward(batch))
+        except Exception as exc:
+            rollback(batch, saved)
+            if len(batch) == 1:
+                return [exc]
+        out: list[Any] = []
+        for s, state in zip(batch, saved):
+            try:
+                out.append(self._forward([s])[0])
+            except Exception as exc:
+                rollback([s], [state])
+                out.append(exc)
+        return out
+
+    def _forward(self, batch: list[_Seq]) -> torch.Tensor:
+        """One flat forward over every sequence's pending tokens -> logits [len(batch), V] float32."""
         k = max(1, max(len(s.slots) for s in batch))           # adapters per row, padded with slot 0
         tokens, positions, segments, slots, weights, last = [], [], [], [], [], []
         for s in batch:
@@ -250,12 +297,21 @@ class Engine:
             with self.runtime.use(self.runtime.batch_from_ids(ids, ws, mode="token")):
                 h = self.decoder.hidden(tok, torch.tensor(positions), segments, before_layer=before)
             with self.runtime.use(self.runtime.batch_from_ids(ids[idx], ws[idx], mode="token")):
-                logits = self.decoder.logits(h[idx])
-        picked = choose(logits, [s.params for s in batch], [s.generator for s in batch])
-        self.metrics_.observe_step(time.perf_counter() - t0, prompt_tokens=sum(len(s.pending) for s in new),
-                                   batch=len(batch))
-        for s, token in zip(batch, picked):
-            self._advance(s, token)
+                return self.decoder.logits(h[idx])
+
+    def _row_error(self, s: _Seq, exc: BaseException) -> BaseException:
+        """The error one request ends with: typed errors as they are; numbers that blew up blame the
+        request's adapter(s) (their weights overflow on this input); anything else is internal."""
+        if isinstance(exc, AdapterkitError):
+            return exc
+        names = sorted(s.stream.request.adapters)
+        if isinstance(exc, (NonFiniteLogitsError, ArithmeticError)) and names:
+            err = NonFiniteError(
+                f"adapter(s) {', '.join(map(repr, names))} made the model's output non-finite (NaN or inf) on "
+                "this request: their weights overflow on this input; check or re-train the adapter")
+            err.param = "model"                        # type: ignore[attr-defined]
+            return err
+        return RuntimeError(f"generation failed for this request ({type(exc).__name__}: {exc})")
 
     def _advance(self, s: _Seq, token: int) -> None:
         s.generated += 1

@@ -25,6 +25,10 @@ from typing import Any, AsyncIterator, Iterator, Mapping, Optional, Union
 from ..errors import AdapterkitError, ConfigError
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
+# The smallest temperature > 0: logits / T must stay finite in float32 for any sane logit, and a
+# smaller T is greedy in all but name (use 0). vLLM treats T < 1e-5 as greedy; we refuse instead.
+MIN_TEMPERATURE = 1e-4
+MAX_TEMPERATURE = 100.0
 _ids = itertools.count(1)
 
 
@@ -53,12 +57,18 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ConfigError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ConfigError(f"temperature must be in [0, 100], got {self.temperature!r}")
-        if not 0.0 < self.top_p <= 1.0:
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (
+                t == 0.0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):
+            raise ConfigError(f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], "
+                              f"got {t!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ConfigError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2 ** 63):
+            raise ConfigError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if any(not s for s in self.stop):
             raise ConfigError("stop strings must be non-empty")
 
