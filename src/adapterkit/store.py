@@ -1,24 +1,35 @@
-"""The adapter store: one folder per adapter plus a SQLite catalog.
+"""The adapter store: one folder per adapter version plus a SQLite catalog.
 
-    <root>/adapters/<name>/    the adapter (a PEFT folder + adapterkit.json), written atomically
-    <root>/catalog.sqlite      name, method, base fingerprint, task, labels, metrics, created, lineage
+    <root>/adapters/<name>@<id>/   one version of an adapter (a PEFT folder + adapterkit.json);
+                                   written once, never changed; <id> is random per put
+    <root>/catalog.sqlite          name -> its folder, content digest, file sizes and digests, method,
+                                   base fingerprint, task, labels, metrics, created, lineage
 
-The folder is written (atomically) before its catalog row, inside one catalog transaction, so the
-catalog never names a half-written adapter; a folder without a row (a crash between the two) is
-invisible and the next put overwrites it.
+The catalog row names its folder, so a row and its files change together in one SQLite commit:
+put() writes the new version's folder first (invisible: no row names it), then replaces the row,
+then deletes the superseded folder. A crash before the commit leaves the old row and the old
+folder (the new folder is an orphan the next put deletes); after it, the new pair. Rows of
+stores made before versioned folders name `adapters/<name>` and keep working.
+
+`show` re-hashes the files against the catalog and `list` compares sizes, so a truncated or
+altered weights file is reported (status) instead of trusted; `get` refuses a damaged adapter.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import sqlite3
+import uuid
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 from .adapter import Adapter, validate_name
 from .base import adapterkit_home
-from .errors import AdapterNameError, AdapterNotFoundError
+from .errors import AdapterNameError, AdapterNotFoundError, CorruptAdapterError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
@@ -35,9 +46,12 @@ CREATE TABLE IF NOT EXISTS adapters (
     created TEXT NOT NULL
 )
 """
+# Added with versioned folders (ALTER TABLE on older catalogs; NULL there = adapters/<name>, unverified).
+_ADDED = {"folder": "TEXT", "content": "TEXT", "files": "TEXT"}
 _COLUMNS = ("name", "method", "base_fingerprint", "base_name", "task", "labels", "metrics", "lineage",
-            "ranks", "parameters", "created")
-_JSON = {"labels", "metrics", "lineage", "ranks"}
+            "ranks", "parameters", "created", *_ADDED)
+_JSON = {"labels", "metrics", "lineage", "ranks", "files"}
+OK = "ok"
 
 
 class AdapterStore:
@@ -47,73 +61,182 @@ class AdapterStore:
         self._db = self.root / "catalog.sqlite"
         with closing(self._connect()) as conn, conn:
             conn.execute(_SCHEMA)
+            have = {r["name"] for r in conn.execute("PRAGMA table_info(adapters)")}
+            for column, kind in _ADDED.items():
+                if column not in have:
+                    conn.execute(f"ALTER TABLE adapters ADD COLUMN {column} {kind}")
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._db, timeout=30)
         conn.row_factory = sqlite3.Row
         return conn
 
+    def _fetch(self, name: str, conn: sqlite3.Connection | None = None) -> sqlite3.Row | None:
+        if conn is None:
+            with closing(self._connect()) as own:
+                return own.execute("SELECT * FROM adapters WHERE name = ?", (name,)).fetchone()
+        return conn.execute("SELECT * FROM adapters WHERE name = ?", (name,)).fetchone()
+
     def path(self, name: str) -> Path:
-        return self.root / "adapters" / validate_name(name)
+        """The folder of the stored version of `name` (it changes when the adapter is replaced)."""
+        row = self._fetch(validate_name(name))
+        if row is None:
+            self._missing(name)
+        return self._folder(row)
+
+    def _folder(self, row: Any) -> Path:
+        return self.root / (row["folder"] or f"adapters/{row['name']}")
+
+    def change_mark(self) -> tuple[int, bytes]:
+        """Changes with every commit to the catalog: SQLite's file change counter (4 bytes at offset
+        24 of the database header, bumped by each write transaction in rollback-journal mode) and
+        the file's inode. One small read: cheap enough to call per request."""
+        with open(self._db, "rb") as fh:
+            fh.seek(24)
+            return os.fstat(fh.fileno()).st_ino, fh.read(4)
+
+    def row(self, name: str) -> dict[str, Any] | None:
+        """The catalog row of `name` with its folder (`path`), or None; no file is checked."""
+        row = self._fetch(name)
+        return None if row is None else {**self._row(row), "path": str(self._folder(row))}
 
     def __contains__(self, name: str) -> bool:
-        with closing(self._connect()) as conn:
-            return conn.execute("SELECT 1 FROM adapters WHERE name = ?", (name,)).fetchone() is not None
+        return self._fetch(name) is not None
 
     def check_free(self, name: str, overwrite: bool = False, conn: sqlite3.Connection | None = None) -> None:
-        """Raise if `name` is stored and overwrite is off (callers check before long work)."""
-        if overwrite:
-            return
-        if conn is None:
-            taken = name in self
-        else:
-            taken = conn.execute("SELECT 1 FROM adapters WHERE name = ?", (name,)).fetchone() is not None
-        if taken:
+        """Raise if `name` is a router's, or stored and overwrite is off (callers check before long work)."""
+        from .route.common import AUTO, ROUTER_JSON, router_path
+
+        if name == AUTO:
+            raise AdapterNameError(f"{AUTO!r} is reserved for the default router (model=\"auto\"); choose another "
+                                   "adapter name")
+        if (router_path(self, name) / ROUTER_JSON).is_file():
+            raise AdapterNameError(f"{name!r} is a router in the store at {self.root}; adapters and routers share "
+                                   "one model namespace: choose another adapter name")
+        if not overwrite and self._fetch(name, conn) is not None:
             raise AdapterNameError(
                 f"an adapter named {name!r} is already in the store at {self.root}; "
                 "choose another name or pass --overwrite to replace it"
             )
 
     def put(self, adapter: Adapter, *, overwrite: bool = False) -> Path:
-        """Save `adapter` under its name; refuses an existing name unless overwrite."""
+        """Save `adapter` under its name; refuses an existing name unless overwrite, and tensors
+        with NaN / inf. The old version stays whole until the new one is committed."""
         name = validate_name(adapter.name)
-        with closing(self._connect()) as conn, conn:
-            conn.execute("BEGIN IMMEDIATE")          # one writer at a time, checked and written together
-            self.check_free(name, overwrite, conn)
-            path = adapter.save(self.path(name))
-            meta = adapter.meta
-            row = (name, adapter.config.type, meta.base_fingerprint, meta.base_name, meta.task,
-                   json.dumps(meta.labels), json.dumps(meta.metrics), json.dumps(meta.lineage),
-                   json.dumps(adapter.ranks()), adapter.num_parameters(), meta.created)
-            conn.execute(f"INSERT OR REPLACE INTO adapters ({', '.join(_COLUMNS)}) "
-                         f"VALUES ({', '.join('?' * len(_COLUMNS))})", row)
+        adapter.check_finite()
+        with closing(self._connect()) as conn:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")      # one writer at a time: check, write, commit together
+                self.check_free(name, overwrite, conn)
+                self._collect_orphans(conn)
+                old = self._fetch(name, conn)
+                folder = f"adapters/{name}@{uuid.uuid4().hex[:12]}"
+                path = adapter.save(self.root / folder)
+                try:
+                    files = _digests(path)
+                    meta = adapter.meta
+                    row = (name, adapter.config.type, meta.base_fingerprint, meta.base_name, meta.task,
+                           json.dumps(meta.labels), json.dumps(meta.metrics), json.dumps(meta.lineage),
+                           json.dumps(adapter.ranks()), adapter.num_parameters(), meta.created,
+                           folder, _content(files), json.dumps(files))
+                    conn.execute(f"INSERT OR REPLACE INTO adapters ({', '.join(_COLUMNS)}) "
+                                 f"VALUES ({', '.join('?' * len(_COLUMNS))})", row)
+                except BaseException:
+                    shutil.rmtree(path, ignore_errors=True)
+                    raise
+            if old is not None and self._folder(old) != path:       # committed: the old version goes
+                shutil.rmtree(self._folder(old), ignore_errors=True)
         return path
 
+    def _collect_orphans(self, conn: sqlite3.Connection) -> None:
+        """Delete folders no row names (a put or remove interrupted by a crash). Runs under the
+        write lock, so no other put is writing one."""
+        named = {self._folder(r).name for r in conn.execute("SELECT name, folder FROM adapters")}
+        for entry in (self.root / "adapters").iterdir():
+            if entry.name not in named:
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+
     def get(self, name: str) -> Adapter:
-        self.show(name)                              # raises a clear error for an unknown name
-        return Adapter.load(self.path(name), name=name)
+        """The stored adapter; CorruptAdapterError if its files no longer match the catalog."""
+        record = self.show(name)
+        if record["status"] != OK:
+            raise CorruptAdapterError(f"stored adapter {name!r} is damaged: {record['status']}; re-train or re-merge "
+                                      f"it with --overwrite, or remove it")
+        return Adapter.load(record["path"], name=name)
 
     def list(self) -> list[dict[str, Any]]:
+        """Every row with its folder (`path`) and `status` from a size check of its files (stats only)."""
         with closing(self._connect()) as conn:
-            return [self._row(r) for r in conn.execute("SELECT * FROM adapters ORDER BY name")]
+            rows = list(conn.execute("SELECT * FROM adapters ORDER BY name"))
+        return [{**self._row(r), "path": str(self._folder(r)), "status": self._status(r, hash_files=False)}
+                for r in rows]
 
     def show(self, name: str) -> dict[str, Any]:
+        """One row, its folder and `status`: "ok", or what differs from the catalog (files re-hashed)."""
+        for _ in range(3):                              # a concurrent put may swap the folder while we hash
+            row = self._fetch(name)
+            if row is None:
+                self._missing(name)
+            status = self._status(row, hash_files=True)
+            again = self._fetch(name)
+            if status == OK or again is None or again["folder"] == row["folder"]:
+                break
+        return {**self._row(row), "path": str(self._folder(row)), "status": status}
+
+    def _missing(self, name: str) -> None:
         with closing(self._connect()) as conn:
-            row = conn.execute("SELECT * FROM adapters WHERE name = ?", (name,)).fetchone()
-        if row is None:
-            known = [r["name"] for r in self.list()]
-            shown = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "") if known else "the store is empty"
-            raise AdapterNotFoundError(f"no adapter named {name!r} in the store at {self.root}; stored: {shown}")
-        return {**self._row(row), "path": str(self.path(name))}
+            known = [r["name"] for r in conn.execute("SELECT name FROM adapters ORDER BY name")]
+        shown = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "") if known else "the store is empty"
+        raise AdapterNotFoundError(f"no adapter named {name!r} in the store at {self.root}; stored: {shown}")
 
     def remove(self, name: str) -> None:
-        import shutil
-
-        self.show(name)
+        folder = self.path(name)
         with closing(self._connect()) as conn, conn:
             conn.execute("DELETE FROM adapters WHERE name = ?", (name,))
-        shutil.rmtree(self.path(name), ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def _status(self, row: Any, hash_files: bool) -> str:
+        folder = self._folder(row)
+        if not folder.is_dir():
+            return f"its folder {folder.name} is missing"
+        recorded = json.loads(row["files"]) if row["files"] else None
+        if recorded is None:
+            return OK                                   # a row from before digests were kept
+        problems = []
+        for file, (size, digest) in sorted(recorded.items()):
+            p = folder / file
+            if not p.is_file():
+                problems.append(f"{file} is missing")
+            elif p.stat().st_size != size:
+                problems.append(f"{file} has {p.stat().st_size} bytes, the catalog recorded {size}")
+            elif hash_files and _sha256(p) != digest:
+                problems.append(f"{file} was altered (its sha256 differs from the catalog's)")
+        return "; ".join(problems) or OK
 
     @staticmethod
     def _row(row: sqlite3.Row) -> dict[str, Any]:
-        return {k: (json.loads(row[k]) if k in _JSON else row[k]) for k in _COLUMNS}
+        out = {k: (json.loads(row[k]) if k in _JSON and row[k] is not None else row[k]) for k in _COLUMNS}
+        del out["folder"], out["files"]                 # layout details; `path` and `status` say it
+        return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digests(folder: Path) -> dict[str, list[Any]]:
+    """{file name: [size, sha256]} of every file of an adapter folder."""
+    return {p.name: [p.stat().st_size, _sha256(p)] for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _content(files: dict[str, list[Any]]) -> str:
+    """One digest of a version's files: the stored adapter's content fingerprint."""
+    h = hashlib.sha256(json.dumps(sorted((k, v[1]) for k, v in files.items())).encode())
+    return "sha256:" + h.hexdigest()[:16]
