@@ -69,12 +69,14 @@ class AdapterRuntime:
             known = ", ".join(self.adapters) or "none attached"
             raise AdapterNotFoundError(f"unknown adapter {name!r}; attached adapters: {known}") from None
 
-    def add(self, adapter: Adapter) -> int:
+    def add(self, adapter: Adapter, *, key: str | None = None) -> int:
         """Attach an adapter; returns its slot. Validates name, base fingerprint and shapes first,
-        so a refused adapter leaves the runtime unchanged."""
+        so a refused adapter leaves the runtime unchanged. `key` (default: its name) is what rows,
+        slot() and remove() call it (a serving cache attaches two versions of one name at once)."""
         name = validate_name(adapter.name)
-        if name in self.adapters:
-            raise AdapterNameError(f"an adapter named {name!r} is already attached; remove it first or rename it")
+        key = name if key is None else key
+        if key in self.adapters:
+            raise AdapterNameError(f"an adapter named {key!r} is already attached; remove it first or rename it")
         fp = adapter.meta.base_fingerprint
         if fp and self.fingerprint and fp != self.fingerprint:
             raise BaseMismatchError(
@@ -101,9 +103,9 @@ class AdapterRuntime:
             if site is None:
                 site = self._sites[module_name] = Site(self, module_name, self._modules[module_name])
             site.pool(spec, self.capacity).add(slot, adapter.config, parts, own)
-        self.adapters[name], self._slots[name], self._site_maps[name] = adapter, slot, site_map
+        self.adapters[key], self._slots[key], self._site_maps[key] = adapter, slot, site_map
         if _trainable(adapter):
-            self._versions[name] = _version(adapter)
+            self._versions[key] = _version(adapter)
         return slot
 
     def remove(self, name: str) -> Adapter:

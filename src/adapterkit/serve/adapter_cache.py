@@ -20,12 +20,22 @@ Policies
   - A new adapter is attached BEFORE its victim is detached (the runtime gets max_loaded + 1
     slots), so an adapter the base refuses (runtime.add checks fingerprint and shapes) evicts
     nobody and leaves the cache as it was; the error is raised to that request only.
+  - Versions: entries are keyed by the name AND the version on disk (Source.version: the store's
+    content digest and folder, or a folder's stats). Every find/acquire checks the version
+    cheaply (roots.current); an adapter replaced on disk (train/merge --overwrite, a folder
+    swapped) is read again for the next request and is never served stale. The old version is
+    retired: requests in flight finish on it, and it is detached at their last release (it
+    holds its runtime slot under another key meanwhile).
+  - Weights are checked when read: NaN / inf, or values (or a ΔW) that overflow the base dtype,
+    fail that adapter's read (NonFiniteError) and nothing else. The task head is not read:
+    generation does not use it.
   - load(name, path) reads and validates at once (attached, detached, kept in RAM): a corrupt or
     foreign adapter fails the load call (HTTP 400) and nothing is registered. A name already
     served from another folder (loaded, or in a root) is refused; the same name and folder is a no-op.
   - unload(name) stops serving the name at once (new acquires: AdapterNotFoundError). With requests
-    in flight the detach is deferred to the last release and unload returns False. An unloaded
-    name stays hidden from lazy discovery until load(name, path) names it again.
+    in flight its version is retired (detached at the last release; unload returns False) and the
+    name may be loaded again at once. An unloaded name stays hidden from lazy discovery until
+    load(name, path) names it again.
   - pin(name) attaches it and keeps it attached until unpin/unload; at most max_loaded - 1 pins,
     so one slot always serves the others.
   - prefetch(name) reads into RAM on a background thread; idempotent; a read error is raised by
@@ -40,9 +50,10 @@ outside both; concurrent requests for one name share one read (a Future).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
@@ -50,10 +61,8 @@ from typing import Any, Iterable, Iterator, Sequence
 from ..adapter import Adapter, validate_name
 from ..errors import (AdapterkitError, AdapterNameError, AdapterNotFoundError, ConfigError,
                       CorruptAdapterError)
-from .adapter_roots import AdapterRoots, Source
-
-# Upper bounds (seconds) of the load-time histogram buckets (Prometheus `le`), plus +Inf.
-LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+from .adapter_roots import AdapterRoots, Source, folder_version
+from .cache_stats import LOAD_BUCKETS, CacheCounters  # noqa: F401  (LOAD_BUCKETS: re-exported)
 
 
 class NoFreeSlotError(AdapterkitError, RuntimeError):
@@ -68,8 +77,10 @@ class _Entry:
     adapter: Adapter
     nbytes: int             # bytes of its tensors (base dtype)
     slot: int = 0           # runtime slot while attached, else 0
+    key: str = ""           # its runtime key while attached: the name, or name#n while a retired
+                            # version still holds the name there
     refs: int = 0           # requests in flight
-    draining: bool = False  # unloaded while in flight: detached at the last release
+    draining: bool = False  # retired (replaced on disk, or unloaded) in flight: detached at the last release
 
 
 @dataclass(eq=False)
@@ -117,15 +128,15 @@ class AdapterCache:
         self._sources: dict[str, Source] = self.roots.scan()  # served names (raises on a clash)
         self._hidden: set[str] = set()                       # unloaded: skipped by lazy discovery
         self._ram: OrderedDict[str, _Entry] = OrderedDict()     # RAM tier, least recent first
-        self._active: OrderedDict[str, _Entry] = OrderedDict()  # attached, least recent first
+        self._active: OrderedDict[str, _Entry] = OrderedDict()  # attached current versions, least recent first
+        self._retired: set[_Entry] = set()                   # attached old versions with requests in flight
+        self._keys = itertools.count(1)                      # runtime keys of versions that share a name
         self._pinned: set[str] = set()
         self._loading: dict[str, Future] = {}                # reads in progress, shared by waiters
         self._prefetch_errors: dict[str, BaseException] = {}
         self._ram_bytes = self._active_bytes = 0
-        self._count: Counter[str] = Counter()
-        self._requests: Counter[str] = Counter()
-        self._load_hist = [0] * (len(LOAD_BUCKETS) + 1)       # per bucket (not cumulative), last = +Inf
-        self._load_sum = 0.0
+        self._stats = CacheCounters()
+        self._count = self._stats.count
         self._executor = ThreadPoolExecutor(max_workers=prefetch_workers, thread_name_prefix="adapter-prefetch")
 
     # ------------------------------------------------------------------ names
@@ -141,14 +152,14 @@ class AdapterCache:
     def _source(self, name: str) -> Source:
         with self._lock:
             src = self._sources.get(name)
-            if src is not None:
-                return src
-            blocked = name in self._hidden or name in self._active
+            blocked = name in self._hidden
+        if src is not None:
+            return self._current(name, src)
         if not blocked:
             found = self.roots.find(name)          # a few stats, outside the lock
             if found is not None:
                 with self._lock:
-                    if name not in self._hidden and name not in self._active:
+                    if name not in self._hidden:
                         return self._sources.setdefault(name, found)
         why = self.roots.skipped.get(name)
         if why is not None:
@@ -157,6 +168,31 @@ class AdapterCache:
             known = sorted(self._sources)
         shown = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "") if known else "none"
         raise AdapterNotFoundError(f"unknown adapter {name!r}; served adapters: {shown}")
+
+    def _current(self, name: str, src: Source) -> Source:
+        """The served version of `name`: `src` unless the adapter changed on disk since, in which case
+        the old version is retired (in-flight requests keep it) and the new one is served."""
+        now = self.roots.current(src)              # a catalog change mark or a few stats, outside the lock
+        if now is src:
+            return src
+        with self._lock:
+            served = self._sources.get(name)
+            if served is not src:                  # replaced or unloaded meanwhile by another thread
+                if served is None:
+                    raise AdapterNotFoundError(f"adapter {name!r} was unloaded")
+                return served
+            self._ram_remove(name)
+            self._prefetch_errors.pop(name, None)
+            e = self._active.get(name)
+            if e is not None:
+                self._retire(e)
+            self._count["replaced"] += 1
+            if now is None:
+                del self._sources[name]
+                raise AdapterNotFoundError(f"adapter {name!r} is no longer on disk (deleted from its root or the "
+                                           "store); it is not served any more")
+            self._sources[name] = now
+            return now
 
     # ------------------------------------------------------------------ acquire / release
     def acquire(self, name: str, timeout: float = 0.0) -> AdapterHandle:
@@ -169,8 +205,11 @@ class AdapterCache:
         while True:
             owner, fut = False, None
             with self._lock:
-                if self._sources.get(name) is not src:
+                served = self._sources.get(name)
+                if served is None:
                     raise AdapterNotFoundError(f"adapter {name!r} was unloaded")
+                if served is not src:              # a new version appeared meanwhile: serve that one
+                    src, loaded = served, None
                 e = self._active.get(name)
                 if e is not None:
                     if first:
@@ -199,7 +238,7 @@ class AdapterCache:
                             self._ram_put(e)           # keep the read for a later request
                         raise NoFreeSlotError(
                             f"no free adapter slot for {name!r}: all {self.max_loaded} slots hold adapters "
-                            f"with requests in flight or pinned ({', '.join(self._active)}); retry later"
+                            f"with requests in flight or pinned; retry later"
                         )
                     loaded = e
                     self._freed.wait(remaining)
@@ -227,7 +266,8 @@ class AdapterCache:
             e.refs -= 1
             if e.refs == 0:
                 if e.draining:
-                    self._detach(e, keep=False)
+                    self._retired.discard(e)
+                    self._unattach(e)
                 elif self._active.get(handle.name) is e:
                     self._active.move_to_end(handle.name)
                 self._freed.notify_all()
@@ -236,13 +276,13 @@ class AdapterCache:
         name = e.source.name
         e.refs += 1
         self._active.move_to_end(name)
-        self._requests[name] += 1
+        self._stats.requests[name] += 1
         return AdapterHandle(name, e.slot, self, e)
 
     # ------------------------------------------------------------------ tiers (lock held)
     def _victim(self) -> Any:
         """None when a slot is free, else the least recently used idle unpinned entry, else _BUSY."""
-        if len(self._active) < self.max_loaded:
+        if len(self._active) + len(self._retired) < self.max_loaded:   # retired versions hold slots too
             return None
         for name, e in self._active.items():
             if e.refs == 0 and name not in self._pinned:
@@ -251,9 +291,11 @@ class AdapterCache:
 
     def _attach(self, e: _Entry, victim: _Entry | None) -> None:
         name = e.source.name
+        key = name if name not in self.runtime.adapters else f"{name}#{next(self._keys)}"
         try:
             with self._runtime_lock:
-                e.slot = self.runtime.add(e.adapter)   # validates base fingerprint and shapes
+                e.slot = self.runtime.add(e.adapter, key=key)   # validates base fingerprint and shapes
+                e.key = key
         except BaseException:
             self._count["attach_errors"] += 1
             self._ram_remove(name, e)                  # a refused adapter is not kept
@@ -266,14 +308,29 @@ class AdapterCache:
             self._count["evictions_slot"] += 1
 
     def _detach(self, e: _Entry, keep: bool) -> None:
+        """An idle current version leaves its slot (back to RAM if keep)."""
         name = e.source.name
-        with self._runtime_lock:
-            self.runtime.remove(name)
         del self._active[name]
-        self._active_bytes -= e.nbytes
-        e.slot = 0
+        self._unattach(e)
         if keep and self._sources.get(name) is e.source:
             self._ram_put(e)
+
+    def _unattach(self, e: _Entry) -> None:
+        with self._runtime_lock:
+            self.runtime.remove(e.key)
+        self._active_bytes -= e.nbytes
+        e.slot, e.key = 0, ""
+
+    def _retire(self, e: _Entry) -> None:
+        """A current version stops being current (replaced on disk, or unloaded): detached now if
+        idle, else when its last request in flight ends."""
+        del self._active[e.source.name]
+        if e.refs == 0:
+            self._unattach(e)
+        else:
+            e.draining = True
+            self._retired.add(e)
+        self._freed.notify_all()
 
     def _ram_put(self, e: _Entry) -> None:
         """Insert as most recent; evict least recent entries until the byte budget holds."""
@@ -302,7 +359,8 @@ class AdapterCache:
             raise CorruptAdapterError(f"adapter {src.name!r}: folder {src.path} no longer exists")
         self.roots.check_folder(src.path)              # a file swapped for a symlink out since discovery
         try:
-            adapter = Adapter.load(src.path, name=src.name)
+            adapter = Adapter.load(src.path, name=src.name, head=False)   # NaN / inf refused here
+            adapter.check_finite(self._dtype)          # and values or a ΔW that overflow the base dtype
         except AdapterkitError:
             raise
         except Exception as exc:
@@ -334,16 +392,10 @@ class AdapterCache:
         with self._lock:
             if self._loading.get(name) is fut:
                 del self._loading[name]
-            self._record_load(time.perf_counter() - t0)
+            self._stats.record_load(time.perf_counter() - t0)
             if prefetch and self._sources.get(name) is src and name not in self._active:
                 self._ram_put(e)
         fut.set_result(e)
-
-    def _record_load(self, seconds: float) -> None:
-        self._count["loads"] += 1
-        self._load_sum += seconds
-        i = next((i for i, le in enumerate(LOAD_BUCKETS) if seconds <= le), len(LOAD_BUCKETS))
-        self._load_hist[i] += 1
 
     # ------------------------------------------------------------------ prefetch / pins
     def prefetch(self, name: str) -> Future | None:
@@ -402,7 +454,7 @@ class AdapterCache:
             same = self._check_free(name, real, in_root)
         if same is not None:
             return same
-        src = Source(name, real, "load")
+        src = Source(name, real, "load", folder_version(real))
         fut: Future = Future()
         self._read_into(src, fut, prefetch=False)
         e = fut.result()                               # raises the read error
@@ -411,12 +463,13 @@ class AdapterCache:
             if same is not None:
                 return same
             with self._runtime_lock:
+                probe = f"{name}#{next(self._keys)}"
                 try:                                   # the base's own checks (fingerprint, shapes)
-                    self.runtime.add(e.adapter)        # the spare slot is always free here
+                    self.runtime.add(e.adapter, key=probe)   # a free slot: the runtime grows if needed
                 except BaseException:
                     self._count["attach_errors"] += 1
                     raise
-                self.runtime.remove(name)
+                self.runtime.remove(probe)
             self._sources[name] = src
             self._hidden.discard(name)
             self._ram_put(e)
@@ -424,8 +477,6 @@ class AdapterCache:
 
     def _check_free(self, name: str, real: Any, in_root: Source | None) -> Source | None:
         """None if `name` may be loaded from `real`; the current Source if it already is."""
-        if name in self._active and self._active[name].draining:
-            raise AdapterNameError(f"adapter {name!r} is still being unloaded (requests in flight); retry shortly")
         src = self._sources.get(name)
         if src is None and in_root is not None and name not in self._hidden and in_root.path != real:
             src = in_root                               # a root serves this name from another folder
@@ -448,17 +499,19 @@ class AdapterCache:
             e = self._active.get(name)
             if e is None:
                 return True
-            if e.refs == 0:
-                self._detach(e, keep=False)
-                self._freed.notify_all()
-                return True
-            e.draining = True
-            return False
+            self._retire(e)
+            return not e.draining
 
     # ------------------------------------------------------------------ forwards, stats, close
     @contextlib.contextmanager
     def batch(self, rows: Sequence[Any], **kwargs: Any) -> Iterator[Any]:
-        """runtime.batch(rows) with the runtime lock held: no attach/detach during the forward."""
+        """runtime.batch(rows) with the runtime lock held: no attach/detach during the forward.
+        Rows name adapters (None, a name, or {name: weight}); each goes to its current version."""
+        def key(name: str) -> str:
+            e = self._active.get(name)
+            return e.key if e is not None else name
+        rows = [r if r is None else key(r) if isinstance(r, str) else {key(n): w for n, w in dict(r).items()}
+                for r in rows]
         with self._runtime_lock, self.runtime.batch(rows, **kwargs) as b:
             yield b
 
@@ -471,22 +524,14 @@ class AdapterCache:
         """Counters for /metrics. Hits/misses count acquire calls: slot_* whether the adapter was
         attached, ram_* (slot misses only) whether RAM had it; loads = disk reads."""
         with self._lock:
-            cumulative, total = {}, 0
-            for le, n in zip([*map(str, LOAD_BUCKETS), "+Inf"], self._load_hist):
-                total += n
-                cumulative[le] = total
-            keys = ("slot_hits", "slot_misses", "ram_hits", "ram_misses", "loads",
-                    "load_errors", "attach_errors", "busy_errors", "evictions_slot", "evictions_ram",
-                    "ram_rejects", "prefetches")
             return {
-                **{k: self._count[k] for k in keys},
-                "load_seconds": {"sum": self._load_sum, "count": self._count["loads"], "buckets": cumulative},
+                **self._stats.snapshot(),
                 "ram_bytes": self._ram_bytes, "ram_budget_bytes": self.ram_budget, "ram_adapters": list(self._ram),
                 "active_bytes": self._active_bytes, "max_loaded": self.max_loaded,
                 "active": {n: {"slot": e.slot, "refs": e.refs, "pinned": n in self._pinned, "draining": e.draining}
                            for n, e in self._active.items()},
+                "draining": sorted(e.source.name for e in self._retired),
                 "pinned": sorted(self._pinned), "served": len(self._sources),
-                "requests": dict(self._requests),
             }
 
     def close(self) -> None:

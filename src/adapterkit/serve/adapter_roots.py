@@ -33,11 +33,26 @@ class AdapterPathError(AdapterkitError, ValueError):
 
 @dataclass(frozen=True)
 class Source:
-    """Where one served name is read from."""
+    """Where one served name is read from, and which version of it (`version` changes whenever
+    what is on disk does: the store's content digest and folder of the row, or a folder's stats)."""
 
     name: str
     path: Path     # the real (symlink-free) adapter folder
     origin: str    # "store", the root folder it was found in, or "load" (a load-by-path request)
+    version: str = ""
+
+
+def folder_version(path: Path) -> str:
+    """A cheap identity of an adapter folder's contents: inode and mtime of the folder (a whole-folder
+    swap, as atomic saves do, changes the inode) and size / mtime / inode of its files."""
+    try:
+        parts = [path.stat()] + [p.stat() for p in sorted(path.iterdir()) if p.is_file()]
+    except OSError:
+        return "missing"
+    return ";".join(f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}" for st in parts)
+
+
+RESERVED = "auto"      # model="auto" is the store's default router, never an adapter
 
 
 def _real(path: str | os.PathLike) -> Path:
@@ -77,6 +92,7 @@ class AdapterRoots:
         self._lexical = ([Path(os.path.abspath(store.root / "adapters"))] if store is not None else []) + \
             [Path(os.path.abspath(d)) for d in dirs]
         self.skipped: dict[str, str] = {}   # name -> why it is not served (startup banner, 404 text)
+        self._marks: dict[str, Any] = {}     # store adapter -> catalog change mark when last verified
 
     # ------------------------------------------------------------------ discovery
     def scan(self) -> dict[str, Source]:
@@ -100,8 +116,9 @@ class AdapterRoots:
         if not _valid(name):
             return None
         found: dict[str, Source] = {}
-        if self.store is not None and name in self.store:
-            src = self._store_candidate(self.store.show(name))
+        row = self.store.row(name) if self.store is not None else None
+        if row is not None:
+            src = self._store_candidate(row)
             if src is not None:
                 _add(found, src)
         for root in self.dirs:
@@ -116,7 +133,7 @@ class AdapterRoots:
         if fp and self.fingerprint and fp != self.fingerprint:
             self.skipped[row["name"]] = f"a store adapter made for another base: {row.get('base_name')} ({fp})"
             return None
-        return Source(row["name"], _real(self.store.path(row["name"])), "store")
+        return Source(row["name"], _real(row["path"]), "store", f"{row.get('content')}:{Path(row['path']).name}")
 
     def _candidate(self, root: Path, name: str) -> Source | None:
         path = root / name
@@ -125,11 +142,34 @@ class AdapterRoots:
         if not _valid(name):
             self.skipped[name] = f"{path}: the folder name is not a valid adapter name"
             return None
+        if name == RESERVED:
+            self.skipped[name] = f"{path}: {RESERVED!r} is reserved for the default router; rename the folder"
+            return None
         real = _real(path)
         if self._root_of(real) is None:
             self.skipped[name] = f"{path} links outside the adapter roots"
             return None
-        return Source(name, real, str(root))
+        return Source(name, real, str(root), folder_version(real))
+
+    def current(self, src: Source) -> Source | None:
+        """`src` itself if its name still maps to that version, the Source of the new version if the
+        adapter was replaced on disk, None if it is gone. Cheap: the store's catalog is looked up
+        only when its change mark moved (one 4-byte read); folders cost a few stats."""
+        if src.origin == "load":
+            version = folder_version(src.path)
+            if version == src.version:
+                return src
+            return None if version == "missing" else Source(src.name, src.path, "load", version)
+        if src.origin == "store":
+            mark = self.store.change_mark()
+            if self._marks.get(src.name) == mark:
+                return src
+            now = self.find(src.name)
+            if now is not None:
+                self._marks[now.name] = mark     # read before the lookup: a later commit moves it again
+        else:
+            now = self._candidate(Path(src.origin), src.name)
+        return src if now == src else now
 
     # ------------------------------------------------------------------ confinement
     def _root_of(self, real: Path) -> Path | None:
@@ -144,6 +184,14 @@ class AdapterRoots:
         raw = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
         if not isinstance(raw, str) or not raw or "\x00" in raw:
             raise AdapterPathError(f"adapter path {raw!r} is empty or malformed")
+        try:
+            return self._resolve(raw)
+        except OSError as exc:                    # a name over the file system's limit, a loop, no access
+            shown = raw if len(raw) <= 80 else raw[:77] + "..."
+            raise AdapterPathError(f"adapter path {shown!r} cannot be used ({exc.strerror or type(exc).__name__}); "
+                                   "give a folder inside the adapter roots") from None
+
+    def _resolve(self, raw: str) -> Path:
         given = Path(raw)
         if ".." in given.parts:
             raise AdapterPathError(f"adapter path {raw!r} contains '..'; give a folder inside the adapter roots")
