@@ -350,7 +350,7 @@ def test_unknown_adapter_message_names_the_served_ones(world):
 def test_an_adapter_for_another_base_fails_its_request_and_the_server_keeps_serving(world):
     for stream in (False, True):
         err = error_of(complete(world, "wrongbase", stream=stream), 400)
-        assert err["code"] == "adapter_base_mismatch" and err["param"] is None
+        assert err["code"] == "adapter_base_mismatch" and err["param"] == "model"   # the field at fault
     assert complete(world, "alpha").status_code == 200
 
 

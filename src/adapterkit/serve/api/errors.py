@@ -5,13 +5,16 @@
 Library errors (adapterkit.errors, the engine's, the cache's) keep their types; the service only
 says which request field an error is about (`blame`). Other adapterkit errors: a RuntimeError kind
 (e.g. the engine's EngineStoppedError while shutting down) is 503, any other kind 400. Anything else
-is a 500 whose message names the exception type (the traceback goes to the server log).
+is a 500 whose message names only the exception type (the traceback goes to the server log).
+Library messages name server paths for the operator; `redact` (the service's) turns them into
+`<store>/...`, `<adapters:N>/...` or `.../last-part` before a client sees them.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional
+import re
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from ...errors import (AdapterkitError, AdapterNameError, AdapterNotFoundError, BaseMismatchError,
                        ConfigError, CorruptAdapterError, UnsupportedError)
@@ -75,18 +78,39 @@ STATUS: tuple[tuple[type, int, str, Optional[str]], ...] = (
 )
 
 
-def error_status(exc: BaseException) -> tuple[int, dict[str, Any]]:
-    """HTTP status and OpenAI error body for any exception."""
+def error_status(exc: BaseException, redact: Callable[[str], str] = str) -> tuple[int, dict[str, Any]]:
+    """HTTP status and OpenAI error body for any exception. `redact` rewrites library messages
+    (they may name server paths); the HTTP layer's own messages (APIError) are shown as they are."""
     param = getattr(exc, "param", None)
     code = getattr(exc, "code", None)
+    message = str(exc) if isinstance(exc, APIError) else redact(str(exc))
     for kind, status, typ, default_code in STATUS:
         if isinstance(exc, kind):
-            return status, error_body(str(exc), typ, param, code or default_code)
+            return status, error_body(message, typ, param, code or default_code)
     if isinstance(exc, AdapterkitError):
         if isinstance(exc, RuntimeError):       # a state of the server (the engine is stopping...): retry later
-            return 503, error_body(str(exc), "service_unavailable", param, code)
-        return 400, error_body(str(exc), "invalid_request_error", param, code)
-    return 500, error_body(f"internal server error ({type(exc).__name__}): {exc}", "server_error", None, None)
+            return 503, error_body(message, "service_unavailable", param, code)
+        return 400, error_body(message, "invalid_request_error", param, code)
+    return 500, error_body(f"internal server error ({type(exc).__name__}); the server log has the details",
+                           "server_error", None, None)
+
+
+_ABSOLUTE = re.compile(r"(?<![\w.~<>-])/(?:[^\s'\"()\[\],;]+/)*([^\s'\"()\[\],;/]*)")
+
+
+def path_redactor(roots: Mapping[str, str]) -> Callable[[str], str]:
+    """A function that replaces each root path (longest first) by its label, then any other absolute
+    path by `.../<last part>`: clients learn which adapter, not where the server keeps it."""
+    ordered = sorted(((p.rstrip("/"), label) for p, label in roots.items() if p and p != "/"),
+                     key=lambda kv: -len(kv[0]))
+
+    patterns = [(re.compile(re.escape(path) + r"(?=/|$|[\s'\"()\[\],;])"), label) for path, label in ordered]
+
+    def redact(text: str) -> str:
+        for pattern, label in patterns:
+            text = pattern.sub(label, text)
+        return _ABSOLUTE.sub(lambda m: ".../" + m.group(1) if m.group(1) else "/", text)
+    return redact
 
 
 def error_headers(status: int) -> dict[str, str]:

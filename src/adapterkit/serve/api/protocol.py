@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..requests import MAX_TEMPERATURE, MIN_TEMPERATURE
 from .errors import InvalidRequestError
 
 MAX_STOP = 16                   # stop strings per request
@@ -47,7 +48,8 @@ class _Sampling(_Body):
     """Fields shared by completions and chat completions."""
 
     model: str = Field(min_length=1)
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE,
+                               description=f"0 (greedy) or in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1, description="0 or -1: off (vLLM extension)")
     seed: Optional[int] = Field(None, ge=0, lt=2 ** 63)
@@ -72,6 +74,13 @@ class _Sampling(_Body):
             raise ValueError("stop must be a string or a list of strings")
         if len(v) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop strings, got {len(v)}")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        if 0.0 < v < MIN_TEMPERATURE:           # logits / T would overflow; use 0 for greedy
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {v!r}")
         return v
 
     @model_validator(mode="after")

@@ -1,6 +1,7 @@
 """HTTP routes of the OpenAI-compatible server (FastAPI); the logic is service.py's.
 
     GET  /health                       open (no key): liveness for load balancers
+    GET  /openapi.json                 open (no key): FastAPI's OpenAPI schema of these routes and bodies
     GET  /metrics                      Prometheus text
     GET  /v1/models, /v1/models/{id}   the base and every served adapter (parent = the base)
     POST /v1/completions               prompt -> text; "stream": true for server-sent events
@@ -8,9 +9,12 @@
     POST /v1/load_lora_adapter         vLLM's {lora_name, lora_path} (paths confined to the adapter roots)
     POST /v1/unload_lora_adapter       vLLM's {lora_name}
 
-Every route but /health needs `Authorization: Bearer KEY` when a key is configured. Bodies larger
-than the limit are refused (413) before they are read in full. Bodies are parsed by protocol.py, so
-errors of every kind leave through errors.error_status, the one exception -> status map.
+Every route but /health and /openapi.json needs `Authorization: Bearer KEY` when a key is
+configured. Bodies larger than the limit are refused (413) before they are read in full. Bodies are
+parsed by protocol.py (their JSON schemas are declared to OpenAPI), so errors of every kind leave
+through errors.error_status, the one exception -> status map. An unexpected exception is a 500 in
+OpenAI's error shape and the connection stays usable (CatchAll: Starlette's own 500 path re-raises
+to the server, which then drops the keep-alive connection without saying so).
 A client that disconnects cancels its request in the engine (streaming or not).
 """
 
@@ -37,11 +41,37 @@ from .service import ApiSettings, EventStream, OpenAIService
 log = logging.getLogger("adapterkit.serve")
 
 
-def error_response(exc: BaseException) -> JSONResponse:
-    status, body = error_status(exc)
+def error_response(exc: BaseException, redact: Callable[[str], str] = str) -> JSONResponse:
+    status, body = error_status(exc, redact)
     if status >= 500:
         log.error("request failed", exc_info=exc)
     return JSONResponse(body, status_code=status, headers=error_headers(status))
+
+
+class CatchAll:
+    """ASGI middleware: an exception no handler took becomes a 500 in OpenAI's error shape, and the
+    request ends normally, so the keep-alive connection stays open for the client's next request.
+    Once a response has started (a stream) nothing can be sent: the error goes on to the server."""
+
+    def __init__(self, app: ASGIApp, redact: Callable[[str], str]) -> None:
+        self.app, self.redact = app, redact
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            if started:
+                raise
+            await error_response(exc, self.redact)(scope, receive, send)
 
 
 class BodyLimit:
@@ -122,14 +152,40 @@ async def _body(request: Request) -> bytes:
     return await request.body()
 
 
+def _json_body(model: type) -> dict[str, Any]:
+    """openapi_extra for a route that parses its body itself (protocol.parse_body): the body's schema."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+BODIES = (P.CompletionRequest, P.ChatCompletionRequest, P.LoadAdapterRequest, P.UnloadAdapterRequest)
+
+
+def _with_bodies(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """app.openapi that also lists the request bodies' pydantic schemas under components."""
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            comps = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in BODIES:
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                comps.update(js.pop("$defs", {}))
+                comps[model.__name__] = js
+            app.openapi_schema = schema
+        return app.openapi_schema
+    return openapi
+
+
 def create_app(engine: Any, settings: Optional[ApiSettings] = None) -> FastAPI:
     """The ASGI app over a built engine. Starting and stopping the engine is the caller's (server.py)."""
     service = OpenAIService(engine, settings)
-    app = FastAPI(title="adapterkit", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="adapterkit", version=_version(), docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
     app.state.service = service
+    app.openapi = _with_bodies(app)                          # type: ignore[method-assign]
 
     async def on_error(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(exc)
+        return error_response(exc, service.redact)
 
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 404:
@@ -147,7 +203,7 @@ def create_app(engine: Any, settings: Optional[ApiSettings] = None) -> FastAPI:
     app.add_exception_handler(AdapterkitError, on_error)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(RequestValidationError, on_validation)
-    app.add_exception_handler(Exception, on_error)
+    app.add_middleware(CatchAll, redact=service.redact)       # not add_exception_handler(Exception): see CatchAll
     app.add_middleware(BodyLimit, limit=service.settings.max_body_bytes)
 
     async def auth(request: Request) -> None:
@@ -181,19 +237,19 @@ def create_app(engine: Any, settings: Optional[ApiSettings] = None) -> FastAPI:
         routed = result.get("adapterkit")
         return JSONResponse(result, headers={HEADER: routed_header(routed)} if routed else None)
 
-    @v1.post("/v1/completions")
+    @v1.post("/v1/completions", openapi_extra=_json_body(P.CompletionRequest))
     async def completions(request: Request) -> Response:
         return await generate(request, P.CompletionRequest, service.completion)
 
-    @v1.post("/v1/chat/completions")
+    @v1.post("/v1/chat/completions", openapi_extra=_json_body(P.ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         return await generate(request, P.ChatCompletionRequest, service.chat)
 
-    @v1.post("/v1/load_lora_adapter")
+    @v1.post("/v1/load_lora_adapter", openapi_extra=_json_body(P.LoadAdapterRequest))
     async def load_lora_adapter(request: Request) -> dict[str, Any]:
         return await service.load_adapter(P.parse_body(P.LoadAdapterRequest, await _body(request)))
 
-    @v1.post("/v1/unload_lora_adapter")
+    @v1.post("/v1/unload_lora_adapter", openapi_extra=_json_body(P.UnloadAdapterRequest))
     async def unload_lora_adapter(request: Request) -> dict[str, Any]:
         return await service.unload_adapter(P.parse_body(P.UnloadAdapterRequest, await _body(request)))
 
@@ -201,3 +257,12 @@ def create_app(engine: Any, settings: Optional[ApiSettings] = None) -> FastAPI:
     return app
 
 
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("adapterkit")
+    except PackageNotFoundError:          # running from a source tree
+        return "0"

@@ -22,14 +22,15 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Optional
 
 from ...adapter import validate_name
-from ...errors import AdapterkitError, AdapterNameError, AdapterNotFoundError, ConfigError
+from ...errors import (AdapterkitError, AdapterNameError, AdapterNotFoundError, BaseMismatchError, ConfigError,
+                       CorruptAdapterError)
 from ..requests import ContextLengthError, GenerationRequest, RequestStream, SamplingParams, StreamEvent
 from ...route.common import check_prompts
 from . import metrics as prom
 from .routing import PER_TOKEN, Routing, decision_body, gate_body, gate_done, route_text
 from . import protocol as P
 from .errors import (AuthenticationError, InvalidRequestError, ModelNotFoundError, ServiceUnavailableError,
-                     blame, error_status)
+                     blame, error_status, path_redactor)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20     # 1 MiB
 
@@ -61,8 +62,10 @@ class EventStream:
     field (for a gate: each adapter's share of the gate weight, known only at the end)."""
 
     def __init__(self, stream: RequestStream, first: StreamEvent, rest: AsyncIterator[StreamEvent],
-                 render: Callable[[StreamEvent, bool], list[Any]], tail: Callable[[StreamEvent], list[Any]]) -> None:
+                 render: Callable[[StreamEvent, bool], list[Any]], tail: Callable[[StreamEvent], list[Any]],
+                 redact: Callable[[str], str] = str) -> None:
         self.stream = stream
+        self._redact = redact
         self.routed: Optional[dict[str, Any]] = None      # set for `auto` / router requests
         self._first, self._rest = first, rest
         self._render, self._tail = render, tail
@@ -74,7 +77,7 @@ class EventStream:
                 if ev.finished and ev.finish_reason not in ("stop", "length"):
                     for obj in self._render(StreamEvent(ev.text, ev.token_ids), first):
                         yield sse(obj)
-                    yield sse(error_status(_failure(ev))[1])
+                    yield sse(error_status(_failure(ev), self._redact)[1])
                     break
                 for obj in self._render(ev, first):
                     yield sse(obj)
@@ -99,10 +102,15 @@ class EventStream:
 
 
 def _failure(ev: StreamEvent) -> BaseException:
-    """The exception behind a final event that is neither stop nor length."""
+    """The exception behind a final event that is neither stop nor length. Errors of the adapter the
+    request named (unreadable, foreign, non-finite, unloaded) are about its `model` field."""
     if ev.finish_reason == "cancelled":
         return ServiceUnavailableError("the request was cancelled before it finished (the server is shutting down)")
-    return ev.error if ev.error is not None else RuntimeError(f"generation ended with {ev.finish_reason!r}")
+    if ev.error is None:
+        return RuntimeError(f"generation ended with {ev.finish_reason!r}")
+    if isinstance(ev.error, (CorruptAdapterError, BaseMismatchError, AdapterNotFoundError)):
+        return _param(ev.error, "model")
+    return ev.error
 
 
 class OpenAIService:
@@ -111,6 +119,7 @@ class OpenAIService:
         self.settings = settings or ApiSettings()
         self.created = P.now()
         self.routing = Routing(engine, engine.cache.roots.store)
+        self.redact = path_redactor(_root_labels(engine.cache.roots))
 
     # ------------------------------------------------------------------ auth, health, metrics
     def check_auth(self, authorization: Optional[str]) -> None:
@@ -132,13 +141,19 @@ class OpenAIService:
 
     # ------------------------------------------------------------------ models
     def list_models(self) -> dict[str, Any]:
+        """The base, its adapters, then `auto` and the routers; each id once (a router's name wins
+        over an adapter folder of the same name, as it does for requests)."""
         base = self.engine.base_name
+        routers = self.routing.names()
         data = [P.model_card(base, self.created, None)]
-        data += [P.model_card(name, self.created, base) for name in self.engine.cache.names()]
-        data += [P.model_card(name, self.created, base) for name in self.routing.names()]   # auto, routers
+        data += [P.model_card(name, self.created, base) for name in self.engine.cache.names()
+                 if name not in routers and name != base]
+        data += [P.model_card(name, self.created, base) for name in routers]
         return {"object": "list", "data": data}
 
     def get_model(self, model_id: str) -> dict[str, Any]:
+        if self.routing.is_router(model_id) and model_id in self.routing.names():
+            return P.model_card(model_id, self.created, self.engine.base_name)
         adapter = self.resolve(model_id)
         if adapter is None:
             return P.model_card(self.engine.base_name, self.created, None)
@@ -310,7 +325,7 @@ class OpenAIService:
             raise
         if first.finished and first.finish_reason not in ("stop", "length") and not stream.token_ids:
             raise _failure(first)
-        out = EventStream(stream, first, events, render, tail)
+        out = EventStream(stream, first, events, render, tail, self.redact)
         out.routed = routed
         return out
 
@@ -320,6 +335,10 @@ class OpenAIService:
         if name == self.engine.base_name:
             raise _param(AdapterNameError(f"{name!r} is the base model's name; choose another adapter name"),
                          "lora_name")
+        if name == "auto" or self.routing.is_router(name):
+            raise _param(AdapterNameError(
+                f"{name!r} is " + ("reserved for the default router" if name == "auto" else "a router's name") +
+                "; routers and adapters share one model namespace: choose another adapter name"), "lora_name")
         try:
             validate_name(name)
             src = await asyncio.to_thread(self.engine.cache.load, name, req.lora_path)
@@ -340,6 +359,19 @@ class OpenAIService:
         msg = (f"Success: LoRA adapter '{name}' removed successfully." if gone else
                f"LoRA adapter '{name}' is no longer served; it is detached when its in-flight requests finish.")
         return {"status": "ok", "lora_name": name, "message": msg, "detached": gone}
+
+
+def _root_labels(roots: Any) -> dict[str, str]:
+    """Server paths a client must not see -> what error texts say instead (as given and resolved)."""
+    import os
+
+    labels: dict[str, str] = {}
+    if roots.store is not None:
+        for p in (roots.store.root, os.path.realpath(roots.store.root)):
+            labels[os.path.abspath(p)] = "<store>"
+    for i, d in enumerate(roots.dirs, 1):
+        labels[str(d)] = f"<adapters:{i}>"
+    return labels
 
 
 def _routed(body: dict[str, Any], routed: Optional[dict[str, Any]]) -> dict[str, Any]:
