@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from .cli_common import STORE_OPT, fail, open_store, out, print_record
+from .cli_common import STORE_OPT, err, fail, open_store, out, print_record
 from .cli_merge import merge_cmd
 from .cli_route import route_app
 from .cli_serve import serve_cmd
@@ -222,12 +223,19 @@ def ls(store: Optional[Path] = STORE_OPT, as_json: bool = typer.Option(False, "-
     if as_json:
         print(json.dumps(rows))
         return
-    table = Table("name", "method", "rank", "task", "labels", "metrics", "base", "created")
+    table = Table("name", "method", "rank", "task", "labels", "metrics", "base", "created", "status")
     for r in rows:
         metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
-        table.add_row(r["name"], r["method"], ",".join(map(str, r["ranks"])), r["task"] or "",
-                      str(len(r["labels"])) if r["labels"] else "", metrics, r["base_name"] or "", r["created"])
+        cells = [r["name"], r["method"], ",".join(map(str, r["ranks"])), r["task"] or "",
+                 str(len(r["labels"])) if r["labels"] else "", metrics, r["base_name"] or "", r["created"]]
+        table.add_row(*map(escape, cells), escape(r["status"]) if r["status"] == "ok" else
+                      f"[bold red]damaged:[/] {escape(r['status'])}")
     out.print(table)
+    damaged = [r["name"] for r in rows if r["status"] != "ok"]
+    if damaged:
+        err.print(f"[bold red]{len(damaged)} damaged adapter(s):[/] {escape(', '.join(damaged))} (their files differ "
+                  "from the catalog; `adapterkit show NAME` says how); re-train or re-merge them with --overwrite",
+                  highlight=False)
 
 
 @app.command("show")
@@ -238,6 +246,10 @@ def show(name: str, store: Optional[Path] = STORE_OPT, as_json: bool = typer.Opt
     except AdapterkitError as exc:
         fail(exc)
     print_record(row, as_json)
+    if row["status"] != "ok":                  # the record is shown, and the exit code says it is damaged
+        err.print(f"[bold red]damaged:[/] {escape(row['status'])}; re-train or re-merge it with --overwrite",
+                  highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 out = Console()
@@ -21,12 +22,12 @@ def print_record(record: dict, as_json: bool) -> None:
         return
     table = Table("field", "value", show_header=False)
     for key, value in record.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, (list, dict)) else str(value))
+        table.add_row(escape(key), escape(json.dumps(value) if isinstance(value, (list, dict)) else str(value)))
     out.print(table)
 
 
 def fail(exc: Exception, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)   # "['a1']" stays
     raise typer.Exit(code)
 
 
