@@ -58,29 +58,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
-from ..adapter import Adapter, validate_name
-from ..errors import (AdapterkitError, AdapterNameError, AdapterNotFoundError, ConfigError,
-                      CorruptAdapterError)
+from ..adapter import validate_name
+from ..errors import AdapterkitError, AdapterNameError, AdapterNotFoundError, ConfigError
 from .adapter_roots import AdapterRoots, Source, folder_version
-from .cache_stats import LOAD_BUCKETS, CacheCounters  # noqa: F401  (LOAD_BUCKETS: re-exported)
+from .cache_stats import CacheCounters
+from .cache_tiers import Entry, RamTier, read_entry
 
 
 class NoFreeSlotError(AdapterkitError, RuntimeError):
     """Every adapter slot holds an adapter with requests in flight or pinned: queue, or HTTP 429."""
-
-
-@dataclass(eq=False)
-class _Entry:
-    """One read adapter, in the RAM tier or attached."""
-
-    source: Source
-    adapter: Adapter
-    nbytes: int             # bytes of its tensors (base dtype)
-    slot: int = 0           # runtime slot while attached, else 0
-    key: str = ""           # its runtime key while attached: the name, or name#n while a retired
-                            # version still holds the name there
-    refs: int = 0           # requests in flight
-    draining: bool = False  # retired (replaced on disk, or unloaded) in flight: detached at the last release
 
 
 @dataclass(eq=False)
@@ -90,7 +76,7 @@ class AdapterHandle:
     name: str
     slot: int
     _cache: "AdapterCache" = field(repr=False)
-    _entry: _Entry = field(repr=False)
+    _entry: Entry = field(repr=False)
     released: bool = False
 
     def release(self) -> None:
@@ -118,7 +104,6 @@ class AdapterCache:
             raise ConfigError("the adapter cache owns attach/detach: give it a runtime with no adapters attached")
         self.runtime = runtime
         self.max_loaded = max_loaded
-        self.ram_budget = int(ram_cache_mb * 2 ** 20)
         runtime.capacity = max(runtime.capacity, max_loaded + 1)   # the spare slot: attach before evicting
         self.roots = AdapterRoots(store, adapter_dirs, runtime.fingerprint)
         self._dtype = next(runtime.model.parameters()).dtype
@@ -127,17 +112,22 @@ class AdapterCache:
         self._freed = threading.Condition(self._lock)       # notified when a slot may have become free
         self._sources: dict[str, Source] = self.roots.scan()  # served names (raises on a clash)
         self._hidden: set[str] = set()                       # unloaded: skipped by lazy discovery
-        self._ram: OrderedDict[str, _Entry] = OrderedDict()     # RAM tier, least recent first
-        self._active: OrderedDict[str, _Entry] = OrderedDict()  # attached current versions, least recent first
-        self._retired: set[_Entry] = set()                   # attached old versions with requests in flight
+        self._active: OrderedDict[str, Entry] = OrderedDict()  # attached current versions, least recent first
+        self._retired: set[Entry] = set()                   # attached old versions with requests in flight
         self._keys = itertools.count(1)                      # runtime keys of versions that share a name
         self._pinned: set[str] = set()
         self._loading: dict[str, Future] = {}                # reads in progress, shared by waiters
         self._prefetch_errors: dict[str, BaseException] = {}
-        self._ram_bytes = self._active_bytes = 0
+        self._active_bytes = 0
         self._stats = CacheCounters()
         self._count = self._stats.count
+        self._ram = RamTier(int(ram_cache_mb * 2 ** 20), self._count)   # read, not attached
         self._executor = ThreadPoolExecutor(max_workers=prefetch_workers, thread_name_prefix="adapter-prefetch")
+
+    @property
+    def ram_budget(self) -> int:
+        """Bytes the RAM tier may hold (ram_cache_mb)."""
+        return self._ram.budget
 
     # ------------------------------------------------------------------ names
     def names(self) -> list[str]:
@@ -181,7 +171,7 @@ class AdapterCache:
                 if served is None:
                     raise AdapterNotFoundError(f"adapter {name!r} was unloaded")
                 return served
-            self._ram_remove(name)
+            self._ram.remove(name)
             self._prefetch_errors.pop(name, None)
             e = self._active.get(name)
             if e is not None:
@@ -200,7 +190,7 @@ class AdapterCache:
         AdapterNotFoundError, NoFreeSlotError (after `timeout` s), or the adapter's read/base error."""
         src = self._source(name)
         deadline = time.monotonic() + timeout
-        loaded: _Entry | None = None      # an entry read (or found) by this call, kept across retries
+        loaded: Entry | None = None      # an entry read (or found) by this call, kept across retries
         first = True
         while True:
             owner, fut = False, None
@@ -235,7 +225,7 @@ class AdapterCache:
                     if remaining <= 0:
                         self._count["busy_errors"] += 1
                         if name not in self._ram:
-                            self._ram_put(e)           # keep the read for a later request
+                            self._ram.put(e)           # keep the read for a later request
                         raise NoFreeSlotError(
                             f"no free adapter slot for {name!r}: all {self.max_loaded} slots hold adapters "
                             f"with requests in flight or pinned; retry later"
@@ -272,7 +262,7 @@ class AdapterCache:
                     self._active.move_to_end(handle.name)
                 self._freed.notify_all()
 
-    def _hold(self, e: _Entry) -> AdapterHandle:
+    def _hold(self, e: Entry) -> AdapterHandle:
         name = e.source.name
         e.refs += 1
         self._active.move_to_end(name)
@@ -289,7 +279,7 @@ class AdapterCache:
                 return e
         return _BUSY
 
-    def _attach(self, e: _Entry, victim: _Entry | None) -> None:
+    def _attach(self, e: Entry, victim: Entry | None) -> None:
         name = e.source.name
         key = name if name not in self.runtime.adapters else f"{name}#{next(self._keys)}"
         try:
@@ -298,30 +288,30 @@ class AdapterCache:
                 e.key = key
         except BaseException:
             self._count["attach_errors"] += 1
-            self._ram_remove(name, e)                  # a refused adapter is not kept
+            self._ram.remove(name, e)                  # a refused adapter is not kept
             raise
-        self._ram_remove(name, e)
+        self._ram.remove(name, e)
         self._active[name] = e
         self._active_bytes += e.nbytes
         if victim is not None:
             self._detach(victim, keep=True)
             self._count["evictions_slot"] += 1
 
-    def _detach(self, e: _Entry, keep: bool) -> None:
+    def _detach(self, e: Entry, keep: bool) -> None:
         """An idle current version leaves its slot (back to RAM if keep)."""
         name = e.source.name
         del self._active[name]
         self._unattach(e)
         if keep and self._sources.get(name) is e.source:
-            self._ram_put(e)
+            self._ram.put(e)
 
-    def _unattach(self, e: _Entry) -> None:
+    def _unattach(self, e: Entry) -> None:
         with self._runtime_lock:
             self.runtime.remove(e.key)
         self._active_bytes -= e.nbytes
         e.slot, e.key = 0, ""
 
-    def _retire(self, e: _Entry) -> None:
+    def _retire(self, e: Entry) -> None:
         """A current version stops being current (replaced on disk, or unloaded): detached now if
         idle, else when its last request in flight ends."""
         del self._active[e.source.name]
@@ -332,52 +322,12 @@ class AdapterCache:
             self._retired.add(e)
         self._freed.notify_all()
 
-    def _ram_put(self, e: _Entry) -> None:
-        """Insert as most recent; evict least recent entries until the byte budget holds."""
-        name = e.source.name
-        self._ram_remove(name)
-        if e.nbytes > self.ram_budget:
-            self._count["ram_rejects"] += 1
-            return
-        while self._ram_bytes + e.nbytes > self.ram_budget:
-            _, old = self._ram.popitem(last=False)
-            self._ram_bytes -= old.nbytes
-            self._count["evictions_ram"] += 1
-        self._ram[name] = e
-        self._ram_bytes += e.nbytes
-
-    def _ram_remove(self, name: str, only: _Entry | None = None) -> None:
-        e = self._ram.get(name)
-        if e is not None and (only is None or e is only):
-            del self._ram[name]
-            self._ram_bytes -= e.nbytes
-
     # ------------------------------------------------------------------ reading (no lock)
-    def _read(self, src: Source) -> _Entry:
-        """Read and convert one adapter; any failure is a typed adapterkit error."""
-        if not src.path.is_dir():
-            raise CorruptAdapterError(f"adapter {src.name!r}: folder {src.path} no longer exists")
-        self.roots.check_folder(src.path)              # a file swapped for a symlink out since discovery
-        try:
-            adapter = Adapter.load(src.path, name=src.name, head=False)   # NaN / inf refused here
-            adapter.check_finite(self._dtype)          # and values or a ΔW that overflow the base dtype
-        except AdapterkitError:
-            raise
-        except Exception as exc:
-            raise CorruptAdapterError(
-                f"adapter {src.name!r} at {src.path} could not be read ({type(exc).__name__}: {exc})") from None
-        for parts in adapter.tensors.values():        # convert once here, so attach copies nothing
-            for key, t in parts.items():
-                if t.is_floating_point() and t.dtype != self._dtype:
-                    parts[key] = t.to(self._dtype)
-        nbytes = sum(t.numel() * t.element_size() for parts in adapter.tensors.values() for t in parts.values())
-        return _Entry(src, adapter, nbytes)
-
     def _read_into(self, src: Source, fut: Future, prefetch: bool) -> None:
         """Read `src`, record the load, resolve `fut` (prefetch: also insert into RAM)."""
         name, t0 = src.name, time.perf_counter()
         try:
-            e = self._read(src)
+            e = read_entry(src, self.roots, self._dtype)
         except BaseException as exc:
             with self._lock:
                 if self._loading.get(name) is fut:
@@ -394,7 +344,7 @@ class AdapterCache:
                 del self._loading[name]
             self._stats.record_load(time.perf_counter() - t0)
             if prefetch and self._sources.get(name) is src and name not in self._active:
-                self._ram_put(e)
+                self._ram.put(e)
         fut.set_result(e)
 
     # ------------------------------------------------------------------ prefetch / pins
@@ -406,7 +356,7 @@ class AdapterCache:
             if name in self._active or name in self._prefetch_errors:
                 return None
             if name in self._ram:
-                self._ram.move_to_end(name)
+                self._ram.touch(name)
                 return None
             fut = self._loading.get(name)
             if fut is not None:
@@ -472,7 +422,7 @@ class AdapterCache:
                 self.runtime.remove(probe)
             self._sources[name] = src
             self._hidden.discard(name)
-            self._ram_put(e)
+            self._ram.put(e)
         return src
 
     def _check_free(self, name: str, real: Any, in_root: Source | None) -> Source | None:
@@ -495,7 +445,7 @@ class AdapterCache:
             self._hidden.add(name)
             self._pinned.discard(name)
             self._prefetch_errors.pop(name, None)
-            self._ram_remove(name)
+            self._ram.remove(name)
             e = self._active.get(name)
             if e is None:
                 return True
@@ -526,7 +476,7 @@ class AdapterCache:
         with self._lock:
             return {
                 **self._stats.snapshot(),
-                "ram_bytes": self._ram_bytes, "ram_budget_bytes": self.ram_budget, "ram_adapters": list(self._ram),
+                "ram_bytes": self._ram.nbytes, "ram_budget_bytes": self._ram.budget, "ram_adapters": self._ram.names(),
                 "active_bytes": self._active_bytes, "max_loaded": self.max_loaded,
                 "active": {n: {"slot": e.slot, "refs": e.refs, "pinned": n in self._pinned, "draining": e.draining}
                            for n, e in self._active.items()},
