@@ -244,3 +244,17 @@ def test_cli_overflowing_merge_exits_2_and_keeps_the_stored_adapter(tmp_path):
     assert res.exit_code == 2, res.output
     assert "merge 'ties': the merged weight change at site '" in res.output and "rel. error" not in res.output
     assert (out_delta(st.get("m"), "l0.q") == before).all()
+
+
+def test_cli_reversible_with_a_huge_k_is_refused_at_once(tmp_path):
+    """k is checked against the inputs before the store is asked about k basis names (it used to
+    build and check a billion names first)."""
+    st = AdapterStore(tmp_path / "store")
+    for a in inputs():
+        st.put(a)
+    recipe = write(tmp_path / "r.yaml", {"method": "reversible", "parameters": {"k": 1_000_000_000},
+                                         "inputs": [{"adapter": a.name} for a in inputs()]})
+    res = CliRunner().invoke(merge_app(), ["merge", str(recipe), "--name", "m", "--store", str(st.root)],
+                             env={"COLUMNS": "300"})
+    assert res.exit_code == 2, res.output
+    assert "reversible merge k must be an integer in [1, 3]" in res.output

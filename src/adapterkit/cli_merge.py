@@ -57,7 +57,8 @@ def merge_cmd(
         st = open_store(store)
         spec = load_recipe(recipe)
         k = spec.parameters.get("k")
-        names = ([f"{name}.basis{j}" for j in range(k if isinstance(k, int) else 0)]
+        # at most one basis adapter per input (merge_reversible refuses a larger k, naming it)
+        names = ([f"{name}.basis{j}" for j in range(min(k, len(spec.inputs)) if isinstance(k, int) else 0)]
                  if spec.method == "reversible" else [name])
         for n in names:
             st.check_free(n, overwrite)                 # before the (long) merge
