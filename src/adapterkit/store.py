@@ -27,10 +27,13 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
+from ._atomic import recover_dir
 from .adapter import Adapter, validate_name
 from .base import adapterkit_home
 from .errors import AdapterNameError, AdapterNotFoundError, CorruptAdapterError
 
+# Added with versioned folders (ALTER TABLE on older catalogs; NULL there = adapters/<name>, unverified).
+_ADDED = {"folder": "TEXT", "content": "TEXT", "files": "TEXT"}
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
     name TEXT PRIMARY KEY,
@@ -43,11 +46,13 @@ CREATE TABLE IF NOT EXISTS adapters (
     lineage TEXT NOT NULL,     -- JSON list of {op, inputs, params}
     ranks TEXT NOT NULL,       -- JSON list
     parameters INTEGER NOT NULL,
-    created TEXT NOT NULL
+    created TEXT NOT NULL,
+    folder TEXT,               -- relative to the root (NULL: adapters/<name>, a store made before versions)
+    content TEXT,              -- digest of the version's files
+    files TEXT                 -- JSON {file: [size, sha256]}
 )
 """
-# Added with versioned folders (ALTER TABLE on older catalogs; NULL there = adapters/<name>, unverified).
-_ADDED = {"folder": "TEXT", "content": "TEXT", "files": "TEXT"}
+_TRIES = 5                     # reads that race a concurrent overwrite retry with the new row
 _COLUMNS = ("name", "method", "base_fingerprint", "base_name", "task", "labels", "metrics", "lineage",
             "ranks", "parameters", "created", *_ADDED)
 _JSON = {"labels", "metrics", "lineage", "ranks", "files"}
@@ -60,11 +65,14 @@ class AdapterStore:
         (self.root / "adapters").mkdir(parents=True, exist_ok=True)
         self._db = self.root / "catalog.sqlite"
         with closing(self._connect()) as conn, conn:
+            conn.execute("BEGIN IMMEDIATE")          # two processes opening an old store migrate it once
             conn.execute(_SCHEMA)
             have = {r["name"] for r in conn.execute("PRAGMA table_info(adapters)")}
             for column, kind in _ADDED.items():
                 if column not in have:
                     conn.execute(f"ALTER TABLE adapters ADD COLUMN {column} {kind}")
+            for r in conn.execute("SELECT name FROM adapters WHERE folder IS NULL"):
+                recover_dir(self.root / "adapters" / r["name"])   # an old-style swap cut by a crash
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._db, timeout=30)
@@ -159,32 +167,55 @@ class AdapterStore:
                 else:
                     entry.unlink(missing_ok=True)
 
+    def _stable(self, name: str, read: Any) -> Any:
+        """read(row) on the current row of `name`. A concurrent overwrite deletes the folder being
+        read: when read fails (or finds damage) and the row has moved on meanwhile, read the new one."""
+        for attempt in range(_TRIES):
+            row = self._fetch(name)
+            if row is None:
+                self._missing(name)
+            try:
+                return read(row)
+            except (CorruptAdapterError, OSError):
+                again = self._fetch(name)
+                if attempt == _TRIES - 1 or again is None or again["folder"] == row["folder"]:
+                    raise
+
     def get(self, name: str) -> Adapter:
         """The stored adapter; CorruptAdapterError if its files no longer match the catalog."""
-        record = self.show(name)
-        if record["status"] != OK:
-            raise CorruptAdapterError(f"stored adapter {name!r} is damaged: {record['status']}; re-train or re-merge "
-                                      f"it with --overwrite, or remove it")
-        return Adapter.load(record["path"], name=name)
+        def read(row: Any) -> Adapter:
+            status = self._status(row, hash_files=True)
+            if status != OK:
+                raise CorruptAdapterError(f"stored adapter {name!r} is damaged: {status}; re-train or re-merge it "
+                                          "with --overwrite, or remove it")
+            return Adapter.load(self._folder(row), name=name)
+        return self._stable(name, read)
 
     def list(self) -> list[dict[str, Any]]:
         """Every row with its folder (`path`) and `status` from a size check of its files (stats only)."""
         with closing(self._connect()) as conn:
             rows = list(conn.execute("SELECT * FROM adapters ORDER BY name"))
-        return [{**self._row(r), "path": str(self._folder(r)), "status": self._status(r, hash_files=False)}
-                for r in rows]
+        out = []
+        for r in rows:
+            status = self._status(r, hash_files=False)
+            if status != OK:                             # overwritten since we read the rows?
+                now = self._fetch(r["name"])
+                if now is not None and now["folder"] != r["folder"]:
+                    r, status = now, self._status(now, hash_files=False)
+            out.append({**self._row(r), "path": str(self._folder(r)), "status": status})
+        return out
 
     def show(self, name: str) -> dict[str, Any]:
         """One row, its folder and `status`: "ok", or what differs from the catalog (files re-hashed)."""
-        for _ in range(3):                              # a concurrent put may swap the folder while we hash
-            row = self._fetch(name)
-            if row is None:
-                self._missing(name)
+        def read(row: Any) -> dict[str, Any]:
             status = self._status(row, hash_files=True)
-            again = self._fetch(name)
-            if status == OK or again is None or again["folder"] == row["folder"]:
-                break
-        return {**self._row(row), "path": str(self._folder(row)), "status": status}
+            if status != OK:
+                raise _Damaged(row, status)
+            return {**self._row(row), "path": str(self._folder(row)), "status": status}
+        try:
+            return self._stable(name, read)
+        except _Damaged as d:
+            return {**self._row(d.row), "path": str(self._folder(d.row)), "status": d.status}
 
     def _missing(self, name: str) -> None:
         with closing(self._connect()) as conn:
@@ -193,10 +224,14 @@ class AdapterStore:
         raise AdapterNotFoundError(f"no adapter named {name!r} in the store at {self.root}; stored: {shown}")
 
     def remove(self, name: str) -> None:
-        folder = self.path(name)
-        with closing(self._connect()) as conn, conn:
-            conn.execute("DELETE FROM adapters WHERE name = ?", (name,))
-        shutil.rmtree(folder, ignore_errors=True)
+        with closing(self._connect()) as conn:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")          # not between another put's write and commit
+                row = self._fetch(name, conn)
+                if row is None:
+                    self._missing(name)
+                conn.execute("DELETE FROM adapters WHERE name = ?", (name,))
+            shutil.rmtree(self._folder(row), ignore_errors=True)
 
     def _status(self, row: Any, hash_files: bool) -> str:
         folder = self._folder(row)
@@ -208,12 +243,16 @@ class AdapterStore:
         problems = []
         for file, (size, digest) in sorted(recorded.items()):
             p = folder / file
-            if not p.is_file():
+            try:
+                have = p.stat().st_size if p.is_file() else None
+                if have is None:
+                    problems.append(f"{file} is missing")
+                elif have != size:
+                    problems.append(f"{file} has {have} bytes, the catalog recorded {size}")
+                elif hash_files and _sha256(p) != digest:
+                    problems.append(f"{file} was altered (its sha256 differs from the catalog's)")
+            except OSError:                              # deleted while we looked (a concurrent overwrite)
                 problems.append(f"{file} is missing")
-            elif p.stat().st_size != size:
-                problems.append(f"{file} has {p.stat().st_size} bytes, the catalog recorded {size}")
-            elif hash_files and _sha256(p) != digest:
-                problems.append(f"{file} was altered (its sha256 differs from the catalog's)")
         return "; ".join(problems) or OK
 
     @staticmethod
@@ -221,6 +260,14 @@ class AdapterStore:
         out = {k: (json.loads(row[k]) if k in _JSON and row[k] is not None else row[k]) for k in _COLUMNS}
         del out["folder"], out["files"]                 # layout details; `path` and `status` say it
         return out
+
+
+class _Damaged(CorruptAdapterError):
+    """show(): the row's files differ from it (retried if the row moved on meanwhile)."""
+
+    def __init__(self, row: Any, status: str) -> None:
+        super().__init__(status)
+        self.row, self.status = row, status
 
 
 def _sha256(path: Path) -> str:
