@@ -35,10 +35,16 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+def _is_neutral(value: Any, name: str) -> bool:
+    """`value` is one of the option's neutral values, and of its JSON type: false is not 0, 1 is not
+    true (`in` alone would say so: in Python False == 0 and True == 1)."""
+    return any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in _NEUTRAL[name])
+
+
 def _neutral_only(data: Any, names: tuple[str, ...]) -> Any:
     if isinstance(data, dict):
         for name in names:
-            if name in data and data[name] not in _NEUTRAL[name]:
+            if name in data and not _is_neutral(data[name], name):
                 raise InvalidRequestError(f"{name} is not supported by this server; omit it", param=name,
                                           code="unsupported_parameter")
     return data
