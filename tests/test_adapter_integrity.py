@@ -92,8 +92,8 @@ def test_the_two_config_files_must_agree(model, tmp_path):
     Adapter.load(tmp_path / "a")                         # as saved: they agree
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     for key, value, shown in [("lora_alpha", 1e308, "lora_alpha (1e+308 vs 8)"),
-                              ("target_modules", ["q_proj", "made_up"],
-                               "target_modules (['q_proj', 'made_up'] vs ['q_proj', 'k_proj', 'v_proj', 'o_proj'])")]:
+                              ("target_modules", ATTN + ["made_up"],
+                               f"target_modules ({ATTN + ['made_up']} vs {ATTN})")]:
         (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**cfg, key: value}))
         with pytest.raises(CorruptAdapterError) as info:
             Adapter.load(tmp_path / "a")
@@ -154,3 +154,25 @@ def test_the_serving_cache_refuses_a_bad_adapter_alone(model, tmp_path):
     with cache16.acquire("good"):
         pass
     assert cache16.stats()["load_errors"] == 1
+
+
+def test_weights_must_be_float_and_at_targeted_sites(model, tmp_path):
+    """Where PEFT would read the folder differently (or not at all), the load fails naming why."""
+    a = make(model)
+    a.tensors[SITE]["lora_A"] = a.tensors[SITE]["lora_A"].to(torch.int32)
+    with pytest.raises(CorruptAdapterError, match=rf"{SITE}.lora_A is int32; LoRA weights are floating point"):
+        Adapter.load(peft_folder(tmp_path / "ints", a))
+    a = make(model)
+    folder = peft_folder(tmp_path / "untargeted", a)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["q_proj", "v_proj"]}))
+    with pytest.raises(CorruptAdapterError, match=r"site 'model.layers.0.self_attn.k_proj' is not matched by "
+                                                  r"target_modules \('q_proj', 'v_proj'\)"):
+        Adapter.load(folder)
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, "exclude_modules": ["o_proj"]}))
+    with pytest.raises(CorruptAdapterError, match=r"o_proj' is not matched by target_modules"):
+        Adapter.load(folder)
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    (folder / "adapterkit.json").mkdir()
+    with pytest.raises(CorruptAdapterError, match="adapterkit.json is not a file"):
+        Adapter.load(folder)

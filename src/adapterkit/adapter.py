@@ -128,6 +128,8 @@ class Adapter:
         config, tensors = read_peft(path)
         meta, saved_name = AdapterMeta(), None
         side_path = path / SIDE_FILE
+        if side_path.exists() and not side_path.is_file():
+            raise CorruptAdapterError(f"{side_path} is not a file; remove it or save the adapter again")
         if side_path.is_file():
             side = _read_side(side_path)
             try:

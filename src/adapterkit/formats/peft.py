@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import ConfigError, CorruptAdapterError, UnsupportedError
+from ..methods import name_matches
 from ..methods.lora import LoraConfig
 from ..safetensors_io import read_tensors, write_tensors
 
@@ -143,6 +144,15 @@ def read_peft(path: str | Path) -> tuple[LoraConfig, dict[str, dict[str, torch.T
         if set(parts) != {"lora_A", "lora_B"}:
             raise CorruptAdapterError(f"{w_path}: site {site!r} has {sorted(parts)}, needs lora_A and lora_B")
         a, b = parts["lora_A"], parts["lora_B"]
+        for part, t in parts.items():
+            if not t.is_floating_point():
+                raise CorruptAdapterError(f"{w_path}: {site}.{part} is {str(t.dtype).removeprefix('torch.')}; LoRA "
+                                          "weights are floating point: re-save the adapter")
+        if not targeted(site, config):
+            raise CorruptAdapterError(
+                f"{w_path}: site {site!r} is not matched by target_modules {config.target_modules!r} "
+                f"(exclude_modules {config.exclude_modules!r}) in {CONFIG_FILE}: PEFT would not load its weights; "
+                "fix target_modules or re-save the adapter")
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise CorruptAdapterError(
                 f"{w_path}: site {site!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
@@ -156,6 +166,14 @@ def read_peft(path: str | Path) -> tuple[LoraConfig, dict[str, dict[str, torch.T
     if not tensors:
         raise CorruptAdapterError(f"{w_path} holds no LoRA tensors")
     return config, tensors
+
+
+def targeted(site: str, config: LoraConfig) -> bool:
+    """Whether PEFT would put a LoRA layer at `site` (a module path) under this config's target_modules
+    and exclude_modules ("all-linear" needs the model to decide: taken as yes)."""
+    if config.target_modules == "all-linear":
+        return not name_matches(site, config.exclude_modules)
+    return name_matches(site, config.target_modules) and not name_matches(site, config.exclude_modules)
 
 
 def write_peft(path: Path, config: LoraConfig, tensors: Mapping[str, Mapping[str, torch.Tensor]],

@@ -110,7 +110,7 @@ def site_info(name: str, module: nn.Module) -> SiteInfo:
     )
 
 
-def _matches(name: str, patterns: str | tuple[str, ...] | list[str] | None) -> bool:
+def name_matches(name: str, patterns: str | tuple[str, ...] | list[str] | None) -> bool:
     if patterns is None:
         return False
     if isinstance(patterns, str):
@@ -131,11 +131,11 @@ def match_targets(
     if target_modules == "all-linear":
         head = _output_head_name(model)
         for name, module in model.named_modules():
-            if isinstance(module, linear_types) and name != head and not _matches(name, exclude_modules):
+            if isinstance(module, linear_types) and name != head and not name_matches(name, exclude_modules):
                 names.append(name)
     else:
         for name, _ in model.named_modules():
-            if name and _matches(name, target_modules) and not _matches(name, exclude_modules):
+            if name and name_matches(name, target_modules) and not name_matches(name, exclude_modules):
                 names.append(name)
     if not names:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, linear_types)})
