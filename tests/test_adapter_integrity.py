@@ -52,7 +52,7 @@ def test_non_finite_tensors_are_refused_naming_the_tensor(model, tmp_path, value
 
 def test_a_delta_that_overflows_is_refused_naming_the_site(model, tmp_path):
     a = make(model, alpha=1e308)                         # finite tensors, scale alpha / r = 2.5e307
-    with pytest.raises(NonFiniteError, match=rf"adapter 'a': its weight change at model.layers.0.self_attn.q_proj "
+    with pytest.raises(NonFiniteError, match=r"adapter 'a': its weight change at model.layers.0.self_attn.q_proj "
                                              r"reaches 3.05e\+305, beyond float32's range \(3.4e\+38\)"):
         a.check_finite()
     a = make(model)

@@ -29,14 +29,8 @@ def lora(model, name, seed, fp, base_name="tiny"):
                           seed=seed, fingerprint=fp, base_name=base_name)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """One running engine for the module. Root `adapters/` serves alpha, beta and wrongbase (made for
-    another base shape); `adapters/extra/` holds folders only reachable by load-by-path."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    tmp = tmp_path_factory.mktemp("api")
+def world_files(tmp):
+    """The tiny base (+ tokenizer) and the adapter folders of `world`: (base folder, Base, root)."""
     base_dir = save_tiny("llama", tmp / "tiny-llm")
     save_tiny_tokenizer(base_dir)
     base = load_base(str(base_dir))
@@ -51,6 +45,18 @@ def world(tmp_path_factory):
     (root / "extra" / "broken" / "adapter_model.safetensors").write_bytes(b"not safetensors at all")
     (tmp / "outside").mkdir()
     lora(base.model, "outsider", 5, base.fingerprint).save(tmp / "outside" / "outsider")
+    return base_dir, base, root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """One running engine for the module. Root `adapters/` serves alpha, beta and wrongbase (made for
+    another base shape); `adapters/extra/` holds folders only reachable by load-by-path."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("api")
+    base_dir, base, root = world_files(tmp)
 
     engine = Engine.build(str(base_dir), adapter_dirs=[root], config=EngineConfig(max_batch=8, max_queue=32),
                           max_loaded_adapters=3, ram_cache_mb=16)

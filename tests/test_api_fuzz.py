@@ -48,7 +48,7 @@ from urllib.parse import urlencode
 
 import httpx
 import pytest
-from conftest import ATTN, save_tiny, save_tiny_tokenizer, tiny_llama
+from test_api import world_files
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
@@ -56,8 +56,6 @@ from hypothesis import strategies as st  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
-from adapterkit import LoraConfig, create_adapter, load_base  # noqa: E402
-from adapterkit.base import fingerprint  # noqa: E402
 from adapterkit.serve.api import ApiSettings, create_app  # noqa: E402
 from adapterkit.serve.engine import Engine, EngineConfig  # noqa: E402
 
@@ -110,11 +108,6 @@ def fuzz(n: int) -> Callable[[Callable], Callable]:
 
 
 # ---------------------------------------------------------------------- the world
-def lora(model, name, seed, fp):
-    return create_adapter(name, model, LoraConfig(r=4, target_modules=ATTN, init="nonzero", init_std=0.5),
-                          seed=seed, fingerprint=fp, base_name="tiny")
-
-
 def damaged(good, extra) -> list[str]:
     """Copies of the adapter folder `good` in `extra`, each damaged one way; their names."""
     import torch
@@ -174,20 +167,7 @@ def world(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("fuzz")
-    base_dir = save_tiny("llama", tmp / "tiny-llm")
-    save_tiny_tokenizer(base_dir)
-    base = load_base(str(base_dir))
-    root = tmp / "adapters"
-    for i, name in enumerate(["alpha", "beta"]):
-        lora(base.model, name, i, base.fingerprint).save(root / name)
-    lora(base.model, "gamma", 2, base.fingerprint).save(root / "extra" / "gamma")
-    other = tiny_llama(hidden_size=48)
-    lora(other, "wrongbase", 3, fingerprint(other)).save(root / "wrongbase")
-    lora(other, "foreign", 4, fingerprint(other)).save(root / "extra" / "foreign")
-    shutil.copytree(root / "alpha", root / "extra" / "broken")
-    (root / "extra" / "broken" / "adapter_model.safetensors").write_bytes(b"not safetensors at all")
-    (tmp / "outside").mkdir()
-    lora(base.model, "outsider", 5, base.fingerprint).save(tmp / "outside" / "outsider")
+    base_dir, _, root = world_files(tmp)                   # test_api.py's world: the same folders
     os.symlink(tmp / "outside" / "outsider", root / "extra" / "escape")
     bad = damaged(root / "alpha", root / "extra")
 

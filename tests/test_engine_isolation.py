@@ -67,10 +67,10 @@ def build(env) -> Engine:
                         max_loaded_adapters=8)
 
 
-def results(env, requests) -> list[tuple[object, tuple[int, ...]]]:
-    """(final event, generated tokens) per request, all submitted before the engine starts, so the
-    first step admits all of them together."""
-    engine = build(env)
+def results(env, requests, engine: Engine | None = None) -> list[tuple[object, tuple[int, ...]]]:
+    """(final event, generated tokens) per request, all submitted before the engine (default: a
+    fresh one) starts, so the first step admits all of them together."""
+    engine = engine or build(env)
     try:
         streams = [engine.submit(r) for r in requests]
         engine.start()
@@ -187,13 +187,6 @@ def test_a_failed_batch_forward_leaves_no_trace_in_the_caches(env, monkeypatch):
             return real_attend(layer, q, k, v, segments)
         engine.decoder._attend = attend
         return engine
-    engine = build_flaky(env)
-    try:
-        streams = [engine.submit(r) for r in goods]
-        engine.start()
-        for s in streams:
-            s.result(timeout=60)
-    finally:
-        engine.stop(drain=False)
+    got = results(env, goods, build_flaky(env))
     assert calls["n"] > 2
-    assert [tuple(s.token_ids) for s in streams] == want
+    assert [tokens for _, tokens in got] == want

@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch.multiprocessing as mp
-from conftest import save_tiny_tokenizer, tiny_llama
+from test_train_cli import ROWS, files  # noqa: F401  (files: the fixture, a tiny base + labelled JSONL)
 from typer.testing import CliRunner
 
 from adapterkit.cli import app
@@ -22,8 +22,6 @@ from adapterkit.store import AdapterStore
 from adapterkit.train.filelock import LockHeld, file_lock
 from adapterkit.train.fit import RunInProgressError, lock_path, run_lock
 
-ROWS = [("the cat runs fast", "feline"), ("a cat is on the mat", "feline"), ("cat and cat", "feline"),
-        ("the dog runs slow", "canine"), ("a dog is on the mat", "canine"), ("dog and dog", "canine")]
 
 HOLD = """import sys, time
 from adapterkit.store import AdapterStore
@@ -46,16 +44,6 @@ def update(self, record):
 progress.TrainProgress.update = update
 app(sys.argv[1:], prog_name="adapterkit")
 """
-
-
-@pytest.fixture
-def files(tmp_path):
-    path = tmp_path / "base"
-    tiny_llama(initializer_range=0.2).save_pretrained(str(path))
-    save_tiny_tokenizer(path)
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join(json.dumps({"sentence": t, "y": y}) for t, y in ROWS) + "\n")
-    return path, data
 
 
 def _args(base, data, store, name, *extra):
