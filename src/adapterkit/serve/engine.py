@@ -23,7 +23,9 @@ the gate's adapters and, at every gated layer, its tokens go to the adapters the
 (gating.py); other rows of the step keep their fixed adapters.
 
 Admission errors are per request: an unknown adapter fails submit() (HTTP 404); an adapter that
-fails to load or attach ends only its own request with finish_reason "error".
+fails to load or attach ends only its own request with finish_reason "error". So does anything else
+confined to one request: non-finite logits (its adapter overflowed), a failing sampler or detokenizer,
+or a forward that raises (the step is then re-run sequence by sequence, caches rolled back).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from .forward import FlatDecoder, SeqCache, Segment
 from .gating import GateState, gate_layers, layer_routing
 from .requests import (ContextLengthError, GenerationRequest, QueueFullError, RequestStream, StreamEvent,
                        Usage)
-from .sampling import NonFiniteLogitsError, choose, make_generator
+from .sampling import choose, make_generator
 
 
 class EngineStoppedError(AdapterkitError, RuntimeError):
@@ -305,7 +307,7 @@ class Engine:
         if isinstance(exc, AdapterkitError):
             return exc
         names = sorted(s.stream.request.adapters)
-        if isinstance(exc, (NonFiniteLogitsError, ArithmeticError)) and names:
+        if isinstance(exc, ArithmeticError) and names:      # NonFiniteLogitsError among them
             err = NonFiniteError(
                 f"adapter(s) {', '.join(map(repr, names))} made the model's output non-finite (NaN or inf) on "
                 "this request: their weights overflow on this input; check or re-train the adapter")
