@@ -58,6 +58,8 @@ from starlette.testclient import TestClient  # noqa: E402
 
 from adapterkit.serve.api import ApiSettings, create_app  # noqa: E402
 from adapterkit.serve.engine import Engine, EngineConfig  # noqa: E402
+from adapterkit import Adapter  # noqa: E402
+from adapterkit.heads import ClassificationHead  # noqa: E402
 
 MIN_CASES = 2000
 KEY = "fuzz-key"
@@ -66,6 +68,7 @@ PROTECTED = ("alpha", "beta", "wrongbase")
 DISPOSABLE = ("gamma", "fz_a", "fz-b", "delta")
 POSITIVE, NEGATIVE = GenerationMode.POSITIVE, GenerationMode.NEGATIVE
 GENERATION = ("/v1/completions", "/v1/chat/completions")
+CLASSIFY = ("/v1/classify", "/classify")
 
 # (method, path) of every operation in /openapi.json -> (positive cases, negative cases). Operations
 # without any input have one distinct positive case (hypothesis stops early) and nothing to violate;
@@ -77,6 +80,8 @@ BUDGET: dict[tuple[str, str], tuple[int, int]] = {
     ("GET", "/v1/models/{model_id}"): (200, 0),
     ("POST", "/v1/completions"): (600, 300),
     ("POST", "/v1/chat/completions"): (600, 300),
+    ("POST", "/v1/classify"): (150, 60),
+    ("POST", "/classify"): (40, 20),
     ("POST", "/v1/load_lora_adapter"): (250, 100),
     ("POST", "/v1/unload_lora_adapter"): (150, 100),
 }
@@ -167,7 +172,10 @@ def world(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("fuzz")
-    base_dir, _, root = world_files(tmp)                   # test_api.py's world: the same folders
+    base_dir, base, root = world_files(tmp)                # test_api.py's world: the same folders
+    alpha = Adapter.load(root / "alpha")                   # + a classification head, for /v1/classify
+    alpha.head = ClassificationHead.create(["yes", "no"], base.model.config.hidden_size, "last")
+    alpha.save(root / "alpha")
     os.symlink(tmp / "outside" / "outsider", root / "extra" / "escape")
     bad = damaged(root / "alpha", root / "extra")
 
@@ -394,6 +402,20 @@ def steer_load(body: Any, draw: Callable[[Any], Any], world) -> None:
         body["lora_path"] = draw(st.sampled_from(world.loadable if draw(st.booleans()) else world.paths))
 
 
+def steer_classify(body: Any, draw: Callable[[Any], Any], models: tuple[str, ...]) -> None:
+    """Valid fields swapped for served names and short texts, so the head really runs (alpha has one)."""
+    if not isinstance(body, dict):       # only values of the valid type are swapped: a negative case stays invalid
+        return
+    if isinstance(body.get("model"), str) and body["model"] and draw(st.integers(0, 9)) < 7:
+        body["model"] = draw(st.sampled_from(("alpha", "alpha", *models)))
+    valid_input = isinstance(body.get("input"), str) or (
+        isinstance(body.get("input"), list) and 0 < len(body["input"]) <= 64
+        and all(isinstance(t, str) for t in body["input"]))
+    if valid_input and draw(st.integers(0, 9)) < 6:
+        texts = st.sampled_from(["hello world", "the cat runs fast", "a dog on the mat", "w3 w4 w5", " ", ""])
+        body["input"] = draw(st.one_of(texts, st.lists(texts, min_size=1, max_size=4)))
+
+
 def steer_unload(body: Any, draw: Callable[[Any], Any]) -> None:
     if not isinstance(body, dict) or not isinstance(body.get("lora_name"), str):
         return
@@ -449,6 +471,8 @@ def run_operation(world, method: str, path: str, mode: GenerationMode, n: int) -
             steer_generation(case.body, draw, world.models, chat="chat" in path)
             if body and body.get("model") in DISPOSABLE and draw(st.integers(0, 3)) == 0:
                 preload(world, rec, draw, body["model"])
+        elif path in CLASSIFY:
+            steer_classify(case.body, draw, world.models)
         elif path == "/v1/load_lora_adapter":
             steer_load(case.body, draw, world)
             if body and body.get("lora_name") in DISPOSABLE and draw(st.booleans()):   # free: load really loads
@@ -483,7 +507,7 @@ def run_operation(world, method: str, path: str, mode: GenerationMode, n: int) -
 def test_positive_cases(world, method, path):
     rec = run_operation(world, method, path, POSITIVE, BUDGET[(method, path)][0])
     rec.check(world)
-    if path in GENERATION:        # the steering works: generation really ran for a good share of the cases
+    if path in GENERATION + CLASSIFY:   # the steering works: the model really ran for a good share of the cases
         assert rec.statuses[200] >= BUDGET[(method, path)][0] // 10, dict(rec.statuses)
     if path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
         assert rec.statuses[200] >= 5, dict(rec.statuses)

@@ -106,10 +106,11 @@ def test_adapter_names_are_shown_only_to_authenticated_callers(world):
 def test_openapi_schema_declares_every_route_and_body(world):
     schema = call(world.app, "GET", "/openapi.json").json()
     assert set(schema["paths"]) == {"/health", "/metrics", "/v1/models", "/v1/models/{model_id}", "/v1/completions",
-                                    "/v1/chat/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"}
+                                    "/v1/chat/completions", "/v1/classify", "/classify", "/v1/load_lora_adapter",
+                                    "/v1/unload_lora_adapter"}
     comps = schema["components"]["schemas"]
     for path, model in [("/v1/completions", "CompletionRequest"), ("/v1/chat/completions", "ChatCompletionRequest"),
-                        ("/v1/load_lora_adapter", "LoadAdapterRequest"),
+                        ("/v1/classify", "ClassifyRequest"), ("/v1/load_lora_adapter", "LoadAdapterRequest"),
                         ("/v1/unload_lora_adapter", "UnloadAdapterRequest")]:
         body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert body == {"$ref": f"#/components/schemas/{model}"}

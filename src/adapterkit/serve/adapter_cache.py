@@ -79,6 +79,11 @@ class AdapterHandle:
     _entry: Entry = field(repr=False)
     released: bool = False
 
+    @property
+    def source(self) -> Source:
+        """The version this handle holds (it stays attached until release, whatever is on disk)."""
+        return self._entry.source
+
     def release(self) -> None:
         self._cache.release(self)
 

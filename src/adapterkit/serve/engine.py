@@ -40,6 +40,7 @@ import torch
 
 from ..errors import AdapterkitError, ConfigError, NonFiniteError
 from .adapter_cache import AdapterCache, AdapterHandle, NoFreeSlotError
+from .classify import Classification, ClassifierCache, Classifier, classify
 from .detok import Detokenizer
 from .engine_metrics import EngineMetrics
 from .forward import FlatDecoder, SeqCache, Segment
@@ -82,6 +83,7 @@ class _Seq:
     generated: int = 0
     slots: list[tuple[int, float]] = field(default_factory=list)   # (runtime slot, weight) per adapter
     gate: Optional[GateState] = None     # a gated request: per-token adapters from its gate
+    classifier: Optional[Classifier] = None   # a classification request: its adapter's head
 
     @property
     def params(self):
@@ -108,6 +110,7 @@ class Engine:
         self.kv_budget = self.config.kv_budget_tokens or max(
             1, int(self.config.kv_cache_mb * 2 ** 20) // self.decoder.bytes_per_token())
         self.eos_ids = _eos_ids(runtime.model, tokenizer)
+        self.classifiers = ClassifierCache()      # heads of classifier adapters, read on first use
         self.metrics_ = EngineMetrics()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -144,14 +147,16 @@ class Engine:
         """Queue a request; returns its stream at once. Raises before queueing on an unknown adapter,
         a prompt that does not fit the context, a full queue or a stopping engine."""
         p = request.params
-        n = len(request.prompt_ids)
-        if n + p.max_tokens > self.max_context:
+        n, need = len(request.prompt_ids), request.kv_need
+        if need > self.max_context:
             raise ContextLengthError(
+                f"the input has {n} tokens, more than the model's context of {self.max_context}; shorten it"
+                if request.classify else
                 f"the prompt has {n} tokens and max_tokens is {p.max_tokens}: {n + p.max_tokens} > the model's "
                 f"context of {self.max_context} tokens; shorten the prompt or lower max_tokens")
-        if n + p.max_tokens > self.kv_budget:
+        if need > self.kv_budget:
             raise ContextLengthError(
-                f"prompt + max_tokens = {n + p.max_tokens} tokens exceed the engine's KV budget of "
+                f"prompt + max_tokens = {need} tokens exceed the engine's KV budget of "
                 f"{self.kv_budget} tokens; lower max_tokens or raise --kv-cache-mb")
         if request.gate is not None:
             self._gate_layers(request.gate)          # ConfigError: a gate of another model
@@ -162,7 +167,9 @@ class Engine:
             raise ConfigError(f"the request needs {len(request.adapters)} adapters at once; the server holds at "
                               f"most {self.cache.max_loaded} (raise --max-loaded-adapters)")
         for name in request.adapters:
-            self.cache.find(name)                    # AdapterNotFoundError; finds new folders lazily
+            src = self.cache.find(name)              # AdapterNotFoundError; finds new folders lazily
+            if request.classify:
+                self.classifiers.get(src)            # ConfigError: no head; CorruptAdapterError: a damaged one
         stream = RequestStream(request)
         with self._lock:
             if not self._accepting:
@@ -236,7 +243,7 @@ class Engine:
             return
         t0 = time.perf_counter()
         rows = self._logits_isolated(batch)
-        ok = [i for i, r in enumerate(rows) if not isinstance(r, BaseException)]
+        ok = [i for i, r in enumerate(rows) if isinstance(r, torch.Tensor)]     # next-token logits to sample
         picked: list[Any] = list(rows)
         if ok:
             chosen = choose(torch.stack([rows[i] for i in ok]), [batch[i].params for i in ok],
@@ -249,12 +256,17 @@ class Engine:
             try:
                 if isinstance(token, BaseException):
                     raise token
+                if isinstance(token, Classification):        # scored, not generated: done in one step
+                    s.stream.classification = token
+                    self._finish(s, "stop", [], "")
+                    continue
                 self._advance(s, token)
             except Exception as exc:                  # this request only; the others go on
                 self._finish(s, "error", [], "", error=self._row_error(s, exc))
 
     def _logits_isolated(self, batch: list[_Seq]) -> list[Any]:
-        """Next-token logits [V] per sequence, or the exception its forward raised. One forward for
+        """Next-token logits [V] per sequence (a Classification for a classify request), or the
+        exception its forward raised. One forward for
         the batch; if it raises, each sequence runs alone so only the failing ones fail (caches
         and gate counts are rolled back first: a failed forward leaves no trace)."""
         saved = [(s.cache.length, s.gate.usage.clone() if s.gate is not None else None) for s in batch]
@@ -279,8 +291,9 @@ class Engine:
                 out.append(exc)
         return out
 
-    def _forward(self, batch: list[_Seq]) -> torch.Tensor:
-        """One flat forward over every sequence's pending tokens -> logits [len(batch), V] float32."""
+    def _forward(self, batch: list[_Seq]) -> list[Any]:
+        """One flat forward over every sequence's pending tokens -> per sequence its next-token logits
+        [V] float32, or, for a classify request, its head's Classification of the whole prompt."""
         k = max(1, max(len(s.slots) for s in batch))           # adapters per row, padded with slot 0
         tokens, positions, segments, slots, weights, last = [], [], [], [], [], []
         for s in batch:
@@ -299,7 +312,11 @@ class Engine:
             with self.runtime.use(self.runtime.batch_from_ids(ids, ws, mode="token")):
                 h = self.decoder.hidden(tok, torch.tensor(positions), segments, before_layer=before)
             with self.runtime.use(self.runtime.batch_from_ids(ids[idx], ws[idx], mode="token")):
-                return self.decoder.logits(h[idx])
+                rows: list[Any] = list(self.decoder.logits(h[idx]))
+        for i, (s, seg) in enumerate(zip(batch, segments)):
+            if s.classifier is not None:                        # its prompt, pooled as its head was trained
+                rows[i] = classify(s.classifier.head, h[seg.start:seg.start + seg.n])
+        return rows
 
     def _row_error(self, s: _Seq, exc: BaseException) -> BaseException:
         """The error one request ends with: typed errors as they are; numbers that blew up blame the
@@ -366,7 +383,7 @@ class Engine:
             waiting = list(self._waiting)
         for w in waiting:
             req = w.stream.request
-            need = len(req.prompt_ids) + req.params.max_tokens
+            need = req.kv_need
             if len(self._running) >= self.config.max_batch or self._reserved + need > self.kv_budget:
                 break                                        # in order: no overtaking on capacity
             if new and prefill + len(req.prompt_ids) > self.config.max_prefill_tokens:
@@ -375,6 +392,8 @@ class Engine:
             try:
                 for name in req.adapters:
                     handles.append(self.cache.acquire(name, timeout=0))
+                # the head of the very version acquired (the adapter may have been replaced since submit)
+                classifier = self.classifiers.get(handles[0].source) if req.classify else None
             except NoFreeSlotError:
                 for h in handles:
                     h.release()
@@ -390,7 +409,7 @@ class Engine:
             s = _Seq(w.stream, handles, self.decoder.new_cache(need),
                      Detokenizer(self.tokenizer, req.params.stop),
                      None if req.params.greedy else make_generator(req.params.seed),
-                     list(req.prompt_ids), slots=[(h.slot, weights[h.name]) for h in handles])
+                     list(req.prompt_ids), slots=[(h.slot, weights[h.name]) for h in handles], classifier=classifier)
             if req.gate is not None:                         # no fixed adapters: the gate picks per token
                 by_name = {h.name: h.slot for h in handles}
                 s.slots = []

@@ -88,12 +88,17 @@ class GenerationRequest:
     # a learned per-token gate (route.GateRouter) instead of fixed adapter(s): it picks each token's
     # adapters at every layer (serve/gating.py)
     gate: Any = None
+    # score the prompt with the adapter's classification head instead of generating (serve/classify.py):
+    # one step, no tokens; the stream's `classification` holds the result
+    classify: bool = False
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
             raise ConfigError("the prompt is empty; give at least one token")
         if self.gate is not None and self.adapter is not None:
             raise ConfigError("a request names either adapter(s) or a gate, not both")
+        if self.classify and not isinstance(self.adapter, str):
+            raise ConfigError("a classification request names exactly one adapter (the one whose head classifies)")
         if isinstance(self.adapter, Mapping):
             weights = {str(k): float(v) for k, v in self.adapter.items()}
             bad = [k for k, v in weights.items() if not math.isfinite(v)]
@@ -109,6 +114,11 @@ class GenerationRequest:
         if self.adapter is None:
             return {}
         return {self.adapter: 1.0} if isinstance(self.adapter, str) else dict(self.adapter)
+
+    @property
+    def kv_need(self) -> int:
+        """KV cache tokens the request holds: the prompt, plus max_tokens when it generates."""
+        return len(self.prompt_ids) + (0 if self.classify else self.params.max_tokens)
 
     @property
     def label(self) -> Optional[str]:
@@ -157,6 +167,7 @@ class RequestStream:
         self.token_ids: list[int] = []             # all generated tokens so far
         self.final: Optional[StreamEvent] = None
         self.adapter_usage: Optional[dict[str, float]] = None   # gated: share of gate weight per adapter, at the end
+        self.classification: Any = None            # classify requests: serve.classify.Classification, at the end
         self._drained = False                      # result() consumed the end marker
         self._cancel = threading.Event()
         self._sync: "queue.SimpleQueue[Any]" = queue.SimpleQueue()

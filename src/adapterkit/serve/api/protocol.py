@@ -190,6 +190,32 @@ class ChatCompletionRequest(_Sampling):
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
 
+MAX_INPUTS = 64                 # inputs per classification request
+
+
+class ClassifyRequest(_Body):
+    """vLLM's POST /classify body: each input is scored by the adapter's classification head."""
+
+    model: str = Field(min_length=1)
+    input: Union[str, list[str]]
+    truncate_prompt_tokens: Optional[int] = Field(None, ge=1, description="cut each input to this many tokens")
+    user: Optional[str] = None        # accepted, unused
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input(cls, v: Any) -> Any:
+        texts = [v] if isinstance(v, str) else v
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("input must be a string or a non-empty list of strings")
+        if len(texts) > MAX_INPUTS:
+            raise ValueError(f"at most {MAX_INPUTS} inputs per request, got {len(texts)}")
+        return v
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
 class LoadAdapterRequest(BaseModel):
     """vLLM's POST /v1/load_lora_adapter body (other vLLM fields, e.g. load_inplace, are ignored)."""
 
@@ -300,3 +326,12 @@ def usage_chunk(rid: str, created: int, model: str, obj: str, usage: Any) -> dic
     """The last chunk before [DONE] when stream_options.include_usage: no choices, the usage."""
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
             "usage": usage_dict(usage), "system_fingerprint": None}
+
+
+def classification(rid: str, created: int, model: str, results: list[Any], prompt_tokens: int) -> dict[str, Any]:
+    """vLLM's classification response; `labels` (the head's label per probability) is an extension."""
+    data = [{"index": i, "label": c.label, "probs": list(c.probs), "num_classes": len(c.probs),
+             "labels": list(c.labels)} for i, c in enumerate(results)]
+    return {"id": rid, "object": "list", "created": created, "model": model, "data": data,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens, "completion_tokens": 0,
+                      "prompt_tokens_details": None}}

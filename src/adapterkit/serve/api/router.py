@@ -6,6 +6,7 @@
     GET  /v1/models, /v1/models/{id}   the base and every served adapter (parent = the base)
     POST /v1/completions               prompt -> text; "stream": true for server-sent events
     POST /v1/chat/completions          messages -> chat template -> text; streams likewise
+    POST /v1/classify, /classify       vLLM's {model, input}: labels + probabilities from a classifier adapter
     POST /v1/load_lora_adapter         vLLM's {lora_name, lora_path} (paths confined to the adapter roots)
     POST /v1/unload_lora_adapter       vLLM's {lora_name}
 
@@ -158,7 +159,8 @@ def _json_body(model: type) -> dict[str, Any]:
         "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
-BODIES = (P.CompletionRequest, P.ChatCompletionRequest, P.LoadAdapterRequest, P.UnloadAdapterRequest)
+BODIES = (P.CompletionRequest, P.ChatCompletionRequest, P.ClassifyRequest, P.LoadAdapterRequest,
+          P.UnloadAdapterRequest)
 
 
 def _with_bodies(app: FastAPI) -> Callable[[], dict[str, Any]]:
@@ -235,7 +237,7 @@ def create_app(engine: Any, settings: Optional[ApiSettings] = None) -> FastAPI:
         if isinstance(result, Response):
             return result
         routed = result.get("adapterkit")
-        return JSONResponse(result, headers={HEADER: routed_header(routed)} if routed else None)
+        return JSONResponse(result, headers={HEADER: routed_header(routed)} if routed and "router" in routed else None)
 
     @v1.post("/v1/completions", openapi_extra=_json_body(P.CompletionRequest))
     async def completions(request: Request) -> Response:
@@ -244,6 +246,13 @@ def create_app(engine: Any, settings: Optional[ApiSettings] = None) -> FastAPI:
     @v1.post("/v1/chat/completions", openapi_extra=_json_body(P.ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         return await generate(request, P.ChatCompletionRequest, service.chat)
+
+    @v1.post("/v1/classify", openapi_extra=_json_body(P.ClassifyRequest))
+    @v1.post("/classify", openapi_extra=_json_body(P.ClassifyRequest))
+    async def classify(request: Request) -> Response:
+        req = P.parse_body(P.ClassifyRequest, await _body(request))
+        result = await _until_disconnect(request, service.classify(req))
+        return result if isinstance(result, Response) else JSONResponse(result)
 
     @v1.post("/v1/load_lora_adapter", openapi_extra=_json_body(P.LoadAdapterRequest))
     async def load_lora_adapter(request: Request) -> dict[str, Any]:

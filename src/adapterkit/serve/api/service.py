@@ -16,6 +16,7 @@ and adapter slot at the next step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ class EventStream:
         self.stream = stream
         self._redact = redact
         self.routed: Optional[dict[str, Any]] = None      # set for `auto` / router requests
+        self.note: Optional[dict[str, Any]] = None        # set when a classifier adapter generates
         self._first, self._rest = first, rest
         self._render, self._tail = render, tail
 
@@ -83,10 +85,10 @@ class EventStream:
                     yield sse(obj)
                 if ev.finished:
                     tail = self._tail(ev)
-                    if self.routed is not None and tail:        # the finish chunk says who served it
-                        if self.routed.get("gate"):
-                            gate_done(self.routed, self.stream.adapter_usage)
-                        tail[0]["adapterkit"] = self.routed
+                    if self.routed is not None and self.routed.get("gate"):
+                        gate_done(self.routed, self.stream.adapter_usage)
+                    if (self.routed is not None or self.note) and tail:   # the finish chunk says who served it
+                        tail[0]["adapterkit"] = {**(self.routed or {}), **(self.note or {})}
                     for obj in tail:
                         yield sse(obj)
                     break
@@ -195,10 +197,41 @@ class OpenAIService:
             raise _param(exc, param)
         if getattr(decision, "kind", None) == "gate":
             return None, decision, gate_body(model, decision)
+        decision = await asyncio.to_thread(self._no_classifiers, decision)
         return decision.adapters or None, None, decision_body(model, decision)
+
+    def _classifier(self, name: Any) -> Any:
+        """The Classifier of adapter `name` (it has a classification head), else None; errors of an
+        unknown or damaged adapter are left to the request that uses it."""
+        if not isinstance(name, str):
+            return None
+        try:
+            return self.engine.classifiers.kind(self.engine.cache.find(name))
+        except AdapterkitError:
+            return None
+
+    def _no_classifiers(self, decision: Any) -> Any:
+        """Generation is never routed to a classifier (an adapter trained for its head: its text is
+        only the base's through it): such a decision falls back to the base and says why. Naming a
+        classifier as the model still generates with it, and the answer says it is one."""
+        picked = [n for n in decision.adapters if self._classifier(n) is not None]
+        if not picked:
+            return decision
+        return dataclasses.replace(decision, adapters={}, fallback=True, reason=(
+            f"{decision.reason}; {', '.join(map(repr, picked))} {'is a classifier' if len(picked) == 1 else 'are classifiers'}"
+            ": text generation goes to the base (POST /v1/classify for a label)"))
+
+    def _classifier_note(self, adapter: Any) -> Optional[dict[str, Any]]:
+        found = self._classifier(adapter)
+        if found is None:
+            return None
+        return {"classifier": {"adapter": adapter, "labels": list(found.head.labels),
+                               "note": f"{adapter!r} was trained as a classifier: this text is the base's language "
+                                       "model through it; POST /v1/classify returns its label"}}
 
     async def completion(self, req: P.CompletionRequest) -> dict[str, Any] | EventStream:
         adapter, gate, routed = await self._pick(req.model, route_text(req.prompt, None), "prompt")
+        note = await asyncio.to_thread(self._classifier_note, adapter)
         ids = await asyncio.to_thread(self._encode, req.prompt, True)
         params = self._params(req, len(ids), req.max_tokens, "max_tokens", "prompt")
         rid, created, model = P.new_id("cmpl"), P.now(), req.model
@@ -211,14 +244,15 @@ class OpenAIService:
             def tail(ev: StreamEvent) -> list[Any]:
                 out = [P.completion_chunk(rid, created, model, "", ev.finish_reason, usage)]
                 return out + ([P.usage_chunk(rid, created, model, "text_completion", ev.usage)] if usage else [])
-            return await self._stream(ids, adapter, params, "prompt", render, tail, routed, gate)
+            return await self._stream(ids, adapter, params, "prompt", render, tail, routed, gate, note)
         text, final = await self._collect(ids, adapter, params, "prompt", gate, routed)
-        return _routed(P.completion(rid, created, model, text, final.finish_reason, final.usage), routed)
+        return _routed(P.completion(rid, created, model, text, final.finish_reason, final.usage), routed, note)
 
     async def chat(self, req: P.ChatCompletionRequest) -> dict[str, Any] | EventStream:
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                     for m in req.messages]
         adapter, gate, routed = await self._pick(req.model, route_text(None, messages), "messages")
+        note = await asyncio.to_thread(self._classifier_note, adapter)
         ids = await asyncio.to_thread(self._encode_chat, messages)
         params = self._params(req, len(ids), req.max_new_tokens, req.max_tokens_param, "messages")
         rid, created, model = P.new_id("chatcmpl"), P.now(), req.model
@@ -235,9 +269,9 @@ class OpenAIService:
             def tail(ev: StreamEvent) -> list[Any]:
                 out = [P.chat_chunk(rid, created, model, {}, ev.finish_reason, usage)]
                 return out + ([P.usage_chunk(rid, created, model, "chat.completion.chunk", ev.usage)] if usage else [])
-            return await self._stream(ids, adapter, params, "messages", render, tail, routed, gate)
+            return await self._stream(ids, adapter, params, "messages", render, tail, routed, gate, note)
         text, final = await self._collect(ids, adapter, params, "messages", gate, routed)
-        return _routed(P.chat_completion(rid, created, model, text, final.finish_reason, final.usage), routed)
+        return _routed(P.chat_completion(rid, created, model, text, final.finish_reason, final.usage), routed, note)
 
     def _encode(self, text: str, special: bool) -> list[int]:
         tok = self.engine.tokenizer
@@ -279,9 +313,10 @@ class OpenAIService:
                                   ignore_eos=req.ignore_eos)
 
     def _submit(self, ids: list[int], adapter: Optional[str], params: SamplingParams, prompt_param: str,
-                gate: Any = None) -> RequestStream:
+                gate: Any = None, classify: bool = False) -> RequestStream:
         try:
-            return self.engine.submit(GenerationRequest(prompt_ids=ids, adapter=adapter, params=params, gate=gate))
+            return self.engine.submit(GenerationRequest(prompt_ids=ids, adapter=adapter, params=params, gate=gate,
+                                                        classify=classify))
         except AdapterNotFoundError as exc:
             raise _param(exc, "model")
         except ContextLengthError as exc:        # the engine's KV budget
@@ -312,7 +347,7 @@ class OpenAIService:
     async def _stream(self, ids: list[int], adapter: Optional[str], params: SamplingParams, prompt_param: str,
                       render: Callable[[StreamEvent, bool], list[Any]],
                       tail: Callable[[StreamEvent], list[Any]], routed: Optional[dict[str, Any]] = None,
-                      gate: Any = None) -> EventStream:
+                      gate: Any = None, note: Optional[dict[str, Any]] = None) -> EventStream:
         stream = self._submit(ids, adapter, params, prompt_param, gate)
         if gate is not None and routed is not None:
             self.routing.record(routed["router"], PER_TOKEN)
@@ -326,8 +361,13 @@ class OpenAIService:
         if first.finished and first.finish_reason not in ("stop", "length") and not stream.token_ids:
             raise _failure(first)
         out = EventStream(stream, first, events, render, tail, self.redact)
-        out.routed = routed
+        out.routed, out.note = routed, note
         return out
+
+    async def classify(self, req: P.ClassifyRequest) -> dict[str, Any]:
+        from .classifying import classify
+
+        return await classify(self, req)
 
     # ------------------------------------------------------------------ adapters (vLLM endpoints)
     async def load_adapter(self, req: P.LoadAdapterRequest) -> dict[str, Any]:
@@ -374,10 +414,12 @@ def _root_labels(roots: Any) -> dict[str, str]:
     return labels
 
 
-def _routed(body: dict[str, Any], routed: Optional[dict[str, Any]]) -> dict[str, Any]:
-    """A routed answer says which adapter(s) served it (also in the x-adapterkit-adapters header)."""
-    if routed is not None:
-        body["adapterkit"] = routed
+def _routed(body: dict[str, Any], routed: Optional[dict[str, Any]],
+            note: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """A routed answer says which adapter(s) served it (also in the x-adapterkit-adapters header);
+    one generated by a classifier adapter says so (`classifier`)."""
+    if routed is not None or note:
+        body["adapterkit"] = {**(routed or {}), **(note or {})}
     return body
 
 
