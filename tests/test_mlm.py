@@ -246,7 +246,7 @@ def test_cli_train_then_eval(bert_dir, tmp_path):
     res = runner.invoke(app, ["eval", "de-lang", "--file", str(dev), "--text-field", "sentence", "--max-length", "32",
                               "--json", *common])
     assert res.exit_code == 0, res.output
-    got = json.loads(res.output)
+    got = json.loads(res.stdout)           # stdout: eval's progress lines go to stderr
     assert got["adapter"] == "de-lang" and got["n"] == len(CORPUS) and 0 <= got["accuracy"] <= 1 and got["loss"] > 0
     res = runner.invoke(app, ["eval", "de-lang", *common])
     assert res.exit_code == 2 and "is a masked-LM adapter: give --file" in res.output

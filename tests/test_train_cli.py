@@ -36,7 +36,7 @@ def test_train_then_eval(files, tmp_path):
     res = runner.invoke(app, ["eval", "toy", "--file", str(data), "--text-field", "sentence", "--label-field", "y",
                               "--base", str(base), "--store", str(tmp_path / "store"), "--json"])
     assert res.exit_code == 0, res.output
-    got = json.loads(res.output)
+    got = json.loads(res.stdout)           # stdout: eval's progress lines go to stderr
     assert got["accuracy"] == 1.0 and got["macro_f1"] == 1.0 and got["n"] == 6
     shown = json.loads(runner.invoke(app, ["show", "toy", "--store", str(tmp_path / "store"), "--json"]).output)
     assert shown["labels"] == ["canine", "feline"] and shown["metrics"]["validation_accuracy"] == 1.0
@@ -83,7 +83,7 @@ def test_causal_lm_train_learns_the_completions(files, tmp_path):
     res = runner.invoke(app, ["eval", "inst", "--file", str(data), "--base", str(base), "--store", str(tmp_path / "s"),
                               "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["exact_match"] == 1.0
+    assert json.loads(res.stdout)["exact_match"] == 1.0       # stdout: progress lines go to stderr
     res = runner.invoke(app, ["eval", "inst", "--base", str(base), "--store", str(tmp_path / "s")])
     assert res.exit_code == 2 and "has no classification head: give --file" in res.output
     # the trained adapter generates the completion through the generate CLI

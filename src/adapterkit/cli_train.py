@@ -53,16 +53,18 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of --name from its last "
                                 "checkpoint (same data and settings; the loss curve continues exactly)."),
     log: Optional[Path] = typer.Option(None, "--log", help="JSONL log, one record per step "
-                                       "(default <store>/runs/NAME/train_log.jsonl)."),
+                                       "(default <store>/runs/NAME/train_log.jsonl); the loss-curve PNG "
+                                       "goes beside it (train_log.png)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a stored adapter (or a leftover "
                                    "checkpoint) of the same name."),
     store: Optional[Path] = STORE_OPT,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Train a classification adapter (+ head) on a task or a file and store it with its metrics."""
+    """Train a classification adapter (+ head) on a task or a file and store it with its metrics; the
+    JSONL log and a loss-curve PNG (with matplotlib) stay beside each other."""
     from .base import load_base
     from .methods import get_method
-    from .train.fit import CHECKPOINT, check_run, checkpoint_step, run_dir, run_lock
+    from .train.fit import CHECKPOINT, LOG, check_run, checkpoint_step, run_dir, run_lock
     from .train.run import train_classifier
     from .train.trainer import TrainConfig, finish_distributed, init_distributed_from_env
 
@@ -121,6 +123,18 @@ def train_cmd(
     out.print(f"stored [bold]{name}[/] in {st.root}; validation: " +
               (", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
                or "none"), highlight=False)
+    _print_log_and_plot(log if log is not None else run_dir(st, name) / LOG)
+
+
+def _print_log_and_plot(log: Path) -> None:
+    """Where the run's log and loss curve are (fit deletes a stale plot before training, so a plot
+    beside the log is this run's), or why there is no plot."""
+    from .train.report import loss_plot_path, plot_unavailable
+
+    png = loss_plot_path(log)
+    why = plot_unavailable() or "it could not be written: see the warning above"
+    out.print(f"log: {log}; " + (f"loss curve: {png}" if png.is_file() else f"no loss curve ({why})"),
+              markup=False, highlight=False, soft_wrap=True)
 
 
 def eval_cmd(
@@ -135,17 +149,31 @@ def eval_cmd(
     max_length: int = typer.Option(128, "--max-length"),
     store: Optional[Path] = STORE_OPT,
     as_json: bool = typer.Option(False, "--json"),
+    report: bool = typer.Option(False, "--report", help="Classification adapters: per-class precision, recall, "
+                                "F1 and support, and the confusion matrix (in --json too)."),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Classification adapters: write one "
+                                               "JSON line per row (text, label, predicted, probabilities)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress on stderr while scoring."),
 ) -> None:
     """Accuracy and macro-F1 of a classification adapter on a task split or a file; loss, perplexity
     and exact match of an instruction adapter on a JSONL file; masked-token loss, perplexity and
     accuracy of a masked-LM adapter on a text file."""
     from .base import load_base
-    from .heads import MLMHead
+    from .heads import ClassificationHead, MLMHead
+    from .route.common import check_output_path
     from .runtime import AdapterRuntime
-    from .train.run import evaluate
+    from .train.report import class_report, write_predictions
+    from .train.run import score
 
+    rep = written = None
     try:
         adapter = open_store(store).get(name)
+        if (report or predictions is not None) and not isinstance(adapter.head, ClassificationHead):
+            kind = "a masked-LM" if isinstance(adapter.head, MLMHead) else "an instruction"
+            raise AdapterkitError(f"--report and --predictions need a classification adapter; {name!r} is {kind} "
+                                  "adapter")
+        if predictions is not None:                    # before the (long) scoring, not after it
+            check_output_path(predictions, "predictions file", "pass --predictions PATH in a folder you can write to")
         b = load_base(base or adapter.meta.base_name or "smollm2-135m")
         rt = AdapterRuntime.from_base(b)
         rt.add(adapter)
@@ -155,7 +183,7 @@ def eval_cmd(
             if file is None:
                 raise AdapterkitError(f"{name!r} is a masked-LM adapter: give --file with plain text (.txt, one "
                                       "document per line, or JSONL with --text-field)")
-            metrics = evaluate_mlm(rt, adapter, read_texts(file, text_field), max_length)
+            metrics = evaluate_mlm(rt, adapter, read_texts(file, text_field), max_length, progress=progress)
         elif adapter.head is None:                     # an instruction adapter: loss, perplexity, exact match
             from .data.readers import read_records
             from .train.instruct import evaluate_instructions
@@ -163,12 +191,35 @@ def eval_cmd(
             if file is None:
                 raise AdapterkitError(f"{name!r} has no classification head: give --file with JSONL "
                                       "prompt/completion or messages records")
-            metrics = evaluate_instructions(rt, name, read_records(file)[0], max_length)
+            metrics = evaluate_instructions(rt, name, read_records(file)[0], max_length, progress=progress)
         else:
-            metrics = evaluate(rt, adapter, _examples(task, split, file, text_field, label_field), max_length)
+            examples = _examples(task, split, file, text_field, label_field)
+            scored = score(rt, adapter, examples, max_length, progress=progress)
+            metrics = scored.metrics()
+            rep = class_report(scored.predicted, scored.gold, scored.labels) if report else None
+            if predictions is not None:
+                try:
+                    written = write_predictions(predictions, [e.text for e in examples], scored.gold,
+                                                scored.predicted, scored.labels, scored.probs.tolist())
+                except OSError as exc:                 # print the scores first, then the error
+                    written = AdapterkitError(f"cannot write the predictions file {predictions} "
+                                              f"({exc.strerror or exc}); pass --predictions PATH in a folder you "
+                                              "can write to")
     except AdapterkitError as exc:
         fail(exc)
+    saved = written if isinstance(written, Path) else None
     if as_json:
-        print(json.dumps({"adapter": name, "task": task, "split": split if task else None, **metrics}))
-        return
-    out.print(f"{name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        print(json.dumps({"adapter": name, "task": task, "split": split if task else None, **metrics,
+                          **(rep.to_dict() if rep else {}), **({"predictions": str(saved)} if saved else {})}))
+    else:
+        out.print(f"{name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in metrics.items()))
+        if rep is not None:
+            from .train.report import report_tables
+
+            for table in report_tables(rep):
+                out.print(table)
+        if saved is not None:
+            out.print(f"predictions: {saved} ({metrics['n']} rows)", markup=False, highlight=False, soft_wrap=True)
+    if isinstance(written, AdapterkitError):
+        fail(written)

@@ -55,13 +55,25 @@ def loss_fn(head: ClassificationHead) -> Callable[[torch.nn.Module, dict], torch
 
 
 @torch.no_grad()
-def predict(runtime: AdapterRuntime, adapter_name: str | None, head: ClassificationHead, examples: Sequence[Any],
-            collate: Callable[[list[Any]], dict], batch_size: int = 32) -> list[str]:
-    """The head's label for every example, with the adapter (None: no adapter) active on every row."""
+def predict_proba(runtime: AdapterRuntime, adapter_name: str | None, head: ClassificationHead,
+                  examples: Sequence[Any], collate: Callable[[list[Any]], dict], batch_size: int = 32,
+                  on_batch: Callable[[int], None] | None = None) -> tuple[list[str], torch.Tensor]:
+    """(the head's label, the softmax over head.labels [N, L]) for every example, with the adapter
+    (None: no adapter) active on every row; `on_batch(rows)` after each batch (a progress bar)."""
     out: list[str] = []
+    probs: list[torch.Tensor] = []
     for start in range(0, len(examples), batch_size):
         batch = collate(list(examples[start:start + batch_size]))
         with runtime.batch([adapter_name] * batch["input_ids"].shape[0]):
-            ids = logits(runtime.model, head, batch).argmax(-1).tolist()
-        out.extend(head.labels[i] for i in ids)
-    return out
+            z = logits(runtime.model, head, batch).float()                       # [B, L]
+        out.extend(head.labels[i] for i in z.argmax(-1).tolist())
+        probs.append(z.softmax(-1))
+        if on_batch is not None:
+            on_batch(z.shape[0])
+    return out, torch.cat(probs) if probs else torch.zeros(0, len(head.labels))
+
+
+def predict(runtime: AdapterRuntime, adapter_name: str | None, head: ClassificationHead, examples: Sequence[Any],
+            collate: Callable[[list[Any]], dict], batch_size: int = 32) -> list[str]:
+    """The head's label for every example, with the adapter (None: no adapter) active on every row."""
+    return predict_proba(runtime, adapter_name, head, examples, collate, batch_size)[0]

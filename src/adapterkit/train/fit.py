@@ -1,11 +1,12 @@
 """What every `train_*` entry point shares: a fresh LoRA adapter, the run folder in the store
-(checkpoint + JSONL log), the progress bar, and storing the result.
+(checkpoint + JSONL log + loss-curve PNG), the progress bar, and storing the result.
 
 The run folder is `<store>/runs/<name>/`: `checkpoint/` holds the last good trainer state (written
-atomically every `checkpoint_every` steps) and `train_log.jsonl` one record per step. The checkpoint
-lives until the adapter is safely in the store, so an interrupted run (Ctrl-C, a crash, a full disk)
-continues with resume=True (`--resume`). A new run over a leftover checkpoint is refused unless
-overwrite, so a checkpoint is never thrown away silently.
+atomically every `checkpoint_every` steps), `train_log.jsonl` one record per step (or the --log
+path) and `train_log.png` the loss curve, beside the log. Log and plot stay after the run; the
+checkpoint lives until the adapter is safely in the store, so an interrupted run (Ctrl-C, a crash,
+a full disk) continues with resume=True (`--resume`). A new run over a leftover checkpoint is
+refused unless overwrite, so a checkpoint is never thrown away silently.
 
 One run per name at a time: `run_lock` holds `<store>/runs/.locks/<name>.lock` (an OS lock, freed
 when the process ends however it ends) around everything that reads or writes the run folder. A
@@ -15,6 +16,7 @@ second trainer of the name fails at once, before it deletes (--overwrite), resum
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -30,6 +32,7 @@ from ..runtime import AdapterRuntime
 from ..store import AdapterStore
 from .filelock import LockHeld, file_lock
 from .progress import TrainProgress
+from .report import loss_plot_path, plot_unavailable, save_loss_plot
 from .trainer import STATE_JSON, TrainConfig, TrainResult, dist_rank_world, train
 
 DEFAULT_TARGETS = {"causal-lm": ("q_proj", "k_proj", "v_proj", "o_proj"), "encoder": ("query", "key", "value")}
@@ -109,18 +112,42 @@ def fit(base: Base, adapter: Adapter, examples: Sequence[Any], collate: Callable
         config: TrainConfig, *, store: AdapterStore, resume: bool = False, log_path: str | Path | None = None,
         progress: bool = True, extra_params: Sequence[torch.Tensor] = (),
         evaluate: Callable[[AdapterRuntime], float] | None = None, lengths: Sequence[int] | None = None,
-        run_info: dict[str, Any] | None = None) -> tuple[AdapterRuntime, TrainResult]:
+        run_info: dict[str, Any] | None = None, eval_name: str = "eval score",
+        eval_negated: bool = False) -> tuple[AdapterRuntime, TrainResult]:
     """Train `adapter` on a fresh runtime over `base`, checkpointing into the run folder; `evaluate`
-    (higher is better) gets the runtime."""
+    (higher is better) gets the runtime. The log (default <run folder>/train_log.jsonl) gets a
+    loss-curve PNG beside it (report.loss_plot_path), with `evaluate`'s scores named `eval_name`
+    (negated back first when `eval_negated`: a score that is minus a loss)."""
     rt = AdapterRuntime.from_base(base)
     rt.add(adapter)
     folder = run_dir(store, adapter.name)
-    with TrainProgress(config.steps, progress and dist_rank_world()[0] == 0) as bar:
+    log = Path(log_path) if log_path else folder / LOG
+    writer = dist_rank_world()[0] == 0
+    if writer:                                   # (regular files only: --log may name /dev/stdout)
+        if not resume and log.is_file():
+            log.unlink()                         # a fresh run starts a fresh log, not appended to an old run's
+        if loss_plot_path(log).is_file():
+            loss_plot_path(log).unlink()         # the plot beside a log always shows that log's run
+    with TrainProgress(config.steps, progress and writer) as bar:
         result = train(rt, adapter.name, examples, collate, loss_fn, config, checkpoint_dir=folder / CHECKPOINT,
-                       resume=resume, log_path=log_path or folder / LOG, on_step=bar.update,
+                       resume=resume, log_path=log, on_step=bar.update,
                        extra_params=extra_params, evaluate=(lambda: evaluate(rt)) if evaluate else None,
                        lengths=lengths, run_info={"base": base.fingerprint, **(run_info or {})})
+    if writer:
+        evals = [(s, -v if eval_negated else v) for s, v in result.evals]
+        _plot_losses(loss_plot_path(log), result.losses, evals, eval_name, adapter.name)
     return rt, result
+
+
+def _plot_losses(png: Path, losses: list[float], evals: list[tuple[int, float]], eval_name: str, title: str) -> None:
+    """The loss-curve PNG beside the log; skipped without matplotlib (the CLI says so). A plot never
+    fails a training run: an error is logged as a warning."""
+    if plot_unavailable() is not None:
+        return
+    try:
+        save_loss_plot(png, losses, evals, eval_name, title=title)
+    except Exception as exc:                      # noqa: BLE001 - the adapter matters more than its plot
+        logging.getLogger(__name__).warning("loss curve not written to %s: %s", png, exc)
 
 
 def finish(store: AdapterStore, adapter: Adapter, metrics: dict[str, Any], params: dict[str, Any],

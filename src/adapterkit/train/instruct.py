@@ -17,7 +17,8 @@ from ..runtime import AdapterRuntime
 from ..store import AdapterStore
 from .causal_lm import IGNORE, collate, encode, split_ids
 from .fit import finish, fit, run_lock, start_run
-from .trainer import TrainConfig
+from .progress import RowProgress
+from .trainer import TrainConfig, dist_rank_world
 
 
 def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -26,31 +27,35 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
 
 @torch.no_grad()
 def evaluate_instructions(rt: AdapterRuntime, name: str, records: Sequence[Mapping[str, Any]], max_length: int,
-                          batch_size: int = 8) -> dict[str, float]:
-    """Completion-token loss and perplexity (token-weighted), and greedy exact match."""
+                          batch_size: int = 8, progress: bool = False) -> dict[str, float]:
+    """Completion-token loss and perplexity (token-weighted), and greedy exact match (a progress bar
+    over the records when `progress`)."""
     tok = rt.tokenizer
     if tok is None or not records:
         raise ConfigError("evaluation needs a runtime built from a base with a tokenizer, and records")
     pad = pad_id(tok)
     total, count, exact = 0.0, 0, 0
-    for start in range(0, len(records), batch_size):
-        chunk = list(records[start:start + batch_size])
-        batch = collate([encode(tok, r, max_length) for r in chunk], pad)
-        with rt.batch([name] * len(chunk)):
-            logits = rt.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels,
-                                                   ignore_index=IGNORE, reduction="sum")
-        total, count = total + float(losses), count + int((labels != IGNORE).sum())
-        for record in chunk:                         # greedy exact match, one record at a time
-            prompt, completion = split_ids(tok, record)
-            want = [t for t in completion if t != tok.eos_token_id]
-            with rt.batch([name]):
-                out = rt.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                        max_new_tokens=len(want) + 1, do_sample=False, pad_token_id=pad)
-            got = out[0, len(prompt):].tolist()
-            got = got[: got.index(tok.eos_token_id)] if tok.eos_token_id in got else got
-            exact += int(got == want)
+    with RowProgress(len(records), progress) as bar:
+        for start in range(0, len(records), batch_size):
+            chunk = list(records[start:start + batch_size])
+            batch = collate([encode(tok, r, max_length) for r in chunk], pad)
+            with rt.batch([name] * len(chunk)):
+                logits = rt.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels,
+                                                       ignore_index=IGNORE, reduction="sum")
+            total, count = total + float(losses), count + int((labels != IGNORE).sum())
+            for record in chunk:                         # greedy exact match, one record at a time
+                prompt, completion = split_ids(tok, record)
+                want = [t for t in completion if t != tok.eos_token_id]
+                with rt.batch([name]):
+                    out = rt.model.generate(torch.tensor([prompt]),
+                                            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                            max_new_tokens=len(want) + 1, do_sample=False, pad_token_id=pad)
+                got = out[0, len(prompt):].tolist()
+                got = got[: got.index(tok.eos_token_id)] if tok.eos_token_id in got else got
+                exact += int(got == want)
+                bar.advance(1)
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "exact_match": exact / len(records),
             "n": len(records)}
@@ -75,8 +80,10 @@ def train_instructions(base: Base, name: str, train_records: Sequence[Mapping[st
                  if eval_records else None)
         rt, result = fit(base, adapter, encoded, partial(collate, pad_id=pad_id(tok)), lm_loss, config, store=store,
                          resume=resume, log_path=log_path, progress=progress, evaluate=score,
-                         lengths=[len(e.input_ids) for e in encoded], run_info=info)
-        metrics = evaluate_instructions(rt, name, eval_records, max_length) if eval_records else {}
+                         lengths=[len(e.input_ids) for e in encoded], run_info=info, eval_name="validation loss",
+                         eval_negated=True)
+        shown = progress and dist_rank_world()[0] == 0           # the final scoring: a bar on rank 0
+        metrics = evaluate_instructions(rt, name, eval_records, max_length, progress=shown) if eval_records else {}
         finish(store, adapter, metrics, {**asdict(config), **info, "train_examples": len(encoded),
                                          "truncated_examples": truncated, "best_step": result.best_step}, overwrite)
         return adapter, metrics

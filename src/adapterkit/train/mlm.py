@@ -29,7 +29,8 @@ from ..runtime import AdapterRuntime
 from ..store import AdapterStore
 from .causal_lm import IGNORE
 from .fit import finish, fit, run_lock, start_run
-from .trainer import TrainConfig
+from .progress import RowProgress
+from .trainer import TrainConfig, dist_rank_world
 
 MASK_PROB = 0.15
 TEXT_SUFFIXES, JSONL_SUFFIXES = (".txt", ".text"), (".jsonl", ".ndjson", ".json")
@@ -141,9 +142,10 @@ def mlm_loss(head: MLMHead):
 
 @torch.no_grad()
 def evaluate_mlm(rt: AdapterRuntime, adapter: Adapter, texts: Sequence[str], max_length: int = 128,
-                 batch_size: int = 16, seed: int = 0) -> dict[str, float]:
+                 batch_size: int = 16, seed: int = 0, progress: bool = False) -> dict[str, float]:
     """Masked-token loss (token-weighted), perplexity and top-1 accuracy, with masks from a fixed
-    seeded generator: deterministic and independent of the global RNG."""
+    seeded generator: deterministic and independent of the global RNG. A progress bar over the
+    documents when `progress`."""
     head = adapter.head
     if not isinstance(head, MLMHead):
         raise ConfigError(f"adapter {adapter.name!r} has no masked-LM head; train it with --objective mlm")
@@ -157,13 +159,15 @@ def evaluate_mlm(rt: AdapterRuntime, adapter: Adapter, texts: Sequence[str], max
     was_training = model.training
     model.eval()                                      # no dropout: the same adapter, the same score
     try:
-        for start in range(0, len(docs), batch_size):
-            batch = collate(docs[start:start + batch_size], generator=gen)
-            target = batch["labels"][batch["labels"] != IGNORE]                 # [N]
-            with rt.batch([adapter.name] * batch["input_ids"].shape[0]):
-                logits = masked_logits(model, head, batch).float()              # [N, V]
-            total += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
-            right, count = right + int((logits.argmax(-1) == target).sum()), count + len(target)
+        with RowProgress(len(docs), progress) as bar:
+            for start in range(0, len(docs), batch_size):
+                batch = collate(docs[start:start + batch_size], generator=gen)
+                target = batch["labels"][batch["labels"] != IGNORE]                 # [N]
+                with rt.batch([adapter.name] * batch["input_ids"].shape[0]):
+                    logits = masked_logits(model, head, batch).float()              # [N, V]
+                total += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+                right, count = right + int((logits.argmax(-1) == target).sum()), count + len(target)
+                bar.advance(batch["input_ids"].shape[0])
     finally:
         model.train(was_training)
     loss = total / count
@@ -200,8 +204,9 @@ def train_mlm(base: Base, name: str, train_texts: Sequence[str], eval_texts: Seq
         rt, result = fit(base, adapter, docs, MaskCollator(tok, adapter.head.bias.shape[0]), mlm_loss(adapter.head),
                          config, store=store, resume=resume, log_path=log_path, progress=progress,
                          extra_params=adapter.head.params(), evaluate=score, lengths=[len(d) for d in docs],
-                         run_info=info)
-        metrics = evaluate_mlm(rt, adapter, eval_texts, max_length) if eval_texts else {}
+                         run_info=info, eval_name="validation loss", eval_negated=True)
+        shown = progress and dist_rank_world()[0] == 0           # the final scoring: a bar on rank 0
+        metrics = evaluate_mlm(rt, adapter, eval_texts, max_length, progress=shown) if eval_texts else {}
         finish(store, adapter, metrics, {**asdict(config), **info, "train_examples": len(docs),
                                          "truncated_examples": truncated, "dropped_examples": dropped,
                                          "best_step": result.best_step}, overwrite)

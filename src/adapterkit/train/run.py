@@ -7,8 +7,10 @@ scores the validation split and stores the adapter with its task, labels, metric
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
+
+import torch
 
 from ..adapter import Adapter
 from ..base import Base
@@ -16,9 +18,10 @@ from ..errors import ConfigError
 from ..heads import ClassificationHead
 from ..runtime import AdapterRuntime
 from ..store import AdapterStore
-from .classification import collate_fn, loss_fn, predict, token_lengths
+from .classification import collate_fn, loss_fn, predict_proba, token_lengths
 from .fit import finish, fit, run_lock, start_run
-from .trainer import TrainConfig
+from .progress import RowProgress
+from .trainer import TrainConfig, dist_rank_world
 
 POOLING = {"causal-lm": "last", "encoder": "mean"}
 
@@ -71,19 +74,43 @@ def train_classifier(
         rt, result = fit(base, adapter, train_examples, collate_fn(base.tokenizer, adapter.head, max_length),
                          loss_fn(adapter.head), config, store=store, resume=resume, log_path=log_path,
                          progress=progress, extra_params=[adapter.head.weight, adapter.head.bias], evaluate=score,
-                         lengths=lengths, run_info=info)
-        metrics = evaluate(rt, adapter, eval_examples, max_length) if eval_examples else {}
+                         lengths=lengths, run_info=info, eval_name="validation accuracy")
+        metrics = evaluate(rt, adapter, eval_examples, max_length, progress and dist_rank_world()[0] == 0) \
+            if eval_examples else {}
         finish(store, adapter, metrics, {**asdict(config), **info, "train_examples": len(train_examples),
                                          "truncated_examples": truncated, "best_step": result.best_step}, overwrite)
         return adapter, metrics
 
 
-def evaluate(rt: AdapterRuntime, adapter: Adapter, examples: Sequence[Any], max_length: int = 128) -> dict[str, float]:
+@dataclass(frozen=True)
+class Scored:
+    """Per-row results of a classification adapter on labelled examples."""
+    labels: list[str]               # the head's labels: the columns of probs
+    gold: list[str]                 # [N]
+    predicted: list[str]            # [N]
+    probs: torch.Tensor             # [N, L] softmax over labels
+
+    def metrics(self) -> dict[str, float]:
+        return classification_metrics(self.predicted, self.gold, self.labels)
+
+
+def score(rt: AdapterRuntime, adapter: Adapter, examples: Sequence[Any], max_length: int = 128,
+          progress: bool = False) -> Scored:
+    """Classify every example (a progress bar over the rows when `progress`)."""
     head = adapter.head
     if not isinstance(head, ClassificationHead):
         raise ConfigError(f"adapter {adapter.name!r} has no classification head; it cannot classify")
-    head.label_ids([e.label for e in examples])          # labels unseen in training: a clear error
+    gold = [e.label for e in examples]
+    head.label_ids(gold)                                 # labels unseen in training: a clear error
     if rt.tokenizer is None:
         raise ConfigError("the runtime has no tokenizer; build it with AdapterRuntime.from_base(base)")
-    predicted = predict(rt, adapter.name, head, examples, collate_fn(rt.tokenizer, head, max_length))
-    return classification_metrics(predicted, [e.label for e in examples], head.labels)
+    with RowProgress(len(examples), progress) as bar:
+        predicted, probs = predict_proba(rt, adapter.name, head, examples, collate_fn(rt.tokenizer, head, max_length),
+                                         on_batch=bar.advance)
+    return Scored(list(head.labels), gold, predicted, probs)
+
+
+def evaluate(rt: AdapterRuntime, adapter: Adapter, examples: Sequence[Any], max_length: int = 128,
+             progress: bool = False) -> dict[str, float]:
+    """accuracy, macro_f1 and n of a classification adapter on labelled examples."""
+    return score(rt, adapter, examples, max_length, progress).metrics()
