@@ -61,7 +61,7 @@ def test_generate_compose_runs_weighted_adapters_on_one_row(tiny_llm_dir, adapte
     both = generate(rt, base.tokenizer, [prompt], [{"alpha": 1.0, "beta": 0.5}], max_new_tokens=6)[0]
     assert rows[1]["token_ids"] == both.token_ids
     assert rows[1]["token_ids"] != rows[0]["token_ids"]        # beta at 0.5 changes alpha's greedy path
-    for bad, message in [("./a", "each item must be FOLDER=WEIGHT"), ("./a=x", "each item must be FOLDER=WEIGHT"),
+    for bad, message in [("./a", "each item must be ADAPTER=WEIGHT"), ("./a=x", "each item must be ADAPTER=WEIGHT"),
                          (f"{paths[0]}=1,{paths[0]}=2", "names an adapter twice")]:
         res = runner.invoke(app, ["generate", prompt, "--base", str(tiny_llm_dir), "--compose", bad])
         assert res.exit_code == 2 and message in res.output, res.output

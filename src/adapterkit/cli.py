@@ -9,14 +9,15 @@ from typing import List, Optional
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
-from .cli_common import STORE_OPT, err, fail, open_store, out, print_record
+from .cli_common import (ADAPTER_HELP, STORE_OPT, adapter_source, err, fail, load_adapter, open_store,
+                         out, print_listing, print_record)
 from .cli_merge import merge_cmd
 from .cli_route import route_app
 from .cli_serve import serve_cmd
 from .cli_train import eval_cmd, train_cmd
 from .errors import AdapterkitError
+from .serve.requests import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 app = typer.Typer(help="Task-specific adapters over one frozen base model.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -31,16 +32,39 @@ app.command("eval")(eval_cmd)
 app.command("merge")(merge_cmd)
 app.command("serve")(serve_cmd)
 app.add_typer(route_app, name="route")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"adapterkit {version('adapterkit')}")
+        except PackageNotFoundError:            # run from a source tree that was never installed
+            from . import __version__
+
+            print(f"adapterkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                            help="Print the version and exit.")) -> None:
+    """Task-specific adapters over one frozen base model."""
+
+
 @base_app.command("list")
-def base_list() -> None:
+def base_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List the built-in bases and whether their packages are installed."""
     from .base import list_bases
 
-    table = Table("name", "kind", "installed", "ready", "description", "install")
-    for row in list_bases():
-        table.add_row(row["name"], row["kind"], "yes" if row["installed"] else "no",
-                      "yes" if row["ready"] else "no", row["description"], row["install"])
-    out.print(table)
+    rows = list_bases()
+    if as_json:
+        print(json.dumps(rows))
+        return
+    print_listing(("name", "kind", "installed", "ready", "description", "install"),
+                  [[escape(r["name"]), r["kind"], "yes" if r["installed"] else "no", "yes" if r["ready"] else "no",
+                    escape(r["description"]), escape(r["install"])] for r in rows], keep=("install",))
 
 
 @base_app.command("pull")
@@ -56,12 +80,14 @@ def base_pull(name: str) -> None:
 
 
 @adapter_app.command("inspect")
-def adapter_inspect(path: Path, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Method, rank, targets, parameter count and base of an adapter folder (ours or PEFT's)."""
+def adapter_inspect(adapter: str = typer.Argument(..., help=f"ADAPTER: {ADAPTER_HELP}."),
+                    store: Optional[Path] = STORE_OPT,
+                    as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Method, rank, targets, parameter count and base of an adapter (a folder, ours or PEFT's, or a stored name)."""
     from .inspect import describe
 
     try:
-        info = describe(path)
+        info = describe(adapter_source(adapter, store)[0])
     except AdapterkitError as exc:
         fail(exc)
     print_record(info, as_json)
@@ -97,43 +123,42 @@ def adapter_create(
 
 @adapter_app.command("export-merged")
 def adapter_export_merged(
-    adapters: List[Path] = typer.Argument(..., help="Adapter folders to merge in."),
+    adapters: List[str] = typer.Argument(..., help=f"Adapters to merge in, each {ADAPTER_HELP}."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for the merged transformers model."),
     base: str = typer.Option("smollm2-135m"),
+    store: Optional[Path] = STORE_OPT,
 ) -> None:
     """Write a plain transformers model folder: the base with the adapters merged in."""
-    from .adapter import Adapter
     from .base import load_base
     from .runtime import AdapterRuntime
 
     try:
+        seen: dict = {}
+        loaded = [load_adapter(ref, store, seen) for ref in adapters]     # every adapter before the base
         b = load_base(base)
         rt = AdapterRuntime.from_base(b)
-        names = []
-        for path in adapters:
-            loaded = Adapter.load(path)
-            rt.add(loaded)
-            names.append(loaded.name)
-        rt.export_merged(out_dir, names, tokenizer=b.tokenizer)
+        for a in seen.values():
+            rt.add(a)
+        rt.export_merged(out_dir, [a.name for a in loaded], tokenizer=b.tokenizer)
     except AdapterkitError as exc:
         fail(exc)
     out.print(f"wrote {out_dir}")
 
 
-def parse_composition(spec: str) -> list[tuple[Path, float]]:
-    """'FOLDER=WEIGHT,FOLDER=WEIGHT' -> [(folder, weight)]; a clear error for anything else."""
+def parse_composition(spec: str) -> list[tuple[str, float]]:
+    """'ADAPTER=WEIGHT,ADAPTER=WEIGHT' -> [(adapter, weight)]; a clear error for anything else."""
     parts = []
     for item in spec.split(","):
-        path, sep, weight = item.strip().rpartition("=")
+        ref, sep, weight = item.strip().rpartition("=")
         try:
             value = float(weight)
         except ValueError:
             value = None
-        if not sep or not path or value is None:
-            raise AdapterkitError(f"--compose {spec!r}: each item must be FOLDER=WEIGHT (e.g. ./lang=1.0,./task=0.5), "
-                                  f"got {item.strip()!r}")
-        parts.append((Path(path), value))
-    if len({p for p, _ in parts}) != len(parts):
+        if not sep or not ref or value is None:
+            raise AdapterkitError(f"--compose {spec!r}: each item must be ADAPTER=WEIGHT, ADAPTER a folder or a "
+                                  f"stored name (e.g. ./lang=1.0,task=0.5), got {item.strip()!r}")
+        parts.append((ref, value))
+    if len({r for r, _ in parts}) != len(parts):
         raise AdapterkitError(f"--compose {spec!r} names an adapter twice; give each adapter once with its weight")
     return parts
 
@@ -142,62 +167,92 @@ def parse_composition(spec: str) -> list[tuple[Path, float]]:
 def generate(
     prompt: str,
     base: str = typer.Option("smollm2-135m", help="Built-in base name or local folder."),
-    adapter: Optional[List[Path]] = typer.Option(None, "--adapter", help="Adapter folder; repeat for a mixed batch."),
+    adapter: Optional[List[str]] = typer.Option(None, "--adapter", help=f"ADAPTER: {ADAPTER_HELP}; repeat for a "
+                                                "mixed batch."),
     compose: Optional[List[str]] = typer.Option(None, "--compose", help="One row with several adapters active at "
-                                                "once, weighted: 'FOLDER=WEIGHT,FOLDER=WEIGHT' (e.g. a language "
+                                                "once, weighted: 'ADAPTER=WEIGHT,ADAPTER=WEIGHT' (e.g. a language "
                                                 "adapter + a task adapter); repeatable."),
     max_tokens: int = typer.Option(32, "--max-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy (the default); else sample, "
+                                      f"in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Sample from the most likely tokens whose probability "
+                                "reaches P (1: off)."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample from the K most likely tokens (0: off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Same seed, same tokens (default: random)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template."),
+    store: Optional[Path] = STORE_OPT,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per row."),
 ) -> None:
-    """Greedy generation; one row per --adapter and per --compose, all in one mixed batch."""
-    from .adapter import Adapter
+    """Generate (greedy unless --temperature); one row per --adapter and per --compose, all in one mixed
+    batch. Sampling is the server's: each row has its own generator, so a seed gives the same tokens."""
     from .base import load_base
     from .generate import generate as run
     from .runtime import AdapterRuntime
+    from .serve.requests import SamplingParams
 
     try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        seen: dict = {}                           # every adapter is read before the base is loaded
+        rows: list = [load_adapter(ref, store, seen).name for ref in adapter or []]
+        for spec in compose or []:
+            row = {}
+            for ref, w in parse_composition(spec):
+                name = load_adapter(ref, store, seen).name
+                if name in row:
+                    raise AdapterkitError(f"--compose {spec!r} names adapter {name!r} twice; give each adapter "
+                                          "once with its weight")
+                row[name] = w
+            rows.append(row)
+        rows = rows or [None]
         b = load_base(base)
         if b.tokenizer is None or b.kind != "causal-lm":
             raise AdapterkitError(f"base {base!r} is not a causal LM with a tokenizer; generate needs one")
         rt = AdapterRuntime.from_base(b)
-        loaded: dict[Path, str] = {}
-
-        def attach(path: Path) -> str:            # each folder attached once, however often it is named
-            if path not in loaded:
-                a = Adapter.load(path)
-                rt.add(a)
-                loaded[path] = a.name
-            return loaded[path]
-        rows: list = [attach(path) for path in adapter or []]
-        rows += [{attach(path): w for path, w in parse_composition(spec)} for spec in compose or []]
-        rows = rows or [None]
-        results = run(rt, b.tokenizer, [prompt] * len(rows), rows, max_new_tokens=max_tokens, chat=chat)
+        for a in seen.values():
+            rt.add(a)
+        results = run(rt, b.tokenizer, [prompt] * len(rows), rows, max_new_tokens=max_tokens, chat=chat,
+                      sampling=params)
     except AdapterkitError as exc:
         fail(exc)
     for res in results:
         if as_json:
-            print(json.dumps({"adapter": res.adapter, "text": res.text, "token_ids": res.token_ids}))
+            print(json.dumps({"adapter": res.adapter, "text": res.text, "token_ids": res.token_ids,
+                              **({"error": res.error} if res.error else {})}))
+        elif res.error:
+            err.print(f"[bold red]error:[/] {escape(str(res.adapter or '(base)'))}: {escape(res.error)}",
+                      highlight=False, soft_wrap=True)
         else:
             out.print(f"[bold]{res.adapter or '(base)'}[/]: {res.text}", highlight=False)
+    if any(res.error for res in results):        # the other rows were printed; the exit code says one failed
+        raise typer.Exit(1)
 
 
 @data_app.command("list")
-def data_list() -> None:
+def data_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """The named example tasks and their split sizes."""
     from .data import list_tasks, load_task
 
-    table = Table("task", "labels", "train", "validation", "test", "source", "licence")
+    rows = []
     for name in list_tasks():
         try:
             card = load_task(name).card
         except AdapterkitError as exc:
-            table.add_row(name, "", "", "", "", f"[red]{exc}[/]", "")
+            rows.append({"name": name, "error": str(exc)})
             continue
-        sizes = card["sizes"]
-        table.add_row(name, str(len(card["labels"])), str(sizes["train"]), str(sizes["validation"]),
-                      str(sizes["test"]), card["source"]["package"], card["licence"].split(" (")[0])
-    out.print(table)
+        rows.append({"name": name, "labels": card["labels"], "sizes": card["sizes"],
+                     "source": card["source"]["package"], "licence": card["licence"]})
+    if as_json:
+        print(json.dumps(rows))
+        return
+    cells = []
+    for r in rows:
+        if "error" in r:
+            cells.append([r["name"], "", "", "", "", f"[red]{escape(r['error'])}[/]", ""])
+            continue
+        sizes = r["sizes"]
+        cells.append([r["name"], str(len(r["labels"])), str(sizes["train"]), str(sizes["validation"]),
+                      str(sizes["test"]), escape(r["source"]), escape(r["licence"].split(" (")[0])])
+    print_listing(("task", "labels", "train", "validation", "test", "source", "licence"), cells)
 
 
 @data_app.command("show")
@@ -223,14 +278,15 @@ def ls(store: Optional[Path] = STORE_OPT, as_json: bool = typer.Option(False, "-
     if as_json:
         print(json.dumps(rows))
         return
-    table = Table("name", "method", "rank", "task", "labels", "metrics", "base", "created", "status")
+    table = []
     for r in rows:
         metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
         cells = [r["name"], r["method"], ",".join(map(str, r["ranks"])), r["task"] or "",
                  str(len(r["labels"])) if r["labels"] else "", metrics, r["base_name"] or "", r["created"]]
-        table.add_row(*map(escape, cells), escape(r["status"]) if r["status"] == "ok" else
-                      f"[bold red]damaged:[/] {escape(r['status'])}")
-    out.print(table)
+        table.append([*map(escape, cells), escape(r["status"]) if r["status"] == "ok" else
+                      f"[bold red]damaged:[/] {escape(r['status'])}"])
+    print_listing(("name", "method", "rank", "task", "labels", "metrics", "base", "created", "status"), table,
+                  keep=("status",))
     damaged = [r["name"] for r in rows if r["status"] != "ok"]
     if damaged:
         err.print(f"[bold red]{len(damaged)} damaged adapter(s):[/] {escape(', '.join(damaged))} (their files differ "

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .cli_common import STORE_OPT, fail, open_store, out
@@ -20,6 +21,7 @@ def merge_cmd(
     store: Optional[Path] = STORE_OPT,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a stored adapter of the same name."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the per-site table (rank, error)."),
 ) -> None:
     """Merge adapters of one base into a new stored adapter, from a YAML recipe.
 
@@ -30,7 +32,8 @@ def merge_cmd(
     ties, magnitude_prune, dare_linear, dare_ties: dense ΔW re-factored by
     SVD to rank (default: the sum of the input ranks). reversible: k basis
     adapters + per-task coefficients. The lineage (inputs, method,
-    parameters) is stored; the per-site re-factorisation error is printed.
+    parameters) is stored; one line sums the merge up (--verbose: the
+    per-site re-factorisation error too).
 
     \b
     Example recipe (merge.yaml):
@@ -75,14 +78,15 @@ def merge_cmd(
     if as_json:
         print(json.dumps({**report.to_dict(), "name": name, "path": str(path)}))
         return
-    table = Table("site", "rank", "rel. error", title=f"{name}: {report.method} merge of "
-                  f"{', '.join(i['name'] for i in report.inputs)}")
-    for site, err in report.site_errors.items():
-        table.add_row(site, str(report.site_ranks[site]), f"{err:.2e}")
-    out.print(table)
-    out.print(f"stored [bold]{name}[/] in {st.root}: total rel. error {report.total_error:.3e}, "
-               f"max {report.max_error:.3e} over {len(report.site_errors)} sites ({report.seconds:.1f} s)",
-               highlight=False)
+    if verbose:
+        table = Table("site", "rank", "rel. error", title=f"{name}: {report.method} merge")
+        for site, e in report.site_errors.items():
+            table.add_row(site, str(report.site_ranks[site]), f"{e:.2e}")
+        out.print(table)
+    out.print(f"stored [bold]{escape(name)}[/]: {report.method} merge of "
+              f"{escape(', '.join(i['name'] for i in report.inputs))}; {len(report.site_errors)} sites, max rel. error "
+              f"{report.max_error:.3e} (total {report.total_error:.3e}); in the store at {escape(str(st.root))} "
+              f"({report.seconds:.1f} s)", highlight=False, soft_wrap=True)
 
 
 def _print_reversible(rev, st, as_json: bool) -> None:

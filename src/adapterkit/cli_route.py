@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from .cli_common import STORE_OPT, fail, open_store, out
+from .cli_common import STORE_OPT, fail, open_store, out, print_listing
 from .errors import AdapterkitError
 
 route_app = typer.Typer(help="Routers: choose adapters from the prompt itself (the server's model=\"auto\").",
@@ -173,11 +174,10 @@ def route_ls(store: Optional[Path] = STORE_OPT, as_json: bool = typer.Option(Fal
     if as_json:
         print(json.dumps(rows))
         return
-    table = Table("name", "kind", "adapters", "default", "created")
-    for r in rows:
-        table.add_row(r["name"], r.get("kind", f"[red]{r.get('error')}[/]"), ", ".join(r.get("adapters", [])),
-                      "yes" if r.get("default") else "", r.get("created", ""))
-    out.print(table)
+    print_listing(("name", "kind", "adapters", "default", "created"),
+                  [[r["name"], r.get("kind", f"[red]{escape(r.get('error', ''))}[/]"),
+                    ", ".join(r.get("adapters", [])), "yes" if r.get("default") else "", r.get("created", "")]
+                   for r in rows], keep=("kind",))
 
 
 @route_app.command("default")

@@ -9,6 +9,7 @@ from .adapter import SIDE_FILE, Adapter
 
 
 def describe(path: str | Path) -> dict[str, Any]:
+    """The summary of the adapter folder at `path` (ours or PEFT's; a stored adapter's folder too)."""
     path = Path(path)
     adapter = Adapter.load(path)
     config = adapter.config
@@ -26,4 +27,5 @@ def describe(path: str | Path) -> dict[str, Any]:
         "base": adapter.meta.base_name,
         "base_fingerprint": adapter.meta.base_fingerprint,
         "task": adapter.meta.task,
+        "path": str(path),
     }
