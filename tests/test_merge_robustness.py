@@ -258,3 +258,35 @@ def test_cli_reversible_with_a_huge_k_is_refused_at_once(tmp_path):
                              env={"COLUMNS": "300"})
     assert res.exit_code == 2, res.output
     assert "reversible merge k must be an integer in [1, 3]" in res.output
+
+
+def test_cli_head_from_gives_the_merged_adapter_a_head(tmp_path):
+    """A merged adapter classifies again: --head-from copies a stored (or folder) adapter's head, task
+    and labels, and the lineage names where the head came from; refused for a donor without a head
+    and for reversible merges."""
+    from adapterkit.heads import ClassificationHead
+
+    st = AdapterStore(tmp_path / "store")
+    ads = inputs()
+    ads[0].head = ClassificationHead.create(["pos", "neg"], 8, "last", seed=1)
+    ads[0].meta.task, ads[0].meta.labels = "sentiment", ["pos", "neg"]
+    for a in ads:
+        st.put(a)
+    recipe = write(tmp_path / "r.yaml", {"method": "linear", "inputs": [{"adapter": a.name} for a in ads]})
+    runner = CliRunner()
+    res = runner.invoke(merge_app(), ["merge", str(recipe), "--name", "m", "--store", str(st.root),
+                                      "--head-from", "a"])
+    assert res.exit_code == 0, res.output
+    merged = st.get("m")
+    assert merged.head.labels == ["pos", "neg"] and torch.equal(merged.head.weight, ads[0].head.weight)
+    assert (merged.meta.task, merged.meta.labels) == ("sentiment", ["pos", "neg"])
+    assert merged.meta.lineage[-1]["params"]["head_from"]["name"] == "a"
+    res = runner.invoke(merge_app(), ["merge", str(recipe), "--name", "m2", "--store", str(st.root),
+                                      "--head-from", "b"], env={"COLUMNS": "300"})
+    assert res.exit_code == 2 and "--head-from 'b': adapter 'b' has no classification head to give" in res.output
+    assert "m2" not in st
+    rev = write(tmp_path / "rev.yaml", {"method": "reversible", "parameters": {"k": 2},
+                                        "inputs": [{"adapter": a.name} for a in ads]})
+    res = runner.invoke(merge_app(), ["merge", str(rev), "--name", "r", "--store", str(st.root),
+                                      "--head-from", "a"], env={"COLUMNS": "300"})
+    assert res.exit_code == 2 and "a reversible merge stores basis adapters" in res.output

@@ -22,6 +22,8 @@ def merge_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a stored adapter of the same name."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the per-site table (rank, error)."),
+    head_from: Optional[str] = typer.Option(None, "--head-from", help="Give the merged adapter this adapter's "
+                                            "classification head (and task, labels): a folder or a stored name."),
 ) -> None:
     """Merge adapters of one base into a new stored adapter, from a YAML recipe.
 
@@ -51,6 +53,7 @@ def merge_cmd(
 
     \b
       adapterkit merge merge.yaml --name multi --store ./store
+      adapterkit merge merge.yaml --name multi --head-from sentiment   # a classifier again
     Reversible: method: reversible, parameters: {k: 2} stores multi.basis0..
     """
     from .merge.recipe import load_recipe, run_recipe
@@ -59,6 +62,7 @@ def merge_cmd(
     try:
         st = open_store(store)
         spec = load_recipe(recipe)
+        donor = _head_donor(head_from, store, spec.method) if head_from is not None else None
         k = spec.parameters.get("k")
         # at most one basis adapter per input (merge_reversible refuses a larger k, naming it)
         names = ([f"{name}.basis{j}" for j in range(min(k, len(spec.inputs)) if isinstance(k, int) else 0)]
@@ -72,6 +76,8 @@ def merge_cmd(
             _print_reversible(result, st, as_json)
             return
         adapter, report = result
+        if donor is not None:
+            _give_head(adapter, donor)
         path = st.put(adapter, overwrite=overwrite)
     except AdapterkitError as exc:
         fail(exc)
@@ -106,3 +112,30 @@ def _print_reversible(rev, st, as_json: bool) -> None:
            "a task is the weighted row {basis: coefficient} of these adapters, or "
            "recover(ReversibleMerge.from_store(store, name), task)")
     out.print(f"stored {', '.join(b.name for b in rev.basis)} in {st.root}; {how}", highlight=False)
+
+
+def _head_donor(ref: str, store: Optional[Path], method: str):
+    """The adapter whose head --head-from names, checked before the merge."""
+    from .cli_common import load_adapter
+    from .errors import ConfigError
+    from .heads import ClassificationHead
+
+    if method == "reversible":
+        raise ConfigError("--head-from gives ONE head to one merged adapter; a reversible merge stores basis "
+                          "adapters that serve every task: attach each task's head when evaluating instead")
+    donor = load_adapter(ref, store)
+    if not isinstance(donor.head, ClassificationHead):
+        raise ConfigError(f"--head-from {ref!r}: adapter {donor.name!r} has no classification head to give")
+    return donor
+
+
+def _give_head(adapter, donor) -> None:
+    """The merged adapter classifies as `donor` did: its head, task and labels, recorded in the lineage."""
+    from .adapter import check_same_base
+    from .merge.common import content_fingerprint
+
+    check_same_base([adapter, donor], "give a head across adapters", "take the head of an adapter of the same base")
+    adapter.head = donor.head
+    adapter.meta.task, adapter.meta.labels = donor.meta.task, list(donor.head.labels)
+    adapter.meta.lineage[-1].setdefault("params", {})["head_from"] = {
+        "name": donor.name, "fingerprint": content_fingerprint(donor)}
