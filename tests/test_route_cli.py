@@ -99,7 +99,7 @@ def test_fit_gate_from_the_cli(world):
     (["--kind", "knn"], "error: unknown router kind 'knn'; use one of retrieval, gate"),
     (["--name", "ad-a"], "routers and adapters share one model namespace"),
     (["--adapters", "ad-a,nope"], "error: no adapter named 'nope' in the store at"),
-    ([], "error: adapter(s) ['ad-a', 'ad-b'] record no task in the store; pass --examples FILE"),
+    ([], "error: the router has no examples of 'ad-a' (it records no task), 'ad-b' (it records no task): pass --examples FILE"),
     (["--kind", "gate", "--lexical-weight", "1"],
      "error: --lexical/--lexical-weight are options of --kind retrieval; a gate reads hidden states"),
     (["--no-lexical", "--lexical-weight", "1"],

@@ -271,6 +271,39 @@ def data_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
         out.print(f"[bold]{ex.label}[/]: {ex.text[:160]}", highlight=False)
 
 
+@data_app.command("export")
+def data_export(
+    name: str,
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="The `adapter` field of every line "
+                                          "(default: the task's name)."),
+    split: str = typer.Option("train", help="train, validation or test."),
+    n: Optional[int] = typer.Option(None, "--n", min=1, help="At most this many rows (default: all)."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Write here (default: standard output)."),
+) -> None:
+    """A task's rows as JSONL {"text", "adapter", "label"}: router examples (`route fit --examples`)
+    or training / evaluation files."""
+    from ._atomic import atomic_write_text
+    from .adapter import validate_name
+    from .data import load_task
+
+    try:
+        if adapter is not None:
+            validate_name(adapter)
+        task = load_task(name)
+        if split not in ("train", "validation", "test"):
+            raise AdapterkitError(f"unknown split {split!r}; the splits are train, validation, test")
+        rows = getattr(task, split)[:n]
+        text = "".join(json.dumps({"text": e.text, "adapter": adapter or name, "label": e.label}, ensure_ascii=False)
+                       + "\n" for e in rows)
+        if out_file is None:
+            sys.stdout.write(text)
+        else:
+            atomic_write_text(out_file, text)
+            err.print(f"wrote {len(rows)} rows of {name} ({split}) to {out_file}", highlight=False)
+    except (AdapterkitError, OSError) as exc:
+        fail(exc)
+
+
 @app.command("ls")
 def ls(store: Optional[Path] = STORE_OPT, as_json: bool = typer.Option(False, "--json")) -> None:
     """List the adapters in the store."""

@@ -30,8 +30,10 @@ def route_fit(
     encoder: str = typer.Option("minilm-l6", help="retrieval: a sentence encoder (built-in name or folder; "
                                 "default MiniLM-L6: more accurate and 7x faster than the base on the 4-task benchmark) "
                                 "or 'base' (mean-pooled states of the adapters' base)."),
-    examples: Optional[Path] = typer.Option(None, "--examples", help="JSONL lines {\"text\", \"adapter\"[, \"label\"]} "
-                                            "(default: each adapter's task from the store)."),
+    examples: Optional[Path] = typer.Option(None, "--examples", help="JSONL lines {\"text\", \"adapter\"[, \"label\"]}, "
+                                            "added to the examples of adapters trained on an example task; the only "
+                                            "examples of adapters trained from files (`adapterkit data export` "
+                                            "writes such lines)."),
     n_examples: int = typer.Option(1024, "--n-examples", min=2, help="Examples per adapter from its task's train "
                                    "split (fewer if the split is smaller)."),
     neighbors: int = typer.Option(10, "--neighbors", min=0, help="retrieval: score = mean cosine to the adapter's k "

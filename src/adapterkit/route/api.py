@@ -48,15 +48,25 @@ def open_base(store: Any, adapters: Sequence[Any], base: str | None):
     return b
 
 
+def example_task(adapter: Any) -> bool:
+    """Whether the adapter records one of the example tasks (`adapterkit data list`), whose data the
+    router can read; an adapter trained from a file records the file's path instead."""
+    from ..data import list_tasks
+
+    return bool(adapter.meta.task) and adapter.meta.task in list_tasks()
+
+
 def task_examples(adapters: Sequence[Any], n_fit: int, n_held: int):
     """{adapter: fit texts}, {adapter: held-out texts}, {adapter: labels of the fit texts}, source."""
     from ..data import load_task
 
     fit, held, labels = {}, {}, {}
-    no_task = [a.name for a in adapters if not a.meta.task]
+    no_task = [a.name for a in adapters if not example_task(a)]
     if no_task:
-        raise ConfigError(f"adapter(s) {no_task} record no task in the store; pass --examples FILE (JSONL lines "
-                          '{"text": ..., "adapter": ...}) to give the router examples of them')
+        which = ", ".join(f"{a.name!r} (" + (f"trained on {a.meta.task!r}, not an example task" if a.meta.task
+                                            else "it records no task") + ")" for a in adapters if a.name in no_task)
+        raise ConfigError(f"the router has no examples of {which}: pass --examples FILE (JSONL lines "
+                          '{"text": ..., "adapter": ...}; `adapterkit data export TASK --adapter NAME` writes them)')
     for a in adapters:
         task = load_task(a.meta.task)
         fit[a.name] = [e.text for e in task.train[:n_fit]]
@@ -111,9 +121,15 @@ def fit_router(store: Any, adapter_names: Sequence[str], name: str, *, kind: str
                         lexical_weight=lexical_weight)
     else:
         check_gate(steps=steps, lr=lr, gate_weight=gate_weight, batch_size=batch_size)
-    if examples_file is not None:
+    if examples_file is not None:             # the file ADDS to the example tasks' data (held-out: a seeded 20 %)
         texts, labels = file_examples(examples_file, adapter_names)
         held, source = None, f"file: {examples_file}"
+        known = [a for a in adapters if example_task(a)]
+        if known:
+            t_texts, _, t_labels, t_source = task_examples(known, n_examples, n_held)
+            for a in known:
+                texts[a.name], labels[a.name] = t_texts[a.name] + texts[a.name], t_labels[a.name] + labels[a.name]
+            source = f"{t_source}; + {source}"
     else:
         texts, held, labels, source = task_examples(adapters, n_examples, n_held)
     if kind == "retrieval":
