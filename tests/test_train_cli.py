@@ -86,6 +86,12 @@ def test_causal_lm_train_learns_the_completions(files, tmp_path):
     assert json.loads(res.stdout)["exact_match"] == 1.0       # stdout: progress lines go to stderr
     res = runner.invoke(app, ["eval", "inst", "--base", str(base), "--store", str(tmp_path / "s")])
     assert res.exit_code == 2 and "has no classification head: give --file" in res.output
+    recipe = tmp_path / "one.yaml"                      # a merge keeps no head: eval says how to give it one
+    recipe.write_text("method: linear\ninputs:\n  - adapter: inst\n")
+    assert runner.invoke(app, ["merge", str(recipe), "--name", "m", "--store", str(tmp_path / "s")]).exit_code == 0
+    res = runner.invoke(app, ["eval", "m", "--base", str(base), "--store", str(tmp_path / "s")],
+                        env={"COLUMNS": "300"})
+    assert res.exit_code == 2 and "(a merge keeps no head): merge again with --head-from ADAPTER" in res.output
     # the trained adapter generates the completion through the generate CLI
     path = shown["path"]
     out = runner.invoke(app, ["generate", "give me one tip", "--base", str(base), "--adapter", path,

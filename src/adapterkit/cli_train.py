@@ -189,8 +189,12 @@ def eval_cmd(
             from .train.instruct import evaluate_instructions
 
             if file is None:
-                raise AdapterkitError(f"{name!r} has no classification head: give --file with JSONL "
-                                      "prompt/completion or messages records")
+                merged = any(step.get("op") == "merge" for step in adapter.meta.lineage)
+                raise AdapterkitError(
+                    f"{name!r} has no classification head" + (
+                        " (a merge keeps no head): merge again with --head-from ADAPTER to give it one, or "
+                        if merged else ": ") + "give --file with JSONL prompt/completion or messages records to "
+                    "score it as an instruction adapter")
             metrics = evaluate_instructions(rt, name, read_records(file)[0], max_length, progress=progress)
         else:
             examples = _examples(task, split, file, text_field, label_field)
