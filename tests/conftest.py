@@ -61,6 +61,14 @@ def _isolated_home(request, tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _host_device(monkeypatch):
+    # The CLI's default device is the best available: on a GPU machine the suite would compare GPU
+    # bf16 runs with host fp32 references. It stays on the host; device tests ask for theirs.
+    monkeypatch.setenv("ADAPTERKIT_DEVICE", "cpu")
+    monkeypatch.delenv("ADAPTERKIT_DTYPE", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _one_thread_for_tiny_models(request):
     # Tiny models gain nothing from a second thread, and two OpenMP threads sharing a busy 2-core
     # machine spin-wait: the suite ran 10-50x slower next to a benchmark. Real-model tests keep all.

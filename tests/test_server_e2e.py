@@ -86,6 +86,7 @@ def server(tmp_path_factory):
 def test_banner_names_the_url_base_and_adapters(server):
     out = server.output
     assert f"  base      {server.base} (context 1024 tokens)" in out
+    assert "  device    cpu, float32" in out                # conftest pins ADAPTERKIT_DEVICE=cpu
     assert "  adapters  2 served: alpha, beta" in out
     assert "  auth      Bearer API key required on every route but /health" in out
 

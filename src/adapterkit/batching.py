@@ -6,6 +6,10 @@ token of the row uses the same adapters), a token ("token" mode: packed batches,
 routing), or everything ("all" mode: one adapter set broadcast over any batch, as in training).
 Building the batch also picks the kernel and precomputes what that kernel needs, so the per-site
 work is only tensor ops. All functions here are pure.
+
+Devices: the plan is computed on the host (it needs Python values: distinct slots, segment bounds),
+so ids / weights stay there; the tensors the kernels read (dense_w, gather_idx, gather_w, order,
+seg_w) are moved once per step to `device`, the model's, so no site copies anything.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ SEGMENT_MIN_TOKENS = 8
 class AdapterBatch:
     mode: str                         # "row" | "token" | "all"
     n: int                            # units: rows (row), tokens (token), 1 (all)
-    ids: torch.Tensor                 # [n, K] long: slot per unit and position, 0 = none
-    weights: torch.Tensor             # [n, K] float: weight of each slot (0 where ids == 0)
+    ids: torch.Tensor                 # [n, K] long: slot per unit and position, 0 = none (host)
+    weights: torch.Tensor             # [n, K] float: weight of each slot (0 where ids == 0) (host)
     unique: tuple[int, ...]           # sorted distinct slots > 0 in the batch
     kernel: str                       # "none" | "dense" | "gather" | "segment"
     # dense: slot -> [n, 1, 1] summed weight of that slot on each unit
@@ -76,6 +80,7 @@ def build_batch(
     kernel: str = "auto",
     needs_grad: bool = False,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
     dense_max: int = DENSE_MAX_ADAPTERS,
     segment_min_tokens: int = SEGMENT_MIN_TOKENS,
 ) -> AdapterBatch:
@@ -88,7 +93,7 @@ def build_batch(
         raise ConfigError(f"unknown batch mode {mode!r}; use one of {MODES}")
     if kernel not in KERNELS:
         raise ConfigError(f"unknown kernel {kernel!r}; use one of {KERNELS}")
-    ids = torch.as_tensor(ids, dtype=torch.long)
+    ids = torch.as_tensor(ids, dtype=torch.long, device="cpu")            # the plan is made on the host
     if ids.dim() == 1:
         ids = ids[:, None]
     if ids.dim() != 2:
@@ -96,7 +101,7 @@ def build_batch(
     if weights is None:
         weights = (ids > 0).to(torch.float32)
     else:
-        weights = torch.as_tensor(weights, dtype=torch.float32)
+        weights = torch.as_tensor(weights, dtype=torch.float32, device="cpu")
         if weights.dim() == 1:
             weights = weights[:, None]
         if weights.shape != ids.shape:
@@ -125,45 +130,45 @@ def build_batch(
     if needs_grad and chosen != "dense":
         raise ConfigError(f"kernel {chosen!r} reads stacked copies; gradients need kernel 'dense'")
     if chosen == "dense":
-        return AdapterBatch(kernel="dense", dense_w=_dense_weights(ids, weights, unique, dtype), **common)
+        return AdapterBatch(kernel="dense", dense_w=_dense_weights(ids, weights, unique, dtype, device), **common)
     if mode == "all":
         raise ConfigError(f"kernel {chosen!r} needs per-row or per-token ids; mode 'all' uses 'dense'")
     if chosen == "gather":
-        idx, ws = _gather_plan(ids, weights, dtype)
+        idx, ws = _gather_plan(ids, weights, dtype, device)
         return AdapterBatch(kernel="gather", gather_idx=idx, gather_w=ws, **common)
     if k != 1:
         raise ConfigError("kernel 'segment' takes one adapter per unit (K == 1); use 'gather' or 'dense'")
-    order, bounds, slots, seg_w = _segment_plan(ids[:, 0], weights[:, 0], dtype)
+    order, bounds, slots, seg_w = _segment_plan(ids[:, 0], weights[:, 0], dtype, device)
     return AdapterBatch(kernel="segment", order=order, bounds=bounds, seg_slots=slots, seg_w=seg_w, **common)
 
 
-def _dense_weights(ids, weights, unique, dtype) -> dict[int, torch.Tensor]:
+def _dense_weights(ids, weights, unique, dtype, device) -> dict[int, torch.Tensor]:
     out = {}
     for slot in unique:
         w = (weights * (ids == slot)).sum(dim=1)          # [n]
-        out[slot] = w.to(dtype).view(-1, 1, 1)
+        out[slot] = w.to(device=device, dtype=dtype).view(-1, 1, 1)
     return out
 
 
-def _gather_plan(ids, weights, dtype):
+def _gather_plan(ids, weights, dtype, device):
     idx, ws = [], []
     for j in range(ids.shape[1]):
         col_ids, col_w = ids[:, j], weights[:, j]
         if not (col_ids > 0).any():
             continue
-        idx.append(col_ids.contiguous())
+        idx.append(col_ids.to(device).contiguous())
         # Units without an adapter read slot 0 (all zeros), so only real weights need multiplying.
         unit = bool(((col_w == 1) | (col_ids == 0)).all())
-        ws.append(None if unit else col_w.to(dtype).view(-1, 1, 1))
+        ws.append(None if unit else col_w.to(device=device, dtype=dtype).view(-1, 1, 1))
     return tuple(idx), tuple(ws)
 
 
-def _segment_plan(ids, weights, dtype):
+def _segment_plan(ids, weights, dtype, device):
     active = torch.nonzero(ids > 0).flatten()
     sorted_ids, perm = torch.sort(ids[active], stable=True)
     order = active[perm]
     slots, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
     bounds = (0, *torch.cumsum(counts, 0).tolist())
     w = weights[order]
-    seg_w = None if bool((w == 1).all()) else w.to(dtype).view(-1, 1, 1)
-    return order, tuple(bounds), tuple(slots.tolist()), seg_w
+    seg_w = None if bool((w == 1).all()) else w.to(device=device, dtype=dtype).view(-1, 1, 1)
+    return order.to(device), tuple(bounds), tuple(slots.tolist()), seg_w

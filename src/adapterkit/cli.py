@@ -10,8 +10,8 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from .cli_common import (ADAPTER_HELP, STORE_OPT, adapter_source, err, fail, load_adapter, open_store,
-                         out, print_listing, print_record)
+from .cli_common import (ADAPTER_HELP, DEVICE_OPT, DTYPE_OPT, STORE_OPT, adapter_source, device_dtype, err, fail,
+                         load_adapter, open_store, out, print_listing, print_record)
 from .cli_merge import merge_cmd
 from .cli_route import route_app
 from .cli_serve import serve_cmd
@@ -126,23 +126,28 @@ def adapter_export_merged(
     adapters: List[str] = typer.Argument(..., help=f"Adapters to merge in, each {ADAPTER_HELP}."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for the merged transformers model."),
     base: str = typer.Option("smollm2-135m"),
+    device: Optional[str] = DEVICE_OPT,
+    dtype: str = typer.Option("float32", "--dtype", help="The written weights: float32 (the default, whatever "
+                              "the machine), bfloat16 or float16 (half the size). The merge runs in float32 and "
+                              "each weight is rounded once."),
     store: Optional[Path] = STORE_OPT,
 ) -> None:
     """Write a plain transformers model folder: the base with the adapters merged in."""
-    from .base import load_base
+    from .base import dtype_name, load_base
     from .runtime import AdapterRuntime
 
     try:
         seen: dict = {}
         loaded = [load_adapter(ref, store, seen) for ref in adapters]     # every adapter before the base
-        b = load_base(base)
+        dev, written = device_dtype(device, dtype)
+        b = load_base(base, dtype="float32", device=dev)      # merged in fp32, cast once when written
         rt = AdapterRuntime.from_base(b)
         for a in seen.values():
             rt.add(a)
-        rt.export_merged(out_dir, [a.name for a in loaded], tokenizer=b.tokenizer)
+        rt.export_merged(out_dir, [a.name for a in loaded], tokenizer=b.tokenizer, dtype=written)
     except AdapterkitError as exc:
         fail(exc)
-    out.print(f"wrote {out_dir}")
+    out.print(f"wrote {out_dir} ({dtype_name(written)})", highlight=False)
 
 
 def parse_composition(spec: str) -> list[tuple[str, float]]:
@@ -180,6 +185,8 @@ def generate(
     top_k: int = typer.Option(0, "--top-k", help="Sample from the K most likely tokens (0: off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Same seed, same tokens (default: random)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the tokenizer's chat template."),
+    device: Optional[str] = DEVICE_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
     store: Optional[Path] = STORE_OPT,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per row."),
 ) -> None:
@@ -192,6 +199,7 @@ def generate(
 
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        dev, dt = device_dtype(device, dtype)
         seen: dict = {}                           # every adapter is read before the base is loaded
         rows: list = [load_adapter(ref, store, seen).name for ref in adapter or []]
         for spec in compose or []:
@@ -204,7 +212,7 @@ def generate(
                 row[name] = w
             rows.append(row)
         rows = rows or [None]
-        b = load_base(base)
+        b = load_base(base, dtype=dt, device=dev)
         if b.tokenizer is None or b.kind != "causal-lm":
             raise AdapterkitError(f"base {base!r} is not a causal LM with a tokenizer; generate needs one")
         rt = AdapterRuntime.from_base(b)
@@ -347,6 +355,8 @@ def demo(
     steps: int = typer.Option(80, help="Training steps per example task (batch 8)."),
     n_test: int = typer.Option(300, "--n-test", help="Test rows scored per task."),
     retrain: bool = typer.Option(False, "--retrain", help="Train again even if the store has the adapters."),
+    device: Optional[str] = DEVICE_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
     store: Optional[Path] = STORE_OPT,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
@@ -355,8 +365,9 @@ def demo(
     from .demo import DemoSettings, run_demo
 
     try:
+        dev, dt = device_dtype(device, dtype)
         run_demo(base, out, settings=DemoSettings(steps=steps, n_test=n_test), store=open_store(store),
-                 retrain=retrain, progress=progress)
+                 retrain=retrain, progress=progress, device=dev, dtype=dt)
     except AdapterkitError as exc:
         fail(exc)
 

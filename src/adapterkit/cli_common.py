@@ -13,6 +13,8 @@ from rich.markup import escape
 from rich.table import Column, Table
 from rich.text import Text
 
+from .base import DEVICE_HELP, DTYPE_HELP
+
 out = Console()
 err = Console(stderr=True)
 
@@ -28,6 +30,14 @@ def print_record(record: dict, as_json: bool) -> None:
     out.print(table)
 
 
+def device_dtype(device: Optional[str], dtype: Optional[str]):
+    """(torch.device, torch.dtype) of --device and --dtype; ConfigError for an unknown or absent one."""
+    from .base import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    return dev, resolve_dtype(dtype, dev)
+
+
 def fail(exc: Exception, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)   # "['a1']" stays
     raise typer.Exit(code)
@@ -40,6 +50,8 @@ def open_store(path: Optional[Path]):
 
 
 STORE_OPT = typer.Option(None, "--store", help="Store folder (default $ADAPTERKIT_HOME/store).")
+DEVICE_OPT = typer.Option(None, "--device", envvar="ADAPTERKIT_DEVICE", help=f"Where the base runs: {DEVICE_HELP}.")
+DTYPE_OPT = typer.Option(None, "--dtype", envvar="ADAPTERKIT_DTYPE", help=f"The base's weights: {DTYPE_HELP}.")
 ADAPTER_HELP = "an adapter folder (ours or PEFT's) or the name of a stored adapter (see --store)"
 
 _MIN_CELL = 8           # a long listing column gets at least this many characters, or is left out

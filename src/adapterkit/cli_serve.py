@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from .cli_common import fail
+from .cli_common import DEVICE_OPT, DTYPE_OPT, device_dtype, fail
 from .errors import AdapterkitError
 
 
@@ -31,6 +31,8 @@ def serve_cmd(
     shutdown_timeout: float = typer.Option(30.0, "--shutdown-timeout", min=0.0,
                                            help="Seconds requests in flight get to finish on SIGINT/SIGTERM."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (warning: no access log)."),
+    device: Optional[str] = DEVICE_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Serve the base and its adapters over an OpenAI-compatible HTTP API.
 
@@ -53,6 +55,7 @@ def serve_cmd(
 
     try:
         settings = ApiSettings(api_key=api_key, max_body_bytes=int(max_body_mb * 2 ** 20))
+        dev, dt = device_dtype(device, dtype)        # an absent GPU fails before the port is taken
         if store is None and (adapterkit_home() / "store").is_dir():
             store = adapterkit_home() / "store"
         try:
@@ -64,7 +67,8 @@ def serve_cmd(
             engine = Engine.build(base, store=AdapterStore(store) if store is not None else None,
                                   adapter_dirs=adapters or [],
                                   config=EngineConfig(max_batch=max_batch, max_queue=max_queue, kv_cache_mb=kv_cache_mb),
-                                  max_loaded_adapters=max_loaded_adapters, ram_cache_mb=ram_cache_mb)
+                                  max_loaded_adapters=max_loaded_adapters, ram_cache_mb=ram_cache_mb,
+                                  device=dev, dtype=dt)
         except BaseException:
             sock.close()
             raise

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .cli_common import STORE_OPT, fail, open_store, out
+from .cli_common import DEVICE_OPT, DTYPE_OPT, STORE_OPT, device_dtype, fail, open_store, out
 from .errors import AdapterkitError
 
 
@@ -47,7 +47,11 @@ def train_cmd(
     max_length: int = typer.Option(128, "--max-length", help="Longer texts are truncated."),
     seed: int = typer.Option(0),
     eval_every: int = typer.Option(0, "--eval-every", help="Score the eval split every N steps; keep the best."),
-    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast on CPU."),
+    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast on --device: fp32 base weights, bf16 "
+                              "matmuls (--dtype bfloat16 instead stores the base in bf16, half the memory; "
+                              "the adapter always trains in fp32)."),
+    device: Optional[str] = DEVICE_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
     checkpoint_every: int = typer.Option(50, "--checkpoint-every",
                                          help="Save the trainer state every N steps (0: only at the end)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of --name from its last "
@@ -75,6 +79,7 @@ def train_cmd(
             raise AdapterkitError(f"training method {method!r} is not wired into `train` yet")
         if objective not in ("classification", "causal-lm", "mlm"):
             raise AdapterkitError(f"unknown objective {objective!r}; use classification, causal-lm or mlm")
+        dev, dt = device_dtype(device, dtype)
         config = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule,
                              weight_decay=weight_decay, warmup_steps=warmup, seed=seed, bf16=bf16,
                              eval_every=eval_every, checkpoint_every=checkpoint_every)
@@ -94,7 +99,7 @@ def train_cmd(
                     raise AdapterkitError("causal-lm training reads --train-file (JSONL prompt/completion or messages)")
                 train_recs = read_records(train_file)[0]
                 eval_recs = read_records(eval_file)[0] if eval_file else []
-                _, metrics = train_instructions(load_base(base), name, train_recs, eval_recs, **common)
+                _, metrics = train_instructions(load_base(base, dt, dev), name, train_recs, eval_recs, **common)
             elif objective == "mlm":
                 from .train.mlm import read_texts, train_mlm
 
@@ -103,12 +108,12 @@ def train_cmd(
                                           "with --text-field)")
                 train_texts = read_texts(train_file, text_field)
                 eval_texts = read_texts(eval_file, text_field) if eval_file else []
-                _, metrics = train_mlm(load_base(base), name, train_texts, eval_texts, **common)
+                _, metrics = train_mlm(load_base(base, dt, dev), name, train_texts, eval_texts, **common)
             else:
                 train_ex = _examples(task, "train", train_file, text_field, label_field)
                 eval_ex = _examples(task, "validation", eval_file, text_field, label_field) \
                     if (task or eval_file) else []
-                _, metrics = train_classifier(load_base(base), name, train_ex, eval_ex, **common)
+                _, metrics = train_classifier(load_base(base, dt, dev), name, train_ex, eval_ex, **common)
     except AdapterkitError as exc:
         fail(exc)
     except KeyboardInterrupt:
@@ -154,6 +159,8 @@ def eval_cmd(
     predictions: Optional[Path] = typer.Option(None, "--predictions", help="Classification adapters: write one "
                                                "JSON line per row (text, label, predicted, probabilities)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress on stderr while scoring."),
+    device: Optional[str] = DEVICE_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Accuracy and macro-F1 of a classification adapter on a task split or a file; loss, perplexity
     and exact match of an instruction adapter on a JSONL file; masked-token loss, perplexity and
@@ -167,6 +174,7 @@ def eval_cmd(
 
     rep = written = None
     try:
+        dev, dt = device_dtype(device, dtype)
         adapter = open_store(store).get(name)
         if (report or predictions is not None) and not isinstance(adapter.head, ClassificationHead):
             kind = "a masked-LM" if isinstance(adapter.head, MLMHead) else "an instruction"
@@ -174,7 +182,7 @@ def eval_cmd(
                                   "adapter")
         if predictions is not None:                    # before the (long) scoring, not after it
             check_output_path(predictions, "predictions file", "pass --predictions PATH in a folder you can write to")
-        b = load_base(base or adapter.meta.base_name or "smollm2-135m")
+        b = load_base(base or adapter.meta.base_name or "smollm2-135m", dt, dev)
         rt = AdapterRuntime.from_base(b)
         rt.add(adapter)
         if isinstance(adapter.head, MLMHead):          # a language / domain adapter: masked-token loss

@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .base import load_base
+from .base import load_base, to_device
 from .data import load_task
 from .errors import AdapterNotFoundError
 from .runtime import AdapterRuntime
@@ -47,12 +47,14 @@ class DemoSettings:
 
 def run_demo(base_name: str, console: Console, *, tasks: Sequence[str] = DEMO_TASKS,
              settings: DemoSettings = DemoSettings(), store: AdapterStore | None = None, retrain: bool = False,
-             progress: bool = True) -> list[dict[str, Any]]:
-    """Returns one row per task: accuracies, how the adapter was obtained, and the mixed-batch check."""
+             progress: bool = True, device: Any = "cpu", dtype: Any = None) -> list[dict[str, Any]]:
+    """Returns one row per task: accuracies, how the adapter was obtained, and the mixed-batch check.
+    device / dtype: where and in what the base runs (base.load_base)."""
     s, store = settings, store or AdapterStore()
     t0 = time.perf_counter()
-    base = load_base(base_name)
-    console.print(f"base [bold]{base.name}[/] ({base.fingerprint}) loaded in {time.perf_counter() - t0:.1f} s")
+    base = load_base(base_name, dtype=dtype, device=device)
+    console.print(f"base [bold]{base.name}[/] ({base.fingerprint}) loaded in {time.perf_counter() - t0:.1f} s "
+                  f"on {base.device}, {str(base.dtype).removeprefix('torch.')}")
     rt = AdapterRuntime.from_base(base)
     rows, per_task = [], []                 # per task: (task index, adapter name, example) for the mixed stream
     for k, task_name in enumerate(tasks):
@@ -93,7 +95,7 @@ def classify_mixed(rt: AdapterRuntime, items: Sequence[tuple[str, str]], max_len
     with torch.no_grad():
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            batch = encode_texts(rt.tokenizer, [text for _, text in chunk], max_length)
+            batch = to_device(encode_texts(rt.tokenizer, [text for _, text in chunk], max_length), rt.device)
             with rt.batch([name for name, _ in chunk]):
                 hidden = hidden_states(rt.model, batch)          # [B, T, H]
             for i, (name, _) in enumerate(chunk):

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
+from .base import to_device
 from .runtime import AdapterRuntime, RowAdapters
 
 if TYPE_CHECKING:
@@ -53,7 +54,8 @@ class _RowSampler:
                 try:                                  # -inf is a processor's mask (allowed); NaN / +inf are not
                     if torch.isnan(x).any() or torch.isposinf(x).any():
                         raise NonFiniteLogitsError("the model's output (logits) holds NaN or inf for this row")
-                    token = int(torch.multinomial(filter_logits(x, self.params).softmax(-1), 1, generator=g).item())
+                    probs = filter_logits(x.cpu(), self.params).softmax(-1)   # host generator: same seed,
+                    token = int(torch.multinomial(probs, 1, generator=g).item())  # same tokens on every device
                 except Exception as exc:              # e.g. probabilities that overflowed
                     self.errors[i] = exc
             out[i, token] = 0.0
@@ -88,6 +90,7 @@ def generate(
         enc = tokenizer(texts, return_tensors="pt", padding=True)
     finally:
         tokenizer.padding_side = side
+    enc = to_device(enc, runtime.device)
     eos = tokenizer.eos_token_id
     pad = pad_id(tokenizer)
     start = enc["input_ids"].shape[1]

@@ -4,6 +4,9 @@ and a masked-LM head (BERT's) for language/domain adapters on encoders.
 Files beside the adapter: task_head.safetensors (the head's trainable tensors) and task_head.json
 (type, format_version and the head's settings). `load_head` picks the class from the json "type".
 PEFT ignores these files, so the folder stays a loadable PEFT adapter.
+
+Devices: a head read from disk sits on the host; `logits` runs it where the hidden states are (a
+no-op copy when they agree), and training moves it to the base's device first (`to`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ class ClassificationHead:
         weight = torch.randn(len(labels), hidden, generator=gen) * (1.0 / hidden ** 0.5)
         return cls(list(labels), pooling, weight, torch.zeros(len(labels)))
 
+    def to(self, device: torch.device | str) -> "ClassificationHead":
+        """Move the head's tensors (kept float32) to `device`, in place; returns self."""
+        self.weight, self.bias = self.weight.to(device), self.bias.to(device)
+        return self
+
     def label_ids(self, labels: list[str]) -> torch.Tensor:
         index = {label: i for i, label in enumerate(self.labels)}
         unknown = sorted({label for label in labels if label not in index})
@@ -48,15 +56,18 @@ class ClassificationHead:
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """hidden [B, T, H], attention_mask [B, T] (right padding) -> pooled [B, H]."""
+        attention_mask = attention_mask.to(hidden.device)
         if self.pooling == "mean":
             mask = attention_mask.to(hidden.dtype)
             return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         last = attention_mask.sum(1).clamp(min=1) - 1
-        return hidden[torch.arange(hidden.shape[0]), last]
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
     def logits(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """hidden [B, T, H], attention_mask [B, T] (right padding) -> logits [B, n_labels]."""
-        return self.pool(hidden, attention_mask).to(self.weight.dtype) @ self.weight.t() + self.bias
+        """hidden [B, T, H], attention_mask [B, T] (right padding) -> logits [B, n_labels], on hidden's device."""
+        dev = hidden.device
+        pooled = self.pool(hidden, attention_mask).to(self.weight.dtype)
+        return pooled @ self.weight.to(dev).t() + self.bias.to(dev)
 
     def save(self, folder: Path) -> None:
         write_tensors(folder / HEAD_TENSORS, {"weight": self.weight, "bias": self.bias})
@@ -108,6 +119,12 @@ class MLMHead:
         """The trainable tensors (the tied decoder weight is the base's and stays frozen)."""
         return [getattr(self, field) for field in self.NAMES.values()]
 
+    def to(self, device: torch.device | str) -> "MLMHead":
+        """Move the trainable tensors (kept float32) to `device`, in place; returns self."""
+        for field in self.NAMES.values():
+            setattr(self, field, getattr(self, field).to(device))
+        return self
+
     def logits(self, hidden: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         """hidden [..., H], embeddings (the base's input word embeddings) [V, H] -> logits [..., V]."""
         from transformers.activations import ACT2FN
@@ -116,10 +133,11 @@ class MLMHead:
         if tuple(embeddings.shape) != want:
             raise BaseMismatchError(f"this MLM head was made for embeddings of shape {want} (vocab, hidden), but the "
                                     f"base has {tuple(embeddings.shape)}; load the adapter onto its own base")
-        x = torch.nn.functional.linear(hidden.to(self.dense_weight.dtype), self.dense_weight, self.dense_bias)
-        x = torch.nn.functional.layer_norm(ACT2FN[self.hidden_act](x), x.shape[-1:], self.norm_weight,
-                                           self.norm_bias, self.layer_norm_eps)
-        return torch.nn.functional.linear(x, embeddings.to(x.dtype), self.bias)
+        w = {field: getattr(self, field).to(hidden.device) for field in self.NAMES.values()}   # on hidden's device
+        x = torch.nn.functional.linear(hidden.to(self.dense_weight.dtype), w["dense_weight"], w["dense_bias"])
+        x = torch.nn.functional.layer_norm(ACT2FN[self.hidden_act](x), x.shape[-1:], w["norm_weight"],
+                                           w["norm_bias"], self.layer_norm_eps)
+        return torch.nn.functional.linear(x, embeddings.to(x.dtype), w["bias"])
 
     def save(self, folder: Path) -> None:
         write_tensors(folder / HEAD_TENSORS, {name: getattr(self, field) for name, field in self.NAMES.items()})

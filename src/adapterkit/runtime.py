@@ -12,6 +12,7 @@ slots (see batching.AdapterBatch); every wrapped site reads that one object.
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, Union
@@ -44,6 +45,7 @@ class AdapterRuntime:
         self._sites: dict[str, Site] = {}
         self._modules = dict(model.named_modules())
         self._dtype = next(model.parameters()).dtype
+        self._device = next(model.parameters()).device
         self._versions: dict[str, int] = {}                   # trainable adapter -> tensor version sum
         self._originals: dict[str, torch.Tensor] = {}         # module -> weight before any merge
         self._merged: list[str] = []
@@ -56,6 +58,14 @@ class AdapterRuntime:
         rt = cls(base.model, fingerprint=base.fingerprint, base_name=base.name, capacity=capacity)
         rt.tokenizer = base.tokenizer
         return rt
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
 
     # ------------------------------------------------------------------ attach / detach
     @property
@@ -96,6 +106,11 @@ class AdapterRuntime:
                     f"adapter {name!r} does not fit this base at {module_name}: tensors {got}, "
                     f"the base needs {expected}; it was made for another base model"
                 )
+            away = {k: str(t.device) for k, t in adapter.tensors[own].items()
+                    if t.requires_grad and t.device != self._device}
+            if away:
+                raise ConfigError(f"adapter {name!r}: trainable tensors at {module_name} are on {away}, the base on "
+                                  f"{self._device}; move them to the base's device first (train() does)")
             tensors[module_name] = (own, {k: self._cast(t) for k, t in adapter.tensors[own].items()})
         slot = self._free_slot()
         for module_name, (own, parts) in tensors.items():
@@ -132,8 +147,11 @@ class AdapterRuntime:
             self._versions[name] = _version(adapter)
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
-        # Frozen adapters are stored in the base dtype; trainable ones stay the caller's tensors.
-        return t if t.requires_grad or t.dtype == self._dtype else t.to(self._dtype)
+        # Frozen adapters are stored in the base dtype, on its device; trainable ones stay the caller's
+        # tensors (the dense kernel runs them in their own dtype: fp32 master weights on a bf16 base).
+        if t.requires_grad:
+            return t
+        return t.to(device=self._device, dtype=self._dtype if t.is_floating_point() else t.dtype)
 
     def _free_slot(self) -> int:
         used = set(self._slots.values())
@@ -191,7 +209,7 @@ class AdapterRuntime:
     def batch_from_ids(self, ids: torch.Tensor, weights: torch.Tensor | None = None, *,
                        mode: str = "row", kernel: str = "auto") -> AdapterBatch:
         """Low-level entry for engines: ids are slots ([n] or [n, K], 0 = none)."""
-        used = set(torch.as_tensor(ids).flatten().tolist()) - {0}
+        used = set(torch.as_tensor(ids, device="cpu").flatten().tolist()) - {0}
         by_slot = {s: n for n, s in self._slots.items()}
         unknown = sorted(s for s in used if s not in by_slot)
         if unknown:
@@ -205,7 +223,8 @@ class AdapterRuntime:
             for n in names:
                 if n in self._versions and self._versions[n] != _version(self.adapters[n]):
                     self.refresh(n)
-        return build_batch(ids, weights, mode=mode, kernel=kernel, needs_grad=needs_grad, dtype=self._dtype)
+        return build_batch(ids, weights, mode=mode, kernel=kernel, needs_grad=needs_grad, dtype=self._dtype,
+                           device=self._device)
 
     def _row_slots(self, entry: RowAdapters) -> list[tuple[int, float]]:
         if entry is None:
@@ -231,7 +250,8 @@ class AdapterRuntime:
         """Apply the same adapter(s) to every row of every forward until deactivate() (training)."""
         self._default = self.make_batch([adapters]) if adapters is not None else None
         if self._default is not None:
-            self._default = build_batch(self._default.ids, self._default.weights, mode="all", dtype=self._dtype)
+            self._default = build_batch(self._default.ids, self._default.weights, mode="all", dtype=self._dtype,
+                                        device=self._device)
 
     def deactivate(self) -> None:
         self._default = None
@@ -264,7 +284,9 @@ class AdapterRuntime:
                 delta = spec.delta_weight(adapter.config, info, adapter.tensors[own])
                 if module_name not in self._originals:
                     self._originals[module_name] = module.weight.detach().clone()
-                module.weight.add_((weight * delta).to(module.weight.dtype))
+                # W + w·ΔW summed in fp32 and rounded once (a bf16 add would round ΔW first)
+                merged = module.weight.float() + weight * delta.to(module.weight.device, torch.float32)
+                module.weight.copy_(merged.to(module.weight.dtype))
         self._merged.append(name)
 
     def unmerge(self) -> None:
@@ -278,17 +300,36 @@ class AdapterRuntime:
     def merged(self) -> list[str]:
         return list(self._merged)
 
-    def export_merged(self, path: str | Path, adapters: Sequence[str] = (), tokenizer: Any = None) -> Path:
+    def export_merged(self, path: str | Path, adapters: Sequence[str] = (), tokenizer: Any = None,
+                      dtype: torch.dtype | str | None = None) -> Path:
         """Write a plain transformers folder of the base with `adapters` merged in (plus any merged
-        already); the runtime's weights are restored afterwards."""
+        already), its weights in `dtype` (default: the base's; merging runs in fp32 and each weight is
+        rounded once, so an fp32 runtime writing bf16 is as exact as bf16 allows); the runtime's
+        weights are restored afterwards."""
+        from .base import resolve_dtype
+
         before = list(self._merged)
+        dtype = self._dtype if dtype is None else resolve_dtype(dtype)
         try:
             for name in adapters:
                 if name not in self._merged:
                     self.merge(name)
 
             def write(tmp: Path) -> None:
-                self.model.save_pretrained(str(tmp))
+                state = None
+                if dtype != self._dtype:       # cast a copy; tied weights stay one tensor (saved once)
+                    state, cast = {}, {}
+                    for k, v in self.model.state_dict().items():
+                        key = (v.data_ptr(), v.shape)
+                        if key not in cast:
+                            cast[key] = v.to(dtype) if v.is_floating_point() else v
+                        state[k] = cast[key]
+                self.model.save_pretrained(str(tmp), state_dict=state)
+                if state is not None:          # save_pretrained records the model's dtype, not the file's
+                    config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+                    config["dtype"] = str(dtype).removeprefix("torch.")
+                    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
+                                                     encoding="utf-8")
                 if tokenizer is not None:
                     tokenizer.save_pretrained(str(tmp))
 

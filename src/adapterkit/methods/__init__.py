@@ -39,6 +39,7 @@ class SiteInfo:
     out_features: int
     fan_in_fan_out: bool   # True for GPT-2 Conv1D: weight is [in, out]
     dtype: torch.dtype
+    device: torch.device = torch.device("cpu")   # where the module's weight lives: pools keep their slots there
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,11 @@ def site_info(name: str, module: nn.Module) -> SiteInfo:
     """Dimensions of a Linear or GPT-2 Conv1D module; anything else is refused by name."""
     conv1d = _conv1d_type()
     if isinstance(module, nn.Linear):
-        return SiteInfo(name, module.in_features, module.out_features, False, module.weight.dtype)
+        return SiteInfo(name, module.in_features, module.out_features, False, module.weight.dtype,
+                        module.weight.device)
     if conv1d is not None and isinstance(module, conv1d):
         n_in, n_out = module.weight.shape
-        return SiteInfo(name, n_in, n_out, True, module.weight.dtype)
+        return SiteInfo(name, n_in, n_out, True, module.weight.dtype, module.weight.device)
     raise UnsupportedError(
         f"target module {name!r} is a {type(module).__name__}; adapters wrap nn.Linear and "
         "transformers' Conv1D only: choose target_modules that name linear layers"

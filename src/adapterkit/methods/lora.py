@@ -152,8 +152,8 @@ class LoraPool:
         self.capacity = capacity
         # slot -> (A [r, d_in], B [d_out, r], scale, dropout): the adapter's own tensors.
         self.sources: dict[int, tuple[torch.Tensor, torch.Tensor, float, float]] = {}
-        self.a_stack = torch.zeros(capacity + 1, site.in_features, 0, dtype=site.dtype)
-        self.b_stack = torch.zeros(capacity + 1, 0, site.out_features, dtype=site.dtype)
+        self.a_stack = torch.zeros(capacity + 1, site.in_features, 0, dtype=site.dtype, device=site.device)
+        self.b_stack = torch.zeros(capacity + 1, 0, site.out_features, dtype=site.dtype, device=site.device)
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -186,8 +186,10 @@ class LoraPool:
 
     def _restack(self, rank: int, capacity: int) -> None:
         self.rank, self.capacity = rank, capacity
-        self.a_stack = torch.zeros(capacity + 1, self.site.in_features, rank, dtype=self.site.dtype)
-        self.b_stack = torch.zeros(capacity + 1, rank, self.site.out_features, dtype=self.site.dtype)
+        self.a_stack = torch.zeros(capacity + 1, self.site.in_features, rank, dtype=self.site.dtype,
+                                   device=self.site.device)
+        self.b_stack = torch.zeros(capacity + 1, rank, self.site.out_features, dtype=self.site.dtype,
+                                   device=self.site.device)
         for slot in self.sources:
             self.refresh(slot)
 

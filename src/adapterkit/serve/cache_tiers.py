@@ -74,9 +74,9 @@ class RamTier:
 
 
 def read_entry(src: Source, roots: Any, dtype: torch.dtype) -> Entry:
-    """Read one adapter version from disk, checked and converted to the base dtype (so attach copies
-    nothing). Any failure is a typed adapterkit error; the task head is not read (generation does
-    not use it, so a damaged head does not stop it)."""
+    """Read one adapter version from disk, checked and converted to the base dtype; it stays on the host
+    (attach copies it to the base's device, if that is not the host). Any failure is a typed adapterkit
+    error; the task head is not read (generation does not use it, so a damaged head does not stop it)."""
     if not src.path.is_dir():
         raise CorruptAdapterError(f"adapter {src.name!r}: folder {src.path} no longer exists")
     roots.check_folder(src.path)                       # a file swapped for a symlink out since discovery

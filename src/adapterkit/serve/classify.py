@@ -43,9 +43,11 @@ class Classifier:
 
 
 def classify(head: ClassificationHead, hidden: torch.Tensor) -> Classification:
-    """hidden [n, H]: one sequence's final hidden states -> its label and probabilities."""
+    """hidden [n, H]: one sequence's final hidden states (any device) -> its label and probabilities.
+    The head is read from disk to the host, so the pooling and the head run there."""
+    hidden = hidden.float().cpu()
     mask = torch.ones(1, hidden.shape[0], dtype=torch.long)
-    probs = head.logits(hidden[None].float(), mask)[0].softmax(-1)
+    probs = head.logits(hidden[None], mask)[0].softmax(-1)
     if not torch.isfinite(probs).all():
         raise ArithmeticError("the classification head's output holds NaN or inf")
     return Classification(tuple(head.labels), tuple(float(p) for p in probs))

@@ -125,12 +125,13 @@ class Engine:
     @classmethod
     def build(cls, base: str = "smollm2-135m", *, store: Any = None, adapter_dirs: Iterable[Any] = (),
               config: EngineConfig | None = None, max_loaded_adapters: int = 8,
-              ram_cache_mb: float = 1024.0) -> "Engine":
-        """Load the base, make a runtime and an adapter cache over the store and adapter folders."""
+              ram_cache_mb: float = 1024.0, device: Any = "cpu", dtype: Any = None) -> "Engine":
+        """Load the base (on `device` in `dtype`: base.load_base), make a runtime and an adapter cache
+        over the store and adapter folders."""
         from ..base import load_base
         from ..runtime import AdapterRuntime
 
-        b = load_base(base)
+        b = load_base(base, dtype=dtype, device=device)
         runtime = AdapterRuntime.from_base(b, capacity=max_loaded_adapters + 1)
         cache = AdapterCache(runtime, store=store, adapter_dirs=adapter_dirs, max_loaded=max_loaded_adapters,
                              ram_cache_mb=ram_cache_mb)
@@ -305,14 +306,20 @@ class Engine:
             weights += [[w for _, w in row]] * len(s.pending)
             segments.append(Segment(s.cache, start, len(s.pending)))
             last.append(len(tokens) - 1)
-        tok, ids, ws, idx = torch.tensor(tokens), torch.tensor(slots), torch.tensor(weights), torch.tensor(last)
+        # Routing ids / weights [T, k] stay on the host (batch_from_ids plans there and moves what the
+        # kernels read); tokens, positions and the picked rows go to the model's device.
+        dev = self.decoder.device
+        host = torch.device("cpu")
+        ids, ws, idx = (torch.tensor(slots, device=host), torch.tensor(weights, device=host),
+                        torch.tensor(last, device=host))
+        tok, pos = torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev)
         gated = [(seg.start, seg.n, s.gate) for s, seg in zip(batch, segments) if s.gate is not None]
         with self.cache.locked(), torch.inference_mode():
             before = layer_routing(self.runtime, ids, ws, gated) if gated else None
             with self.runtime.use(self.runtime.batch_from_ids(ids, ws, mode="token")):
-                h = self.decoder.hidden(tok, torch.tensor(positions), segments, before_layer=before)
+                h = self.decoder.hidden(tok, pos, segments, before_layer=before)
             with self.runtime.use(self.runtime.batch_from_ids(ids[idx], ws[idx], mode="token")):
-                rows: list[Any] = list(self.decoder.logits(h[idx]))
+                rows: list[Any] = list(self.decoder.logits(h[idx.to(dev)]))
         for i, (s, seg) in enumerate(zip(batch, segments)):
             if s.classifier is not None:                        # its prompt, pooled as its head was trained
                 rows[i] = classify(s.classifier.head, h[seg.start:seg.start + seg.n])

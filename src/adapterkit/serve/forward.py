@@ -10,6 +10,9 @@ prompt + max_tokens at admission, so no memory goes to padding and a finished se
 it. Measured against the alternatives on this CPU (benchmarks/kv_cache.py): paged blocks need a
 gather per layer that costs more than the attention itself here (no fused paged kernel on CPU).
 
+Devices: every tensor made here (caches, attention output, masks) is made on the model's device, in
+its dtype; the engine puts the step's tokens and positions there too.
+
 Supported bases: Llama-architecture decoders (Llama, SmolLM2, Mistral without sliding window,
 Qwen2), whose layers are `input_layernorm -> self_attn(q,k,v,o) -> post_attention_layernorm -> mlp`
 with rotary positions. Output equals the Hugging Face forward (tests/test_engine.py).
@@ -33,9 +36,10 @@ SUPPORTED = ("llama", "mistral", "qwen2")
 class SeqCache:
     """K/V of one sequence for every layer; `length` tokens are filled."""
 
-    def __init__(self, layers: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype) -> None:
-        self.k = torch.empty(layers, kv_heads, capacity, head_dim, dtype=dtype)
-        self.v = torch.empty(layers, kv_heads, capacity, head_dim, dtype=dtype)
+    def __init__(self, layers: int, kv_heads: int, capacity: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        self.k = torch.empty(layers, kv_heads, capacity, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty(layers, kv_heads, capacity, head_dim, dtype=dtype, device=device)
         self.capacity = capacity
         self.length = 0
 
@@ -78,10 +82,11 @@ class FlatDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim ** -0.5
         self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
         self.max_context = int(cfg.max_position_embeddings)
 
     def new_cache(self, capacity: int) -> SeqCache:
-        return SeqCache(len(self.layers), self.kv_heads, capacity, self.head_dim, self.dtype)
+        return SeqCache(len(self.layers), self.kv_heads, capacity, self.head_dim, self.dtype, self.device)
 
     def bytes_per_token(self) -> int:
         return 2 * len(self.layers) * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
@@ -89,7 +94,7 @@ class FlatDecoder:
     @torch.inference_mode()
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, segments: Sequence[Segment],
                before_layer: Optional[Callable[[int, torch.Tensor], ContextManager[Any]]] = None) -> torch.Tensor:
-        """tokens, positions [T] -> final-norm hidden states [T, hidden]; fills the caches and
+        """tokens, positions [T] (on the model's device) -> final-norm hidden states [T, hidden]; fills the caches and
         advances each segment's cache length by its n. Adapter routing is the caller's (runtime.use);
         before_layer(i, h [1, T, d] = layer i's input) may return a context that holds for layer i
         only (a per-token gate routes each layer's tokens from that layer's input)."""
@@ -121,7 +126,7 @@ class FlatDecoder:
 
     def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 segments: Sequence[Segment]) -> torch.Tensor:
-        out = torch.empty(q.shape[0], self.heads * self.head_dim, dtype=q.dtype)
+        out = torch.empty(q.shape[0], self.heads * self.head_dim, dtype=q.dtype, device=q.device)
         for s in segments:
             a, b, start = s.start, s.start + s.n, s.cache.length
             end = start + s.n
@@ -134,7 +139,7 @@ class FlatDecoder:
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=s.n > 1, scale=self.scale,
                                                    enable_gqa=True)
             else:                                                       # a chunk after cached tokens
-                mask = torch.ones(s.n, end, dtype=torch.bool).tril(diagonal=start)
+                mask = torch.ones(s.n, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale, enable_gqa=True)
             out[a:b] = o[0].transpose(0, 1).reshape(s.n, -1)
         return out

@@ -75,14 +75,16 @@ def layer_routing(runtime: Any, ids: torch.Tensor, weights: torch.Tensor,
             g = st.layer_of.get(i)
             if g is None:                               # a layer the gate does not adapt
                 continue
-            top_ids, top_w = st.gate.select(st.gate.layer_logits(g, h[0, start:start + n]))   # [n, top_k]
+            # The gate's tensors are read to the host (route/gate.py): its tokens' states go there.
+            hs = h[0, start:start + n].to(st.gate.weight.device)
+            top_ids, top_w = st.gate.select(st.gate.layer_logits(g, hs))               # [n, top_k]
             st.usage.scatter_add_(0, top_ids.flatten(), top_w.flatten().double())
             parts.append((start, n, st.slots[top_ids], top_w))
         if not parts:
             return contextlib.nullcontext()             # the step's fixed routing stays active
         width = max([k] + [p[2].shape[1] for p in parts])
-        layer_ids = torch.zeros(T, width, dtype=torch.long)
-        layer_w = torch.zeros(T, width, dtype=weights.dtype)
+        layer_ids = torch.zeros(T, width, dtype=torch.long, device=ids.device)        # host, as ids
+        layer_w = torch.zeros(T, width, dtype=weights.dtype, device=ids.device)
         layer_ids[:, :k], layer_w[:, :k] = ids, weights
         for start, n, slots, w in parts:
             layer_ids[start:start + n] = 0

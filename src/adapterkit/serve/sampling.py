@@ -15,7 +15,7 @@ from .requests import SamplingParams
 
 def make_generator(seed: Optional[int]) -> torch.Generator:
     g = torch.Generator()
-    g.manual_seed(seed if seed is not None else int(torch.randint(0, 2 ** 62, (1,)).item()))
+    g.manual_seed(seed if seed is not None else int(torch.randint(0, 2 ** 62, (1,), device="cpu").item()))
     return g
 
 
@@ -43,7 +43,9 @@ class NonFiniteLogitsError(ArithmeticError):
 
 def choose(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[Optional[torch.Generator]]) -> list[Union[int, Exception]]:
-    """logits [m, V] -> per row a token, or the exception that row alone fails with."""
+    """logits [m, V] (any device) -> per row a token, or the exception that row alone fails with.
+    Greedy rows are picked where the logits are; sampled rows draw on the host with their (host)
+    generator, so a seed gives the same tokens on every device."""
     finite = torch.isfinite(logits).all(-1).tolist()       # one pass: NaN/inf rows never sample
     out: list[Union[int, Exception]] = list(logits.argmax(-1).tolist())   # greedy rows keep this
     for i, (p, g) in enumerate(zip(params, generators)):
@@ -51,7 +53,7 @@ def choose(logits: torch.Tensor, params: Sequence[SamplingParams],
             out[i] = NonFiniteLogitsError("the model's output (logits) holds NaN or inf for this request")
         elif not p.greedy:
             try:
-                probs = filter_logits(logits[i], p).softmax(-1)
+                probs = filter_logits(logits[i].cpu(), p).softmax(-1)
                 out[i] = int(torch.multinomial(probs, 1, generator=g).item())
             except Exception as exc:                       # e.g. probabilities that overflowed
                 out[i] = exc

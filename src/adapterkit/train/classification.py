@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..base import to_device
 from ..heads import ClassificationHead
 from ..runtime import AdapterRuntime
 
@@ -63,11 +64,11 @@ def predict_proba(runtime: AdapterRuntime, adapter_name: str | None, head: Class
     out: list[str] = []
     probs: list[torch.Tensor] = []
     for start in range(0, len(examples), batch_size):
-        batch = collate(list(examples[start:start + batch_size]))
+        batch = to_device(collate(list(examples[start:start + batch_size])), runtime.device)
         with runtime.batch([adapter_name] * batch["input_ids"].shape[0]):
             z = logits(runtime.model, head, batch).float()                       # [B, L]
         out.extend(head.labels[i] for i in z.argmax(-1).tolist())
-        probs.append(z.softmax(-1))
+        probs.append(z.softmax(-1).cpu())
         if on_batch is not None:
             on_batch(z.shape[0])
     return out, torch.cat(probs) if probs else torch.zeros(0, len(head.labels))

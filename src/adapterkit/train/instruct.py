@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..adapter import Adapter
-from ..base import Base
+from ..base import Base, to_device
 from ..generate import pad_id
 from ..errors import ConfigError
 from ..runtime import AdapterRuntime
@@ -38,7 +38,7 @@ def evaluate_instructions(rt: AdapterRuntime, name: str, records: Sequence[Mappi
     with RowProgress(len(records), progress) as bar:
         for start in range(0, len(records), batch_size):
             chunk = list(records[start:start + batch_size])
-            batch = collate([encode(tok, r, max_length) for r in chunk], pad)
+            batch = to_device(collate([encode(tok, r, max_length) for r in chunk], pad), rt.device)
             with rt.batch([name] * len(chunk)):
                 logits = rt.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]
@@ -49,8 +49,9 @@ def evaluate_instructions(rt: AdapterRuntime, name: str, records: Sequence[Mappi
                 prompt, completion = split_ids(tok, record)
                 want = [t for t in completion if t != tok.eos_token_id]
                 with rt.batch([name]):
-                    out = rt.model.generate(torch.tensor([prompt]),
-                                            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                    out = rt.model.generate(torch.tensor([prompt], device=rt.device),
+                                            attention_mask=torch.ones(1, len(prompt), dtype=torch.long,
+                                                                      device=rt.device),
                                             max_new_tokens=len(want) + 1, do_sample=False, pad_token_id=pad)
                 got = out[0, len(prompt):].tolist()
                 got = got[: got.index(tok.eos_token_id)] if tok.eos_token_id in got else got

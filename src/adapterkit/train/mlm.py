@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from ..adapter import Adapter
-from ..base import Base
+from ..base import Base, to_device
 from ..data.readers import DataFormatError, _value, jsonl_objects
 from ..errors import ConfigError
 from ..generate import pad_id
@@ -161,7 +161,7 @@ def evaluate_mlm(rt: AdapterRuntime, adapter: Adapter, texts: Sequence[str], max
     try:
         with RowProgress(len(docs), progress) as bar:
             for start in range(0, len(docs), batch_size):
-                batch = collate(docs[start:start + batch_size], generator=gen)
+                batch = to_device(collate(docs[start:start + batch_size], generator=gen), rt.device)
                 target = batch["labels"][batch["labels"] != IGNORE]                 # [N]
                 with rt.batch([adapter.name] * batch["input_ids"].shape[0]):
                     logits = masked_logits(model, head, batch).float()              # [N, V]
@@ -197,7 +197,7 @@ def train_mlm(base: Base, name: str, train_texts: Sequence[str], eval_texts: Seq
         docs, truncated, dropped = encode_texts(tok, train_texts, max_length)
         if not docs:
             raise ConfigError("no training text has a token that can be masked")
-        adapter.head = MLMHead.create(base.model.config, config.seed)
+        adapter.head = MLMHead.create(base.model.config, config.seed).to(base.device)   # trains beside the base
         info = {"objective": "mlm", "method": "lora", "r": r, "alpha": alpha,
                 "targets": list(adapter.config.target_modules), "max_length": max_length, "mask_prob": MASK_PROB}
         score = (lambda rt: -evaluate_mlm(rt, adapter, eval_texts, max_length)["loss"]) if eval_texts else None

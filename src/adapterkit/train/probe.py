@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..base import Base
+from ..base import Base, to_device
 from ..heads import ClassificationHead
 from .classification import encode_texts, hidden_states
 
@@ -19,11 +19,13 @@ from .classification import encode_texts, hidden_states
 @torch.no_grad()
 def pooled_features(model: torch.nn.Module, tokenizer: Any, head: ClassificationHead, texts: Sequence[str],
                     max_length: int, batch_size: int = 32) -> torch.Tensor:
-    """[N, H] pooled hidden states of the model as it runs now (adapters as active)."""
+    """[N, H] float32 pooled hidden states of the model as it runs now (adapters as active), on the host
+    (the probe is fitted there)."""
+    device = next(model.parameters()).device
     feats = []
     for start in range(0, len(texts), batch_size):
-        batch = encode_texts(tokenizer, texts[start:start + batch_size], max_length)
-        feats.append(head.pool(hidden_states(model, batch), batch["attention_mask"]))
+        batch = to_device(encode_texts(tokenizer, texts[start:start + batch_size], max_length), device)
+        feats.append(head.pool(hidden_states(model, batch), batch["attention_mask"]).float().cpu())
     return torch.cat(feats)
 
 

@@ -64,7 +64,8 @@ def train_classifier(
         adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
                             overwrite=overwrite, resume=resume)
         labels = sorted({e.label for e in train_examples})
-        adapter.head = ClassificationHead.create(labels, base.model.config.hidden_size, POOLING[base.kind], config.seed)
+        adapter.head = ClassificationHead.create(labels, base.model.config.hidden_size, POOLING[base.kind],
+                                                 config.seed).to(base.device)        # trains beside the base
         adapter.meta.labels = labels
         lengths = token_lengths(base.tokenizer, [e.text for e in train_examples])
         truncated = sum(n > max_length for n in lengths)      # collate cuts these to max_length

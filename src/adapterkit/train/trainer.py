@@ -5,6 +5,12 @@ activates the adapter on every row and minimises `loss_fn(model, batch)`. Data o
 function of (seed, step), and so is every random draw (the global RNG is seeded per micro-batch),
 so a run resumed from a checkpoint replays the same batches, masks and dropout, and the same loss
 curve as an uninterrupted one.
+
+Devices and dtypes: the adapter's tensors train on the base's device in float32 (master weights, also
+on a bf16 or fp16 base: the LoRA kernel runs them in fp32 and casts its output to the base dtype) and
+go back to where they were when training ends; batches are moved to that device. `bf16` is autocast:
+fp32 weights, bf16 matmuls on the base's device; a `--dtype bfloat16` base instead stores the frozen
+weights in bf16 (half the memory). They combine; with a bf16 base, autocast changes little.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .._atomic import atomic_write_dir, atomic_write_text
+from ..base import to_device
 from ..errors import ConfigError
 from ..runtime import AdapterRuntime
 from ..safetensors_io import read_tensors, write_tensors
@@ -40,7 +47,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0          # 0 = only at the end
     eval_every: int = 0                # 0 = no evaluation during training
-    bf16: bool = False                 # autocast the forward to bfloat16 on CPU
+    bf16: bool = False                 # autocast the forward to bfloat16 on the base's device
 
     def __post_init__(self) -> None:
         if self.eval_every < 0 or self.checkpoint_every < 0:
@@ -134,7 +141,13 @@ def train(
     if not examples:
         raise ConfigError("no training examples")
     runtime.slot(adapter_name)                       # a clear error for an unknown name
+    device = runtime.device
+    away = [tuple(t.shape) for t in extra_params if t.device != device]
+    if away:
+        raise ConfigError(f"extra_params of shapes {away} are not on the base's device {device}; move them there")
     adapter = runtime.remove(adapter_name)
+    home = next((t.device for parts in adapter.tensors.values() for t in parts.values()), device)
+    _place(adapter, device, torch.float32)           # fp32 master weights on the base's device
     params = [t.requires_grad_(True) for parts in adapter.tensors.values() for t in parts.values()]
     runtime.add(adapter)                             # re-attached trainable: the forward reads these tensors
     params += [t.requires_grad_(True) for t in extra_params]
@@ -173,8 +186,8 @@ def train(
                 # Random draws in collate (MLM masks) and the forward (dropout) are a pure function of
                 # (seed, micro step, rank): a resumed run replays them exactly.
                 torch.manual_seed((config.seed * 1_000_003 + step * config.grad_accum + micro) * 64 + rank)
-                batch = collate([examples[i] for i in idx])
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                batch = to_device(collate([examples[i] for i in idx]), device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                     loss = loss_fn(model, batch) / config.grad_accum
                 loss.backward()
                 total += float(loss.detach())
@@ -221,8 +234,17 @@ def train(
         for p in params:
             p.requires_grad_(False)
         runtime.remove(adapter_name)
+        _place(adapter, home)
         runtime.add(adapter)                         # frozen again, fast-kernel stacks re-copied
     return result
+
+
+def _place(adapter: Any, device: torch.device, dtype: torch.dtype | None = None) -> None:
+    """Put the adapter's float tensors on `device` (and in `dtype`), in place in its tensor dict."""
+    for parts in adapter.tensors.values():
+        for key, t in parts.items():
+            if t.is_floating_point():
+                parts[key] = t.to(device=device, dtype=dtype or t.dtype)
 
 
 def init_distributed_from_env() -> tuple[int, int]:
@@ -334,11 +356,12 @@ def _load_state(folder: Path, params, optimizer, config: TrainConfig, run_info: 
             p.copy_(tensors[f"param.{i}"])
             if f"exp_avg.{i}" in tensors:
                 optimizer.state[p] = {"step": torch.tensor(meta["adam_steps"][str(i)]),
-                                      "exp_avg": tensors[f"exp_avg.{i}"].clone(),
-                                      "exp_avg_sq": tensors[f"exp_avg_sq.{i}"].clone()}
+                                      "exp_avg": tensors[f"exp_avg.{i}"].to(p.device, copy=True),
+                                      "exp_avg_sq": tensors[f"exp_avg_sq.{i}"].to(p.device, copy=True)}
     result.losses = list(meta["losses"])
     result.evals = [tuple(e) for e in meta.get("evals", [])]
     best = None
     if meta.get("best") is not None:
-        best = (meta["best"]["metric"], meta["best"]["step"], [tensors[f"best.{i}"].clone() for i in range(len(params))])
+        best = (meta["best"]["metric"], meta["best"]["step"],
+                [tensors[f"best.{i}"].to(p.device, copy=True) for i, p in enumerate(params)])
     return int(meta["step"]), best
