@@ -390,16 +390,15 @@ def test_training_on_a_device_equals_the_host_and_returns_the_adapter_home(env, 
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_retrieval_encoder_over_the_served_base_reads_it_from_the_host(env, device):
-    """route/encoder.py feeds host tensors and pools on the host; the server hands it a host view of a
-    base served elsewhere (serve/api/routing.py)."""
+def test_a_retrieval_encoder_over_a_base_on_any_device_returns_host_rows(env, device):
+    """route/encoder.py moves its batches to the model's device and returns pooled rows on the host,
+    so the server's `auto` can encode with the served base wherever it runs."""
     from adapterkit.route import Encoder
-    from adapterkit.serve.api.routing import _HostView
 
     texts = ["hello world the cat", "a dog", "code and code and tip"]
     host, dev = load_base(str(env.base)), load_base(str(env.base), dtype="float32", device=device)
     want = Encoder.from_base(host).embed(texts)
-    got = Encoder(_HostView(dev.model), dev.tokenizer, dev.name, dev.fingerprint).embed(texts)
+    got = Encoder.from_base(dev).embed(texts)
     assert got.device.type == "cpu" and got.shape == (3, 32)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 

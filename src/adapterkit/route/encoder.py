@@ -47,17 +47,21 @@ class Encoder:
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-        """[N, H] float32: the mean over non-pad tokens of the last hidden state (texts cut at max_length)."""
+        """[N, H] float32 on the host: the mean over non-pad tokens of the last hidden state (texts cut at
+        max_length), whatever device the model runs on."""
+        from ..base import to_device
         from ..train.classification import encode_texts, hidden_states
 
         out = []
+        device = next(self.model.parameters()).device                          # the model's; pooled rows come back
         ctx = self.runtime.disabled() if self.runtime is not None else nullcontext()
         with ctx:
             for start in range(0, len(texts), batch_size):
-                batch = encode_texts(self.tokenizer, list(texts[start:start + batch_size]), self.max_length)
+                batch = to_device(encode_texts(self.tokenizer, list(texts[start:start + batch_size]),
+                                               self.max_length), device)
                 hidden = hidden_states(self.model, batch).float()               # [B, T, H]
                 mask = batch["attention_mask"].to(hidden.dtype)[..., None]      # [B, T, 1]
-                out.append((hidden * mask).sum(1) / mask.sum(1).clamp(min=1))
+                out.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu())
         if not out:
             return torch.zeros(0, int(self.model.config.hidden_size))
         return torch.cat(out)

@@ -123,8 +123,7 @@ class Routing:
 
         rt = self.engine.runtime
         if spec["fingerprint"] == rt.fingerprint:       # the served base itself, adapters off
-            model = rt.model if rt.device.type == "cpu" else _HostView(rt.model)
-            return Encoder(model, self.engine.tokenizer, self.engine.base_name, rt.fingerprint,
+            return Encoder(rt.model, self.engine.tokenizer, self.engine.base_name, rt.fingerprint,
                            int(spec.get("max_length", 128)), runtime=rt)
         key = spec["fingerprint"]
         if key not in self._encoders:
@@ -188,19 +187,3 @@ def route_text(prompt: Optional[str], messages: Optional[list[dict[str, Any]]]) 
         if m.get("role") == "user":
             return str(m.get("content") or "")
     return ""
-
-
-class _HostView:
-    """The served model as route/encoder.py reads it (train.classification.hidden_states calls
-    `model.base_model(input_ids=, attention_mask=)`): host tensors in, float32 last hidden states back on
-    the host, where the encoder pools them, whatever device the model runs on."""
-
-    def __init__(self, model: Any) -> None:
-        self.config, self._body = model.config, getattr(model, "base_model", model)
-        self._device = next(model.parameters()).device
-
-    def base_model(self, **inputs: Any) -> Any:
-        from types import SimpleNamespace
-
-        out = self._body(**{k: v.to(self._device) for k, v in inputs.items()})
-        return SimpleNamespace(last_hidden_state=out.last_hidden_state.float().cpu())
