@@ -143,6 +143,33 @@ def test_an_adapter_replaced_while_serving_is_never_routed_to(tmp_path):
     assert again.headers["x-adapterkit-adapters"] == "base"
 
 
+def test_a_linear_router_is_served_like_a_retrieval_router(tmp_path):
+    """model="<linear router>" and model="auto" with it as default: the server's decision is the
+    router's own, the answer is the chosen adapter's, and /v1/models/<router> describes it."""
+    path, base, store, examples = private_world(tmp_path)
+    fit_router(store, list(VOCAB), "lin", kind="linear", examples_file=examples, base=str(path), encoder="base",
+               make_default=True)
+    router = load_router(store, "lin", encoder=Encoder.from_base(base))
+    engine = Engine.build(str(path), store=store, config=EngineConfig(max_batch=4)).start()
+    app = create_app(engine)
+    try:
+        for model in ("lin", "auto"):
+            for prompt in PROMPTS:
+                want = router.route([prompt])[0]
+                r = post(app, {"model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0})
+                assert r.status_code == 200, r.text
+                got = r.json()["adapterkit"]
+                assert got["adapters"] == pytest.approx(want.adapters) and got["reason"] == want.reason
+                served = want.top or engine.base_name
+                direct = post(app, {"model": served, "prompt": prompt, "max_tokens": 4, "temperature": 0})
+                assert r.json()["choices"][0]["text"] == direct.json()["choices"][0]["text"]
+        card = get(app, "/v1/models/lin").json()
+    finally:
+        engine.stop(drain=False)
+    assert {router.route([p])[0].top for p in PROMPTS} == {"ad-a", "ad-b"}
+    assert card["id"] == "lin" and "linear" in json.dumps(card)
+
+
 def test_auto_without_a_default_router_is_404(tmp_path):
     path = save_tiny("llama", tmp_path / "base")
     save_tiny_tokenizer(path)

@@ -81,6 +81,24 @@ def test_fit_then_eval_retrieval(world, tmp_path):
     assert row["kind"] == "retrieval" and row["default"] is True
 
 
+def test_fit_then_eval_linear(world):
+    store, train, test = world
+    runner = CliRunner()
+    res = runner.invoke(app, ["route", "fit", "--adapters", "ad-a,ad-b", "--name", "l1", "--kind", "linear",
+                              "--encoder", "base", "--examples", str(train), "--store", str(store)])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "stored linear router l1 over ad-a, ad-b" in text and "held-out routing accuracy 1.000" in text
+    assert "L2 0.0" in text and "(default)" in text          # the store's first router becomes its default
+    res = runner.invoke(app, ["route", "eval", "l1", "--file", str(test), "--store", str(store), "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    # the tiny random Llama is a weak encoder (and 1 % of in-task prompts may fall below the OOD threshold)
+    assert got["kind"] == "linear" and got["routing_accuracy"] >= 0.8 and got["n"] == 20
+    rows = json.loads(runner.invoke(app, ["route", "ls", "--store", str(store), "--json"]).output)
+    assert [r["kind"] for r in rows if r["name"] == "l1"] == ["linear"]
+
+
 def test_fit_gate_from_the_cli(world):
     store, train, test = world
     runner = CliRunner()
@@ -96,7 +114,11 @@ def test_fit_gate_from_the_cli(world):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--kind", "knn"], "error: unknown router kind 'knn'; use one of retrieval, gate"),
+    (["--kind", "knn"], "error: unknown router kind 'knn'; use one of retrieval, linear, gate"),
+    (["--kind", "linear", "--lexical-weight", "1"],
+     "error: --lexical-weight is an option of --kind retrieval; a linear router learns a weight for every character "
+     "n-gram"),
+    (["--kind", "linear", "--neighbors", "0"], "error: a linear router needs --neighbors >= 1"),
     (["--name", "ad-a"], "routers and adapters share one model namespace"),
     (["--adapters", "ad-a,nope"], "error: no adapter named 'nope' in the store at"),
     ([], "error: the router has no examples of 'ad-a' (it records no task), 'ad-b' (it records no task): pass --examples FILE"),

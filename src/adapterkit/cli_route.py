@@ -25,7 +25,9 @@ def _names(spec: str) -> list[str]:
 def route_fit(
     adapters: str = typer.Option(..., "--adapters", help="Comma-separated stored adapter names."),
     name: str = typer.Option(..., "--name", help="Name of the router in the store."),
-    kind: str = typer.Option("retrieval", help="retrieval (training-free, per prompt) or gate (learned, per token)."),
+    kind: str = typer.Option("retrieval", help="retrieval (training-free, per prompt), linear (logistic regression "
+                             "on the encoder's embedding + character n-grams, per prompt, fitted in seconds) or gate "
+                             "(learned, per token)."),
     base: Optional[str] = typer.Option(None, help="The adapters' base (default: the base the store records)."),
     encoder: str = typer.Option("minilm-l6", help="retrieval: a sentence encoder (built-in name or folder; "
                                 "default MiniLM-L6: more accurate and 7x faster than the base on the 4-task benchmark) "
@@ -81,12 +83,14 @@ def route_fit(
     if as_json:
         print(json.dumps({**meta, "default": is_default, "store": str(st.root)}))
         return
-    if router.kind == "retrieval":
+    if router.kind in ("retrieval", "linear"):
         cal = meta["calibration"]
-        out.print(f"stored retrieval router [bold]{name}[/] over {', '.join(router.names)} in {st.root}: held-out "
+        extra = (f"lexical weight {router.lexical_weight:g}" if router.kind == "retrieval" else
+                 f"L2 {router.l2:g}" + ("" if router.lexical is not None else ", no lexical channel"))
+        out.print(f"stored {router.kind} router [bold]{name}[/] over {', '.join(router.names)} in {st.root}: held-out "
                   f"routing accuracy {cal['accuracy']:.3f}, coverage {cal['coverage']:.3f} (target "
                   f"{cal['coverage_target']}), temperature {router.temperature:.4g}, OOD threshold "
-                  f"{router.threshold:.3f}, ECE {cal['ece']:.3f}, lexical weight {router.lexical_weight:g}" + (" (default)" if is_default else ""),
+                  f"{router.threshold:.3f}, ECE {cal['ece']:.3f}, {extra}" + (" (default)" if is_default else ""),
                   highlight=False)
     else:
         final = meta["training"].get("final", {})

@@ -21,10 +21,11 @@ from .encoder import Encoder
 from .evaluate import Item, RouteReport, evaluate_router
 from .gate import GateRouter, causal_lm_loss, token_labels, train_gate
 from .gate import check_options as check_gate
+from .linear import fit_linear
 from .retrieval import check_lexical, fit_retrieval
 from .retrieval import check_options as check_retrieval
 
-KINDS = ("retrieval", "gate")
+KINDS = ("retrieval", "linear", "gate")
 SPLITS = ("train", "validation", "test")
 UNLABELLED = ""
 
@@ -104,8 +105,14 @@ def fit_router(store: Any, adapter_names: Sequence[str], name: str, *, kind: str
     """Fit and store a router over stored adapters; returns it."""
     if kind not in KINDS:
         raise ConfigError(f"unknown router kind {kind!r}; use one of {', '.join(KINDS)}")
-    if kind != "retrieval" and (lexical_weight is not None or not lexical):
+    if kind == "gate" and (lexical_weight is not None or not lexical):
         raise ConfigError("--lexical/--lexical-weight are options of --kind retrieval; a gate reads hidden states")
+    if kind == "linear" and lexical_weight is not None:
+        raise ConfigError("--lexical-weight is an option of --kind retrieval; a linear router learns a weight for "
+                          "every character n-gram: leave it out (or pass --no-lexical to drop the channel)")
+    if kind == "linear" and neighbors < 1:
+        raise ConfigError("a linear router needs --neighbors >= 1: its out-of-distribution test is the mean cosine "
+                          "to the k nearest fit examples")
     check_lexical(lexical, lexical_weight)
     check_router_name(store, name, overwrite)                  # before any long work
     check_writable(routers_dir(store), f"router {name!r} into {routers_dir(store)}",
@@ -116,7 +123,7 @@ def fit_router(store: Any, adapter_names: Sequence[str], name: str, *, kind: str
     check_count("n_examples (--n-examples, examples per adapter)", n_examples)
     check_count("n_held (--n-held, calibration examples per adapter)", n_held)
     check_count("max_length (--max-length)", max_length)
-    if kind == "retrieval":
+    if kind != "gate":
         check_retrieval(names, top_k=top_k, coverage=coverage, neighbors=neighbors, lexical=lexical,
                         lexical_weight=lexical_weight)
     else:
@@ -132,19 +139,20 @@ def fit_router(store: Any, adapter_names: Sequence[str], name: str, *, kind: str
             source = f"{t_source}; + {source}"
     else:
         texts, held, labels, source = task_examples(adapters, n_examples, n_held)
-    if kind == "retrieval":
+    if kind != "gate":
         fb = store.get(fallback) if fallback else None
         if encoder == "base":
             b = open_base(store, adapters, base)
             enc = Encoder.from_base(b, max_length=max_length)
         else:
             enc = Encoder.load(encoder, max_length=max_length)
-        router = fit_retrieval(name, adapters, texts, enc, held_out=held, top_k=top_k, coverage=coverage,
-                               neighbors=neighbors, lexical=lexical, lexical_weight=lexical_weight,
-                               fallback=fb, source=source)
+        common = dict(held_out=held, top_k=top_k, coverage=coverage, neighbors=neighbors, lexical=lexical,
+                      fallback=fb, source=source)
+        router = (fit_linear(name, adapters, texts, enc, **common) if kind == "linear" else
+                  fit_retrieval(name, adapters, texts, enc, lexical_weight=lexical_weight, **common))
     else:
         if fallback:
-            raise ConfigError("a gate routes every token to its adapters; --fallback is for --kind retrieval")
+            raise ConfigError("a gate routes every token to its adapters; --fallback is for --kind retrieval or linear")
         b = open_base(store, adapters, base)
         router = _fit_gate(name, b, adapters, texts, labels, top_k=top_k, steps=steps, lr=lr,
                            batch_size=batch_size, gate_weight=gate_weight, max_length=max_length, seed=seed,
@@ -241,7 +249,7 @@ def eval_router(store: Any, name: str, *, tasks: Sequence[str] | None = None, fi
                 split: str = "test", n: int = 200, base: str | None = None, batch_size: int = 32,
                 max_length: int = 128, strict: bool = True) -> RouteReport:
     from ..runtime import AdapterRuntime
-    from . import load_router
+    from . import ENCODER_TYPES, load_router
 
     check_count("n (--n, prompts per task)", n)
     check_count("batch_size", batch_size)
@@ -257,7 +265,7 @@ def eval_router(store: Any, name: str, *, tasks: Sequence[str] | None = None, fi
     for a in adapters:
         rt.add(a)
     encoder = None
-    if meta["type"] == "adapterkit.router.retrieval":
+    if meta["type"] in ENCODER_TYPES:
         spec = meta["encoder"]
         encoder = (Encoder.from_base(b, max_length=int(spec["max_length"]), runtime=rt)
                    if spec["fingerprint"] == b.fingerprint else Encoder.load(spec["name"], max_length=int(spec["max_length"])))

@@ -84,6 +84,8 @@ class RetrievalRouter:
     _lexical_t: torch.Tensor | None = field(default=None, repr=False, compare=False)  # transpose, built once
     raw_bank: torch.Tensor | None = None     # [M, H] unit rows of the UNcentered fit examples (OOD typicality)
 
+    score_word = "similarity"         # what a score is, in decisions' reasons (a class attribute)
+
     @property
     def names(self) -> list[str]:
         return [r.name for r in self.records]
@@ -159,7 +161,7 @@ class RetrievalRouter:
         conf = float(probs[nearest])
         if typical is None and float(s[nearest]) < self.threshold:
             return self._fallback(scores, conf, (
-                f"out of distribution: the nearest adapter {names[nearest]!r} has similarity "
+                f"out of distribution: the nearest adapter {names[nearest]!r} has {self.score_word} "
                 f"{float(s[nearest]):.3f} < threshold {self.threshold:.3f}"))
         if typical is not None and typical < self.threshold:
             return self._fallback(scores, conf, (
@@ -176,7 +178,7 @@ class RetrievalRouter:
         weights = weights[keep] / weights[keep].sum()
         chosen = {names[int(i)]: round(float(w), 6) for i, w in zip(top_i[keep], weights)}
         return Decision(chosen, scores, conf, False,
-                        f"nearest adapter {names[nearest]!r}: similarity {float(s[nearest]):.3f}"
+                        f"nearest adapter {names[nearest]!r}: {self.score_word} {float(s[nearest]):.3f}"
                         + (f", typicality {typical:.3f}" if typical is not None else "")
                         + f" >= threshold {self.threshold:.3f}, confidence {conf:.3f}")
 
@@ -205,9 +207,12 @@ class RetrievalRouter:
                 "top_k": self.top_k, "min_weight": self.min_weight, "min_confidence": self.min_confidence,
                 "neighbors": self.neighbors,
                 "ood": "knn-uncentered" if self.raw_bank is not None else "max-score",
-                "lexical": ({**self.lexical.spec(), "weight": self.lexical_weight,
-                             "rows": int(self.lexical_rows.shape[0])} if self.lexical is not None else None),
+                "lexical": self._lexical_meta(),
                 "examples": self.examples, "calibration": self.calibration, "created": self.created}
+
+    def _lexical_meta(self) -> dict[str, Any] | None:
+        return ({**self.lexical.spec(), "weight": self.lexical_weight, "rows": int(self.lexical_rows.shape[0])}
+                if self.lexical is not None else None)
 
     def save(self, store: Any, *, overwrite: bool = False):
         check_router_name(store, self.name, overwrite)
@@ -288,22 +293,7 @@ def fit_retrieval(
     names = [r.name for r in records]
     check_options(names, top_k=top_k, coverage=coverage, min_weight=min_weight, neighbors=neighbors,
                   lexical=lexical, lexical_weight=lexical_weight)
-    missing = [n for n in names if len([t for t in examples.get(n, ()) if t.strip()]) < (1 if held_out else 2)]
-    if missing:
-        raise ConfigError(f"no example texts for adapter(s) {missing} (a retrieval router needs >= 2 per adapter); "
-                          "give the adapters a task in the store or pass --examples FILE")
-    unknown = sorted(set(examples) - set(names))
-    if unknown:
-        raise ConfigError(f"examples name adapter(s) {unknown} that are not in the router's adapters {names}")
-    fit_texts, cal_texts = {}, {}
-    for n in names:
-        texts = [t for t in examples[n] if t.strip()]
-        if held_out is None:
-            fit_texts[n], cal_texts[n] = _split(texts, f"adapterkit:route:{n}")
-        else:
-            fit_texts[n], cal_texts[n] = texts, [t for t in held_out.get(n, ()) if t.strip()]
-            if not cal_texts[n]:
-                raise ConfigError(f"no held-out texts for adapter {n!r}; give some or omit held_out")
+    fit_texts, cal_texts = split_examples(names, examples, held_out, "a retrieval router")
     per = {n: encoder.embed(fit_texts[n]) for n in names}                  # n -> [m, H]
     center = torch.stack([e.mean(0) for e in per.values()]).mean(0)       # mean of per-adapter means
     descriptors = torch.stack([
@@ -336,24 +326,55 @@ def fit_retrieval(
     best = sims.max(1).values if typical is None else typical
     router.threshold = float(torch.quantile(best, 1.0 - coverage, interpolation="lower")) if coverage < 1 else \
         float(best.min())
-    probs = torch.softmax(sims / router.temperature, 1)
-    conf, pred = probs.max(1)
-    router.calibration = {
-        "held_out": {n: len(cal_texts[n]) for n in names},
-        "accuracy": round(float((pred == labels).float().mean()), 6),
-        "coverage_target": coverage,
-        "coverage": round(float((best >= router.threshold).float().mean()), 6),
-        "mean_confidence": round(float(conf.mean()), 6),
-        "nll": round(float(torch.nn.functional.cross_entropy(sims / router.temperature, labels)), 6),
-        "ece": round(_ece(conf, pred == labels), 6),
-        "lexical_weight": router.lexical_weight,
-        "lexical_weight_accuracy": grid,
-    }
-    router.examples = {"source": source,
-                       "fit": {n: {"count": len(fit_texts[n]), "sha256": texts_hash(fit_texts[n])} for n in names},
-                       "held_out": {n: {"count": len(cal_texts[n]), "sha256": texts_hash(cal_texts[n])}
-                                    for n in names}}
+    router.calibration = calibration(sims, labels, router.temperature, best >= router.threshold, coverage,
+                                     {n: len(cal_texts[n]) for n in names})
+    router.calibration.update({"lexical_weight": router.lexical_weight, "lexical_weight_accuracy": grid})
+    router.examples = examples_lineage(source, names, fit_texts, cal_texts)
     return router
+
+
+def split_examples(names: Sequence[str], examples: Mapping[str, Sequence[str]],
+                   held_out: Mapping[str, Sequence[str]] | None, what: str) -> tuple[dict, dict]:
+    """({adapter: fit texts}, {adapter: calibration texts}): the held-out texts given, or a seeded 20 %
+    of each adapter's examples. Refuses adapters without examples and examples of unknown adapters."""
+    missing = [n for n in names if len([t for t in examples.get(n, ()) if t.strip()]) < (1 if held_out else 2)]
+    if missing:
+        raise ConfigError(f"no example texts for adapter(s) {missing} ({what} needs >= 2 per adapter); "
+                          "give the adapters a task in the store or pass --examples FILE")
+    unknown = sorted(set(examples) - set(names))
+    if unknown:
+        raise ConfigError(f"examples name adapter(s) {unknown} that are not in the router's adapters {list(names)}")
+    fit_texts, cal_texts = {}, {}
+    for n in names:
+        texts = [t for t in examples[n] if t.strip()]
+        if held_out is None:
+            fit_texts[n], cal_texts[n] = _split(texts, f"adapterkit:route:{n}")
+        else:
+            fit_texts[n], cal_texts[n] = texts, [t for t in held_out.get(n, ()) if t.strip()]
+            if not cal_texts[n]:
+                raise ConfigError(f"no held-out texts for adapter {n!r}; give some or omit held_out")
+    return fit_texts, cal_texts
+
+
+def calibration(scores: torch.Tensor, labels: torch.Tensor, temperature: float, passed: torch.Tensor,
+                coverage: float, held: dict[str, int]) -> dict[str, Any]:
+    """What the held-out examples say about a fitted router: accuracy, coverage, confidence, NLL, ECE."""
+    probs = torch.softmax(scores / temperature, 1)
+    conf, pred = probs.max(1)
+    return {"held_out": held,
+            "accuracy": round(float((pred == labels).float().mean()), 6),
+            "coverage_target": coverage,
+            "coverage": round(float(passed.float().mean()), 6),
+            "mean_confidence": round(float(conf.mean()), 6),
+            "nll": round(float(torch.nn.functional.cross_entropy(scores / temperature, labels)), 6),
+            "ece": round(_ece(conf, pred == labels), 6)}
+
+
+def examples_lineage(source: str, names: Sequence[str], fit_texts: Mapping[str, Sequence[str]],
+                     cal_texts: Mapping[str, Sequence[str]]) -> dict[str, Any]:
+    return {"source": source,
+            "fit": {n: {"count": len(fit_texts[n]), "sha256": texts_hash(fit_texts[n])} for n in names},
+            "held_out": {n: {"count": len(cal_texts[n]), "sha256": texts_hash(cal_texts[n])} for n in names}}
 
 
 def check_options(names: Sequence[str], *, top_k: int = 1, coverage: float = 0.99, min_weight: float = 0.05,

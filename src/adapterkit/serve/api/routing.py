@@ -103,13 +103,13 @@ class Routing:
         return (name, mtime(router_path(self.store, name) / ROUTER_JSON), mtime(self.store.root / "catalog.sqlite"))
 
     def _load(self, model: str) -> Any:
-        from ...route import RETRIEVAL_TYPE, RouterNotFoundError, load_router
+        from ...route import ENCODER_TYPES, RouterNotFoundError, load_router
         from ...route.common import read_router
 
         if self.store is None:
             raise RouterNotFoundError(f"no router {model!r}: this server has no adapter store (--store)")
         meta, _ = read_router(self.store, model)
-        if meta["type"] != RETRIEVAL_TYPE:                 # a learned gate: runs inside the engine
+        if meta["type"] not in ENCODER_TYPES:              # a learned gate: runs inside the engine
             gate = load_router(self.store, model, strict=False)
             gate.check_base(self.engine.runtime.fingerprint, self.engine.base_name)
             return gate
