@@ -226,7 +226,7 @@ def main(argv=None) -> None:
     from adapterkit.runtime import AdapterRuntime
     from adapterkit.store import AdapterStore
 
-    settings = DemoSettings(**({"steps": a.steps} if a.steps else {}))
+    settings = DemoSettings(head_lr=None, **({"steps": a.steps} if a.steps else {}))   # as measured (one lr)
     store = AdapterStore(a.store)
     base = load_base(a.base)
     log(f"base {base.name}, store {store.root}")

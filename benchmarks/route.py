@@ -176,7 +176,7 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
     base = load_base("smollm2-135m")
     store = AdapterStore()
-    settings = DemoSettings()
+    settings = DemoSettings(head_lr=None)      # the adapters the committed results were measured with (one lr)
     tasks = {t: load_task(t) for t in TASKS}
     adapters = {}
     for t, task in tasks.items():

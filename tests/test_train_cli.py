@@ -165,3 +165,31 @@ def test_truncated_texts_are_counted(files, tmp_path):
     shown = json.loads(runner.invoke(app, ["show", "long", "--store", str(tmp_path / "s"), "--json"]).output)
     assert shown["lineage"][0]["params"]["truncated_examples"] == 1
     assert shown["lineage"][0]["params"]["max_length"] == 16
+    text = " ".join(res.output.split())
+    assert ("1 of 7 training examples (14%) were longer than --max-length 16 tokens and were cut; a larger "
+            "--max-length keeps more of each") in text
+
+
+def test_only_the_required_flags_use_the_objectives_defaults_and_say_so(files, tmp_path):
+    base, data = files
+    res = CliRunner().invoke(app, ["train", "--name", "d", "--base", str(base), "--train-file", str(data), "--eval-file",
+                                   str(data), "--text-field", "sentence", "--label-field", "y", "--store",
+                                   str(tmp_path / "s"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert ("defaults for classification on 6 examples: 50 steps, batch 16, lr 0.002, head lr 0.01, warm-up 5 steps, "
+            "best of the checks every 12 steps on 256 validation rows (a flag sets any of them)") in text
+    shown = json.loads(CliRunner().invoke(app, ["show", "d", "--store", str(tmp_path / "s"), "--json"]).output)
+    params = shown["lineage"][0]["params"]
+    assert (params["steps"], params["batch_size"], params["lr"], params["head_lr"], params["warmup_steps"],
+            params["eval_every"]) == (50, 16, 2e-3, 1e-2, 5, 12)
+    assert params["best_step"] in (12, 24, 36, 48, 50)
+
+
+def test_head_lr_is_refused_where_there_is_no_head(files, tmp_path):
+    base, data = files
+    res = CliRunner().invoke(app, ["train", "--name", "c", "--objective", "causal-lm", "--base", str(base),
+                                   "--train-file", str(data), "--head-lr", "0.1", "--store", str(tmp_path / "s")])
+    assert res.exit_code == 2
+    assert ("--head-lr is the learning rate of a classification head; causal-lm training has no head trained from "
+            "scratch: leave it out") in " ".join(res.output.split())

@@ -37,16 +37,22 @@ def train_cmd(
     r: int = typer.Option(8, help="LoRA rank."),
     alpha: float = typer.Option(16.0, help="LoRA alpha."),
     targets: Optional[str] = typer.Option(None, help="Comma-separated target modules (default per base)."),
-    steps: int = typer.Option(300),
-    batch_size: int = typer.Option(8, "--batch-size"),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: 3 epochs of the data, 1 for mlm, "
+                                        "clamped to [50, 200]; see `adapterkit train --help` footer)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default: 16 (causal-lm: 8)."),
     grad_accum: int = typer.Option(1, "--grad-accum"),
-    lr: float = typer.Option(2e-4),
-    warmup: int = typer.Option(0, help="Warm-up steps."),
+    lr: Optional[float] = typer.Option(None, help="Adapter learning rate (default: 2e-3 classification, 1e-3 "
+                                       "causal-lm and mlm)."),
+    head_lr: Optional[float] = typer.Option(None, "--head-lr", help="Learning rate of the classification head, "
+                                            "trained from scratch (default: 1e-2)."),
+    warmup: Optional[int] = typer.Option(None, help="Warm-up steps (default: 10 % of the steps)."),
     schedule: str = typer.Option("cosine", help="Learning-rate decay after warm-up: cosine, linear or constant."),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     max_length: int = typer.Option(128, "--max-length", help="Longer texts are truncated."),
     seed: int = typer.Option(0),
-    eval_every: int = typer.Option(0, "--eval-every", help="Score the eval split every N steps; keep the best."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Score the validation data every N steps "
+                                             "and keep the best tensors (default with validation data: every quarter "
+                                             "of the steps, on up to 256 rows; 0: never)."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast on --device: fp32 base weights, bf16 "
                               "matmuls (--dtype bfloat16 instead stores the base in bf16, half the memory; "
                               "the adapter always trains in fp32)."),
@@ -65,12 +71,14 @@ def train_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Train a classification adapter (+ head) on a task or a file and store it with its metrics; the
-    JSONL log and a loss-curve PNG (with matplotlib) stay beside each other."""
+    JSONL log and a loss-curve PNG (with matplotlib) stay beside each other. Flags left out take the
+    objective's measured defaults (train/defaults.py), printed before training."""
     from .base import load_base
     from .methods import get_method
     from .train.fit import CHECKPOINT, LOG, check_run, checkpoint_step, run_dir, run_lock
     from .train.run import train_classifier
-    from .train.trainer import TrainConfig, finish_distributed, init_distributed_from_env
+    from .train.defaults import resolve
+    from .train.trainer import finish_distributed, init_distributed_from_env
 
     st = open_store(store)
     try:
@@ -80,15 +88,18 @@ def train_cmd(
         if objective not in ("classification", "causal-lm", "mlm"):
             raise AdapterkitError(f"unknown objective {objective!r}; use classification, causal-lm or mlm")
         dev, dt = device_dtype(device, dtype)
-        config = TrainConfig(steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, schedule=schedule,
-                             weight_decay=weight_decay, warmup_steps=warmup, seed=seed, bf16=bf16,
-                             eval_every=eval_every, checkpoint_every=checkpoint_every)
+        flags = dict(steps=steps, batch_size=batch_size, lr=lr, head_lr=head_lr, warmup=warmup, eval_every=eval_every,
+                     grad_accum=grad_accum, schedule=schedule, weight_decay=weight_decay, seed=seed, bf16=bf16,
+                     checkpoint_every=checkpoint_every)
+        if objective != "classification" and head_lr is not None:
+            raise AdapterkitError(f"--head-lr is the learning rate of a classification head; {objective} training "
+                                  "has no head trained from scratch: leave it out")
         # One run per name: a second trainer of it fails here, before it deletes (--overwrite), resumes
         # or writes anything, and before loading the base or the data. Freed when the process ends.
         with run_lock(st, name):
             check_run(st, name, overwrite=overwrite, resume=resume)      # before loading the base or the data
             target_list = tuple(t.strip() for t in targets.split(",")) if targets else None
-            common = dict(task=task or (str(train_file) if train_file else None), store=st, config=config, r=r,
+            common = dict(task=task or (str(train_file) if train_file else None), store=st, r=r,
                           alpha=alpha, targets=target_list, max_length=max_length, overwrite=overwrite,
                           progress=progress, resume=resume, log_path=str(log) if log else None)
             if objective == "causal-lm":
@@ -97,23 +108,29 @@ def train_cmd(
 
                 if train_file is None:
                     raise AdapterkitError("causal-lm training reads --train-file (JSONL prompt/completion or messages)")
-                train_recs = read_records(train_file)[0]
-                eval_recs = read_records(eval_file)[0] if eval_file else []
-                _, metrics = train_instructions(load_base(base, dt, dev), name, train_recs, eval_recs, **common)
+                train_data = read_records(train_file)[0]
+                eval_data = read_records(eval_file)[0] if eval_file else []
+                trainer = train_instructions
             elif objective == "mlm":
                 from .train.mlm import read_texts, train_mlm
 
                 if train_file is None:
                     raise AdapterkitError("mlm training reads --train-file (.txt, one document per line, or JSONL "
                                           "with --text-field)")
-                train_texts = read_texts(train_file, text_field)
-                eval_texts = read_texts(eval_file, text_field) if eval_file else []
-                _, metrics = train_mlm(load_base(base, dt, dev), name, train_texts, eval_texts, **common)
+                train_data = read_texts(train_file, text_field)
+                eval_data = read_texts(eval_file, text_field) if eval_file else []
+                trainer = train_mlm
             else:
-                train_ex = _examples(task, "train", train_file, text_field, label_field)
-                eval_ex = _examples(task, "validation", eval_file, text_field, label_field) \
+                train_data = _examples(task, "train", train_file, text_field, label_field)
+                eval_data = _examples(task, "validation", eval_file, text_field, label_field) \
                     if (task or eval_file) else []
-                _, metrics = train_classifier(load_base(base, dt, dev), name, train_ex, eval_ex, **common)
+                trainer = train_classifier
+            plan = resolve(objective, len(train_data), bool(eval_data), **flags)
+            if plan.chosen and rank == 0:
+                out.print(f"defaults for {objective} on {len(train_data)} examples: {plan.describe()} (a flag "
+                          "sets any of them)", markup=False, highlight=False, soft_wrap=True)
+            adapter, metrics = trainer(load_base(base, dt, dev), name, train_data, eval_data, config=plan.config,
+                                       select_rows=plan.select_rows, **common)
     except AdapterkitError as exc:
         fail(exc)
     except KeyboardInterrupt:
@@ -128,6 +145,12 @@ def train_cmd(
     out.print(f"stored [bold]{name}[/] in {st.root}; validation: " +
               (", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
                or "none"), highlight=False)
+    from .train.report import training_notes
+
+    params = (adapter.meta.lineage or [{}])[0].get("params", {})
+    gold = [e.label for e in eval_data] if objective == "classification" else []
+    for line in training_notes(name, params, metrics, gold):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
     _print_log_and_plot(log if log is not None else run_dir(st, name) / LOG)
 
 

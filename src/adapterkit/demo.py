@@ -27,6 +27,7 @@ from .store import AdapterStore
 from .train.classification import collate_fn, encode_texts, hidden_states, predict
 from .train.probe import fit_probe
 from .train.run import POOLING, classification_metrics, train_classifier
+from .train.defaults import RECIPES
 from .train.trainer import TrainConfig
 
 DEMO_TASKS = ("rt-sentiment", "election-tweets", "tweet-sentiment")
@@ -36,7 +37,8 @@ DEMO_TASKS = ("rt-sentiment", "election-tweets", "tweet-sentiment")
 class DemoSettings:
     steps: int = 80
     batch_size: int = 8
-    lr: float = 2e-3
+    lr: float = RECIPES["classification"].lr              # the CLI's classification defaults, but 80 steps of 8
+    head_lr: float = RECIPES["classification"].head_lr
     r: int = 8
     alpha: float = 16.0
     max_length: int = 64
@@ -110,7 +112,8 @@ def task_adapter(base: Any, store: AdapterStore, task: Any, s: DemoSettings, *, 
     """The store's `demo-<task>` adapter if it was trained on this base with these settings, else
     train it now (overwriting). Returns (adapter, how it was obtained)."""
     name = f"demo-{task.name}"
-    config = TrainConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.steps // 10, seed=s.seed)
+    config = TrainConfig(steps=s.steps, batch_size=s.batch_size, lr=s.lr, head_lr=s.head_lr,
+                         warmup_steps=s.steps // 10, seed=s.seed)
     adapter = None if retrain else _reusable(store, name, base.fingerprint, config, s)
     if adapter is not None:
         return adapter, "reused from the store"
@@ -129,7 +132,8 @@ def _reusable(store: AdapterStore, name: str, fingerprint: str, config: TrainCon
     except AdapterNotFoundError:
         return None
     params = (row["lineage"] or [{}])[0].get("params", {})
-    wanted = {"steps": config.steps, "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed,
+    wanted = {"steps": config.steps, "batch_size": config.batch_size, "lr": config.lr, "head_lr": config.head_lr,
+              "seed": config.seed,
               "r": s.r, "alpha": s.alpha, "max_length": s.max_length}
     if row["base_fingerprint"] != fingerprint or any(params.get(k) != v for k, v in wanted.items()):
         return None

@@ -18,6 +18,7 @@ from ..store import AdapterStore
 from .causal_lm import IGNORE, collate, encode, split_ids
 from .fit import finish, fit, run_lock, start_run
 from .progress import RowProgress
+from .defaults import selection_rows
 from .trainer import TrainConfig, dist_rank_world
 
 
@@ -27,14 +28,14 @@ def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
 
 @torch.no_grad()
 def evaluate_instructions(rt: AdapterRuntime, name: str, records: Sequence[Mapping[str, Any]], max_length: int,
-                          batch_size: int = 8, progress: bool = False) -> dict[str, float]:
-    """Completion-token loss and perplexity (token-weighted), and greedy exact match (a progress bar
-    over the records when `progress`)."""
+                          batch_size: int = 8, progress: bool = False, exact: bool = True) -> dict[str, float]:
+    """Completion-token loss and perplexity (token-weighted), and greedy exact match unless not
+    `exact` (generation is the slow part; a progress bar over the records when `progress`)."""
     tok = rt.tokenizer
     if tok is None or not records:
         raise ConfigError("evaluation needs a runtime built from a base with a tokenizer, and records")
     pad = pad_id(tok)
-    total, count, exact = 0.0, 0, 0
+    total, count, matched = 0.0, 0, 0
     with RowProgress(len(records), progress) as bar:
         for start in range(0, len(records), batch_size):
             chunk = list(records[start:start + batch_size])
@@ -45,7 +46,7 @@ def evaluate_instructions(rt: AdapterRuntime, name: str, records: Sequence[Mappi
             losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels,
                                                        ignore_index=IGNORE, reduction="sum")
             total, count = total + float(losses), count + int((labels != IGNORE).sum())
-            for record in chunk:                         # greedy exact match, one record at a time
+            for record in (chunk if exact else ()):      # greedy exact match, one record at a time
                 prompt, completion = split_ids(tok, record)
                 want = [t for t in completion if t != tok.eos_token_id]
                 with rt.batch([name]):
@@ -55,18 +56,19 @@ def evaluate_instructions(rt: AdapterRuntime, name: str, records: Sequence[Mappi
                                             max_new_tokens=len(want) + 1, do_sample=False, pad_token_id=pad)
                 got = out[0, len(prompt):].tolist()
                 got = got[: got.index(tok.eos_token_id)] if tok.eos_token_id in got else got
-                exact += int(got == want)
-                bar.advance(1)
+                matched += int(got == want)
+            bar.advance(len(chunk))
     loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "exact_match": exact / len(records),
-            "n": len(records)}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            **({"exact_match": matched / len(records)} if exact else {}), "n": len(records)}
 
 
 def train_instructions(base: Base, name: str, train_records: Sequence[Mapping[str, Any]],
                        eval_records: Sequence[Mapping[str, Any]], *, task: str | None, store: AdapterStore,
                        config: TrainConfig, r: int = 8, alpha: float = 16.0, targets: Sequence[str] | None = None,
                        max_length: int = 512, overwrite: bool = False, progress: bool = True, resume: bool = False,
-                       log_path: str | None = None) -> tuple[Adapter, dict[str, float]]:
+                       log_path: str | None = None, select_rows: int | None = None) -> tuple[Adapter, dict[str, float]]:
+    """select_rows: eval records (a seeded sample) of the best-checkpoint checks, scored by loss only."""
     if base.kind != "causal-lm" or base.tokenizer is None:
         raise ConfigError(f"instruction tuning needs a causal LM with a tokenizer; {base.name} is a {base.kind}")
     with run_lock(store, name):      # one run per name: a second trainer fails here
@@ -77,7 +79,8 @@ def train_instructions(base: Base, name: str, train_records: Sequence[Mapping[st
         truncated = sum(e.truncated for e in encoded)
         info = {"objective": "causal-lm", "method": "lora", "r": r, "alpha": alpha,
                 "targets": list(adapter.config.target_modules), "max_length": max_length}
-        score = ((lambda rt: -evaluate_instructions(rt, name, eval_records, max_length)["loss"])
+        checks = selection_rows(eval_records, select_rows, config.seed)         # best-checkpoint rows
+        score = ((lambda rt: -evaluate_instructions(rt, name, checks, max_length, exact=False)["loss"])
                  if eval_records else None)
         rt, result = fit(base, adapter, encoded, partial(collate, pad_id=pad_id(tok)), lm_loss, config, store=store,
                          resume=resume, log_path=log_path, progress=progress, evaluate=score,

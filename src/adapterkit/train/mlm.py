@@ -30,6 +30,7 @@ from ..store import AdapterStore
 from .causal_lm import IGNORE
 from .fit import finish, fit, run_lock, start_run
 from .progress import RowProgress
+from .defaults import selection_rows
 from .trainer import TrainConfig, dist_rank_world
 
 MASK_PROB = 0.15
@@ -177,7 +178,8 @@ def evaluate_mlm(rt: AdapterRuntime, adapter: Adapter, texts: Sequence[str], max
 def train_mlm(base: Base, name: str, train_texts: Sequence[str], eval_texts: Sequence[str], *, task: str | None,
               store: AdapterStore, config: TrainConfig, r: int = 8, alpha: float = 16.0,
               targets: Sequence[str] | None = None, max_length: int = 128, overwrite: bool = False,
-              progress: bool = True, resume: bool = False, log_path: str | None = None
+              progress: bool = True, resume: bool = False, log_path: str | None = None,
+              select_rows: int | None = None
               ) -> tuple[Adapter, dict[str, float]]:
     """Train a LoRA adapter + a fresh MLM head on plain text and store both with metrics and lineage."""
     if base.kind != "encoder":
@@ -200,7 +202,8 @@ def train_mlm(base: Base, name: str, train_texts: Sequence[str], eval_texts: Seq
         adapter.head = MLMHead.create(base.model.config, config.seed).to(base.device)   # trains beside the base
         info = {"objective": "mlm", "method": "lora", "r": r, "alpha": alpha,
                 "targets": list(adapter.config.target_modules), "max_length": max_length, "mask_prob": MASK_PROB}
-        score = (lambda rt: -evaluate_mlm(rt, adapter, eval_texts, max_length)["loss"]) if eval_texts else None
+        checks = selection_rows(list(eval_texts), select_rows, config.seed)      # best-checkpoint rows
+        score = (lambda rt: -evaluate_mlm(rt, adapter, checks, max_length)["loss"]) if eval_texts else None
         rt, result = fit(base, adapter, docs, MaskCollator(tok, adapter.head.bias.shape[0]), mlm_loss(adapter.head),
                          config, store=store, resume=resume, log_path=log_path, progress=progress,
                          extra_params=adapter.head.params(), evaluate=score, lengths=[len(d) for d in docs],

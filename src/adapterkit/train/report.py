@@ -128,3 +128,33 @@ def save_loss_plot(path: str | os.PathLike, losses: Sequence[float], evals: Sequ
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+MAJORITY_MARGIN = 0.02      # accuracy within this of always answering the majority class: a warning
+MACRO_F1_GAP = 0.15         # macro-F1 this far below accuracy: small classes are missed, a warning
+
+
+def training_notes(name: str, params: dict[str, Any], metrics: dict[str, Any],
+                   gold: Sequence[str] = ()) -> list[str]:
+    """Lines for the console after training: how many examples were cut to max_length, and warnings
+    when a classifier's validation result is close to the majority class alone or its macro-F1 is far
+    below its accuracy (each with what to do)."""
+    notes = []
+    cut, total = int(params.get("truncated_examples") or 0), int(params.get("train_examples") or 0)
+    if cut and total:
+        notes.append(f"{cut} of {total} training examples ({cut / total:.0%}) were longer than --max-length "
+                     f"{params.get('max_length')} tokens and were cut; a larger --max-length keeps more of each "
+                     "(slower steps)")
+    acc, f1 = metrics.get("accuracy"), metrics.get("macro_f1")
+    if acc is not None and gold:
+        top, count = max(((label, list(gold).count(label)) for label in set(gold)), key=lambda lc: (lc[1], lc[0]))
+        share = count / len(gold)
+        if acc <= share + MAJORITY_MARGIN:
+            notes.append(f"warning: validation accuracy {acc:.3f} is no better than always answering the majority "
+                         f"class {top!r} ({share:.3f}): the adapter learned little; train longer (--steps) or check "
+                         "the labels")
+    if acc is not None and f1 is not None and acc - f1 > MACRO_F1_GAP:
+        notes.append(f"warning: validation macro-F1 {f1:.3f} is far below accuracy {acc:.3f}: small classes are "
+                     f"mostly missed; `adapterkit eval {name} --report` shows which (more --steps or examples of "
+                     "those classes help)")
+    return notes

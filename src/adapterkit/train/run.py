@@ -21,6 +21,7 @@ from ..store import AdapterStore
 from .classification import collate_fn, loss_fn, predict_proba, token_lengths
 from .fit import finish, fit, run_lock, start_run
 from .progress import RowProgress
+from .defaults import selection_rows
 from .trainer import TrainConfig, dist_rank_world
 
 POOLING = {"causal-lm": "last", "encoder": "mean"}
@@ -59,7 +60,9 @@ def train_classifier(
     progress: bool = True,
     resume: bool = False,
     log_path: str | None = None,
+    select_rows: int | None = None,
 ) -> tuple[Adapter, dict[str, float]]:
+    """select_rows: validation rows (a seeded sample) of the best-checkpoint checks (None: all)."""
     with run_lock(store, name):      # one run per name: a second trainer fails here
         adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
                             overwrite=overwrite, resume=resume)
@@ -71,7 +74,8 @@ def train_classifier(
         truncated = sum(n > max_length for n in lengths)      # collate cuts these to max_length
         info = {"objective": "classification", "method": "lora", "r": r, "alpha": alpha,
                 "targets": list(adapter.config.target_modules), "max_length": max_length, "labels": labels}
-        score = (lambda rt: evaluate(rt, adapter, eval_examples, max_length)["accuracy"]) if eval_examples else None
+        checks = selection_rows(eval_examples, select_rows, config.seed)        # best-checkpoint rows
+        score = (lambda rt: evaluate(rt, adapter, checks, max_length)["accuracy"]) if eval_examples else None
         rt, result = fit(base, adapter, train_examples, collate_fn(base.tokenizer, adapter.head, max_length),
                          loss_fn(adapter.head), config, store=store, resume=resume, log_path=log_path,
                          progress=progress, extra_params=[adapter.head.weight, adapter.head.bias], evaluate=score,

@@ -40,6 +40,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-4
+    head_lr: float | None = None       # lr of extra_params (a task head trained from scratch); None: lr
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "cosine"
@@ -55,8 +56,11 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        for name in ("lr", "head_lr"):
+            value = getattr(self, name)
+            if (value is not None or name == "lr") and not (isinstance(value, (int, float)) and value > 0
+                                                            and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a positive number, got {value}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; use one of {SCHEDULES}")
         if not 0 <= self.warmup_steps <= self.steps:
@@ -150,8 +154,12 @@ def train(
     _place(adapter, device, torch.float32)           # fp32 master weights on the base's device
     params = [t.requires_grad_(True) for parts in adapter.tensors.values() for t in parts.values()]
     runtime.add(adapter)                             # re-attached trainable: the forward reads these tensors
-    params += [t.requires_grad_(True) for t in extra_params]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    head = [t.requires_grad_(True) for t in extra_params]
+    # Two groups: the adapter at lr, the extra tensors (a head trained from scratch) at head_lr.
+    peaks = [config.lr] + ([config.head_lr or config.lr] if head else [])
+    optimizer = torch.optim.AdamW([{"params": params}] + ([{"params": head}] if head else []), lr=config.lr,
+                                  weight_decay=config.weight_decay)
+    params += head
     result, start = TrainResult(), 0
     run_info = {**(run_info or {}), "examples": len(examples), "shapes": [list(p.shape) for p in params]}
     best: tuple[float, int, list[torch.Tensor]] | None = None
@@ -177,8 +185,9 @@ def train(
     try:
         for step in range(start, config.steps):
             t0, tokens = time.perf_counter(), 0
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * lr_factor(step, config.steps, config.warmup_steps, config.schedule)
+            factor = lr_factor(step, config.steps, config.warmup_steps, config.schedule)
+            for group, peak in zip(optimizer.param_groups, peaks):
+                group["lr"] = peak * factor
             total = 0.0
             for micro in range(config.grad_accum):
                 idx = plan.indices(step * config.grad_accum + micro)
