@@ -152,6 +152,8 @@ def main(argv=None) -> None:
     p.add_argument("--n-fit", type=int, default=1024)
     p.add_argument("--n-held", type=int, default=64)
     p.add_argument("--encoders", default="base,minilm-l6")
+    p.add_argument("--kinds", default="retrieval,linear", help="per-prompt routers fitted for each encoder")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense-only retrieval variants")
     p.add_argument("--gate-steps", type=int, default=0, help="also train and score a per-token gate (0: skip)")
     p.add_argument("--gate-top-k", type=int, default=1, help="adapters per token of the gate (with 1 the task "
                    "loss gives the gate no gradient: the one chosen adapter's softmax weight is always 1)")
@@ -166,7 +168,7 @@ def main(argv=None) -> None:
     from adapterkit import AdapterRuntime, load_base, merge
     from adapterkit.data import load_task
     from adapterkit.demo import DemoSettings, task_adapter
-    from adapterkit.route import Encoder, GateRouter, fit_retrieval, train_gate
+    from adapterkit.route import Encoder, GateRouter, fit_linear, fit_retrieval, train_gate
     from adapterkit.route.api import head_loss
     from adapterkit.route.evaluate import Item, evaluate_router, plot_confusion
     from adapterkit.route.gate import token_labels
@@ -197,10 +199,16 @@ def main(argv=None) -> None:
         enc = (Encoder.from_base(base, max_length=args.max_length, runtime=rt) if enc_name == "base"
                else Encoder.load(enc_name, max_length=args.max_length))
         t0 = time.perf_counter()
-        for suffix, lexical in (("", True), ("-dense", False)):
+        source = f"tasks: train[:{args.n_fit}], validation[:{args.n_held}]"
+        variants = [(f"retrieval-{enc_name}", fit_retrieval, True), (f"retrieval-{enc_name}-dense", fit_retrieval, False),
+                    (f"linear-{enc_name}", fit_linear, True)]
+        for router_name, fitter, lexical in variants:
+            kind = router_name.split("-")[0]
+            if kind not in args.kinds.split(",") or (not lexical and args.no_dense):
+                continue
             t0 = time.perf_counter()
-            router = fit_retrieval(f"retrieval-{enc_name}{suffix}", list(adapters.values()), fit, enc, held_out=held,
-                                   lexical=lexical, source=f"tasks: train[:{args.n_fit}], validation[:{args.n_held}]")
+            router = fitter(router_name, list(adapters.values()), fit, enc, held_out=held, lexical=lexical,
+                            source=source)
             fit_s = time.perf_counter() - t0
             routers[router.name] = router
             log(f"{router.name}: fitted in {fit_s:.1f} s, calibration {router.calibration}")
@@ -229,7 +237,7 @@ def main(argv=None) -> None:
         png = plot_confusion(report, RESULTS / f"route_confusion_{name}{'_quick' if args.quick else ''}.png")
         results["routers"][name] = {**report.to_dict(), "plot": str(png.relative_to(ROOT)),
                                     "eval_s": time.perf_counter() - t0, "meta": _meta(router)}
-        if router.kind == "retrieval":
+        if router.kind in ("retrieval", "linear"):
             results["routers"][name]["ood_to_fallback"] = {
                 t: sum(d.fallback for d in router.route(texts)) / len(texts) for t, texts in ood.items()}
         log(f"{name}: routing {report.routing_accuracy:.4f}, e2e {report.end_to_end}, "

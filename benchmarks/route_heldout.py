@@ -28,21 +28,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from cli_runs import cli, log  # noqa: E402
 from heldout_tasks import TASKS, write_jsonl  # noqa: E402
 
 KINDS = ("retrieval", "linear")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def cli(*args: str, env: dict) -> tuple[str, float]:
-    t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "adapterkit", *args], capture_output=True, text=True, env=env)
-    if res.returncode:
-        raise SystemExit(f"adapterkit {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
-    return res.stdout, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -60,21 +49,21 @@ def main() -> None:
     sizes = write_jsonl(data)
     log(f"held-out tasks written to {data}: {sizes}")
     adapters, training = [f"ho-{t}" for t in TASKS], {}
-    listed = json.loads(cli("ls", "--store", str(store), "--json", env=env)[0]) if store.exists() else []
+    listed = json.loads(cli(["ls", "--store", str(store), "--json"], env)[0]) if store.exists() else []
     have = {row["name"] for row in listed}
     for task, name in zip(TASKS, adapters):
         if name in have and not a.retrain:
             log(f"{name}: reused from {store}")
             continue
         log(f"training {name} with the defaults (only the required flags)")
-        out, secs = cli("train", "--base", "minilm-l6", "--name", name, "--train-file", str(data / f"{task}.train.jsonl"),
+        out, secs = cli(["train", "--base", "minilm-l6", "--name", name, "--train-file", str(data / f"{task}.train.jsonl"),
                         "--eval-file", str(data / f"{task}.validation.jsonl"), "--store", str(store), "--no-progress",
-                        *(["--overwrite"] if name in have else []), env=env)
+                        *(["--overwrite"] if name in have else [])], env)
         training[name] = {"seconds": round(secs, 1), "console": out.strip().splitlines()[-4:]}
     oracle = {}
     for task, name in zip(TASKS, adapters):
-        got = json.loads(cli("eval", name, "--file", str(data / f"{task}.test.jsonl"), "--store", str(store), "--json",
-                             "--no-progress", env=env)[0])
+        got = json.loads(cli(["eval", name, "--file", str(data / f"{task}.test.jsonl"), "--store", str(store), "--json",
+                             "--no-progress"], env)[0])
         oracle[name] = {"test_accuracy": got["accuracy"], "macro_f1": got["macro_f1"], "n": got["n"]}
         log(f"{name}: test accuracy {got['accuracy']:.3f} on all {got['n']} test rows")
     rng = random.Random(0)
@@ -89,12 +78,12 @@ def main() -> None:
     (a.work / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
     routers = {}
     for kind in a.kinds.split(","):
-        out, fit_s = cli("route", "fit", "--adapters", ",".join(adapters), "--name", f"ho-{kind}", "--kind", kind,
-                         "--examples", str(a.work / "examples.jsonl"), "--store", str(store), "--overwrite", "--json",
-                         env=env)
+        out, fit_s = cli(["route", "fit", "--adapters", ",".join(adapters), "--name", f"ho-{kind}", "--kind", kind,
+                          "--examples", str(a.work / "examples.jsonl"), "--store", str(store), "--overwrite", "--json"],
+                         env)
         meta = json.loads(out)
-        got, eval_s = cli("route", "eval", f"ho-{kind}", "--file", str(a.work / "test.jsonl"), "--store", str(store),
-                          "--json", env=env)
+        got, eval_s = cli(["route", "eval", f"ho-{kind}", "--file", str(a.work / "test.jsonl"), "--store", str(store),
+                          "--json"], env)
         rep = json.loads(got)
         routers[kind] = {"routing_accuracy": rep["routing_accuracy"], "fallback_rate": rep["fallback_rate"],
                          "end_to_end": rep["end_to_end"], "per_adapter_accuracy": rep["per_adapter_accuracy"],

@@ -33,7 +33,8 @@ from ..errors import ConfigError
 from .common import AdapterRecord, check_adapters, records_from_meta, save_router
 from .encoder import Encoder
 from .lexical import Lexical
-from .retrieval import RetrievalRouter, calibration, check_options, examples_lineage, split_examples
+from .retrieval import (RetrievalRouter, calibration, check_options, examples_lineage, fit_temperature,
+                        ood_threshold, split_examples)
 
 TYPE = "adapterkit.router.linear"
 L2_GRID = (1e-4, 1e-3, 1e-2)                                              # lam, chosen on the held-out examples
@@ -130,11 +131,6 @@ def fit_logistic(z: torch.Tensor, x: torch.Tensor | None, labels: torch.Tensor, 
     return wd.detach(), (wl.detach() if wl is not None else None), b.detach()
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    nll = torch.stack([torch.nn.functional.cross_entropy(logits / t, labels) for t in TEMPERATURES])
-    return float(TEMPERATURES[int(nll.argmin())])
-
-
 def fit_linear(
     name: str,
     adapters: Sequence[Adapter],
@@ -183,7 +179,7 @@ def fit_linear(
         wd, wl, b = fit_logistic(z_fit, x_fit, y_fit, len(names), lam)
         logits = z_cal @ wd.t() + b + (torch.sparse.mm(x_cal, wl.t()) if wl is not None else 0.0)
         acc = float((logits.argmax(1) == y_cal).float().mean())
-        nll = float(torch.nn.functional.cross_entropy(logits / fit_temperature(logits, y_cal), y_cal))
+        nll = float(torch.nn.functional.cross_entropy(logits / fit_temperature(logits, y_cal, TEMPERATURES), y_cal))
         grid[str(lam)] = round(acc, 6)
         if best is None or (acc, -nll) > best[0]:
             best = ((acc, -nll), lam, wd, wl, b, logits)
@@ -194,10 +190,9 @@ def fit_linear(
                           kind="linear", neighbors=neighbors,
                           raw_bank=torch.nn.functional.normalize(emb_fit, dim=-1), weight_dense=wd, bias=b, l2=lam)
     router.lexical, router.weight_lexical = lex, wl
-    router.temperature = fit_temperature(logits, y_cal)
+    router.temperature = fit_temperature(logits, y_cal, TEMPERATURES)
     typical = router.typicality(emb_cal)
-    router.threshold = float(torch.quantile(typical, 1.0 - coverage, interpolation="lower")) if coverage < 1 else \
-        float(typical.min())
+    router.threshold = ood_threshold(typical, coverage)
     router.calibration = calibration(logits, y_cal, router.temperature, typical >= router.threshold, coverage,
                                      {n: len(cal_texts[n]) for n in names})
     router.calibration.update({"l2": lam, "l2_accuracy": grid})

@@ -263,10 +263,16 @@ def texts_hash(texts: Sequence[str]) -> str:
     return "sha256:" + h.hexdigest()[:16]
 
 
-def fit_temperature(sims: torch.Tensor, labels: torch.Tensor) -> float:
-    """argmin over the grid TEMPERATURES of the NLL of softmax(sims / T) at the true labels."""
-    nll = torch.stack([torch.nn.functional.cross_entropy(sims / t, labels) for t in TEMPERATURES])
-    return float(TEMPERATURES[int(nll.argmin())])
+def fit_temperature(sims: torch.Tensor, labels: torch.Tensor, grid: torch.Tensor = TEMPERATURES) -> float:
+    """argmin over the grid of the NLL of softmax(sims / T) at the true labels."""
+    nll = torch.stack([torch.nn.functional.cross_entropy(sims / t, labels) for t in grid])
+    return float(grid[int(nll.argmin())])
+
+
+def ood_threshold(typical: torch.Tensor, coverage: float) -> float:
+    """The (1 - coverage) quantile of the held-out examples' typicality: a share `coverage` passes."""
+    return float(torch.quantile(typical, 1.0 - coverage, interpolation="lower")) if coverage < 1 else \
+        float(typical.min())
 
 
 def fit_retrieval(
@@ -324,8 +330,7 @@ def fit_retrieval(
     router.temperature = fit_temperature(sims, labels)
     typical = router.typicality(cal_emb)
     best = sims.max(1).values if typical is None else typical
-    router.threshold = float(torch.quantile(best, 1.0 - coverage, interpolation="lower")) if coverage < 1 else \
-        float(best.min())
+    router.threshold = ood_threshold(best, coverage)
     router.calibration = calibration(sims, labels, router.temperature, best >= router.threshold, coverage,
                                      {n: len(cal_texts[n]) for n in names})
     router.calibration.update({"lexical_weight": router.lexical_weight, "lexical_weight_accuracy": grid})
