@@ -17,13 +17,16 @@ from adapterkit.train.trainer import TrainConfig, train
     # steps = 3 epochs (mlm: 1), clamped to [50, 200]; warm-up 10 %; checks every quarter with validation data
     ("classification", 4874, True, dict(steps=200, batch_size=16, lr=2e-3, head_lr=1e-2, warmup_steps=20,
                                        eval_every=50)),
+    ("classification-encoder", 4874, True, dict(steps=150, warmup_steps=15, eval_every=37)),
     ("classification", 800, False, dict(steps=150, batch_size=16, warmup_steps=15, eval_every=0)),
     ("classification", 10, True, dict(steps=50, warmup_steps=5, eval_every=12)),
     ("causal-lm", 400, True, dict(steps=150, batch_size=8, lr=1e-3, head_lr=None, eval_every=37)),
-    ("mlm", 1600, False, dict(steps=100, batch_size=16, lr=1e-3, head_lr=None)),
+    ("mlm-encoder", 1600, False, dict(steps=100, batch_size=16, lr=1e-3, head_lr=None)),
+    ("mlm-encoder", 9000, False, dict(steps=200)),
 ])
 def test_the_recipe_fills_in_what_the_flags_leave_out(objective, n, has_eval, want):
-    plan = resolve(objective, n, has_eval)
+    objective, on_encoder, _ = objective.partition("-encoder")         # "x-encoder": on an encoder base
+    plan = resolve(objective, n, has_eval, base_kind="encoder" if on_encoder else "causal-lm")
     assert {k: getattr(plan.config, k) for k in want} == want
     assert plan.select_rows == (256 if has_eval else None)
     assert set(plan.chosen) == {"steps", "batch_size", "lr", "head_lr", "warmup", "eval_every"}

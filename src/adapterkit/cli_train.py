@@ -37,8 +37,9 @@ def train_cmd(
     r: int = typer.Option(8, help="LoRA rank."),
     alpha: float = typer.Option(16.0, help="LoRA alpha."),
     targets: Optional[str] = typer.Option(None, help="Comma-separated target modules (default per base)."),
-    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: 3 epochs of the data, 1 for mlm, "
-                                        "clamped to [50, 200]; see `adapterkit train --help` footer)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps (default: 3 epochs of the training data, 1 for "
+                                        "mlm, at least 50 and at most 200; classification on an encoder base: at "
+                                        "most 150)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Default: 16 (causal-lm: 8)."),
     grad_accum: int = typer.Option(1, "--grad-accum"),
     lr: Optional[float] = typer.Option(None, help="Adapter learning rate (default: 2e-3 classification, 1e-3 "
@@ -125,11 +126,12 @@ def train_cmd(
                 eval_data = _examples(task, "validation", eval_file, text_field, label_field) \
                     if (task or eval_file) else []
                 trainer = train_classifier
-            plan = resolve(objective, len(train_data), bool(eval_data), **flags)
+            loaded = load_base(base, dt, dev)
+            plan = resolve(objective, len(train_data), bool(eval_data), base_kind=loaded.kind, **flags)
             if plan.chosen and rank == 0:
                 out.print(f"defaults for {objective} on {len(train_data)} examples: {plan.describe()} (a flag "
                           "sets any of them)", markup=False, highlight=False, soft_wrap=True)
-            adapter, metrics = trainer(load_base(base, dt, dev), name, train_data, eval_data, config=plan.config,
+            adapter, metrics = trainer(loaded, name, train_data, eval_data, config=plan.config,
                                        select_rows=plan.select_rows, **common)
     except AdapterkitError as exc:
         fail(exc)
