@@ -1,5 +1,6 @@
 """Training defaults per objective (DESIGN.md convention 11): what `adapterkit train` uses for every
-flag the user leaves out, chosen by measurement (benchmarks/train_defaults.py) so that a command with
+flag the user leaves out, chosen by measurement (benchmarks/train_defaults_sweep.py on the two tuning tasks; the result
+of the defaults themselves: benchmarks/train_defaults.py) so that a command with
 only --base, --task / --train-file and --name gives an adapter worth keeping.
 
     objective        lr     head lr  batch  warm-up  steps                               selection
