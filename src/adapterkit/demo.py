@@ -37,8 +37,11 @@ DEMO_TASKS = ("rt-sentiment", "election-tweets", "tweet-sentiment")
 class DemoSettings:
     steps: int = 80
     batch_size: int = 8
-    lr: float = RECIPES["classification"].lr              # the CLI's classification defaults, but 80 steps of 8
-    head_lr: float = RECIPES["classification"].head_lr
+    lr: float = RECIPES["classification"].lr
+    # One lr for adapter and head here, not the CLI's head lr of 1e-2: at 80 steps of 8 the larger head
+    # lr measured worse (issue 12: election-tweets 0.900 vs its probe's 0.903, tweet-sentiment 0.640 vs
+    # 0.667 with one lr; rt-sentiment 0.827 vs 0.807), and the demo must stay above every probe.
+    head_lr: float | None = None
     r: int = 8
     alpha: float = 16.0
     max_length: int = 64
