@@ -4,7 +4,7 @@ import pytest
 from conftest import save_tiny_tokenizer
 
 from adapterkit import ConfigError
-from adapterkit.train.causal_lm import IGNORE, collate, encode
+from adapterkit.train.causal_lm import IGNORE, collate, encode, generation_target, split_ids
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,21 @@ def test_chat_messages_learn_the_last_assistant_turn(tok):
     e = encode(tok, {"messages": msgs}, max_length=64)
     learned = [i for i, l in zip(e.input_ids, e.labels) if l != IGNORE]
     assert tok.decode(learned, skip_special_tokens=True).split() == ["the", "cat"]
+
+
+def test_a_template_turn_end_holds_the_eos(tok):
+    """SmolLM2's template renders "answer<|im_end|>\\n": eos is not last, yet it must not be added again, and
+    greedy generation (which stops at eos) is judged on the answer alone."""
+    tok = tok.__class__.from_pretrained(tok.name_or_path)
+    tok.chat_template = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> hello {% endfor %}"
+                         "{% if add_generation_prompt %}<s> assistant {% endif %}")
+    record = {"messages": [{"role": "user", "content": "a cat"}, {"role": "assistant", "content": "the dog"}]}
+    _, completion = split_ids(tok, record)
+    assert tok.convert_ids_to_tokens(completion) == ["the", "dog", "</s>", "hello"]
+    _, want = generation_target(tok, record)
+    assert tok.convert_ids_to_tokens(want) == ["the", "dog"]
+    _, want = generation_target(tok, {"prompt": "a cat", "completion": "the dog"})
+    assert tok.convert_ids_to_tokens(want) == ["the", "dog"]
 
 
 def test_truncation_keeps_prompt_end_and_completion_start(tok):

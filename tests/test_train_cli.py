@@ -193,3 +193,26 @@ def test_head_lr_is_refused_where_there_is_no_head(files, tmp_path):
     assert res.exit_code == 2
     assert ("--head-lr is the learning rate of a classification head; causal-lm training has no head trained from "
             "scratch: leave it out") in " ".join(res.output.split())
+
+
+def test_chat_records_score_exact_match_on_the_answer(files, tmp_path):
+    """A chat template whose turn ends "</s> hello" (like SmolLM2's "<|im_end|>\\n"): the answer is matched, not
+    the template's turn end (this scored 0.0 on every chat record before)."""
+    from transformers import AutoTokenizer
+
+    base, _ = files
+    tok = AutoTokenizer.from_pretrained(str(base))
+    tok.chat_template = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> hello {% endfor %}"
+                         "{% if add_generation_prompt %}<s> assistant {% endif %}")
+    tok.save_pretrained(str(base))
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": p},
+                                                       {"role": "assistant", "content": c}]})
+                              for p, c in [("give me one tip", "write clear code"), ("a cat", "the dog runs")]) + "\n")
+    res = CliRunner().invoke(app, ["train", "--objective", "causal-lm", "--name", "chat", "--base", str(base),
+                                   "--train-file", str(data), "--eval-file", str(data), "--steps", "60",
+                                   "--batch-size", "2", "--lr", "0.03", "--targets", "q_proj,k_proj,v_proj,o_proj",
+                                   "--store", str(tmp_path / "s"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    shown = json.loads(CliRunner().invoke(app, ["show", "chat", "--store", str(tmp_path / "s"), "--json"]).output)
+    assert shown["metrics"]["validation_loss"] < 0.5 and shown["metrics"]["validation_exact_match"] == 1.0

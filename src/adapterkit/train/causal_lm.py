@@ -43,9 +43,19 @@ def split_ids(tokenizer: Any, example: Mapping[str, Any]) -> tuple[list[int], li
                           f"got fields {sorted(example)}")
     prompt_ids = tokenizer(prompt_text, add_special_tokens=True)["input_ids"]
     completion_ids = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None and (not completion_ids or completion_ids[-1] != tokenizer.eos_token_id):
-        completion_ids = completion_ids + [tokenizer.eos_token_id]   # learn to stop
+    # learn to stop: end with eos, unless the chat template's turn end ("<|im_end|>\n") already holds it
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in completion_ids:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
     return prompt_ids, completion_ids
+
+
+def generation_target(tokenizer: Any, example: Mapping[str, Any]) -> tuple[list[int], list[int]]:
+    """(prompt ids, the ids greedy generation must give before it stops): the completion up to its first
+    end-of-sequence token. A chat template renders the turn's end after the answer ("Positive<|im_end|>\n"),
+    and generation stops at that token, so what follows it is not part of the answer."""
+    prompt, completion = split_ids(tokenizer, example)
+    eos = tokenizer.eos_token_id
+    return prompt, completion[: completion.index(eos)] if eos in completion else completion
 
 
 def encode(tokenizer: Any, example: Mapping[str, Any], max_length: int) -> Encoded:

@@ -15,7 +15,7 @@ from ..generate import pad_id
 from ..errors import ConfigError
 from ..runtime import AdapterRuntime
 from ..store import AdapterStore
-from .causal_lm import IGNORE, collate, encode, split_ids
+from .causal_lm import IGNORE, collate, encode, generation_target
 from .fit import finish, fit, run_lock, start_run
 from .progress import RowProgress
 from .defaults import selection_rows
@@ -47,8 +47,7 @@ def evaluate_instructions(rt: AdapterRuntime, name: str, records: Sequence[Mappi
                                                        ignore_index=IGNORE, reduction="sum")
             total, count = total + float(losses), count + int((labels != IGNORE).sum())
             for record in (chunk if exact else ()):      # greedy exact match, one record at a time
-                prompt, completion = split_ids(tok, record)
-                want = [t for t in completion if t != tok.eos_token_id]
+                prompt, want = generation_target(tok, record)
                 with rt.batch([name]):
                     out = rt.model.generate(torch.tensor([prompt], device=rt.device),
                                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long,
