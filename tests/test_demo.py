@@ -52,20 +52,26 @@ def test_mixed_classification_equals_each_adapter_alone(tiny):
 def test_demo_trains_then_reuses(tiny, tmp_path, monkeypatch):
     store = AdapterStore(tmp_path / "store")
     settings = DemoSettings(steps=3, batch_size=4, n_test=6, n_check=3, max_length=16)
-    console = Console(record=True, width=200)
+    console = Console(record=True, width=80)            # a default terminal: nothing may be cut
     tasks = ("rt-sentiment", "election-tweets")
     first = run_demo(str(tiny), console, tasks=tasks, settings=settings, store=store, progress=False)
     assert [r["task"] for r in first] == list(tasks) and all(r["how"].startswith("trained") for r in first)
     assert all(r["mixed_equals_alone"] for r in first) and [r["n_test"] for r in first] == [6, 6]
     assert sorted(x["name"] for x in store.list()) == ["demo-election-tweets", "demo-rt-sentiment"]
     text = console.export_text()
-    assert "base + head" in text and "adapter + head" in text and "rt-sentiment" in text
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    for r in first:       # each row: the whole name, then its numbers as computed
+        cells = next([c.strip() for c in line.split("│")][1:-1] for line in text.splitlines()
+                     if f"│ {r['task']} " in line)
+        gain = 100 * (r["adapter_accuracy"] - r["base_accuracy"])
+        assert cells[:6] == [r["task"], "2", "6", f"{r['base_accuracy']:.3f}", f"{r['adapter_accuracy']:.3f}",
+                             f"{gain:+.1f}"] and cells[6] == "trained" and cells[7] == "yes"
 
     def no_training(*args, **kwargs):
         raise AssertionError("the stored adapters should have been reused")
     monkeypatch.setattr(demo_mod, "train_classifier", no_training)
     again = run_demo(str(tiny), Console(record=True), tasks=tasks, settings=settings, store=store, progress=False)
-    assert [r["how"] for r in again] == ["reused from the store"] * 2
+    assert [r["how"] for r in again] == ["reused"] * 2
     assert [r["adapter_accuracy"] for r in again] == [r["adapter_accuracy"] for r in first]
     assert [r["base_accuracy"] for r in again] == [r["base_accuracy"] for r in first]
     # other settings: the stored adapters do not fit, so they are trained again

@@ -119,13 +119,13 @@ def task_adapter(base: Any, store: AdapterStore, task: Any, s: DemoSettings, *, 
                          warmup_steps=s.steps // 10, seed=s.seed)
     adapter = None if retrain else _reusable(store, name, base.fingerprint, config, s)
     if adapter is not None:
-        return adapter, "reused from the store"
+        return adapter, "reused"
     if console is not None:
         console.print(f"training [bold]{name}[/]: {s.steps} steps x {s.batch_size} examples")
     t0 = time.perf_counter()
     adapter, _ = train_classifier(base, name, task.train, [], task=task.name, store=store, config=config, r=s.r,
                                   alpha=s.alpha, max_length=s.max_length, overwrite=True, progress=progress)
-    return adapter, f"trained in {time.perf_counter() - t0:.0f} s"
+    return adapter, f"trained {time.perf_counter() - t0:.0f} s"
 
 
 def _reusable(store: AdapterStore, name: str, fingerprint: str, config: TrainConfig, s: DemoSettings):
@@ -144,13 +144,20 @@ def _reusable(store: AdapterStore, name: str, fingerprint: str, config: TrainCon
 
 
 def _print(console: Console, rows: list[dict[str, Any]], n_rows: int, elapsed: float, n_check: int) -> None:
-    table = Table("task", "labels", "test rows", "base + head", "adapter + head", "gain", "adapter", "mixed == alone")
+    """The results in 80 columns with nothing cut: names and numbers never wrap, the "how" column does
+    (an 80-column terminal once cut the task names to "rt-sen…")."""
+    table = Table()
+    table.add_column("task", no_wrap=True, min_width=max((len(r["task"]) for r in rows), default=4))
+    for header in ("labels", "rows", "probe", "adapter", "gain"):
+        table.add_column(header, no_wrap=True, justify="right")
+    table.add_column("how", min_width=7)
+    table.add_column("mixed = alone", min_width=5)
     for r in rows:
         table.add_row(r["task"], str(r["labels"]), str(r["n_test"]), f"{r['base_accuracy']:.3f}",
-                      f"{r['adapter_accuracy']:.3f}", f"{100 * (r['adapter_accuracy'] - r['base_accuracy']):+.1f} pt",
+                      f"{r['adapter_accuracy']:.3f}", f"{100 * (r['adapter_accuracy'] - r['base_accuracy']):+.1f}",
                       r["how"], "yes" if r["mixed_equals_alone"] else "[red]NO[/]")
     console.print(table)
-    console.print(f"{n_rows} test rows of {len(rows)} tasks scored in mixed batches (every batch mixes the "
-                  f"adapters) in {elapsed:.1f} s; the first {n_check} rows of each task were re-run with "
-                  "their adapter alone. 'base + head': the frozen base with a linear head fitted on the same "
-                  "number of training examples.")
+    console.print(f"Test accuracy of each task's LoRA adapter + head ('adapter') and of a probe: the frozen base "
+                  f"with a linear head fitted on the same number of training examples; the gain in points. {n_rows} test rows of "
+                  f"{len(rows)} tasks scored in mixed batches (every batch mixes the adapters) in {elapsed:.1f} s; "
+                  f"the first {n_check} rows of each task were re-run with their adapter alone ('mixed = alone').")
