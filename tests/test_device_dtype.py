@@ -310,7 +310,7 @@ def test_engine_hot_path_makes_no_tensor_without_naming_its_device(env, monkeypa
     any tensor the engine made implicitly would fail the step. Host metadata (ids, plans, sampling)
     says device="cpu"; everything else follows the model. Prefill runs the segment kernel, decode the
     gather kernel, a one-adapter engine the dense kernel: all three are covered."""
-    import adapterkit.methods.lora as lora
+    import adapterkit.methods.lora_pool as lora
 
     used = []
     for kernel in ("dense_kernel", "gather_kernel", "segment_kernel"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adapterkit import build_batch
-from adapterkit.kernels import dense_kernel, gather_kernel, reference_delta, segment_kernel
+from adapterkit.methods.kernels import dense_kernel, gather_kernel, reference_delta, segment_kernel
 
 D_IN, D_OUT = 24, 40
 

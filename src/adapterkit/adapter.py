@@ -1,8 +1,9 @@
 """Adapter: a name, a method config, per-site tensors and metadata; save/load.
 
-On disk an adapter is a folder. For methods PEFT knows (LoRA) the folder is a PEFT adapter
-(adapter_config.json + adapter_model.safetensors), so PEFT loads it as is; our own metadata
-(base fingerprint, task, metrics, lineage) sits beside it in adapterkit.json.
+On disk an adapter is a folder. For families PEFT knows (LoRA) the folder is a PEFT adapter
+(adapter_config.json + adapter_model.safetensors), so PEFT loads it as is; for the others it is the
+native format (formats/native.py: the declared tensors, dtypes kept, in adapter.safetensors). Our own
+metadata (config, base fingerprint, task, metrics, lineage) sits beside it in adapterkit.json.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import torch
 from torch import nn
 
 from ._atomic import atomic_write_dir, recover_dir
+from .formats import SIDE_FILE
 from .errors import AdapterNameError, BaseMismatchError, CorruptAdapterError, NonFiniteError
-from .methods import MethodSpec, config_from_dict, get_method, match_targets, site_info
+from .methods import Method, config_from_dict, get_method, match_targets, site_info
 
 FORMAT_VERSION = 1
-SIDE_FILE = "adapterkit.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -77,7 +78,7 @@ class Adapter:
         validate_name(self.name)
 
     @property
-    def method(self) -> MethodSpec:
+    def method(self) -> Method:
         return get_method(self.config.type)
 
     @property
@@ -88,8 +89,13 @@ class Adapter:
         return sum(t.numel() for parts in self.tensors.values() for t in parts.values())
 
     def ranks(self) -> list[int]:
-        """Distinct ranks over sites (low-rank methods only)."""
-        return sorted({p["lora_A"].shape[0] for p in self.tensors.values() if "lora_A" in p})
+        """Distinct ranks over sites (low-rank families; [] for the others)."""
+        rank = getattr(self.method, "rank", None)
+        return sorted({rank(p) for p in self.tensors.values()}) if rank is not None else []
+
+    def summary(self) -> str:
+        """One line for inspect, ls, show and the catalog, e.g. "lora r=8 alpha=16"."""
+        return self.method.summary(self.config, self.tensors)
 
     def check_finite(self, dtype: torch.dtype = torch.float32) -> "Adapter":
         """Raise NonFiniteError naming the first tensor (or site ΔW) that holds NaN / inf or whose
@@ -99,13 +105,12 @@ class Adapter:
         for site, parts in self.tensors.items():
             for key, t in parts.items():
                 _check_tensor(self.name, f"{site}.{key}", t, dtype, limit)
-            if spec.max_delta is not None:
-                peak = spec.max_delta(self.config, site, parts, limit)
-                if not peak <= limit:           # also catches NaN
-                    raise NonFiniteError(
-                        f"adapter {self.name!r}: its weight change at {site} reaches {peak:.3g}, beyond "
-                        f"{str(dtype).removeprefix('torch.')}'s range ({limit:.3g}); the adapter's weights or "
-                        "scale (alpha / r) are corrupt: re-train or re-save it")
+            peak = spec.max_delta(self.config, site, parts, limit)
+            if peak is not None and not peak <= limit:           # also catches NaN
+                raise NonFiniteError(
+                    f"adapter {self.name!r}: its weight change at {site} reaches {peak:.3g}, beyond "
+                    f"{str(dtype).removeprefix('torch.')}'s range ({limit:.3g}); the adapter's weights or "
+                    "scale are corrupt: re-train or re-save it")
         head = self.head
         for key, t in (vars(head).items() if head is not None else ()):
             if isinstance(t, torch.Tensor):
@@ -118,14 +123,16 @@ class Adapter:
 
     def _write(self, folder: Path) -> None:
         from .base import upstream_id
+        from .formats.native import write_native
         from .formats.peft import write_peft
 
-        if self.method.peft_type != "LORA":  # pragma: no cover - only LoRA is registered yet
-            raise NotImplementedError(f"saving method {self.method.name!r}")
         meta = self.meta
         if meta.base_model is None and meta.base_name:      # derived from the alias: callers pass base_name only
             meta.base_model = upstream_id(meta.base_name) or meta.base_name
-        write_peft(folder, self.config, self.tensors, meta.base_model)
+        if self.method.peft_type is not None:               # PEFT's format where PEFT has the family
+            write_peft(folder, self.config, self.tensors, meta.base_model)
+        else:
+            write_native(folder, self.tensors)
         side = {
             "type": "adapterkit.adapter",
             "format_version": FORMAT_VERSION,
@@ -139,31 +146,40 @@ class Adapter:
 
     @classmethod
     def load(cls, path: str | Path, name: str | None = None, *, head: bool = True) -> "Adapter":
-        """Load our folder or any PEFT LoRA folder; `name` defaults to the saved name or folder name.
-        Refuses tensors with NaN / inf (NonFiniteError naming the tensor). head=False skips the task
-        head (generation does not use it, so a damaged head does not stop it)."""
-        from .formats.peft import read_peft
+        """Load our folder (any family) or a PEFT folder of a family adapterkit has; `name` defaults to the
+        saved name or folder name. Refuses tensors with NaN / inf (NonFiniteError naming the tensor).
+        head=False skips the task head (generation does not use it, so a damaged head does not stop it)."""
+        from .formats.native import read_native
+        from .formats.peft import CONFIG_FILE, read_peft
 
         path = Path(path)
         recover_dir(path)
         if not path.is_dir():
             raise CorruptAdapterError(f"adapter folder {path} does not exist")
-        config, tensors = read_peft(path)
-        meta, saved_name = AdapterMeta.from_peft(path), None   # what a plain PEFT folder says of its base
         side_path = path / SIDE_FILE
         if side_path.exists() and not side_path.is_file():
             raise CorruptAdapterError(f"{side_path} is not a file; remove it or save the adapter again")
-        if side_path.is_file():
-            side = _read_side(side_path)
+        side = _read_side(side_path) if side_path.is_file() else None
+        if side is not None:
             try:
                 side_config = config_from_dict(side["config"])
-                meta = AdapterMeta(**side.get("meta", {}))
+                side_meta = AdapterMeta(**side.get("meta", {}))
             except (KeyError, TypeError, AttributeError) as exc:
                 raise CorruptAdapterError(f"{side_path} lacks or mangles a field ({type(exc).__name__}: {exc}); "
                                           "save the adapter again") from None
-            _check_agree(path, config, side_config)
-            config = side_config                  # it also keeps what PEFT has no key for (init, init_std)
-            saved_name = side.get("name")
+        if side is not None and get_method(side_config.type).peft_type is None:    # the native format
+            config, tensors = side_config, read_native(path, side_config, get_method(side_config.type))
+            meta, saved_name = side_meta, side.get("name")
+        else:
+            if not (path / CONFIG_FILE).is_file() and side is None:
+                raise CorruptAdapterError(f"{path} has neither {CONFIG_FILE} (a PEFT adapter) nor {SIDE_FILE} "
+                                          "(an adapterkit adapter): not an adapter folder")
+            config, tensors = read_peft(path)
+            meta, saved_name = AdapterMeta.from_peft(path), None   # what a plain PEFT folder says of its base
+            if side is not None:
+                _check_agree(path, config, side_config)
+                config = side_config              # it also keeps what PEFT has no key for (init, init_std)
+                meta, saved_name = side_meta, side.get("name")
         from .heads import load_head
 
         adapter = cls(name or saved_name or path.name, config, tensors, meta, load_head(path) if head else None)
@@ -245,7 +261,7 @@ def create_adapter(
     spec = get_method(config.type)
     sites = match_targets(model, config.target_modules, getattr(config, "exclude_modules", None))
     modules = dict(model.named_modules())
-    infos = [site_info(s, modules[s]) for s in sites]
+    infos = [site_info(s, modules[s], spec.attach) for s in sites]
     if any(i.fan_in_fan_out for i in infos) and hasattr(config, "fan_in_fan_out"):
         config = type(config).from_dict({**config.to_dict(), "fan_in_fan_out": True})
     gen = torch.Generator().manual_seed(seed)

@@ -15,6 +15,7 @@ seg_w) are moved once per step to `device`, the model's, so no site copies anyth
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -51,6 +52,23 @@ class AdapterBatch:
     bounds: tuple[int, ...] = ()                # len(seg_slots) + 1 offsets into order
     seg_slots: tuple[int, ...] = ()             # slot of each segment
     seg_w: torch.Tensor | None = None           # [m, 1, 1] weights in sorted order (None if all 1)
+    dtype: torch.dtype = torch.float32          # of the weight tensors the kernels read
+    device: torch.device | str = "cpu"          # where they are
+
+    # The kernel above was picked for low-rank deltas; a family whose cost differs picks its own from
+    # these views of the same plan, each computed at most once per step (on first use by any site).
+    @cached_property
+    def slot_weights(self) -> dict[int, torch.Tensor]:
+        """slot -> [n, 1, 1] summed weight of that slot on each unit (the dense kernel's dense_w)."""
+        return self.dense_w if self.dense_w else _dense_weights(self.ids, self.weights, self.unique, self.dtype,
+                                                               self.device)
+
+    @cached_property
+    def gather_plan(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...]]:
+        """(gather_idx, gather_w): per position k, each unit's slot [n] and weight [n, 1, 1] or None."""
+        if self.kernel == "gather":
+            return self.gather_idx, self.gather_w
+        return _gather_plan(self.ids, self.weights, self.dtype, self.device)
 
     def view_input(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d] -> [n, L, d] so weights [n, 1, 1] broadcast (n = rows, tokens or 1)."""
@@ -115,7 +133,7 @@ def build_batch(
         raise ConfigError("mode 'all' takes exactly one unit of adapter ids")
     n, k = ids.shape
     unique = tuple(sorted(set(ids[ids > 0].tolist())))
-    common = dict(mode=mode, n=n, ids=ids, weights=weights, unique=unique)
+    common = dict(mode=mode, n=n, ids=ids, weights=weights, unique=unique, dtype=dtype, device=device)
     if not unique:
         return AdapterBatch(kernel="none", **common)
 

@@ -83,7 +83,8 @@ def base_pull(name: str) -> None:
 def adapter_inspect(adapter: str = typer.Argument(..., help=f"ADAPTER: {ADAPTER_HELP}."),
                     store: Optional[Path] = STORE_OPT,
                     as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """Method, rank, targets, parameter count and base of an adapter (a folder, ours or PEFT's, or a stored name)."""
+    """Family (its one-line summary), targets, parameter count and base of an adapter (a folder, ours or PEFT's,
+    or a stored name)."""
     from .inspect import describe
 
     try:
@@ -322,11 +323,13 @@ def ls(store: Optional[Path] = STORE_OPT, as_json: bool = typer.Option(False, "-
     table = []
     for r in rows:
         metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
-        cells = [r["name"], r["method"], ",".join(map(str, r["ranks"])), r["task"] or "",
+        # the family's own line; a row stored before summaries: its LoRA ranks
+        summary = r.get("summary") or f"{r['method']} r={','.join(map(str, r['ranks']))}"
+        cells = [r["name"], summary, r["task"] or "",
                  str(len(r["labels"])) if r["labels"] else "", metrics, r["base_name"] or "", r["created"]]
         table.append([*map(escape, cells), escape(r["status"]) if r["status"] == "ok" else
                       f"[bold red]damaged:[/] {escape(r['status'])}"])
-    print_listing(("name", "method", "rank", "task", "labels", "metrics", "base", "created", "status"), table,
+    print_listing(("name", "adapter", "task", "labels", "metrics", "base", "created", "status"), table,
                   keep=("status",))
     damaged = [r["name"] for r in rows if r["status"] != "ok"]
     if damaged:

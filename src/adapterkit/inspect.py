@@ -18,6 +18,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "name": adapter.name,
         "method": config.type,
         "format": "adapterkit" if (path / SIDE_FILE).is_file() else "peft",
+        "summary": adapter.summary(),
         "rank": adapter.ranks(),
         "alpha": getattr(config, "alpha", None),
         "rslora": getattr(config, "use_rslora", False),

@@ -94,29 +94,32 @@ class AdapterRuntime:
                 f"is {self.base_name or '?'} ({self.fingerprint}); load it onto its own base"
             )
         spec = adapter.method
+        kinds = spec.tensor_kinds(adapter.config)
         site_map = self._resolve_sites(adapter)
-        tensors = {}
+        tensors, infos = {}, {}
         for own, module_name in site_map.items():
             # Config patterns (rank_pattern...) refer to the adapter's own site names.
-            info = replace(site_info(module_name, self._modules[module_name]), name=own)
-            expected = spec.tensor_shapes(adapter.config, info)
+            info = infos[module_name] = site_info(module_name, self._modules[module_name], spec.attach)
+            expected = spec.tensor_shapes(adapter.config, replace(info, name=own))
             got = {k: tuple(t.shape) for k, t in adapter.tensors[own].items()}
             if got != {k: tuple(v) for k, v in expected.items()}:
                 raise BaseMismatchError(
                     f"adapter {name!r} does not fit this base at {module_name}: tensors {got}, "
                     f"the base needs {expected}; it was made for another base model"
                 )
+            spec.check_tensors(adapter.config, own, adapter.tensors[own], f"adapter {name!r}")   # dtypes
             away = {k: str(t.device) for k, t in adapter.tensors[own].items()
                     if t.requires_grad and t.device != self._device}
             if away:
                 raise ConfigError(f"adapter {name!r}: trainable tensors at {module_name} are on {away}, the base on "
                                   f"{self._device}; move them to the base's device first (train() does)")
-            tensors[module_name] = (own, {k: self._cast(t) for k, t in adapter.tensors[own].items()})
+            tensors[module_name] = (own, {k: self._cast(t, kinds[k]) for k, t in adapter.tensors[own].items()})
         slot = self._free_slot()
         for module_name, (own, parts) in tensors.items():
             site = self._sites.get(module_name)
             if site is None:
-                site = self._sites[module_name] = Site(self, module_name, self._modules[module_name])
+                site = self._sites[module_name] = Site(lambda: self.active_batch, infos[module_name],
+                                                       self._modules[module_name])
             site.pool(spec, self.capacity).add(slot, adapter.config, parts, own)
         self.adapters[key], self._slots[key], self._site_maps[key] = adapter, slot, site_map
         if _trainable(adapter):
@@ -137,6 +140,11 @@ class AdapterRuntime:
         self._versions.pop(name, None)
         return self.adapters.pop(name)
 
+    def modules_of(self, name: str) -> list[str]:
+        """The base's module names the attached adapter `name` adapts."""
+        self.slot(name)                                   # AdapterNotFoundError for an adapter not attached
+        return list(self._site_maps[name].values())
+
     def refresh(self, name: str) -> None:
         """Re-copy an adapter's (trained) tensors into the stacked slots read by fast kernels."""
         slot = self.slot(name)
@@ -146,12 +154,13 @@ class AdapterRuntime:
         if name in self._versions:
             self._versions[name] = _version(adapter)
 
-    def _cast(self, t: torch.Tensor) -> torch.Tensor:
-        # Frozen adapters are stored in the base dtype, on its device; trainable ones stay the caller's
-        # tensors (the dense kernel runs them in their own dtype: fp32 master weights on a bf16 base).
+    def _cast(self, t: torch.Tensor, kind: Any) -> torch.Tensor:
+        # Frozen float tensors are held in the base dtype, on its device; a tensor of a declared dtype (an
+        # int64 index, packed bits) keeps it exactly; trainable ones stay the caller's tensors (the dense
+        # kernel runs them in their own dtype: fp32 master weights on a bf16 base).
         if t.requires_grad:
             return t
-        return t.to(device=self._device, dtype=self._dtype if t.is_floating_point() else t.dtype)
+        return t.to(device=self._device, dtype=self._dtype if kind.dtype is None else kind.dtype)
 
     def _free_slot(self) -> int:
         used = set(self._slots.values())
@@ -275,13 +284,15 @@ class AdapterRuntime:
         if name in self._merged:
             raise ConfigError(f"adapter {name!r} is already merged")
         spec = adapter.method
-        if spec.delta_weight is None:
-            raise UnsupportedError(f"method {spec.name!r} is not linear in W and cannot be merged")
+        if not spec.mergeable:
+            raise UnsupportedError(f"adapter {name!r} is a {spec.title} adapter, which is not linear in the base "
+                                   "weights: it cannot be merged into the base; run it as an adapter instead")
         with torch.no_grad():
             for own, module_name in self._site_maps[name].items():
                 module = self._modules[module_name]
                 info = replace(self._sites[module_name].info, name=own)
-                delta = spec.delta_weight(adapter.config, info, adapter.tensors[own])
+                # the weight as merged so far: a change that depends on W (IA3) scales what earlier merges made
+                delta = spec.delta_weight(adapter.config, info, adapter.tensors[own], module.weight.detach())
                 if module_name not in self._originals:
                     self._originals[module_name] = module.weight.detach().clone()
                 # W + w·ΔW summed in fp32 and rounded once (a bf16 add would round ΔW first)

@@ -1,45 +1,63 @@
-"""Sites: each target module of the base is wrapped ONCE by a forward hook and holds one pool per
-method. The hook reads the runtime's current AdapterBatch (built once per step) and adds every
-pool's delta to the module output. Hooks keep the base's module tree and state_dict unchanged.
+"""Sites: each module of the base that adapters attach to is hooked ONCE and holds one pool per
+method. The hooks read the runtime's current AdapterBatch (built once per step): a forward pre-hook
+runs the input methods (x -> x'), a forward hook the output and module methods (y -> y'), each in
+the order of its method's stage. Hooks keep the base's module tree and state_dict unchanged.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .methods import MethodSpec, SitePool, site_info
-
-if TYPE_CHECKING:
-    from .runtime import AdapterRuntime
+from .methods import ATTACH_INPUT, Method, SiteInfo, SitePool
 
 
 class Site:
-    def __init__(self, runtime: "AdapterRuntime", name: str, module: nn.Module) -> None:
-        self.runtime = runtime
+    def __init__(self, batch: Callable[[], Any], info: SiteInfo, module: nn.Module) -> None:
+        """batch: returns the step's AdapterBatch (None: run the bare module)."""
+        self.batch = batch
         self.module = module
-        self.info = site_info(name, module)
+        self.info = info
         self.pools: dict[str, SitePool] = {}
-        self._handle = module.register_forward_hook(self._hook)
+        self._inputs: list[SitePool] = []        # input methods' pools, by stage
+        self._outputs: list[SitePool] = []       # output / module methods' pools, by stage
+        self._stages: dict[str, tuple[int, str]] = {}
+        self._handles = [module.register_forward_hook(self._hook)]     # the pre-hook comes with an input method
 
-    def pool(self, spec: MethodSpec, capacity: int) -> SitePool:
-        if spec.name not in self.pools:
-            self.pools[spec.name] = spec.make_pool(self.info, capacity)
-        return self.pools[spec.name]
+    def pool(self, method: Method, capacity: int) -> SitePool:
+        if method.name not in self.pools:
+            self.pools[method.name] = method.make_pool(self.info, capacity)
+            self._stages[method.name] = (method.stage, method.attach)
+            order = sorted(self.pools, key=lambda n: (self._stages[n][0], n))   # stage, then name: a fixed order
+            if method.attach == ATTACH_INPUT and not self._inputs:
+                self._handles.append(self.module.register_forward_pre_hook(self._pre_hook))
+            self._inputs = [self.pools[n] for n in order if self._stages[n][1] == ATTACH_INPUT]
+            self._outputs = [self.pools[n] for n in order if self._stages[n][1] != ATTACH_INPUT]
+        return self.pools[method.name]
 
     def empty(self) -> bool:
         return all(len(p) == 0 for p in self.pools.values())
 
     def close(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
+
+    def _pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        batch = self.batch()
+        if not self._inputs or batch is None or batch.kernel == "none":
+            return None
+        x = args[0]
+        for pool in self._inputs:
+            x = pool.apply(x, None, batch, module.training)
+        return (x, *args[1:])
 
     def _hook(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        batch = self.runtime.active_batch
-        if batch is None or batch.kernel == "none":
+        batch = self.batch()
+        if not self._outputs or batch is None or batch.kernel == "none":
             return output
-        x = args[0]
-        for pool in self.pools.values():
+        x = args[0]      # the module's input as the module saw it (after any input method)
+        for pool in self._outputs:
             output = pool.apply(x, output, batch, module.training)
         return output

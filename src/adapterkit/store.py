@@ -33,7 +33,7 @@ from .base import adapterkit_home
 from .errors import AdapterNameError, AdapterNotFoundError, CorruptAdapterError
 
 # Added with versioned folders (ALTER TABLE on older catalogs; NULL there = adapters/<name>, unverified).
-_ADDED = {"folder": "TEXT", "content": "TEXT", "files": "TEXT"}
+_ADDED = {"folder": "TEXT", "content": "TEXT", "files": "TEXT", "summary": "TEXT"}
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
     name TEXT PRIMARY KEY,
@@ -44,12 +44,13 @@ CREATE TABLE IF NOT EXISTS adapters (
     labels TEXT NOT NULL,      -- JSON list
     metrics TEXT NOT NULL,     -- JSON object
     lineage TEXT NOT NULL,     -- JSON list of {op, inputs, params}
-    ranks TEXT NOT NULL,       -- JSON list
+    ranks TEXT NOT NULL,       -- JSON list: ranks of a low-rank family, else []
     parameters INTEGER NOT NULL,
     created TEXT NOT NULL,
     folder TEXT,               -- relative to the root (NULL: adapters/<name>, a store made before versions)
     content TEXT,              -- digest of the version's files
-    files TEXT                 -- JSON {file: [size, sha256]}
+    files TEXT,                -- JSON {file: [size, sha256]}
+    summary TEXT               -- the family's one line, e.g. "lora r=8 alpha=16" (NULL: stored before it)
 )
 """
 _TRIES = 5                     # reads that race a concurrent overwrite retry with the new row
@@ -146,7 +147,7 @@ class AdapterStore:
                     row = (name, adapter.config.type, meta.base_fingerprint, meta.base_name, meta.task,
                            json.dumps(meta.labels), json.dumps(meta.metrics), json.dumps(meta.lineage),
                            json.dumps(adapter.ranks()), adapter.num_parameters(), meta.created,
-                           folder, _content(files), json.dumps(files))
+                           folder, _content(files), json.dumps(files), adapter.summary())
                     conn.execute(f"INSERT OR REPLACE INTO adapters ({', '.join(_COLUMNS)}) "
                                  f"VALUES ({', '.join('?' * len(_COLUMNS))})", row)
                 except BaseException:

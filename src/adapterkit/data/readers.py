@@ -64,7 +64,7 @@ class ReadResult:
 _FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 
 
-def _value(v: object, name: str) -> str:
+def text_value(v: object, name: str) -> str:
     """A field value as text; raises ValueError with the problem."""
     if v is None:
         raise ValueError(f"field {name!r} is null")
@@ -111,7 +111,7 @@ def _example_from(record: dict, text_field: str, label_field: str, what: str) ->
             present = ", ".join(repr(k) for k in record) or "none"
             return f"missing field {name!r} ({what} present: {present})"
     try:
-        return Example(_value(record[text_field], text_field), _value(record[label_field], label_field))
+        return Example(text_value(record[text_field], text_field), text_value(record[label_field], label_field))
     except ValueError as e:
         return str(e)
 

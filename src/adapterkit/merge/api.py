@@ -171,7 +171,7 @@ def _merge_site(spec: MergeMethod, p: dict[str, Any], weights: list[float], inpu
     extra = ([site_generator(p["seed"], site, inputs.adapters[i].name) for i in idx],) if spec.uses_rng else ()
     fn_params = {k: p[k] for k in spec.params if k not in _DENSE}
     dense = require_finite(spec.fn(deltas, torch.tensor(ws), *extra, **fn_params), action, site, _fix(spec))
-    rank = p["rank"] or sum(inputs.adapters[i].tensors[site]["lora_A"].shape[0] for i in idx)
+    rank = p["rank"] or sum(inputs.adapters[i].method.rank(inputs.adapters[i].tensors[site]) for i in idx)
     other = "exact" if p["svd"] == "randomized" else "randomized"
     with linalg_errors(f"{action}: re-factoring site {site!r} to rank {rank}",
                        f"the merged weight change is too ill-conditioned to factor: try svd={other!r} or "
@@ -188,7 +188,7 @@ def merge_with_report(adapters: Sequence[Adapter], method: str = "concat", *, na
     duration and restored. The result does not depend on workers."""
     start = time.perf_counter()
     spec = get_merge_method(method)
-    inputs = check_inputs(adapters)
+    inputs = check_inputs(adapters, spec.name)
     p = resolve_params(spec, len(inputs.adapters), params)
     weights = p["weights"]
     if p.get("normalize"):

@@ -1,8 +1,9 @@
 """What every merge shares: input checks, per-site ΔW (dense or as factors), the output adapter.
 
-Merges work on ΔW = scale · B @ A per site, in LoRA's layout [d_out, d_in] (for GPT-2 Conv1D sites
-too: the transpose is the module's business, not the merge's). A site that an input does not
-target counts as ΔW = 0 for that input.
+Merges work on each input's ΔW per site through its family's contract (methods/base.py): low-rank
+families give factors (scale · B, A) with ΔW = B @ A in the layout [d_out, d_in] (for GPT-2 Conv1D
+sites too: the transpose is the module's business, not the merge's). A site that an input does not
+target counts as ΔW = 0 for that input. A family that does not define a merge is refused by name.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import torch
 
 from ..adapter import Adapter, AdapterMeta, check_same_base
 from ..errors import BaseMismatchError, ConfigError, NonFiniteError, UnsupportedError
-from ..methods import SiteInfo
-from ..methods.lora import LoraConfig
+from ..methods import SiteInfo, get_method
 
 Factors = tuple[torch.Tensor, torch.Tensor]     # (B [d_out, r], A [r, d_in]); ΔW = B @ A, scale folded in B
 
@@ -55,8 +55,9 @@ class Inputs:
                 for i, (a, fp) in enumerate(zip(self.adapters, self.fingerprints))]
 
 
-def check_inputs(adapters: Sequence[Adapter]) -> Inputs:
-    """Refuse: no input, non-adapters, a method without low-rank factors, NaN / inf (or a ΔW beyond
+def check_inputs(adapters: Sequence[Adapter], op: str = "concat") -> Inputs:
+    """Refuse: no input, non-adapters, a family that does not define merge `op` (or has no low-rank
+    factors, which every merge here reads), NaN / inf (or a ΔW beyond
     float32) in any input (NonFiniteError naming the tensor), the same adapter twice (by name or by
     content), different bases (naming both fingerprints), clashing site shapes."""
     adapters = tuple(adapters)
@@ -65,9 +66,10 @@ def check_inputs(adapters: Sequence[Adapter]) -> Inputs:
     for a in adapters:
         if not isinstance(a, Adapter):
             raise ConfigError(f"merge inputs must be Adapter objects, got {type(a).__name__}")
-        if a.config.type != "lora":
-            raise UnsupportedError(f"adapter {a.name!r} is a {a.config.type!r} adapter; merging reads "
-                                   "low-rank (lora) adapters only")
+        a.method.require_merge_op(op, a.name)
+        if a.method.delta_kind != "low-rank":
+            raise UnsupportedError(f"adapter {a.name!r} is a {a.method.title} adapter; merge {op!r} reads "
+                                   "low-rank adapters (lora) only")
         a.check_finite(torch.float32)           # merges compute in float32
     names = [a.name for a in adapters]
     twice = sorted(n for n, c in Counter(names).items() if c > 1)
@@ -87,7 +89,8 @@ def check_inputs(adapters: Sequence[Adapter]) -> Inputs:
     owner: dict[str, str] = {}
     for a in adapters:
         for site, parts in a.tensors.items():
-            shape = (parts["lora_B"].shape[0], parts["lora_A"].shape[1])
+            b, a_ = a.method.factors(a.config, site, parts)
+            shape = (b.shape[0], a_.shape[1])
             if sites.setdefault(site, shape) != shape:
                 raise BaseMismatchError(
                     f"site {site!r} is {sites[site][0]}x{sites[site][1]} in {owner[site]!r} but "
@@ -98,23 +101,22 @@ def check_inputs(adapters: Sequence[Adapter]) -> Inputs:
 
 
 def site_factors(adapter: Adapter, site: str) -> Factors:
-    """(scale · B, A) in float32: the config's scale(site) honours rank/alpha patterns and rsLoRA."""
-    parts = adapter.tensors[site]
-    return adapter.config.scale(site) * parts["lora_B"].float(), parts["lora_A"].float()
+    """(scale · B, A) in float32 (LoRA: the config's scale(site) honours rank/alpha patterns and rsLoRA)."""
+    return adapter.method.factors(adapter.config, site, adapter.tensors[site])
 
 
 def site_delta(adapter: Adapter, site: str) -> torch.Tensor:
-    """Dense ΔW [d_out, d_in] through the method registry's delta_weight (LoRA layout)."""
+    """Dense ΔW [d_out, d_in] through the family's delta_weight (LoRA layout)."""
     parts = adapter.tensors[site]
-    d_out, d_in = parts["lora_B"].shape[0], parts["lora_A"].shape[1]
-    info = SiteInfo(site, d_in, d_out, False, torch.float32)
+    b, a = adapter.method.factors(adapter.config, site, parts)
+    info = SiteInfo(site, a.shape[1], b.shape[0], False, torch.float32)
     return adapter.method.delta_weight(adapter.config, info, parts).float()
 
 
 def stacked_deltas(adapters: Sequence[Adapter], site: str) -> torch.Tensor:
     """[n, d_out, d_in] float32: scale_i · B_i @ A_i for adapters that all have `site`, written
     straight into one tensor (no per-input copies)."""
-    b0, a0 = adapters[0].tensors[site]["lora_B"], adapters[0].tensors[site]["lora_A"]
+    b0, a0 = site_factors(adapters[0], site)
     out = torch.empty(len(adapters), b0.shape[0], a0.shape[1])
     for i, adapter in enumerate(adapters):
         b, a = site_factors(adapter, site)
@@ -130,18 +132,9 @@ def lowrank_sqnorm(b: torch.Tensor, a: torch.Tensor) -> float:
 
 def build_adapter(name: str, factors: dict[str, Factors], inputs: Inputs,
                   lineage: dict[str, Any], metrics: dict[str, Any] | None = None) -> Adapter:
-    """A LoRA adapter with ΔW = B @ A at every site (scale 1 everywhere: alpha = rank per site).
-    r is the most common site rank; other sites get exact (escaped) rank_pattern/alpha_pattern keys."""
-    ranks = {s: b.shape[1] for s, (b, _) in factors.items()}
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    odd = {re.escape(s): k for s, k in ranks.items() if k != r}
+    """A LoRA adapter with ΔW = B @ A at every site (scale 1 everywhere: alpha = rank per site)."""
     fan = any(getattr(a.config, "fan_in_fan_out", False) for a in inputs.adapters)
-    config = LoraConfig(r=r, alpha=float(r), target_modules=tuple(factors), rank_pattern=odd,
-                        alpha_pattern={k: float(v) for k, v in odd.items()}, fan_in_fan_out=fan)
-    tensors = {}
-    for site, (b, a) in factors.items():
-        s = config.scale(site)                       # 1.0 by construction; divided out for safety
-        tensors[site] = {"lora_A": a.float().contiguous(), "lora_B": (b.float() / s).contiguous()}
+    config, tensors = get_method("lora").from_factors(factors, fan_in_fan_out=fan)
     meta = AdapterMeta(base_fingerprint=inputs.base_fingerprint, base_name=inputs.base_name,
                        metrics=dict(metrics or {}), lineage=[lineage])
     return Adapter(name, config, tensors, meta)

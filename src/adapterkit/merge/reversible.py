@@ -229,7 +229,7 @@ def _combination(adapters: Sequence[Adapter], coeffs: Sequence[float], site: str
 def merge_reversible(adapters: Sequence[Adapter], k: int, *, rank: int | None = None, per_site: bool = True,
                      normalize: bool = False, name: str = "reversible") -> ReversibleMerge:
     """k basis adapters named f"{name}.basis{j}", the coefficients and the errors; see the module doc."""
-    inputs = check_inputs(adapters)
+    inputs = check_inputs(adapters, "reversible")
     n = len(inputs.adapters)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
         raise ConfigError(f"reversible merge k must be an integer in [1, {n}] (the number of basis "

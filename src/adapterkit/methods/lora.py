@@ -1,25 +1,23 @@
 """LoRA: ΔW = scale · B @ A with A [r, d_in], B [d_out, r]; scale = alpha / r (or alpha / sqrt(r)).
 
 Tensors per site use PEFT's names and layout ("lora_A" [r, d_in], "lora_B" [d_out, r]) so the
-PEFT format maps one to one. At a site, `LoraPool` keeps the adapters' own tensors (read by the
-dense kernel, so gradients reach them) and stacked, rank-padded, scale-folded copies per slot
-(read by the gather and segment kernels).
+PEFT format maps one to one. The site pool (many adapters at a site, mixed batches) is
+lora_pool.py; this file is the config, the tensors, ΔW and the PEFT codec.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from functools import partial
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Mapping
 
 import torch
-from torch import nn
 
-from ..errors import ConfigError
-from ..kernels import dense_kernel, gather_kernel, segment_kernel
-from . import MethodSpec, SiteInfo, register_method
+from ..errors import ConfigError, CorruptAdapterError, UnsupportedError
+from .base import STAGE_DELTA, Method, SiteInfo, TensorKind
+from .lora_pool import LoraPool
 
 INITS = ("default", "nonzero")
 
@@ -108,124 +106,211 @@ def _check_alpha(what: str, value: Any) -> None:
         raise ConfigError(f"LoRA {what} must be a non-negative number, got {value!r}")
 
 
-def tensor_shapes(config: LoraConfig, site: SiteInfo) -> dict[str, tuple[int, ...]]:
-    r = config.rank(site.name)
-    return {"lora_A": (r, site.in_features), "lora_B": (site.out_features, r)}
+# ---------------------------------------------------------------------------- PEFT's LoRA config keys
+# Keys with a meaning we implement (read into LoraConfig).
+_READ = {"peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout",
+         "fan_in_fan_out", "use_rslora", "rank_pattern", "alpha_pattern"}
+# Keys that only describe PEFT's training/initialisation set-up: no effect on a loaded adapter.
+_IGNORED = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+            "inference_mode", "init_lora_weights", "loftq_config", "eva_config", "corda_config",
+            "lora_ga_config", "runtime_config", "megatron_core", "layers_to_transform",
+            "layers_pattern", "qalora_group_size", "ensure_weight_tying"}
+# Keys that change the forward pass: allowed only at their neutral value.
+_NEUTRAL = {
+    "use_dora": (False, None), "bias": ("none", None), "modules_to_save": (None, ()),
+    "lora_bias": (False, None), "target_parameters": (None, ()), "layer_replication": (None, ()),
+    "trainable_token_indices": (None,), "use_qalora": (False, None), "alora_invocation_tokens": (None,),
+    "megatron_config": (None,), "velora_config": (None,), "monteclora_config": (None,),
+    "kasa_config": (None,), "arrow_config": (None,), "use_bdlora": (None, False),
+}
+_FEATURE = {"use_dora": "DoRA (use_dora=true)", "bias": "trained biases (bias != 'none')",
+            "modules_to_save": "extra full modules (modules_to_save)", "lora_bias": "LoRA bias (lora_bias=true)",
+            "target_parameters": "LoRA on nn.Parameter targets (target_parameters)",
+            "layer_replication": "layer replication", "trainable_token_indices": "trainable tokens",
+            "use_qalora": "QA-LoRA", "alora_invocation_tokens": "activated LoRA (aLoRA)",
+            "megatron_config": "Megatron parallel layers", "velora_config": "VeLoRA",
+            "monteclora_config": "MonteCLoRA", "kasa_config": "KaSA", "arrow_config": "Arrow routing",
+            "use_bdlora": "BD-LoRA"}
 
 
-def init_tensors(config: LoraConfig, site: SiteInfo, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    r = config.rank(site.name)
-    a = torch.empty(r, site.in_features)
-    # PEFT's default: kaiming_uniform_(a=sqrt(5)) on A, i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)).
-    bound = 1.0 / math.sqrt(site.in_features)
-    a.uniform_(-bound, bound, generator=gen)
-    b = torch.zeros(site.out_features, r)
-    if config.init == "nonzero":
-        b.normal_(0.0, config.init_std, generator=gen)
-    return {"lora_A": a, "lora_B": b}
+def _neutral(key: str, value: Any) -> bool:
+    if isinstance(value, (list, tuple, dict)) and not value:
+        return True
+    return value in _NEUTRAL[key]
 
 
-def delta_weight(config: LoraConfig, site: SiteInfo, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """ΔW = scale · B @ A in the module's layout ([d_out, d_in]; transposed for Conv1D)."""
-    a, b = tensors["lora_A"].float(), tensors["lora_B"].float()
-    delta = config.scale(site.name) * (b @ a)
-    return delta.t() if site.fan_in_fan_out else delta
 
 
-def max_delta(config: LoraConfig, site_name: str, tensors: Mapping[str, torch.Tensor], limit: float) -> float:
-    """max |scale · B @ A|: the bound scale · r · max|B| · max|A| when it is below `limit`, else exact
-    (float64), so the usual case costs two max() and no matmul."""
-    a, b = tensors["lora_A"].double(), tensors["lora_B"].double()
-    scale = config.scale(site_name)
-    bound = scale * a.shape[0] * float(a.abs().max()) * float(b.abs().max())
-    if bound <= limit:
-        return bound
-    return scale * float((b @ a).abs().max())
+def _neutral(key: str, value: Any) -> bool:
+    if isinstance(value, (list, tuple, dict)) and not value:
+        return True
+    return value in _NEUTRAL[key]
 
 
-class LoraPool:
-    """All LoRA adapters at one site. Slot tensors: A [S+1, d_in, R], B [S+1, R, d_out], row 0 zero."""
+class Lora(Method):
+    name = "lora"
+    title = "LoRA"
+    config_cls = LoraConfig
+    stage = STAGE_DELTA
+    delta_kind = "low-rank"
+    merge_ops = frozenset({"concat", "linear", "task_arithmetic", "ties", "magnitude_prune", "dare_linear",
+                           "dare_ties", "reversible"})
+    peft_type = "LORA"
+    peft_parts = ("lora_A", "lora_B")
 
-    def __init__(self, site: SiteInfo, capacity: int) -> None:
-        self.site = site
-        self.rank = 0                      # R: max rank of the adapters held (stacks are padded to it)
-        self.capacity = capacity
-        # slot -> (A [r, d_in], B [d_out, r], scale, dropout): the adapter's own tensors.
-        self.sources: dict[int, tuple[torch.Tensor, torch.Tensor, float, float]] = {}
-        self.a_stack = torch.zeros(capacity + 1, site.in_features, 0, dtype=site.dtype, device=site.device)
-        self.b_stack = torch.zeros(capacity + 1, 0, site.out_features, dtype=site.dtype, device=site.device)
+    def tensor_kinds(self, config: LoraConfig) -> dict[str, TensorKind]:
+        return {"lora_A": TensorKind(), "lora_B": TensorKind()}
 
-    def __len__(self) -> int:
-        return len(self.sources)
+    def tensor_shapes(self, config: LoraConfig, site: SiteInfo) -> dict[str, tuple[int, ...]]:
+        r = config.rank(site.name)
+        return {"lora_A": (r, site.in_features), "lora_B": (site.out_features, r)}
 
-    def add(self, slot: int, config: LoraConfig, tensors: Mapping[str, torch.Tensor], site_name: str) -> None:
-        a, b = tensors["lora_A"], tensors["lora_B"]
-        self.sources[slot] = (a, b, config.scale(site_name), config.dropout)
-        if a.shape[0] > self.rank:
-            self._restack(a.shape[0], self.capacity)
-        self.refresh(slot)
+    def init_tensors(self, config: LoraConfig, site: SiteInfo, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        r = config.rank(site.name)
+        a = torch.empty(r, site.in_features)
+        # PEFT's default: kaiming_uniform_(a=sqrt(5)) on A, i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)).
+        bound = 1.0 / math.sqrt(site.in_features)
+        a.uniform_(-bound, bound, generator=gen)
+        b = torch.zeros(site.out_features, r)
+        if config.init == "nonzero":
+            b.normal_(0.0, config.init_std, generator=gen)
+        return {"lora_A": a, "lora_B": b}
 
-    def remove(self, slot: int) -> None:
-        self.sources.pop(slot, None)
-        self.a_stack[slot].zero_()
-        self.b_stack[slot].zero_()
+    def make_pool(self, site: SiteInfo, capacity: int) -> LoraPool:
+        return LoraPool(site, capacity)
 
-    def resize(self, capacity: int) -> None:
-        if capacity != self.capacity:
-            self._restack(self.rank, capacity)
+    def reference(self, config: LoraConfig, site: SiteInfo, tensors: Mapping[str, torch.Tensor], x: torch.Tensor,
+                  y: torch.Tensor | None) -> torch.Tensor:
+        """y + scale · x Aᵀ Bᵀ in float64."""
+        a, b = tensors["lora_A"].double(), tensors["lora_B"].double()
+        return y.double() + config.scale(site.name) * (x.double() @ a.t() @ b.t())
 
-    def refresh(self, slot: int) -> None:
-        """Copy a slot's own tensors (maybe just trained) into the stacks, scale folded into B."""
-        a, b, scale, _ = self.sources[slot]
-        r = a.shape[0]
-        with torch.no_grad():
-            self.a_stack[slot].zero_()
-            self.b_stack[slot].zero_()
-            self.a_stack[slot, :, :r] = a.t().to(self.site.dtype)
-            self.b_stack[slot, :r, :] = (b.t() * scale).to(self.site.dtype)
+    # ------------------------------------------------------------------ weight space
+    def factors(self, config: LoraConfig, site: str, tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor,
+                                                                                                  torch.Tensor]:
+        """(scale · B [d_out, r], A [r, d_in]) in float32: ΔW = B @ A in LoRA's layout [d_out, d_in]."""
+        return config.scale(site) * tensors["lora_B"].float(), tensors["lora_A"].float()
 
-    def _restack(self, rank: int, capacity: int) -> None:
-        self.rank, self.capacity = rank, capacity
-        self.a_stack = torch.zeros(capacity + 1, self.site.in_features, rank, dtype=self.site.dtype,
-                                   device=self.site.device)
-        self.b_stack = torch.zeros(capacity + 1, rank, self.site.out_features, dtype=self.site.dtype,
-                                   device=self.site.device)
-        for slot in self.sources:
-            self.refresh(slot)
+    def rank(self, tensors: Mapping[str, torch.Tensor]) -> int:
+        return int(tensors["lora_A"].shape[0])
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor, batch: Any, training: bool) -> torch.Tensor:
-        """x: module input [..., d_in]; y: base output [..., d_out]; returns y + this site's deltas."""
-        x3, y3 = batch.view_input(x), batch.view_input(y)
-        if batch.kernel == "dense":
-            terms = []
-            for slot, w in batch.dense_w.items():
-                src = self.sources.get(slot)
-                if src is None:
-                    continue
-                a, b, scale, p = src
-                # Dropout is per adapter (PEFT: lora_B(lora_A(dropout(x)))), training only.
-                pre = partial(nn.functional.dropout, p=p, training=True) if training and p > 0 else None
-                terms.append((a, b, w * scale, pre))
-            if not terms:
-                return y
-            y3 = dense_kernel(x3, y3, terms)
-        elif batch.kernel == "gather":
-            y3 = gather_kernel(x3, y3, self.a_stack, self.b_stack, batch.gather_idx, batch.gather_w)
-        elif batch.kernel == "segment":
-            y3 = segment_kernel(x3, y3, self.a_stack, self.b_stack, batch.order, batch.bounds,
-                                batch.seg_slots, batch.seg_w)
-        return y3.view(y.shape)
+    def from_factors(self, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                     fan_in_fan_out: bool = False) -> tuple[LoraConfig, dict[str, dict[str, torch.Tensor]]]:
+        """A LoRA config and tensors with ΔW = B @ A at every site (scale 1 everywhere: alpha = rank per
+        site). r is the most common site rank; other sites get exact (escaped) rank/alpha pattern keys."""
+        from collections import Counter
+
+        ranks = {s: b.shape[1] for s, (b, _) in factors.items()}
+        r = Counter(ranks.values()).most_common(1)[0][0]
+        odd = {re.escape(s): k for s, k in ranks.items() if k != r}
+        config = LoraConfig(r=r, alpha=float(r), target_modules=tuple(factors), rank_pattern=odd,
+                            alpha_pattern={k: float(v) for k, v in odd.items()}, fan_in_fan_out=fan_in_fan_out)
+        tensors = {}
+        for site, (b, a) in factors.items():
+            s = config.scale(site)                       # 1.0 by construction; divided out for safety
+            tensors[site] = {"lora_A": a.float().contiguous(), "lora_B": (b.float() / s).contiguous()}
+        return config, tensors
+
+    def delta_weight(self, config: LoraConfig, site: SiteInfo, tensors: Mapping[str, torch.Tensor],
+                     base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """ΔW = scale · B @ A in the module's layout ([d_out, d_in]; transposed for Conv1D)."""
+        a, b = tensors["lora_A"].float(), tensors["lora_B"].float()
+        delta = config.scale(site.name) * (b @ a)
+        return delta.t() if site.fan_in_fan_out else delta
+
+    def max_delta(self, config: LoraConfig, site_name: str, tensors: Mapping[str, torch.Tensor],
+                  limit: float) -> float:
+        """max |scale · B @ A|: the bound scale · r · max|B| · max|A| when it is below `limit`, else exact
+        (float64), so the usual case costs two max() and no matmul."""
+        a, b = tensors["lora_A"].double(), tensors["lora_B"].double()
+        scale = config.scale(site_name)
+        bound = scale * a.shape[0] * float(a.abs().max()) * float(b.abs().max())
+        if bound <= limit:
+            return bound
+        return scale * float((b @ a).abs().max())
+
+    # ------------------------------------------------------------------ description
+    def summary(self, config: LoraConfig, tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> str:
+        ranks = sorted({int(p["lora_A"].shape[0]) for p in tensors.values()})
+        rank = f"r={ranks[0]}" if len(ranks) == 1 else f"r={ranks[0]}..{ranks[-1]}"
+        rs = " rslora" if config.use_rslora else ""
+        return f"lora {rank} alpha={config.alpha:g}{rs}"
+
+    # ------------------------------------------------------------------ PEFT codec
+    def config_from_peft(self, data: Mapping[str, Any], source: str) -> LoraConfig:
+        for key in _NEUTRAL:
+            if key in data and not _neutral(key, data[key]):
+                raise UnsupportedError(
+                    f"{source}: {_FEATURE[key]} is not supported ({key}={data[key]!r}); "
+                    "re-train the adapter as plain LoRA"
+                )
+        unknown = sorted(set(data) - _READ - _IGNORED - set(_NEUTRAL))
+        if unknown:
+            warnings.warn(f"{source}: ignoring unknown PEFT config key(s) {unknown}", UserWarning, stacklevel=4)
+        target = data.get("target_modules")
+        if target is None:
+            raise ConfigError(f"{source}: target_modules is missing")
+        return LoraConfig(
+            r=data.get("r", 8),
+            alpha=data.get("lora_alpha", 8),
+            target_modules=target if isinstance(target, str) else tuple(target),
+            exclude_modules=data.get("exclude_modules"),
+            dropout=float(data.get("lora_dropout", 0.0) or 0.0),
+            use_rslora=bool(data.get("use_rslora", False)),
+            rank_pattern=dict(data.get("rank_pattern") or {}),
+            alpha_pattern=dict(data.get("alpha_pattern") or {}),
+            fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
+        )
+
+    def config_to_peft(self, config: LoraConfig, base_model: str | None) -> dict[str, Any]:
+        target = config.target_modules
+        return {
+            "peft_type": "LORA",
+            "task_type": None,
+            "base_model_name_or_path": base_model,
+            "r": config.r,
+            "lora_alpha": config.alpha,
+            "target_modules": target if isinstance(target, str) else list(target),
+            "exclude_modules": (list(config.exclude_modules)
+                                if isinstance(config.exclude_modules, tuple) else config.exclude_modules),
+            "lora_dropout": config.dropout,
+            "fan_in_fan_out": config.fan_in_fan_out,
+            "use_rslora": config.use_rslora,
+            "rank_pattern": dict(config.rank_pattern),
+            "alpha_pattern": dict(config.alpha_pattern),
+            "bias": "none",
+            "use_dora": False,
+            "modules_to_save": None,
+            "init_lora_weights": True,
+            "inference_mode": True,
+        }
+
+    def tensors_to_peft(self, config: LoraConfig, site: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {f"{part}.weight": t for part, t in tensors.items()}
+
+    def unknown_peft_key(self, key: str) -> str:
+        return ("LoRA on embedding layers" if "lora_embedding" in key else
+                "DoRA magnitude vectors" if "lora_magnitude_vector" in key else
+                "extra saved modules (modules_to_save)" if "modules_to_save" in key or "lora_" not in key else
+                "LoRA biases" if key.endswith(".bias") else f"tensor {key!r}")
+
+    def tensors_from_peft(self, config: LoraConfig, site: str, parts: Mapping[str, torch.Tensor],
+                          where: str) -> dict[str, torch.Tensor]:
+        if set(parts) != {"lora_A", "lora_B"}:
+            raise CorruptAdapterError(f"{where}: site {site!r} has {sorted(parts)}, needs lora_A and lora_B")
+        self.check_tensors(config, site, parts, where)
+        a, b = parts["lora_A"], parts["lora_B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise CorruptAdapterError(
+                f"{where}: site {site!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                "expected [r, d_in] and [d_out, r]"
+            )
+        if a.shape[0] != config.rank(site):
+            raise CorruptAdapterError(
+                f"{where}: site {site!r} has rank {a.shape[0]} but the config says {config.rank(site)} "
+                "(check r / rank_pattern)"
+            )
+        return {"lora_A": a, "lora_B": b}
 
 
-LORA = register_method(
-    MethodSpec(
-        name="lora",
-        config_cls=LoraConfig,
-        init_tensors=init_tensors,
-        tensor_shapes=tensor_shapes,
-        make_pool=LoraPool,
-        delta_weight=delta_weight,
-        peft_type="LORA",
-        max_delta=max_delta,
-    )
-)
+LORA = Lora()

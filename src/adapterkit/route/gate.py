@@ -34,9 +34,7 @@ IGNORE = -100
 
 def site_modules(rt: Any, names: Sequence[str]) -> list[str]:
     """Module names of the sites the named (attached) adapters adapt."""
-    for n in names:
-        rt.slot(n)                                   # AdapterNotFoundError for an adapter not attached
-    return sorted({m for n in names for m in rt._site_maps[n].values()})
+    return sorted({m for n in names for m in rt.modules_of(n)})
 
 
 def find_layers(model: torch.nn.Module, sites: Sequence[str]) -> list[str]:

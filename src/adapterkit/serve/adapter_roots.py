@@ -1,8 +1,8 @@
 """Where served adapters come from, and the confinement of load-by-path requests.
 
 Roots: the adapter store (names from its catalog; adapters made for another base are not listed)
-and any number of `--adapters DIR` folders, where every immediate subfolder holding
-adapter_config.json + adapter_model.safetensors (ours or PEFT's) is served under the subfolder's
+and any number of `--adapters DIR` folders, where every immediate subfolder that is an
+adapter folder (PEFT's format or adapterkit's native one, formats/) is served under the subfolder's
 name. Discovery only lists folders and stats files: no tensor is read until the first request.
 
 Name clashes: a name found in two roots is an error naming both folders (no precedence rule, so
@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 from ..adapter import validate_name
 from ..errors import AdapterkitError, AdapterNameError, ConfigError
-from ..formats.peft import CONFIG_FILE, WEIGHTS_FILE
+from ..formats import PEFT_CONFIG, SIDE_FILE, is_adapter_folder, names_an_adapter
 
 
 class AdapterPathError(AdapterkitError, ValueError):
@@ -65,11 +65,6 @@ def _valid(name: str) -> bool:
     except AdapterNameError:
         return False
     return True
-
-
-def is_adapter_folder(path: Path) -> bool:
-    """Cheap check (two stats): the two files every adapter folder has, ours and PEFT's."""
-    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
 class AdapterRoots:
@@ -213,8 +208,8 @@ class AdapterRoots:
         if not real.is_dir():
             raise AdapterPathError(f"adapter path {raw!r} is a file, not an adapter folder")
         self.check_folder(real)
-        if not (real / CONFIG_FILE).is_file():
-            raise AdapterPathError(f"adapter path {raw!r} is not an adapter folder (no {CONFIG_FILE})")
+        if not names_an_adapter(real):
+            raise AdapterPathError(f"adapter path {raw!r} is not an adapter folder (no {PEFT_CONFIG} or {SIDE_FILE})")
         return real
 
     def check_folder(self, folder: Path) -> None:

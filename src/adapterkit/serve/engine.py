@@ -352,7 +352,7 @@ class Engine:
         elif s.generated >= p.max_tokens:
             self._finish(s, "length", [token], text + s.detok.flush())
         else:
-            s.stream._emit(StreamEvent(text, (token,)))
+            s.stream.emit(StreamEvent(text, (token,)))
 
     def _finish(self, s: _Seq, reason: str, tokens: list[int], text: str, error: BaseException | None = None) -> None:
         usage = Usage(len(s.stream.request.prompt_ids), len(s.stream.token_ids) + len(tokens))
@@ -364,7 +364,7 @@ class Engine:
             h.release()
         if s.gate is not None:
             s.stream.adapter_usage = s.gate.shares()
-        s.stream._emit(StreamEvent(text, tuple(tokens), finish_reason=reason, usage=usage, error=error))
+        s.stream.emit(StreamEvent(text, tuple(tokens), finish_reason=reason, usage=usage, error=error))
         self.metrics_.observe_finish(s.stream, reason)
 
     def _drop_cancelled(self, cancel_all: bool) -> None:
@@ -379,7 +379,7 @@ class Engine:
             self._end_waiting(w.stream, "cancelled")
 
     def _end_waiting(self, stream: RequestStream, reason: str, error: BaseException | None = None) -> None:
-        stream._emit(StreamEvent("", (), finish_reason=reason, usage=Usage(len(stream.request.prompt_ids), 0),
+        stream.emit(StreamEvent("", (), finish_reason=reason, usage=Usage(len(stream.request.prompt_ids), 0),
                                  error=error))
         self.metrics_.observe_finish(stream, reason)
 

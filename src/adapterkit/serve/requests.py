@@ -6,7 +6,7 @@
         print(ev.text, end="")         # text delta (never cut inside a stop string)
     stream.final                       # the last event: finish_reason, all token ids, usage
 
-Threads: the engine thread calls `_emit`; a client thread or the asyncio loop the stream was made
+Threads: the engine thread calls `emit`; a client thread or the asyncio loop the stream was made
 on reads. `cancel()` is safe from anywhere; the engine drops the sequence at its next step and
 frees its KV cache and adapter slot.
 """
@@ -178,7 +178,8 @@ class RequestStream:
             self._loop, self._async = None, None
 
     # ---------------------------------------------------------------- engine side
-    def _emit(self, event: StreamEvent) -> None:
+    def emit(self, event: StreamEvent) -> None:
+        """Engine side: one more event of this stream (the final one ends it; later ones are dropped)."""
         if self.final is not None:
             return
         if event.token_ids and self.first_token_at is None:

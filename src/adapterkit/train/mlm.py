@@ -21,7 +21,7 @@ import torch
 
 from ..adapter import Adapter
 from ..base import Base, to_device
-from ..data.readers import DataFormatError, _value, jsonl_objects
+from ..data.readers import DataFormatError, jsonl_objects, text_value
 from ..errors import ConfigError
 from ..generate import pad_id
 from ..heads import MLMHead
@@ -65,7 +65,7 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
                 if text_field not in obj:
                     raise ValueError(f"missing field {text_field!r} (fields present: "
                                      f"{', '.join(repr(k) for k in obj) or 'none'}); pick it with --text-field")
-                texts.append(_value(obj[text_field], text_field))
+                texts.append(text_value(obj[text_field], text_field))
             except ValueError as e:
                 raise DataFormatError(f"{p}:{lineno}: {e}") from None
     if not texts:

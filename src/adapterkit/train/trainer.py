@@ -152,7 +152,9 @@ def train(
     adapter = runtime.remove(adapter_name)
     home = next((t.device for parts in adapter.tensors.values() for t in parts.values()), device)
     _place(adapter, device, torch.float32)           # fp32 master weights on the base's device
-    params = [t.requires_grad_(True) for parts in adapter.tensors.values() for t in parts.values()]
+    kinds = adapter.method.tensor_kinds(adapter.config)   # only trainable tensors learn (an index never does)
+    params = [t.requires_grad_(True) for parts in adapter.tensors.values() for k, t in parts.items()
+              if kinds[k].trainable]
     runtime.add(adapter)                             # re-attached trainable: the forward reads these tensors
     head = [t.requires_grad_(True) for t in extra_params]
     # Two groups: the adapter at lr, the extra tensors (a head trained from scratch) at head_lr.
@@ -249,11 +251,11 @@ def train(
 
 
 def _place(adapter: Any, device: torch.device, dtype: torch.dtype | None = None) -> None:
-    """Put the adapter's float tensors on `device` (and in `dtype`), in place in its tensor dict."""
+    """Put the adapter's tensors on `device`, its floats in `dtype` (integers keep theirs), in place in its
+    tensor dict."""
     for parts in adapter.tensors.values():
         for key, t in parts.items():
-            if t.is_floating_point():
-                parts[key] = t.to(device=device, dtype=dtype or t.dtype)
+            parts[key] = t.to(device=device, dtype=dtype or t.dtype) if t.is_floating_point() else t.to(device)
 
 
 def init_distributed_from_env() -> tuple[int, int]:

@@ -100,7 +100,7 @@ class Routing:
 
         def mtime(p: Any) -> int:
             return p.stat().st_mtime_ns if p.exists() else 0
-        return (name, mtime(router_path(self.store, name) / ROUTER_JSON), mtime(self.store.root / "catalog.sqlite"))
+        return (name, mtime(router_path(self.store, name) / ROUTER_JSON), self.store.change_mark())
 
     def _load(self, model: str) -> Any:
         from ...route import ENCODER_TYPES, RouterNotFoundError, load_router

@@ -1,0 +1,88 @@
+"""LoRA's site pool: many LoRA adapters at one site, applied to a mixed batch by the kernel the
+batch's metadata picked (dense: autograd through each adapter's own tensors; gather / segment:
+stacked, rank-padded, scale-folded copies per slot)."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .base import SiteInfo
+from .kernels import dense_kernel, gather_kernel, segment_kernel
+
+
+class LoraPool:
+    """All LoRA adapters at one site. Slot tensors: A [S+1, d_in, R], B [S+1, R, d_out], row 0 zero."""
+
+    def __init__(self, site: SiteInfo, capacity: int) -> None:
+        self.site = site
+        self.rank = 0                      # R: max rank of the adapters held (stacks are padded to it)
+        self.capacity = capacity
+        # slot -> (A [r, d_in], B [d_out, r], scale, dropout): the adapter's own tensors.
+        self.sources: dict[int, tuple[torch.Tensor, torch.Tensor, float, float]] = {}
+        self.a_stack = torch.zeros(capacity + 1, site.in_features, 0, dtype=site.dtype, device=site.device)
+        self.b_stack = torch.zeros(capacity + 1, 0, site.out_features, dtype=site.dtype, device=site.device)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def add(self, slot: int, config: Any, tensors: Mapping[str, torch.Tensor], site_name: str) -> None:
+        a, b = tensors["lora_A"], tensors["lora_B"]
+        self.sources[slot] = (a, b, config.scale(site_name), config.dropout)
+        if a.shape[0] > self.rank:
+            self._restack(a.shape[0], self.capacity)
+        self.refresh(slot)
+
+    def remove(self, slot: int) -> None:
+        self.sources.pop(slot, None)
+        self.a_stack[slot].zero_()
+        self.b_stack[slot].zero_()
+
+    def resize(self, capacity: int) -> None:
+        if capacity != self.capacity:
+            self._restack(self.rank, capacity)
+
+    def refresh(self, slot: int) -> None:
+        """Copy a slot's own tensors (maybe just trained) into the stacks, scale folded into B."""
+        a, b, scale, _ = self.sources[slot]
+        r = a.shape[0]
+        with torch.no_grad():
+            self.a_stack[slot].zero_()
+            self.b_stack[slot].zero_()
+            self.a_stack[slot, :, :r] = a.t().to(self.site.dtype)
+            self.b_stack[slot, :r, :] = (b.t() * scale).to(self.site.dtype)
+
+    def _restack(self, rank: int, capacity: int) -> None:
+        self.rank, self.capacity = rank, capacity
+        self.a_stack = torch.zeros(capacity + 1, self.site.in_features, rank, dtype=self.site.dtype,
+                                   device=self.site.device)
+        self.b_stack = torch.zeros(capacity + 1, rank, self.site.out_features, dtype=self.site.dtype,
+                                   device=self.site.device)
+        for slot in self.sources:
+            self.refresh(slot)
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor, batch: Any, training: bool) -> torch.Tensor:
+        """x: module input [..., d_in]; y: base output [..., d_out]; returns y + this site's deltas."""
+        x3, y3 = batch.view_input(x), batch.view_input(y)
+        if batch.kernel == "dense":
+            terms = []
+            for slot, w in batch.dense_w.items():
+                src = self.sources.get(slot)
+                if src is None:
+                    continue
+                a, b, scale, p = src
+                # Dropout is per adapter (PEFT: lora_B(lora_A(dropout(x)))), training only.
+                pre = partial(nn.functional.dropout, p=p, training=True) if training and p > 0 else None
+                terms.append((a, b, w * scale, pre))
+            if not terms:
+                return y
+            y3 = dense_kernel(x3, y3, terms)
+        elif batch.kernel == "gather":
+            y3 = gather_kernel(x3, y3, self.a_stack, self.b_stack, batch.gather_idx, batch.gather_w)
+        elif batch.kernel == "segment":
+            y3 = segment_kernel(x3, y3, self.a_stack, self.b_stack, batch.order, batch.bounds,
+                                batch.seg_slots, batch.seg_w)
+        return y3.view(y.shape)
