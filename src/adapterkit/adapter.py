@@ -21,7 +21,8 @@ from torch import nn
 from ._atomic import atomic_write_dir, recover_dir
 from .formats import SIDE_FILE
 from .errors import AdapterNameError, BaseMismatchError, CorruptAdapterError, NonFiniteError
-from .methods import Method, config_from_dict, get_method, match_targets, site_info
+from .methods import Method, config_from_dict, get_method
+from .targets import match_targets, site_info
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

@@ -25,7 +25,7 @@ from .adapter import Adapter, validate_name
 from .batching import AdapterBatch, build_batch
 from .errors import (AdapterNameError, AdapterNotFoundError, BaseMismatchError, ConfigError,
                      UnsupportedError)
-from .methods import site_info
+from .targets import site_info
 from .sites import Site
 
 # A row's adapters: none, one name, or several names with weights.

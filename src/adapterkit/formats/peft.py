@@ -18,7 +18,8 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import CorruptAdapterError, UnsupportedError
-from ..methods import method_for_peft, name_matches, peft_types
+from ..methods import method_for_peft, peft_types
+from ..targets import name_matches
 from ..methods.base import Method
 from ..safetensors_io import read_tensors, write_tensors
 

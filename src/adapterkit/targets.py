@@ -1,0 +1,91 @@
+"""Target modules: which modules of a base an adapter config names (PEFT's matching rules), and what
+a family needs to know about each (SiteInfo)."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .errors import TargetError, UnsupportedError
+from .methods.base import ATTACH_MODULE, ATTACH_OUTPUT, SiteInfo
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers always ships it
+        return None
+    return Conv1D
+
+
+def site_info(name: str, module: nn.Module, attach: str = ATTACH_OUTPUT) -> SiteInfo:
+    """Dimensions of a Linear or GPT-2 Conv1D module; for a module method (attach "module") of any
+    block, from its first and last linear layers (a block maps hidden states to hidden states)."""
+    conv1d = _conv1d_type()
+    if isinstance(module, nn.Linear):
+        return SiteInfo(name, module.in_features, module.out_features, False, module.weight.dtype,
+                        module.weight.device)
+    if conv1d is not None and isinstance(module, conv1d):
+        n_in, n_out = module.weight.shape
+        return SiteInfo(name, n_in, n_out, True, module.weight.dtype, module.weight.device)
+    if attach == ATTACH_MODULE:
+        linears = [site_info(f"{name}.{n}", m) for n, m in module.named_modules()
+                   if isinstance(m, nn.Linear) or (conv1d is not None and isinstance(m, conv1d))]
+        if linears:
+            return SiteInfo(name, linears[0].in_features, linears[-1].out_features, False, linears[0].dtype,
+                            linears[0].device, kind="module")
+        raise UnsupportedError(f"target module {name!r} is a {type(module).__name__} with no linear layer: an "
+                               "adapter around a block needs a block of linear layers (an attention or MLP block)")
+    raise UnsupportedError(
+        f"target module {name!r} is a {type(module).__name__}; adapters wrap nn.Linear and "
+        "transformers' Conv1D only: choose target_modules that name linear layers"
+    )
+
+
+def name_matches(name: str, patterns: str | tuple[str, ...] | list[str] | None) -> bool:
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def match_targets(
+    model: nn.Module,
+    target_modules: str | tuple[str, ...] | list[str],
+    exclude_modules: str | tuple[str, ...] | list[str] | None = None,
+) -> list[str]:
+    """Module names a config targets (PEFT's rules: a list matches a name or a dotted suffix, a
+    string is a full regex, "all-linear" is every linear layer but the output head)."""
+    conv1d = _conv1d_type()
+    linear_types = (nn.Linear,) + ((conv1d,) if conv1d is not None else ())
+    names: list[str] = []
+    if target_modules == "all-linear":
+        head = _output_head_name(model)
+        for name, module in model.named_modules():
+            if isinstance(module, linear_types) and name != head and not name_matches(name, exclude_modules):
+                names.append(name)
+    else:
+        for name, _ in model.named_modules():
+            if name and name_matches(name, target_modules) and not name_matches(name, exclude_modules):
+                names.append(name)
+    if not names:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, linear_types)})
+        shown = target_modules if isinstance(target_modules, str) else list(target_modules)
+        raise TargetError(
+            f"target_modules {shown!r} match no module of the base model; "
+            f"its linear layers are named: {', '.join(leaves)}"
+        )
+    return names
+
+
+def _output_head_name(model: nn.Module) -> str | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return None
+    for name, module in model.named_modules():
+        if module is head:
+            return name
+    return None
