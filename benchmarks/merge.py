@@ -82,7 +82,7 @@ def peft_accuracies(base_name, adapters, tests, max_length, store) -> dict[str, 
     """PEFT's add_weighted_adapter on the same stored (PEFT-format) adapter folders."""
     import peft
 
-    from adapterkit.base import load_base
+    from adapterkit.core.base import load_base
     from adapterkit.train.classification import encode_texts, hidden_states
     from adapterkit.train.run import classification_metrics
 
@@ -219,11 +219,11 @@ def main(argv=None) -> None:
     import peft
     import transformers
 
-    from adapterkit.base import load_base
+    from adapterkit.core.base import load_base
     from adapterkit.data import load_task
     from adapterkit.demo import DemoSettings
     from adapterkit.merge import merge_with_report
-    from adapterkit.runtime import AdapterRuntime
+    from adapterkit.core.runtime import AdapterRuntime
     from adapterkit.store import AdapterStore
 
     settings = DemoSettings(head_lr=None, **({"steps": a.steps} if a.steps else {}))   # as measured (one lr)

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from adapterkit.adapter import Adapter, AdapterMeta
+from adapterkit.core.adapter import Adapter, AdapterMeta
 from adapterkit.merge.api import merge_with_report
 from adapterkit.merge.common import site_delta
 from adapterkit.merge.ties import ties

@@ -152,7 +152,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
     import transformers
 
     import adapterkit
-    from adapterkit import batching
+    from adapterkit.core import batching
 
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

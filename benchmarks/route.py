@@ -73,7 +73,7 @@ def merged_accuracy(rt, merged_name, heads, items, max_length, batch_size=32) ->
 
 def latency(rt, routers, items, reps, max_length) -> dict:
     """Median seconds: route one prompt (per router), one classification forward, one 32-token generation."""
-    from adapterkit.generate import generate
+    from adapterkit.core.generate import generate
     from adapterkit.train.classification import encode_texts, hidden_states
 
     sample = random.Random(1).sample(items, reps)

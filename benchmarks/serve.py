@@ -129,9 +129,9 @@ def tune(make, sizes: list[int], n_requests: int, names: list[str], vocab: int, 
 
 
 def cold_loads(base: str, root: Path, names: list[str]) -> dict[str, Any]:
-    from adapterkit.base import load_base
-    from adapterkit.runtime import AdapterRuntime
-    from adapterkit.serve.adapter_cache import AdapterCache
+    from adapterkit.core.base import load_base
+    from adapterkit.core.runtime import AdapterRuntime
+    from adapterkit.serve.cache.adapter_cache import AdapterCache
 
     b = load_base(base)
     rt = AdapterRuntime.from_base(b, capacity=9)
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))
 
-    from adapterkit.base import load_base
+    from adapterkit.core.base import load_base
 
     b = load_base(args.base)
     vocab = b.model.config.vocab_size

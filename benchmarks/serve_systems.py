@@ -122,7 +122,7 @@ class PeftStaticSystem:
     def __init__(self, base_path: str, root: Optional[Path], names: list[str], *, batch: int) -> None:
         key = (base_path, root)
         if key not in self._models:
-            from adapterkit.base import load_base
+            from adapterkit.core.base import load_base
 
             b = load_base(base_path)
             pad = b.tokenizer.pad_token_id if b.tokenizer.pad_token_id is not None else b.tokenizer.eos_token_id

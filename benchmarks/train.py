@@ -95,7 +95,7 @@ class PeakRss:
 
 def worker(spec: dict) -> dict:
     """Train one system on one run; spec: run, system, steps, test_limit, threads, measure ('accuracy'|'timing')."""
-    from adapterkit.base import load_base
+    from adapterkit.core.base import load_base
     from adapterkit.data import load_task
 
     torch.set_num_threads(spec["threads"])
@@ -117,7 +117,7 @@ def _config(run: dict, steps: int):
 
 def train_adapterkit(base, train_ex, test_ex, run, steps, score) -> dict:
     """adapterkit's own entry point (what `adapterkit train` runs), step times from its JSONL log."""
-    from adapterkit.runtime import AdapterRuntime
+    from adapterkit.core.runtime import AdapterRuntime
     from adapterkit.store import AdapterStore
     from adapterkit.train.run import evaluate, train_classifier
 
@@ -140,8 +140,8 @@ def train_peft(base, train_ex, test_ex, run, steps, score) -> dict:
     """PEFT LoRA + the same head, trained by a plain PyTorch loop over the same batches."""
     import peft
 
-    from adapterkit.adapter import create_adapter
-    from adapterkit.heads import ClassificationHead
+    from adapterkit.core.adapter import create_adapter
+    from adapterkit.core.heads import ClassificationHead
     from adapterkit.methods.lora import LoraConfig
     from adapterkit.train.classification import collate_fn, token_lengths
     from adapterkit.train.fit import DEFAULT_TARGETS

@@ -10,10 +10,10 @@ and 150 steps; lr 2e-3, batch 16, 10 % warm-up; train_s was measured while other
 """
 import sys, time, json, tempfile, torch
 torch.set_num_threads(2)
-from adapterkit.base import load_base
+from adapterkit.core.base import load_base
 from adapterkit.data import load_task
 from adapterkit.store import AdapterStore
-from adapterkit.runtime import AdapterRuntime
+from adapterkit.core.runtime import AdapterRuntime
 from adapterkit.train.run import train_classifier, evaluate
 from adapterkit.train.trainer import TrainConfig
 base_name, task_name, steps, batch, lr, head_lr, warm = sys.argv[1:8]

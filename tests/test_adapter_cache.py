@@ -16,7 +16,7 @@ from conftest import ATTN, input_ids, tiny_llama
 
 from adapterkit import (Adapter, AdapterNameError, AdapterNotFoundError, AdapterRuntime, BaseMismatchError,
                         ConfigError, CorruptAdapterError, LoraConfig, create_adapter)
-from adapterkit.base import fingerprint
+from adapterkit.core.base import fingerprint
 from adapterkit.serve import AdapterCache, AdapterPathError, NoFreeSlotError
 from adapterkit.store import AdapterStore
 

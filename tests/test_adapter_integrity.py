@@ -12,10 +12,10 @@ import torch
 from conftest import ATTN, input_ids, tiny_llama
 
 from adapterkit import Adapter, AdapterRuntime, LoraConfig, create_adapter
-from adapterkit.base import fingerprint
+from adapterkit.core.base import fingerprint
 from adapterkit.errors import CorruptAdapterError, NonFiniteError
 from adapterkit.formats.peft import write_peft
-from adapterkit.heads import ClassificationHead
+from adapterkit.core.heads import ClassificationHead
 from adapterkit.serve import AdapterCache
 
 SITE = "model.layers.0.self_attn.q_proj"

@@ -16,7 +16,7 @@ import pytest
 from conftest import ATTN, save_tiny, save_tiny_tokenizer, tiny_llama
 
 from adapterkit import Adapter, AdapterRuntime, LoraConfig, create_adapter, generate, load_base
-from adapterkit.base import fingerprint
+from adapterkit.core.base import fingerprint
 from adapterkit.serve.api import ApiSettings, create_app
 from adapterkit.serve.api import metrics as prom
 from adapterkit.serve.engine import Engine, EngineConfig

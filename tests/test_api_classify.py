@@ -14,7 +14,7 @@ import torch
 from test_api_routing import VOCAB, private_world
 
 from adapterkit import AdapterRuntime, create_adapter, LoraConfig
-from adapterkit.heads import ClassificationHead
+from adapterkit.core.heads import ClassificationHead
 from adapterkit.route.api import fit_router
 from adapterkit.serve.api import create_app
 from adapterkit.serve.engine import Engine, EngineConfig

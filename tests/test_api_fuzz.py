@@ -59,7 +59,7 @@ from starlette.testclient import TestClient  # noqa: E402
 from adapterkit.serve.api import ApiSettings, create_app  # noqa: E402
 from adapterkit.serve.engine import Engine, EngineConfig  # noqa: E402
 from adapterkit import Adapter  # noqa: E402
-from adapterkit.heads import ClassificationHead  # noqa: E402
+from adapterkit.core.heads import ClassificationHead  # noqa: E402
 
 MIN_CASES = 2000
 KEY = "fuzz-key"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import save_tiny
 
-import adapterkit.base as base_mod
+import adapterkit.core.base as base_mod
 from adapterkit import BaseNotAvailableError, ConfigError, list_bases, load_base
 
 

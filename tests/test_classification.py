@@ -7,7 +7,7 @@ from conftest import save_tiny_tokenizer, tiny_bert, tiny_llama
 
 from adapterkit import Adapter, AdapterRuntime, ConfigError, LoraConfig, create_adapter, load_base
 from adapterkit.data import Example
-from adapterkit.heads import ClassificationHead
+from adapterkit.core.heads import ClassificationHead
 from adapterkit.train.classification import collate_fn, loss_fn, predict
 from adapterkit.train.trainer import TrainConfig, train
 

@@ -7,7 +7,7 @@ from conftest import ATTN
 from typer.testing import CliRunner
 
 from adapterkit import Adapter, AdapterRuntime, LoraConfig, create_adapter, generate, load_base
-from adapterkit.cli import app
+from adapterkit.cli.main import app
 
 runner = CliRunner()
 

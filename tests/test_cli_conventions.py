@@ -12,9 +12,9 @@ import yaml
 from conftest import ATTN
 from typer.testing import CliRunner
 
-import adapterkit.base
+import adapterkit.core.base
 from adapterkit import LoraConfig, create_adapter, load_base
-from adapterkit.cli import app
+from adapterkit.cli.main import app
 from adapterkit.errors import ConfigError
 from adapterkit.serve.requests import SamplingParams
 from adapterkit.store import AdapterStore
@@ -46,7 +46,7 @@ def no_base(monkeypatch):
     """Fails the test if a command loads the base (arguments must be checked before)."""
     def refuse(*args, **kwargs):
         raise AssertionError("the base was loaded before the arguments were checked")
-    monkeypatch.setattr(adapterkit.base, "load_base", refuse)
+    monkeypatch.setattr(adapterkit.core.base, "load_base", refuse)
 
 
 # ---------------------------------------------------------------- 1. a folder or a stored name, everywhere
@@ -238,7 +238,7 @@ def test_route_ls_keeps_long_names_whole_at_80_columns(world, tmp_path):
 
 
 def test_data_and_base_lists_keep_names_whole_and_print_json():
-    from adapterkit.base import list_bases
+    from adapterkit.core.base import list_bases
     from adapterkit.data import list_tasks
 
     for command, names in [(["data", "list"], list_tasks()), (["base", "list"], [b["name"] for b in list_bases()])]:

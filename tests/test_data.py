@@ -214,7 +214,7 @@ def test_cli_data_show_and_unknown_task():
 
     from typer.testing import CliRunner
 
-    from adapterkit.cli import app
+    from adapterkit.cli.main import app
 
     pytest.importorskip("adapterkit.data")
     runner = CliRunner()

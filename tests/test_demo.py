@@ -10,7 +10,7 @@ from adapterkit import AdapterRuntime, LoraConfig, create_adapter, load_base
 from adapterkit import demo as demo_mod
 from adapterkit.data import Example
 from adapterkit.demo import DemoSettings, classify_mixed, run_demo
-from adapterkit.heads import ClassificationHead
+from adapterkit.core.heads import ClassificationHead
 from adapterkit.store import AdapterStore
 from adapterkit.train.classification import collate_fn, predict
 

@@ -14,10 +14,10 @@ from conftest import ATTN, save_tiny, save_tiny_tokenizer, tiny_llama
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-import adapterkit.base as base_mod
+import adapterkit.core.base as base_mod
 from adapterkit import Adapter, AdapterRuntime, ConfigError, LoraConfig, create_adapter, generate, load_base
-from adapterkit.base import available_devices, default_dtype, fingerprint, resolve_device, resolve_dtype
-from adapterkit.cli import app
+from adapterkit.core.base import available_devices, default_dtype, fingerprint, resolve_device, resolve_dtype
+from adapterkit.cli.main import app
 from adapterkit.data import Example
 from adapterkit.serve.engine import Engine, EngineConfig
 from adapterkit.serve.requests import GenerationRequest, SamplingParams

@@ -11,7 +11,7 @@ from conftest import save_tiny_tokenizer, tiny_bert
 
 from adapterkit import AdapterRuntime, LoraConfig, create_adapter, load_base
 from adapterkit.data import Example
-from adapterkit.heads import ClassificationHead
+from adapterkit.core.heads import ClassificationHead
 from adapterkit.train.classification import collate_fn, loss_fn
 from adapterkit.train.trainer import TrainConfig, finish_distributed, train
 
@@ -87,7 +87,7 @@ def test_cli_under_torchrun(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps({"text": e.text, "label": e.label}) for e in DATA) + "\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "adapterkit.cli", "train", "--name", "ddp", "--base", str(path), "--train-file", str(data),
+           "-m", "adapterkit.cli.main", "train", "--name", "ddp", "--base", str(path), "--train-file", str(data),
            "--steps", "3", "--batch-size", "4", "--targets", "query,value", "--store", str(tmp_path / "s"),
            "--no-progress"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=240,

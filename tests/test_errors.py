@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import ATTN, input_ids, save_tiny, tiny_llama
 
-import adapterkit.adapter as adapter_mod
+import adapterkit.core.adapter as adapter_mod
 from adapterkit import (Adapter, AdapterNameError, AdapterNotFoundError, AdapterRuntime, BaseMismatchError,
                         ConfigError, CorruptAdapterError, LoraConfig, TargetError, create_adapter, load_base)
 from adapterkit._atomic import recover_dir
@@ -141,7 +141,7 @@ def test_side_file_from_a_newer_adapterkit(llama, tmp_path):
     data = json.loads(side.read_text())
     data["format_version"] = 99
     side.write_text(json.dumps(data))
-    with pytest.raises(CorruptAdapterError, match="reads adapterkit.adapter up to version 1: upgrade adapterkit"):
+    with pytest.raises(CorruptAdapterError, match="reads adapterkit.core.adapter up to version 1: upgrade adapterkit"):
         Adapter.load(tmp_path / "a")
 
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from adapterkit import (AdapterRuntime, BaseMismatchError, ConfigError, LoraConfig,
                         UnsupportedError, create_adapter)
-from adapterkit.cli_merge import merge_cmd
+from adapterkit.cli.merge import merge_cmd
 from adapterkit.merge import ReversibleMerge, load_recipe, merge, merge_reversible, recover
 from adapterkit.store import AdapterStore
 

@@ -264,7 +264,7 @@ def test_cli_head_from_gives_the_merged_adapter_a_head(tmp_path):
     """A merged adapter classifies again: --head-from copies a stored (or folder) adapter's head, task
     and labels, and the lineage names where the head came from; refused for a donor without a head
     and for reversible merges."""
-    from adapterkit.heads import ClassificationHead
+    from adapterkit.core.heads import ClassificationHead
 
     st = AdapterStore(tmp_path / "store")
     ads = inputs()

@@ -12,7 +12,7 @@ from toy_methods import TOYS, register_toys, unregister_toys
 from adapterkit import Adapter, AdapterRuntime, LoraConfig, create_adapter, load_base
 from adapterkit.errors import CorruptAdapterError, UnsupportedError
 from adapterkit.methods import ATTACH_INPUT, get_method
-from adapterkit.targets import site_info
+from adapterkit.core.targets import site_info
 from adapterkit.store import AdapterStore
 
 BIG = 2 ** 24 + 1          # the first integer float32 cannot hold: 16777217 -> 16777216.0

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from adapterkit import (Adapter, AdapterRuntime, BaseMismatchError, ConfigError, CorruptAdapterError, LoraConfig,
                         create_adapter, load_base)
-from adapterkit.cli import app
+from adapterkit.cli.main import app
 from adapterkit.data import DataFormatError
-from adapterkit.heads import ClassificationHead, MLMHead, load_head
+from adapterkit.core.heads import ClassificationHead, MLMHead, load_head
 from adapterkit.store import AdapterStore
 from adapterkit.train.mlm import MaskCollator, encode_texts, evaluate_mlm, mlm_loss, read_texts, train_mlm
 from adapterkit.train.trainer import TrainConfig, train

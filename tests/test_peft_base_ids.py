@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import ATTN, save_tiny, tiny_llama
 
-import adapterkit.base as base_mod
+import adapterkit.core.base as base_mod
 from adapterkit import Adapter, AdapterMeta, LoraConfig, create_adapter, load_base
-from adapterkit.adapter import SIDE_FILE
+from adapterkit.core.adapter import SIDE_FILE
 from adapterkit.formats.peft import CONFIG_FILE, write_peft
 
 UPSTREAM = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",

@@ -8,8 +8,8 @@ from conftest import save_tiny, save_tiny_tokenizer
 from typer.testing import CliRunner
 
 from adapterkit import LoraConfig, create_adapter, load_base
-from adapterkit.cli import app
-from adapterkit.heads import ClassificationHead
+from adapterkit.cli.main import app
+from adapterkit.core.heads import ClassificationHead
 from adapterkit.store import AdapterStore
 
 VOCAB = {"ad-a": [f"w{i}" for i in range(0, 20)], "ad-b": [f"w{i}" for i in range(20, 40)]}

@@ -9,7 +9,7 @@ import pytest
 from test_route_cli import world  # noqa: F401  (the fixture: a tiny base, a store of 2 adapters, JSONL files)
 from typer.testing import CliRunner
 
-from adapterkit.cli import app
+from adapterkit.cli.main import app
 from adapterkit.errors import ConfigError
 from adapterkit.store import AdapterStore
 

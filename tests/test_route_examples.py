@@ -7,7 +7,7 @@ import json
 from test_route_cli import world  # noqa: F401  (the fixture: a tiny base + a store of ad-a, ad-b)
 from typer.testing import CliRunner
 
-from adapterkit.cli import app
+from adapterkit.cli.main import app
 from adapterkit.data import load_task
 from adapterkit.route.common import read_router
 from adapterkit.store import AdapterStore

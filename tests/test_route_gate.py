@@ -11,7 +11,7 @@ from conftest import input_ids, save_tiny, save_tiny_tokenizer, tiny_llama
 from adapterkit import AdapterRuntime, LoraConfig, create_adapter, load_base
 from adapterkit.errors import AdapterNotFoundError, BaseMismatchError, ConfigError
 from adapterkit.methods import get_method
-from adapterkit.targets import site_info
+from adapterkit.core.targets import site_info
 from adapterkit.route import GateRouter, StaleRouterError, load_router, train_gate
 from adapterkit.route.gate import IGNORE, find_layers, gate_loss, token_labels
 from adapterkit.store import AdapterStore

@@ -1,4 +1,4 @@
-"""End to end: `python -m adapterkit.cli serve` on a free loopback port, driven by the official `openai`
+"""End to end: `python -m adapterkit.cli.main serve` on a free loopback port, driven by the official `openai`
 client: models, completions, chat, streaming, errors, vLLM load/unload; then SIGINT drains the
 request in flight and exits 0, and SIGTERM past --shutdown-timeout cancels it and exits 0."""
 
@@ -44,7 +44,7 @@ class Server:
         env = {**os.environ, "ADAPTERKIT_HOME": str(tmp / "home"), "OMP_NUM_THREADS": "1",
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "adapterkit.cli", "serve", "--base", str(base_dir), "--adapters", str(root),
+            [sys.executable, "-m", "adapterkit.cli.main", "serve", "--base", str(base_dir), "--adapters", str(root),
              "--host", "127.0.0.1", "--port", "0", "--api-key", KEY, "--log-level", "warning", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []

@@ -8,7 +8,7 @@ from conftest import ATTN, save_tiny
 from typer.testing import CliRunner
 
 from adapterkit import AdapterNameError, AdapterNotFoundError, LoraConfig, create_adapter, load_base
-from adapterkit.cli import app
+from adapterkit.cli.main import app
 from adapterkit.store import AdapterStore
 
 

@@ -24,8 +24,8 @@ from conftest import ATTN, save_tiny
 from typer.testing import CliRunner
 
 from adapterkit import AdapterNameError, LoraConfig, create_adapter, load_base
-from adapterkit.adapter import Adapter
-from adapterkit.cli import app
+from adapterkit.core.adapter import Adapter
+from adapterkit.cli.main import app
 from adapterkit.errors import CorruptAdapterError, NonFiniteError
 from adapterkit.store import AdapterStore, _content, _digests
 
@@ -54,7 +54,7 @@ CHILD = r'''
 import json, os, sys, time
 args = json.loads(sys.argv[1])
 import adapterkit.store as store_mod
-from adapterkit.adapter import Adapter
+from adapterkit.core.adapter import Adapter
 
 store = store_mod.AdapterStore(args["root"])
 crash = args.get("crash")

@@ -7,7 +7,7 @@ import torch
 from conftest import save_tiny_tokenizer, tiny_llama
 from typer.testing import CliRunner
 
-from adapterkit.cli import app
+from adapterkit.cli.main import app
 from adapterkit.train.run import classification_metrics
 
 ROWS = [("the cat runs fast", "feline"), ("a cat is on the mat", "feline"), ("cat and cat", "feline"),

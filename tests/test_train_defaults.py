@@ -7,7 +7,7 @@ from conftest import tiny_llama
 
 from adapterkit import LoraConfig, create_adapter
 from adapterkit.errors import ConfigError
-from adapterkit.runtime import AdapterRuntime
+from adapterkit.core.runtime import AdapterRuntime
 from adapterkit.train.defaults import RECIPES, resolve, selection_rows
 from adapterkit.train.report import training_notes
 from adapterkit.train.trainer import TrainConfig, train
@@ -85,6 +85,10 @@ def test_the_head_trains_at_its_own_learning_rate():
                                                                     "0.800: small classes are mostly missed; "
                                                                     "`adapterkit eval n --report` shows which"),
     ({"accuracy": 0.95, "macro_f1": 0.90}, ["x"] * 50 + ["y"] * 50, None),
+    # a causal LM answering labels (measured: tweet-sentiment chat records, 0.417 vs 'negative' 0.467)
+    ({"exact_match": 0.417, "loss": 0.35}, ["negative"] * 28 + ["neutral"] * 22 + ["positive"] * 10,
+     "validation exact match 0.417 is no better than always answering the majority answer 'negative' (0.467)"),
+    ({"exact_match": 0.0, "loss": 2.0}, [f"answer {i}" for i in range(30)], None),     # free text: no majority
 ])
 def test_notes_warn_when_the_result_is_near_the_majority_class_or_misses_small_classes(metrics, gold, want):
     notes = training_notes("n", {"truncated_examples": 0, "train_examples": 10}, metrics, gold)

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from test_train_cli import ROWS, files  # noqa: F401  (files: the fixture, a tiny base + labelled JSONL)
 from typer.testing import CliRunner
 
-from adapterkit.cli import app
+from adapterkit.cli.main import app
 from adapterkit.store import AdapterStore
 from adapterkit.train.filelock import LockHeld, file_lock
 from adapterkit.train.fit import RunInProgressError, lock_path, run_lock
@@ -33,7 +33,7 @@ with run_lock(AdapterStore(sys.argv[1]), sys.argv[2]):
 
 # A real `adapterkit train` that stalls after step 1 (its checkpoint at step 1 is written).
 TRAIN_AND_STALL = """import sys, time
-from adapterkit.cli import app
+from adapterkit.cli.main import app
 from adapterkit.train import progress
 real = progress.TrainProgress.update
 def update(self, record):
@@ -95,7 +95,7 @@ def test_second_trainer_fails_at_once_and_a_killed_run_resumes(files, tmp_path, 
         before = _snapshot(run)
         assert "checkpoint/trainer_state.json" in before and "train_log.jsonl" in before
         loaded = []
-        monkeypatch.setattr("adapterkit.base.load_base", lambda *a, **k: loaded.append(a))
+        monkeypatch.setattr("adapterkit.core.base.load_base", lambda *a, **k: loaded.append(a))
         runner = CliRunner()
         # fresh, --overwrite (would delete the live checkpoint) and --resume: all refused before any work
         for extra in ((), ("--overwrite",), ("--resume",)):

@@ -10,7 +10,7 @@ import pytest
 from test_train_cli import ROWS, files  # noqa: F401  (files: the fixture, a tiny base + labelled JSONL)
 from typer.testing import CliRunner
 
-from adapterkit.cli import app
+from adapterkit.cli.main import app
 from adapterkit.train import fit as fit_module
 from adapterkit.train import progress as progress_module
 from adapterkit.train.report import class_report, loss_plot_path
@@ -96,12 +96,12 @@ def test_eval_refuses_bad_outputs_before_scoring(files, tmp_path, monkeypatch):
     base, data = files
     store, runner = tmp_path / "store", CliRunner()
     assert runner.invoke(app, _train(base, data, store, "toy", "--no-progress", steps=2)).exit_code == 0
-    import adapterkit.base
+    import adapterkit.core.base
     import adapterkit.train.run
 
     def never(*a, **k):
         raise AssertionError("the output path is checked before loading the base and scoring")
-    monkeypatch.setattr(adapterkit.base, "load_base", never)
+    monkeypatch.setattr(adapterkit.core.base, "load_base", never)
     monkeypatch.setattr(adapterkit.train.run, "score", never)
     (tmp_path / "adir").mkdir()
     res = runner.invoke(app, _eval(base, data, store, "toy", "--predictions", str(tmp_path / "adir")))

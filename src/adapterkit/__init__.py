@@ -1,16 +1,16 @@
 """adapterkit: task-specific adapters over one frozen pretrained transformer."""
 
-from .adapter import Adapter, AdapterMeta, create_adapter
-from .base import Base, list_bases, load_base, pull_base
-from .batching import AdapterBatch, build_batch
+from .core.adapter import Adapter, AdapterMeta, create_adapter
+from .core.base import Base, list_bases, load_base, pull_base
+from .core.batching import AdapterBatch, build_batch
 from .errors import (AdapterkitError, AdapterNameError, AdapterNotFoundError, BaseMismatchError,
                      BaseNotAvailableError, ConfigError, CorruptAdapterError, TargetError,
                      UnsupportedError)
-from .generate import generate
+from .core.generate import generate
 from .merge import merge, merge_reversible, merge_with_report, recover
 from .methods import get_method, method_names
 from .methods.lora import LoraConfig
-from .runtime import AdapterRuntime
+from .core.runtime import AdapterRuntime
 
 __all__ = [
     "Adapter", "AdapterMeta", "create_adapter", "Base", "list_bases", "load_base", "pull_base",

@@ -1,6 +1,6 @@
 """`python -m adapterkit`: the same command as `adapterkit`."""
 
-from .cli import app
+from .cli.main import app
 
 if __name__ == "__main__":  # pragma: no cover
     app(prog_name="adapterkit")

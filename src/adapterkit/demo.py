@@ -19,10 +19,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .base import load_base, to_device
+from .core.base import load_base, to_device
 from .data import load_task
 from .errors import AdapterNotFoundError
-from .runtime import AdapterRuntime
+from .core.runtime import AdapterRuntime
 from .store import AdapterStore
 from .train.classification import collate_fn, encode_texts, hidden_states, predict
 from .train.probe import fit_probe

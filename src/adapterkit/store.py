@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from ._atomic import recover_dir
-from .adapter import Adapter, validate_name
-from .base import adapterkit_home
+from .core.adapter import Adapter, validate_name
+from .core.base import adapterkit_home
 from .errors import AdapterNameError, AdapterNotFoundError, CorruptAdapterError
 
 # Added with versioned folders (ALTER TABLE on older catalogs; NULL there = adapters/<name>, unverified).

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import CorruptAdapterError
-from ..safetensors_io import read_tensors, write_tensors
+from .safetensors_io import read_tensors, write_tensors
 
 WEIGHTS_FILE = "adapter.safetensors"
 

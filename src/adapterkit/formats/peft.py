@@ -19,9 +19,9 @@ import torch
 
 from ..errors import CorruptAdapterError, UnsupportedError
 from ..methods import method_for_peft, peft_types
-from ..targets import name_matches
+from ..core.targets import name_matches
 from ..methods.base import Method
-from ..safetensors_io import read_tensors, write_tensors
+from .safetensors_io import read_tensors, write_tensors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -112,7 +112,7 @@ def write_peft(path: Path, config: Any, tensors: Mapping[str, Mapping[str, torch
     """Write the two PEFT files into an existing folder (callers make it atomic). base_model_name_or_path
     is what PEFT, vLLM and LoRAX resolve: a built-in's name (or a local folder that records a hub id)
     is written as its upstream hub id; anything else (a hub id, a folder path) as given."""
-    from ..base import upstream_id
+    from ..core.base import upstream_id
 
     base_model = upstream_id(base_name) or base_name
     (path / CONFIG_FILE).write_text(json.dumps(config_to_peft(config, base_model), indent=2), encoding="utf-8")

@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..adapter import Adapter
+from ..core.adapter import Adapter
 from ..errors import ConfigError, UnsupportedError
 from .common import (build_adapter, check_inputs, check_result, linalg_errors, lowrank_sqnorm,
                      require_finite, site_factors, stacked_deltas)

@@ -9,7 +9,6 @@ target counts as ΔW = 0 for that input. A family that does not define a merge i
 from __future__ import annotations
 
 import hashlib
-import re
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..adapter import Adapter, AdapterMeta, check_same_base
+from ..core.adapter import Adapter, AdapterMeta, check_same_base
 from ..errors import BaseMismatchError, ConfigError, NonFiniteError, UnsupportedError
 from ..methods import SiteInfo, get_method
 

@@ -31,7 +31,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
-from ..adapter import Adapter, validate_name
+from ..core.adapter import Adapter, validate_name
 from ..errors import AdapterNotFoundError, ConfigError, NonFiniteError
 from .api import get_merge_method, merge_method_names, merge_with_report
 from .common import content_fingerprint

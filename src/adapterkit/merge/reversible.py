@@ -52,7 +52,7 @@ from typing import Any, Sequence
 import torch
 
 from .._atomic import atomic_write_dir
-from ..adapter import Adapter, AdapterMeta
+from ..core.adapter import Adapter, AdapterMeta
 from ..errors import ConfigError, CorruptAdapterError
 from .common import (Inputs, build_adapter, check_inputs, check_result, linalg_errors, require_finite,
                      site_factors)

@@ -139,14 +139,6 @@ def _neutral(key: str, value: Any) -> bool:
     return value in _NEUTRAL[key]
 
 
-
-
-def _neutral(key: str, value: Any) -> bool:
-    if isinstance(value, (list, tuple, dict)) and not value:
-        return True
-    return value in _NEUTRAL[key]
-
-
 class Lora(Method):
     name = "lora"
     title = "LoRA"

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import ConfigError
-from ..heads import ClassificationHead
+from ..core.heads import ClassificationHead
 from .common import (check_adapters, check_base, check_count, check_router_name, check_top_k, check_writable,
                      read_router, routers_dir, set_default_router)
 from .encoder import Encoder
@@ -36,7 +36,7 @@ def load_adapters(store: Any, names: Sequence[str]) -> list:
 
 def open_base(store: Any, adapters: Sequence[Any], base: str | None):
     """The base the adapters were made for: `base` (name or folder) or the catalog's base name."""
-    from ..base import load_base
+    from ..core.base import load_base
 
     if base is None:
         base = next((a.meta.base_name for a in adapters if a.meta.base_name), None)
@@ -169,7 +169,7 @@ def fit_router(store: Any, adapter_names: Sequence[str], name: str, *, kind: str
 
 def _fit_gate(name, base, adapters, texts, labels, *, top_k, steps, lr, batch_size, gate_weight, max_length,
               seed, source, on_step):
-    from ..runtime import AdapterRuntime
+    from ..core.runtime import AdapterRuntime
     from ..train.classification import encode_texts
 
     rt = AdapterRuntime.from_base(base)
@@ -248,7 +248,7 @@ def eval_items(router_meta: dict, tasks: Sequence[str] | None, file: Path | None
 def eval_router(store: Any, name: str, *, tasks: Sequence[str] | None = None, file: Path | None = None,
                 split: str = "test", n: int = 200, base: str | None = None, batch_size: int = 32,
                 max_length: int = 128, strict: bool = True) -> RouteReport:
-    from ..runtime import AdapterRuntime
+    from ..core.runtime import AdapterRuntime
     from . import ENCODER_TYPES, load_router
 
     check_count("n (--n, prompts per task)", n)

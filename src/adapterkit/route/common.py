@@ -28,10 +28,10 @@ from typing import Any, Sequence
 import torch
 
 from .._atomic import atomic_write_dir, atomic_write_text, recover_dir
-from ..adapter import Adapter, check_same_base, validate_name
+from ..core.adapter import Adapter, check_same_base, validate_name
 from ..errors import (AdapterkitError, AdapterNameError, AdapterNotFoundError, BaseMismatchError,
                       ConfigError, CorruptAdapterError)
-from ..safetensors_io import read_tensors, write_tensors
+from ..formats.safetensors_io import read_tensors, write_tensors
 
 FORMAT_VERSION = 1
 ROUTER_JSON, ROUTER_TENSORS, DEFAULT_FILE = "router.json", "router.safetensors", "DEFAULT"

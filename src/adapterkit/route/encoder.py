@@ -32,7 +32,7 @@ class Encoder:
 
     @classmethod
     def load(cls, name_or_path: str, *, max_length: int = 128) -> "Encoder":
-        from ..base import load_base
+        from ..core.base import load_base
 
         return cls.from_base(load_base(name_or_path), max_length=max_length)
 
@@ -49,7 +49,7 @@ class Encoder:
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
         """[N, H] float32 on the host: the mean over non-pad tokens of the last hidden state (texts cut at
         max_length), whatever device the model runs on."""
-        from ..base import to_device
+        from ..core.base import to_device
         from ..train.classification import encode_texts, hidden_states
 
         out = []

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ConfigError
-from ..heads import ClassificationHead
+from ..core.heads import ClassificationHead
 from ..train.classification import encode_texts, hidden_states
 from .common import Decision, check_output_path
 

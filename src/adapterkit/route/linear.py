@@ -28,7 +28,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..adapter import Adapter
+from ..core.adapter import Adapter
 from ..errors import ConfigError
 from .common import AdapterRecord, check_adapters, records_from_meta, save_router
 from .encoder import Encoder

@@ -44,7 +44,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..adapter import Adapter
+from ..core.adapter import Adapter
 from ..errors import ConfigError
 from .common import (AdapterRecord, Decision, check_adapters, check_base, check_prompts, check_router_name,
                      check_top_k, now, records_from_meta, save_router, verify_router)

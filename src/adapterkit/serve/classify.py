@@ -19,9 +19,9 @@ from typing import Any, Optional
 
 import torch
 
-from ..adapter import SIDE_FILE
+from ..core.adapter import SIDE_FILE
 from ..errors import AdapterkitError, ConfigError, CorruptAdapterError
-from ..heads import ClassificationHead, load_head
+from ..core.heads import ClassificationHead, load_head
 
 
 @dataclass(frozen=True)

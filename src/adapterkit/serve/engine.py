@@ -39,7 +39,7 @@ from typing import Any, Iterable, Optional
 import torch
 
 from ..errors import AdapterkitError, ConfigError, NonFiniteError
-from .adapter_cache import AdapterCache, AdapterHandle, NoFreeSlotError
+from .cache.adapter_cache import AdapterCache, AdapterHandle, NoFreeSlotError
 from .classify import Classification, ClassifierCache, Classifier, classify
 from .detok import Detokenizer
 from .engine_metrics import EngineMetrics
@@ -128,8 +128,8 @@ class Engine:
               ram_cache_mb: float = 1024.0, device: Any = "cpu", dtype: Any = None) -> "Engine":
         """Load the base (on `device` in `dtype`: base.load_base), make a runtime and an adapter cache
         over the store and adapter folders."""
-        from ..base import load_base
-        from ..runtime import AdapterRuntime
+        from ..core.base import load_base
+        from ..core.runtime import AdapterRuntime
 
         b = load_base(base, dtype=dtype, device=device)
         runtime = AdapterRuntime.from_base(b, capacity=max_loaded_adapters + 1)

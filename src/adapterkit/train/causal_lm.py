@@ -49,6 +49,13 @@ def split_ids(tokenizer: Any, example: Mapping[str, Any]) -> tuple[list[int], li
     return prompt_ids, completion_ids
 
 
+def answer_text(example: Mapping[str, Any]) -> str:
+    """The answer an instruction example teaches: its last assistant message, or its completion."""
+    if "messages" in example and example["messages"]:
+        return str(example["messages"][-1].get("content", "")).strip()
+    return str(example.get("completion", "")).strip()
+
+
 def generation_target(tokenizer: Any, example: Mapping[str, Any]) -> tuple[list[int], list[int]]:
     """(prompt ids, the ids greedy generation must give before it stops): the completion up to its first
     end-of-sequence token. A chat template renders the turn's end after the answer ("Positive<|im_end|>\n"),

@@ -11,9 +11,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..base import to_device
-from ..heads import ClassificationHead
-from ..runtime import AdapterRuntime
+from ..core.base import to_device
+from ..core.heads import ClassificationHead
+from ..core.runtime import AdapterRuntime
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:

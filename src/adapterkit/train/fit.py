@@ -24,11 +24,11 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from ..adapter import Adapter, create_adapter, validate_name
-from ..base import Base
+from ..core.adapter import Adapter, create_adapter, validate_name
+from ..core.base import Base
 from ..errors import AdapterkitError, ConfigError
 from ..methods.lora import LoraConfig
-from ..runtime import AdapterRuntime
+from ..core.runtime import AdapterRuntime
 from ..store import AdapterStore
 from .filelock import LockHeld, file_lock
 from .progress import TrainProgress

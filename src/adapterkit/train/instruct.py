@@ -9,11 +9,11 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..adapter import Adapter
-from ..base import Base, to_device
-from ..generate import pad_id
+from ..core.adapter import Adapter
+from ..core.base import Base, to_device
+from ..core.generate import pad_id
 from ..errors import ConfigError
-from ..runtime import AdapterRuntime
+from ..core.runtime import AdapterRuntime
 from ..store import AdapterStore
 from .causal_lm import IGNORE, collate, encode, generation_target
 from .fit import finish, fit, run_lock, start_run

@@ -19,13 +19,13 @@ from typing import Any, Sequence
 
 import torch
 
-from ..adapter import Adapter
-from ..base import Base, to_device
+from ..core.adapter import Adapter
+from ..core.base import Base, to_device
 from ..data.readers import DataFormatError, jsonl_objects, text_value
 from ..errors import ConfigError
-from ..generate import pad_id
-from ..heads import MLMHead
-from ..runtime import AdapterRuntime
+from ..core.generate import pad_id
+from ..core.heads import MLMHead
+from ..core.runtime import AdapterRuntime
 from ..store import AdapterStore
 from .causal_lm import IGNORE
 from .fit import finish, fit, run_lock, start_run

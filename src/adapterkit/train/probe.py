@@ -11,8 +11,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..base import Base, to_device
-from ..heads import ClassificationHead
+from ..core.base import Base, to_device
+from ..core.heads import ClassificationHead
 from .classification import encode_texts, hidden_states
 
 

@@ -137,8 +137,9 @@ MACRO_F1_GAP = 0.15         # macro-F1 this far below accuracy: small classes ar
 def training_notes(name: str, params: dict[str, Any], metrics: dict[str, Any],
                    gold: Sequence[str] = ()) -> list[str]:
     """Lines for the console after training: how many examples were cut to max_length, and warnings
-    when a classifier's validation result is close to the majority class alone or its macro-F1 is far
-    below its accuracy (each with what to do)."""
+    when a classifier's validation result (or a causal LM's exact match, when its answers repeat, as
+    labels do) is close to the majority alone or its macro-F1 is far below its accuracy (each with what
+    to do). gold: the validation labels, or a causal LM's validation answers."""
     notes = []
     cut, total = int(params.get("truncated_examples") or 0), int(params.get("train_examples") or 0)
     if cut and total:
@@ -146,13 +147,17 @@ def training_notes(name: str, params: dict[str, Any], metrics: dict[str, Any],
                      f"{params.get('max_length')} tokens and were cut; a larger --max-length keeps more of each "
                      "(slower steps)")
     acc, f1 = metrics.get("accuracy"), metrics.get("macro_f1")
-    if acc is not None and gold:
+    # a causal LM whose answers repeat (labels as text) is judged the same way by its exact match
+    exact = metrics.get("exact_match") if acc is None and gold and len(set(gold)) <= len(gold) / 3 else None
+    score, what = (acc, "accuracy") if acc is not None else (exact, "exact match")
+    if score is not None and gold:
         top, count = max(((label, list(gold).count(label)) for label in set(gold)), key=lambda lc: (lc[1], lc[0]))
         share = count / len(gold)
-        if acc <= share + MAJORITY_MARGIN:
-            notes.append(f"warning: validation accuracy {acc:.3f} is no better than always answering the majority "
-                         f"class {top!r} ({share:.3f}): the adapter learned little; train longer (--steps) or check "
-                         "the labels")
+        if score <= share + MAJORITY_MARGIN:
+            kind = "class" if acc is not None else "answer"
+            notes.append(f"warning: validation {what} {score:.3f} is no better than always answering the majority "
+                         f"{kind} {top!r} ({share:.3f}): the adapter learned little; train longer (--steps), on more "
+                         "examples, or check the labels")
     if acc is not None and f1 is not None and acc - f1 > MACRO_F1_GAP:
         notes.append(f"warning: validation macro-F1 {f1:.3f} is far below accuracy {acc:.3f}: small classes are "
                      f"mostly missed; `adapterkit eval {name} --report` shows which (more --steps or examples of "

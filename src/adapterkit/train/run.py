@@ -12,11 +12,11 @@ from typing import Any, Sequence
 
 import torch
 
-from ..adapter import Adapter
-from ..base import Base
+from ..core.adapter import Adapter
+from ..core.base import Base
 from ..errors import ConfigError
-from ..heads import ClassificationHead
-from ..runtime import AdapterRuntime
+from ..core.heads import ClassificationHead
+from ..core.runtime import AdapterRuntime
 from ..store import AdapterStore
 from .classification import collate_fn, loss_fn, predict_proba, token_lengths
 from .fit import finish, fit, run_lock, start_run

@@ -25,10 +25,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .._atomic import atomic_write_dir, atomic_write_text
-from ..base import to_device
+from ..core.base import to_device
 from ..errors import ConfigError
-from ..runtime import AdapterRuntime
-from ..safetensors_io import read_tensors, write_tensors
+from ..core.runtime import AdapterRuntime
+from ..formats.safetensors_io import read_tensors, write_tensors
 from .schedule import SCHEDULES, lr_factor
 
 STATE_JSON, STATE_TENSORS = "trainer_state.json", "trainer_state.safetensors"

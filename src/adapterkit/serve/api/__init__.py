@@ -2,7 +2,7 @@
 service.py (logic, no web framework), errors.py (exception -> HTTP status, in one place), metrics.py
 (Prometheus text)."""
 
-from .router import create_app
+from .app import create_app
 from .service import ApiSettings, OpenAIService
 
 __all__ = ["create_app", "ApiSettings", "OpenAIService"]

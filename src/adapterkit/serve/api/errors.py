@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 from ...errors import (AdapterkitError, AdapterNameError, AdapterNotFoundError, BaseMismatchError,
                        ConfigError, CorruptAdapterError, UnsupportedError)
-from ..adapter_cache import NoFreeSlotError
-from ..adapter_roots import AdapterPathError
+from ..cache.adapter_cache import NoFreeSlotError
+from ..cache.roots import AdapterPathError
 from ..requests import ContextLengthError, QueueFullError
 
 

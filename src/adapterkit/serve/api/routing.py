@@ -67,7 +67,7 @@ class Routing:
             return True
         if self.store is None:
             return False
-        from ...adapter import validate_name
+        from ...core.adapter import validate_name
         from ...errors import AdapterNameError
         from ...route.common import ROUTER_JSON, router_path
 

@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Optional
 
-from ...adapter import validate_name
+from ...core.adapter import validate_name
 from ...errors import (AdapterkitError, AdapterNameError, AdapterNotFoundError, BaseMismatchError, ConfigError,
                        CorruptAdapterError)
 from ..requests import ContextLengthError, GenerationRequest, RequestStream, SamplingParams, StreamEvent

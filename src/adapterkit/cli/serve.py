@@ -7,8 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from .cli_common import DEVICE_OPT, DTYPE_OPT, device_dtype, fail
-from .errors import AdapterkitError
+from .common import DEVICE_OPT, DTYPE_OPT, device_dtype, fail
+from ..errors import AdapterkitError
 
 
 def serve_cmd(
@@ -47,11 +47,11 @@ def serve_cmd(
       curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "math", "prompt": "2+2=", "max_tokens": 8}'
     """
-    from .base import adapterkit_home
-    from .serve.api import ApiSettings
-    from .serve.engine import Engine, EngineConfig
-    from .serve.server import bind, serve
-    from .store import AdapterStore
+    from ..core.base import adapterkit_home
+    from ..serve.api import ApiSettings
+    from ..serve.engine import Engine, EngineConfig
+    from ..serve.server import bind, serve
+    from ..store import AdapterStore
 
     try:
         settings = ApiSettings(api_key=api_key, max_body_bytes=int(max_body_mb * 2 ** 20))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import BaseMismatchError, ConfigError, CorruptAdapterError
-from .safetensors_io import read_tensors, write_tensors
+from ..errors import BaseMismatchError, ConfigError, CorruptAdapterError
+from ..formats.safetensors_io import read_tensors, write_tensors
 
 HEAD_TENSORS, HEAD_JSON = "task_head.safetensors", "task_head.json"
 POOLINGS = ("mean", "last")   # mean over tokens (encoders); last non-pad token (decoders)

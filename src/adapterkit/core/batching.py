@@ -19,7 +19,7 @@ from functools import cached_property
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 MODES = ("row", "token", "all")
 KERNELS = ("auto", "dense", "gather", "segment")

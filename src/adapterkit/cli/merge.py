@@ -10,8 +10,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .cli_common import STORE_OPT, fail, open_store, out
-from .errors import AdapterkitError
+from .common import STORE_OPT, fail, open_store, out
+from ..errors import AdapterkitError
 
 
 def merge_cmd(
@@ -56,8 +56,8 @@ def merge_cmd(
       adapterkit merge merge.yaml --name multi --head-from sentiment   # a classifier again
     Reversible: method: reversible, parameters: {k: 2} stores multi.basis0..
     """
-    from .merge.recipe import load_recipe, run_recipe
-    from .merge.reversible import ReversibleMerge
+    from ..merge.recipe import load_recipe, run_recipe
+    from ..merge.reversible import ReversibleMerge
 
     try:
         st = open_store(store)
@@ -116,9 +116,9 @@ def _print_reversible(rev, st, as_json: bool) -> None:
 
 def _head_donor(ref: str, store: Optional[Path], method: str):
     """The adapter whose head --head-from names, checked before the merge."""
-    from .cli_common import load_adapter
-    from .errors import ConfigError
-    from .heads import ClassificationHead
+    from .common import load_adapter
+    from ..errors import ConfigError
+    from ..core.heads import ClassificationHead
 
     if method == "reversible":
         raise ConfigError("--head-from gives ONE head to one merged adapter; a reversible merge stores basis "
@@ -131,8 +131,8 @@ def _head_donor(ref: str, store: Optional[Path], method: str):
 
 def _give_head(adapter, donor) -> None:
     """The merged adapter classifies as `donor` did: its head, task and labels, recorded in the lineage."""
-    from .adapter import check_same_base
-    from .merge.common import content_fingerprint
+    from ..core.adapter import check_same_base
+    from ..merge.common import content_fingerprint
 
     check_same_base([adapter, donor], "give a head across adapters", "take the head of an adapter of the same base")
     adapter.head = donor.head

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..adapter import validate_name
-from ..errors import AdapterkitError, AdapterNameError, ConfigError
-from ..formats import PEFT_CONFIG, SIDE_FILE, is_adapter_folder, names_an_adapter
+from ...core.adapter import validate_name
+from ...errors import AdapterkitError, AdapterNameError, ConfigError
+from ...formats import PEFT_CONFIG, SIDE_FILE, is_adapter_folder, names_an_adapter
 
 
 class AdapterPathError(AdapterkitError, ValueError):

@@ -7,8 +7,8 @@ import re
 
 from torch import nn
 
-from .errors import TargetError, UnsupportedError
-from .methods.base import ATTACH_MODULE, ATTACH_OUTPUT, SiteInfo
+from ..errors import TargetError, UnsupportedError
+from ..methods.base import ATTACH_MODULE, ATTACH_OUTPUT, SiteInfo
 
 
 def _conv1d_type() -> type | None:

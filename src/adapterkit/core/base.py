@@ -23,8 +23,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ._atomic import atomic_write_dir
-from .errors import BaseNotAvailableError, ConfigError
+from .._atomic import atomic_write_dir
+from ..errors import BaseNotAvailableError, ConfigError
 
 log = logging.getLogger(__name__)
 

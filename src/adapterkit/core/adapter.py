@@ -18,10 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._atomic import atomic_write_dir, recover_dir
-from .formats import SIDE_FILE
-from .errors import AdapterNameError, BaseMismatchError, CorruptAdapterError, NonFiniteError
-from .methods import Method, config_from_dict, get_method
+from .._atomic import atomic_write_dir, recover_dir
+from ..formats import SIDE_FILE
+from ..errors import AdapterNameError, BaseMismatchError, CorruptAdapterError, NonFiniteError
+from ..methods import Method, config_from_dict, get_method
 from .targets import match_targets, site_info
 
 FORMAT_VERSION = 1
@@ -58,7 +58,7 @@ class AdapterMeta:
         as base_name the built-in it names (by upstream hub id or alias) or the local folder it names.
         The base fingerprint, the real compatibility check, is unknown for such a folder."""
         from .base import builtin_for
-        from .formats.peft import read_base_model
+        from ..formats.peft import read_base_model
 
         base_model = read_base_model(path)
         base_name = builtin_for(base_model)
@@ -124,8 +124,8 @@ class Adapter:
 
     def _write(self, folder: Path) -> None:
         from .base import upstream_id
-        from .formats.native import write_native
-        from .formats.peft import write_peft
+        from ..formats.native import write_native
+        from ..formats.peft import write_peft
 
         meta = self.meta
         if meta.base_model is None and meta.base_name:      # derived from the alias: callers pass base_name only
@@ -135,7 +135,7 @@ class Adapter:
         else:
             write_native(folder, self.tensors)
         side = {
-            "type": "adapterkit.adapter",
+            "type": "adapterkit.core.adapter",
             "format_version": FORMAT_VERSION,
             "name": self.name,
             "config": self.config.to_dict(),
@@ -150,8 +150,8 @@ class Adapter:
         """Load our folder (any family) or a PEFT folder of a family adapterkit has; `name` defaults to the
         saved name or folder name. Refuses tensors with NaN / inf (NonFiniteError naming the tensor).
         head=False skips the task head (generation does not use it, so a damaged head does not stop it)."""
-        from .formats.native import read_native
-        from .formats.peft import CONFIG_FILE, read_peft
+        from ..formats.native import read_native
+        from ..formats.peft import CONFIG_FILE, read_peft
 
         path = Path(path)
         recover_dir(path)
@@ -194,18 +194,18 @@ def _read_side(side_path: Path) -> dict[str, Any]:
         raise CorruptAdapterError(f"{side_path} is not valid JSON ({exc})") from None
     if not isinstance(side, dict):
         raise CorruptAdapterError(f"{side_path} is not a JSON object; save the adapter again")
-    if side.get("type") != "adapterkit.adapter" or not isinstance(side.get("format_version", 0), int) \
+    if side.get("type") != "adapterkit.core.adapter" or not isinstance(side.get("format_version", 0), int) \
             or side.get("format_version", 0) > FORMAT_VERSION:
         raise CorruptAdapterError(
             f"{side_path} is type {side.get('type')!r} version {side.get('format_version')!r}; "
-            f"this adapterkit reads adapterkit.adapter up to version {FORMAT_VERSION}: upgrade adapterkit")
+            f"this adapterkit reads adapterkit.core.adapter up to version {FORMAT_VERSION}: upgrade adapterkit")
     return side
 
 
 def _check_agree(path: Path, peft_config: Any, side_config: Any) -> None:
     """adapter_config.json (what PEFT reads) and adapterkit.json (ours) must describe one adapter:
     where they differ, PEFT and adapterkit would run different adapters from the same folder."""
-    from .formats.peft import CONFIG_FILE, config_to_peft
+    from ..formats.peft import CONFIG_FILE, config_to_peft
 
     try:
         ours = config_to_peft(side_config, None)

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Column, Table
 from rich.text import Text
 
-from .base import DEVICE_HELP, DTYPE_HELP
+from ..core.base import DEVICE_HELP, DTYPE_HELP
 
 out = Console()
 err = Console(stderr=True)
@@ -32,7 +32,7 @@ def print_record(record: dict, as_json: bool) -> None:
 
 def device_dtype(device: Optional[str], dtype: Optional[str]):
     """(torch.device, torch.dtype) of --device and --dtype; ConfigError for an unknown or absent one."""
-    from .base import resolve_device, resolve_dtype
+    from ..core.base import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     return dev, resolve_dtype(dtype, dev)
@@ -44,7 +44,7 @@ def fail(exc: Exception, code: int = 2) -> None:
 
 
 def open_store(path: Optional[Path]):
-    from .store import AdapterStore
+    from ..store import AdapterStore
 
     return AdapterStore(path)
 
@@ -92,9 +92,9 @@ def adapter_source(ref: str, store: Optional[Path]) -> tuple[Path, Optional[str]
     """Where an ADAPTER argument lives: (folder, None) for an existing folder, else (its folder in the
     store, name) for a stored adapter; a clear error naming both possibilities otherwise. Loads no
     model, so a command checks every argument before the (slow) base; creates no store."""
-    from .adapter import validate_name
-    from .base import adapterkit_home
-    from .errors import AdapterkitError, AdapterNameError, AdapterNotFoundError
+    from ..core.adapter import validate_name
+    from ..core.base import adapterkit_home
+    from ..errors import AdapterkitError, AdapterNameError, AdapterNotFoundError
 
     path = Path(ref).expanduser()
     if path.is_dir():
@@ -122,8 +122,8 @@ def adapter_source(ref: str, store: Optional[Path]) -> tuple[Path, Optional[str]
 def load_adapter(ref: str, store: Optional[Path], seen: Optional[dict] = None):
     """The Adapter an ADAPTER argument names (a stored one is checked against the catalog). `seen`
     ({folder: Adapter}) reads each folder once, and refuses two folders that hold one adapter name."""
-    from .adapter import Adapter
-    from .errors import AdapterNameError
+    from ..core.adapter import Adapter
+    from ..errors import AdapterNameError
 
     path, name = adapter_source(ref, store)
     key = path.resolve()

@@ -10,8 +10,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from .cli_common import STORE_OPT, fail, open_store, out, print_listing
-from .errors import AdapterkitError
+from .common import STORE_OPT, fail, open_store, out, print_listing
+from ..errors import AdapterkitError
 
 route_app = typer.Typer(help="Routers: choose adapters from the prompt itself (the server's model=\"auto\").",
                         no_args_is_help=True)
@@ -66,8 +66,8 @@ def route_fit(
       adapterkit route fit --adapters sent,topic,chat --name r1            # retrieval
       adapterkit route fit --adapters sent,topic --name g1 --kind gate --steps 200
     """
-    from .route.api import fit_router
-    from .route.common import default_router
+    from ..route.api import fit_router
+    from ..route.common import default_router
 
     try:
         st = open_store(store)
@@ -114,9 +114,9 @@ def route_eval(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Routing accuracy, confusion matrix (table + PNG) and end-to-end accuracy vs the oracle adapter."""
-    from .route.api import eval_router
-    from .route.common import read_router, router_path
-    from .route.evaluate import check_plot_path, plot_available, plot_confusion
+    from ..route.api import eval_router
+    from ..route.common import read_router, router_path
+    from ..route.evaluate import check_plot_path, plot_available, plot_confusion
 
     try:
         st = open_store(store)
@@ -165,7 +165,7 @@ def _print_report(report, png: Optional[Path], plot_error: Optional[Exception]) 
 @route_app.command("ls")
 def route_ls(store: Optional[Path] = STORE_OPT, as_json: bool = typer.Option(False, "--json")) -> None:
     """The routers in the store."""
-    from .route.common import default_router, list_routers, read_router
+    from ..route.common import default_router, list_routers, read_router
 
     st = open_store(store)
     rows = []
@@ -189,7 +189,7 @@ def route_ls(store: Optional[Path] = STORE_OPT, as_json: bool = typer.Option(Fal
 @route_app.command("default")
 def route_default(name: str, store: Optional[Path] = STORE_OPT) -> None:
     """Make NAME the router that model="auto" uses."""
-    from .route.common import set_default_router
+    from ..route.common import set_default_router
 
     try:
         st = open_store(store)

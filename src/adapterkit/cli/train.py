@@ -8,12 +8,12 @@ from typing import Optional
 
 import typer
 
-from .cli_common import DEVICE_OPT, DTYPE_OPT, STORE_OPT, device_dtype, fail, open_store, out
-from .errors import AdapterkitError
+from .common import DEVICE_OPT, DTYPE_OPT, STORE_OPT, device_dtype, fail, open_store, out
+from ..errors import AdapterkitError
 
 
 def _examples(task: Optional[str], split: str, file: Optional[Path], text_field: str, label_field: str):
-    from .data import load_task, read_examples
+    from ..data import load_task, read_examples
 
     if file is not None:
         return list(read_examples(file, text_field, label_field).examples)
@@ -74,16 +74,16 @@ def train_cmd(
     """Train a classification adapter (+ head) on a task or a file and store it with its metrics; the
     JSONL log and a loss-curve PNG (with matplotlib) stay beside each other. Flags left out take the
     objective's measured defaults (train/defaults.py), printed before training."""
-    from .base import load_base
-    from .methods import get_method
-    from .train.fit import CHECKPOINT, LOG, check_run, checkpoint_step, run_dir, run_lock
-    from .train.run import train_classifier
-    from .train.defaults import resolve
-    from .train.trainer import finish_distributed, init_distributed_from_env
+    from ..core.base import load_base
+    from ..methods import get_method
+    from ..train.fit import CHECKPOINT, LOG, check_run, checkpoint_step, run_dir, run_lock
+    from ..train.run import train_classifier
+    from ..train.defaults import resolve
+    from ..train.trainer import finish_distributed, init_distributed_from_env
 
     st = open_store(store)
     try:
-        rank, _ = init_distributed_from_env()       # torchrun --nproc_per_node=N -m adapterkit.cli train ...
+        rank, _ = init_distributed_from_env()       # torchrun --nproc_per_node=N -m adapterkit.cli.main train ...
         if get_method(method).name != "lora":  # pragma: no cover - only LoRA is registered yet
             raise AdapterkitError(f"training method {method!r} is not wired into `train` yet")
         if objective not in ("classification", "causal-lm", "mlm"):
@@ -104,8 +104,8 @@ def train_cmd(
                           alpha=alpha, targets=target_list, max_length=max_length, overwrite=overwrite,
                           progress=progress, resume=resume, log_path=str(log) if log else None)
             if objective == "causal-lm":
-                from .data.readers import read_records
-                from .train.instruct import train_instructions
+                from ..data.readers import read_records
+                from ..train.instruct import train_instructions
 
                 if train_file is None:
                     raise AdapterkitError("causal-lm training reads --train-file (JSONL prompt/completion or messages)")
@@ -113,7 +113,7 @@ def train_cmd(
                 eval_data = read_records(eval_file)[0] if eval_file else []
                 trainer = train_instructions
             elif objective == "mlm":
-                from .train.mlm import read_texts, train_mlm
+                from ..train.mlm import read_texts, train_mlm
 
                 if train_file is None:
                     raise AdapterkitError("mlm training reads --train-file (.txt, one document per line, or JSONL "
@@ -147,10 +147,12 @@ def train_cmd(
     out.print(f"stored [bold]{name}[/] in {st.root}; validation: " +
               (", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
                or "none"), highlight=False)
-    from .train.report import training_notes
+    from ..train.causal_lm import answer_text
+    from ..train.report import training_notes
 
     params = (adapter.meta.lineage or [{}])[0].get("params", {})
-    gold = [e.label for e in eval_data] if objective == "classification" else []
+    gold = ([e.label for e in eval_data] if objective == "classification" else
+            [answer_text(r) for r in eval_data] if objective == "causal-lm" else [])
     for line in training_notes(name, params, metrics, gold):
         out.print(line, markup=False, highlight=False, soft_wrap=True)
     _print_log_and_plot(log if log is not None else run_dir(st, name) / LOG)
@@ -159,7 +161,7 @@ def train_cmd(
 def _print_log_and_plot(log: Path) -> None:
     """Where the run's log and loss curve are (fit deletes a stale plot before training, so a plot
     beside the log is this run's), or why there is no plot."""
-    from .train.report import loss_plot_path, plot_unavailable
+    from ..train.report import loss_plot_path, plot_unavailable
 
     png = loss_plot_path(log)
     why = plot_unavailable() or "it could not be written: see the warning above"
@@ -190,12 +192,12 @@ def eval_cmd(
     """Accuracy and macro-F1 of a classification adapter on a task split or a file; loss, perplexity
     and exact match of an instruction adapter on a JSONL file; masked-token loss, perplexity and
     accuracy of a masked-LM adapter on a text file."""
-    from .base import load_base
-    from .heads import ClassificationHead, MLMHead
-    from .route.common import check_output_path
-    from .runtime import AdapterRuntime
-    from .train.report import class_report, write_predictions
-    from .train.run import score
+    from ..core.base import load_base
+    from ..core.heads import ClassificationHead, MLMHead
+    from ..route.common import check_output_path
+    from ..core.runtime import AdapterRuntime
+    from ..train.report import class_report, write_predictions
+    from ..train.run import score
 
     rep = written = None
     try:
@@ -211,15 +213,15 @@ def eval_cmd(
         rt = AdapterRuntime.from_base(b)
         rt.add(adapter)
         if isinstance(adapter.head, MLMHead):          # a language / domain adapter: masked-token loss
-            from .train.mlm import evaluate_mlm, read_texts
+            from ..train.mlm import evaluate_mlm, read_texts
 
             if file is None:
                 raise AdapterkitError(f"{name!r} is a masked-LM adapter: give --file with plain text (.txt, one "
                                       "document per line, or JSONL with --text-field)")
             metrics = evaluate_mlm(rt, adapter, read_texts(file, text_field), max_length, progress=progress)
         elif adapter.head is None:                     # an instruction adapter: loss, perplexity, exact match
-            from .data.readers import read_records
-            from .train.instruct import evaluate_instructions
+            from ..data.readers import read_records
+            from ..train.instruct import evaluate_instructions
 
             if file is None:
                 merged = any(step.get("op") == "merge" for step in adapter.meta.lineage)
@@ -252,7 +254,7 @@ def eval_cmd(
         out.print(f"{name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in metrics.items()))
         if rep is not None:
-            from .train.report import report_tables
+            from ..train.report import report_tables
 
             for table in report_tables(rep):
                 out.print(table)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .adapter import SIDE_FILE, Adapter
+from ..core.adapter import SIDE_FILE, Adapter
 
 
 def describe(path: str | Path) -> dict[str, Any]:

@@ -10,14 +10,14 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from .cli_common import (ADAPTER_HELP, DEVICE_OPT, DTYPE_OPT, STORE_OPT, adapter_source, device_dtype, err, fail,
+from .common import (ADAPTER_HELP, DEVICE_OPT, DTYPE_OPT, STORE_OPT, adapter_source, device_dtype, err, fail,
                          load_adapter, open_store, out, print_listing, print_record)
-from .cli_merge import merge_cmd
-from .cli_route import route_app
-from .cli_serve import serve_cmd
-from .cli_train import eval_cmd, train_cmd
-from .errors import AdapterkitError
-from .serve.requests import MAX_TEMPERATURE, MIN_TEMPERATURE
+from .merge import merge_cmd
+from .route import route_app
+from .serve import serve_cmd
+from .train import eval_cmd, train_cmd
+from ..errors import AdapterkitError
+from ..serve.requests import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 app = typer.Typer(help="Task-specific adapters over one frozen base model.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -41,7 +41,7 @@ def _version(value: bool) -> None:
         try:
             print(f"adapterkit {version('adapterkit')}")
         except PackageNotFoundError:            # run from a source tree that was never installed
-            from . import __version__
+            from .. import __version__
 
             print(f"adapterkit {__version__}")
         raise typer.Exit()
@@ -56,7 +56,7 @@ def _main(show_version: bool = typer.Option(False, "--version", callback=_versio
 @base_app.command("list")
 def base_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List the built-in bases and whether their packages are installed."""
-    from .base import list_bases
+    from ..core.base import list_bases
 
     rows = list_bases()
     if as_json:
@@ -70,7 +70,7 @@ def base_list(as_json: bool = typer.Option(False, "--json", help="Print JSON."))
 @base_app.command("pull")
 def base_pull(name: str) -> None:
     """Make a built-in base ready (converts SmolLM2's GGUF once into the cache)."""
-    from .base import pull_base
+    from ..core.base import pull_base
 
     try:
         path = pull_base(name)
@@ -107,9 +107,9 @@ def adapter_create(
     seed: int = typer.Option(0),
 ) -> None:
     """Create a freshly initialised LoRA adapter for a base and save it (PEFT-loadable)."""
-    from .adapter import create_adapter
-    from .base import load_base
-    from .methods.lora import LoraConfig
+    from ..core.adapter import create_adapter
+    from ..core.base import load_base
+    from ..methods.lora import LoraConfig
 
     try:
         b = load_base(base)
@@ -134,8 +134,8 @@ def adapter_export_merged(
     store: Optional[Path] = STORE_OPT,
 ) -> None:
     """Write a plain transformers model folder: the base with the adapters merged in."""
-    from .base import dtype_name, load_base
-    from .runtime import AdapterRuntime
+    from ..core.base import dtype_name, load_base
+    from ..core.runtime import AdapterRuntime
 
     try:
         seen: dict = {}
@@ -193,10 +193,10 @@ def generate(
 ) -> None:
     """Generate (greedy unless --temperature); one row per --adapter and per --compose, all in one mixed
     batch. Sampling is the server's: each row has its own generator, so a seed gives the same tokens."""
-    from .base import load_base
-    from .generate import generate as run
-    from .runtime import AdapterRuntime
-    from .serve.requests import SamplingParams
+    from ..core.base import load_base
+    from ..core.generate import generate as run
+    from ..core.runtime import AdapterRuntime
+    from ..serve.requests import SamplingParams
 
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
@@ -239,7 +239,7 @@ def generate(
 @data_app.command("list")
 def data_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """The named example tasks and their split sizes."""
-    from .data import list_tasks, load_task
+    from ..data import list_tasks, load_task
 
     rows = []
     for name in list_tasks():
@@ -267,7 +267,7 @@ def data_list(as_json: bool = typer.Option(False, "--json", help="Print JSON."))
 @data_app.command("show")
 def data_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """A task's data card and a few examples."""
-    from .data import load_task
+    from ..data import load_task
 
     try:
         task = load_task(name)
@@ -291,9 +291,9 @@ def data_export(
 ) -> None:
     """A task's rows as JSONL {"text", "adapter", "label"}: router examples (`route fit --examples`)
     or training / evaluation files."""
-    from ._atomic import atomic_write_text
-    from .adapter import validate_name
-    from .data import load_task
+    from .._atomic import atomic_write_text
+    from ..core.adapter import validate_name
+    from ..data import load_task
 
     try:
         if adapter is not None:
@@ -365,7 +365,7 @@ def demo(
 ) -> None:
     """The main job on the embedded defaults: train (or reuse) adapters for three example tasks, score
     them in mixed batches, print base vs adapter accuracy."""
-    from .demo import DemoSettings, run_demo
+    from ..demo import DemoSettings, run_demo
 
     try:
         dev, dt = device_dtype(device, dtype)

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .methods import ATTACH_INPUT, Method, SiteInfo, SitePool
+from ..methods import ATTACH_INPUT, Method, SiteInfo, SitePool
 
 
 class Site:

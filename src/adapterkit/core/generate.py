@@ -11,7 +11,7 @@ from .base import to_device
 from .runtime import AdapterRuntime, RowAdapters
 
 if TYPE_CHECKING:
-    from .serve.requests import SamplingParams
+    from ..serve.requests import SamplingParams
 
 
 @dataclass
@@ -34,14 +34,14 @@ class _RowSampler:
     and remembered; the other rows go on (DESIGN.md convention 13)."""
 
     def __init__(self, params: "SamplingParams", rows: int, start: int, eos: Optional[int]) -> None:
-        from .serve.sampling import make_generator
+        from ..serve.sampling import make_generator
 
         self.params, self.start, self.eos = params, start, eos
         self.generators = [make_generator(params.seed) for _ in range(rows)]
         self.errors: dict[int, Exception] = {}
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        from .serve.sampling import NonFiniteLogitsError, filter_logits
+        from ..serve.sampling import NonFiniteLogitsError, filter_logits
 
         done = [i in self.errors for i in range(len(scores))]
         if self.eos is not None:                      # finished rows get pad tokens from transformers

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from ..adapter import Adapter
-from ..errors import AdapterkitError, CorruptAdapterError
-from .adapter_roots import Source
+from ...core.adapter import Adapter
+from ...errors import AdapterkitError, CorruptAdapterError
+from .roots import Source
 
 
 @dataclass(eq=False)

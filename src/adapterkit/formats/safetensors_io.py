@@ -9,7 +9,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CorruptAdapterError
+from ..errors import CorruptAdapterError
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -58,11 +58,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
-from ..adapter import validate_name
-from ..errors import AdapterkitError, AdapterNameError, AdapterNotFoundError, ConfigError
-from .adapter_roots import AdapterRoots, Source, folder_version
-from .cache_stats import CacheCounters
-from .cache_tiers import Entry, RamTier, read_entry
+from ...core.adapter import validate_name
+from ...errors import AdapterkitError, AdapterNameError, AdapterNotFoundError, ConfigError
+from .roots import AdapterRoots, Source, folder_version
+from .stats import CacheCounters
+from .tiers import Entry, RamTier, read_entry
 
 
 class NoFreeSlotError(AdapterkitError, RuntimeError):
