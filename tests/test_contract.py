@@ -10,11 +10,15 @@ import torch
 from conftest import TARGETS, input_ids
 
 from adapterkit import Adapter, AdapterRuntime, LoraConfig, create_adapter, load_base, method_names
+from adapterkit.methods.ia3 import Ia3Config
 
 # One config factory per registered method: a new method must add its entry here.
 METHOD_CONFIGS = {
     "lora": lambda targets, i: LoraConfig(r=2 + 2 * i, alpha=4.0 + i, target_modules=targets,
                                           init="nonzero", init_std=0.3, use_rslora=(i == 2)),
+    # the last target scales its input (feedforward), the others their output: both attachments
+    "ia3": lambda targets, i: Ia3Config(target_modules=targets, feedforward_modules=(targets[-1],),
+                                        init="nonzero", init_std=0.3),
 }
 
 

@@ -2,17 +2,15 @@
 attachment point and stage, integer tensors kept exact end to end, a fixed order of methods at one
 site, and rows of every family in one batch equal to a float64 reference run of each row alone."""
 
-import copy
-
 import pytest
 import torch
 from conftest import input_ids, save_tiny
+from method_reference import reference
 from toy_methods import TOYS, register_toys, unregister_toys
 
 from adapterkit import Adapter, AdapterRuntime, LoraConfig, create_adapter, load_base
 from adapterkit.errors import CorruptAdapterError, UnsupportedError
-from adapterkit.methods import ATTACH_INPUT, get_method
-from adapterkit.core.targets import site_info
+from adapterkit.methods import get_method
 from adapterkit.store import AdapterStore
 
 BIG = 2 ** 24 + 1          # the first integer float32 cannot hold: 16777217 -> 16777216.0
@@ -46,33 +44,6 @@ def family_adapters(base):
         "inscale": make("a-inscale", base, "inscale", ("down_proj", "q_proj"), 4),
         "around": make("a-around", base, "around", ("mlp",), 5),
     }
-
-
-def reference(model, rows, ids):
-    """Each row alone through a float64 copy of the bare model, with one hook per (adapter, site)
-    calling its family's float64 `reference`, registered in stage order at each site."""
-    model64 = copy.deepcopy(model).double()
-    modules = dict(model64.named_modules())
-    outs = []
-    for i, adapters in enumerate(rows):
-        handles = []
-        for a in sorted(adapters, key=lambda a: a.method.stage):
-            m = a.method
-            for site, tensors in a.tensors.items():
-                info = site_info(site, modules[site], m.attach)
-                if m.attach == ATTACH_INPUT:
-                    hook = (lambda m_, cfg, info_, t: lambda mod, args: (m_.reference(cfg, info_, t, args[0], None),))(
-                        m, a.config, info, tensors)
-                    handles.append(modules[site].register_forward_pre_hook(hook))
-                else:
-                    hook = (lambda m_, cfg, info_, t: lambda mod, args, out: m_.reference(cfg, info_, t, args[0], out))(
-                        m, a.config, info, tensors)
-                    handles.append(modules[site].register_forward_hook(hook))
-        with torch.no_grad():
-            outs.append(model64(ids[i:i + 1]).logits[0])
-        for h in handles:
-            h.remove()
-    return torch.stack(outs)
 
 
 def test_every_family_changes_the_output_and_mixed_rows_equal_the_reference(toys, llama):
@@ -117,7 +88,7 @@ def test_integer_tensors_stay_exact_through_attach_save_load_and_store(toys, lla
     llama.model.to(torch.bfloat16)              # a bf16 base: floats are cast to it, integers never
     rt = AdapterRuntime.from_base(llama)
     rt.add(a)
-    held = rt._sites[site].pools["offset"].held[rt.slot("ints")]
+    held = rt._sites[site].pools["offset", "output"].held[rt.slot("ints")]
     assert held["tag"].dtype == torch.int64 and int(held["tag"]) == BIG and held["idx"].dtype == torch.int64
     assert held["val"].dtype == torch.bfloat16
     a.save(tmp_path / "ints")
@@ -136,13 +107,13 @@ def test_native_load_refuses_tensors_of_the_wrong_dtype_or_names(toys, llama, tm
     site = next(iter(a.tensors))
     a.tensors[site]["idx"] = a.tensors[site]["idx"].float()
     a.save(tmp_path / "f")
-    with pytest.raises(CorruptAdapterError, match=rf"{site}.idx is float32; a offset adapter's idx is int64: "
+    with pytest.raises(CorruptAdapterError, match=rf"{site}.idx is float32; an offset adapter's idx is int64: "
                                                   "re-save the adapter"):
         Adapter.load(tmp_path / "f")
     a = make("bad", llama, "offset", ("q_proj",))
     del a.tensors[site]["tag"]
     a.save(tmp_path / "g")
-    with pytest.raises(CorruptAdapterError, match=r"a offset adapter has tensors \['idx', 'tag', 'val'\] at each "
+    with pytest.raises(CorruptAdapterError, match=r"an offset adapter has tensors \['idx', 'tag', 'val'\] at each "
                                                   rf"site; site '{site}' has \['idx', 'val'\]"):
         Adapter.load(tmp_path / "g")
 
@@ -186,5 +157,5 @@ def test_a_peft_folder_of_another_method_is_refused_by_name(tmp_path):
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA", "r": 8,
                                                               "target_modules": ["q_proj"]}))
-    with pytest.raises(UnsupportedError, match="PEFT method 'LOHA' is not supported; adapterkit reads PEFT LORA"):
+    with pytest.raises(UnsupportedError, match="PEFT method 'LOHA' is not supported; adapterkit reads PEFT IA3, LORA adapters"):
         Adapter.load(tmp_path)

@@ -499,12 +499,14 @@ def test_weighted_merge_of_several_adapters_matches_peft(folders, tmp_path, kind
 
 # --------------------------------------------------------------------------- 5. inputs refused
 
-def test_peft_ia3_adapter_is_refused(folders, tmp_path):
+def test_a_peft_method_adapterkit_lacks_is_refused_by_name(folders, tmp_path):
+    """A real LoHa folder (PEFT's own save): refused naming the method, never read as LoRA or IA3."""
     model = fresh(folders, "llama").model
-    config = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
-    peft.get_peft_model(model, config).save_pretrained(str(tmp_path / "ia3"))
-    with pytest.raises(UnsupportedError, match=r"PEFT method 'IA3' is not supported"):
-        adapterkit.Adapter.load(tmp_path / "ia3")
+    peft.get_peft_model(model, peft.LoHaConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(
+        str(tmp_path / "loha"))
+    with pytest.raises(UnsupportedError, match=r"PEFT method 'LOHA' is not supported; adapterkit reads PEFT IA3, "
+                                               r"LORA adapters"):
+        adapterkit.Adapter.load(tmp_path / "loha")
 
 
 def test_peft_dora_adapter_is_refused(folders, tmp_path):

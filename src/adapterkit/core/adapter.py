@@ -262,7 +262,7 @@ def create_adapter(
     spec = get_method(config.type)
     sites = match_targets(model, config.target_modules, getattr(config, "exclude_modules", None))
     modules = dict(model.named_modules())
-    infos = [site_info(s, modules[s], spec.attach) for s in sites]
+    infos = [site_info(s, modules[s], spec.attach_at(config, s)) for s in sites]
     if any(i.fan_in_fan_out for i in infos) and hasattr(config, "fan_in_fan_out"):
         config = type(config).from_dict({**config.to_dict(), "fan_in_fan_out": True})
     gen = torch.Generator().manual_seed(seed)

@@ -1,5 +1,6 @@
-"""Merging adapters into the base weights, exactly and reversibly: W += w · ΔW summed in fp32 and
-rounded once; the weight before the first merge is kept, so unmerge() restores it bit for bit; and
+"""Merging adapters into the base weights, exactly and reversibly: W += w · ΔW (and b += w · Δb where
+a family changes the bias, as IA3 does) summed in fp32 and rounded once; each tensor before the first
+merge is kept, so unmerge() restores it bit for bit; and
 exporting a plain transformers folder of the merged base. AdapterRuntime inherits this (it holds the
 state: `_originals`, `_merged`, `_site_maps`, `_sites`, `_modules`)."""
 
@@ -26,7 +27,7 @@ class MergingMixin:
             raise ConfigError(f"adapter {name!r} is already merged")
         spec = adapter.method
         if not spec.mergeable:
-            raise UnsupportedError(f"adapter {name!r} is a {spec.title} adapter, which is not linear in the base "
+            raise UnsupportedError(f"adapter {name!r} is {spec.an_adapter}, which is not linear in the base "
                                    "weights: it cannot be merged into the base; run it as an adapter instead")
         with torch.no_grad():
             for own, module_name in self._site_maps[name].items():
@@ -34,17 +35,23 @@ class MergingMixin:
                 info = replace(self._sites[module_name].info, name=own)
                 # the weight as merged so far: a change that depends on W (IA3) scales what earlier merges made
                 delta = spec.delta_weight(adapter.config, info, adapter.tensors[own], module.weight.detach())
-                if module_name not in self._originals:
-                    self._originals[module_name] = module.weight.detach().clone()
-                # W + w·ΔW summed in fp32 and rounded once (a bf16 add would round ΔW first)
-                merged = module.weight.float() + weight * delta.to(module.weight.device, torch.float32)
-                module.weight.copy_(merged.to(module.weight.dtype))
+                bias = getattr(module, "bias", None)
+                delta_b = (spec.delta_bias(adapter.config, info, adapter.tensors[own], bias.detach())
+                           if bias is not None else None)
+                for key, param, change in (("weight", module.weight, delta), ("bias", bias, delta_b)):
+                    if change is None:
+                        continue
+                    if (module_name, key) not in self._originals:
+                        self._originals[module_name, key] = param.detach().clone()
+                    # p + w·Δp summed in fp32 and rounded once (a bf16 add would round Δp first)
+                    merged = param.float() + weight * change.to(param.device, torch.float32)
+                    param.copy_(merged.to(param.dtype))
         self._merged.append(name)
 
     def unmerge(self) -> None:
         with torch.no_grad():
-            for module_name, original in self._originals.items():
-                self._modules[module_name].weight.copy_(original)
+            for (module_name, key), original in self._originals.items():
+                getattr(self._modules[module_name], key).copy_(original)
         self._originals.clear()
         self._merged.clear()
 

@@ -44,7 +44,7 @@ class AdapterRuntime(MergingMixin):
         self._dtype = next(model.parameters()).dtype
         self._device = next(model.parameters()).device
         self._versions: dict[str, int] = {}                   # trainable adapter -> tensor version sum
-        self._originals: dict[str, torch.Tensor] = {}         # module -> weight before any merge
+        self._originals: dict[tuple[str, str], torch.Tensor] = {}   # (module, weight|bias) -> before any merge
         self._merged: list[str] = []
         self._current: AdapterBatch | None = None
         self._default: AdapterBatch | None = None
@@ -96,7 +96,8 @@ class AdapterRuntime(MergingMixin):
         tensors, infos = {}, {}
         for own, module_name in site_map.items():
             # Config patterns (rank_pattern...) refer to the adapter's own site names.
-            info = infos[module_name] = site_info(module_name, self._modules[module_name], spec.attach)
+            info = infos[module_name] = site_info(module_name, self._modules[module_name],
+                                                  spec.attach_at(adapter.config, own))
             expected = spec.tensor_shapes(adapter.config, replace(info, name=own))
             got = {k: tuple(t.shape) for k, t in adapter.tensors[own].items()}
             if got != {k: tuple(v) for k, v in expected.items()}:
@@ -117,7 +118,7 @@ class AdapterRuntime(MergingMixin):
             if site is None:
                 site = self._sites[module_name] = Site(lambda: self.active_batch, infos[module_name],
                                                        self._modules[module_name])
-            site.pool(spec, self.capacity).add(slot, adapter.config, parts, own)
+            site.pool(spec, self.capacity, spec.attach_at(adapter.config, own)).add(slot, adapter.config, parts, own)
         self.adapters[key], self._slots[key], self._site_maps[key] = adapter, slot, site_map
         if _trainable(adapter):
             self._versions[key] = _version(adapter)
@@ -127,9 +128,10 @@ class AdapterRuntime(MergingMixin):
         slot = self.slot(name)
         if name in self._merged:
             raise ConfigError(f"adapter {name!r} is merged into the base; unmerge() before removing it")
-        for module_name in self._site_maps.pop(name).values():
+        adapter = self.adapters[name]
+        for own, module_name in self._site_maps.pop(name).items():
             site = self._sites[module_name]
-            site.pools[self.adapters[name].method.name].remove(slot)
+            site.pools[_pool_key(adapter, own)].remove(slot)
             if site.empty():
                 site.close()
                 del self._sites[module_name]
@@ -146,8 +148,8 @@ class AdapterRuntime(MergingMixin):
         """Re-copy an adapter's (trained) tensors into the stacked slots read by fast kernels."""
         slot = self.slot(name)
         adapter = self.adapters[name]
-        for module_name in self._site_maps[name].values():
-            self._sites[module_name].pools[adapter.method.name].refresh(slot)
+        for own, module_name in self._site_maps[name].items():
+            self._sites[module_name].pools[_pool_key(adapter, own)].refresh(slot)
         if name in self._versions:
             self._versions[name] = _version(adapter)
 
@@ -271,6 +273,11 @@ class AdapterRuntime(MergingMixin):
             yield
         finally:
             self._current, self._default = saved
+
+
+def _pool_key(adapter: Adapter, own: str) -> tuple[str, str]:
+    """Which pool of a site holds the adapter's site `own` (its own name for it)."""
+    return adapter.method.name, adapter.method.attach_at(adapter.config, own)
 
 
 def _trainable(adapter: Adapter) -> bool:

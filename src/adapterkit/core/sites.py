@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..methods import ATTACH_INPUT, Method, SiteInfo, SitePool
+from ..methods.base import STAGE_INPUT
 
 
 class Site:
@@ -20,22 +21,25 @@ class Site:
         self.batch = batch
         self.module = module
         self.info = info
-        self.pools: dict[str, SitePool] = {}
+        self.pools: dict[tuple[str, str], SitePool] = {}   # (method, attachment) -> its pool here
         self._inputs: list[SitePool] = []        # input methods' pools, by stage
         self._outputs: list[SitePool] = []       # output / module methods' pools, by stage
-        self._stages: dict[str, tuple[int, str]] = {}
+        self._stages: dict[tuple[str, str], int] = {}
         self._handles = [module.register_forward_hook(self._hook)]     # the pre-hook comes with an input method
 
-    def pool(self, method: Method, capacity: int) -> SitePool:
-        if method.name not in self.pools:
-            self.pools[method.name] = method.make_pool(self.info, capacity)
-            self._stages[method.name] = (method.stage, method.attach)
-            order = sorted(self.pools, key=lambda n: (self._stages[n][0], n))   # stage, then name: a fixed order
-            if method.attach == ATTACH_INPUT and not self._inputs:
+    def pool(self, method: Method, capacity: int, attach: str) -> SitePool:
+        """The pool of `method` attached here as `attach` (one family may attach to one module in two ways:
+        IA3 scales a module's output for one config and its input for another)."""
+        key = (method.name, attach)
+        if key not in self.pools:
+            self.pools[key] = method.make_pool(self.info, capacity)
+            self._stages[key] = method.stage if attach != ATTACH_INPUT else STAGE_INPUT
+            order = sorted(self.pools, key=lambda k: (self._stages[k], k))    # stage, then name: a fixed order
+            if attach == ATTACH_INPUT and not self._inputs:
                 self._handles.append(self.module.register_forward_pre_hook(self._pre_hook))
-            self._inputs = [self.pools[n] for n in order if self._stages[n][1] == ATTACH_INPUT]
-            self._outputs = [self.pools[n] for n in order if self._stages[n][1] != ATTACH_INPUT]
-        return self.pools[method.name]
+            self._inputs = [self.pools[k] for k in order if k[1] == ATTACH_INPUT]
+            self._outputs = [self.pools[k] for k in order if k[1] != ATTACH_INPUT]
+        return self.pools[key]
 
     def empty(self) -> bool:
         return all(len(p) == 0 for p in self.pools.values())

@@ -1,7 +1,9 @@
 """`merge(adapters, method=..., **params) -> Adapter`: the registry of merge methods and the site loop.
 
-Every method reads ΔW_i = scale_i · B_i @ A_i per site (a site an input lacks counts as zero) and
-returns a LoRA adapter, so a merge loads, serves and exports like any other adapter.
+For low-rank inputs (LoRA) every method reads ΔW_i = scale_i · B_i @ A_i per site (a site an input
+lacks counts as zero) and returns a LoRA adapter, so a merge loads, serves and exports like any other
+adapter. Other families merge by their own definition (FAMILY_MERGES: IA3's linear merge is PEFT's, in
+ia3.py) into an adapter of their family; a family refuses a method its contract does not list.
   * "factors" methods (concat, linear, task_arithmetic) stay exact in factor space; an optional
     `rank` compresses by an exact SVD of the low-rank product.
   * "dense" methods (ties, magnitude_prune, dare_linear, dare_ties) build the merged dense ΔW per
@@ -33,6 +35,7 @@ from .common import (build_adapter, check_inputs, check_result, linalg_errors, l
                      require_finite, site_factors, stacked_deltas)
 from .concat import concat
 from .dare import RESCALE, dare_linear, dare_ties, site_generator
+from .ia3 import linear_ia3
 from .linear import linear
 from .svd import SVD_MODES, refactor_dense
 from .ties import ELECT_ON, MAJORITY, MEANS, magnitude_prune, ties
@@ -65,6 +68,8 @@ METHODS: dict[str, MergeMethod] = {m.name: m for m in [
     MergeMethod("dare_ties", "dense", {"p": 0.5, "rescale": "inverse", **_ELECT, "lam": 1.0, **_DENSE},
                 "drop with probability p, rescale, elect signs, disjoint mean", fn=dare_ties, uses_rng=True),
 ]}
+# (family, merge method) -> merge for families that are not low-rank; their merge_ops name these
+FAMILY_MERGES: dict[tuple[str, str], Callable[..., Adapter]] = {("ia3", "linear"): linear_ia3}
 _CHOICES = {"majority": MAJORITY, "elect_on": ELECT_ON, "mean": MEANS, "rescale": RESCALE, "svd": SVD_MODES}
 
 
@@ -193,6 +198,16 @@ def merge_with_report(adapters: Sequence[Adapter], method: str = "concat", *, na
     weights = p["weights"]
     if p.get("normalize"):
         weights = [w / sum(p["weights"]) for w in weights]
+    family = inputs.adapters[0].method
+    if family.delta_kind != "low-rank":                    # a family's own merge (its output is that family)
+        lineage_params = {k: v for k, v in p.items() if k != "weights"}
+        lineage = {"op": "merge", "method": spec.name, "inputs": inputs.lineage_inputs(p["weights"]),
+                   "params": lineage_params, "site_errors": {}}
+        merged = FAMILY_MERGES[family.name, spec.name](inputs, weights, p, name, lineage)
+        check_result(merged, f"merge {spec.name!r}", _fix(spec))
+        report = MergeReport(spec.name, lineage_params, lineage["inputs"], {s: 0.0 for s in merged.tensors}, {},
+                             0.0, time.perf_counter() - start, name)
+        return merged, report
     sites = list(inputs.sites)
     work = partial(_merge_site, spec, p, weights, inputs)
     workers = min(workers or torch.get_num_threads(), len(sites))

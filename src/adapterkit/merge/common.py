@@ -66,9 +66,6 @@ def check_inputs(adapters: Sequence[Adapter], op: str = "concat") -> Inputs:
         if not isinstance(a, Adapter):
             raise ConfigError(f"merge inputs must be Adapter objects, got {type(a).__name__}")
         a.method.require_merge_op(op, a.name)
-        if a.method.delta_kind != "low-rank":
-            raise UnsupportedError(f"adapter {a.name!r} is a {a.method.title} adapter; merge {op!r} reads "
-                                   "low-rank adapters (lora) only")
         a.check_finite(torch.float32)           # merges compute in float32
     names = [a.name for a in adapters]
     twice = sorted(n for n, c in Counter(names).items() if c > 1)
@@ -82,18 +79,22 @@ def check_inputs(adapters: Sequence[Adapter], op: str = "concat") -> Inputs:
             raise ConfigError(f"inputs {seen[fp]!r} and {a.name!r} are the same adapter (identical tensors, "
                               f"{fp}); list it once and raise its weight instead")
         seen[fp] = a.name
+    families = sorted({a.method.name for a in adapters})
+    if len(families) > 1:
+        raise UnsupportedError(f"merge {op!r} combines adapters of one family; the inputs are {', '.join(families)} "
+                               "adapters: merge each family on its own, or stack them at run time")
     check_same_base(adapters, "merge adapters", "merge adapters of one base only")
     first = next((a for a in adapters if a.meta.base_fingerprint), None)
     sites: dict[str, tuple[int, int]] = {}
     owner: dict[str, str] = {}
     for a in adapters:
         for site, parts in a.tensors.items():
-            b, a_ = a.method.factors(a.config, site, parts)
-            shape = (b.shape[0], a_.shape[1])
+            shape = a.method.site_shape(a.config, site, parts)
             if sites.setdefault(site, shape) != shape:
                 raise BaseMismatchError(
-                    f"site {site!r} is {sites[site][0]}x{sites[site][1]} in {owner[site]!r} but "
-                    f"{shape[0]}x{shape[1]} in {a.name!r}: the adapters were made for different bases")
+                    f"site {site!r} is {'x'.join(map(str, sites[site]))} in {owner[site]!r} but "
+                    f"{'x'.join(map(str, shape))} in {a.name!r}: the adapters were made for different bases"
+                    + a.method.shape_hint)
             owner.setdefault(site, a.name)
     return Inputs(adapters, fps, sites, first.meta.base_fingerprint if first else None,
                   first.meta.base_name if first else None)

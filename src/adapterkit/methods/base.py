@@ -92,6 +92,15 @@ class Method:
     merge_ops: ClassVar[frozenset[str]] = frozenset()
     peft_type: ClassVar[str | None] = None    # PEFT's name for the family, where PEFT has it
 
+    @property
+    def an_adapter(self) -> str:
+        """"a LoRA adapter", "an IA3 adapter": the family in messages."""
+        return f"{'an' if self.title[:1].lower() in 'aeiou' or self.title.startswith('IA') else 'a'} {self.title} adapter"
+
+    def attach_at(self, config: Any, site: str) -> str:
+        """How the family attaches at one of its sites (its own name for it); most attach one way."""
+        return self.attach
+
     # ------------------------------------------------------------------ capabilities
     @property
     def mergeable(self) -> bool:
@@ -103,7 +112,7 @@ class Method:
         if op not in self.merge_ops:
             why = ("it is not linear in the base weights, so it has no weight change to merge"
                    if self.delta_kind is None else f"it defines {sorted(self.merge_ops) or 'no weight-space merge'}")
-            raise UnsupportedError(f"merge {op!r} is not defined for adapter {adapter_name!r}, a {self.name} adapter: "
+            raise UnsupportedError(f"merge {op!r} is not defined for adapter {adapter_name!r}, {self.an_adapter}: "
                                    f"{why}; stack it at run time instead (several adapters on one row)")
 
     # ------------------------------------------------------------------ tensors
@@ -122,13 +131,13 @@ class Method:
         (index ranges, duplicates) by overriding and calling this."""
         kinds = self.tensor_kinds(config)
         if set(tensors) != set(kinds):
-            raise CorruptAdapterError(f"{where}: a {self.title} adapter has tensors {sorted(kinds)} at each site; "
+            raise CorruptAdapterError(f"{where}: {self.an_adapter} has tensors {sorted(kinds)} at each site; "
                                       f"site {site!r} has {sorted(tensors)}: re-save the adapter")
         for key, kind in kinds.items():
             t = tensors[key]
             if not kind.accepts(t):
                 want = (f"{self.title} weights are floating point" if kind.dtype is None else
-                        f"a {self.title} adapter's {key} is {_dtype(kind.dtype)}")
+                        f"{self.an_adapter}'s {key} is {_dtype(kind.dtype)}")
                 raise CorruptAdapterError(f"{where}: {site}.{key} is {_dtype(t.dtype)}; {want}: re-save the adapter")
 
     # ------------------------------------------------------------------ forward
@@ -145,8 +154,21 @@ class Method:
                      base_weight: torch.Tensor | None = None) -> torch.Tensor:
         """ΔW in the module's weight layout (float32); base_weight: the module's weight, for methods
         whose change depends on it."""
-        raise UnsupportedError(f"a {self.name} adapter is not linear in the base weights: it cannot be merged "
+        raise UnsupportedError(f"{self.an_adapter} is not linear in the base weights: it cannot be merged "
                                "into the base; run it as an adapter instead")
+
+    def delta_bias(self, config: Any, site: SiteInfo, tensors: Mapping[str, torch.Tensor],
+                   base_bias: torch.Tensor) -> torch.Tensor | None:
+        """Δb of a module with a bias (float32), None when the family leaves biases alone (LoRA)."""
+        return None
+
+    # what a shape clash between two adapters of the family may mean besides another base
+    shape_hint: ClassVar[str] = ""
+
+    def site_shape(self, config: Any, site: str, tensors: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+        """The shape of the site as the tensors tell it (merges refuse inputs that disagree):
+        LoRA (d_out, d_in); a family without a weight change, its tensors' shapes."""
+        return tuple(d for t in tensors.values() for d in t.shape)
 
     def max_delta(self, config: Any, site_name: str, tensors: Mapping[str, torch.Tensor],
                   limit: float) -> float | None:

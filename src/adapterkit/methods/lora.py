@@ -183,6 +183,9 @@ class Lora(Method):
         """(scale · B [d_out, r], A [r, d_in]) in float32: ΔW = B @ A in LoRA's layout [d_out, d_in]."""
         return config.scale(site) * tensors["lora_B"].float(), tensors["lora_A"].float()
 
+    def site_shape(self, config: LoraConfig, site: str, tensors: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+        return int(tensors["lora_B"].shape[0]), int(tensors["lora_A"].shape[1])
+
     def rank(self, tensors: Mapping[str, torch.Tensor]) -> int:
         return int(tensors["lora_A"].shape[0])
 

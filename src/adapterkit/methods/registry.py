@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 from ..errors import ConfigError, UnsupportedError
 from .base import Method
+from .ia3 import IA3
 from .lora import LORA
 
 _REGISTRY: dict[str, Method] = {}
@@ -20,6 +21,7 @@ def register_method(method: Method) -> Method:
 
 
 register_method(LORA)
+register_method(IA3)
 
 
 def get_method(name: str) -> Method:
