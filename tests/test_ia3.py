@@ -242,3 +242,85 @@ def test_linear_merge_is_peft_add_weighted_adapter(tmp_path):
     with pytest.raises(UnsupportedError, match="merge 'linear' combines adapters of one family; the inputs are "
                                                "ia3, lora adapters"):
         merge([a, lora], method="linear")
+
+
+def test_train_cli_trains_an_ia3_classifier_end_to_end(tmp_path):
+    """`adapterkit train --method ia3`: PEFT's targets for the base, the IA3 lr, stored in PEFT's format,
+    and the trained vectors moved from ones only where IA3 sits."""
+    from typer.testing import CliRunner
+
+    from adapterkit.cli import app
+    from adapterkit.store import AdapterStore
+    from conftest import save_tiny_tokenizer, tiny_llama
+
+    path = tmp_path / "base"
+    tiny_llama(initializer_range=0.2).save_pretrained(str(path))
+    save_tiny_tokenizer(path)
+    rows = [("the cat runs fast", "feline"), ("a cat is on the mat", "feline"), ("the dog runs slow", "canine"),
+            ("a dog is on the mat", "canine")] * 3
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    res = CliRunner().invoke(app, ["train", "--method", "ia3", "--name", "i", "--base", str(path), "--train-file",
+                                   str(data), "--eval-file", str(data), "--steps", "30", "--store",
+                                   str(tmp_path / "s"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "defaults for classification with ia3 on 12 examples: batch 16, lr 0.01," in res.output
+    store = AdapterStore(tmp_path / "s")
+    row, adapter = store.show("i"), store.get("i")
+    assert row["method"] == "ia3" and row["summary"] == "ia3 on 4 outputs, 2 inputs"
+    assert json.loads((store.path("i") / "adapter_config.json").read_text())["peft_type"] == "IA3"
+    assert row["lineage"][0]["params"]["method"] == "ia3" and row["lineage"][0]["params"]["lr"] == 0.01
+    moved = [float((p["ia3_l"] - 1).abs().max()) for p in adapter.tensors.values()]
+    assert min(moved) > 0 and sorted(s.rsplit(".", 1)[-1] for s in adapter.tensors) == \
+        ["down_proj", "down_proj", "k_proj", "k_proj", "v_proj", "v_proj"]
+    res = CliRunner().invoke(app, ["train", "--method", "bottleneck", "--name", "b", "--base", str(path),
+                                   "--train-file", str(data), "--store", str(tmp_path / "s"), "--no-progress"])
+    assert res.exit_code != 0 and "unknown adapter method 'bottleneck'" in res.output
+
+
+def test_the_serving_engine_runs_ia3_rows_beside_lora_rows_like_peft(tmp_path):
+    """The engine's own flat forward (per-token routing): IA3, LoRA and base requests in one batch, each
+    greedy output equal to PEFT's single-adapter generate."""
+    from conftest import ATTN, save_tiny_tokenizer, tiny_llama
+
+    from adapterkit.serve.engine import Engine, EngineConfig
+    from adapterkit.serve.requests import GenerationRequest, SamplingParams
+
+    base = save_tiny("llama", tmp_path / "base")
+    save_tiny_tokenizer(base)
+    torch.manual_seed(0)
+    ia3 = peft.get_peft_model(tiny_llama(), peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                           feedforward_modules=["down_proj"]))
+    with torch.no_grad():
+        for n, p in ia3.named_parameters():
+            if "ia3_l" in n:
+                p.copy_(torch.rand(p.shape) * 3)           # far from ones: the tokens change
+    ia3.save_pretrained(str(tmp_path / "adapters" / "scale"))
+    lora = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=ATTN, init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.mul_(20)
+    lora.save_pretrained(str(tmp_path / "adapters" / "low"))
+
+    def peft_greedy(name, ids, n):
+        model = tiny_llama()
+        if name is not None:
+            model = peft.PeftModel.from_pretrained(model, str(tmp_path / "adapters" / name)).eval()
+        with torch.no_grad():
+            got = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=2,
+                                 pad_token_id=0)[0, len(ids):].tolist()
+        return got[: got.index(2)] if 2 in got else got
+
+    eng = Engine.build(str(base), adapter_dirs=[tmp_path / "adapters"], config=EngineConfig()).start()
+    try:
+        prompts = {"scale": [1, 5, 9, 12, 40], "low": [1, 7, 7, 30], None: [1, 50, 60, 70, 80, 90]}
+        streams = {n: eng.submit(GenerationRequest(ids, adapter=n, params=SamplingParams(max_tokens=8,
+                                                                                         temperature=0.0)))
+                   for n, ids in prompts.items()}
+        got = {n: s.result(timeout=60) and s.token_ids for n, s in streams.items()}
+    finally:
+        eng.stop()
+    want = {n: peft_greedy(n, ids, 8) for n, ids in prompts.items()}
+    assert want["scale"] != want[None]                     # the IA3 adapter changes the tokens
+    assert {n: [t for t in v if t != 2] for n, v in got.items()} == want

@@ -31,7 +31,8 @@ def train_cmd(
     eval_file: Optional[Path] = typer.Option(None, "--eval-file", help="JSONL/CSV scored after training."),
     text_field: str = typer.Option("text", "--text-field"),
     label_field: str = typer.Option("label", "--label-field"),
-    method: str = typer.Option("lora", help="Adapter method (the registry's names)."),
+    method: str = typer.Option("lora", help="Adapter family: lora or ia3 (IA3: PEFT's targets for the base, "
+                               "scaling keys, values and the MLP down projection's input; --r/--alpha are LoRA's)."),
     objective: str = typer.Option("classification", help="classification (text, label), causal-lm "
                                   "(JSONL prompt/completion or messages) or mlm (plain text, encoder bases)."),
     r: int = typer.Option(8, help="LoRA rank."),
@@ -78,14 +79,14 @@ def train_cmd(
     from ..methods import get_method
     from ..train.fit import CHECKPOINT, LOG, check_run, checkpoint_step, run_dir, run_lock
     from ..train.run import train_classifier
-    from ..train.defaults import resolve
+    from ..train.defaults import TRAINABLE, resolve
     from ..train.trainer import finish_distributed, init_distributed_from_env
 
     st = open_store(store)
     try:
         rank, _ = init_distributed_from_env()       # torchrun --nproc_per_node=N -m adapterkit.cli.main train ...
-        if get_method(method).name != "lora":  # pragma: no cover - only LoRA is registered yet
-            raise AdapterkitError(f"training method {method!r} is not wired into `train` yet")
+        if get_method(method).name not in TRAINABLE:
+            raise AdapterkitError(f"`train` trains {' and '.join(TRAINABLE)} adapters; {method!r} is not one of them")
         if objective not in ("classification", "causal-lm", "mlm"):
             raise AdapterkitError(f"unknown objective {objective!r}; use classification, causal-lm or mlm")
         dev, dt = device_dtype(device, dtype)
@@ -100,7 +101,7 @@ def train_cmd(
         with run_lock(st, name):
             check_run(st, name, overwrite=overwrite, resume=resume)      # before loading the base or the data
             target_list = tuple(t.strip() for t in targets.split(",")) if targets else None
-            common = dict(task=task or (str(train_file) if train_file else None), store=st, r=r,
+            common = dict(task=task or (str(train_file) if train_file else None), store=st, r=r, method=method,
                           alpha=alpha, targets=target_list, max_length=max_length, overwrite=overwrite,
                           progress=progress, resume=resume, log_path=str(log) if log else None)
             if objective == "causal-lm":
@@ -127,9 +128,10 @@ def train_cmd(
                     if (task or eval_file) else []
                 trainer = train_classifier
             loaded = load_base(base, dt, dev)
-            plan = resolve(objective, len(train_data), bool(eval_data), base_kind=loaded.kind, **flags)
+            plan = resolve(objective, len(train_data), bool(eval_data), base_kind=loaded.kind, method=method, **flags)
             if plan.chosen and rank == 0:
-                out.print(f"defaults for {objective} on {len(train_data)} examples: {plan.describe()} (a flag "
+                family = "" if method == "lora" else f" with {method}"
+                out.print(f"defaults for {objective}{family} on {len(train_data)} examples: {plan.describe()} (a flag "
                           "sets any of them)", markup=False, highlight=False, soft_wrap=True)
             adapter, metrics = trainer(loaded, name, train_data, eval_data, config=plan.config,
                                        select_rows=plan.select_rows, **common)

@@ -54,6 +54,12 @@ RECIPES = {
 }
 
 
+# The families `train` trains, and the factor on the objective's adapter lr for each (the head's lr is
+# the objective's): an IA3 vector has a few thousand entries near 1, and moves slowly at LoRA's lr.
+METHOD_LR = {"lora": 1.0, "ia3": 5.0}
+TRAINABLE = tuple(METHOD_LR)
+
+
 @dataclass(frozen=True)
 class Resolved:
     config: TrainConfig
@@ -81,7 +87,8 @@ def recipe(objective: str) -> Recipe:
     return RECIPES[objective]
 
 
-def resolve(objective: str, n_train: int, has_eval: bool, *, base_kind: str = "causal-lm", steps: int | None = None,
+def resolve(objective: str, n_train: int, has_eval: bool, *, base_kind: str = "causal-lm", method: str = "lora",
+            steps: int | None = None,
             batch_size: int | None = None, lr: float | None = None, head_lr: float | None = None,
             warmup: int | None = None, eval_every: int | None = None, **fixed: Any) -> Resolved:
     """A TrainConfig from the flags given (not None) and the objective's recipe for the rest, for a
@@ -100,7 +107,9 @@ def resolve(objective: str, n_train: int, has_eval: bool, *, base_kind: str = "c
     batch_size = pick("batch_size", batch_size, r.batch_size)
     per_epoch = math.ceil(max(n_train, 1) / max(batch_size * int(fixed.get("grad_accum", 1)), 1))
     steps = pick("steps", steps, min(cap, max(r.min_steps, math.ceil(r.epochs * per_epoch))))
-    lr = pick("lr", lr, r.lr)
+    if method not in METHOD_LR:
+        raise ConfigError(f"`train` trains {' and '.join(TRAINABLE)} adapters; {method!r} is not one of them")
+    lr = pick("lr", lr, r.lr * METHOD_LR[method])
     head_lr = pick("head_lr", head_lr, r.head_lr)
     if isinstance(steps, int) and steps >= 1:
         warmup = pick("warmup", warmup, min(steps, round(r.warmup * steps)))

@@ -27,6 +27,7 @@ import torch
 from ..core.adapter import Adapter, create_adapter, validate_name
 from ..core.base import Base
 from ..errors import AdapterkitError, ConfigError
+from ..methods.ia3 import Ia3Config
 from ..methods.lora import LoraConfig
 from ..core.runtime import AdapterRuntime
 from ..store import AdapterStore
@@ -35,6 +36,9 @@ from .progress import TrainProgress
 from .report import loss_plot_path, plot_unavailable, save_loss_plot
 from .trainer import STATE_JSON, TrainConfig, TrainResult, dist_rank_world, train
 
+from ..methods.ia3 import DEFAULT_TARGETS as _IA3_DEFAULTS
+
+IA3_TYPES = set(_IA3_DEFAULTS)
 DEFAULT_TARGETS = {"causal-lm": ("q_proj", "k_proj", "v_proj", "o_proj"), "encoder": ("query", "key", "value")}
 CHECKPOINT, LOG = "checkpoint", "train_log.jsonl"
 
@@ -99,13 +103,36 @@ def checkpoint_step(folder: Path) -> int | None:
 
 
 def start_run(base: Base, name: str, *, task: str | None, store: AdapterStore, config: TrainConfig, r: int,
-              alpha: float, targets: Sequence[str] | None, overwrite: bool, resume: bool) -> Adapter:
+              alpha: float, targets: Sequence[str] | None, overwrite: bool, resume: bool,
+              method: str = "lora") -> Adapter:
     """Check the name and the run folder before any work; return the fresh (seeded) adapter.
     Call it, and everything up to `finish`, inside `run_lock(store, name)`."""
     check_run(store, name, overwrite=overwrite, resume=resume)
-    lora = LoraConfig(r=r, alpha=alpha, target_modules=tuple(targets or DEFAULT_TARGETS[base.kind]))
-    return create_adapter(name, base.model, lora, seed=config.seed, fingerprint=base.fingerprint,
-                          base_name=base.name, task=task)
+    return create_adapter(name, base.model, adapter_config(method, base, r=r, alpha=alpha, targets=targets),
+                          seed=config.seed, fingerprint=base.fingerprint, base_name=base.name, task=task)
+
+
+def adapter_config(method: str, base: Base, *, r: int = 8, alpha: float = 16.0,
+                   targets: Sequence[str] | None = None) -> Any:
+    """The config of the adapter a run trains. lora: r, alpha, the targets (default: attention
+    projections). ia3: PEFT's targets for the base's architecture (keys, values and the MLP's down
+    projection, whose input it scales); given targets keep PEFT's feedforward choice among them."""
+    if method == "lora":
+        return LoraConfig(r=r, alpha=alpha, target_modules=tuple(targets or DEFAULT_TARGETS[base.kind]))
+    if method == "ia3":
+        model_type = getattr(base.model.config, "model_type", "?")
+        if targets is None:
+            return Ia3Config.for_model(model_type)
+        known = Ia3Config.for_model(model_type).feedforward_modules if model_type in IA3_TYPES else ()
+        return Ia3Config(target_modules=tuple(targets), feedforward_modules=tuple(t for t in targets if t in known))
+    raise ConfigError(f"`train` trains lora and ia3 adapters; {method!r} is not one of them")
+
+
+def method_info(adapter: Adapter) -> dict[str, Any]:
+    """What a run records of its adapter's family (LoRA: r and alpha, as runs always did)."""
+    c = adapter.config
+    extra = {"r": c.r, "alpha": c.alpha} if c.type == "lora" else {"adapter": adapter.summary()}
+    return {"method": c.type, **extra}
 
 
 def fit(base: Base, adapter: Adapter, examples: Sequence[Any], collate: Callable, loss_fn: Callable,

@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from ..core.runtime import AdapterRuntime
 from ..store import AdapterStore
 from .causal_lm import IGNORE, collate, encode, generation_target
-from .fit import finish, fit, run_lock, start_run
+from .fit import finish, fit, method_info, run_lock, start_run
 from .progress import RowProgress
 from .defaults import selection_rows
 from .trainer import TrainConfig, dist_rank_world
@@ -66,17 +66,19 @@ def train_instructions(base: Base, name: str, train_records: Sequence[Mapping[st
                        eval_records: Sequence[Mapping[str, Any]], *, task: str | None, store: AdapterStore,
                        config: TrainConfig, r: int = 8, alpha: float = 16.0, targets: Sequence[str] | None = None,
                        max_length: int = 512, overwrite: bool = False, progress: bool = True, resume: bool = False,
-                       log_path: str | None = None, select_rows: int | None = None) -> tuple[Adapter, dict[str, float]]:
-    """select_rows: eval records (a seeded sample) of the best-checkpoint checks, scored by loss only."""
+                       log_path: str | None = None, select_rows: int | None = None,
+                       method: str = "lora") -> tuple[Adapter, dict[str, float]]:
+    """select_rows: eval records (a seeded sample) of the best-checkpoint checks, scored by loss only;
+    method: the adapter family (fit.adapter_config)."""
     if base.kind != "causal-lm" or base.tokenizer is None:
         raise ConfigError(f"instruction tuning needs a causal LM with a tokenizer; {base.name} is a {base.kind}")
     with run_lock(store, name):      # one run per name: a second trainer fails here
         adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
-                            overwrite=overwrite, resume=resume)
+                            overwrite=overwrite, resume=resume, method=method)
         tok = base.tokenizer
         encoded = [encode(tok, rec, max_length) for rec in train_records]
         truncated = sum(e.truncated for e in encoded)
-        info = {"objective": "causal-lm", "method": "lora", "r": r, "alpha": alpha,
+        info = {"objective": "causal-lm", **method_info(adapter),
                 "targets": list(adapter.config.target_modules), "max_length": max_length}
         checks = selection_rows(eval_records, select_rows, config.seed)         # best-checkpoint rows
         score = ((lambda rt: -evaluate_instructions(rt, name, checks, max_length, exact=False)["loss"])

@@ -28,7 +28,7 @@ from ..core.heads import MLMHead
 from ..core.runtime import AdapterRuntime
 from ..store import AdapterStore
 from .causal_lm import IGNORE
-from .fit import finish, fit, run_lock, start_run
+from .fit import finish, fit, method_info, run_lock, start_run
 from .progress import RowProgress
 from .defaults import selection_rows
 from .trainer import TrainConfig, dist_rank_world
@@ -179,9 +179,10 @@ def train_mlm(base: Base, name: str, train_texts: Sequence[str], eval_texts: Seq
               store: AdapterStore, config: TrainConfig, r: int = 8, alpha: float = 16.0,
               targets: Sequence[str] | None = None, max_length: int = 128, overwrite: bool = False,
               progress: bool = True, resume: bool = False, log_path: str | None = None,
-              select_rows: int | None = None
+              select_rows: int | None = None, method: str = "lora"
               ) -> tuple[Adapter, dict[str, float]]:
-    """Train a LoRA adapter + a fresh MLM head on plain text and store both with metrics and lineage."""
+    """Train an adapter (`method`: lora or ia3) + a fresh MLM head on plain text and store both with metrics
+    and lineage."""
     if base.kind != "encoder":
         raise ConfigError(f"masked-LM training needs an encoder base (BERT-style, e.g. minilm-l6); {base.name} is "
                           f"a {base.kind}: use --objective causal-lm for it")
@@ -195,12 +196,12 @@ def train_mlm(base: Base, name: str, train_texts: Sequence[str], eval_texts: Seq
                           f"use --max-length {positions} or less")
     with run_lock(store, name):      # one run per name: a second trainer fails here
         adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
-                            overwrite=overwrite, resume=resume)
+                            overwrite=overwrite, resume=resume, method=method)
         docs, truncated, dropped = encode_texts(tok, train_texts, max_length)
         if not docs:
             raise ConfigError("no training text has a token that can be masked")
         adapter.head = MLMHead.create(base.model.config, config.seed).to(base.device)   # trains beside the base
-        info = {"objective": "mlm", "method": "lora", "r": r, "alpha": alpha,
+        info = {"objective": "mlm", **method_info(adapter),
                 "targets": list(adapter.config.target_modules), "max_length": max_length, "mask_prob": MASK_PROB}
         checks = selection_rows(list(eval_texts), select_rows, config.seed)      # best-checkpoint rows
         score = (lambda rt: -evaluate_mlm(rt, adapter, checks, max_length)["loss"]) if eval_texts else None

@@ -19,7 +19,7 @@ from ..core.heads import ClassificationHead
 from ..core.runtime import AdapterRuntime
 from ..store import AdapterStore
 from .classification import collate_fn, loss_fn, predict_proba, token_lengths
-from .fit import finish, fit, run_lock, start_run
+from .fit import finish, fit, method_info, run_lock, start_run
 from .progress import RowProgress
 from .defaults import selection_rows
 from .trainer import TrainConfig, dist_rank_world
@@ -60,19 +60,19 @@ def train_classifier(
     progress: bool = True,
     resume: bool = False,
     log_path: str | None = None,
-    select_rows: int | None = None,
+    select_rows: int | None = None, method: str = "lora",
 ) -> tuple[Adapter, dict[str, float]]:
     """select_rows: validation rows (a seeded sample) of the best-checkpoint checks (None: all)."""
     with run_lock(store, name):      # one run per name: a second trainer fails here
         adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
-                            overwrite=overwrite, resume=resume)
+                            overwrite=overwrite, resume=resume, method=method)
         labels = sorted({e.label for e in train_examples})
         adapter.head = ClassificationHead.create(labels, base.model.config.hidden_size, POOLING[base.kind],
                                                  config.seed).to(base.device)        # trains beside the base
         adapter.meta.labels = labels
         lengths = token_lengths(base.tokenizer, [e.text for e in train_examples])
         truncated = sum(n > max_length for n in lengths)      # collate cuts these to max_length
-        info = {"objective": "classification", "method": "lora", "r": r, "alpha": alpha,
+        info = {"objective": "classification", **method_info(adapter),
                 "targets": list(adapter.config.target_modules), "max_length": max_length, "labels": labels}
         checks = selection_rows(eval_examples, select_rows, config.seed)        # best-checkpoint rows
         score = (lambda rt: evaluate(rt, adapter, checks, max_length)["accuracy"]) if eval_examples else None
