@@ -159,3 +159,19 @@ def test_a_peft_folder_of_another_method_is_refused_by_name(tmp_path):
                                                               "target_modules": ["q_proj"]}))
     with pytest.raises(UnsupportedError, match="PEFT method 'LOHA' is not supported; adapterkit reads PEFT IA3, LORA adapters"):
         Adapter.load(tmp_path)
+
+
+def test_the_serving_cache_discovers_a_native_folder_keeps_integers_and_counts_their_bytes(toys, llama, tmp_path):
+    from adapterkit.serve.cache.roots import AdapterRoots
+    from adapterkit.serve.cache.tiers import read_entry
+
+    a = make("ints", llama, "offset", ("q_proj",), tag=BIG)
+    a.save(tmp_path / "served" / "ints")
+    roots = AdapterRoots(dirs=[tmp_path / "served"])
+    src = roots.scan()["ints"]                                         # a native folder is discovered
+    entry = read_entry(src, roots, torch.bfloat16)
+    site = next(iter(entry.adapter.tensors))
+    parts = entry.adapter.tensors[site]
+    assert int(parts["tag"]) == BIG and parts["idx"].dtype == torch.int64 and parts["val"].dtype == torch.bfloat16
+    # int64: 8 bytes an entry (idx 2 + tag 1), the float in the base dtype: 2 bytes (val 2), per site
+    assert entry.nbytes == len(entry.adapter.tensors) * (3 * 8 + 2 * 2)

@@ -88,9 +88,10 @@ def read_entry(src: Source, roots: Any, dtype: torch.dtype) -> Entry:
     except Exception as exc:
         raise CorruptAdapterError(
             f"adapter {src.name!r} at {src.path} could not be read ({type(exc).__name__}: {exc})") from None
+    kinds = adapter.method.tensor_kinds(adapter.config)     # a declared dtype (an int64 index) is kept
     for parts in adapter.tensors.values():
         for key, t in parts.items():
-            if t.is_floating_point() and t.dtype != dtype:
+            if kinds[key].dtype is None and t.dtype != dtype:
                 parts[key] = t.to(dtype)
     nbytes = sum(t.numel() * t.element_size() for parts in adapter.tensors.values() for t in parts.values())
     return Entry(src, adapter, nbytes)
