@@ -10,7 +10,19 @@ import torch
 from conftest import TARGETS, input_ids
 
 from adapterkit import Adapter, AdapterRuntime, LoraConfig, create_adapter, load_base, method_names
+from adapterkit.errors import UnsupportedError
+from adapterkit.methods.bottleneck import BottleneckConfig
 from adapterkit.methods.ia3 import Ia3Config
+from method_reference import reference
+
+
+def _bottleneck(targets, i):
+    """Each placement with its own size and nonlinearity (a BERT layer has no MLP module: houlsby twice)."""
+    kind = "bert" if "query" in targets else "gpt2" if "c_attn" in targets else "llama"
+    placement = ("houlsby", "pfeiffer", "parallel" if kind != "bert" else "houlsby")[i]
+    return BottleneckConfig.for_model(kind, placement, reduction_factor=(4, 8, 2)[i],
+                                      nonlinearity=("relu", "gelu", "silu")[i], init="nonzero", init_std=3.0,
+                                      **({"scaling": 2.0} if placement == "parallel" else {}))
 
 # One config factory per registered method: a new method must add its entry here.
 METHOD_CONFIGS = {
@@ -19,6 +31,7 @@ METHOD_CONFIGS = {
     # the last target scales its input (feedforward), the others their output: both attachments
     "ia3": lambda targets, i: Ia3Config(target_modules=targets, feedforward_modules=(targets[-1],),
                                         init="nonzero", init_std=0.3),
+    "bottleneck": _bottleneck,
 }
 
 
@@ -27,8 +40,20 @@ def test_every_registered_method_is_in_the_matrix():
 
 
 def out(model, ids):
-    o = model(ids)
+    return _main_output(model(ids))
+
+
+def _main_output(o):
     return o.logits if hasattr(o, "logits") else o.last_hidden_state
+
+
+def _refuses_merge(rt, name):
+    """A family that is not linear in the base weights: merge and export refuse it, nothing changes."""
+    before = {k: v.clone() for k, v in rt.model.state_dict().items()}
+    with pytest.raises(UnsupportedError, match=f"adapter '{name}' is a .* adapter, which is not linear in the base "
+                                               "weights: it cannot be merged into the base"):
+        rt.merge(name)
+    assert rt.merged == [] and all(torch.equal(before[k], v) for k, v in rt.model.state_dict().items())
 
 
 @pytest.fixture(params=sorted(METHOD_CONFIGS))
@@ -87,6 +112,10 @@ def test_mixed_batch_equals_per_adapter_loop_and_float64(setup, kernel):
             alone = out(rt.model, ids[i:i + 1])[0]
         assert (alone - plain[i]).abs().max() > 1e-2
         torch.testing.assert_close(mixed[i], alone, rtol=1e-5, atol=1e-5)
+    if not rt.adapters["ad0"].method.mergeable:      # float64 reference: each row alone, the family's own forward
+        want = reference(rt.model, [[rt.adapters[n]] if n else [] for n in rows], ids, output=_main_output)
+        torch.testing.assert_close(mixed.double(), want, rtol=1e-4, atol=1e-4)
+        return
     # float64 reference: an independent float64 copy of the base with ΔW merged in
     for name in ["ad0", "ad2"]:
         ref_model = copy.deepcopy(rt.model).double()
@@ -125,6 +154,8 @@ def test_weighted_composition_is_linear(setup):
 @torch.no_grad()
 def test_merged_equals_unmerged_and_unmerge_is_exact(setup):
     _, _, rt, _ = setup
+    if not rt.adapters["ad1"].method.mergeable:
+        return _refuses_merge(rt, "ad1")
     ids = input_ids(3, 6, seed=1)
     before = {k: v.clone() for k, v in rt.model.state_dict().items()}
     with rt.batch(["ad1"] * 3):
@@ -140,6 +171,11 @@ def test_merged_equals_unmerged_and_unmerge_is_exact(setup):
 @torch.no_grad()
 def test_export_merged_is_a_plain_transformers_folder(setup, tmp_path):
     kind, base, rt, _ = setup
+    if not rt.adapters["ad2"].method.mergeable:
+        with pytest.raises(UnsupportedError, match="not linear in the base weights"):
+            rt.export_merged(tmp_path / "merged", ["ad2"])
+        assert not (tmp_path / "merged").exists() and rt.merged == []
+        return
     ids = input_ids(2, 6, seed=2)
     with rt.batch(["ad2"] * 2):
         want = out(rt.model, ids)
@@ -188,7 +224,7 @@ def test_activate_and_token_mode_equal_row_mode(setup):
         row_mode = out(rt.model, ids)
     per_token = [r for r in rows for _ in range(ids.shape[1])]
     with rt.batch(per_token, per_token=True):
-        if kind == "bert":
+        if any("pooler" in site for a in rt.adapters.values() for site in a.tensors):
             # BERT's pooler.dense (targeted by "dense") sees one token per row: per-token ids
             # cannot apply there, and the error says so instead of guessing.
             with pytest.raises(Exception, match="built for 12 tokens but a module got 3"):

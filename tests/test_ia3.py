@@ -273,9 +273,9 @@ def test_train_cli_trains_an_ia3_classifier_end_to_end(tmp_path):
     moved = [float((p["ia3_l"] - 1).abs().max()) for p in adapter.tensors.values()]
     assert min(moved) > 0 and sorted(s.rsplit(".", 1)[-1] for s in adapter.tensors) == \
         ["down_proj", "down_proj", "k_proj", "k_proj", "v_proj", "v_proj"]
-    res = CliRunner().invoke(app, ["train", "--method", "bottleneck", "--name", "b", "--base", str(path),
+    res = CliRunner().invoke(app, ["train", "--method", "loha", "--name", "b", "--base", str(path),
                                    "--train-file", str(data), "--store", str(tmp_path / "s"), "--no-progress"])
-    assert res.exit_code != 0 and "unknown adapter method 'bottleneck'" in res.output
+    assert res.exit_code != 0 and "unknown adapter method 'loha'" in res.output
 
 
 def test_the_serving_engine_runs_ia3_rows_beside_lora_rows_like_peft(tmp_path):

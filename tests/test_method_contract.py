@@ -88,7 +88,7 @@ def test_integer_tensors_stay_exact_through_attach_save_load_and_store(toys, lla
     llama.model.to(torch.bfloat16)              # a bf16 base: floats are cast to it, integers never
     rt = AdapterRuntime.from_base(llama)
     rt.add(a)
-    held = rt._sites[site].pools["offset", "output"].held[rt.slot("ints")]
+    held = rt._sites[site].pools["offset"].held[rt.slot("ints")]
     assert held["tag"].dtype == torch.int64 and int(held["tag"]) == BIG and held["idx"].dtype == torch.int64
     assert held["val"].dtype == torch.bfloat16
     a.save(tmp_path / "ints")

@@ -31,8 +31,14 @@ def train_cmd(
     eval_file: Optional[Path] = typer.Option(None, "--eval-file", help="JSONL/CSV scored after training."),
     text_field: str = typer.Option("text", "--text-field"),
     label_field: str = typer.Option("label", "--label-field"),
-    method: str = typer.Option("lora", help="Adapter family: lora or ia3 (IA3: PEFT's targets for the base, "
-                               "scaling keys, values and the MLP down projection's input; --r/--alpha are LoRA's)."),
+    method: str = typer.Option("lora", help="Adapter family: lora, ia3 (PEFT's targets for the base: keys, values "
+                               "and the MLP down projection's input) or bottleneck (--placement, --reduction-factor, "
+                               "--nonlinearity); --r/--alpha are LoRA's."),
+    placement: Optional[str] = typer.Option(None, help="Bottleneck: pfeiffer (after the MLP; default), houlsby "
+                                            "(after attention and MLP) or parallel (beside the MLP)."),
+    reduction_factor: Optional[int] = typer.Option(None, "--reduction-factor", help="Bottleneck: d -> d/rf "
+                                                   "(default 16)."),
+    nonlinearity: Optional[str] = typer.Option(None, help="Bottleneck: relu (default), gelu or silu."),
     objective: str = typer.Option("classification", help="classification (text, label), causal-lm "
                                   "(JSONL prompt/completion or messages) or mlm (plain text, encoder bases)."),
     r: int = typer.Option(8, help="LoRA rank."),
@@ -86,7 +92,7 @@ def train_cmd(
     try:
         rank, _ = init_distributed_from_env()       # torchrun --nproc_per_node=N -m adapterkit.cli.main train ...
         if get_method(method).name not in TRAINABLE:
-            raise AdapterkitError(f"`train` trains {' and '.join(TRAINABLE)} adapters; {method!r} is not one of them")
+            raise AdapterkitError(f"`train` trains {', '.join(TRAINABLE)} adapters; {method!r} is not one of them")
         if objective not in ("classification", "causal-lm", "mlm"):
             raise AdapterkitError(f"unknown objective {objective!r}; use classification, causal-lm or mlm")
         dev, dt = device_dtype(device, dtype)
@@ -101,7 +107,12 @@ def train_cmd(
         with run_lock(st, name):
             check_run(st, name, overwrite=overwrite, resume=resume)      # before loading the base or the data
             target_list = tuple(t.strip() for t in targets.split(",")) if targets else None
+            options = dict(placement=placement, reduction_factor=reduction_factor, nonlinearity=nonlinearity)
+            if method != "bottleneck" and any(v is not None for v in options.values()):
+                raise AdapterkitError("--placement, --reduction-factor and --nonlinearity set a bottleneck adapter; "
+                                      f"this run trains {method}: add --method bottleneck or leave them out")
             common = dict(task=task or (str(train_file) if train_file else None), store=st, r=r, method=method,
+                          method_options=options if method == "bottleneck" else None,
                           alpha=alpha, targets=target_list, max_length=max_length, overwrite=overwrite,
                           progress=progress, resume=resume, log_path=str(log) if log else None)
             if objective == "causal-lm":

@@ -22,7 +22,7 @@ from ..errors import AdapterNameError, AdapterNotFoundError, BaseMismatchError, 
 from .adapter import Adapter, validate_name
 from .batching import AdapterBatch, build_batch
 from .merging import MergingMixin
-from .sites import Site
+from .sites import Site, pool_key
 from .targets import site_info
 
 # A row's adapters: none, one name, or several names with weights.
@@ -275,9 +275,9 @@ class AdapterRuntime(MergingMixin):
             self._current, self._default = saved
 
 
-def _pool_key(adapter: Adapter, own: str) -> tuple[str, str]:
+def _pool_key(adapter: Adapter, own: str) -> str:
     """Which pool of a site holds the adapter's site `own` (its own name for it)."""
-    return adapter.method.name, adapter.method.attach_at(adapter.config, own)
+    return pool_key(adapter.method, adapter.method.attach_at(adapter.config, own))
 
 
 def _trainable(adapter: Adapter) -> bool:

@@ -15,30 +15,35 @@ from ..methods import ATTACH_INPUT, Method, SiteInfo, SitePool
 from ..methods.base import STAGE_INPUT
 
 
+def pool_key(method: Method, attach: str) -> str:
+    """A site's key for a family's pool: its name, with the attachment when it is not the family's usual one."""
+    return method.name if attach == method.attach else f"{method.name}:{attach}"
+
+
 class Site:
     def __init__(self, batch: Callable[[], Any], info: SiteInfo, module: nn.Module) -> None:
         """batch: returns the step's AdapterBatch (None: run the bare module)."""
         self.batch = batch
         self.module = module
         self.info = info
-        self.pools: dict[tuple[str, str], SitePool] = {}   # (method, attachment) -> its pool here
+        self.pools: dict[str, SitePool] = {}   # pool_key(method, attachment) -> its pool here
         self._inputs: list[SitePool] = []        # input methods' pools, by stage
         self._outputs: list[SitePool] = []       # output / module methods' pools, by stage
-        self._stages: dict[tuple[str, str], int] = {}
+        self._stages: dict[str, tuple[int, str]] = {}     # pool key -> (stage, attachment)
         self._handles = [module.register_forward_hook(self._hook)]     # the pre-hook comes with an input method
 
     def pool(self, method: Method, capacity: int, attach: str) -> SitePool:
         """The pool of `method` attached here as `attach` (one family may attach to one module in two ways:
         IA3 scales a module's output for one config and its input for another)."""
-        key = (method.name, attach)
+        key = pool_key(method, attach)
         if key not in self.pools:
             self.pools[key] = method.make_pool(self.info, capacity)
-            self._stages[key] = method.stage if attach != ATTACH_INPUT else STAGE_INPUT
-            order = sorted(self.pools, key=lambda k: (self._stages[k], k))    # stage, then name: a fixed order
+            self._stages[key] = (method.stage if attach != ATTACH_INPUT else STAGE_INPUT, attach)
+            order = sorted(self.pools, key=lambda k: (self._stages[k][0], k))    # stage, then name: a fixed order
             if attach == ATTACH_INPUT and not self._inputs:
                 self._handles.append(self.module.register_forward_pre_hook(self._pre_hook))
-            self._inputs = [self.pools[k] for k in order if k[1] == ATTACH_INPUT]
-            self._outputs = [self.pools[k] for k in order if k[1] != ATTACH_INPUT]
+            self._inputs = [self.pools[k] for k in order if self._stages[k][1] == ATTACH_INPUT]
+            self._outputs = [self.pools[k] for k in order if self._stages[k][1] != ATTACH_INPUT]
         return self.pools[key]
 
     def empty(self) -> bool:

@@ -23,6 +23,7 @@ outside methods/ reaches a family only through this class: it never names a fami
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Protocol
 
@@ -204,6 +205,15 @@ class Method:
 
     def __repr__(self) -> str:
         return f"<method {self.name}>"
+
+
+def pattern_value(patterns: Mapping[str, Any], site: str) -> Any:
+    """PEFT's per-site pattern lookup (rank_pattern, alpha_pattern...): the first key that matches the
+    site name or a dotted suffix of it; None when none does."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", site):
+            return value
+    return None
 
 
 def _dtype(dtype: torch.dtype) -> str:

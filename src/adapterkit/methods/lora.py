@@ -16,18 +16,10 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from ..errors import ConfigError, CorruptAdapterError, UnsupportedError
-from .base import STAGE_DELTA, Method, SiteInfo, TensorKind
+from .base import STAGE_DELTA, Method, SiteInfo, TensorKind, pattern_value
 from .lora_pool import LoraPool
 
 INITS = ("default", "nonzero")
-
-
-def _pattern_value(patterns: Mapping[str, Any], site: str):
-    """PEFT's rank_pattern / alpha_pattern lookup: key matches the site name or a dotted suffix."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", site):
-            return value
-    return None
 
 
 @dataclass(frozen=True)
@@ -67,11 +59,11 @@ class LoraConfig:
             raise ConfigError("LoRA target_modules is empty: name the modules to adapt, e.g. ['q_proj', 'v_proj']")
 
     def rank(self, site: str) -> int:
-        value = _pattern_value(self.rank_pattern, site)
+        value = pattern_value(self.rank_pattern, site)
         return int(value) if value is not None else self.r
 
     def scale(self, site: str) -> float:
-        value = _pattern_value(self.alpha_pattern, site)
+        value = pattern_value(self.alpha_pattern, site)
         alpha = float(value) if value is not None else float(self.alpha)
         r = self.rank(site)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r

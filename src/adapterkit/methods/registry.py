@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 from ..errors import ConfigError, UnsupportedError
 from .base import Method
+from .bottleneck import BOTTLENECK
 from .ia3 import IA3
 from .lora import LORA
 
@@ -22,6 +23,7 @@ def register_method(method: Method) -> Method:
 
 register_method(LORA)
 register_method(IA3)
+register_method(BOTTLENECK)
 
 
 def get_method(name: str) -> Method:

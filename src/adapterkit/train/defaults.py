@@ -56,7 +56,7 @@ RECIPES = {
 
 # The families `train` trains, and the factor on the objective's adapter lr for each (the head's lr is
 # the objective's): an IA3 vector has a few thousand entries near 1, and moves slowly at LoRA's lr.
-METHOD_LR = {"lora": 1.0, "ia3": 5.0}
+METHOD_LR = {"lora": 1.0, "ia3": 5.0, "bottleneck": 1.0}
 TRAINABLE = tuple(METHOD_LR)
 
 
@@ -108,7 +108,7 @@ def resolve(objective: str, n_train: int, has_eval: bool, *, base_kind: str = "c
     per_epoch = math.ceil(max(n_train, 1) / max(batch_size * int(fixed.get("grad_accum", 1)), 1))
     steps = pick("steps", steps, min(cap, max(r.min_steps, math.ceil(r.epochs * per_epoch))))
     if method not in METHOD_LR:
-        raise ConfigError(f"`train` trains {' and '.join(TRAINABLE)} adapters; {method!r} is not one of them")
+        raise ConfigError(f"`train` trains {', '.join(TRAINABLE)} adapters; {method!r} is not one of them")
     lr = pick("lr", lr, r.lr * METHOD_LR[method])
     head_lr = pick("head_lr", head_lr, r.head_lr)
     if isinstance(steps, int) and steps >= 1:

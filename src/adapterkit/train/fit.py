@@ -27,6 +27,7 @@ import torch
 from ..core.adapter import Adapter, create_adapter, validate_name
 from ..core.base import Base
 from ..errors import AdapterkitError, ConfigError
+from ..methods.bottleneck import BottleneckConfig
 from ..methods.ia3 import Ia3Config
 from ..methods.lora import LoraConfig
 from ..core.runtime import AdapterRuntime
@@ -104,19 +105,27 @@ def checkpoint_step(folder: Path) -> int | None:
 
 def start_run(base: Base, name: str, *, task: str | None, store: AdapterStore, config: TrainConfig, r: int,
               alpha: float, targets: Sequence[str] | None, overwrite: bool, resume: bool,
-              method: str = "lora") -> Adapter:
+              method: str = "lora", options: dict[str, Any] | None = None) -> Adapter:
     """Check the name and the run folder before any work; return the fresh (seeded) adapter.
     Call it, and everything up to `finish`, inside `run_lock(store, name)`."""
     check_run(store, name, overwrite=overwrite, resume=resume)
-    return create_adapter(name, base.model, adapter_config(method, base, r=r, alpha=alpha, targets=targets),
-                          seed=config.seed, fingerprint=base.fingerprint, base_name=base.name, task=task)
+    family = adapter_config(method, base, r=r, alpha=alpha, targets=targets, **(options or {}))
+    return create_adapter(name, base.model, family, seed=config.seed, fingerprint=base.fingerprint, base_name=base.name, task=task)
 
 
 def adapter_config(method: str, base: Base, *, r: int = 8, alpha: float = 16.0,
-                   targets: Sequence[str] | None = None) -> Any:
+                   targets: Sequence[str] | None = None, **options: Any) -> Any:
     """The config of the adapter a run trains. lora: r, alpha, the targets (default: attention
     projections). ia3: PEFT's targets for the base's architecture (keys, values and the MLP's down
-    projection, whose input it scales); given targets keep PEFT's feedforward choice among them."""
+    projection, whose input it scales); given targets keep PEFT's feedforward choice among them.
+    bottleneck: `options` placement (pfeiffer), reduction_factor (16), nonlinearity (relu) at the
+    placement's modules for the base's architecture, or at the given targets."""
+    if method == "bottleneck":
+        model_type = getattr(base.model.config, "model_type", "?")
+        given = {k: v for k, v in options.items() if v is not None}
+        if targets is not None:
+            return BottleneckConfig(target_modules=tuple(targets), **given)
+        return BottleneckConfig.for_model(model_type, **given)
     if method == "lora":
         return LoraConfig(r=r, alpha=alpha, target_modules=tuple(targets or DEFAULT_TARGETS[base.kind]))
     if method == "ia3":
@@ -125,7 +134,7 @@ def adapter_config(method: str, base: Base, *, r: int = 8, alpha: float = 16.0,
             return Ia3Config.for_model(model_type)
         known = Ia3Config.for_model(model_type).feedforward_modules if model_type in IA3_TYPES else ()
         return Ia3Config(target_modules=tuple(targets), feedforward_modules=tuple(t for t in targets if t in known))
-    raise ConfigError(f"`train` trains lora and ia3 adapters; {method!r} is not one of them")
+    raise ConfigError(f"`train` trains lora, ia3 and bottleneck adapters; {method!r} is not one of them")
 
 
 def method_info(adapter: Adapter) -> dict[str, Any]:

@@ -67,14 +67,15 @@ def train_instructions(base: Base, name: str, train_records: Sequence[Mapping[st
                        config: TrainConfig, r: int = 8, alpha: float = 16.0, targets: Sequence[str] | None = None,
                        max_length: int = 512, overwrite: bool = False, progress: bool = True, resume: bool = False,
                        log_path: str | None = None, select_rows: int | None = None,
-                       method: str = "lora") -> tuple[Adapter, dict[str, float]]:
+                       method: str = "lora", method_options: dict[str, Any] | None = None) -> tuple[Adapter, dict[str, float]]:
     """select_rows: eval records (a seeded sample) of the best-checkpoint checks, scored by loss only;
     method: the adapter family (fit.adapter_config)."""
     if base.kind != "causal-lm" or base.tokenizer is None:
         raise ConfigError(f"instruction tuning needs a causal LM with a tokenizer; {base.name} is a {base.kind}")
     with run_lock(store, name):      # one run per name: a second trainer fails here
         adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
-                            overwrite=overwrite, resume=resume, method=method)
+                            overwrite=overwrite, resume=resume, method=method,
+                            options=method_options)
         tok = base.tokenizer
         encoded = [encode(tok, rec, max_length) for rec in train_records]
         truncated = sum(e.truncated for e in encoded)

@@ -179,7 +179,7 @@ def train_mlm(base: Base, name: str, train_texts: Sequence[str], eval_texts: Seq
               store: AdapterStore, config: TrainConfig, r: int = 8, alpha: float = 16.0,
               targets: Sequence[str] | None = None, max_length: int = 128, overwrite: bool = False,
               progress: bool = True, resume: bool = False, log_path: str | None = None,
-              select_rows: int | None = None, method: str = "lora"
+              select_rows: int | None = None, method: str = "lora", method_options: dict[str, Any] | None = None
               ) -> tuple[Adapter, dict[str, float]]:
     """Train an adapter (`method`: lora or ia3) + a fresh MLM head on plain text and store both with metrics
     and lineage."""
@@ -196,7 +196,8 @@ def train_mlm(base: Base, name: str, train_texts: Sequence[str], eval_texts: Seq
                           f"use --max-length {positions} or less")
     with run_lock(store, name):      # one run per name: a second trainer fails here
         adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
-                            overwrite=overwrite, resume=resume, method=method)
+                            overwrite=overwrite, resume=resume, method=method,
+                            options=method_options)
         docs, truncated, dropped = encode_texts(tok, train_texts, max_length)
         if not docs:
             raise ConfigError("no training text has a token that can be masked")

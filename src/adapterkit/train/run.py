@@ -60,12 +60,13 @@ def train_classifier(
     progress: bool = True,
     resume: bool = False,
     log_path: str | None = None,
-    select_rows: int | None = None, method: str = "lora",
+    select_rows: int | None = None, method: str = "lora", method_options: dict[str, Any] | None = None,
 ) -> tuple[Adapter, dict[str, float]]:
     """select_rows: validation rows (a seeded sample) of the best-checkpoint checks (None: all)."""
     with run_lock(store, name):      # one run per name: a second trainer fails here
         adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
-                            overwrite=overwrite, resume=resume, method=method)
+                            overwrite=overwrite, resume=resume, method=method,
+                            options=method_options)
         labels = sorted({e.label for e in train_examples})
         adapter.head = ClassificationHead.create(labels, base.model.config.hidden_size, POOLING[base.kind],
                                                  config.seed).to(base.device)        # trains beside the base

@@ -1,0 +1,228 @@
+"""Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021; parallel: He et al. 2022):
+f(t) = up(act(down(t))), down d -> d/rf, up d/rf -> d initialised to zero, so a fresh adapter is the
+identity. Placements:
+  houlsby   series after the attention output projection and after the MLP block: y' = y + f(y)
+  pfeiffer  series after the MLP block only
+  parallel  beside the MLP block: y' = y + s · f(x), x the block's input, s the output scaling
+The sites are modules of the base (an attention output projection, an MLP block), hooked with their
+input, so the adapters run inside the serving engine's own forward as in the HF forward. Not linear
+in the base weights: merging into the base and weight-space merges are refused by name; stacking with
+other adapters at run time works (at one module, parallel adapters add f(x) first, then series
+adapters read that output).
+
+Tensors per site (Linear layout): "down" [bn, d_in], "down_bias" [bn], "up" [d_out, bn], "up_bias"
+[d_out]; bn = max(1, d // rf) with d the width the adapter reads; rf per site from
+`reduction_pattern` (PEFT-style keys: the site name or a dotted suffix), else `reduction_factor`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .base import ATTACH_MODULE, STAGE_SERIES, Method, SiteInfo, TensorKind, pattern_value
+
+PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+INITS = ("default", "nonzero")
+# Per architecture: (attention output projection, MLP block or its output projection, MLP block for a
+# parallel adapter (None: no single module holds the block)), as full-name regexes.
+SITES = {
+    "llama": (r".*\.self_attn\.o_proj", r".*\.mlp", r".*\.mlp"),
+    "mistral": (r".*\.self_attn\.o_proj", r".*\.mlp", r".*\.mlp"),
+    "qwen2": (r".*\.self_attn\.o_proj", r".*\.mlp", r".*\.mlp"),
+    "gpt2": (r".*\.attn\.c_proj", r".*\.mlp", r".*\.mlp"),
+    "bert": (r".*\.attention\.output\.dense", r".*layer\.\d+\.output\.dense", None),
+}
+
+
+@dataclass(frozen=True)
+class BottleneckConfig:
+    target_modules: tuple[str, ...] | str = "|".join(SITES["llama"][1:2])     # pfeiffer on a Llama
+    placement: str = "pfeiffer"
+    reduction_factor: int = 16
+    reduction_pattern: dict[str, int] = field(default_factory=dict)
+    nonlinearity: str = "relu"
+    scaling: float = 1.0                  # the output scale of a parallel adapter (series: 1)
+    exclude_modules: tuple[str, ...] | str | None = None   # e.g. leave out chosen layers
+    init: str = "default"                 # "nonzero": up ~ N(0, init_std) too (tests, benchmarks)
+    init_std: float = 0.02
+    type: ClassVar[str] = "bottleneck"
+
+    def __post_init__(self) -> None:
+        for key in ("target_modules", "exclude_modules"):
+            value = getattr(self, key)
+            if isinstance(value, list):
+                object.__setattr__(self, key, tuple(value))
+        if self.placement not in PLACEMENTS:
+            raise ConfigError(f"bottleneck placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.nonlinearity not in ACTIVATIONS:
+            raise ConfigError(f"bottleneck nonlinearity must be one of {sorted(ACTIVATIONS)}, "
+                              f"got {self.nonlinearity!r}")
+        for what, rf in [("reduction_factor", self.reduction_factor),
+                         *((f"reduction_pattern[{k!r}]", v) for k, v in self.reduction_pattern.items())]:
+            if isinstance(rf, bool) or not isinstance(rf, int) or rf < 1:
+                raise ConfigError(f"bottleneck {what} must be a positive integer, got {rf!r}")
+        if not isinstance(self.scaling, (int, float)) or not math.isfinite(self.scaling):
+            raise ConfigError(f"bottleneck scaling must be a finite number, got {self.scaling!r}")
+        if self.placement != "parallel" and self.scaling != 1.0:
+            raise ConfigError("bottleneck scaling applies to parallel adapters; a series adapter's is 1")
+        if self.init not in INITS:
+            raise ConfigError(f"bottleneck init must be one of {INITS}, got {self.init!r}")
+        if not self.target_modules:
+            raise ConfigError("bottleneck target_modules is empty: use BottleneckConfig.for_model(...)")
+
+    @property
+    def parallel(self) -> bool:
+        return self.placement == "parallel"
+
+    @classmethod
+    def for_model(cls, model_type: str, placement: str = "pfeiffer", **kwargs: Any) -> "BottleneckConfig":
+        """The placement's modules for an architecture (llama, mistral, qwen2, gpt2, bert)."""
+        if model_type not in SITES:
+            raise ConfigError(f"no bottleneck sites known for a {model_type!r} model; give target_modules "
+                              f"(known: {', '.join(sorted(SITES))})")
+        attn, mlp, block = SITES[model_type]
+        if placement == "parallel" and block is None:
+            raise ConfigError(f"a {model_type} layer has no single MLP module for a parallel adapter to sit "
+                              "beside; use placement houlsby or pfeiffer")
+        targets = {"houlsby": f"{attn}|{mlp}", "pfeiffer": mlp, "parallel": block}.get(placement, mlp)
+        return cls(target_modules=targets, placement=placement, **kwargs)
+
+    def reduction(self, site: str) -> int:
+        value = pattern_value(self.reduction_pattern, site)
+        return int(value) if value is not None else self.reduction_factor
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("target_modules", "exclude_modules"):
+            if isinstance(data[key], tuple):
+                data[key] = list(data[key])
+        return {"type": self.type, **data}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "BottleneckConfig":
+        data = dict(data)
+        if data.pop("type", cls.type) != cls.type:
+            raise ConfigError(f"not a bottleneck config: type {data.get('type')!r}")
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"unknown bottleneck config field(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**data)
+
+
+def _bottleneck(config: BottleneckConfig, site: SiteInfo) -> tuple[int, int, int]:
+    """(d read, bn, d out) of a site."""
+    d_read = site.in_features if config.parallel else site.out_features
+    return d_read, max(1, d_read // config.reduction(site.name)), site.out_features
+
+
+def _f(t: torch.Tensor, parts: Mapping[str, torch.Tensor], act: Callable) -> torch.Tensor:
+    """up(act(down(t))) in t's dtype; t [..., d_read]."""
+    h = act(F.linear(t, parts["down"].to(t.dtype), parts["down_bias"].to(t.dtype)))
+    return F.linear(h, parts["up"].to(t.dtype), parts["up_bias"].to(t.dtype))
+
+
+class Bottleneck(Method):
+    name = "bottleneck"
+    title = "bottleneck"
+    config_cls = BottleneckConfig
+    attach = ATTACH_MODULE
+    stage = STAGE_SERIES                  # reads the output every earlier stage made
+    delta_kind = None                     # not linear in W: no merge into the base, no weight-space merge
+    merge_ops = frozenset()
+
+    def tensor_kinds(self, config: BottleneckConfig) -> dict[str, TensorKind]:
+        return {k: TensorKind() for k in ("down", "down_bias", "up", "up_bias")}
+
+    def tensor_shapes(self, config: BottleneckConfig, site: SiteInfo) -> dict[str, tuple[int, ...]]:
+        d_read, bn, d_out = _bottleneck(config, site)
+        return {"down": (bn, d_read), "down_bias": (bn,), "up": (d_out, bn), "up_bias": (d_out,)}
+
+    def init_tensors(self, config: BottleneckConfig, site: SiteInfo, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        d_read, bn, d_out = _bottleneck(config, site)
+        bound = 1.0 / math.sqrt(d_read)                  # nn.Linear's default for the down projection
+        down = torch.empty(bn, d_read).uniform_(-bound, bound, generator=gen)
+        up = torch.zeros(d_out, bn)
+        if config.init == "nonzero":
+            up.normal_(0.0, config.init_std, generator=gen)
+        return {"down": down, "down_bias": torch.zeros(bn), "up": up, "up_bias": torch.zeros(d_out)}
+
+    def make_pool(self, site: SiteInfo, capacity: int) -> "BottleneckPool":
+        return BottleneckPool(site)
+
+    def reference(self, config: BottleneckConfig, site: SiteInfo, tensors: Mapping[str, torch.Tensor],
+                  x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        parts = {k: t.double() for k, t in tensors.items()}
+        src = (x if config.parallel else y).double()
+        return y.double() + config.scaling * _f(src, parts, ACTIVATIONS[config.nonlinearity])
+
+    def summary(self, config: BottleneckConfig, tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> str:
+        sizes = sorted({int(p["down"].shape[0]) for p in tensors.values()})
+        size = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}..{sizes[-1]}"
+        return f"bottleneck {config.placement} {config.nonlinearity} size {size} on {len(tensors)} sites"
+
+
+class BottleneckPool:
+    """All bottleneck adapters at one module, by slot: the adapters' own tensors (gradients reach them).
+    Each step runs each adapter once, on the units routed to it (rows or tokens gathered per slot), or
+    on all units masked by weight while training (the dense kernel)."""
+
+    def __init__(self, site: SiteInfo) -> None:
+        self.site = site
+        self.held: dict[int, tuple[dict[str, torch.Tensor], Callable, float, bool]] = {}
+
+    def __len__(self) -> int:
+        return len(self.held)
+
+    def add(self, slot: int, config: BottleneckConfig, tensors: Mapping[str, torch.Tensor], site_name: str) -> None:
+        self.held[slot] = (dict(tensors), ACTIVATIONS[config.nonlinearity], float(config.scaling), config.parallel)
+
+    def remove(self, slot: int) -> None:
+        self.held.pop(slot, None)
+
+    def resize(self, capacity: int) -> None:
+        pass                                             # no stacks: nothing sized by capacity
+
+    def refresh(self, slot: int) -> None:
+        pass                                             # reads the adapters' own tensors
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor, batch: Any, training: bool) -> torch.Tensor:
+        x3, y3 = batch.view_input(x), batch.view_input(y)               # [n, L, d_in], [n, L, d_out]
+        out = y3
+        for parallel in (True, False):                   # parallel adapters read x, then series ones the output
+            src = x3 if parallel else out
+            terms = None
+            if batch.kernel == "dense":
+                for slot, w in batch.slot_weights.items():
+                    held = self.held.get(slot)
+                    if held is None or held[3] != parallel:
+                        continue
+                    parts, act, scale, _ = held
+                    term = (w * scale).to(src.dtype) * _f(src, parts, act)
+                    terms = term if terms is None else terms + term
+            else:
+                for idx, w in zip(*batch.gather_plan):  # each unit's slot [n] at this position
+                    for slot in batch.unique:
+                        held = self.held.get(slot)
+                        if held is None or held[3] != parallel:
+                            continue
+                        rows = (idx == slot).nonzero(as_tuple=True)[0]
+                        if rows.numel() == 0:
+                            continue
+                        parts, act, scale, _ = held
+                        weight = scale if w is None else w[rows].to(src.dtype) * scale
+                        if terms is None:
+                            terms = torch.zeros_like(out)
+                        terms.index_add_(0, rows, weight * _f(src[rows], parts, act))
+            if terms is not None:
+                out = out + terms
+        return out.reshape(y.shape)
+
+
+BOTTLENECK = Bottleneck()
