@@ -175,3 +175,15 @@ def test_the_serving_cache_discovers_a_native_folder_keeps_integers_and_counts_t
     assert int(parts["tag"]) == BIG and parts["idx"].dtype == torch.int64 and parts["val"].dtype == torch.bfloat16
     # int64: 8 bytes an entry (idx 2 + tag 1), the float in the base dtype: 2 bytes (val 2), per site
     assert entry.nbytes == len(entry.adapter.tensors) * (3 * 8 + 2 * 2)
+
+
+def test_the_folder_format_identifiers_do_not_follow_module_paths(llama, tmp_path):
+    """adapterkit.json's type is a format name, written by every version: a folder saved before the
+    layout moved (type "adapterkit.adapter") loads, and new folders are written the same way."""
+    import json
+
+    a = make("keep", llama, "lora", ("q_proj",))
+    a.save(tmp_path / "a")
+    side = json.loads((tmp_path / "a" / "adapterkit.json").read_text())
+    assert side["type"] == "adapterkit.adapter" and side["format_version"] == 1
+    assert Adapter.load(tmp_path / "a").name == "keep"

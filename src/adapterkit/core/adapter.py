@@ -135,7 +135,7 @@ class Adapter:
         else:
             write_native(folder, self.tensors)
         side = {
-            "type": "adapterkit.core.adapter",
+            "type": "adapterkit.adapter",
             "format_version": FORMAT_VERSION,
             "name": self.name,
             "config": self.config.to_dict(),
@@ -194,7 +194,7 @@ def _read_side(side_path: Path) -> dict[str, Any]:
         raise CorruptAdapterError(f"{side_path} is not valid JSON ({exc})") from None
     if not isinstance(side, dict):
         raise CorruptAdapterError(f"{side_path} is not a JSON object; save the adapter again")
-    if side.get("type") != "adapterkit.core.adapter" or not isinstance(side.get("format_version", 0), int) \
+    if side.get("type") != "adapterkit.adapter" or not isinstance(side.get("format_version", 0), int) \
             or side.get("format_version", 0) > FORMAT_VERSION:
         raise CorruptAdapterError(
             f"{side_path} is type {side.get('type')!r} version {side.get('format_version')!r}; "
