@@ -13,6 +13,7 @@ from adapterkit import Adapter, AdapterRuntime, LoraConfig, create_adapter, load
 from adapterkit.errors import UnsupportedError
 from adapterkit.methods.bottleneck import BottleneckConfig
 from adapterkit.methods.ia3 import Ia3Config
+from adapterkit.methods.sparse import SparseConfig
 from method_reference import reference
 
 
@@ -32,6 +33,8 @@ METHOD_CONFIGS = {
     "ia3": lambda targets, i: Ia3Config(target_modules=targets, feedforward_modules=(targets[-1],),
                                         init="nonzero", init_std=0.3),
     "bottleneck": _bottleneck,
+    "sparse": lambda targets, i: SparseConfig(target_modules=targets, init="random", init_density=(0.05, 0.2, 1.0)[i],
+                                              init_std=0.3),
 }
 
 
@@ -121,7 +124,8 @@ def test_mixed_batch_equals_per_adapter_loop_and_float64(setup, kernel):
         ref_model = copy.deepcopy(rt.model).double()
         ref_rt = AdapterRuntime(ref_model)
         ref_rt.add(Adapter(name, rt.adapters[name].config,
-                           {s: {k: t.double() for k, t in p.items()} for s, p in rt.adapters[name].tensors.items()}))
+                           {s: {k: t.double() if t.is_floating_point() else t for k, t in p.items()}
+                            for s, p in rt.adapters[name].tensors.items()}))
         ref_rt.merge(name)
         ref = out(ref_model, ids)
         for i in [i for i, r in enumerate(rows) if r == name]:
@@ -237,7 +241,8 @@ def test_gradients_reach_only_adapter_tensors_and_fast_kernels_see_updates(setup
     kind, base, rt, _ = setup
     cfg = METHOD_CONFIGS[rt.adapters["ad0"].config.type](TARGETS[kind], 0)
     trained = create_adapter("trained", base.model, cfg, seed=9)
-    params = [t.requires_grad_() for parts in trained.tensors.values() for t in parts.values()]
+    kinds = trained.method.tensor_kinds(trained.config)            # an index never trains
+    params = [t.requires_grad_() for parts in trained.tensors.values() for k, t in parts.items() if kinds[k].trainable]
     rt.add(trained)
     ids = input_ids(4, 5)
     with rt.batch(["trained", "ad1", "trained", None]):

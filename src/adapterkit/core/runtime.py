@@ -98,13 +98,7 @@ class AdapterRuntime(MergingMixin):
             # Config patterns (rank_pattern...) refer to the adapter's own site names.
             info = infos[module_name] = site_info(module_name, self._modules[module_name],
                                                   spec.attach_at(adapter.config, own))
-            expected = spec.tensor_shapes(adapter.config, replace(info, name=own))
-            got = {k: tuple(t.shape) for k, t in adapter.tensors[own].items()}
-            if got != {k: tuple(v) for k, v in expected.items()}:
-                raise BaseMismatchError(
-                    f"adapter {name!r} does not fit this base at {module_name}: tensors {got}, "
-                    f"the base needs {expected}; it was made for another base model"
-                )
+            spec.check_fit(adapter.config, replace(info, name=own), adapter.tensors[own], name, module_name)
             spec.check_tensors(adapter.config, own, adapter.tensors[own], f"adapter {name!r}")   # dtypes
             away = {k: str(t.device) for k, t in adapter.tensors[own].items()
                     if t.requires_grad and t.device != self._device}

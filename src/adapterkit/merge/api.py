@@ -36,6 +36,7 @@ from .common import (build_adapter, check_inputs, check_result, linalg_errors, l
 from .concat import concat
 from .dare import RESCALE, dare_linear, dare_ties, site_generator
 from .ia3 import linear_ia3
+from .sparse import merge_sparse
 from .linear import linear
 from .svd import SVD_MODES, refactor_dense
 from .ties import ELECT_ON, MAJORITY, MEANS, magnitude_prune, ties
@@ -69,7 +70,10 @@ METHODS: dict[str, MergeMethod] = {m.name: m for m in [
                 "drop with probability p, rescale, elect signs, disjoint mean", fn=dare_ties, uses_rng=True),
 ]}
 # (family, merge method) -> merge for families that are not low-rank; their merge_ops name these
-FAMILY_MERGES: dict[tuple[str, str], Callable[..., Adapter]] = {("ia3", "linear"): linear_ia3}
+FAMILY_MERGES: dict[tuple[str, str], Callable[..., Adapter]] = {
+    ("ia3", "linear"): linear_ia3,
+    **{("sparse", m): partial(merge_sparse, method=m) for m in ("linear", "task_arithmetic", "ties")},
+}
 _CHOICES = {"majority": MAJORITY, "elect_on": ELECT_ON, "mean": MEANS, "rescale": RESCALE, "svd": SVD_MODES}
 
 

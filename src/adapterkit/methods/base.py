@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Mapping, Protocol
 
 import torch
 
-from ..errors import CorruptAdapterError, UnsupportedError
+from ..errors import BaseMismatchError, CorruptAdapterError, UnsupportedError
 
 # Where a method attaches (Site registers the hooks each needs).
 ATTACH_OUTPUT = "output"   # a Linear's output: y' = f(x, y), x the Linear's input
@@ -125,6 +125,17 @@ class Method:
 
     def init_tensors(self, config: Any, site: SiteInfo, gen: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def check_fit(self, config: Any, site: SiteInfo, tensors: Mapping[str, torch.Tensor], adapter_name: str,
+                  module_name: str) -> None:
+        """Refuse (BaseMismatchError) a site's tensors whose shapes this base's module cannot take;
+        site.name is the adapter's own name for the site, module_name the base's."""
+        expected = self.tensor_shapes(config, site)
+        got = {k: tuple(t.shape) for k, t in tensors.items()}
+        if got != {k: tuple(v) for k, v in expected.items()}:
+            raise BaseMismatchError(
+                f"adapter {adapter_name!r} does not fit this base at {module_name}: tensors {got}, "
+                f"the base needs {expected}; it was made for another base model")
 
     def check_tensors(self, config: Any, site: str, tensors: Mapping[str, torch.Tensor], where: str) -> None:
         """Refuse a site's tensors whose names or dtypes are not the family's (CorruptAdapterError naming

@@ -10,6 +10,7 @@ from .base import Method
 from .bottleneck import BOTTLENECK
 from .ia3 import IA3
 from .lora import LORA
+from .sparse import SPARSE
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -24,6 +25,7 @@ def register_method(method: Method) -> Method:
 register_method(LORA)
 register_method(IA3)
 register_method(BOTTLENECK)
+register_method(SPARSE)
 
 
 def get_method(name: str) -> Method:

@@ -1,0 +1,136 @@
+"""Sparse fine-tuning (issue 13 §4): top-K selection from a dense change, per-row sparse ΔW inside mixed
+batches, composition by addition, sparse merges equal to the dense merges of the same ΔW, and bad
+input refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import input_ids, save_tiny
+from method_reference import reference
+from safetensors.torch import load_file, save_file
+
+from adapterkit import Adapter, AdapterRuntime, LoraConfig, create_adapter, load_base
+from adapterkit.core.adapter import AdapterMeta
+from adapterkit.errors import BaseMismatchError, ConfigError, CorruptAdapterError
+from adapterkit.methods.sparse import SparseConfig, sparse_from_dense, to_dense
+
+TARGETS = ("q_proj", "v_proj", "down_proj")
+
+
+@pytest.fixture
+def llama(tmp_path):
+    return load_base(str(save_tiny("llama", tmp_path / "llama")))
+
+
+def sparse(name, base, seed, density=0.1, std=0.5):
+    return create_adapter(name, base.model, SparseConfig(target_modules=TARGETS, init="random", init_density=density,
+                                                         init_std=std), seed=seed, fingerprint=base.fingerprint)
+
+
+def test_top_k_keeps_the_largest_entries_over_all_sites_with_one_threshold():
+    g = torch.Generator().manual_seed(0)
+    deltas = {"a": torch.randn(4, 6, generator=g), "b": 0.1 * torch.randn(3, 5, generator=g)}   # b: all small
+    tensors, threshold = sparse_from_dense(deltas, k=10)
+    flat = torch.cat([d.abs().reshape(-1) for d in deltas.values()])
+    assert sum(p["indices"].numel() for p in tensors.values()) == 10
+    assert threshold == float(flat.topk(10).values.min())
+    for site, parts in tensors.items():
+        assert torch.equal(to_dense(parts["indices"], parts["values"], tuple(deltas[site].shape)),
+                           deltas[site] * (deltas[site].abs() >= threshold))
+        assert parts["shape"].tolist() == list(deltas[site].shape)
+    assert set(tensors) == {"a"}                      # one global threshold: small sites may keep nothing
+    by_share, _ = sparse_from_dense(deltas, proportion=0.5)
+    assert sum(p["indices"].numel() for p in by_share.values()) == round(0.5 * 39)
+    with pytest.raises(ConfigError, match="give the number of entries to keep \\(k\\) or their proportion, not both"):
+        sparse_from_dense(deltas, k=3, proportion=0.1)
+    with pytest.raises(ConfigError, match="between 1 and 39, got 40"):
+        sparse_from_dense(deltas, k=40)
+
+
+def test_rows_of_several_sparse_adapters_lora_and_base_in_one_batch_equal_the_reference(llama):
+    a, b = sparse("a", llama, 1), sparse("b", llama, 2, density=0.3)
+    lora = create_adapter("l", llama.model, LoraConfig(r=2, init="nonzero", init_std=0.3), seed=3)
+    rt = AdapterRuntime.from_base(llama, capacity=2)
+    for x in (a, b, lora):
+        rt.add(x)
+    ids = input_ids(5, 6)
+    want = reference(llama.model, [[a], [b], [], [lora, a], [a, b]], ids)
+    rows = ["a", "b", None, {"l": 1.0, "a": 1.0}, {"a": 1.0, "b": 1.0}]
+    for kernel in ("dense", "gather"):
+        with torch.no_grad(), rt.batch(rows, kernel=kernel):
+            got = llama.model(ids).logits
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_composition_by_addition_equals_both_changes_applied_to_the_weights(llama):
+    """Composable SFT: a 'language' and a 'task' sparse adapter on one row (generate --compose)
+    equal the base with both differences added to its weights."""
+    lang, task = sparse("lang", llama, 1), sparse("task", llama, 2)
+    rt = AdapterRuntime.from_base(llama)
+    for x in (lang, task):
+        rt.add(x)
+    ids = input_ids(2, 6)
+    with torch.no_grad():
+        with rt.batch([{"lang": 1.0, "task": 1.0}] * 2):
+            composed = llama.model(ids).logits
+        rt.merge("lang")
+        rt.merge("task")
+        merged = llama.model(ids).logits
+        rt.unmerge()
+        bare = llama.model(ids).logits
+    torch.testing.assert_close(composed, merged, atol=1e-5, rtol=1e-4)
+    assert (composed - bare).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("method, params", [("linear", {}), ("task_arithmetic", {"lam": 0.7}),
+                                            ("ties", {"density": 0.05}), ("ties", {"density": 0.5, "mean": "weight"})])
+def test_sparse_merges_stay_sparse_and_equal_the_dense_merge(llama, method, params):
+    """The same inputs as LoRA-layout dense ΔW through merge/ties.py's dense functions: entry for entry."""
+    from adapterkit.merge import merge
+    from adapterkit.merge.ties import ties
+
+    inputs = [sparse("a", llama, 1, density=0.1), sparse("b", llama, 2, density=0.2), sparse("c", llama, 3, 0.05)]
+    weights = [1.0, 0.5, 2.0]
+    out = merge(inputs, method=method, weights=weights, **params)
+    assert out.config.type == "sparse"
+    for site in inputs[0].tensors:
+        shape = tuple(inputs[0].tensors[site]["shape"].tolist())
+        dense = torch.stack([to_dense(a.tensors[site]["indices"], a.tensors[site]["values"], shape) for a in inputs])
+        if method == "ties":
+            want = ties(dense, torch.tensor(weights), density=params["density"], mean=params.get("mean", "count"))
+        else:
+            want = params.get("lam", 1.0) * (torch.tensor(weights)[:, None, None] * dense).sum(0)
+        got = to_dense(out.tensors[site]["indices"], out.tensors[site]["values"], shape) if site in out.tensors \
+            else torch.zeros(shape)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        support = torch.unique(torch.cat([a.tensors[site]["indices"] for a in inputs]))
+        assert set(out.tensors[site]["indices"].tolist()) <= set(support.tolist())      # within the union
+
+
+def test_bad_sparse_input_is_refused_by_name(llama, tmp_path):
+    a = sparse("bad", llama, 1)
+    site = next(iter(a.tensors))
+    a.save(tmp_path / "a")
+    w = tmp_path / "a" / "adapter.safetensors"
+    good = load_file(str(w))
+
+    def broken(key, value, match):
+        save_file({**good, f"{site}.{key}": value}, str(w))
+        with pytest.raises(CorruptAdapterError, match=match):
+            Adapter.load(tmp_path / "a")
+
+    idx = good[f"{site}.indices"]
+    broken("indices", idx.float(), rf"{site}.indices is float32; a sparse adapter's indices is int64")
+    broken("indices", torch.cat([idx[:1], idx[:-1]]), rf"{site}.indices repeats index {int(idx[0])}; a sparse "
+                                                      "adapter's indices are sorted and unique")
+    broken("indices", idx.flip(0), rf"{site}.indices is not sorted")
+    broken("indices", torch.cat([idx[:-1], torch.tensor([32 * 32])]), rf"{site}.indices reach 1024, beyond the "
+                                                                       r"32x32 = 1024 entries of the weight")
+    broken("values", good[f"{site}.values"][:-1], rf"{site} has indices \({idx.numel()},\) and values")
+    save_file(good, str(w))
+    # made for another base: a 32x32 change on a 64x32 weight
+    other = Adapter("other", a.config, {site: {**a.tensors[site], "shape": torch.tensor([64, 32])}}, AdapterMeta())
+    with pytest.raises(BaseMismatchError, match=rf"adapter 'other' does not fit this base at {site}: its sparse "
+                                                "weight change is 64x32, the base's weight 32x32"):
+        AdapterRuntime.from_base(llama).add(other)
