@@ -12,6 +12,7 @@ from conftest import TARGETS, input_ids
 from adapterkit import Adapter, AdapterRuntime, LoraConfig, create_adapter, load_base, method_names
 from adapterkit.errors import UnsupportedError
 from adapterkit.methods.bottleneck import BottleneckConfig
+from adapterkit.methods.full import FullConfig
 from adapterkit.methods.ia3 import Ia3Config
 from adapterkit.methods.sparse import SparseConfig
 from method_reference import reference
@@ -33,6 +34,7 @@ METHOD_CONFIGS = {
     "ia3": lambda targets, i: Ia3Config(target_modules=targets, feedforward_modules=(targets[-1],),
                                         init="nonzero", init_std=0.3),
     "bottleneck": _bottleneck,
+    "full": lambda targets, i: FullConfig(target_modules=targets, init_std=(0.05, 0.1, 0.2)[i]),
     "sparse": lambda targets, i: SparseConfig(target_modules=targets, init="random", init_density=(0.05, 0.2, 1.0)[i],
                                               init_std=0.3),
 }

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .base import ATTACH_MODULE, STAGE_SERIES, Method, SiteInfo, TensorKind, pattern_value
+from .kernels import routed
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -194,34 +195,13 @@ class BottleneckPool:
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, batch: Any, training: bool) -> torch.Tensor:
         x3, y3 = batch.view_input(x), batch.view_input(y)               # [n, L, d_in], [n, L, d_out]
-        out = y3
-        for parallel in (True, False):                   # parallel adapters read x, then series ones the output
-            src = x3 if parallel else out
-            terms = None
-            if batch.kernel == "dense":
-                for slot, w in batch.slot_weights.items():
-                    held = self.held.get(slot)
-                    if held is None or held[3] != parallel:
-                        continue
-                    parts, act, scale, _ = held
-                    term = (w * scale).to(src.dtype) * _f(src, parts, act)
-                    terms = term if terms is None else terms + term
-            else:
-                for idx, w in zip(*batch.gather_plan):  # each unit's slot [n] at this position
-                    for slot in batch.unique:
-                        held = self.held.get(slot)
-                        if held is None or held[3] != parallel:
-                            continue
-                        rows = (idx == slot).nonzero(as_tuple=True)[0]
-                        if rows.numel() == 0:
-                            continue
-                        parts, act, scale, _ = held
-                        weight = scale if w is None else w[rows].to(src.dtype) * scale
-                        if terms is None:
-                            terms = torch.zeros_like(out)
-                        terms.index_add_(0, rows, weight * _f(src[rows], parts, act))
-            if terms is not None:
-                out = out + terms
+
+        def run(held: tuple, t: torch.Tensor) -> torch.Tensor:
+            parts, act, scale, _ = held
+            return scale * _f(t, parts, act)
+        # parallel adapters read the block's input, then series ones the output so far
+        out = routed(batch, {s: h for s, h in self.held.items() if h[3]}, run, x3, y3)
+        out = routed(batch, {s: h for s, h in self.held.items() if not h[3]}, run, out, out)
         return out.reshape(y.shape)
 
 

@@ -8,7 +8,7 @@ and returns it.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -110,3 +110,31 @@ def reference_delta(
             xi = x[i].double()
             out[i] += float(weights[i, k]) * scale * (xi @ a.double().t() @ b.double().t())
     return out
+
+
+def routed(batch: Any, held: Mapping[int, Any], fn: Callable[[Any, torch.Tensor], torch.Tensor], src: torch.Tensor,
+           out: torch.Tensor) -> torch.Tensor:
+    """out + w_u · fn(held[s], src[u]) for every unit u routed to a slot s this pool holds.
+
+    src [n, L, d_in], out [n, L, d_out] (batch.view_input shapes); fn(adapter's tensors, src rows) ->
+    [m, L, d_out]. The dense kernel (training; gradients flow) runs every adapter of the step on all
+    units, masked by weight; the others gather each adapter's units and run it once per adapter
+    position (one fn call and one index_add per adapter): the kernel of families whose per-row work
+    is not a low-rank product (bottleneck MLPs, sparse entries, dense changes)."""
+    if batch.kernel == "dense":
+        for slot, w in batch.slot_weights.items():
+            if slot in held:
+                out = out + w.to(out.dtype) * fn(held[slot], src)
+        return out
+    result = None
+    for idx, w in zip(*batch.gather_plan):
+        for slot in batch.unique:
+            if slot not in held:
+                continue
+            rows = (idx == slot).nonzero(as_tuple=True)[0]
+            if rows.numel() == 0:
+                continue
+            term = fn(held[slot], src[rows])
+            term = term if w is None else term * w[rows].to(term.dtype)
+            result = (out.clone() if result is None else result).index_add_(0, rows, term)
+    return out if result is None else result

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 from ..errors import ConfigError, UnsupportedError
 from .base import Method
 from .bottleneck import BOTTLENECK
+from .full import FULL
 from .ia3 import IA3
 from .lora import LORA
 from .sparse import SPARSE
@@ -26,6 +27,7 @@ register_method(LORA)
 register_method(IA3)
 register_method(BOTTLENECK)
 register_method(SPARSE)
+register_method(FULL)
 
 
 def get_method(name: str) -> Method:

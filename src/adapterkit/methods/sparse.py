@@ -21,6 +21,7 @@ import torch
 
 from ..errors import BaseMismatchError, ConfigError, CorruptAdapterError
 from .base import STAGE_DELTA, Method, SiteInfo, TensorKind
+from .kernels import routed
 
 
 def _names(value: Any) -> Any:
@@ -225,25 +226,7 @@ class SparsePool:
     def apply(self, x: torch.Tensor, y: torch.Tensor, batch: Any, training: bool) -> torch.Tensor:
         x3, y3 = batch.view_input(x), batch.view_input(y)
         d_out = self.site.out_features
-        if batch.kernel == "dense":
-            for slot, w in batch.slot_weights.items():
-                held = self.held.get(slot)
-                if held is not None:
-                    y3 = y3 + w.to(y3.dtype) * sparse_apply(x3, *held, d_out)
-            return y3.reshape(y.shape)
-        out = None
-        for idx, w in zip(*batch.gather_plan):
-            for slot in batch.unique:
-                held = self.held.get(slot)
-                if held is None:
-                    continue
-                rows = (idx == slot).nonzero(as_tuple=True)[0]
-                if rows.numel() == 0:
-                    continue
-                term = sparse_apply(x3[rows], *held, d_out)
-                term = term if w is None else term * w[rows].to(term.dtype)
-                out = (y3.clone() if out is None else out).index_add_(0, rows, term)
-        return y if out is None else out.reshape(y.shape)
+        return routed(batch, self.held, lambda held, t: sparse_apply(t, *held, d_out), x3, y3).reshape(y.shape)
 
 
 SPARSE = Sparse()

@@ -1,0 +1,120 @@
+"""A dense weight change of chosen Linear layers, ΔW [d_out, d_in] in LoRA's layout per site: a full
+fine-tune of those matrices kept apart from the base. It is LT-SFT's dense phase (train/sft.py trains
+one, keeps its K largest entries as a sparse adapter and drops it) and the form a full fine-tune's
+difference takes before `sparse_from_dense`. Exactly mergeable; y += w · x ΔWᵀ per row (one matmul per
+adapter in the step, on the rows routed to it). Large: d_out · d_in floats per site.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from ..errors import ConfigError
+from .base import STAGE_DELTA, Method, SiteInfo, TensorKind
+from .kernels import routed
+
+
+@dataclass(frozen=True)
+class FullConfig:
+    target_modules: tuple[str, ...] | str = ("q_proj", "k_proj", "v_proj", "o_proj")
+    exclude_modules: tuple[str, ...] | str | None = None
+    init_std: float = 0.0                 # 0: ΔW = 0 (training); > 0: N(0, init_std) (tests)
+    type: ClassVar[str] = "full"
+
+    def __post_init__(self) -> None:
+        for key in ("target_modules", "exclude_modules"):
+            value = getattr(self, key)
+            if isinstance(value, list):
+                object.__setattr__(self, key, tuple(value))
+        if not self.target_modules:
+            raise ConfigError("full target_modules is empty: name the weight matrices to fine-tune")
+
+    def to_dict(self) -> dict[str, Any]:
+        def listed(v: Any) -> Any:
+            return list(v) if isinstance(v, tuple) else v
+        return {"type": self.type, "target_modules": listed(self.target_modules),
+                "exclude_modules": listed(self.exclude_modules), "init_std": self.init_std}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "FullConfig":
+        data = dict(data)
+        if data.pop("type", cls.type) != cls.type:
+            raise ConfigError(f"not a full config: type {data.get('type')!r}")
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"unknown full config field(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**data)
+
+
+class Full(Method):
+    name = "full"
+    title = "full"
+    config_cls = FullConfig
+    stage = STAGE_DELTA
+    delta_kind = "dense"
+    merge_ops = frozenset()
+
+    def tensor_kinds(self, config: FullConfig) -> dict[str, TensorKind]:
+        return {"delta": TensorKind()}
+
+    def tensor_shapes(self, config: FullConfig, site: SiteInfo) -> dict[str, tuple[int, ...]]:
+        return {"delta": (site.out_features, site.in_features)}
+
+    def init_tensors(self, config: FullConfig, site: SiteInfo, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        delta = torch.zeros(site.out_features, site.in_features)
+        if config.init_std > 0:
+            delta.normal_(0.0, config.init_std, generator=gen)
+        return {"delta": delta}
+
+    def make_pool(self, site: SiteInfo, capacity: int) -> "FullPool":
+        return FullPool(site)
+
+    def reference(self, config: FullConfig, site: SiteInfo, tensors: Mapping[str, torch.Tensor], x: torch.Tensor,
+                  y: torch.Tensor | None) -> torch.Tensor:
+        return y.double() + x.double() @ tensors["delta"].double().t()
+
+    def delta_weight(self, config: FullConfig, site: SiteInfo, tensors: Mapping[str, torch.Tensor],
+                     base_weight: torch.Tensor | None = None) -> torch.Tensor:
+        delta = tensors["delta"].float()
+        return delta.t() if site.fan_in_fan_out else delta
+
+    def max_delta(self, config: FullConfig, site_name: str, tensors: Mapping[str, torch.Tensor],
+                  limit: float) -> float:
+        return float(tensors["delta"].double().abs().max())
+
+    def summary(self, config: FullConfig, tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> str:
+        n = sum(int(p["delta"].numel()) for p in tensors.values())
+        return f"full {n} entries on {len(tensors)} sites"
+
+
+class FullPool:
+    """All dense changes at one Linear, by slot (their own tensors: gradients reach them)."""
+
+    def __init__(self, site: SiteInfo) -> None:
+        self.site = site
+        self.held: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.held)
+
+    def add(self, slot: int, config: Any, tensors: Mapping[str, torch.Tensor], site_name: str) -> None:
+        self.held[slot] = tensors["delta"]
+
+    def remove(self, slot: int) -> None:
+        self.held.pop(slot, None)
+
+    def resize(self, capacity: int) -> None:
+        pass
+
+    def refresh(self, slot: int) -> None:
+        pass
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor, batch: Any, training: bool) -> torch.Tensor:
+        x3, y3 = batch.view_input(x), batch.view_input(y)
+        return routed(batch, self.held, lambda delta, t: t @ delta.to(t.dtype).t(), x3, y3).reshape(y.shape)
+
+
+FULL = Full()
