@@ -134,3 +134,105 @@ def test_bad_sparse_input_is_refused_by_name(llama, tmp_path):
     with pytest.raises(BaseMismatchError, match=rf"adapter 'other' does not fit this base at {site}: its sparse "
                                                 "weight change is 64x32, the base's weight 32x32"):
         AdapterRuntime.from_base(llama).add(other)
+
+
+def _classification_files(tmp_path):
+    import json
+
+    from conftest import save_tiny_tokenizer, tiny_llama
+
+    path = tmp_path / "base"
+    tiny_llama(initializer_range=0.2).save_pretrained(str(path))
+    save_tiny_tokenizer(path)
+    rows = [("the cat runs fast", "feline"), ("a cat is on the mat", "feline"), ("the dog runs slow", "canine"),
+            ("a dog is on the mat", "canine")] * 3
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    return path, data
+
+
+def test_lt_sft_selects_the_top_k_of_the_dense_phase_resets_and_trains_only_those(tmp_path, monkeypatch):
+    """Phase 1 trains a dense ΔW; the stored adapter holds exactly the K largest |ΔW| entries (one global
+    threshold), and phase 2 starts them at 0 (with lr 0 in phase 2 they stay 0: the base exactly)."""
+    from typer.testing import CliRunner
+
+    import adapterkit.train.sft as sft
+    from adapterkit.cli import app
+    from adapterkit.store import AdapterStore
+
+    path, data = _classification_files(tmp_path)
+    seen = {}
+    real = sft.sparse_from_dense
+
+    def spy(deltas, **kw):
+        out = real(deltas, **kw)
+        seen["deltas"], seen["out"] = {s: d.clone() for s, d in deltas.items()}, out
+        return out
+    monkeypatch.setattr(sft, "sparse_from_dense", spy)
+    args = ["train", "--method", "sparse", "--sparse-params", "40", "--dense-steps", "8", "--steps", "6", "--name",
+            "s", "--base", str(path), "--train-file", str(data), "--store", str(tmp_path / "st"), "--no-progress"]
+    res = CliRunner().invoke(app, args + ["--lr", "0.01"])
+    assert res.exit_code == 0, res.output
+    store = AdapterStore(tmp_path / "st")
+    stored, row = store.get("s"), store.show("s")
+    assert row["method"] == "sparse" and row["summary"].startswith("sparse 40 entries on ")
+    flat = torch.cat([d.abs().reshape(-1) for d in seen["deltas"].values()])
+    threshold = float(flat.topk(40).values.min())
+    for site, parts in stored.tensors.items():
+        want = torch.nonzero(seen["deltas"][site].abs().reshape(-1) >= threshold).flatten()
+        assert torch.equal(parts["indices"], want)
+    assert all(bool((p["values"] != 0).any()) for p in stored.tensors.values())         # phase 2 trained
+    lineage = row["lineage"][0]["params"]
+    assert lineage["lt_sft"]["k"] == 40 and lineage["lt_sft"]["dense_steps"] == 8
+    assert not (store.root / "runs" / "s.dense").exists()                                # phase 1 left nothing
+
+
+def test_lt_sft_phases_reset_to_the_base_and_pull_toward_it(llama, tmp_path):
+    """fit_lt_sft around a stand-in fit: phase 1 gets a dense (full) adapter for the sparse adapter's sites
+    and dense_steps; phase 2 gets the sparse adapter with the top-K indices and every value 0 (θ0), and a
+    loss with λ Σ |θ − θ0| added."""
+    from adapterkit.store import AdapterStore
+    from adapterkit.train.sft import SftOptions, fit_lt_sft
+    from adapterkit.train.trainer import TrainConfig
+
+    adapter = create_adapter("s", llama.model, SparseConfig(target_modules=("q_proj",)), seed=0)
+    calls, planted = [], {}
+
+    def stand_in(base, a, examples, collate, loss_fn, config, **kw):
+        calls.append((a.config.type, config.steps, {s: {k: t.clone() for k, t in p.items()} for s, p in a.tensors.items()},
+                      loss_fn))
+        if a.config.type == "full":                  # "training": plant a known dense change
+            g = torch.Generator().manual_seed(1)
+            for site, parts in a.tensors.items():
+                planted[site] = parts["delta"] = torch.randn(parts["delta"].shape, generator=g)
+        return None, None
+
+    info = {}
+    fit_lt_sft(stand_in, llama, adapter, [], None, lambda model, batch: torch.tensor(1.0), TrainConfig(steps=4),
+               sft=SftOptions(sparse_params=7, dense_steps=3, l1=0.5), run_info=info, store=AdapterStore(tmp_path / "st"))
+    (kind1, steps1, _, _), (kind2, steps2, tensors2, loss2) = calls
+    assert (kind1, steps1, kind2, steps2) == ("full", 3, "sparse", 4)
+    flat = torch.cat([d.abs().reshape(-1) for d in planted.values()])
+    thr = float(flat.topk(7).values.min())
+    for site, parts in tensors2.items():
+        assert torch.equal(parts["indices"], torch.nonzero(planted[site].abs().reshape(-1) >= thr).flatten())
+        assert not bool(parts["values"].any())                                   # back to θ0
+    assert sum(p["indices"].numel() for p in tensors2.values()) == 7 and info["lt_sft"]["k"] == 7
+    for parts in adapter.tensors.values():
+        parts["values"] += 2.0                                                   # |θ − θ0| = 2 per entry
+    assert float(loss2(None, None)) == pytest.approx(1.0 + 0.5 * 2.0 * 7)
+
+
+def test_lt_sft_flags_are_checked(tmp_path):
+    from typer.testing import CliRunner
+
+    from adapterkit.cli import app
+
+    path, data = _classification_files(tmp_path)
+    base = ["--name", "s", "--base", str(path), "--train-file", str(data), "--store", str(tmp_path / "st"),
+            "--no-progress"]
+    res = CliRunner().invoke(app, ["train", "--method", "sparse", "--sparse-params", "5", "--sparse-proportion", "0.1",
+                                   *base])
+    assert res.exit_code != 0 and "give --sparse-params or --sparse-proportion, not both" in res.output
+    res = CliRunner().invoke(app, ["train", "--dense-steps", "5", *base])
+    assert res.exit_code != 0 and "--dense-steps set a sparse adapter; this run trains lora" in res.output

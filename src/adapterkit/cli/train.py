@@ -39,6 +39,14 @@ def train_cmd(
     reduction_factor: Optional[int] = typer.Option(None, "--reduction-factor", help="Bottleneck: d -> d/rf "
                                                    "(default 16)."),
     nonlinearity: Optional[str] = typer.Option(None, help="Bottleneck: relu (default), gelu or silu."),
+    sparse_params: Optional[int] = typer.Option(None, "--sparse-params", help="Sparse (LT-SFT): entries kept "
+                                                "after the dense phase (default: 1 % of the selected matrices)."),
+    sparse_proportion: Optional[float] = typer.Option(None, "--sparse-proportion", help="Sparse: the share of "
+                                                      "entries kept instead (default 0.01)."),
+    dense_steps: Optional[int] = typer.Option(None, "--dense-steps", help="Sparse: steps of the dense phase "
+                                              "(default: the run's steps)."),
+    l1: Optional[float] = typer.Option(None, "--l1", help="Sparse: λ of an L1 pull of the entries toward the base "
+                                       "in the sparse phase (default 0)."),
     objective: str = typer.Option("classification", help="classification (text, label), causal-lm "
                                   "(JSONL prompt/completion or messages) or mlm (plain text, encoder bases)."),
     r: int = typer.Option(8, help="LoRA rank."),
@@ -107,12 +115,17 @@ def train_cmd(
         with run_lock(st, name):
             check_run(st, name, overwrite=overwrite, resume=resume)      # before loading the base or the data
             target_list = tuple(t.strip() for t in targets.split(",")) if targets else None
-            options = dict(placement=placement, reduction_factor=reduction_factor, nonlinearity=nonlinearity)
-            if method != "bottleneck" and any(v is not None for v in options.values()):
-                raise AdapterkitError("--placement, --reduction-factor and --nonlinearity set a bottleneck adapter; "
-                                      f"this run trains {method}: add --method bottleneck or leave them out")
+            options = {"bottleneck": dict(placement=placement, reduction_factor=reduction_factor,
+                                          nonlinearity=nonlinearity),
+                       "sparse": dict(sparse_params=sparse_params, sparse_proportion=sparse_proportion,
+                                      dense_steps=dense_steps, l1=l1)}
+            for family, given in options.items():
+                if method != family and any(v is not None for v in given.values()):
+                    flags_given = ", ".join("--" + k.replace("_", "-") for k, v in given.items() if v is not None)
+                    raise AdapterkitError(f"{flags_given} set a {family} adapter; this run trains {method}: add "
+                                          f"--method {family} or leave them out")
             common = dict(task=task or (str(train_file) if train_file else None), store=st, r=r, method=method,
-                          method_options=options if method == "bottleneck" else None,
+                          method_options=options.get(method),
                           alpha=alpha, targets=target_list, max_length=max_length, overwrite=overwrite,
                           progress=progress, resume=resume, log_path=str(log) if log else None)
             if objective == "causal-lm":

@@ -56,7 +56,7 @@ RECIPES = {
 
 # The families `train` trains, and the factor on the objective's adapter lr for each (the head's lr is
 # the objective's): an IA3 vector has a few thousand entries near 1, and moves slowly at LoRA's lr.
-METHOD_LR = {"lora": 1.0, "ia3": 5.0, "bottleneck": 1.0}
+METHOD_LR = {"lora": 1.0, "ia3": 5.0, "bottleneck": 1.0, "sparse": 0.05}
 TRAINABLE = tuple(METHOD_LR)
 
 

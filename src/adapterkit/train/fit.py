@@ -30,6 +30,7 @@ from ..errors import AdapterkitError, ConfigError
 from ..methods.bottleneck import BottleneckConfig
 from ..methods.ia3 import Ia3Config
 from ..methods.lora import LoraConfig
+from ..methods.sparse import SparseConfig
 from ..core.runtime import AdapterRuntime
 from ..store import AdapterStore
 from .filelock import LockHeld, file_lock
@@ -40,6 +41,10 @@ from .trainer import STATE_JSON, TrainConfig, TrainResult, dist_rank_world, trai
 from ..methods.ia3 import DEFAULT_TARGETS as _IA3_DEFAULTS
 
 IA3_TYPES = set(_IA3_DEFAULTS)
+# LT-SFT's selection runs over every weight matrix of the layers (attention and MLP)
+SPARSE_TARGETS = {"causal-lm": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                  "encoder": ("query", "key", "value", "attention.output.dense", "intermediate.dense",
+                              "output.dense")}
 DEFAULT_TARGETS = {"causal-lm": ("q_proj", "k_proj", "v_proj", "o_proj"), "encoder": ("query", "key", "value")}
 CHECKPOINT, LOG = "checkpoint", "train_log.jsonl"
 
@@ -119,7 +124,10 @@ def adapter_config(method: str, base: Base, *, r: int = 8, alpha: float = 16.0,
     projections). ia3: PEFT's targets for the base's architecture (keys, values and the MLP's down
     projection, whose input it scales); given targets keep PEFT's feedforward choice among them.
     bottleneck: `options` placement (pfeiffer), reduction_factor (16), nonlinearity (relu) at the
-    placement's modules for the base's architecture, or at the given targets."""
+    placement's modules for the base's architecture, or at the given targets. sparse: every weight
+    matrix of the layers (LT-SFT selects among them), or the given targets."""
+    if method == "sparse":                     # the LT-SFT options are the run's (train/sft.py), not the config's
+        return SparseConfig(target_modules=tuple(targets or SPARSE_TARGETS[base.kind]))
     if method == "bottleneck":
         model_type = getattr(base.model.config, "model_type", "?")
         given = {k: v for k, v in options.items() if v is not None}
@@ -134,7 +142,7 @@ def adapter_config(method: str, base: Base, *, r: int = 8, alpha: float = 16.0,
             return Ia3Config.for_model(model_type)
         known = Ia3Config.for_model(model_type).feedforward_modules if model_type in IA3_TYPES else ()
         return Ia3Config(target_modules=tuple(targets), feedforward_modules=tuple(t for t in targets if t in known))
-    raise ConfigError(f"`train` trains lora, ia3 and bottleneck adapters; {method!r} is not one of them")
+    raise ConfigError(f"`train` trains lora, ia3, bottleneck and sparse adapters; {method!r} is not one of them")
 
 
 def method_info(adapter: Adapter) -> dict[str, Any]:
@@ -149,11 +157,19 @@ def fit(base: Base, adapter: Adapter, examples: Sequence[Any], collate: Callable
         progress: bool = True, extra_params: Sequence[torch.Tensor] = (),
         evaluate: Callable[[AdapterRuntime], float] | None = None, lengths: Sequence[int] | None = None,
         run_info: dict[str, Any] | None = None, eval_name: str = "eval score",
-        eval_negated: bool = False) -> tuple[AdapterRuntime, TrainResult]:
+        eval_negated: bool = False, sft: dict[str, Any] | None = None) -> tuple[AdapterRuntime, TrainResult]:
     """Train `adapter` on a fresh runtime over `base`, checkpointing into the run folder; `evaluate`
     (higher is better) gets the runtime. The log (default <run folder>/train_log.jsonl) gets a
     loss-curve PNG beside it (report.loss_plot_path), with `evaluate`'s scores named `eval_name`
-    (negated back first when `eval_negated`: a score that is minus a loss)."""
+    (negated back first when `eval_negated`: a score that is minus a loss). A sparse adapter with
+    `sft` options trains by LT-SFT's two phases (train/sft.py)."""
+    if sft is not None and adapter.config.type == "sparse":
+        from .sft import SftOptions, fit_lt_sft
+
+        return fit_lt_sft(fit, base, adapter, examples, collate, loss_fn, config, sft=SftOptions.from_options(sft),
+                          run_info=run_info, store=store, resume=resume, log_path=log_path, progress=progress,
+                          extra_params=extra_params, evaluate=evaluate, lengths=lengths, eval_name=eval_name,
+                          eval_negated=eval_negated)
     rt = AdapterRuntime.from_base(base)
     rt.add(adapter)
     folder = run_dir(store, adapter.name)

@@ -209,7 +209,8 @@ def train_mlm(base: Base, name: str, train_texts: Sequence[str], eval_texts: Seq
         rt, result = fit(base, adapter, docs, MaskCollator(tok, adapter.head.bias.shape[0]), mlm_loss(adapter.head),
                          config, store=store, resume=resume, log_path=log_path, progress=progress,
                          extra_params=adapter.head.params(), evaluate=score, lengths=[len(d) for d in docs],
-                         run_info=info, eval_name="validation loss", eval_negated=True)
+                         run_info=info,
+                         sft=method_options if method == "sparse" else None, eval_name="validation loss", eval_negated=True)
         shown = progress and dist_rank_world()[0] == 0           # the final scoring: a bar on rank 0
         metrics = evaluate_mlm(rt, adapter, eval_texts, max_length, progress=shown) if eval_texts else {}
         finish(store, adapter, metrics, {**asdict(config), **info, "train_examples": len(docs),

@@ -80,7 +80,8 @@ def train_classifier(
         rt, result = fit(base, adapter, train_examples, collate_fn(base.tokenizer, adapter.head, max_length),
                          loss_fn(adapter.head), config, store=store, resume=resume, log_path=log_path,
                          progress=progress, extra_params=[adapter.head.weight, adapter.head.bias], evaluate=score,
-                         lengths=lengths, run_info=info, eval_name="validation accuracy")
+                         lengths=lengths, run_info=info,
+                         sft=method_options if method == "sparse" else None, eval_name="validation accuracy")
         metrics = evaluate(rt, adapter, eval_examples, max_length, progress and dist_rank_world()[0] == 0) \
             if eval_examples else {}
         finish(store, adapter, metrics, {**asdict(config), **info, "train_examples": len(train_examples),
