@@ -87,7 +87,7 @@ def train_instructions(base: Base, name: str, train_records: Sequence[Mapping[st
         rt, result = fit(base, adapter, encoded, partial(collate, pad_id=pad_id(tok)), lm_loss, config, store=store,
                          resume=resume, log_path=log_path, progress=progress, evaluate=score,
                          lengths=[len(e.input_ids) for e in encoded], run_info=info,
-                         sft=method_options if method == "sparse" else None, eval_name="validation loss",
+                         sft=(method_options or {}) if method == "sparse" else None, eval_name="validation loss",
                          eval_negated=True)
         shown = progress and dist_rank_world()[0] == 0           # the final scoring: a bar on rank 0
         metrics = evaluate_instructions(rt, name, eval_records, max_length, progress=shown) if eval_records else {}

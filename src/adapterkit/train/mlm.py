@@ -210,7 +210,7 @@ def train_mlm(base: Base, name: str, train_texts: Sequence[str], eval_texts: Seq
                          config, store=store, resume=resume, log_path=log_path, progress=progress,
                          extra_params=adapter.head.params(), evaluate=score, lengths=[len(d) for d in docs],
                          run_info=info,
-                         sft=method_options if method == "sparse" else None, eval_name="validation loss", eval_negated=True)
+                         sft=(method_options or {}) if method == "sparse" else None, eval_name="validation loss", eval_negated=True)
         shown = progress and dist_rank_world()[0] == 0           # the final scoring: a bar on rank 0
         metrics = evaluate_mlm(rt, adapter, eval_texts, max_length, progress=shown) if eval_texts else {}
         finish(store, adapter, metrics, {**asdict(config), **info, "train_examples": len(docs),

@@ -81,7 +81,7 @@ def train_classifier(
                          loss_fn(adapter.head), config, store=store, resume=resume, log_path=log_path,
                          progress=progress, extra_params=[adapter.head.weight, adapter.head.bias], evaluate=score,
                          lengths=lengths, run_info=info,
-                         sft=method_options if method == "sparse" else None, eval_name="validation accuracy")
+                         sft=(method_options or {}) if method == "sparse" else None, eval_name="validation accuracy")
         metrics = evaluate(rt, adapter, eval_examples, max_length, progress and dist_rank_world()[0] == 0) \
             if eval_examples else {}
         finish(store, adapter, metrics, {**asdict(config), **info, "train_examples": len(train_examples),
