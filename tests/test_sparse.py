@@ -236,3 +236,21 @@ def test_lt_sft_flags_are_checked(tmp_path):
     assert res.exit_code != 0 and "give --sparse-params or --sparse-proportion, not both" in res.output
     res = CliRunner().invoke(app, ["train", "--dense-steps", "5", *base])
     assert res.exit_code != 0 and "--dense-steps set a sparse adapter; this run trains lora" in res.output
+
+
+def test_merge_cli_merges_stored_sparse_adapters_from_a_recipe(llama, tmp_path):
+    """The merge command over a family's own merge (sparse TIES): stored, summarised, verbose table."""
+    from typer.testing import CliRunner
+
+    from adapterkit.cli import app
+    from adapterkit.store import AdapterStore
+
+    store = AdapterStore(tmp_path / "st")
+    for name, seed in (("a", 1), ("b", 2)):
+        store.put(sparse(name, llama, seed))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: ties\nparameters:\n  density: 0.5\ninputs:\n  - adapter: a\n  - adapter: b\n")
+    res = CliRunner().invoke(app, ["merge", str(recipe), "--name", "ab", "--store", str(store.root), "--verbose"],
+                             env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert store.show("ab")["method"] == "sparse" and "ties merge of a, b" in res.output

@@ -87,7 +87,7 @@ def merge_cmd(
     if verbose:
         table = Table("site", "rank", "rel. error", title=f"{name}: {report.method} merge")
         for site, e in report.site_errors.items():
-            table.add_row(site, str(report.site_ranks[site]), f"{e:.2e}")
+            table.add_row(site, str(report.site_ranks.get(site, "-")), f"{e:.2e}")    # "-": a family without ranks
         out.print(table)
     out.print(f"stored [bold]{escape(name)}[/]: {report.method} merge of "
               f"{escape(', '.join(i['name'] for i in report.inputs))}; {len(report.site_errors)} sites, max rel. error "
