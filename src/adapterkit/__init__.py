@@ -9,14 +9,18 @@ from .errors import (AdapterkitError, AdapterNameError, AdapterNotFoundError, Ba
 from .core.generate import generate
 from .merge import merge, merge_reversible, merge_with_report, recover
 from .methods import get_method, method_names
+from .methods.bottleneck import BottleneckConfig
+from .methods.full import FullConfig
 from .methods.ia3 import Ia3Config
 from .methods.lora import LoraConfig
+from .methods.sparse import SparseConfig
 from .core.runtime import AdapterRuntime
 
 __all__ = [
     "Adapter", "AdapterMeta", "create_adapter", "Base", "list_bases", "load_base", "pull_base",
     "AdapterBatch", "build_batch", "AdapterkitError", "AdapterNameError", "AdapterNotFoundError",
     "BaseMismatchError", "BaseNotAvailableError", "ConfigError", "CorruptAdapterError", "TargetError",
-    "UnsupportedError", "generate", "merge", "merge_reversible", "merge_with_report", "recover", "get_method", "method_names", "LoraConfig", "Ia3Config", "AdapterRuntime",
+    "UnsupportedError", "generate", "merge", "merge_reversible", "merge_with_report", "recover", "get_method", "method_names", "LoraConfig", "Ia3Config", "BottleneckConfig", "SparseConfig", "FullConfig",
+    "AdapterRuntime",
 ]
 __version__ = "0.1.0"

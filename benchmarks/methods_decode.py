@@ -1,0 +1,152 @@
+#!/usr/bin/env python
+"""The decode step of a batch mixing adapter families (issue 13's benchmark, its timing part):
+SmolLM2-135M, B rows (default 32), one new token per row on a KV cache of --ctx (128) tokens.
+
+Systems (the same base weights, alternated in every repetition, median of --reps):
+  base      the bare base
+  lora      every row on its own LoRA adapter (r=8 on q,k,v,o; the adapters of benchmarks/mixed_batch.py)
+  mixed     rows round-robin over five families, B/5 adapters of each: LoRA r=8, IA3 (PEFT's targets),
+            bottleneck Pfeiffer and parallel (reduction factor 16), sparse (K = a LoRA r=8's parameter
+            count, spread over every weight matrix of the layers)
+
+A correctness gate first: each mixed row equals that row run alone (allclose 1e-4).
+Target: mixed / base <= 1.3. Results: benchmarks/results/methods_decode.json.
+
+    .venv/bin/python benchmarks/methods_decode.py [--batch 32] [--reps 7] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from cli_runs import log  # noqa: E402
+
+
+def families(base, n_each: int):
+    """n_each adapters of each family, nonzero so each moves the output."""
+    from adapterkit import BottleneckConfig, Ia3Config, LoraConfig, SparseConfig, create_adapter
+
+    lora_cfg = LoraConfig(r=8, alpha=16, init="nonzero", init_std=0.02)
+    lora_params = None
+    out = {}
+    for fam in ("lora", "ia3", "pfeiffer", "parallel", "sparse"):
+        for i in range(n_each):
+            if fam == "lora":
+                cfg = lora_cfg
+            elif fam == "ia3":
+                cfg = Ia3Config.for_model("llama", init="nonzero", init_std=0.1)
+            elif fam in ("pfeiffer", "parallel"):
+                cfg = BottleneckConfig.for_model("llama", fam, init="nonzero", init_std=0.02)
+            else:
+                total = sum(m.weight.numel() for n, m in base.model.named_modules()
+                            if n.rsplit(".", 1)[-1] in SparseConfig().target_modules)
+                cfg = SparseConfig(init="random", init_density=lora_params / total, init_std=0.01)
+            a = create_adapter(f"{fam}{i}", base.model, cfg, seed=100 * i + len(fam), fingerprint=base.fingerprint)
+            if fam == "lora" and lora_params is None:
+                lora_params = a.num_parameters()
+            out[a.name] = a
+    return out, lora_params
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--ctx", type=int, default=128)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "methods_decode.json")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    import adapterkit
+
+    base = adapterkit.load_base("smollm2-135m", device="cpu")
+    n_each = a.batch // 5 + (a.batch % 5 > 0)
+    adapters, lora_params = families(base, n_each)
+    rt = adapterkit.AdapterRuntime.from_base(base, capacity=len(adapters))
+    for ad in adapters.values():
+        rt.add(ad)
+    names = list(adapters)
+    by_family = [n for i in range(n_each) for n in names[i::n_each]]          # round-robin over families
+    mixed_rows = by_family[:a.batch]
+    lora_rows = [f"lora{i % n_each}" for i in range(a.batch)]
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randint(3, base.model.config.vocab_size, (a.batch, a.ctx), generator=g)
+    tok = torch.randint(3, base.model.config.vocab_size, (a.batch, 1), generator=g)
+    import inspect
+
+    # transformers 5.x renames past_key_values -> cache; use whichever this version takes
+    kw = "cache" if "cache" in inspect.signature(base.model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        out = base.model(ctx, use_cache=True)
+        master = getattr(out, kw, None) or out.past_key_values         # the bare base's cache, shared by all
+
+    def step(rows):
+        cache = copy.deepcopy(master)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if rows is None:
+                with rt.disabled():
+                    logits = base.model(tok, **{kw: cache}, use_cache=True).logits
+            else:
+                with rt.batch(rows):
+                    logits = base.model(tok, **{kw: cache}, use_cache=True).logits
+        return time.perf_counter() - t0, logits[:, -1]
+
+    # correctness gate: each mixed row equals that row alone (its own cache row)
+    _, mixed = step(mixed_rows)
+    _, bare = step(None)
+    moved = 0
+    for i, name in enumerate(mixed_rows):
+        with torch.no_grad(), rt.batch([name]):
+            one = base.model(tok[i:i + 1], **{kw: _row_cache(master, i)}, use_cache=True).logits[0, -1]
+        torch.testing.assert_close(mixed[i], one, atol=1e-4, rtol=1e-4)
+        moved += int((mixed[i] - bare[i]).abs().max() > 1e-4)
+    log(f"gate: every mixed row equals its row alone; {moved}/{len(mixed_rows)} rows moved by their adapter")
+    times = {"base": [], "lora": [], "mixed": []}
+    for _ in range(2):                                                   # warm-up
+        for rows in (None, lora_rows, mixed_rows):
+            step(rows)
+    for rep in range(a.reps):
+        for system, rows in (("base", None), ("lora", lora_rows), ("mixed", mixed_rows)):
+            times[system].append(step(rows)[0])
+        log(f"rep {rep}: " + ", ".join(f"{k} {1000 * v[-1]:.1f} ms" for k, v in times.items()))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {"benchmark": "methods_decode", "batch": a.batch, "ctx": a.ctx, "reps": a.reps, "threads": a.threads,
+           "adapters_per_family": n_each, "families": ["lora r=8", "ia3", "bottleneck pfeiffer rf16",
+                                                       "bottleneck parallel rf16", f"sparse K={lora_params}"],
+           "times_s": times, "median_s": med,
+           "ratios": {"mixed_over_base": med["mixed"] / med["base"], "lora_over_base": med["lora"] / med["base"],
+                      "mixed_over_lora": med["mixed"] / med["lora"]},
+           "target": {"mixed_over_base_at_most": 1.3, "met": med["mixed"] / med["base"] <= 1.3},
+           "environment": {"torch": torch.__version__, "date": _dt.datetime.now(_dt.timezone.utc).isoformat(
+               timespec="seconds")}}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(out, indent=1) + "\n")
+    log(f"medians: " + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in med.items()) +
+        f"; mixed/base {out['ratios']['mixed_over_base']:.2f}, lora/base {out['ratios']['lora_over_base']:.2f}")
+
+
+def _row_cache(cache, i):
+    """A copy of the cache holding row i only."""
+    one = copy.deepcopy(cache)
+    for layer in getattr(one, "layers", []):
+        layer.keys, layer.values = layer.keys[i:i + 1], layer.values[i:i + 1]
+    if not getattr(one, "layers", None):                               # older caches: key_cache / value_cache
+        one.key_cache = [k[i:i + 1] for k in one.key_cache]
+        one.value_cache = [v[i:i + 1] for v in one.value_cache]
+    return one
+
+
+if __name__ == "__main__":
+    main()
