@@ -166,3 +166,12 @@ def test_train_cli_trains_a_bottleneck_classifier(tmp_path):
     res = CliRunner().invoke(app, ["train", "--placement", "houlsby", "--name", "c", "--base", str(path),
                                    "--train-file", str(data), "--store", str(tmp_path / "s"), "--no-progress"])
     assert res.exit_code != 0 and "set a bottleneck adapter; this run trains lora" in res.output
+
+
+def test_inspect_describes_a_native_family_by_its_summary(llama, tmp_path):
+    from adapterkit.cli.inspect import describe
+
+    create_adapter("b", llama.model, BottleneckConfig.for_model("llama", "houlsby"), seed=0).save(tmp_path / "b")
+    info = describe(tmp_path / "b")
+    assert info["method"] == "bottleneck" and info["summary"] == "bottleneck houlsby relu size 2 on 4 sites"
+    assert info["weights"] == "native adapter.safetensors" and "rank" not in info and "alpha" not in info

@@ -14,14 +14,16 @@ def describe(path: str | Path) -> dict[str, Any]:
     adapter = Adapter.load(path)
     config = adapter.config
     targets = config.target_modules
+    # a low-rank family's rank, alpha and rsLoRA flag; every family's one-line summary
+    lowrank = {"rank": adapter.ranks(), "alpha": config.alpha, "rslora": config.use_rslora} if config.type == "lora" \
+        else {}
     return {
         "name": adapter.name,
         "method": config.type,
         "format": "adapterkit" if (path / SIDE_FILE).is_file() else "peft",
+        "weights": "PEFT's adapter_model.safetensors" if adapter.method.peft_type else "native adapter.safetensors",
         "summary": adapter.summary(),
-        "rank": adapter.ranks(),
-        "alpha": getattr(config, "alpha", None),
-        "rslora": getattr(config, "use_rslora", False),
+        **lowrank,
         "targets": targets if isinstance(targets, str) else list(targets),
         "sites": len(adapter.sites),
         "parameters": adapter.num_parameters(),
