@@ -200,11 +200,15 @@ def sparse_from_dense(deltas: Mapping[str, torch.Tensor], *, k: int | None = Non
 
 
 class SparsePool:
-    """All sparse adapters at one Linear, by slot: their own tensors (gradients reach the values)."""
+    """All sparse adapters at one Linear, by slot. `held`: each adapter's own (rows, cols, values), read
+    by the dense kernel (gradients reach the values). For the other kernels every adapter's entries are
+    also laid end to end (cat_*) with each slot's start and count, so a step gathers the entries of every
+    unit's adapter at once: a handful of tensor ops per site whatever the number of adapters."""
 
     def __init__(self, site: SiteInfo) -> None:
         self.site = site
-        self.held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.held: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._stale = True
 
     def __len__(self) -> int:
         return len(self.held)
@@ -213,20 +217,64 @@ class SparsePool:
         # rows and columns of the entries, once (int64 on the base's device)
         idx = tensors["indices"]
         self.held[slot] = (idx // self.site.in_features, idx % self.site.in_features, tensors["values"])
+        self._stale = True
 
     def remove(self, slot: int) -> None:
         self.held.pop(slot, None)
+        self._stale = True
 
     def resize(self, capacity: int) -> None:
-        pass
+        self._stale = True
 
     def refresh(self, slot: int) -> None:
-        pass
+        self._stale = True                             # trained values: re-laid before the next gathered step
+
+    def _lay_out(self) -> None:
+        """cat_rows / cat_cols / cat_vals [E] and per slot start / count [max slot + 1] (0 for no adapter)."""
+        slots = sorted(self.held)
+        size = (max(slots) if slots else 0) + 1
+        device = self.site.device
+        self.start = torch.zeros(size, dtype=torch.int64, device=device)
+        self.count = torch.zeros(size, dtype=torch.int64, device=device)
+        parts, offset = [], 0
+        for slot in slots:
+            rows, cols, vals = self.held[slot]
+            self.start[slot], self.count[slot] = offset, rows.numel()
+            offset += rows.numel()
+            parts.append((rows, cols, vals.detach()))
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        self.cat_rows = torch.cat([p[0] for p in parts]) if parts else empty
+        self.cat_cols = torch.cat([p[1] for p in parts]) if parts else empty
+        self.cat_vals = torch.cat([p[2].to(self.site.dtype) for p in parts]) if parts else empty.to(self.site.dtype)
+        self._stale = False
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, batch: Any, training: bool) -> torch.Tensor:
-        x3, y3 = batch.view_input(x), batch.view_input(y)
+        x3, y3 = batch.view_input(x), batch.view_input(y)                 # [n, L, d_in], [n, L, d_out]
         d_out = self.site.out_features
-        return routed(batch, self.held, lambda held, t: sparse_apply(t, *held, d_out), x3, y3).reshape(y.shape)
+        if batch.kernel == "dense":                     # training: the live values, masked per unit
+            return routed(batch, self.held, lambda held, t: sparse_apply(t, *held, d_out), x3, y3).reshape(y.shape)
+        if self._stale:
+            self._lay_out()
+        n, length = x3.shape[0], x3.shape[1]
+        out = None
+        for idx, w in zip(*batch.gather_plan):          # each unit's slot [n] at this adapter position
+            idx = torch.where(idx < self.count.numel(), idx, torch.zeros_like(idx))   # past our slots: nothing here
+            counts = self.count[idx]                                       # [n] entries of each unit's adapter
+            total = int(counts.sum())
+            if total == 0:
+                continue
+            unit = torch.repeat_interleave(torch.arange(n, device=counts.device), counts)      # [E]
+            first = torch.cumsum(counts, 0) - counts                        # each unit's first entry in E
+            entry = self.start[idx][unit] + torch.arange(total, device=counts.device) - first[unit]
+            rows, cols, vals = self.cat_rows[entry], self.cat_cols[entry], self.cat_vals[entry].to(x3.dtype)
+            if w is not None:
+                vals = vals * w.reshape(-1)[unit].to(x3.dtype)
+            contrib = x3[unit, :, cols] * vals[:, None]                     # [E, L]
+            # flat positions in out [n, L, d_out]: ((unit · L) + l) · d_out + row, for every token l
+            at = (unit[:, None] * length + torch.arange(length, device=unit.device)) * d_out + rows[:, None]
+            out = y3.clone() if out is None else out                        # contiguous, as y3 is
+            out.view(-1).index_add_(0, at.reshape(-1), contrib.reshape(-1))
+        return y if out is None else out.reshape(y.shape)
 
 
 SPARSE = Sparse()
