@@ -170,36 +170,98 @@ class Bottleneck(Method):
 
 
 class BottleneckPool:
-    """All bottleneck adapters at one module, by slot: the adapters' own tensors (gradients reach them).
-    Each step runs each adapter once, on the units routed to it (rows or tokens gathered per slot), or
-    on all units masked by weight while training (the dense kernel)."""
+    """All bottleneck adapters at one module, by slot. `held`: each adapter's own tensors, read by the
+    dense kernel while training (gradients reach them; all units, masked by weight). For the other
+    kernels, stacks per side (parallel / series) padded to the largest bottleneck, slot 0 and other
+    families' slots zero: D [S+1, d_read, B], Db [S+1, B], U [S+1, B, d_out], Ub [S+1, d_out], s [S+1],
+    so a step is two gathered bmm's per adapter position, as LoRA's gather kernel (zero padding stays
+    zero through relu / gelu / silu)."""
 
     def __init__(self, site: SiteInfo) -> None:
         self.site = site
         self.held: dict[int, tuple[dict[str, torch.Tensor], Callable, float, bool]] = {}
+        self._stacks: dict[bool, Any] = {}
+        self._stale = True
 
     def __len__(self) -> int:
         return len(self.held)
 
     def add(self, slot: int, config: BottleneckConfig, tensors: Mapping[str, torch.Tensor], site_name: str) -> None:
         self.held[slot] = (dict(tensors), ACTIVATIONS[config.nonlinearity], float(config.scaling), config.parallel)
+        self._stale = True
 
     def remove(self, slot: int) -> None:
         self.held.pop(slot, None)
+        self._stale = True
 
     def resize(self, capacity: int) -> None:
-        pass                                             # no stacks: nothing sized by capacity
+        self._stale = True
 
     def refresh(self, slot: int) -> None:
-        pass                                             # reads the adapters' own tensors
+        self._stale = True                               # trained tensors: re-stacked before the next gathered step
+
+    def _stack(self) -> None:
+        size = max(self.held, default=0) + 1
+        dev, dt = self.site.device, self.site.dtype
+        self._stacks = {}
+        for parallel in (True, False):
+            slots = [s for s, h in self.held.items() if h[3] == parallel]
+            if not slots:
+                continue
+            parts0 = self.held[slots[0]][0]
+            d_read, d_out = parts0["down"].shape[1], parts0["up"].shape[0]
+            width = max(self.held[s][0]["down"].shape[0] for s in slots)
+            down = torch.zeros(size, d_read, width, dtype=dt, device=dev)
+            down_b = torch.zeros(size, width, dtype=dt, device=dev)
+            up = torch.zeros(size, width, d_out, dtype=dt, device=dev)
+            up_b = torch.zeros(size, d_out, dtype=dt, device=dev)
+            scale = torch.zeros(size, dtype=dt, device=dev)
+            acts: dict[Callable, list[int]] = {}
+            with torch.no_grad():
+                for s in slots:
+                    parts, act, sc, _ = self.held[s]
+                    bn = parts["down"].shape[0]
+                    down[s, :, :bn] = parts["down"].t().to(dt)
+                    down_b[s, :bn] = parts["down_bias"].to(dt)
+                    up[s, :bn] = parts["up"].t().to(dt)
+                    up_b[s] = parts["up_bias"].to(dt)
+                    scale[s] = sc
+                    acts.setdefault(act, []).append(s)
+            # per nonlinearity, a mask over slots (one act for every slot in the usual case)
+            masks = {act: torch.zeros(size, dtype=torch.bool, device=dev).index_fill_(
+                0, torch.tensor(ss, device=dev), True) for act, ss in acts.items()}
+            self._stacks[parallel] = (down, down_b, up, up_b, scale, masks)
+        self._stale = False
+
+    def _gathered(self, parallel: bool, src: torch.Tensor, out: torch.Tensor, batch: Any) -> torch.Tensor:
+        stack = self._stacks.get(parallel)
+        if stack is None:
+            return out
+        down, down_b, up, up_b, scale, masks = stack
+        for idx, w in zip(*batch.gather_plan):
+            idx = torch.where(idx < scale.numel(), idx, torch.zeros_like(idx))    # other families' slots: zero
+            h = torch.bmm(src, down[idx].to(src.dtype)) + down_b[idx][:, None, :].to(src.dtype)   # [n, L, B]
+            if len(masks) == 1:
+                h = next(iter(masks))(h)
+            else:
+                h = sum(torch.where(m[idx][:, None, None], act(h), torch.zeros_like(h)) for act, m in masks.items())
+            term = torch.bmm(h, up[idx].to(src.dtype)) + up_b[idx][:, None, :].to(src.dtype)     # [n, L, d_out]
+            unit_scale = scale[idx].to(src.dtype)[:, None, None]
+            out = out + term * (unit_scale if w is None else unit_scale * w.to(src.dtype))
+        return out
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, batch: Any, training: bool) -> torch.Tensor:
         x3, y3 = batch.view_input(x), batch.view_input(y)               # [n, L, d_in], [n, L, d_out]
+        if batch.kernel != "dense":
+            if self._stale:
+                self._stack()
+            # parallel adapters read the block's input, then series ones the output so far
+            out = self._gathered(True, x3, y3, batch)
+            return self._gathered(False, out, out, batch).reshape(y.shape)
 
         def run(held: tuple, t: torch.Tensor) -> torch.Tensor:
             parts, act, scale, _ = held
             return scale * _f(t, parts, act)
-        # parallel adapters read the block's input, then series ones the output so far
         out = routed(batch, {s: h for s, h in self.held.items() if h[3]}, run, x3, y3)
         out = routed(batch, {s: h for s, h in self.held.items() if not h[3]}, run, out, out)
         return out.reshape(y.shape)
