@@ -119,3 +119,28 @@ def tiny_llm_dir(tmp_path):
     path = save_tiny("llama", tmp_path / "tiny-llm")
     save_tiny_tokenizer(path)
     return path
+
+
+CLASS_ROWS = [("the cat runs fast", "feline"), ("a cat is on the mat", "feline"), ("the dog runs slow", "canine"),
+              ("a dog is on the mat", "canine")] * 3
+
+
+def classification_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny Llama folder with a tokenizer and a 12-row cat/dog JSONL file: enough for `train`."""
+    import json
+
+    path = tmp_path / "base"
+    tiny_llama(initializer_range=0.2).save_pretrained(str(path))
+    save_tiny_tokenizer(path)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in CLASS_ROWS))
+    return path, data
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: intra-op threads only add overhead (5x slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -145,15 +145,9 @@ def test_train_cli_trains_a_bottleneck_classifier(tmp_path):
 
     from adapterkit.cli import app
     from adapterkit.store import AdapterStore
-    from conftest import tiny_llama
+    from conftest import classification_files
 
-    path = tmp_path / "base"
-    tiny_llama(initializer_range=0.2).save_pretrained(str(path))
-    save_tiny_tokenizer(path)
-    rows = [("the cat runs fast", "feline"), ("a cat is on the mat", "feline"), ("the dog runs slow", "canine"),
-            ("a dog is on the mat", "canine")] * 3
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    path, data = classification_files(tmp_path)
     args = ["train", "--method", "bottleneck", "--placement", "houlsby", "--reduction-factor", "8", "--nonlinearity",
             "silu", "--name", "b", "--base", str(path), "--train-file", str(data), "--steps", "20", "--store",
             str(tmp_path / "s"), "--no-progress"]

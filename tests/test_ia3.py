@@ -24,11 +24,8 @@ MODEL_TYPE = {"llama": "llama", "bert": "bert", "gpt2": "gpt2"}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny models: one intra-op thread (conftest.one_thread)."""
 
 
 def out(model, ids):
@@ -251,15 +248,9 @@ def test_train_cli_trains_an_ia3_classifier_end_to_end(tmp_path):
 
     from adapterkit.cli import app
     from adapterkit.store import AdapterStore
-    from conftest import save_tiny_tokenizer, tiny_llama
+    from conftest import classification_files
 
-    path = tmp_path / "base"
-    tiny_llama(initializer_range=0.2).save_pretrained(str(path))
-    save_tiny_tokenizer(path)
-    rows = [("the cat runs fast", "feline"), ("a cat is on the mat", "feline"), ("the dog runs slow", "canine"),
-            ("a dog is on the mat", "canine")] * 3
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    path, data = classification_files(tmp_path)
     res = CliRunner().invoke(app, ["train", "--method", "ia3", "--name", "i", "--base", str(path), "--train-file",
                                    str(data), "--eval-file", str(data), "--steps", "30", "--store",
                                    str(tmp_path / "s"), "--no-progress"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import input_ids, save_tiny
+from conftest import classification_files, input_ids, save_tiny
 from method_reference import reference
 from safetensors.torch import load_file, save_file
 
@@ -136,21 +136,6 @@ def test_bad_sparse_input_is_refused_by_name(llama, tmp_path):
         AdapterRuntime.from_base(llama).add(other)
 
 
-def _classification_files(tmp_path):
-    import json
-
-    from conftest import save_tiny_tokenizer, tiny_llama
-
-    path = tmp_path / "base"
-    tiny_llama(initializer_range=0.2).save_pretrained(str(path))
-    save_tiny_tokenizer(path)
-    rows = [("the cat runs fast", "feline"), ("a cat is on the mat", "feline"), ("the dog runs slow", "canine"),
-            ("a dog is on the mat", "canine")] * 3
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
-    return path, data
-
-
 def test_lt_sft_selects_the_top_k_of_the_dense_phase_resets_and_trains_only_those(tmp_path, monkeypatch):
     """Phase 1 trains a dense ΔW; the stored adapter holds exactly the K largest |ΔW| entries (one global
     threshold), and phase 2 starts them at 0 (with lr 0 in phase 2 they stay 0: the base exactly)."""
@@ -160,7 +145,7 @@ def test_lt_sft_selects_the_top_k_of_the_dense_phase_resets_and_trains_only_thos
     from adapterkit.cli import app
     from adapterkit.store import AdapterStore
 
-    path, data = _classification_files(tmp_path)
+    path, data = classification_files(tmp_path)
     seen = {}
     real = sft.sparse_from_dense
 
@@ -228,7 +213,7 @@ def test_lt_sft_flags_are_checked(tmp_path):
 
     from adapterkit.cli import app
 
-    path, data = _classification_files(tmp_path)
+    path, data = classification_files(tmp_path)
     base = ["--name", "s", "--base", str(path), "--train-file", str(data), "--store", str(tmp_path / "st"),
             "--no-progress"]
     res = CliRunner().invoke(app, ["train", "--method", "sparse", "--sparse-params", "5", "--sparse-proportion", "0.1",

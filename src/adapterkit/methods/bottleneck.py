@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .base import ATTACH_MODULE, STAGE_SERIES, Method, SiteInfo, TensorKind, pattern_value
-from .kernels import routed
+from .kernels import HeldPool, routed
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -169,7 +169,7 @@ class Bottleneck(Method):
         return f"bottleneck {config.placement} {config.nonlinearity} size {size} on {len(tensors)} sites"
 
 
-class BottleneckPool:
+class BottleneckPool(HeldPool):
     """All bottleneck adapters at one module, by slot. `held`: each adapter's own tensors, read by the
     dense kernel while training (gradients reach them; all units, masked by weight). For the other
     kernels, stacks per side (parallel / series) padded to the largest bottleneck, slot 0 and other
@@ -177,30 +177,10 @@ class BottleneckPool:
     so a step is two gathered bmm's per adapter position, as LoRA's gather kernel (zero padding stays
     zero through relu / gelu / silu)."""
 
-    def __init__(self, site: SiteInfo) -> None:
-        self.site = site
-        self.held: dict[int, tuple[dict[str, torch.Tensor], Callable, float, bool]] = {}
-        self._stacks: dict[bool, Any] = {}
-        self._stale = True
+    def hold(self, config: BottleneckConfig, tensors: Mapping[str, torch.Tensor]) -> tuple:
+        return dict(tensors), ACTIVATIONS[config.nonlinearity], float(config.scaling), config.parallel
 
-    def __len__(self) -> int:
-        return len(self.held)
-
-    def add(self, slot: int, config: BottleneckConfig, tensors: Mapping[str, torch.Tensor], site_name: str) -> None:
-        self.held[slot] = (dict(tensors), ACTIVATIONS[config.nonlinearity], float(config.scaling), config.parallel)
-        self._stale = True
-
-    def remove(self, slot: int) -> None:
-        self.held.pop(slot, None)
-        self._stale = True
-
-    def resize(self, capacity: int) -> None:
-        self._stale = True
-
-    def refresh(self, slot: int) -> None:
-        self._stale = True                               # trained tensors: re-stacked before the next gathered step
-
-    def _stack(self) -> None:
+    def rebuild(self) -> None:
         size = max(self.held, default=0) + 1
         dev, dt = self.site.device, self.site.dtype
         self._stacks = {}
@@ -231,7 +211,6 @@ class BottleneckPool:
             masks = {act: torch.zeros(size, dtype=torch.bool, device=dev).index_fill_(
                 0, torch.tensor(ss, device=dev), True) for act, ss in acts.items()}
             self._stacks[parallel] = (down, down_b, up, up_b, scale, masks)
-        self._stale = False
 
     def _gathered(self, parallel: bool, src: torch.Tensor, out: torch.Tensor, batch: Any) -> torch.Tensor:
         stack = self._stacks.get(parallel)
@@ -253,8 +232,7 @@ class BottleneckPool:
     def apply(self, x: torch.Tensor, y: torch.Tensor, batch: Any, training: bool) -> torch.Tensor:
         x3, y3 = batch.view_input(x), batch.view_input(y)               # [n, L, d_in], [n, L, d_out]
         if batch.kernel != "dense":
-            if self._stale:
-                self._stack()
+            self.ensure()
             # parallel adapters read the block's input, then series ones the output so far
             out = self._gathered(True, x3, y3, batch)
             return self._gathered(False, out, out, batch).reshape(y.shape)

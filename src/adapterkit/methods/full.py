@@ -14,7 +14,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import STAGE_DELTA, Method, SiteInfo, TensorKind
-from .kernels import routed
+from .kernels import HeldPool, routed
 
 
 @dataclass(frozen=True)
@@ -90,27 +90,11 @@ class Full(Method):
         return f"full {n} entries on {len(tensors)} sites"
 
 
-class FullPool:
+class FullPool(HeldPool):
     """All dense changes at one Linear, by slot (their own tensors: gradients reach them)."""
 
-    def __init__(self, site: SiteInfo) -> None:
-        self.site = site
-        self.held: dict[int, torch.Tensor] = {}
-
-    def __len__(self) -> int:
-        return len(self.held)
-
-    def add(self, slot: int, config: Any, tensors: Mapping[str, torch.Tensor], site_name: str) -> None:
-        self.held[slot] = tensors["delta"]
-
-    def remove(self, slot: int) -> None:
-        self.held.pop(slot, None)
-
-    def resize(self, capacity: int) -> None:
-        pass
-
-    def refresh(self, slot: int) -> None:
-        pass
+    def hold(self, config: FullConfig, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return tensors["delta"]
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, batch: Any, training: bool) -> torch.Tensor:
         x3, y3 = batch.view_input(x), batch.view_input(y)

@@ -138,3 +138,43 @@ def routed(batch: Any, held: Mapping[int, Any], fn: Callable[[Any, torch.Tensor]
             term = term if w is None else term * w[rows].to(term.dtype)
             result = (out.clone() if result is None else result).index_add_(0, rows, term)
     return out if result is None else result
+
+
+class HeldPool:
+    """The part of a site pool every family but LoRA shares: `held` maps a slot to what `hold` makes of
+    an adapter's tensors (the adapter's own tensors, so the dense kernel's gradients reach them), and any
+    derived layout (stacks for the gathered kernels) is marked stale by every change and rebuilt by
+    `ensure` before the next gathered step. Subclasses implement `hold`, `rebuild` and `apply`."""
+
+    def __init__(self, site: Any) -> None:
+        self.site = site
+        self.held: dict[int, Any] = {}
+        self._stale = True
+
+    def __len__(self) -> int:
+        return len(self.held)
+
+    def hold(self, config: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+        raise NotImplementedError
+
+    def rebuild(self) -> None:
+        """Re-derive the gathered kernels' layout from `held` (nothing by default)."""
+
+    def add(self, slot: int, config: Any, tensors: Mapping[str, torch.Tensor], site_name: str) -> None:
+        self.held[slot] = self.hold(config, tensors)
+        self._stale = True
+
+    def remove(self, slot: int) -> None:
+        self.held.pop(slot, None)
+        self._stale = True
+
+    def resize(self, capacity: int) -> None:
+        self._stale = True
+
+    def refresh(self, slot: int) -> None:
+        self._stale = True                 # trained tensors: re-laid before the next gathered step
+
+    def ensure(self) -> None:
+        if self._stale:
+            self.rebuild()
+            self._stale = False

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import BaseMismatchError, ConfigError, CorruptAdapterError
 from .base import STAGE_DELTA, Method, SiteInfo, TensorKind
-from .kernels import routed
+from .kernels import HeldPool, routed
 
 
 def _names(value: Any) -> Any:
@@ -199,37 +199,17 @@ def sparse_from_dense(deltas: Mapping[str, torch.Tensor], *, k: int | None = Non
     return out, threshold
 
 
-class SparsePool:
+class SparsePool(HeldPool):
     """All sparse adapters at one Linear, by slot. `held`: each adapter's own (rows, cols, values), read
     by the dense kernel (gradients reach the values). For the other kernels every adapter's entries are
     also laid end to end (cat_*) with each slot's start and count, so a step gathers the entries of every
     unit's adapter at once: a handful of tensor ops per site whatever the number of adapters."""
 
-    def __init__(self, site: SiteInfo) -> None:
-        self.site = site
-        self.held: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._stale = True
+    def hold(self, config: Any, tensors: Mapping[str, torch.Tensor]) -> tuple:
+        idx = tensors["indices"]             # rows and columns of the entries, once (int64 on the base's device)
+        return idx // self.site.in_features, idx % self.site.in_features, tensors["values"]
 
-    def __len__(self) -> int:
-        return len(self.held)
-
-    def add(self, slot: int, config: Any, tensors: Mapping[str, torch.Tensor], site_name: str) -> None:
-        # rows and columns of the entries, once (int64 on the base's device)
-        idx = tensors["indices"]
-        self.held[slot] = (idx // self.site.in_features, idx % self.site.in_features, tensors["values"])
-        self._stale = True
-
-    def remove(self, slot: int) -> None:
-        self.held.pop(slot, None)
-        self._stale = True
-
-    def resize(self, capacity: int) -> None:
-        self._stale = True
-
-    def refresh(self, slot: int) -> None:
-        self._stale = True                             # trained values: re-laid before the next gathered step
-
-    def _lay_out(self) -> None:
+    def rebuild(self) -> None:
         """cat_rows / cat_cols / cat_vals [E] and per slot start / count [max slot + 1] (0 for no adapter)."""
         slots = sorted(self.held)
         size = (max(slots) if slots else 0) + 1
@@ -246,15 +226,13 @@ class SparsePool:
         self.cat_rows = torch.cat([p[0] for p in parts]) if parts else empty
         self.cat_cols = torch.cat([p[1] for p in parts]) if parts else empty
         self.cat_vals = torch.cat([p[2].to(self.site.dtype) for p in parts]) if parts else empty.to(self.site.dtype)
-        self._stale = False
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, batch: Any, training: bool) -> torch.Tensor:
         x3, y3 = batch.view_input(x), batch.view_input(y)                 # [n, L, d_in], [n, L, d_out]
         d_out = self.site.out_features
         if batch.kernel == "dense":                     # training: the live values, masked per unit
             return routed(batch, self.held, lambda held, t: sparse_apply(t, *held, d_out), x3, y3).reshape(y.shape)
-        if self._stale:
-            self._lay_out()
+        self.ensure()
         n, length = x3.shape[0], x3.shape[1]
         out = None
         for idx, w in zip(*batch.gather_plan):          # each unit's slot [n] at this adapter position
