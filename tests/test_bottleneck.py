@@ -4,7 +4,6 @@ refusals by name (merges, bad placements, wrong shapes)."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -105,7 +104,6 @@ def test_bad_configs_and_shapes_are_refused_by_name(llama):
 def test_the_serving_engine_runs_bottleneck_rows_with_the_runtime_s_tokens(tmp_path):
     """The engine's flat forward (hooks on o_proj and on the MLP block, per-token routing) gives each
     request the greedy tokens of the HF forward with that adapter alone."""
-    from adapterkit.core.generate import generate
     from adapterkit.serve.engine import Engine, EngineConfig
     from adapterkit.serve.requests import GenerationRequest, SamplingParams
     from adapterkit.store import AdapterStore

@@ -218,6 +218,27 @@ class Method:
         return f"<method {self.name}>"
 
 
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A family config as JSON: its `type` first, tuples as lists."""
+    from dataclasses import asdict
+
+    return {"type": config.type, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}}
+
+
+def config_from_dict(cls: type, data: Mapping[str, Any], title: str) -> Any:
+    """Parse a family config from JSON, refusing another family's type and unknown fields by name."""
+    from ..errors import ConfigError
+
+    data = dict(data)
+    if data.pop("type", cls.type) != cls.type:
+        raise ConfigError(f"not a {title} config: type {data.get('type')!r}")
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {title} config field(s) {unknown}; known: {sorted(known)}")
+    return cls(**data)
+
+
 def pattern_value(patterns: Mapping[str, Any], site: str) -> Any:
     """PEFT's per-site pattern lookup (rank_pattern, alpha_pattern...): the first key that matches the
     site name or a dotted suffix of it; None when none does."""

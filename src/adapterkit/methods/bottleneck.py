@@ -18,14 +18,14 @@ Tensors per site (Linear layout): "down" [bn, d_in], "down_bias" [bn], "up" [d_o
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .base import ATTACH_MODULE, STAGE_SERIES, Method, SiteInfo, TensorKind, pattern_value
+from .base import ATTACH_MODULE, STAGE_SERIES, Method, SiteInfo, TensorKind, pattern_value, config_from_dict, config_to_dict
 from .kernels import HeldPool, routed
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
@@ -100,21 +100,11 @@ class BottleneckConfig:
         return int(value) if value is not None else self.reduction_factor
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key in ("target_modules", "exclude_modules"):
-            if isinstance(data[key], tuple):
-                data[key] = list(data[key])
-        return {"type": self.type, **data}
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "BottleneckConfig":
-        data = dict(data)
-        if data.pop("type", cls.type) != cls.type:
-            raise ConfigError(f"not a bottleneck config: type {data.get('type')!r}")
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"unknown bottleneck config field(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**data)
+        return config_from_dict(cls, data, "bottleneck")
 
 
 def _bottleneck(config: BottleneckConfig, site: SiteInfo) -> tuple[int, int, int]:

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from ..errors import ConfigError
-from .base import STAGE_DELTA, Method, SiteInfo, TensorKind
+from .base import STAGE_DELTA, Method, SiteInfo, TensorKind, config_from_dict, config_to_dict
 from .kernels import HeldPool, routed
 
 
@@ -33,20 +33,11 @@ class FullConfig:
             raise ConfigError("full target_modules is empty: name the weight matrices to fine-tune")
 
     def to_dict(self) -> dict[str, Any]:
-        def listed(v: Any) -> Any:
-            return list(v) if isinstance(v, tuple) else v
-        return {"type": self.type, "target_modules": listed(self.target_modules),
-                "exclude_modules": listed(self.exclude_modules), "init_std": self.init_std}
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "FullConfig":
-        data = dict(data)
-        if data.pop("type", cls.type) != cls.type:
-            raise ConfigError(f"not a full config: type {data.get('type')!r}")
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"unknown full config field(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**data)
+        return config_from_dict(cls, data, "full")
 
 
 class Full(Method):

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from ..errors import ConfigError, CorruptAdapterError
-from .base import ATTACH_INPUT, ATTACH_OUTPUT, STAGE_SCALE, Method, SiteInfo, TensorKind
+from .base import ATTACH_INPUT, ATTACH_OUTPUT, STAGE_SCALE, Method, SiteInfo, TensorKind, config_from_dict, config_to_dict
 
 INITS = ("default", "nonzero")
 # PEFT's per-architecture defaults (peft.utils.constants TRANSFORMERS_MODELS_TO_IA3_*_MAPPING)
@@ -81,22 +81,11 @@ class Ia3Config:
         return name_matches(site, self.feedforward_modules)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": self.type}
-        for key in ("target_modules", "feedforward_modules", "exclude_modules", "fan_in_fan_out", "init", "init_std"):
-            value = getattr(self, key)
-            out[key] = list(value) if isinstance(value, tuple) else value
-        return out
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Ia3Config":
-        data = dict(data)
-        if data.pop("type", cls.type) != cls.type:
-            raise ConfigError(f"not an IA3 config: type {data.get('type')!r}")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown IA3 config field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data, "IA3")
 
 
 class Ia3(Method):

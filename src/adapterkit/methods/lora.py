@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 import torch
 
 from ..errors import ConfigError, CorruptAdapterError, UnsupportedError
-from .base import STAGE_DELTA, Method, SiteInfo, TensorKind, pattern_value
+from .base import STAGE_DELTA, Method, SiteInfo, TensorKind, pattern_value, config_from_dict, config_to_dict
 from .lora_pool import LoraPool
 
 INITS = ("default", "nonzero")
@@ -69,23 +69,11 @@ class LoraConfig:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        if isinstance(data["target_modules"], tuple):
-            data["target_modules"] = list(data["target_modules"])
-        if isinstance(data["exclude_modules"], tuple):
-            data["exclude_modules"] = list(data["exclude_modules"])
-        return {"type": self.type, **data}
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LoraConfig":
-        data = dict(data)
-        if data.pop("type", cls.type) != cls.type:
-            raise ConfigError(f"not a LoRA config: type {data.get('type')!r}")
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown LoRA config field(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return config_from_dict(cls, data, "LoRA")
 
 
 def _check_rank(what: str, value: Any) -> None:

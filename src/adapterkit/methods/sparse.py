@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from ..errors import BaseMismatchError, ConfigError, CorruptAdapterError
-from .base import STAGE_DELTA, Method, SiteInfo, TensorKind
+from .base import STAGE_DELTA, Method, SiteInfo, TensorKind, config_from_dict, config_to_dict
 from .kernels import HeldPool, routed
 
 
@@ -51,21 +51,11 @@ class SparseConfig:
             raise ConfigError(f"sparse init_density must be in (0, 1], got {self.init_density}")
 
     def to_dict(self) -> dict[str, Any]:
-        def listed(v: Any) -> Any:
-            return list(v) if isinstance(v, tuple) else v
-        return {"type": self.type, "target_modules": listed(self.target_modules),
-                "exclude_modules": listed(self.exclude_modules), "init": self.init,
-                "init_density": self.init_density, "init_std": self.init_std}
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SparseConfig":
-        data = dict(data)
-        if data.pop("type", cls.type) != cls.type:
-            raise ConfigError(f"not a sparse config: type {data.get('type')!r}")
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"unknown sparse config field(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**data)
+        return config_from_dict(cls, data, "sparse")
 
 
 def to_dense(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
