@@ -239,3 +239,9 @@ def test_merge_cli_merges_stored_sparse_adapters_from_a_recipe(llama, tmp_path):
                              env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     assert store.show("ab")["method"] == "sparse" and "ties merge of a, b" in res.output
+
+
+def test_parameters_count_only_trainable_entries(llama):
+    a = sparse("p", llama, 1)
+    k = sum(p["values"].numel() for p in a.tensors.values())
+    assert a.num_parameters() == k and k > 0

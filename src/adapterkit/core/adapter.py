@@ -87,7 +87,9 @@ class Adapter:
         return list(self.tensors)
 
     def num_parameters(self) -> int:
-        return sum(t.numel() for parts in self.tensors.values() for t in parts.values())
+        """Trainable entries (a sparse adapter's indices and shapes are not parameters)."""
+        kinds = self.method.tensor_kinds(self.config)
+        return sum(t.numel() for parts in self.tensors.values() for k, t in parts.items() if kinds[k].trainable)
 
     def ranks(self) -> list[int]:
         """Distinct ranks over sites (low-rank families; [] for the others)."""
