@@ -112,7 +112,7 @@ class AdapterRuntime(MergingMixin):
             if site is None:
                 site = self._sites[module_name] = Site(lambda: self.active_batch, infos[module_name],
                                                        self._modules[module_name])
-            site.pool(spec, self.capacity, spec.attach_at(adapter.config, own)).add(slot, adapter.config, parts, own)
+            site.add(spec, self.capacity, spec.attach_at(adapter.config, own), slot, adapter.config, parts, own)
         self.adapters[key], self._slots[key], self._site_maps[key] = adapter, slot, site_map
         if _trainable(adapter):
             self._versions[key] = _version(adapter)
@@ -125,7 +125,7 @@ class AdapterRuntime(MergingMixin):
         adapter = self.adapters[name]
         for own, module_name in self._site_maps.pop(name).items():
             site = self._sites[module_name]
-            site.pools[_pool_key(adapter, own)].remove(slot)
+            site.remove(_pool_key(adapter, own), slot)
             if site.empty():
                 site.close()
                 del self._sites[module_name]

@@ -27,8 +27,10 @@ class Site:
         self.module = module
         self.info = info
         self.pools: dict[str, SitePool] = {}   # pool_key(method, attachment) -> its pool here
-        self._inputs: list[SitePool] = []        # input methods' pools, by stage
-        self._outputs: list[SitePool] = []       # output / module methods' pools, by stage
+        self._members: dict[str, set[int]] = {}    # pool key -> the slots it holds here
+        # (pool, its slots) of the input methods / the output and module methods, by stage
+        self._inputs: list[tuple[SitePool, set[int]]] = []
+        self._outputs: list[tuple[SitePool, set[int]]] = []
         self._stages: dict[str, tuple[int, str]] = {}     # pool key -> (stage, attachment)
         self._handles = [module.register_forward_hook(self._hook)]     # the pre-hook comes with an input method
 
@@ -38,13 +40,24 @@ class Site:
         key = pool_key(method, attach)
         if key not in self.pools:
             self.pools[key] = method.make_pool(self.info, capacity)
+            self._members[key] = set()
             self._stages[key] = (method.stage if attach != ATTACH_INPUT else STAGE_INPUT, attach)
             order = sorted(self.pools, key=lambda k: (self._stages[k][0], k))    # stage, then name: a fixed order
             if attach == ATTACH_INPUT and not self._inputs:
                 self._handles.append(self.module.register_forward_pre_hook(self._pre_hook))
-            self._inputs = [self.pools[k] for k in order if self._stages[k][1] == ATTACH_INPUT]
-            self._outputs = [self.pools[k] for k in order if self._stages[k][1] != ATTACH_INPUT]
+            self._inputs = [(self.pools[k], self._members[k]) for k in order if self._stages[k][1] == ATTACH_INPUT]
+            self._outputs = [(self.pools[k], self._members[k]) for k in order if self._stages[k][1] != ATTACH_INPUT]
         return self.pools[key]
+
+    def add(self, method: Method, capacity: int, attach: str, slot: int, config: Any, tensors: Any,
+            own: str) -> None:
+        """Put one adapter's tensors for this module into its family's pool (created on first use)."""
+        self.pool(method, capacity, attach).add(slot, config, tensors, own)
+        self._members[pool_key(method, attach)].add(slot)
+
+    def remove(self, key: str, slot: int) -> None:
+        self.pools[key].remove(slot)
+        self._members[key].discard(slot)
 
     def empty(self) -> bool:
         return all(len(p) == 0 for p in self.pools.values())
@@ -58,8 +71,9 @@ class Site:
         if not self._inputs or batch is None or batch.kernel == "none":
             return None
         x = args[0]
-        for pool in self._inputs:
-            x = pool.apply(x, None, batch, module.training)
+        for pool, members in self._inputs:
+            if not members.isdisjoint(batch.unique):      # a pool none of the step's adapters is in: skipped
+                x = pool.apply(x, None, batch, module.training)
         return (x, *args[1:])
 
     def _hook(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
@@ -67,6 +81,7 @@ class Site:
         if not self._outputs or batch is None or batch.kernel == "none":
             return output
         x = args[0]      # the module's input as the module saw it (after any input method)
-        for pool in self._outputs:
-            output = pool.apply(x, output, batch, module.training)
+        for pool, members in self._outputs:
+            if not members.isdisjoint(batch.unique):      # a pool none of the step's adapters is in: skipped
+                output = pool.apply(x, output, batch, module.training)
         return output

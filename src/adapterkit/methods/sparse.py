@@ -224,7 +224,7 @@ class SparsePool(HeldPool):
             return routed(batch, self.held, lambda held, t: sparse_apply(t, *held, d_out), x3, y3).reshape(y.shape)
         self.ensure()
         n, length = x3.shape[0], x3.shape[1]
-        out = None
+        out = xt = None
         for idx, w in zip(*batch.gather_plan):          # each unit's slot [n] at this adapter position
             idx = torch.where(idx < self.count.numel(), idx, torch.zeros_like(idx))   # past our slots: nothing here
             counts = self.count[idx]                                       # [n] entries of each unit's adapter
@@ -237,7 +237,9 @@ class SparsePool(HeldPool):
             rows, cols, vals = self.cat_rows[entry], self.cat_cols[entry], self.cat_vals[entry].to(x3.dtype)
             if w is not None:
                 vals = vals * w.reshape(-1)[unit].to(x3.dtype)
-            contrib = x3[unit, :, cols] * vals[:, None]                     # [E, L]
+            if xt is None:                                                  # [n·d_in, L]: row u·d_in + c = x3[u, :, c]
+                xt = x3.transpose(1, 2).reshape(n * self.site.in_features, length)
+            contrib = xt.index_select(0, unit * self.site.in_features + cols) * vals[:, None]     # [E, L]
             # flat positions in out [n, L, d_out]: ((unit · L) + l) · d_out + row, for every token l
             at = (unit[:, None] * length + torch.arange(length, device=unit.device)) * d_out + rows[:, None]
             out = y3.clone() if out is None else out                        # contiguous, as y3 is
