@@ -218,6 +218,14 @@ class Method:
         return f"<method {self.name}>"
 
 
+def tuple_fields(config: Any, *keys: str) -> None:
+    """In a frozen config's __post_init__: JSON lists of module names become tuples (hashable, comparable)."""
+    for key in keys:
+        value = getattr(config, key)
+        if isinstance(value, list):
+            object.__setattr__(config, key, tuple(value))
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A family config as JSON: its `type` first, tuples as lists."""
     from dataclasses import asdict

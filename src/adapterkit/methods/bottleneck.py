@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .base import ATTACH_MODULE, STAGE_SERIES, Method, SiteInfo, TensorKind, pattern_value, config_from_dict, config_to_dict
+from .base import ATTACH_MODULE, STAGE_SERIES, Method, SiteInfo, TensorKind, pattern_value, config_from_dict, config_to_dict, tuple_fields
 from .kernels import HeldPool, routed
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
@@ -56,10 +56,7 @@ class BottleneckConfig:
     type: ClassVar[str] = "bottleneck"
 
     def __post_init__(self) -> None:
-        for key in ("target_modules", "exclude_modules"):
-            value = getattr(self, key)
-            if isinstance(value, list):
-                object.__setattr__(self, key, tuple(value))
+        tuple_fields(self, "target_modules", "exclude_modules")
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"bottleneck placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.nonlinearity not in ACTIVATIONS:

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from ..errors import ConfigError
-from .base import STAGE_DELTA, Method, SiteInfo, TensorKind, config_from_dict, config_to_dict
+from .base import STAGE_DELTA, Method, SiteInfo, TensorKind, config_from_dict, config_to_dict, tuple_fields
 from .kernels import HeldPool, routed
 
 
@@ -25,10 +25,7 @@ class FullConfig:
     type: ClassVar[str] = "full"
 
     def __post_init__(self) -> None:
-        for key in ("target_modules", "exclude_modules"):
-            value = getattr(self, key)
-            if isinstance(value, list):
-                object.__setattr__(self, key, tuple(value))
+        tuple_fields(self, "target_modules", "exclude_modules")
         if not self.target_modules:
             raise ConfigError("full target_modules is empty: name the weight matrices to fine-tune")
 

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from ..errors import ConfigError, CorruptAdapterError
-from .base import ATTACH_INPUT, ATTACH_OUTPUT, STAGE_SCALE, Method, SiteInfo, TensorKind, config_from_dict, config_to_dict
+from .base import ATTACH_INPUT, ATTACH_OUTPUT, STAGE_SCALE, Method, SiteInfo, TensorKind, config_from_dict, config_to_dict, tuple_fields
 
 INITS = ("default", "nonzero")
 # PEFT's per-architecture defaults (peft.utils.constants TRANSFORMERS_MODELS_TO_IA3_*_MAPPING)
@@ -36,10 +36,6 @@ _IGNORED = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_pat
 _NEUTRAL = {"modules_to_save": (None,)}
 
 
-def _names(value: Any) -> tuple[str, ...] | str | None:
-    return tuple(value) if isinstance(value, list) else value
-
-
 @dataclass(frozen=True)
 class Ia3Config:
     target_modules: tuple[str, ...] | str = DEFAULT_TARGETS["llama"][0]
@@ -53,8 +49,7 @@ class Ia3Config:
     type: ClassVar[str] = "ia3"
 
     def __post_init__(self) -> None:
-        for key in ("target_modules", "feedforward_modules", "exclude_modules"):
-            object.__setattr__(self, key, _names(getattr(self, key)))
+        tuple_fields(self, "target_modules", "feedforward_modules", "exclude_modules")
         if not self.target_modules:
             raise ConfigError("IA3 target_modules is empty: name the modules to scale, e.g. ['k_proj', 'v_proj']")
         if self.init not in INITS:
@@ -164,9 +159,9 @@ class Ia3(Method):
             warnings.warn(f"{source}: ignoring unknown PEFT config key(s) {unknown}", UserWarning, stacklevel=4)
         if data.get("target_modules") is None:
             raise ConfigError(f"{source}: target_modules is missing")
-        return Ia3Config(target_modules=_names(data["target_modules"]),
-                         feedforward_modules=_names(data.get("feedforward_modules") or ()),
-                         exclude_modules=_names(data.get("exclude_modules")),
+        return Ia3Config(target_modules=data["target_modules"],
+                         feedforward_modules=data.get("feedforward_modules") or (),
+                         exclude_modules=data.get("exclude_modules"),
                          fan_in_fan_out=bool(data.get("fan_in_fan_out", False)))
 
     def config_to_peft(self, config: Ia3Config, base_model: str | None) -> dict[str, Any]:

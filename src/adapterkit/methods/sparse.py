@@ -20,12 +20,8 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from ..errors import BaseMismatchError, ConfigError, CorruptAdapterError
-from .base import STAGE_DELTA, Method, SiteInfo, TensorKind, config_from_dict, config_to_dict
+from .base import STAGE_DELTA, Method, SiteInfo, TensorKind, config_from_dict, config_to_dict, tuple_fields
 from .kernels import HeldPool, routed
-
-
-def _names(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
 
 
 @dataclass(frozen=True)
@@ -41,8 +37,7 @@ class SparseConfig:
     type: ClassVar[str] = "sparse"
 
     def __post_init__(self) -> None:
-        for key in ("target_modules", "exclude_modules"):
-            object.__setattr__(self, key, _names(getattr(self, key)))
+        tuple_fields(self, "target_modules", "exclude_modules")
         if not self.target_modules:
             raise ConfigError("sparse target_modules is empty: name the weight matrices to fine-tune")
         if self.init not in ("empty", "random"):
@@ -232,8 +227,9 @@ class SparsePool(HeldPool):
             if total == 0:
                 continue
             unit = torch.repeat_interleave(torch.arange(n, device=counts.device), counts)      # [E]
-            first = torch.cumsum(counts, 0) - counts                        # each unit's first entry in E
-            entry = self.start[idx][unit] + torch.arange(total, device=counts.device) - first[unit]
+            # entry e of unit u sits at start[slot_u] + (e - first e of u) in the laid-out entries
+            shift = self.start[idx] - (torch.cumsum(counts, 0) - counts)        # [n]
+            entry = torch.arange(total, device=counts.device) + shift[unit]
             rows, cols, vals = self.cat_rows[entry], self.cat_cols[entry], self.cat_vals[entry].to(x3.dtype)
             if w is not None:
                 vals = vals * w.reshape(-1)[unit].to(x3.dtype)
