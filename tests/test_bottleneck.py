@@ -83,6 +83,39 @@ def test_merges_are_refused_by_name_and_run_time_stacking_works(llama):
     assert (want[0] - want[1]).abs().max() > 1e-4                      # the bottleneck moved the stacked row
 
 
+@pytest.mark.parametrize("call_cost, stacked", [(0, False), (10**12, True)])
+def test_serving_paths_equal_the_reference_for_mixed_placements_sizes_and_nonlinearities(llama, monkeypatch,
+                                                                                           call_cost, stacked):
+    """Both serving paths (the step's adapters stacked into one matmul pair, or one adapter at a time;
+    the cost rule picks by CALL_COST): houlsby relu, parallel gelu with scaling 2 and pfeiffer silu of
+    another size in one batch, with weighted and composed rows and base rows, prefill and decode."""
+    from adapterkit.methods.bottleneck import BottleneckPool
+
+    monkeypatch.setattr(BottleneckPool, "CALL_COST", call_cost)
+    used = []
+    real = BottleneckPool.stacked
+    monkeypatch.setattr(BottleneckPool, "stacked", lambda self, slots, dt: used.append(slots) or real(self, slots, dt))
+    mk = lambda name, seed, placement, **kw: create_adapter(   # noqa: E731
+        name, llama.model, BottleneckConfig.for_model("llama", placement, init="nonzero", init_std=0.5, **kw), seed=seed)
+    a = mk("a", 1, "houlsby")
+    b = mk("b", 2, "parallel", nonlinearity="gelu", scaling=2.0)
+    c = mk("c", 3, "pfeiffer", nonlinearity="silu", reduction_factor=4)
+    d = mk("d", 4, "pfeiffer")
+    rt = AdapterRuntime.from_base(llama)
+    for x in (a, b, c, d):
+        rt.add(x)
+    rows = ["a", "b", None, "c", {"a": 0.5, "b": 1.0}, {"c": 1.5, "b": 0.5}, "d"]
+    # parallel adapters read the block's input first, series ones read that output: b before a
+    want_rows = [[a], [b], [], [c], [b, (a, 0.5)], [(b, 0.5), (c, 1.5)], [d]]
+    for length in (5, 1):
+        ids = input_ids(len(rows), length)
+        want = reference(llama.model, want_rows, ids)
+        with torch.no_grad(), rt.batch(rows, kernel="gather"):
+            got = llama.model(ids).logits
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    assert any(len(s) > 1 for s in used) == stacked             # one adapter: stacked is per adapter
+
+
 def test_bad_configs_and_shapes_are_refused_by_name(llama):
     with pytest.raises(ConfigError, match="a bert layer has no single MLP module for a parallel adapter"):
         BottleneckConfig.for_model("bert", "parallel")

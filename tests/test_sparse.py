@@ -48,19 +48,31 @@ def test_top_k_keeps_the_largest_entries_over_all_sites_with_one_threshold():
         sparse_from_dense(deltas, k=40)
 
 
-def test_rows_of_several_sparse_adapters_lora_and_base_in_one_batch_equal_the_reference(llama):
+@pytest.mark.parametrize("call_cost, stacked", [(0, False), (10**12, True)])
+def test_rows_of_several_sparse_adapters_lora_and_base_in_one_batch_equal_the_reference(llama, monkeypatch,
+                                                                                          call_cost, stacked):
+    """Both serving paths (one stacked sparse mm of the step's adapters, or one per adapter; the cost rule
+    picks by CALL_COST) and the training kernel, with weighted and composed rows, prefill and decode."""
+    from adapterkit.methods.sparse import SparsePool
+
+    monkeypatch.setattr(SparsePool, "CALL_COST", call_cost)
+    used = []
+    real = SparsePool.stacked
+    monkeypatch.setattr(SparsePool, "stacked", lambda self, slots: used.append(slots) or real(self, slots))
     a, b = sparse("a", llama, 1), sparse("b", llama, 2, density=0.3)
     lora = create_adapter("l", llama.model, LoraConfig(r=2, init="nonzero", init_std=0.3), seed=3)
     rt = AdapterRuntime.from_base(llama, capacity=2)
     for x in (a, b, lora):
         rt.add(x)
-    ids = input_ids(5, 6)
-    want = reference(llama.model, [[a], [b], [], [lora, a], [a, b]], ids)
-    rows = ["a", "b", None, {"l": 1.0, "a": 1.0}, {"a": 1.0, "b": 1.0}]
-    for kernel in ("dense", "gather"):
-        with torch.no_grad(), rt.batch(rows, kernel=kernel):
-            got = llama.model(ids).logits
-        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    rows = ["a", "b", None, {"l": 1.0, "a": 1.0}, {"a": 0.5, "b": 1.5}]
+    for length in (6, 1):
+        ids = input_ids(5, length)
+        want = reference(llama.model, [[a], [b], [], [lora, a], [(a, 0.5), (b, 1.5)]], ids)
+        for kernel in ("dense", "gather"):
+            with torch.no_grad(), rt.batch(rows, kernel=kernel):
+                got = llama.model(ids).logits
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    assert bool(used) == stacked and all(s == (1, 2) for s in used)
 
 
 def test_composition_by_addition_equals_both_changes_applied_to_the_weights(llama):

@@ -54,6 +54,8 @@ class AdapterBatch:
     seg_w: torch.Tensor | None = None           # [m, 1, 1] weights in sorted order (None if all 1)
     dtype: torch.dtype = torch.float32          # of the weight tensors the kernels read
     device: torch.device | str = "cpu"          # where they are
+    # what a family derives from the plan once per step for all its sites (methods/kernels.unit_plan)
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     # The kernel above was picked for low-rank deltas; a family whose cost differs picks its own from
     # these views of the same plan, each computed at most once per step (on first use by any site).

@@ -8,7 +8,8 @@ The sites are modules of the base (an attention output projection, an MLP block)
 input, so the adapters run inside the serving engine's own forward as in the HF forward. Not linear
 in the base weights: merging into the base and weight-space merges are refused by name; stacking with
 other adapters at run time works (at one module, parallel adapters add f(x) first, then series
-adapters read that output).
+adapters read that output; several series adapters on one row each read it and their changes add,
+as composed LoRA changes do).
 
 Tensors per site (Linear layout): "down" [bn, d_in], "down_bias" [bn], "up" [d_out, bn], "up_bias"
 [d_out]; bn = max(1, d // rf) with d the width the adapter reads; rf per site from
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .base import ATTACH_MODULE, STAGE_SERIES, Method, SiteInfo, TensorKind, pattern_value, config_from_dict, config_to_dict, tuple_fields
-from .kernels import HeldPool, routed
+from .kernels import HeldPool, routed, stacked_is_cheaper, unit_plan
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -158,62 +159,82 @@ class Bottleneck(Method):
 
 class BottleneckPool(HeldPool):
     """All bottleneck adapters at one module, by slot. `held`: each adapter's own tensors, read by the
-    dense kernel while training (gradients reach them; all units, masked by weight). For the other
-    kernels, stacks per side (parallel / series) padded to the largest bottleneck, slot 0 and other
-    families' slots zero: D [S+1, d_read, B], Db [S+1, B], U [S+1, B, d_out], Ub [S+1, d_out], s [S+1],
-    so a step is two gathered bmm's per adapter position, as LoRA's gather kernel (zero padding stays
-    zero through relu / gelu / silu)."""
+    dense kernel while training (gradients reach them; all units, masked by weight). The other kernels
+    run the step's adapters of one side (parallel ones read the block's input, then series ones the
+    output so far) on the units routed to them only: either stacked, one matmul pair for all m adapters
+    (downs side by side D [d_read, Σbn], ups U [Σbn, d_out]; each unit keeps its adapter's columns of the
+    hidden layer), or one adapter at a time on its own units, whichever stacked_is_cheaper picks."""
+
+    # one more adapter call costs about 55 us on this CPU (the mixed decode step of benchmarks/methods_decode.py
+    # per extra call), as many as ~1M multiply-adds of these small matmuls (~17 GMAC/s)
+    CALL_COST = 1_000_000
+
+    DERIVED = ("_stacked", "sides")
 
     def hold(self, config: BottleneckConfig, tensors: Mapping[str, torch.Tensor]) -> tuple:
         return dict(tensors), ACTIVATIONS[config.nonlinearity], float(config.scaling), config.parallel
 
     def rebuild(self) -> None:
-        size = max(self.held, default=0) + 1
-        dev, dt = self.site.device, self.site.dtype
-        self._stacks = {}
-        for parallel in (True, False):
-            slots = [s for s, h in self.held.items() if h[3] == parallel]
-            if not slots:
-                continue
-            parts0 = self.held[slots[0]][0]
-            d_read, d_out = parts0["down"].shape[1], parts0["up"].shape[0]
-            width = max(self.held[s][0]["down"].shape[0] for s in slots)
-            down = torch.zeros(size, d_read, width, dtype=dt, device=dev)
-            down_b = torch.zeros(size, width, dtype=dt, device=dev)
-            up = torch.zeros(size, width, d_out, dtype=dt, device=dev)
-            up_b = torch.zeros(size, d_out, dtype=dt, device=dev)
-            scale = torch.zeros(size, dtype=dt, device=dev)
-            acts: dict[Callable, list[int]] = {}
-            with torch.no_grad():
-                for s in slots:
-                    parts, act, sc, _ = self.held[s]
-                    bn = parts["down"].shape[0]
-                    down[s, :, :bn] = parts["down"].t().to(dt)
-                    down_b[s, :bn] = parts["down_bias"].to(dt)
-                    up[s, :bn] = parts["up"].t().to(dt)
-                    up_b[s] = parts["up_bias"].to(dt)
-                    scale[s] = sc
-                    acts.setdefault(act, []).append(s)
-            # per nonlinearity, a mask over slots (one act for every slot in the usual case)
-            masks = {act: torch.zeros(size, dtype=torch.bool, device=dev).index_fill_(
-                0, torch.tensor(ss, device=dev), True) for act, ss in acts.items()}
-            self._stacks[parallel] = (down, down_b, up, up_b, scale, masks)
+        self._stacked = {}
+        self.sides = {side: {s: h for s, h in self.held.items() if h[3] == side} for side in (True, False)}
 
-    def _gathered(self, parallel: bool, src: torch.Tensor, out: torch.Tensor, batch: Any) -> torch.Tensor:
-        stack = self._stacks.get(parallel)
-        if stack is None:
+    def stacked(self, slots: tuple[int, ...], dtype: torch.dtype) -> tuple:
+        """(D [d_read, M], Db [M], U [M, d_out], Ub [m, d_out] · scale, keep [m, M] · scale, acts) for
+        `slots`, M = Σ bn; keep[b] is 1 on adapter b's hidden columns; acts: (act, its columns [M] or
+        None when every adapter uses it)."""
+        key = (slots, dtype)
+        if key not in self._stacked:
+            parts = [self.held[s] for s in slots]
+            widths = [p[0]["down"].shape[0] for p in parts]
+            with torch.no_grad():
+                down = torch.cat([p[0]["down"] for p in parts]).t().to(dtype)
+                down_b = torch.cat([p[0]["down_bias"] for p in parts]).to(dtype)
+                up = torch.cat([p[0]["up"] for p in parts], dim=1).t().to(dtype)
+                up_b = torch.stack([p[2] * p[0]["up_bias"] for p in parts]).to(dtype)
+                keep = torch.block_diag(*[torch.full((1, w), p[2]) for p, w in zip(parts, widths)]).to(
+                    device=down.device, dtype=dtype)
+            acts: dict[Callable, torch.Tensor] = {}                          # act -> its hidden columns
+            start = 0
+            for p, w in zip(parts, widths):
+                cols = acts.setdefault(p[1], torch.zeros(sum(widths), dtype=torch.bool, device=down.device))
+                cols[start:start + w] = True
+                start += w
+            acts_list = [(act, None) for act in acts] if len(acts) == 1 else list(acts.items())
+            if len(self._stacked) >= 8:                                # a few slot sets live at once
+                self._stacked.clear()
+            self._stacked[key] = (down, down_b, up, up_b, keep, acts_list)
+        return self._stacked[key]
+
+    def _side(self, parallel: bool, src: torch.Tensor, out: torch.Tensor, batch: Any) -> torch.Tensor:
+        held = self.sides[parallel]
+        plan = unit_plan(batch, held)
+        if plan is None:
             return out
-        down, down_b, up, up_b, scale, masks = stack
-        for idx, w in zip(*batch.gather_plan):
-            idx = torch.where(idx < scale.numel(), idx, torch.zeros_like(idx))    # other families' slots: zero
-            h = torch.bmm(src, down[idx].to(src.dtype)) + down_b[idx][:, None, :].to(src.dtype)   # [n, L, B]
-            if len(masks) == 1:
-                h = next(iter(masks))(h)
+        xs = src.index_select(0, plan.units)                               # [r, L, d_read] (a copy of src)
+        r, length = xs.shape[0], xs.shape[1]
+        work = [2 * held[s][0]["down"].numel() for s in plan.slots]         # multiply-adds per token
+        # serving adds into the module's fresh output in place (xs is already read); training copies
+        out = out if not torch.is_grad_enabled() and out.is_contiguous() else out.clone()
+        if stacked_is_cheaper(plan, length, work, self.CALL_COST):
+            down, down_b, up, up_b, keep, acts = self.stacked(plan.slots, xs.dtype)
+            h = torch.addmm(down_b, xs.reshape(r * length, -1), down)        # [r · L, M]
+            h = acts[0][0](h) if len(acts) == 1 else sum(torch.where(cols, act(h), torch.zeros_like(h))
+                                                         for act, cols in acts)
+            w = keep.index_select(0, plan.block)                              # [P, M]
+            b = up_b.index_select(0, plan.block)                              # [P, d_out]
+            if plan.weight is not None:
+                w, b = w * plan.weight.view(-1, 1), b * plan.weight.view(-1, 1)
+            h = h.view(r, length, -1).index_select(0, plan.local) * w[:, None, :]     # [P, L, M]
+            if length == 1:
+                term = torch.addmm(b, h.view(h.shape[0], -1), up)[:, None, :]
             else:
-                h = sum(torch.where(m[idx][:, None, None], act(h), torch.zeros_like(h)) for act, m in masks.items())
-            term = torch.bmm(h, up[idx].to(src.dtype)) + up_b[idx][:, None, :].to(src.dtype)     # [n, L, d_out]
-            unit_scale = scale[idx].to(src.dtype)[:, None, None]
-            out = out + term * (unit_scale if w is None else unit_scale * w.to(src.dtype))
+                term = torch.matmul(h, up) + b[:, None, :]
+            return out.index_add_(0, plan.target, term.to(out.dtype))
+        for slot, (local, w) in zip(plan.slots, plan.groups):
+            parts, act, scale, _ = held[slot]
+            term = scale * _f(xs.index_select(0, local), parts, act)
+            term = term if w is None else term * w.to(term.dtype)
+            out.index_add_(0, plan.units.index_select(0, local), term.to(out.dtype))
         return out
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, batch: Any, training: bool) -> torch.Tensor:
@@ -221,8 +242,8 @@ class BottleneckPool(HeldPool):
         if batch.kernel != "dense":
             self.ensure()
             # parallel adapters read the block's input, then series ones the output so far
-            out = self._gathered(True, x3, y3, batch)
-            return self._gathered(False, out, out, batch).reshape(y.shape)
+            out = self._side(True, x3, y3, batch)
+            return self._side(False, out, out, batch).reshape(y.shape)
 
         def run(held: tuple, t: torch.Tensor) -> torch.Tensor:
             parts, act, scale, _ = held

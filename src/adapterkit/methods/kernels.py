@@ -8,6 +8,8 @@ and returns it.
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -151,8 +153,21 @@ class HeldPool:
         self.held: dict[int, Any] = {}
         self._stale = True
 
+    DERIVED: tuple[str, ...] = ()          # attributes rebuild() makes: not copied (a copy rebuilds them)
+
     def __len__(self) -> int:
         return len(self.held)
+
+    def __deepcopy__(self, memo: dict) -> "HeldPool":
+        """A copy of the held adapters; the derived layout is rebuilt on the copy's first gathered step
+        (some of it, sparse CSR tensors, cannot be deep-copied)."""
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key not in self.DERIVED:
+                setattr(new, key, copy.deepcopy(value, memo))
+        new._stale = True
+        return new
 
     def hold(self, config: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
         raise NotImplementedError
@@ -178,3 +193,70 @@ class HeldPool:
         if self._stale:
             self.rebuild()
             self._stale = False
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    """The units of one step that are routed to the adapters one pool holds, by adapter. Built on the
+    host once per step for each set of slots (every site holding the same adapters shares it), on the
+    batch's device. A pair is (unit, adapter position) with a slot in `slots`.
+
+    slots   the step's slots the pool holds, sorted (m of them)
+    units   [r] long: the units routed to any of them
+    local   [P] long: each pair's unit as an index into units; target = units[local]
+    block   [P] long: each pair's adapter as an index into slots
+    weight  [P, 1, 1] or None (every weight 1)
+    groups  per slot: (its pairs' local [P_s], their weights [P_s, 1, 1] or None)
+    counts  per slot: its number of pairs (host ints, for the cost rule)"""
+    slots: tuple[int, ...]
+    units: torch.Tensor
+    local: torch.Tensor
+    target: torch.Tensor
+    block: torch.Tensor
+    weight: torch.Tensor | None
+    groups: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]
+    counts: tuple[int, ...]
+
+
+def unit_plan(batch: Any, held: Mapping[int, Any]) -> UnitPlan | None:
+    """The plan of the step's units routed to slots in `held` (None: no unit is)."""
+    slots = tuple(s for s in batch.unique if s in held)
+    if not slots:
+        return None
+    memo = batch.memo
+    if ("units", slots) not in memo:
+        memo["units", slots] = _unit_plan(batch, slots)
+    return memo["units", slots]
+
+
+def _unit_plan(batch: Any, slots: tuple[int, ...]) -> UnitPlan:
+    ids, weights = batch.ids, batch.weights                           # [n, K] on the host
+    chosen = torch.tensor(slots)
+    unit, pos = torch.nonzero(torch.isin(ids, chosen), as_tuple=True)  # [P] pairs, sorted by unit
+    units, local = torch.unique(unit, return_inverse=True)
+    block = torch.searchsorted(chosen, ids[unit, pos])
+    w = weights[unit, pos]
+    dev, dt = batch.device, batch.dtype
+
+    def weight_of(sel: torch.Tensor) -> torch.Tensor | None:
+        return None if bool((sel == 1).all()) else sel.to(device=dev, dtype=dt).view(-1, 1, 1)
+
+    groups = []
+    for b in range(len(slots)):
+        sel = block == b
+        groups.append((local[sel].to(dev), weight_of(w[sel])))
+    return UnitPlan(slots=slots, units=units.to(dev), local=local.to(dev), target=unit.to(dev), block=block.to(dev),
+                    weight=weight_of(w), groups=tuple(groups),
+                    counts=tuple(torch.bincount(block, minlength=len(slots)).tolist()))
+
+
+def stacked_is_cheaper(plan: UnitPlan, tokens: int, work: Sequence[int], call_cost: int) -> bool:
+    """Run the step's m adapters as one stacked call on all their units, or one call per adapter?
+
+    The stacked call does every adapter's work on every unit (tokens each): work the per-adapter calls
+    skip; the per-adapter calls pay a fixed cost each (launches, gathers; in multiply-adds, call_cost).
+    work: multiply-adds per token of each slot in plan.slots. Decode-sized steps with a few adapters
+    stack; prefill and steps with many adapters go per adapter."""
+    units = int(plan.units.numel()) * tokens
+    redundant = units * sum(work) - sum(c * tokens * w for c, w in zip(plan.counts, work))
+    return redundant <= (len(plan.slots) - 1) * call_cost

@@ -9,7 +9,7 @@ composed by addition (a language SFT and a task SFT on one row sum their ΔW, as
 Weight-space merges (merge/sparse.py) stay sparse and exact over the union of the supports.
 
 The forward adds y[..., r] += Σ v · x[..., c] for the entries (r, c) of the rows routed to the
-adapter: O(k) per token, no dense ΔW, one gather and one index_add per adapter in a step.
+adapter: O(k) per token, no dense ΔW; serving runs CSR sparse mm's (SparsePool).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from ..errors import BaseMismatchError, ConfigError, CorruptAdapterError
 from .base import STAGE_DELTA, Method, SiteInfo, TensorKind, config_from_dict, config_to_dict, tuple_fields
-from .kernels import HeldPool, routed
+from .kernels import HeldPool, routed, stacked_is_cheaper, unit_plan
 
 
 @dataclass(frozen=True)
@@ -186,61 +186,78 @@ def sparse_from_dense(deltas: Mapping[str, torch.Tensor], *, k: int | None = Non
 
 class SparsePool(HeldPool):
     """All sparse adapters at one Linear, by slot. `held`: each adapter's own (rows, cols, values), read
-    by the dense kernel (gradients reach the values). For the other kernels every adapter's entries are
-    also laid end to end (cat_*) with each slot's start and count, so a step gathers the entries of every
-    unit's adapter at once: a handful of tensor ops per site whatever the number of adapters."""
+    by the dense kernel (training: gradients reach the values). The other kernels read each adapter's
+    ΔW as a CSR matrix [d_out, d_in] (float32 values, or float64 on a float64 base), built once when the
+    pool changes, and run the step either as one sparse mm of the step's adapters stacked [m·d_out, d_in]
+    on all their units (decode with a few adapters: one call per site) or as one sparse mm per adapter on
+    its own units (prefill, many adapters), whichever methods/kernels.stacked_is_cheaper picks."""
+
+    DERIVED = ("csr", "single", "_stacked", "nnz")
+    # one more sparse mm call costs about 50 us on this CPU (the mixed decode step of benchmarks/methods_decode.py
+    # per extra call), as many as ~75k multiply-adds of torch's CPU CSR kernel (~1.5 GMAC/s)
+    CALL_COST = 100_000
 
     def hold(self, config: Any, tensors: Mapping[str, torch.Tensor]) -> tuple:
         idx = tensors["indices"]             # rows and columns of the entries, once (int64 on the base's device)
         return idx // self.site.in_features, idx % self.site.in_features, tensors["values"]
 
     def rebuild(self) -> None:
-        """cat_rows / cat_cols / cat_vals [E] and per slot start / count [max slot + 1] (0 for no adapter)."""
-        slots = sorted(self.held)
-        size = (max(slots) if slots else 0) + 1
-        device = self.site.device
-        self.start = torch.zeros(size, dtype=torch.int64, device=device)
-        self.count = torch.zeros(size, dtype=torch.int64, device=device)
-        parts, offset = [], 0
-        for slot in slots:
-            rows, cols, vals = self.held[slot]
-            self.start[slot], self.count[slot] = offset, rows.numel()
-            offset += rows.numel()
-            parts.append((rows, cols, vals.detach()))
-        empty = torch.zeros(0, dtype=torch.int64, device=device)
-        self.cat_rows = torch.cat([p[0] for p in parts]) if parts else empty
-        self.cat_cols = torch.cat([p[1] for p in parts]) if parts else empty
-        self.cat_vals = torch.cat([p[2].to(self.site.dtype) for p in parts]) if parts else empty.to(self.site.dtype)
+        """csr[slot]: (crow [d_out + 1], col [k], val [k]) of each adapter's ΔW; stacks of slot sets are
+        derived on use (cached until the pool changes)."""
+        d_out = self.site.out_features
+        self.vdtype = torch.float64 if self.site.dtype == torch.float64 else torch.float32
+        self.csr, self.single, self._stacked, self.nnz = {}, {}, {}, {}
+        for slot, (rows, cols, vals) in self.held.items():
+            self.nnz[slot] = int(rows.numel())
+            counts = torch.bincount(rows, minlength=d_out)           # rows ascend: the entries are row-major
+            crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+            self.csr[slot] = (crow, cols, vals.detach().to(self.vdtype))
+            self.single[slot] = torch.sparse_csr_tensor(*self.csr[slot], (d_out, self.site.in_features),
+                                                        check_invariants=False)
+
+    def stacked(self, slots: tuple[int, ...]) -> torch.Tensor:
+        """The ΔW of `slots` stacked by rows: CSR [m · d_out, d_in]."""
+        if slots not in self._stacked:
+            crows, offset = [], 0
+            for slot in slots:
+                crows.append(self.csr[slot][0][:-1] + offset)
+                offset += self.nnz[slot]
+            crow = torch.cat(crows + [crows[0].new_tensor([offset])])
+            cols = torch.cat([self.csr[s][1] for s in slots])
+            vals = torch.cat([self.csr[s][2] for s in slots])
+            shape = (len(slots) * self.site.out_features, self.site.in_features)
+            if len(self._stacked) >= 8:                               # a few slot sets live at once
+                self._stacked.clear()
+            self._stacked[slots] = torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
+        return self._stacked[slots]
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, batch: Any, training: bool) -> torch.Tensor:
         x3, y3 = batch.view_input(x), batch.view_input(y)                 # [n, L, d_in], [n, L, d_out]
-        d_out = self.site.out_features
+        d_in, d_out = self.site.in_features, self.site.out_features
         if batch.kernel == "dense":                     # training: the live values, masked per unit
             return routed(batch, self.held, lambda held, t: sparse_apply(t, *held, d_out), x3, y3).reshape(y.shape)
+        plan = unit_plan(batch, self.held)
+        if plan is None:
+            return y
         self.ensure()
-        n, length = x3.shape[0], x3.shape[1]
-        out = xt = None
-        for idx, w in zip(*batch.gather_plan):          # each unit's slot [n] at this adapter position
-            idx = torch.where(idx < self.count.numel(), idx, torch.zeros_like(idx))   # past our slots: nothing here
-            counts = self.count[idx]                                       # [n] entries of each unit's adapter
-            total = int(counts.sum())
-            if total == 0:
-                continue
-            unit = torch.repeat_interleave(torch.arange(n, device=counts.device), counts)      # [E]
-            # entry e of unit u sits at start[slot_u] + (e - first e of u) in the laid-out entries
-            shift = self.start[idx] - (torch.cumsum(counts, 0) - counts)        # [n]
-            entry = torch.arange(total, device=counts.device) + shift[unit]
-            rows, cols, vals = self.cat_rows[entry], self.cat_cols[entry], self.cat_vals[entry].to(x3.dtype)
-            if w is not None:
-                vals = vals * w.reshape(-1)[unit].to(x3.dtype)
-            if xt is None:                                                  # [n·d_in, L]: row u·d_in + c = x3[u, :, c]
-                xt = x3.transpose(1, 2).reshape(n * self.site.in_features, length)
-            contrib = xt.index_select(0, unit * self.site.in_features + cols) * vals[:, None]     # [E, L]
-            # flat positions in out [n, L, d_out]: ((unit · L) + l) · d_out + row, for every token l
-            at = (unit[:, None] * length + torch.arange(length, device=unit.device)) * d_out + rows[:, None]
-            out = y3.clone() if out is None else out                        # contiguous, as y3 is
-            out.view(-1).index_add_(0, at.reshape(-1), contrib.reshape(-1))
-        return y if out is None else out.reshape(y.shape)
+        length = x3.shape[1]
+        xs = x3.index_select(0, plan.units).to(self.vdtype)                 # [r, L, d_in]
+        # serving adds into the Linear's fresh output in place (as the LoRA kernels do)
+        out = y3 if not torch.is_grad_enabled() and y3.is_contiguous() else y3.clone()
+        work = [self.nnz[s] for s in plan.slots]                             # entries: multiply-adds per token
+        if stacked_is_cheaper(plan, length, work, self.CALL_COST):
+            r = xs.shape[0]
+            ys = (self.stacked(plan.slots) @ xs.reshape(r * length, d_in).t())   # [m · d_out, r · L]
+            ys = ys.view(len(plan.slots), d_out, r, length)[plan.block, :, plan.local, :]   # [P, d_out, L]
+            term = ys.transpose(1, 2)
+            term = term if plan.weight is None else term * plan.weight.to(term.dtype)
+            return out.index_add_(0, plan.target, term.to(out.dtype)).reshape(y.shape)
+        for slot, (local, w) in zip(plan.slots, plan.groups):
+            xg = xs.index_select(0, local)
+            term = (self.single[slot] @ xg.reshape(-1, d_in).t()).t().reshape(xg.shape[0], length, d_out)
+            term = term if w is None else term * w.to(term.dtype)
+            out.index_add_(0, plan.units.index_select(0, local), term.to(out.dtype))
+        return out.reshape(y.shape)
 
 
 SPARSE = Sparse()
