@@ -126,10 +126,12 @@ def main() -> None:
             times[system].append(step(rows)[0])
         log(f"rep {rep}: " + ", ".join(f"{k} {1000 * v[-1]:.1f} ms" for k, v in times.items()))
     med = {k: statistics.median(v) for k, v in times.items()}
+    breakdown = pool_breakdown(step, mixed_rows, a.reps)
+    log("mixed step, ms per family's pools: " + ", ".join(f"{k} {v:.1f}" for k, v in breakdown.items()))
     out = {"benchmark": "methods_decode", "batch": a.batch, "ctx": a.ctx, "reps": a.reps, "threads": a.threads,
            "adapters_per_family": n_each, "families": ["lora r=8", "ia3", "bottleneck pfeiffer rf16",
                                                        "bottleneck parallel rf16", f"sparse K={lora_params}"],
-           "times_s": times, "median_s": med,
+           "times_s": times, "median_s": med, "mixed_pool_ms": breakdown,
            "ratios": {"mixed_over_base": med["mixed"] / med["base"], "lora_over_base": med["lora"] / med["base"],
                       "mixed_over_lora": med["mixed"] / med["lora"],
                       **{f"{k}_over_base": med[k] / med["base"] for k in med if k.startswith("only:")}},
@@ -140,6 +142,41 @@ def main() -> None:
     a.out.write_text(json.dumps(out, indent=1) + "\n")
     log("medians: " + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in med.items()) +
         f"; mixed/base {out['ratios']['mixed_over_base']:.2f}, lora/base {out['ratios']['lora_over_base']:.2f}")
+
+
+def pool_breakdown(step, rows, reps: int) -> dict[str, float]:
+    """Median ms one mixed step spends inside each family's pools (their apply, all sites), timed by
+    wrapping each pool class's apply; the rest of the step over the base is the hooks' own dispatch."""
+    from adapterkit.methods import bottleneck, ia3, lora_pool, sparse
+
+    classes = {"lora": lora_pool.LoraPool, "ia3": ia3.Ia3Pool, "bottleneck": bottleneck.BottleneckPool,
+               "sparse": sparse.SparsePool}
+    spent = {k: 0.0 for k in classes}
+    real = {k: c.apply for k, c in classes.items()}
+
+    def timed(family):
+        def apply(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return real[family](self, *args, **kwargs)
+            finally:
+                spent[family] += time.perf_counter() - t0
+        return apply
+
+    samples = {k: [] for k in classes}
+    try:
+        for family, cls in classes.items():
+            cls.apply = timed(family)
+        for _ in range(reps):
+            for k in spent:
+                spent[k] = 0.0
+            step(rows)
+            for k in classes:
+                samples[k].append(1000 * spent[k])
+    finally:
+        for family, cls in classes.items():
+            cls.apply = real[family]
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def _row_cache(cache, i):

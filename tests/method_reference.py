@@ -31,7 +31,7 @@ def reference(model, rows, ids, output=lambda o: o.logits):
                     handles.append(modules[site].register_forward_pre_hook(hook))
                 else:
                     hook = (lambda m_, cfg, info_, t, w_: lambda mod, args, out: out + w_ * (
-                        m_.reference(cfg, info_, t, args[0], out) - out))(m, a.config, info, tensors, w)
+                        m_.reference(cfg, info_, t, args[info_.input_arg], out) - out))(m, a.config, info, tensors, w)
                     handles.append(modules[site].register_forward_hook(hook))
         with torch.no_grad():
             outs.append(output(model64(ids[i:i + 1]))[0])

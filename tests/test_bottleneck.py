@@ -116,9 +116,35 @@ def test_serving_paths_equal_the_reference_for_mixed_placements_sizes_and_nonlin
     assert any(len(s) > 1 for s in used) == stacked             # one adapter: stacked is per adapter
 
 
+def test_a_parallel_adapter_on_bert_reads_the_attention_output_and_adds_to_the_layer_output(tmp_path):
+    """BERT has no single MLP module: the parallel adapter sits beside the whole feed-forward block (the
+    output block with its residual and LayerNorm), reading the block's input, the attention output
+    (argument 1 of BertOutput), computed here by hand from the bare layer."""
+    bert = load_base(str(save_tiny("bert", tmp_path / "bert")))
+    cfg = BottleneckConfig.for_model("bert", "parallel", init="nonzero", init_std=0.5, scaling=2.0)
+    a = create_adapter("p", bert.model, cfg, seed=1)
+    assert sorted(a.tensors) == ["encoder.layer.0.output", "encoder.layer.1.output"]
+    assert a.tensors["encoder.layer.0.output"]["down"].shape[1] == bert.model.config.hidden_size
+    layer = bert.model.get_submodule("encoder.layer.0")
+    seen = {}
+    layer.attention.register_forward_hook(lambda m, args, out: seen.__setitem__("attn", out[0] if isinstance(out, tuple) else out))
+    # the layer's output is its output block's, after every hook on that block (the adapter's too)
+    layer.register_forward_hook(lambda m, args, out: seen.__setitem__("out", out[0] if isinstance(out, tuple) else out))
+    ids = input_ids(2, 5)
+    with torch.no_grad():
+        bert.model(ids)
+        bare_attn, bare_out = seen["attn"], seen["out"]
+        rt = AdapterRuntime.from_base(bert)
+        rt.add(a)
+        with rt.batch(["p", None]):
+            bert.model(ids)
+    t = a.tensors["encoder.layer.0.output"]
+    f = torch.relu(bare_attn @ t["down"].t() + t["down_bias"]) @ t["up"].t() + t["up_bias"]
+    torch.testing.assert_close(seen["out"][0], bare_out[0] + 2.0 * f[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(seen["out"][1], bare_out[1])                # the base row: untouched
+
+
 def test_bad_configs_and_shapes_are_refused_by_name(llama):
-    with pytest.raises(ConfigError, match="a bert layer has no single MLP module for a parallel adapter"):
-        BottleneckConfig.for_model("bert", "parallel")
     with pytest.raises(ConfigError, match=r"bottleneck placement must be one of \('houlsby', 'pfeiffer', 'parallel'\)"):
         BottleneckConfig(placement="middle")
     with pytest.raises(ConfigError, match=r"bottleneck nonlinearity must be one of \['gelu', 'relu', 'silu'\]"):

@@ -21,7 +21,7 @@ from method_reference import reference
 def _bottleneck(targets, i):
     """Each placement with its own size and nonlinearity (a BERT layer has no MLP module: houlsby twice)."""
     kind = "bert" if "query" in targets else "gpt2" if "c_attn" in targets else "llama"
-    placement = ("houlsby", "pfeiffer", "parallel" if kind != "bert" else "houlsby")[i]
+    placement = ("houlsby", "pfeiffer", "parallel")[i]
     return BottleneckConfig.for_model(kind, placement, reduction_factor=(4, 8, 2)[i],
                                       nonlinearity=("relu", "gelu", "silu")[i], init="nonzero", init_std=3.0,
                                       **({"scaling": 2.0} if placement == "parallel" else {}))

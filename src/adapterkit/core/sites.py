@@ -80,7 +80,7 @@ class Site:
         batch = self.batch()
         if not self._outputs or batch is None or batch.kernel == "none":
             return output
-        x = args[0]      # the module's input as the module saw it (after any input method)
+        x = args[self.info.input_arg]      # the module's (block's) input as it saw it (after any input method)
         for pool, members in self._outputs:
             if not members.isdisjoint(batch.unique):      # a pool none of the step's adapters is in: skipped
                 output = pool.apply(x, output, batch, module.training)

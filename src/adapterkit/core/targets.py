@@ -30,6 +30,12 @@ def site_info(name: str, module: nn.Module, attach: str = ATTACH_OUTPUT) -> Site
         n_in, n_out = module.weight.shape
         return SiteInfo(name, n_in, n_out, True, module.weight.dtype, module.weight.device)
     if attach == ATTACH_MODULE:
+        if _post_ln_output_block(module):
+            # BERT's feed-forward output (dense, dropout, LayerNorm(. + residual)), called with (intermediate,
+            # attention output): the feed-forward block's input is the attention output, argument 1
+            d = module.dense.out_features
+            return SiteInfo(name, d, d, False, module.dense.weight.dtype, module.dense.weight.device, kind="module",
+                            input_arg=1)
         linears = [site_info(f"{name}.{n}", m) for n, m in module.named_modules()
                    if isinstance(m, nn.Linear) or (conv1d is not None and isinstance(m, conv1d))]
         if linears:
@@ -41,6 +47,18 @@ def site_info(name: str, module: nn.Module, attach: str = ATTACH_OUTPUT) -> Site
         f"target module {name!r} is a {type(module).__name__}; adapters wrap nn.Linear and "
         "transformers' Conv1D only: choose target_modules that name linear layers"
     )
+
+
+def _post_ln_output_block(module: nn.Module) -> bool:
+    """A BERT-style output block: a `dense` Linear into d and a `LayerNorm`, whose forward takes the
+    residual as its second argument (BertOutput, RobertaOutput and their kin)."""
+    import inspect
+
+    dense, norm = getattr(module, "dense", None), getattr(module, "LayerNorm", None)
+    if not isinstance(dense, nn.Linear) or not isinstance(norm, nn.LayerNorm):
+        return False
+    params = list(inspect.signature(module.forward).parameters)
+    return len(params) >= 2 and params[1] == "input_tensor"
 
 
 def name_matches(name: str, patterns: str | tuple[str, ...] | list[str] | None) -> bool:

@@ -65,6 +65,9 @@ class SiteInfo:
     dtype: torch.dtype
     device: torch.device = torch.device("cpu")   # where the module's weight lives: pools keep their slots there
     kind: str = "linear"   # "linear" (nn.Linear / Conv1D, has a weight) or "module" (any block)
+    # which positional argument of the module is the block's input x (BERT's output block is called
+    # with (intermediate activations, attention output): its block input is argument 1)
+    input_arg: int = 0
 
 
 class SitePool(Protocol):

@@ -32,14 +32,15 @@ from .kernels import HeldPool, routed, stacked_is_cheaper, unit_plan
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
 INITS = ("default", "nonzero")
-# Per architecture: (attention output projection, MLP block or its output projection, MLP block for a
-# parallel adapter (None: no single module holds the block)), as full-name regexes.
+# Per architecture: (attention output projection, MLP block or its output projection, the module a
+# parallel adapter sits beside), as full-name regexes. BERT: the feed-forward output block (its dense,
+# residual and LayerNorm), reading the block's input, the attention output (core/targets.site_info).
 SITES = {
     "llama": (r".*\.self_attn\.o_proj", r".*\.mlp", r".*\.mlp"),
     "mistral": (r".*\.self_attn\.o_proj", r".*\.mlp", r".*\.mlp"),
     "qwen2": (r".*\.self_attn\.o_proj", r".*\.mlp", r".*\.mlp"),
     "gpt2": (r".*\.attn\.c_proj", r".*\.mlp", r".*\.mlp"),
-    "bert": (r".*\.attention\.output\.dense", r".*layer\.\d+\.output\.dense", None),
+    "bert": (r".*\.attention\.output\.dense", r".*layer\.\d+\.output\.dense", r".*layer\.\d+\.output"),
 }
 
 
@@ -87,9 +88,6 @@ class BottleneckConfig:
             raise ConfigError(f"no bottleneck sites known for a {model_type!r} model; give target_modules "
                               f"(known: {', '.join(sorted(SITES))})")
         attn, mlp, block = SITES[model_type]
-        if placement == "parallel" and block is None:
-            raise ConfigError(f"a {model_type} layer has no single MLP module for a parallel adapter to sit "
-                              "beside; use placement houlsby or pfeiffer")
         targets = {"houlsby": f"{attn}|{mlp}", "pfeiffer": mlp, "parallel": block}.get(placement, mlp)
         return cls(target_modules=targets, placement=placement, **kwargs)
 

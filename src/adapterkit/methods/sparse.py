@@ -14,6 +14,7 @@ adapter: O(k) per token, no dense ΔW; serving runs CSR sparse mm's (SparsePool)
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
@@ -184,6 +185,14 @@ def sparse_from_dense(deltas: Mapping[str, torch.Tensor], *, k: int | None = Non
     return out, threshold
 
 
+def csr(crow: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """A CSR matrix from parts already valid (sorted, in range: check_tensors saw to it), without
+    torch's per-build invariant checks and its "beta" warning in every server log."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
+
+
 class SparsePool(HeldPool):
     """All sparse adapters at one Linear, by slot. `held`: each adapter's own (rows, cols, values), read
     by the dense kernel (training: gradients reach the values). The other kernels read each adapter's
@@ -212,8 +221,7 @@ class SparsePool(HeldPool):
             counts = torch.bincount(rows, minlength=d_out)           # rows ascend: the entries are row-major
             crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
             self.csr[slot] = (crow, cols, vals.detach().to(self.vdtype))
-            self.single[slot] = torch.sparse_csr_tensor(*self.csr[slot], (d_out, self.site.in_features),
-                                                        check_invariants=False)
+            self.single[slot] = csr(*self.csr[slot], (d_out, self.site.in_features))
 
     def stacked(self, slots: tuple[int, ...]) -> torch.Tensor:
         """The ΔW of `slots` stacked by rows: CSR [m · d_out, d_in]."""
@@ -228,7 +236,7 @@ class SparsePool(HeldPool):
             shape = (len(slots) * self.site.out_features, self.site.in_features)
             if len(self._stacked) >= 8:                               # a few slot sets live at once
                 self._stacked.clear()
-            self._stacked[slots] = torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
+            self._stacked[slots] = csr(crow, cols, vals, shape)
         return self._stacked[slots]
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, batch: Any, training: bool) -> torch.Tensor:
