@@ -220,6 +220,68 @@ def test_lt_sft_phases_reset_to_the_base_and_pull_toward_it(llama, tmp_path):
     assert float(loss2(None, None)) == pytest.approx(1.0 + 0.5 * 2.0 * 7)
 
 
+def test_an_interrupted_lt_sft_run_resumes_to_the_same_adapter_without_its_dense_phase(tmp_path, monkeypatch):
+    """Stopped in the sparse phase (after a checkpoint) or right after the selection (before one): --resume
+    gives the adapter and head of an uninterrupted run, never trains the dense phase again, refuses other
+    selection settings, and leaves no state behind once stored."""
+    from typer.testing import CliRunner
+
+    import adapterkit.train.sft as sft
+    from adapterkit.cli import app
+    from adapterkit.store import AdapterStore
+    from adapterkit.train import progress
+
+    path, data = classification_files(tmp_path)
+    store = tmp_path / "st"
+    runner = CliRunner()
+
+    def args(name, *extra):
+        return ["train", "--method", "sparse", "--sparse-params", "40", "--dense-steps", "4", "--steps", "6",
+                "--checkpoint-every", "2", "--lr", "0.01", "--name", name, "--base", str(path), "--train-file",
+                str(data), "--store", str(store), "--no-progress", *extra]
+    assert runner.invoke(app, args("straight")).exit_code == 0
+    straight = AdapterStore(store).get("straight")
+    real_update, real_dense = progress.TrainProgress.update, sft._dense_phase
+    dense_runs = []
+    monkeypatch.setattr(sft, "_dense_phase", lambda *a: dense_runs.append(1) or real_dense(*a))
+    for name, stop_at, said in [("late", 3, "The last checkpoint (step 2) is in"),
+                                ("early", 0, "Its finished phases are saved in")]:
+        calls = []
+
+        def killed(self, record, stop_at=stop_at):
+            calls.append(record["step"])
+            if len(calls) > 4 and record["step"] == stop_at:            # 4 dense steps, then the sparse phase
+                raise KeyboardInterrupt
+            real_update(self, record)
+        monkeypatch.setattr(progress.TrainProgress, "update", killed)
+        res = runner.invoke(app, args(name))
+        assert res.exit_code == 130 and said in res.output, res.output
+        monkeypatch.setattr(progress.TrainProgress, "update", real_update)
+        res = runner.invoke(app, args(name))
+        where = "a checkpoint at step 2" if stop_at else "the state of its finished phases"
+        assert res.exit_code == 2 and f"an interrupted run of {name!r} left {where}" in res.output
+        other = args(name, "--resume")
+        other[other.index("40")] = "30"
+        res = runner.invoke(app, other)
+        assert res.exit_code == 2 and "the interrupted run selected its entries with other settings " \
+                                      "(sparse_params: 40 vs 30)" in res.output
+        before, steps = len(dense_runs), []
+        monkeypatch.setattr(progress.TrainProgress, "update", lambda self, r: steps.append(r["step"]) or real_update(self, r))
+        res = runner.invoke(app, args(name, "--resume"))
+        assert res.exit_code == 0, res.output
+        assert len(dense_runs) == before                                # the dense phase was not trained again
+        assert steps == (list(range(2, 6)) if stop_at else list(range(6)))    # from the checkpoint, or from θ0
+        monkeypatch.setattr(progress.TrainProgress, "update", real_update)
+        got = AdapterStore(store).get(name)
+        for site, parts in straight.tensors.items():
+            assert torch.equal(got.tensors[site]["indices"], parts["indices"])
+            torch.testing.assert_close(got.tensors[site]["values"], parts["values"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.head.weight, straight.head.weight, rtol=1e-5, atol=1e-6)
+        assert got.meta.lineage[0]["params"]["lt_sft"] == straight.meta.lineage[0]["params"]["lt_sft"]
+        assert not (store / "runs" / name / "phase_state.safetensors").exists()
+        assert not (store / "runs" / name / "checkpoint").exists()
+
+
 def test_lt_sft_flags_are_checked(tmp_path):
     from typer.testing import CliRunner
 

@@ -91,7 +91,7 @@ def train_cmd(
     objective's measured defaults (train/defaults.py), printed before training."""
     from ..core.base import load_base
     from ..methods import get_method
-    from ..train.fit import CHECKPOINT, LOG, check_run, checkpoint_step, run_dir, run_lock
+    from ..train.fit import CHECKPOINT, LOG, PHASE_STATE, check_run, checkpoint_step, run_dir, run_lock
     from ..train.run import train_classifier
     from ..train.defaults import TRAINABLE, resolve
     from ..train.trainer import finish_distributed, init_distributed_from_env
@@ -164,9 +164,12 @@ def train_cmd(
     except KeyboardInterrupt:
         ckpt = run_dir(st, name) / CHECKPOINT
         step = checkpoint_step(ckpt)
+        phases = (run_dir(st, name) / PHASE_STATE).is_file()
         fail(AdapterkitError(f"interrupted; nothing was stored as {name!r}. " + (
             f"The last checkpoint (step {step}) is in {ckpt}: run the same command with --resume to continue."
-            if step is not None else "No checkpoint was written yet (see --checkpoint-every).")), code=130)
+            if step is not None else
+            f"Its finished phases are saved in {ckpt.parent}: run the same command with --resume to continue."
+            if phases else "No checkpoint was written yet (see --checkpoint-every).")), code=130)
     finish_distributed()
     if rank != 0:
         return

@@ -47,6 +47,9 @@ SPARSE_TARGETS = {"causal-lm": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_pr
                               "output.dense")}
 DEFAULT_TARGETS = {"causal-lm": ("q_proj", "k_proj", "v_proj", "o_proj"), "encoder": ("query", "key", "value")}
 CHECKPOINT, LOG = "checkpoint", "train_log.jsonl"
+# a run of several phases keeps what one phase hands the next here, until the adapter is stored
+# (LT-SFT: the entries its dense phase selected, train/sft.py), so --resume can skip finished phases
+PHASE_STATE = "phase_state.safetensors"
 
 
 class RunInProgressError(AdapterkitError, RuntimeError):
@@ -92,15 +95,19 @@ def check_run(store: AdapterStore, name: str, *, overwrite: bool, resume: bool) 
     """Refuse a stored name (unless overwrite), a resume with no checkpoint, and a fresh run over a
     leftover checkpoint (unless overwrite, which deletes it). Cheap: callers run it before loading."""
     store.check_free(name, overwrite)
-    ckpt = run_dir(store, name) / CHECKPOINT
-    if resume and not (ckpt / STATE_JSON).is_file():
-        raise ConfigError(f"nothing to resume: no checkpoint of a run named {name!r} in {ckpt.parent}")
-    if not resume and (ckpt / STATE_JSON).is_file():
+    run = run_dir(store, name)
+    ckpt = run / CHECKPOINT
+    saved = (ckpt / STATE_JSON).is_file() or (run / PHASE_STATE).is_file()
+    if resume and not saved:
+        raise ConfigError(f"nothing to resume: no checkpoint of a run named {name!r} in {run}")
+    if not resume and saved:
         if not overwrite:
-            raise ConfigError(f"an interrupted run of {name!r} left a checkpoint at step {checkpoint_step(ckpt)} "
-                              f"in {ckpt}; pass --resume to continue it, or --overwrite to start over")
+            step = checkpoint_step(ckpt)
+            where = f"a checkpoint at step {step}" if step is not None else "the state of its finished phases"
+            raise ConfigError(f"an interrupted run of {name!r} left {where} in {run}; pass --resume to continue "
+                              "it, or --overwrite to start over")
         if dist_rank_world()[0] == 0:
-            shutil.rmtree(ckpt.parent)
+            shutil.rmtree(run)
 
 
 def checkpoint_step(folder: Path) -> int | None:

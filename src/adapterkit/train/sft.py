@@ -8,13 +8,17 @@
      entry; `l1` adds λ Σ |θ − θ0| to the loss (the pull toward θ0 of the paper's regularised variant).
 
 A task head (classification, MLM) trains through both phases and is kept. The selection is recorded
-in the lineage (K, threshold, dense steps). Resume is not offered for these runs yet.
+in the lineage (K, threshold, dense steps). The selection is saved in the run folder (fit.PHASE_STATE)
+before phase 3 starts, so `--resume` continues phase 3 from its checkpoint (or from θ0 when it had
+none yet) without training the dense phase again; a run stopped inside the dense phase starts over.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -22,6 +26,7 @@ import torch
 from ..core.adapter import Adapter, create_adapter
 from ..core.base import Base
 from ..errors import ConfigError
+from ..formats.safetensors_io import read_tensors, write_tensors
 from ..methods.full import FullConfig
 from ..methods.sparse import sparse_from_dense
 
@@ -53,34 +58,89 @@ def fit_lt_sft(fit: Callable, base: Base, adapter: Adapter, examples: Sequence[A
                **kwargs: Any) -> tuple[Any, Any]:
     """The two phases around `fit` (train/fit.fit); `adapter` is the (empty) sparse adapter, filled here.
     `run_info` (the caller's dict, recorded in the lineage) gets the selection: K, threshold, dense steps."""
-    if kwargs.get("resume"):
-        raise ConfigError("--resume is not offered for sparse (LT-SFT) runs yet: run again without it")
-    sites = tuple(adapter.tensors)
-    dense = create_adapter(f"{adapter.name}.dense", base.model, FullConfig(target_modules=sites),
-                           seed=config.seed, fingerprint=base.fingerprint)
-    dense_kwargs = {**kwargs, "evaluate": None, "log_path": None}        # its own run folder and log
-    dense_steps = sft.dense_steps or config.steps
-    phase1 = replace(config, steps=dense_steps, warmup_steps=min(config.warmup_steps, dense_steps), eval_every=0,
-                     checkpoint_every=0)
-    fit(base, dense, examples, collate, loss_fn, phase1, run_info={**(run_info or {}), "phase": "dense"},
-        **dense_kwargs)
-    from .fit import run_dir
+    from .fit import CHECKPOINT, PHASE_STATE, run_dir
+    from .trainer import STATE_JSON, dist_rank_world
 
-    shutil.rmtree(run_dir(kwargs["store"], dense.name), ignore_errors=True)     # its checkpoint is not kept
-    deltas = {site: dense.tensors[site]["delta"].detach().float().cpu() for site in sites}
-    proportion = None if sft.sparse_params is not None else (sft.sparse_proportion or DEFAULT_PROPORTION)
-    chosen, threshold = sparse_from_dense(deltas, k=sft.sparse_params, proportion=proportion)
-    del dense, deltas
+    sites = tuple(adapter.tensors)
+    run = run_dir(kwargs["store"], adapter.name)
+    if kwargs.get("resume") and (run / PHASE_STATE).is_file():
+        chosen, selection = _read_selection(run / PHASE_STATE, sft, sites, kwargs.get("extra_params"))
+    else:
+        chosen, selection = _dense_phase(fit, base, adapter, examples, collate, loss_fn, config, sft, run_info,
+                                         sites, kwargs)
+        if dist_rank_world()[0] == 0:
+            _write_selection(run / PHASE_STATE, chosen, selection, sft, kwargs.get("extra_params"))
+    kwargs["resume"] = bool(kwargs.get("resume")) and (run / CHECKPOINT / STATE_JSON).is_file()
     device = next(iter(next(iter(adapter.tensors.values())).values())).device
-    adapter.tensors = {site: {"indices": t["indices"].to(device), "values": torch.zeros_like(t["values"]).to(device),
-                              "shape": t["shape"]} for site, t in chosen.items()}         # back to θ0
-    k = sum(int(t["indices"].numel()) for t in chosen.values())
+    adapter.tensors = {site: {"indices": t["indices"].to(device),
+                              "values": torch.zeros(t["indices"].shape, device=device), "shape": t["shape"]}
+                       for site, t in chosen.items()}         # back to θ0
     if run_info is not None:                      # the caller's dict: its lineage records the selection
-        run_info["lt_sft"] = {"dense_steps": dense_steps, "k": k, "threshold": threshold, "l1": sft.l1}
+        run_info["lt_sft"] = selection
 
     def sparse_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
         loss = loss_fn(model, batch)
         if sft.l1:                                  # the adapter's current tensors (training re-places them)
             loss = loss + sft.l1 * sum(p["values"].abs().sum() for p in adapter.tensors.values())
         return loss
-    return fit(base, adapter, examples, collate, sparse_loss, config, run_info=run_info, **kwargs)
+    result = fit(base, adapter, examples, collate, sparse_loss, config, run_info=run_info, **kwargs)
+    (run / PHASE_STATE).unlink(missing_ok=True)          # stored: nothing left to resume
+    return result
+
+
+def _dense_phase(fit: Callable, base: Base, adapter: Adapter, examples: Sequence[Any], collate: Callable,
+                 loss_fn: Callable, config: Any, sft: SftOptions, run_info: dict[str, Any] | None,
+                 sites: tuple[str, ...], kwargs: dict[str, Any]) -> tuple[dict, dict[str, Any]]:
+    """Phases 1 and 2: train a dense ΔW per site, keep its K largest entries. Returns (the sparse
+    tensors per site, the selection as the lineage records it)."""
+    from .fit import run_dir
+
+    dense = create_adapter(f"{adapter.name}.dense", base.model, FullConfig(target_modules=sites),
+                           seed=config.seed, fingerprint=base.fingerprint)
+    dense_kwargs = {**kwargs, "evaluate": None, "log_path": None, "resume": False}   # its own run folder and log
+    dense_steps = sft.dense_steps or config.steps
+    phase1 = replace(config, steps=dense_steps, warmup_steps=min(config.warmup_steps, dense_steps), eval_every=0,
+                     checkpoint_every=0)
+    fit(base, dense, examples, collate, loss_fn, phase1, run_info={**(run_info or {}), "phase": "dense"},
+        **dense_kwargs)
+    shutil.rmtree(run_dir(kwargs["store"], dense.name), ignore_errors=True)     # its checkpoint is not kept
+    deltas = {site: dense.tensors[site]["delta"].detach().float().cpu() for site in sites}
+    proportion = None if sft.sparse_params is not None else (sft.sparse_proportion or DEFAULT_PROPORTION)
+    chosen, threshold = sparse_from_dense(deltas, k=sft.sparse_params, proportion=proportion)
+    k = sum(int(t["indices"].numel()) for t in chosen.values())
+    return chosen, {"dense_steps": dense_steps, "k": k, "threshold": threshold, "l1": sft.l1}
+
+
+def _write_selection(path: Any, chosen: dict, selection: dict[str, Any], sft: SftOptions,
+                     head: Sequence[torch.Tensor] | None) -> None:
+    """The selected entries (indices and shapes per site), the head as the dense phase left it and how
+    the entries were chosen, atomically."""
+    tensors = {f"{site}.{part}": t[part] for site, t in chosen.items() for part in ("indices", "shape")}
+    tensors.update({f"head.{i}": p for i, p in enumerate(head or ())})
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_tensors(tmp, tensors, {"selection": json.dumps(selection), "options": json.dumps(asdict(sft))})
+    os.replace(tmp, path)
+
+
+def _read_selection(path: Any, sft: SftOptions, sites: tuple[str, ...],
+                    head: Sequence[torch.Tensor] | None) -> tuple[dict, dict[str, Any]]:
+    """The interrupted run's selection (and its head, copied into `head`), refused when this run asks
+    for another one."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    saved = json.loads(meta["options"])
+    if saved != json.loads(json.dumps(asdict(sft))):
+        changed = sorted(k for k in saved if saved[k] != asdict(sft)[k])
+        raise ConfigError(f"the interrupted run selected its entries with other settings ({', '.join(changed)}: "
+                          f"{', '.join(f'{saved[k]!r} vs {asdict(sft)[k]!r}' for k in changed)}); resume with the "
+                          "same settings, or start over with --overwrite")
+    tensors = read_tensors(path)
+    chosen = {site: {"indices": tensors[f"{site}.indices"], "shape": tensors[f"{site}.shape"]}
+              for site in sites if f"{site}.indices" in tensors}
+    with torch.no_grad():
+        for i, p in enumerate(head or ()):
+            p.copy_(tensors[f"head.{i}"])
+    return chosen, json.loads(meta["selection"])
