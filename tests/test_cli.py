@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from conftest import ATTN
 from typer.testing import CliRunner
 
@@ -96,6 +97,43 @@ def test_create_then_export_merged(tiny_llm_dir, tmp_path):
     assert res.exit_code == 0, res.output
     merged = load_base(str(tmp_path / "merged"))
     assert merged.tokenizer is not None and merged.fingerprint != load_base(str(tiny_llm_dir)).fingerprint
+
+
+@pytest.mark.parametrize("method, extra, summary", [
+    ("ia3", [], "ia3"), ("bottleneck", ["--placement", "parallel", "--reduction-factor", "4"], "bottleneck parallel"),
+    ("sparse", [], "sparse")])
+def test_create_makes_every_family(tiny_llm_dir, tmp_path, method, extra, summary):
+    """`adapter create --method`: the family's config for the base; --init default is the identity
+    (the bare base's logits exactly), nonzero moves them; inspect names the family by its summary."""
+    base = load_base(str(tiny_llm_dir))
+    ids = torch.tensor([[3, 5, 7, 9]])
+    with torch.no_grad():
+        bare = base.model(ids).logits
+    for init in ("default", "nonzero"):
+        out = tmp_path / f"{method}-{init}"
+        res = runner.invoke(app, ["adapter", "create", "made", "--base", str(tiny_llm_dir), "--method", method,
+                                  *extra, "--init", init, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        made = Adapter.load(out)
+        assert made.config.type == method and made.summary().startswith(summary)
+        rt = AdapterRuntime.from_base(base)
+        rt.add(made)
+        with torch.no_grad(), rt.batch(["made"]):
+            got = base.model(ids).logits
+        rt.remove("made")
+        assert torch.equal(got, bare) == (init == "default")
+    res = runner.invoke(app, ["adapter", "inspect", str(tmp_path / f"{method}-default"), "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["method"] == method
+
+
+def test_create_refuses_flags_of_another_family(tiny_llm_dir, tmp_path):
+    res = runner.invoke(app, ["adapter", "create", "x", "--base", str(tiny_llm_dir), "--placement", "parallel",
+                              "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "--placement set a bottleneck adapter; this one is lora" in res.output
+    res = runner.invoke(app, ["adapter", "create", "x", "--base", str(tiny_llm_dir), "--method", "loha",
+                              "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "no adapter family 'loha' to make here" in res.output
+    assert not (tmp_path / "x").exists()
 
 
 def test_merge_is_registered_with_its_example():

@@ -99,27 +99,55 @@ def adapter_create(
     name: str,
     out_dir: Path = typer.Option(..., "--out", help="Folder to write."),
     base: str = typer.Option("smollm2-135m", help="Built-in base name or local folder."),
+    method: str = typer.Option("lora", help="Adapter family: lora, ia3, bottleneck or sparse."),
     r: int = typer.Option(8, help="LoRA rank."),
     alpha: float = typer.Option(16.0, help="LoRA alpha."),
-    targets: str = typer.Option("q_proj,k_proj,v_proj,o_proj", help="Comma-separated module names, or a regex."),
-    init: str = typer.Option("default", help="'default' (B = 0, for training) or 'nonzero'."),
-    init_std: float = typer.Option(0.02, help="Std of B for init=nonzero."),
+    targets: Optional[str] = typer.Option(None, help="Comma-separated module names, or a regex (default: LoRA "
+                                          "q_proj,k_proj,v_proj,o_proj; the other families' for the base)."),
+    placement: Optional[str] = typer.Option(None, help="Bottleneck: pfeiffer (default), houlsby or parallel."),
+    reduction_factor: Optional[int] = typer.Option(None, help="Bottleneck: d -> d/rf (default 16)."),
+    nonlinearity: Optional[str] = typer.Option(None, help="Bottleneck: relu (default), gelu or silu."),
+    init: str = typer.Option("default", help="'default' (the identity: LoRA B = 0, IA3 ones, bottleneck up = 0, "
+                             "sparse no entries; for training) or 'nonzero' (changes the output; sparse: random "
+                             "entries)."),
+    init_std: float = typer.Option(0.02, help="Std of the nonzero init."),
     seed: int = typer.Option(0),
 ) -> None:
-    """Create a freshly initialised LoRA adapter for a base and save it (PEFT-loadable)."""
+    """Create a freshly initialised adapter of any family for a base and save it (LoRA and IA3 in
+    PEFT's format, the others in adapterkit's)."""
+    from dataclasses import replace
+
     from ..core.adapter import create_adapter
     from ..core.base import load_base
-    from ..methods.lora import LoraConfig
+    from ..train.fit import adapter_config
 
     try:
+        if init not in ("default", "nonzero"):
+            raise AdapterkitError(f"--init must be 'default' or 'nonzero', got {init!r}")
+        given = dict(placement=placement, reduction_factor=reduction_factor, nonlinearity=nonlinearity)
+        if method != "bottleneck" and any(v is not None for v in given.values()):
+            flags = ", ".join("--" + k.replace("_", "-") for k, v in given.items() if v is not None)
+            raise AdapterkitError(f"{flags} set a bottleneck adapter; this one is {method}: add --method bottleneck "
+                                  "or leave them out")
         b = load_base(base)
-        target = tuple(t.strip() for t in targets.split(",")) if "," in targets or targets.isidentifier() else targets
-        cfg = LoraConfig(r=r, alpha=alpha, target_modules=target, init=init, init_std=init_std)
+        if targets is None and method == "lora":
+            targets = "q_proj,k_proj,v_proj,o_proj"
+        target = None if targets is None else (
+            tuple(t.strip() for t in targets.split(",")) if "," in targets or targets.isidentifier() else targets)
+        if isinstance(target, str):                       # a regex: the family's config takes it as is
+            cfg = replace(adapter_config(method, b, r=r, alpha=alpha, **(given if method == "bottleneck" else {})),
+                          target_modules=target)
+        else:
+            cfg = adapter_config(method, b, r=r, alpha=alpha, targets=target,
+                                 **(given if method == "bottleneck" else {}))
+        if init == "nonzero":
+            cfg = replace(cfg, init="random" if method == "sparse" else "nonzero", init_std=init_std)
         adapter = create_adapter(name, b.model, cfg, seed=seed, fingerprint=b.fingerprint, base_name=b.name)
         adapter.save(out_dir)
     except AdapterkitError as exc:
         fail(exc)
-    out.print(f"wrote {name} ({adapter.num_parameters():,} parameters) to {out_dir}")
+    out.print(f"wrote {name} ({adapter.summary()}; {adapter.num_parameters():,} parameters) to {out_dir}",
+              highlight=False)
 
 
 @adapter_app.command("export-merged")

@@ -149,7 +149,7 @@ def adapter_config(method: str, base: Base, *, r: int = 8, alpha: float = 16.0,
             return Ia3Config.for_model(model_type)
         known = Ia3Config.for_model(model_type).feedforward_modules if model_type in IA3_TYPES else ()
         return Ia3Config(target_modules=tuple(targets), feedforward_modules=tuple(t for t in targets if t in known))
-    raise ConfigError(f"`train` trains lora, ia3, bottleneck and sparse adapters; {method!r} is not one of them")
+    raise ConfigError(f"no adapter family {method!r} to make here; use lora, ia3, bottleneck or sparse")
 
 
 def method_info(adapter: Adapter) -> dict[str, Any]:
