@@ -133,6 +133,39 @@ def test_merge_equals_the_adapter_and_unmerge_is_bit_exact(kind, tmp_path):
             assert torch.equal(before[k], v), k
 
 
+def test_merging_ia3_and_lora_in_either_order_equals_them_stacked_and_unmerges_bit_exactly(tmp_path):
+    """IA3 scales what LoRA made (l ⊙ (W + ΔW) x, and (W + ΔW)(l ⊙ x) at the MLP's input): merging IA3
+    first and LoRA after must not give l ⊙ W + ΔW. Merges apply in stage order whatever the call order,
+    weights kept; export_merged restores earlier merges with their weights."""
+    base = load_base(str(save_tiny("llama", tmp_path / "llama")))
+    ia3 = create_adapter("s", base.model, Ia3Config.for_model("llama", init="nonzero", init_std=0.3), seed=2)
+    lora = create_adapter("l", base.model, LoraConfig(r=2, init="nonzero", init_std=0.3,
+                                                      target_modules=("k_proj", "v_proj", "down_proj")), seed=3)
+    rt = AdapterRuntime.from_base(base)
+    rt.add(ia3)
+    rt.add(lora)
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    ids = input_ids(2, 6)
+    with torch.no_grad():
+        with rt.batch([{"s": 1.0, "l": 0.5}] * 2):
+            want = out(base.model, ids)
+        for order in (["s", "l"], ["l", "s"]):
+            for name in order:
+                rt.merge(name, 0.5 if name == "l" else 1.0)
+            assert rt.merged == ["l", "s"]
+            torch.testing.assert_close(out(base.model, ids), want, atol=ATOL, rtol=RTOL)
+            merged = {k: v.clone() for k, v in base.model.state_dict().items()}
+            rt.export_merged(tmp_path / f"export-{order[0]}", ["l"])        # already merged: a no-op, then restored
+            assert all(torch.equal(merged[k], v) for k, v in base.model.state_dict().items())
+            rt.unmerge()
+            assert all(torch.equal(before[k], v) for k, v in base.model.state_dict().items())
+        rt.merge("l", 0.5)
+        rt.export_merged(tmp_path / "with-s", ["s"])                    # merges s, then back to l at 0.5 alone
+        with rt.batch([{"s": 1.0}] * 2):
+            assert rt.merged == ["l"]
+            torch.testing.assert_close(out(base.model, ids), want, atol=ATOL, rtol=RTOL)
+
+
 def test_mixed_batch_of_ia3_lora_and_base_rows_equals_the_reference(tmp_path):
     base = load_base(str(save_tiny("llama", tmp_path / "llama")))
     ia3 = create_adapter("i", base.model, Ia3Config(init="nonzero", init_std=0.3), seed=1)

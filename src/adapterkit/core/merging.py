@@ -2,7 +2,7 @@
 a family changes the bias, as IA3 does) summed in fp32 and rounded once; each tensor before the first
 merge is kept, so unmerge() restores it bit for bit; and
 exporting a plain transformers folder of the merged base. AdapterRuntime inherits this (it holds the
-state: `_originals`, `_merged`, `_site_maps`, `_sites`, `_modules`)."""
+state: `_originals`, `_merged`, `_merge_weights`, `_site_maps`, `_sites`, `_modules`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,10 @@ from ..errors import ConfigError, UnsupportedError
 class MergingMixin:
     def merge(self, name: str, weight: float = 1.0) -> None:
         """W += weight · ΔW at every site of the adapter. The original weight is kept, so unmerge()
-        restores it bit for bit."""
+        restores it bit for bit. Merges apply in the families' stage order whatever the call order
+        (weight-linear changes such as LoRA's before IA3's scaling, which scales what they made), so
+        the merged base equals the adapters stacked at run time: merging a LoRA after an IA3 restores
+        the weights and merges both again in that order."""
         self.slot(name)  # raises for an unknown name
         adapter = self.adapters[name]
         if name in self._merged:
@@ -29,6 +32,23 @@ class MergingMixin:
         if not spec.mergeable:
             raise UnsupportedError(f"adapter {name!r} is {spec.an_adapter}, which is not linear in the base "
                                    "weights: it cannot be merged into the base; run it as an adapter instead")
+        later = [n for n in self._merged if self.adapters[n].method.stage > spec.stage]
+        if not later:
+            self._merge_one(name, weight)
+            self._merged.append(name)
+            self._merge_weights[name] = weight
+            return
+        order = sorted([*self._merged, name], key=lambda n: self.adapters[n].method.stage)   # stable: call order
+        weights = {**self._merge_weights, name: weight}
+        self.unmerge()
+        for n in order:
+            self._merge_one(n, weights[n])
+            self._merged.append(n)
+            self._merge_weights[n] = weights[n]
+
+    def _merge_one(self, name: str, weight: float) -> None:
+        adapter = self.adapters[name]
+        spec = adapter.method
         with torch.no_grad():
             for own, module_name in self._site_maps[name].items():
                 module = self._modules[module_name]
@@ -46,7 +66,6 @@ class MergingMixin:
                     # p + w·Δp summed in fp32 and rounded once (a bf16 add would round Δp first)
                     merged = param.float() + weight * change.to(param.device, torch.float32)
                     param.copy_(merged.to(param.dtype))
-        self._merged.append(name)
 
     def unmerge(self) -> None:
         with torch.no_grad():
@@ -54,6 +73,7 @@ class MergingMixin:
                 getattr(self._modules[module_name], key).copy_(original)
         self._originals.clear()
         self._merged.clear()
+        self._merge_weights.clear()
 
     @property
     def merged(self) -> list[str]:
@@ -67,7 +87,7 @@ class MergingMixin:
         weights are restored afterwards."""
         from .base import resolve_dtype
 
-        before = list(self._merged)
+        before, before_weights = list(self._merged), dict(self._merge_weights)
         dtype = self._dtype if dtype is None else resolve_dtype(dtype)
         try:
             for name in adapters:
@@ -97,4 +117,4 @@ class MergingMixin:
             if self._merged != before:
                 self.unmerge()
                 for name in before:
-                    self.merge(name)
+                    self.merge(name, before_weights[name])

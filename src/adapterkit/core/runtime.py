@@ -46,6 +46,7 @@ class AdapterRuntime(MergingMixin):
         self._versions: dict[str, int] = {}                   # trainable adapter -> tensor version sum
         self._originals: dict[tuple[str, str], torch.Tensor] = {}   # (module, weight|bias) -> before any merge
         self._merged: list[str] = []
+        self._merge_weights: dict[str, float] = {}       # name -> the weight it was merged with
         self._current: AdapterBatch | None = None
         self._default: AdapterBatch | None = None
         self.tokenizer: Any = None                            # set by from_base
