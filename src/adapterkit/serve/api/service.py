@@ -48,6 +48,17 @@ class ApiSettings:
             raise ConfigError("the API key is empty; give a non-empty key or none")
 
 
+def check_bearer(key: Optional[str], authorization: Optional[str]) -> None:
+    """`Authorization: Bearer KEY` must carry the configured key (constant-time compare); no key: open."""
+    if key is None:
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise AuthenticationError("missing API key: send the header 'Authorization: Bearer <key>'")
+    if not hmac.compare_digest(given.strip().encode(), key.encode()):
+        raise AuthenticationError("invalid API key")
+
+
 def sse(obj: Any) -> str:
     """One server-sent event: `data: {json}` and a blank line."""
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
@@ -125,15 +136,7 @@ class OpenAIService:
 
     # ------------------------------------------------------------------ auth, health, metrics
     def check_auth(self, authorization: Optional[str]) -> None:
-        """`Authorization: Bearer KEY` must carry the configured key (constant-time compare)."""
-        key = self.settings.api_key
-        if key is None:
-            return
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
-            raise AuthenticationError("missing API key: send the header 'Authorization: Bearer <key>'")
-        if not hmac.compare_digest(given.strip().encode(), key.encode()):
-            raise AuthenticationError("invalid API key")
+        check_bearer(self.settings.api_key, authorization)
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "base": self.engine.base_name, "adapters": len(self.engine.cache.names())}

@@ -1,0 +1,207 @@
+"""`adapterkit serve --replicas N` on Ray Serve (issue 14): a local Ray with 2 replicas over a tiny model,
+driven by the official `openai` client. Every greedy answer equals the single-process engine's for
+that adapter; errors keep their single-process shape; load/unload reach every replica; a killed
+replica never yields a wrong answer. Ray and Serve start once for the module (ray.init takes seconds)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import os
+import socket
+import time
+
+import httpx
+import pytest
+from conftest import save_tiny, save_tiny_tokenizer
+
+ray = pytest.importorskip("ray", reason="Ray Serve is the optional extra adapterkit[ray]")
+
+from adapterkit import LoraConfig, create_adapter, load_base  # noqa: E402
+from adapterkit.serve.api import ApiSettings, create_app  # noqa: E402
+from adapterkit.serve.engine import Engine, EngineConfig  # noqa: E402
+from adapterkit.store import AdapterStore  # noqa: E402
+
+KEY = "sk-test"
+N_ADAPTERS = 16
+PROMPTS = ["w1 w2 w3", "w5 w6 w7 w8", "w9 w3", "w11 w12 w13 w2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from adapterkit.serve import ray_app
+
+    tmp = tmp_path_factory.mktemp("ray")
+    path = save_tiny("llama", tmp / "base")
+    save_tiny_tokenizer(path)
+    base = load_base(str(path))
+    store = AdapterStore(tmp / "store")
+    for i in range(N_ADAPTERS):
+        store.put(create_adapter(f"a{i}", base.model, LoraConfig(r=2, init="nonzero", init_std=0.5), seed=i,
+                                 fingerprint=base.fingerprint, base_name=base.name))
+    extra = tmp / "dirs"
+    create_adapter("late", base.model, LoraConfig(r=2, init="nonzero", init_std=0.5), seed=99,
+                   fingerprint=base.fingerprint, base_name=base.name).save(extra / "late")
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    settings = ray_app.RaySettings(base=str(path), replicas=2, store=str(store.root), adapter_dirs=(str(extra),),
+                                   engine={"max_batch": 8}, max_loaded_adapters=8, api_key=KEY, replica_cpus=0.5,
+                                   threads=1)
+    port = free_port()
+    try:
+        url = ray_app.start(settings, port=port, num_cpus=2, timeout_s=240)
+        # the single-process reference: the same base, store and folders in this process
+        engine = Engine.build(str(path), store=store, adapter_dirs=[str(extra)],
+                              config=EngineConfig(max_batch=8)).start()
+        yield url, engine, store, extra
+        engine.stop(drain=False)
+    finally:
+        ray_app.stop()
+        ray.shutdown()
+
+
+def client(url, key=KEY):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key=key or "none", max_retries=0, timeout=60)
+
+
+def single(engine, body, path="/v1/completions"):
+    """The single-process server's answer to the same body."""
+    async def go():
+        app = create_app(engine, ApiSettings(api_key=KEY))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+            return await c.post(path, json=body, headers={"Authorization": f"Bearer {KEY}"})
+    return asyncio.run(go())
+
+
+def test_completions_chat_and_streams_equal_the_single_process_engine(world):
+    url, engine, *_ = world
+    c = client(url)
+    for i, prompt in enumerate(PROMPTS):
+        model = f"a{i}"
+        got = c.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0)
+        want = single(engine, {"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0}).json()
+        assert got.choices[0].text == want["choices"][0]["text"]
+        chat = c.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=5,
+                                         temperature=0)
+        want = single(engine, {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 5,
+                               "temperature": 0}, "/v1/chat/completions").json()
+        assert chat.choices[0].message.content == want["choices"][0]["message"]["content"]
+        streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+            model=model, prompt=prompt, max_tokens=6, temperature=0, stream=True) if ch.choices)
+        assert streamed == got.choices[0].text
+    reports = httpx.get(f"{url}/health", timeout=30).json()
+    assert reports["status"] == "ok" and reports["replicas_live"] == 2, reports
+
+
+def test_errors_keep_their_single_process_shape(world):
+    url, engine, *_ = world
+    body = {"model": "nope", "prompt": "w1", "max_tokens": 2}
+    r = httpx.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    want = single(engine, body)
+    assert r.status_code == want.status_code == 404 and r.json() == want.json()
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)                  # no key
+    assert r.status_code == 401 and "missing API key" in r.json()["error"]["message"]
+    r = httpx.get(f"{url}/metrics", timeout=30)
+    assert r.status_code == 401
+    r = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    assert r.status_code == 200 and 'replica="' in r.text
+
+
+def test_load_and_unload_reach_every_replica(world):
+    url, engine, store, extra = world
+    h = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "late2", "lora_path": str(extra / "late")},
+                   headers=h, timeout=60)
+    assert r.status_code == 200, r.text
+    engine.cache.load("late2", str(extra / "late"))
+    body = {"model": "late2", "prompt": "w1 w2", "max_tokens": 4, "temperature": 0}
+    want = single(engine, body).json()["choices"][0]["text"]
+    with cf.ThreadPoolExecutor(8) as pool:             # enough requests that both replicas serve some
+        got = list(pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=body, headers=h, timeout=60), range(16)))
+    assert all(g.status_code == 200 and g.json()["choices"][0]["text"] == want for g in got)
+    r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "late2"}, headers=h, timeout=60)
+    assert r.status_code == 200, r.text
+    with cf.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=body, headers=h, timeout=60), range(8)))
+    assert all(g.status_code == 404 for g in got), [g.text for g in got]
+
+
+def test_concurrent_requests_over_many_adapters_are_all_right(world):
+    url, engine, *_ = world
+    h = {"Authorization": f"Bearer {KEY}"}
+    bodies = [{"model": f"a{i % N_ADAPTERS}", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 4, "temperature": 0}
+              for i in range(200)]
+    want = {(b["model"], b["prompt"]): single(engine, b).json()["choices"][0]["text"]
+            for b in bodies[:N_ADAPTERS * len(PROMPTS)]}
+
+    async def go():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as c:
+            return await asyncio.gather(*[c.post(f"{url}/v1/completions", json=b, headers=h) for b in bodies])
+    got = asyncio.run(go())
+    wrong = [(b, g.text) for b, g in zip(bodies, got)
+             if g.status_code != 200 or g.json()["choices"][0]["text"] != want[b["model"], b["prompt"]]]
+    assert not wrong, wrong[:3]
+
+
+def test_a_killed_replica_gives_no_wrong_answer_and_the_app_recovers(world):
+    from ray import serve
+
+    url, engine, *_ = world
+    h = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "a3", "prompt": "w1 w2 w3", "max_tokens": 4, "temperature": 0}
+    want = single(engine, body).json()["choices"][0]["text"]
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "replica" in a["name"]
+                and "ingress" not in a["name"]]
+    assert replicas, ray.util.list_named_actors(all_namespaces=True)
+    victim = ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"])
+
+    async def go():
+        async with httpx.AsyncClient(timeout=120) as c:
+            tasks = [asyncio.create_task(c.post(f"{url}/v1/completions", json=body, headers=h)) for _ in range(20)]
+            await asyncio.sleep(0.05)
+            ray.kill(victim)
+            return await asyncio.gather(*tasks)
+    for g in asyncio.run(go()):
+        assert g.status_code in (200, 503), g.text
+        if g.status_code == 200:
+            assert g.json()["choices"][0]["text"] == want
+        else:
+            assert g.json()["error"]["type"]
+    deadline = time.time() + 120
+    while time.time() < deadline:                           # Serve restarts the replica
+        status = serve.status().applications["adapterkit"].deployments["replica"]
+        if str(status.status).endswith("HEALTHY"):
+            r = httpx.post(f"{url}/v1/completions", json=body, headers=h, timeout=60)
+            if r.status_code == 200:
+                assert r.json()["choices"][0]["text"] == want
+                break
+        time.sleep(1)
+    else:
+        pytest.fail("the application did not recover within 120 s")
+
+
+def test_the_single_process_server_imports_nothing_of_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, adapterkit.cli.main, adapterkit.serve.server, adapterkit.serve.api; "
+            "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')); print(bad); "
+            "sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_ray_address_without_replicas_is_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from adapterkit.cli.main import app
+
+    res = CliRunner().invoke(app, ["serve", "--ray-address", "auto", "--store", str(tmp_path)])
+    assert res.exit_code == 2 and "--ray-address joins a Ray cluster for --replicas N; give --replicas too" in res.output
