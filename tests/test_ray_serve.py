@@ -114,20 +114,34 @@ def test_errors_keep_their_single_process_shape(world):
     assert r.status_code == 200 and 'replica="' in r.text
 
 
+def models_on_each_replica(url, h):
+    """{replica: the model ids it lists}: /v1/models names no adapter, so any replica answers it; ask
+    until both have (replica ids from the x-adapterkit-replica header)."""
+    seen = {}
+    for _ in range(60):
+        r = httpx.get(f"{url}/v1/models", headers=h, timeout=60)
+        assert r.status_code == 200, r.text
+        seen[r.headers["x-adapterkit-replica"]] = {m["id"] for m in r.json()["data"]}
+        if len(seen) == 2:
+            return seen
+    pytest.fail(f"only replicas {sorted(seen)} answered /v1/models")
+
+
 def test_load_and_unload_reach_every_replica(world):
     url, engine, store, extra = world
     h = {"Authorization": f"Bearer {KEY}"}
     r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "late2", "lora_path": str(extra / "late")},
                    headers=h, timeout=60)
     assert r.status_code == 200, r.text
+    assert all("late2" in ids for ids in models_on_each_replica(url, h).values())
     engine.cache.load("late2", str(extra / "late"))
     body = {"model": "late2", "prompt": "w1 w2", "max_tokens": 4, "temperature": 0}
     want = single(engine, body).json()["choices"][0]["text"]
-    with cf.ThreadPoolExecutor(8) as pool:             # enough requests that both replicas serve some
-        got = list(pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=body, headers=h, timeout=60), range(16)))
-    assert all(g.status_code == 200 and g.json()["choices"][0]["text"] == want for g in got)
+    r = httpx.post(f"{url}/v1/completions", json=body, headers=h, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
     r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "late2"}, headers=h, timeout=60)
     assert r.status_code == 200, r.text
+    assert all("late2" not in ids for ids in models_on_each_replica(url, h).values())
     with cf.ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=body, headers=h, timeout=60), range(8)))
     assert all(g.status_code == 404 for g in got), [g.text for g in got]
@@ -174,34 +188,17 @@ def test_a_killed_replica_gives_no_wrong_answer_and_the_app_recovers(world):
             assert g.json()["choices"][0]["text"] == want
         else:
             assert g.json()["error"]["type"]
-    deadline = time.time() + 120
-    while time.time() < deadline:                           # Serve restarts the replica
-        status = serve.status().applications["adapterkit"].deployments["replica"]
-        if str(status.status).endswith("HEALTHY"):
-            r = httpx.post(f"{url}/v1/completions", json=body, headers=h, timeout=60)
-            if r.status_code == 200:
-                assert r.json()["choices"][0]["text"] == want
-                break
+    deadline = time.time() + 180
+    while time.time() < deadline:                 # Serve starts a new replica; /health sees two live again
+        health = httpx.get(f"{url}/health", timeout=30).json()
+        if health["replicas_live"] == 2 and str(serve.status().applications["adapterkit"].deployments["replica"]
+                                                .status).endswith("HEALTHY"):
+            break
         time.sleep(1)
     else:
-        pytest.fail("the application did not recover within 120 s")
-
-
-def test_the_single_process_server_imports_nothing_of_ray():
-    import subprocess
-    import sys
-
-    code = ("import sys, adapterkit.cli.main, adapterkit.serve.server, adapterkit.serve.api; "
-            "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')); print(bad); "
-            "sys.exit(1 if bad else 0)")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout + res.stderr
-
-
-def test_ray_address_without_replicas_is_refused(tmp_path):
-    from typer.testing import CliRunner
-
-    from adapterkit.cli.main import app
-
-    res = CliRunner().invoke(app, ["serve", "--ray-address", "auto", "--store", str(tmp_path)])
-    assert res.exit_code == 2 and "--ray-address joins a Ray cluster for --replicas N; give --replicas too" in res.output
+        pytest.fail(f"the application did not recover within 180 s: {health}")
+    unreachable = [r for r in health["replicas"] if r["status"] == "unreachable"]
+    assert len(unreachable) <= 1                                         # the killed one, until forgotten
+    for _ in range(4):
+        r = httpx.post(f"{url}/v1/completions", json=body, headers=h, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want

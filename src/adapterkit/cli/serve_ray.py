@@ -1,7 +1,10 @@
-"""`adapterkit serve --replicas N`: the Ray Serve application of serve/ray_app.py, run until Ctrl-C."""
+"""`adapterkit serve --replicas N`: the Ray Serve application of serve/ray_app.py, run until Ctrl-C.
+ADAPTERKIT_RAY_MULTIPLEX=0 turns adapter affinity off (any replica serves any request): only for
+measuring what affinity gives (benchmarks/serve_ray.py)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -28,7 +31,8 @@ def serve_replicas(*, base: str, replicas: int, address: Optional[str], host: st
         base=base, replicas=replicas, store=str(store) if store is not None else None,
         adapter_dirs=tuple(str(d) for d in adapter_dirs), engine=engine, max_loaded_adapters=max_loaded_adapters,
         ram_cache_mb=ram_cache_mb, device=device, dtype=dtype, api_key=settings.api_key,
-        max_body_bytes=settings.max_body_bytes, replica_cpus=replica_cpus, replica_gpus=replica_gpus)
+        max_body_bytes=settings.max_body_bytes, replica_cpus=replica_cpus, replica_gpus=replica_gpus,
+        multiplex=os.environ.get("ADAPTERKIT_RAY_MULTIPLEX", "1") != "0")
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -38,6 +38,8 @@ REGISTRY = "adapterkit-registry"
 APP = "adapterkit"
 REPORT_S = 0.5                    # replicas report metrics and health this often
 STALE_S = 5.0                     # a replica silent this long is reported unreachable
+FORGET_S = 60.0                   # ... and this long, no longer reported
+REPLICA_HEADER = "x-adapterkit-replica"
 ROUTED = ("/v1/completions", "/v1/chat/completions", "/v1/classify", "/classify")
 
 
@@ -58,6 +60,7 @@ class RaySettings:
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0
     threads: Optional[int] = None                                  # torch threads per replica (default: its cpus)
+    multiplex: bool = True        # route by adapter (False: any replica, for measuring what affinity gives)
 
 
 @ray.remote(num_cpus=0)
@@ -80,11 +83,10 @@ class Registry:
     def report(self, replica: str, metrics: str, health: dict[str, Any]) -> None:
         self.reports[replica] = {"metrics": metrics, "health": health, "at": time.time()}
 
-    def forget(self, replica: str) -> None:
-        self.reports.pop(replica, None)
-
     def snapshot(self) -> dict[str, dict[str, Any]]:
         now = time.time()
+        for r in [r for r, v in self.reports.items() if now - v["at"] > FORGET_S]:
+            del self.reports[r]                    # a replica gone for good (Serve replaced it)
         return {r: {**v, "age_s": now - v["at"]} for r, v in self.reports.items()}
 
 
@@ -210,7 +212,11 @@ class Replica:
         if serve.get_multiplexed_model_id():
             await self.adapter(serve.get_multiplexed_model_id())
         await self._sync(version)
+        first = True
         async for part in call_asgi(self.app, method, path, query, headers, body):
+            if first:                         # which replica answered (clients and benchmarks can see it)
+                status, out = part
+                part, first = (status, [*out, (REPLICA_HEADER, self.id)]), False
             yield part
 
     def __del__(self) -> None:
@@ -260,7 +266,8 @@ class Ingress:
             if self.version == 0:
                 self.version = (await self.registry.current.remote())[0]
             headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
-            handle = self.replicas.options(stream=True, multiplexed_model_id=model) if model and model != "auto" \
+            by_adapter = self.settings.multiplex and model and model != "auto"
+            handle = self.replicas.options(stream=True, multiplexed_model_id=model) if by_adapter \
                 else self.replicas.options(stream=True)
             parts = handle.http.remote(request.method, path, request.url.query.encode(), headers, body,
                                        self.version)
