@@ -81,21 +81,29 @@ def single(engine, body, path="/v1/completions"):
 
 
 def test_completions_chat_and_streams_equal_the_single_process_engine(world):
+    """Over all 16 adapters, so that both replicas answer each kind (x-adapterkit-replica)."""
     url, engine, *_ = world
     c = client(url)
-    for i, prompt in enumerate(PROMPTS):
-        model = f"a{i}"
-        got = c.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0)
+    replicas = {"completion": set(), "chat": set(), "stream": set()}
+    for i in range(N_ADAPTERS):
+        model, prompt = f"a{i}", PROMPTS[i % len(PROMPTS)]
+        raw = c.completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=6, temperature=0)
+        got = raw.parse()
+        replicas["completion"].add(raw.headers["x-adapterkit-replica"])
         want = single(engine, {"model": model, "prompt": prompt, "max_tokens": 6, "temperature": 0}).json()
         assert got.choices[0].text == want["choices"][0]["text"]
-        chat = c.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=5,
-                                         temperature=0)
-        want = single(engine, {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 5,
-                               "temperature": 0}, "/v1/chat/completions").json()
-        assert chat.choices[0].message.content == want["choices"][0]["message"]["content"]
-        streamed = "".join(ch.choices[0].text for ch in c.completions.create(
-            model=model, prompt=prompt, max_tokens=6, temperature=0, stream=True) if ch.choices)
+        messages = [{"role": "user", "content": prompt}]
+        raw = c.chat.completions.with_raw_response.create(model=model, messages=messages, max_tokens=5, temperature=0)
+        replicas["chat"].add(raw.headers["x-adapterkit-replica"])
+        want = single(engine, {"model": model, "messages": messages, "max_tokens": 5, "temperature": 0},
+                      "/v1/chat/completions").json()
+        assert raw.parse().choices[0].message.content == want["choices"][0]["message"]["content"]
+        raw = c.completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=6, temperature=0,
+                                                     stream=True)
+        replicas["stream"].add(raw.headers["x-adapterkit-replica"])
+        streamed = "".join(ch.choices[0].text for ch in raw.parse() if ch.choices)
         assert streamed == got.choices[0].text
+    assert all(len(r) == 2 for r in replicas.values()), replicas
     reports = httpx.get(f"{url}/health", timeout=30).json()
     assert reports["status"] == "ok" and reports["replicas_live"] == 2, reports
 
@@ -202,3 +210,23 @@ def test_a_killed_replica_gives_no_wrong_answer_and_the_app_recovers(world):
     for _ in range(4):
         r = httpx.post(f"{url}/v1/completions", json=body, headers=h, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+
+
+def test_the_single_process_server_imports_nothing_of_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, adapterkit.cli.main, adapterkit.serve.server, adapterkit.serve.api; "
+            "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')); print(bad); "
+            "sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_ray_address_without_replicas_is_refused(tmp_path):
+    from typer.testing import CliRunner
+
+    from adapterkit.cli.main import app
+
+    res = CliRunner().invoke(app, ["serve", "--ray-address", "auto", "--store", str(tmp_path)])
+    assert res.exit_code == 2 and "--ray-address joins a Ray cluster for --replicas N; give --replicas too" in res.output
