@@ -172,6 +172,59 @@ def test_concurrent_requests_over_many_adapters_are_all_right(world):
     assert not wrong, wrong[:3]
 
 
+def test_load_unload_churn_during_concurrent_requests_breaks_nothing(world):
+    """While 120 requests run over the stored adapters, four extra names are loaded and unloaded
+    again and again; requests naming them get the right answer or a 404, never another adapter's."""
+    url, engine, store, extra = world
+    h = {"Authorization": f"Bearer {KEY}"}
+    engine.cache.load("churn-ref", str(extra / "late"))
+    late = single(engine, {"model": "churn-ref", "prompt": "w1 w2", "max_tokens": 4, "temperature": 0}).json()
+    late_text = late["choices"][0]["text"]
+    bodies = [{"model": f"a{i % N_ADAPTERS}", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 4, "temperature": 0}
+              for i in range(120)]
+    want = {(b["model"], b["prompt"]): single(engine, b).json()["choices"][0]["text"] for b in bodies[:64]}
+
+    async def go():
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as c:
+            async def churn():
+                results = []
+                for k in range(12):
+                    name = f"c{k % 4}"
+                    results.append(await c.post(f"{url}/v1/load_lora_adapter", headers=h,
+                                                json={"lora_name": name, "lora_path": str(extra / "late")}))
+                    results.append(await c.post(f"{url}/v1/completions", headers=h,
+                                                json={"model": name, "prompt": "w1 w2", "max_tokens": 4,
+                                                      "temperature": 0}))
+                    results.append(await c.post(f"{url}/v1/unload_lora_adapter", headers=h, json={"lora_name": name}))
+                return results
+            work = asyncio.gather(*[c.post(f"{url}/v1/completions", json=b, headers=h) for b in bodies])
+            return await asyncio.gather(work, churn())
+    got, churned = asyncio.run(go())
+    wrong = [(b, g.text) for b, g in zip(bodies, got)
+             if g.status_code != 200 or g.json()["choices"][0]["text"] != want[b["model"], b["prompt"]]]
+    assert not wrong, wrong[:3]
+    for r in churned:
+        assert r.status_code in (200, 404), r.text
+        if r.status_code == 200 and "choices" in r.json():
+            assert r.json()["choices"][0]["text"] == late_text
+    assert all(r.status_code == 200 for r in churned[::3])                 # every load succeeded
+
+
+def test_an_adapter_replaced_in_the_store_is_never_served_stale(world):
+    url, engine, store, extra = world
+    h = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "a5", "prompt": "w1 w2 w3", "max_tokens": 6, "temperature": 0}
+    before = httpx.post(f"{url}/v1/completions", json=body, headers=h, timeout=60).json()["choices"][0]["text"]
+    base = engine.runtime
+    store.put(create_adapter("a5", base.model, LoraConfig(r=2, init="nonzero", init_std=0.5), seed=1234,
+                             fingerprint=base.fingerprint, base_name=base.base_name), overwrite=True)
+    want = single(engine, body).json()["choices"][0]["text"]
+    assert want != before                                                   # the replacement answers otherwise
+    with cf.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: httpx.post(f"{url}/v1/completions", json=body, headers=h, timeout=60), range(12)))
+    assert all(g.status_code == 200 and g.json()["choices"][0]["text"] == want for g in got), [g.text for g in got]
+
+
 def test_a_killed_replica_gives_no_wrong_answer_and_the_app_recovers(world):
     from ray import serve
 
