@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,7 @@ from typing import Any, AsyncIterator, Optional
 import ray
 from ray import serve
 
+log = logging.getLogger("adapterkit.serve.ray")
 REGISTRY = "adapterkit-registry"
 APP = "adapterkit"
 REPORT_S = 0.5                    # replicas report metrics and health this often
@@ -203,8 +205,9 @@ class Replica:
                         await asyncio.to_thread(self.engine.cache.unload, name)
                     elif name not in self.engine.cache.names():
                         await asyncio.to_thread(self.engine.cache.load, name, path)
-                except Exception:          # e.g. already unloaded: the request itself says what is wrong
-                    pass
+                except Exception as exc:   # e.g. already unloaded: the request itself says what is wrong
+                    log.warning("replica %s: applying %s %r failed: %s", self.id,
+                                "unload" if path is None else "load", name, exc)
             self.version = now
 
     async def http(self, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes,
