@@ -38,8 +38,8 @@ from ray import serve
 log = logging.getLogger("adapterkit.serve.ray")
 REGISTRY = "adapterkit-registry"
 APP = "adapterkit"
-REPORT_S = 0.5                    # replicas report metrics and health this often
-STALE_S = 5.0                     # a replica silent this long is reported unreachable
+REPORT_S = 2.0                    # replicas report metrics and health this often (each report costs CPU)
+STALE_S = 10.0                    # a replica silent this long is reported unreachable
 FORGET_S = 60.0                   # ... and this long, no longer reported
 REPLICA_HEADER = "x-adapterkit-replica"
 ROUTED = ("/v1/completions", "/v1/chat/completions", "/v1/classify", "/classify")
