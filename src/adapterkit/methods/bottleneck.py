@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from .base import ATTACH_MODULE, STAGE_SERIES, Method, SiteInfo, TensorKind, pattern_value, config_from_dict, config_to_dict, tuple_fields
-from .kernels import HeldPool, routed, stacked_is_cheaper, unit_plan
+from .kernels import STACKS_KEPT, HeldPool, routed, stacked_is_cheaper, unit_plan
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -198,8 +198,8 @@ class BottleneckPool(HeldPool):
                 cols[start:start + w] = True
                 start += w
             acts_list = [(act, None) for act in acts] if len(acts) == 1 else list(acts.items())
-            if len(self._stacked) >= 8:                                # a few slot sets live at once
-                self._stacked.clear()
+            if len(self._stacked) >= STACKS_KEPT:
+                del self._stacked[next(iter(self._stacked))]          # the oldest set
             self._stacked[key] = (down, down_b, up, up_b, keep, acts_list)
         return self._stacked[key]
 

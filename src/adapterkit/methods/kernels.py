@@ -195,6 +195,12 @@ class HeldPool:
             self._stale = False
 
 
+# Stacked copies of a step's adapters are kept for this many adapter sets per pool (the current step's and
+# the one before: continuous batching changes the set when requests come and go); each is about the
+# size of those adapters' own tensors at the site, so more would hold memory for sets that rarely return.
+STACKS_KEPT = 2
+
+
 @dataclass(frozen=True)
 class UnitPlan:
     """The units of one step that are routed to the adapters one pool holds, by adapter. Built on the

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import BaseMismatchError, ConfigError, CorruptAdapterError
 from .base import STAGE_DELTA, Method, SiteInfo, TensorKind, config_from_dict, config_to_dict, tuple_fields
-from .kernels import HeldPool, routed, stacked_is_cheaper, unit_plan
+from .kernels import STACKS_KEPT, HeldPool, routed, stacked_is_cheaper, unit_plan
 
 
 @dataclass(frozen=True)
@@ -234,8 +234,8 @@ class SparsePool(HeldPool):
             cols = torch.cat([self.csr[s][1] for s in slots])
             vals = torch.cat([self.csr[s][2] for s in slots])
             shape = (len(slots) * self.site.out_features, self.site.in_features)
-            if len(self._stacked) >= 8:                               # a few slot sets live at once
-                self._stacked.clear()
+            if len(self._stacked) >= STACKS_KEPT:
+                del self._stacked[next(iter(self._stacked))]          # the oldest set
             self._stacked[slots] = csr(crow, cols, vals, shape)
         return self._stacked[slots]
 
