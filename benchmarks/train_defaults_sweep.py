@@ -7,7 +7,8 @@ tuning tasks only: one train_classifier run per call, no validation checks, test
 One JSON line per run on stdout; the lines of the runs made are in results/train_defaults_sweep.jsonl
 (MiniLM reuters-r8: head lr 1e-2 at 200 and 120 steps; SmolLM2 election-tweets: head lr 1e-2 at 200
 and 150 steps; lr 2e-3, batch 16, 10 % warm-up; train_s was measured while other work shared the cores;
-METHOD ia3: the IA3 lr factor of train/defaults.py METHOD_LR, MiniLM reuters-r8 at 150 steps).
+METHOD ia3: the IA3 lr factor of train/defaults.py METHOD_LR, MiniLM reuters-r8 at 150 steps; METHOD
+bottleneck on SmolLM2 election-tweets at 150 steps, 300 test rows: its causal-LM factor, METHOD_LR_BY_KIND).
 """
 import sys, time, json, tempfile, torch
 torch.set_num_threads(2)

@@ -98,3 +98,15 @@ def test_notes_warn_when_the_result_is_near_the_majority_class_or_misses_small_c
 def test_recipes_keep_a_head_lr_only_where_a_head_trains_from_scratch():
     assert RECIPES["classification"].head_lr > RECIPES["classification"].lr
     assert RECIPES["causal-lm"].head_lr is None and RECIPES["mlm"].head_lr is None
+
+
+def test_each_family_trains_at_its_factor_of_the_objective_lr_per_base_kind():
+    from adapterkit.train.defaults import resolve
+
+    lr = {(m, kind): resolve("classification", 1000, False, base_kind=kind, method=m).config.lr
+          for m in ("lora", "ia3", "bottleneck", "sparse") for kind in ("causal-lm", "encoder")}
+    assert lr["lora", "encoder"] == lr["lora", "causal-lm"] == pytest.approx(2e-3)
+    assert lr["ia3", "causal-lm"] == pytest.approx(1e-2) and lr["sparse", "encoder"] == pytest.approx(1e-4)
+    assert lr["bottleneck", "encoder"] == pytest.approx(1e-2)           # chosen on MiniLM
+    assert lr["bottleneck", "causal-lm"] == pytest.approx(5e-4)         # 1e-2 diverged on SmolLM2
+    assert resolve("classification", 1000, False, base_kind="causal-lm", method="bottleneck", lr=3e-3).config.lr == 3e-3

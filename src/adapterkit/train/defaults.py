@@ -62,6 +62,16 @@ RECIPES = {
 # sparse (LT-SFT: a dense phase over whole matrices, then K entries): see the same file.
 METHOD_LR = {"lora": 1.0, "ia3": 5.0, "bottleneck": 5.0, "sparse": 0.05}
 TRAINABLE = tuple(METHOD_LR)
+# Where a family's factor differs by base kind. Bottleneck on a causal LM: the MiniLM factor (5x, lr 1e-2)
+# diverged on SmolLM2 (held-out rt-sentiment, benchmarks/methods.py: loss above chance, test 0.562 vs
+# LoRA 0.842); re-chosen on SmolLM2's tuning task, election-tweets (150 steps of 16, head lr 1e-2, 300
+# test rows, train_defaults_sweep.jsonl): 0.900 at 1e-2, 0.910 at 2e-3, 0.933 at 5e-4 -> 0.25x.
+METHOD_LR_BY_KIND = {("bottleneck", "causal-lm"): 0.25}
+
+
+def method_lr(method: str, base_kind: str) -> float:
+    """The factor on the objective's adapter lr for a family on a base of `base_kind`."""
+    return METHOD_LR_BY_KIND.get((method, base_kind), METHOD_LR[method])
 
 
 @dataclass(frozen=True)
@@ -113,7 +123,7 @@ def resolve(objective: str, n_train: int, has_eval: bool, *, base_kind: str = "c
     steps = pick("steps", steps, min(cap, max(r.min_steps, math.ceil(r.epochs * per_epoch))))
     if method not in METHOD_LR:
         raise ConfigError(f"`train` trains {', '.join(TRAINABLE)} adapters; {method!r} is not one of them")
-    lr = pick("lr", lr, r.lr * METHOD_LR[method])
+    lr = pick("lr", lr, r.lr * method_lr(method, base_kind))
     head_lr = pick("head_lr", head_lr, r.head_lr)
     if isinstance(steps, int) and steps >= 1:
         warmup = pick("warmup", warmup, min(steps, round(r.warmup * steps)))
