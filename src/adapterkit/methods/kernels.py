@@ -1,4 +1,6 @@
-"""Mixed-batch kernels for low-rank deltas, and the float64 reference they are tested against.
+"""Mixed-batch kernels for low-rank deltas, and the float64 reference they are tested against; and
+what the other families' pools share: `routed` (per adapter), `HeldPool`, and the per-step
+`UnitPlan` with the cost rule that picks a stacked call or one call per adapter.
 
 Shapes: x [n, L, d_in], y [n, L, d_out] (n units = rows or tokens, L tokens per unit); stacked
 slot tensors A [S, d_in, R], B [S, R, d_out] with slot 0 all zeros and the scale folded into B;
