@@ -3,8 +3,10 @@
 
   single       adapterkit serve (one process, 2 torch threads)
   ray1         adapterkit serve --replicas 1 --replica-cpus 2   (the cost of the Ray hop)
-  ray2         adapterkit serve --replicas 2 --replica-cpus 1   (two engines on the same 2 cores)
-  ray2-random  ray2 with multiplexing off (any replica), to see what adapter affinity gives
+  ray2         adapterkit serve --replicas 2 --replica-cpus 1   (two engines on the same 2 cores; adapters
+               placed by consistent hashing, the default --ray-routing)
+  ray2-multiplex  ray2 with --ray-routing multiplex (Ray's model multiplexing)
+  ray2-random  ray2 with --ray-routing any (no affinity), to see what adapter affinity gives
 
 SmolLM2-135M, 64 rank-16 LoRA adapters (benchmarks/serve_systems.make_adapters), every replica with
 64 slots. Parts, per system, each from a freshly started server:
@@ -13,8 +15,12 @@ SmolLM2-135M, 64 rank-16 LoRA adapters (benchmarks/serve_systems.make_adapters),
               start cold, so the same pass measures affinity: of the requests after each adapter's
               first, the share answered by a replica that had answered that adapter before (the
               x-adapterkit-replica header).
-  latency     --latency-requests requests one at a time (16 output tokens): e2e p50.
-Targets: ray1 >= 0.85 of single's saturation throughput and <= +20 ms p50 latency; ray2 affinity >= 0.9.
+  latency     --latency-requests requests one at a time (16 output tokens): e2e p50; then the engine's
+              mean step time from /metrics (the replicas' reports) over the whole run, and the round trip
+              of GET /v1/models (no engine work: the cost of the hops alone), p50 of 30; then the
+              cores the server's processes (Ray's included) keep busy over 20 s with no request.
+Targets: ray1 >= 0.85 of single's saturation throughput and <= +20 ms p50 latency; ray2 affinity >= 0.9
+(and ray2-multiplex's, Ray's own mechanism, for comparison).
 The HTTP client runs in this process on the same cores as the servers (for every system alike).
 
     .venv/bin/python benchmarks/serve_ray.py [--systems single,ray1,ray2,ray2-random] [--requests 192]
@@ -45,7 +51,8 @@ from cli_runs import log  # noqa: E402
 
 SYSTEMS = {"single": [], "ray1": ["--replicas", "1", "--replica-cpus", "2"],
            "ray2": ["--replicas", "2", "--replica-cpus", "1"],
-           "ray2-random": ["--replicas", "2", "--replica-cpus", "1"]}
+           "ray2-multiplex": ["--replicas", "2", "--replica-cpus", "1", "--ray-routing", "multiplex"],
+           "ray2-random": ["--replicas", "2", "--replica-cpus", "1", "--ray-routing", "any"]}
 
 
 def free_port() -> int:
@@ -62,8 +69,7 @@ def pct(values: list[float], q: float) -> float:
 def start(system: str, root: Path, port: int) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "adapterkit", "serve", "--base", "smollm2-135m", "--adapters", str(root), "--port",
            str(port), "--max-batch", "64", "--max-loaded-adapters", "64", "--log-level", "warning", *SYSTEMS[system]]
-    env = {**os.environ, "ADAPTERKIT_DEVICE": "cpu", "OMP_NUM_THREADS": "2",
-           "ADAPTERKIT_RAY_MULTIPLEX": "0" if system == "ray2-random" else "1"}
+    env = {**os.environ, "ADAPTERKIT_DEVICE": "cpu", "OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     want = int(SYSTEMS[system][1]) if SYSTEMS[system] else None
@@ -81,6 +87,28 @@ def start(system: str, root: Path, port: int) -> subprocess.Popen:
     raise SystemExit(f"{system} did not come up in 600 s")
 
 
+def session_cpu_s(sid: int) -> float:
+    """CPU seconds used so far by every process of session `sid` (the server and all it started: Ray's
+    GCS, raylet, proxy, controller, workers), from /proc."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue                                   # a process that ended meanwhile
+        if int(fields[3]) == sid:                      # field 6 of stat: the session id
+            total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def idle_cpu_share(proc: subprocess.Popen, seconds: float = 20.0) -> float:
+    """Cores the server's processes keep busy while no request is in flight (background work)."""
+    time.sleep(3)
+    before = session_cpu_s(proc.pid)
+    time.sleep(seconds)
+    return (session_cpu_s(proc.pid) - before) / seconds
+
+
 def stop(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGINT)
     try:
@@ -88,6 +116,27 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def step_ms(url: str) -> float:
+    """Mean engine step (ms) over the server's life, from /metrics (summed over replicas)."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+
+    def total(suffix: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(f"adapterkit_engine_step_seconds_{suffix}"))
+    return 1000 * total("sum") / max(1.0, total("count"))
+
+
+def hop_ms(url: str, n: int = 30) -> float:
+    """p50 round trip of GET /v1/models: no engine work, only the HTTP server and (on Ray) the hops."""
+    secs = []
+    with httpx.Client(timeout=30) as c:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            c.get(f"{url}/v1/models").raise_for_status()
+            secs.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(secs)
 
 
 async def run_requests(url: str, bodies: list[dict], concurrent: bool) -> list[tuple[float, dict, str]]:
@@ -152,19 +201,28 @@ def main() -> None:
             tokens = sum(g[1]["usage"]["completion_tokens"] for g in got)
             secs = [g[0] for g in got]
             latency = [g[0] for g in asyncio.run(run_requests(url, lat, False))]
+            hop = hop_ms(url)
+            if SYSTEMS[system]:
+                time.sleep(5)                 # replicas report their metrics every REPORT_S (2 s)
+            step = step_ms(url)
+            idle = idle_cpu_share(proc)
             res = {"saturation_tok_s": tokens / wall, "wall_s": wall, "e2e_p50_s": pct(secs, 0.5),
                    "e2e_p99_s": pct(secs, 0.99), "latency_p50_s": statistics.median(latency),
+                   "hop_p50_ms": hop, "engine_step_mean_ms": step,
+                   "idle_cores_busy": idle,
                    "affinity": affinity([b["model"] for b in sat], [g[2] for g in got]),
                    "replicas_used": sorted({g[2] for g in got})}
             out["systems"][system] = res
             log(f"{system}: {res['saturation_tok_s']:.1f} tok/s, latency p50 {1000 * res['latency_p50_s']:.0f} ms, "
-                f"affinity {res['affinity']}")
+                f"hop {hop:.1f} ms, step {step:.1f} ms, idle cores busy {idle:.3f}, affinity {res['affinity']}")
         finally:
             stop(proc)
     s = out["systems"]
     if "single" in s and "ray1" in s:
         out["ray1_over_single_throughput"] = s["ray1"]["saturation_tok_s"] / s["single"]["saturation_tok_s"]
         out["ray1_latency_added_ms"] = 1000 * (s["ray1"]["latency_p50_s"] - s["single"]["latency_p50_s"])
+        out["ray1_hop_added_ms"] = s["ray1"]["hop_p50_ms"] - s["single"]["hop_p50_ms"]
+        out["ray1_step_over_single"] = s["ray1"]["engine_step_mean_ms"] / s["single"]["engine_step_mean_ms"]
     if "ray2" in s:
         out["ray2_over_single_throughput"] = (s["ray2"]["saturation_tok_s"] / s["single"]["saturation_tok_s"]
                                               if "single" in s else None)

@@ -156,6 +156,8 @@ def test_load_and_unload_reach_every_replica(world):
 
 
 def test_concurrent_requests_over_many_adapters_are_all_right(world):
+    """...and each adapter's burst of requests is answered by one replica (consistent hashing, the default
+    routing, places an adapter before any replica has served it), the 16 adapters spread over both."""
     url, engine, *_ = world
     h = {"Authorization": f"Bearer {KEY}"}
     bodies = [{"model": f"a{i % N_ADAPTERS}", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 4, "temperature": 0}
@@ -170,6 +172,11 @@ def test_concurrent_requests_over_many_adapters_are_all_right(world):
     wrong = [(b, g.text) for b, g in zip(bodies, got)
              if g.status_code != 200 or g.json()["choices"][0]["text"] != want[b["model"], b["prompt"]]]
     assert not wrong, wrong[:3]
+    served: dict[str, set[str]] = {}
+    for b, g in zip(bodies, got):
+        served.setdefault(b["model"], set()).add(g.headers["x-adapterkit-replica"])
+    assert all(len(r) == 1 for r in served.values()), served
+    assert len(set().union(*served.values())) == 2, served
 
 
 def test_load_unload_churn_during_concurrent_requests_breaks_nothing(world):
@@ -274,6 +281,28 @@ def test_the_single_process_server_imports_nothing_of_ray():
             "sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_the_cli_knows_every_routing_of_the_app():
+    from adapterkit.cli.serve_ray import ROUTINGS
+    from adapterkit.serve import ray_app
+
+    assert ROUTINGS == ray_app.ROUTINGS
+    assert ray_app._route_options("hash", "a1") == {"session_id": "a1"}
+    assert ray_app._route_options("multiplex", "a1") == {"multiplexed_model_id": "a1"}
+    assert ray_app._route_options("any", "a1") == ray_app._route_options("hash", "auto") == {}
+
+
+def test_ray_routing_is_checked(tmp_path):
+    from typer.testing import CliRunner
+
+    from adapterkit.cli.main import app
+
+    res = CliRunner().invoke(app, ["serve", "--ray-routing", "multiplex", "--store", str(tmp_path)])
+    assert res.exit_code == 2 and "--ray-routing chooses among the replicas of --replicas N; give --replicas too" \
+        in res.output
+    res = CliRunner().invoke(app, ["serve", "--replicas", "2", "--ray-routing", "sticky", "--store", str(tmp_path)])
+    assert res.exit_code == 2 and "--ray-routing must be one of hash, multiplex, any, got 'sticky'" in res.output
 
 
 def test_ray_address_without_replicas_is_refused(tmp_path):

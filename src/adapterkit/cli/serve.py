@@ -34,7 +34,7 @@ def serve_cmd(
     device: Optional[str] = DEVICE_OPT,
     dtype: Optional[str] = DTYPE_OPT,
     replicas: int = typer.Option(0, "--replicas", min=0, help="Run N engine replicas on Ray Serve behind one "
-                                 "endpoint (adapters multiplexed to the replicas that hold them); 0: one process. "
+                                 "endpoint (each adapter's requests sent to the replica that holds it); 0: one process. "
                                  "Needs the extra adapterkit[ray]."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join (ray start --head "
                                               "prints it; default: start a local one)."),
@@ -42,6 +42,9 @@ def serve_cmd(
                                        "torch threads too)."),
     replica_gpus: Optional[float] = typer.Option(None, "--replica-gpus", min=0.0, help="GPUs per replica "
                                                  "(default: 1 with a CUDA --device, else 0)."),
+    ray_routing: str = typer.Option("hash", "--ray-routing", help="How --replicas pick a replica for an adapter: "
+                                    "hash (consistent hashing: one replica per adapter from the first request), "
+                                    "multiplex (Ray's model multiplexing), any (no affinity)."),
 ) -> None:
     """Serve the base and its adapters over an OpenAI-compatible HTTP API.
 
@@ -68,17 +71,22 @@ def serve_cmd(
         if store is None and (adapterkit_home() / "store").is_dir():
             store = adapterkit_home() / "store"
         if replicas:
-            from .serve_ray import serve_replicas
+            from .serve_ray import ROUTINGS, serve_replicas
+
+            if ray_routing not in ROUTINGS:
+                raise AdapterkitError(f"--ray-routing must be one of {', '.join(ROUTINGS)}, got {ray_routing!r}")
 
             raise typer.Exit(serve_replicas(
                 base=base, replicas=replicas, address=ray_address, host=host, port=port, store=store,
                 adapter_dirs=adapters or [], engine=dict(max_batch=max_batch, max_queue=max_queue,
                                                          kv_cache_mb=kv_cache_mb),
                 max_loaded_adapters=max_loaded_adapters, ram_cache_mb=ram_cache_mb, device=str(dev), dtype=dtype,
-                settings=settings, replica_cpus=replica_cpus,
+                settings=settings, replica_cpus=replica_cpus, routing=ray_routing,
                 replica_gpus=replica_gpus if replica_gpus is not None else float(str(dev).startswith("cuda"))))
         if ray_address is not None:
             raise AdapterkitError("--ray-address joins a Ray cluster for --replicas N; give --replicas too")
+        if ray_routing != "hash":
+            raise AdapterkitError("--ray-routing chooses among the replicas of --replicas N; give --replicas too")
         try:
             sock = bind(host, port)           # before the (slow) base load: a taken port fails at once
         except OSError as exc:

@@ -1,10 +1,7 @@
-"""`adapterkit serve --replicas N`: the Ray Serve application of serve/ray_app.py, run until Ctrl-C.
-ADAPTERKIT_RAY_MULTIPLEX=0 turns adapter affinity off (any replica serves any request): only for
-measuring what affinity gives (benchmarks/serve_ray.py)."""
+"""`adapterkit serve --replicas N`: the Ray Serve application of serve/ray_app.py, run until Ctrl-C."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import threading
@@ -13,10 +10,13 @@ from typing import Any, Optional
 
 from ..errors import AdapterkitError
 
+ROUTINGS = ("hash", "multiplex", "any")       # ray_app.ROUTINGS (this module must import without Ray)
+
 
 def serve_replicas(*, base: str, replicas: int, address: Optional[str], host: str, port: int, store: Optional[Path],
                    adapter_dirs: list[Path], engine: dict[str, Any], max_loaded_adapters: int, ram_cache_mb: float,
-                   device: str, dtype: Optional[str], settings: Any, replica_cpus: float, replica_gpus: float) -> int:
+                   device: str, dtype: Optional[str], settings: Any, replica_cpus: float, replica_gpus: float,
+                   routing: str = "hash") -> int:
     """Start the app, print where it is, wait for SIGINT/SIGTERM, shut Serve down; returns 0."""
     try:
         from ..serve import ray_app
@@ -32,7 +32,7 @@ def serve_replicas(*, base: str, replicas: int, address: Optional[str], host: st
         adapter_dirs=tuple(str(d) for d in adapter_dirs), engine=engine, max_loaded_adapters=max_loaded_adapters,
         ram_cache_mb=ram_cache_mb, device=device, dtype=dtype, api_key=settings.api_key,
         max_body_bytes=settings.max_body_bytes, replica_cpus=replica_cpus, replica_gpus=replica_gpus,
-        multiplex=os.environ.get("ADAPTERKIT_RAY_MULTIPLEX", "1") != "0")
+        routing=routing)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -42,7 +42,7 @@ def serve_replicas(*, base: str, replicas: int, address: Optional[str], host: st
             raise AdapterkitError(f"the Ray Serve application did not start: {exc}") from None
         print(f"adapterkit serve: {url}/v1 (OpenAI-compatible; /health, /metrics) on Ray Serve\n"
               f"  base      {base}, {replicas} replica(s) of {replica_cpus:g} CPU, {replica_gpus:g} GPU each\n"
-              f"  ray       {address or 'a local Ray started here'}\n"
+              f"  ray       {address or 'a local Ray started here'}; adapters routed by {routing}\n"
               "  auth      " + ("Bearer API key required on every route but /health" if settings.api_key else
                                 "none (--api-key to require a key)") +
               "\n  stop      Ctrl-C or SIGTERM", flush=True)

@@ -12,9 +12,9 @@ Deployments:
   Registry  a small Ray actor: the adapters loaded or unloaded through the API (name -> path, with a
             version) and each replica's last report (metrics text, health), sent every REPORT_S.
 
-Routing: a request naming an adapter goes through Ray's model multiplexing (the multiplexed id is the
-adapter), so replicas that recently served it get it (cache affinity, best effort); base and router
-requests go to any replica. Load and unload are validated by one replica (its answer is the reply),
+Routing: a request naming an adapter goes to the replica its adapter hashes to on a consistent-hash
+ring of the live replicas (ROUTINGS: or through Ray's model multiplexing), so one replica's cache
+holds it (cache affinity); base and router requests go to any replica. Load and unload are validated by one replica (its answer is the reply),
 then recorded in the registry; every replica applies the registry's table before it serves a request
 whose version it has not seen, so a load reaches every replica and an unloaded adapter is served by
 none. A replaced adapter on disk is caught by each replica's cache (content fingerprints), as in one
@@ -42,7 +42,27 @@ REPORT_S = 2.0                    # replicas report metrics and health this ofte
 STALE_S = 10.0                    # a replica silent this long is reported unreachable
 FORGET_S = 60.0                   # ... and this long, no longer reported
 REPLICA_HEADER = "x-adapterkit-replica"
+# "hash": consistent hashing of the adapter over the live replicas (Ray's ConsistentHashRouter, keyed by
+#         the adapter as its session id): an adapter's requests all go to one replica, from the first
+#         request on, and on to the next replica of the ring only when that one has max_ongoing_requests
+#         in flight; a replica added or lost moves only its share of the adapters.
+# "multiplex": Ray's model multiplexing: a replica is preferred once it has reported serving the adapter
+#         (every 0.1 s through the controller), so a burst of an adapter's requests that arrives before
+#         the report spreads (affinity 0.88-0.97 in benchmarks/serve_ray.py).
+# "any":  no preference (power of two choices): for measuring what affinity gives.
+ROUTINGS = ("hash", "multiplex", "any")
+HASH_ROUTER = "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
 ROUTED = ("/v1/completions", "/v1/chat/completions", "/v1/classify", "/classify")
+# Ray's periodic background work, slowed down for a local Ray that `start` launches (the environment
+# wins where set; a cluster started with `ray start` keeps its own). On 2 cores a decode uses both, and
+# every wake-up of another process stalls it: with Ray's defaults the replica's mean engine step was
+# 145 ms against 121 ms in one process, with these and a 1 s controller loop 124-133 ms
+# (benchmarks/serve_ray_knobs.py, results/serve_ray_knobs.jsonl). The controller's loop stays at Ray's
+# 0.1 s: at 1 s, which replica holds which adapter reached the router too late for a burst, and
+# affinity fell from 0.97 to 0.81 (benchmarks/serve_ray.py).
+QUIET_RAY = {"RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "2000",      # Serve's own metrics (default 100 ms)
+             "RAY_SERVE_EVENT_LOOP_MONITORING_INTERVAL_S": "60",  # event-loop lag probes (default 5 s)
+             "RAY_raylet_report_resources_period_milliseconds": "1000"}   # raylet -> GCS (default 100 ms)
 
 
 @dataclass(frozen=True)
@@ -62,7 +82,7 @@ class RaySettings:
     replica_cpus: float = 1.0
     replica_gpus: float = 0.0
     threads: Optional[int] = None                                  # torch threads per replica (default: its cpus)
-    multiplex: bool = True        # route by adapter (False: any replica, for measuring what affinity gives)
+    routing: str = "hash"         # how a request naming an adapter picks its replica: ROUTINGS
 
 
 @ray.remote(num_cpus=0)
@@ -240,6 +260,13 @@ def _model_of(path: str, body: bytes) -> str:
     return model if isinstance(model, str) else ""
 
 
+def _route_options(routing: str, model: str) -> dict[str, str]:
+    """Handle options that send a request for `model` (an adapter, "auto", "" or the base) by `routing`."""
+    if not model or model == "auto" or routing == "any":
+        return {}                       # base, router and unparsable requests: any replica
+    return {"session_id": model} if routing == "hash" else {"multiplexed_model_id": model}
+
+
 class Ingress:
     """The HTTP endpoint: forwards to a replica by adapter; answers /health and /metrics itself."""
 
@@ -269,9 +296,7 @@ class Ingress:
             if self.version == 0:
                 self.version = (await self.registry.current.remote())[0]
             headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in request.headers.items()]
-            by_adapter = self.settings.multiplex and model and model != "auto"
-            handle = self.replicas.options(stream=True, multiplexed_model_id=model) if by_adapter \
-                else self.replicas.options(stream=True)
+            handle = self.replicas.options(stream=True, **_route_options(self.settings.routing, model))
             parts = handle.http.remote(request.method, path, request.url.query.encode(), headers, body,
                                        self.version)
             status, out_headers = await parts.__anext__()
@@ -373,10 +398,13 @@ def label_replicas(texts: dict[str, str]) -> str:
 
 def build_app(settings: RaySettings) -> Any:
     """The Serve application: N replicas (each `replica_cpus` CPUs, `replica_gpus` GPUs) and the ingress."""
+    if settings.routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {ROUTINGS}, got {settings.routing!r}")
     data = {**asdict(settings), "adapter_dirs": list(settings.adapter_dirs)}
+    router = {"request_router_config": {"request_router_class": HASH_ROUTER}} if settings.routing == "hash" else {}
     replica = serve.deployment(Replica, name="replica", num_replicas=settings.replicas, max_ongoing_requests=256,
                                ray_actor_options={"num_cpus": settings.replica_cpus,
-                                                  "num_gpus": settings.replica_gpus})
+                                                  "num_gpus": settings.replica_gpus}, **router)
     ingress = serve.deployment(Ingress, name="ingress", max_ongoing_requests=4096,
                                ray_actor_options={"num_cpus": 0})
     return ingress.bind(replica.bind(data), data)
@@ -391,6 +419,8 @@ def start(settings: RaySettings, *, host: str = "127.0.0.1", port: int = 8000, a
         # Serve kills and restarts it in a loop (seen on 2 busy cores): allow a minute
         os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
         os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+        for key, value in QUIET_RAY.items():
+            os.environ.setdefault(key, value)
         kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "namespace": APP}
         if address:
             kwargs["address"] = address
