@@ -14,6 +14,7 @@ from adapterkit.errors import UnsupportedError
 from adapterkit.methods.bottleneck import BottleneckConfig
 from adapterkit.methods.full import FullConfig
 from adapterkit.methods.ia3 import Ia3Config
+from adapterkit.methods.scalearn import ScaLearnConfig, source_config_json
 from adapterkit.methods.sparse import SparseConfig
 from method_reference import reference
 
@@ -26,6 +27,17 @@ def _bottleneck(targets, i):
                                       nonlinearity=("relu", "gelu", "silu")[i], init="nonzero", init_std=3.0,
                                       **({"scaling": 2.0} if placement == "parallel" else {}))
 
+
+def _scalearn(targets, i):
+    """Random sources of the families that attach at a Linear's output, one variant each."""
+    lora = [LoraConfig(r=2 + k, target_modules=targets, init="nonzero", init_std=0.3) for k in range(2)]
+    sources = [lora, [lora[0], Ia3Config(target_modules=targets, feedforward_modules=(), init="nonzero",
+                                         init_std=0.3)],
+               [*lora, SparseConfig(target_modules=targets, init="random", init_density=0.2, init_std=0.3)]][i]
+    return ScaLearnConfig(sources=tuple(f"src{k}" for k in range(len(sources))),
+                          source_configs=tuple(source_config_json(c) for c in sources), target_modules=targets,
+                          variant=("vector", "uniform", "shared")[i], init_std=0.3)
+
 # One config factory per registered method: a new method must add its entry here.
 METHOD_CONFIGS = {
     "lora": lambda targets, i: LoraConfig(r=2 + 2 * i, alpha=4.0 + i, target_modules=targets,
@@ -37,6 +49,7 @@ METHOD_CONFIGS = {
     "full": lambda targets, i: FullConfig(target_modules=targets, init_std=(0.05, 0.1, 0.2)[i]),
     "sparse": lambda targets, i: SparseConfig(target_modules=targets, init="random", init_density=(0.05, 0.2, 1.0)[i],
                                               init_std=0.3),
+    "scalearn": _scalearn,
 }
 
 

@@ -13,6 +13,7 @@ from .methods.bottleneck import BottleneckConfig
 from .methods.full import FullConfig
 from .methods.ia3 import Ia3Config
 from .methods.lora import LoraConfig
+from .methods.scalearn import ScaLearnConfig
 from .methods.sparse import SparseConfig
 from .core.runtime import AdapterRuntime
 
@@ -21,6 +22,7 @@ __all__ = [
     "AdapterBatch", "build_batch", "AdapterkitError", "AdapterNameError", "AdapterNotFoundError",
     "BaseMismatchError", "BaseNotAvailableError", "ConfigError", "CorruptAdapterError", "TargetError",
     "UnsupportedError", "generate", "merge", "merge_reversible", "merge_with_report", "recover", "get_method", "method_names", "LoraConfig", "Ia3Config", "BottleneckConfig", "SparseConfig", "FullConfig",
+    "ScaLearnConfig",
     "AdapterRuntime",
 ]
 __version__ = "0.1.0"

@@ -44,3 +44,7 @@ class TargetError(AdapterkitError, ValueError):
 
 class BaseNotAvailableError(AdapterkitError, RuntimeError):
     """A built-in base whose asset package is not installed (the message has the pip command)."""
+
+
+class StaleSourceError(AdapterkitError, ValueError):
+    """A composition whose source adapter was replaced or deleted in the store since it was composed."""

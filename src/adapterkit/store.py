@@ -190,7 +190,21 @@ class AdapterStore:
                 raise CorruptAdapterError(f"stored adapter {name!r} is damaged: {status}; re-train or re-merge it "
                                           "with --overwrite, or remove it")
             return Adapter.load(self._folder(row), name=name)
-        return self._stable(name, read)
+        adapter = self._stable(name, read)
+        self._check_sources(adapter)
+        return adapter
+
+    def _check_sources(self, adapter: Adapter) -> None:
+        """Refuse a composition whose sources are no longer in this store as they were when composed."""
+        from .train.compose import stale_sources
+
+        stale = stale_sources(adapter, self)
+        if stale:
+            from .errors import StaleSourceError
+
+            raise StaleSourceError(f"adapter {adapter.name!r} composes {', '.join(map(repr, stale))}, which the "
+                                   f"store no longer holds as composed: {'; '.join(stale.values())}; compose and "
+                                   "train it again over the current sources")
 
     def list(self) -> list[dict[str, Any]]:
         """Every row with its folder (`path`) and `status` from a size check of its files (stats only)."""

@@ -11,6 +11,7 @@ from .bottleneck import BOTTLENECK
 from .full import FULL
 from .ia3 import IA3
 from .lora import LORA
+from .scalearn import SCALEARN
 from .sparse import SPARSE
 
 _REGISTRY: dict[str, Method] = {}
@@ -28,6 +29,7 @@ register_method(IA3)
 register_method(BOTTLENECK)
 register_method(SPARSE)
 register_method(FULL)
+register_method(SCALEARN)
 
 
 def get_method(name: str) -> Method:

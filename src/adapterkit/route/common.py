@@ -108,8 +108,10 @@ def check_base(records: Sequence[AdapterRecord], fingerprint: str | None, base_n
                 f"router runs on {base_name or '?'} ({fingerprint}); pass the adapters' base with --base")
 
 
-def stale_adapters(records: Sequence[AdapterRecord], store: Any) -> dict[str, str]:
-    """{name: why} for each recorded adapter that the store no longer holds as it was."""
+def stale_adapters(records: Sequence[AdapterRecord], store: Any,
+                   pinned: str = "the router was fitted on") -> dict[str, str]:
+    """{name: why} for each recorded adapter that the store no longer holds as it was (`pinned`: who
+    recorded the fingerprint, in the message)."""
     from ..merge.common import content_fingerprint
 
     stale: dict[str, str] = {}
@@ -123,8 +125,7 @@ def stale_adapters(records: Sequence[AdapterRecord], store: Any) -> dict[str, st
             stale[r.name] = f"adapter {r.name!r} cannot be read ({exc})"
             continue
         if now != r.fingerprint:
-            stale[r.name] = (f"adapter {r.name!r} was replaced in the store (content {now}, the router was "
-                             f"fitted on {r.fingerprint})")
+            stale[r.name] = f"adapter {r.name!r} was replaced in the store (content {now}, {pinned} {r.fingerprint})"
     return stale
 
 
