@@ -155,3 +155,96 @@ def test_sources_must_share_a_site_and_a_base(llama, tmp_path):
     v.meta.base_fingerprint, v.meta.base_name = "sha256:other", "other-base"
     with pytest.raises(BaseMismatchError, match="source adapter 'v' was made for base other-base"):
         compose_scalearn("c", llama, [q, v])
+
+
+@pytest.mark.parametrize("variant", ["vector", "shared"])
+def test_train_cli_learns_omega_over_stored_sources_and_nothing_else(tmp_path, variant):
+    """`adapterkit train --method scalearn --sources a,b`: the sources stay as stored, ω moves (tied across
+    layers for the shared variant), the trainable parameters are ω's, the lineage pins the sources."""
+    from typer.testing import CliRunner
+
+    from adapterkit.cli import app
+    from adapterkit.merge.common import content_fingerprint
+    from adapterkit.store import AdapterStore
+    from conftest import classification_files
+
+    path, data = classification_files(tmp_path)
+    common = ["--base", str(path), "--train-file", str(data), "--store", str(tmp_path / "s"), "--no-progress"]
+    for name in ("a", "b"):
+        res = CliRunner().invoke(app, ["train", "--name", name, "--steps", "3", "--seed", str(ord(name)), *common])
+        assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["train", "--method", "scalearn", "--sources", "a,b", "--variant", variant,
+                                   "--name", "c", "--steps", "12", *common])
+    assert res.exit_code == 0, res.output
+    store = AdapterStore(tmp_path / "s")
+    comp, a, b = store.get("c"), store.get("a"), store.get("b")
+    assert comp.summary() == f"scalearn {variant} over a, b on 8 sites"
+    assert store.show("c")["lineage"][0]["inputs"] == [{"name": "a", "fingerprint": content_fingerprint(a)},
+                                                        {"name": "b", "fingerprint": content_fingerprint(b)}]
+    for site, parts in comp.tensors.items():
+        for i, src in enumerate((a, b)):
+            for key, t in src.tensors[site].items():
+                assert torch.equal(parts[f"s{i}_{key}"], t)                     # the sources did not train
+    omegas = {site: p["omega"] for site, p in comp.tensors.items()}
+    assert max(float((w - 1.0).abs().max()) for w in omegas.values()) > 1e-3    # ω moved from 2/N = 1
+    q = [w for site, w in omegas.items() if site.endswith("q_proj")]
+    assert all(torch.equal(q[0], w) for w in q[1:]) == (variant == "shared")   # one ω for every layer's q_proj
+    assert comp.num_parameters() == sum(w.numel() for w in omegas.values())
+
+
+def test_train_cli_refuses_a_composition_without_sources_or_of_itself(tmp_path):
+    from typer.testing import CliRunner
+
+    from adapterkit.cli import app
+    from conftest import classification_files
+
+    path, data = classification_files(tmp_path)
+    common = ["--base", str(path), "--train-file", str(data), "--store", str(tmp_path / "s"), "--no-progress"]
+    res = CliRunner().invoke(app, ["train", "--method", "scalearn", "--name", "c", "--steps", "2", *common])
+    assert res.exit_code != 0 and "--method scalearn composes stored adapters: name them with --sources a,b,c" \
+        in res.output
+    res = CliRunner().invoke(app, ["train", "--sources", "a", "--name", "c", "--steps", "2", *common])
+    assert res.exit_code != 0 and "--sources set a scalearn adapter; this run trains lora: add --method scalearn" \
+        in res.output
+    res = CliRunner().invoke(app, ["train", "--method", "scalearn", "--sources", "c,a", "--name", "c", "--steps",
+                                   "2", *common])
+    assert res.exit_code != 0 and "the composition 'c' cannot be one of its own --sources" in res.output
+
+
+def test_the_server_answers_with_a_composition_and_refuses_one_whose_source_changed(llama, tmp_path):
+    import asyncio
+
+    import httpx
+
+    from adapterkit.serve.api import ApiSettings, create_app
+    from adapterkit.serve.engine import Engine, EngineConfig
+    from adapterkit.store import AdapterStore
+    from adapterkit.train.compose import compose_scalearn
+    from conftest import save_tiny_tokenizer
+
+    path = save_tiny("llama", tmp_path / "base")
+    save_tiny_tokenizer(path)
+    base = load_base(str(path))
+    store = AdapterStore(tmp_path / "store")
+    for s in sources(base, 2):
+        s.meta.base_fingerprint, s.meta.base_name = base.fingerprint, base.name
+        store.put(s)
+    for name in ("c1", "c2"):
+        store.put(compose_scalearn(name, base, [store.get("src0"), store.get("src1")], seed=len(name)))
+    engine = Engine.build(str(path), store=store, config=EngineConfig(max_batch=4)).start()
+
+    async def ask(model):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(create_app(engine, ApiSettings())),
+                                     base_url="http://t") as c:
+            return await c.post("/v1/completions", json={"model": model, "prompt": "w1 w2", "max_tokens": 3,
+                                                         "temperature": 0})
+    try:
+        assert asyncio.run(ask("c1")).status_code == 200
+        store.put(create_adapter("src0", base.model, LoraConfig(r=2, target_modules=TARGETS["llama"]),
+                                 fingerprint=base.fingerprint, base_name=base.name), overwrite=True)
+        r = asyncio.run(ask("c2"))                     # not loaded before: read now, and refused
+        assert r.status_code == 400 and r.json()["error"]["code"] == "adapter_sources_changed"
+        assert "adapter 'c2' composes 'src0', which the store no longer holds as composed" in \
+            r.json()["error"]["message"]
+    finally:
+        engine.stop(drain=False)

@@ -183,7 +183,8 @@ class AdapterStore:
                     raise
 
     def get(self, name: str) -> Adapter:
-        """The stored adapter; CorruptAdapterError if its files no longer match the catalog."""
+        """The stored adapter; CorruptAdapterError if its files no longer match the catalog, StaleSourceError
+        for a composition whose source adapter was replaced or deleted since."""
         def read(row: Any) -> Adapter:
             status = self._status(row, hash_files=True)
             if status != OK:
@@ -191,20 +192,10 @@ class AdapterStore:
                                           "with --overwrite, or remove it")
             return Adapter.load(self._folder(row), name=name)
         adapter = self._stable(name, read)
-        self._check_sources(adapter)
+        from .train.compose import check_sources
+
+        check_sources(adapter, self)        # a composition whose source was replaced or deleted: refused
         return adapter
-
-    def _check_sources(self, adapter: Adapter) -> None:
-        """Refuse a composition whose sources are no longer in this store as they were when composed."""
-        from .train.compose import stale_sources
-
-        stale = stale_sources(adapter, self)
-        if stale:
-            from .errors import StaleSourceError
-
-            raise StaleSourceError(f"adapter {adapter.name!r} composes {', '.join(map(repr, stale))}, which the "
-                                   f"store no longer holds as composed: {'; '.join(stale.values())}; compose and "
-                                   "train it again over the current sources")
 
     def list(self) -> list[dict[str, Any]]:
         """Every row with its folder (`path`) and `status` from a size check of its files (stats only)."""

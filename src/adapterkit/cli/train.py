@@ -47,6 +47,12 @@ def train_cmd(
                                               "(default: the run's steps)."),
     l1: Optional[float] = typer.Option(None, "--l1", help="Sparse: λ of an L1 pull of the entries toward the base "
                                        "in the sparse phase (default 0)."),
+    sources: Optional[str] = typer.Option(None, "--sources", help="ScaLearn (--method scalearn): the stored "
+                                          "adapters to compose, comma-separated; only their weights ω (and the "
+                                          "head) train."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="ScaLearn: vector (default: ω a vector per "
+                                          "source and site), uniform (a scalar), shared / shared-uniform (one ω "
+                                          "for all layers: ScaLearn++ / Uniform++)."),
     objective: str = typer.Option("classification", help="classification (text, label), causal-lm "
                                   "(JSONL prompt/completion or messages) or mlm (plain text, encoder bases)."),
     r: int = typer.Option(8, help="LoRA rank."),
@@ -118,7 +124,8 @@ def train_cmd(
             options = {"bottleneck": dict(placement=placement, reduction_factor=reduction_factor,
                                           nonlinearity=nonlinearity),
                        "sparse": dict(sparse_params=sparse_params, sparse_proportion=sparse_proportion,
-                                      dense_steps=dense_steps, l1=l1)}
+                                      dense_steps=dense_steps, l1=l1),
+                       "scalearn": dict(sources=sources, variant=variant)}
             for family, given in options.items():
                 if method != family and any(v is not None for v in given.values()):
                     flags_given = ", ".join("--" + k.replace("_", "-") for k, v in given.items() if v is not None)

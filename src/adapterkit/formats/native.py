@@ -21,8 +21,14 @@ def write_native(path: Path, tensors: Mapping[str, Mapping[str, torch.Tensor]]) 
     bad = sorted(k for parts in tensors.values() for k in parts if "." in k)
     if bad:                                  # the key is split at its last dot when read
         raise ValueError(f"tensor names must not contain '.': {bad}")
-    write_tensors(path / WEIGHTS_FILE, {f"{site}.{key}": t for site, parts in tensors.items()
-                                        for key, t in parts.items()})
+    seen: set[int] = set()
+    flat = {}
+    for site, parts in tensors.items():
+        for key, t in parts.items():
+            # one tensor at several sites (tied while training) is stored at each: safetensors refuses shared memory
+            flat[f"{site}.{key}"] = t.clone() if id(t) in seen else t
+            seen.add(id(t))
+    write_tensors(path / WEIGHTS_FILE, flat)
 
 
 def read_native(path: Path, config: Any, method: Any) -> dict[str, dict[str, torch.Tensor]]:

@@ -177,6 +177,11 @@ class Method:
         """Δb of a module with a bias (float32), None when the family leaves biases alone (LoRA)."""
         return None
 
+    def tied(self, config: Any, sites: list[str]) -> list[tuple[str, list[str]]]:
+        """Tensors trained as one parameter: (tensor name, the sites sharing it) groups (none by default;
+        ScaLearn++ shares ω across layers). Stored at each site; the trainer ties them while training."""
+        return []
+
     # what a shape clash between two adapters of the family may mean besides another base
     shape_hint: ClassVar[str] = ""
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
@@ -172,6 +173,15 @@ class ScaLearn(Method):
             method, cfg = config.source(i)
             out.update({_prefix(i) + k: t for k, t in method.init_tensors(cfg, site, gen).items()})
         return out
+
+    def tied(self, config: ScaLearnConfig, sites: list[str]) -> list[tuple[str, list[str]]]:
+        """Shared variants: one ω for every site of a kind (the module name without its layer index)."""
+        if not config.shared:
+            return []
+        kinds: dict[str, list[str]] = {}
+        for site in sites:
+            kinds.setdefault(re.sub(r"\.\d+\.", ".", site), []).append(site)
+        return [("omega", group) for group in kinds.values() if len(group) > 1]
 
     def source_tensors(self, tensors: Mapping[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
         p = _prefix(i)

@@ -4,7 +4,7 @@
 
 The composition carries its sources' tensors (frozen) at the sites all of them adapt, a fresh ω, and
 pins each source by content fingerprint (lineage and config): AdapterStore.get refuses it once a
-source was replaced or deleted (`stale_sources`)."""
+source was replaced or deleted (`check_sources`); so does the server."""
 
 from __future__ import annotations
 
@@ -61,3 +61,14 @@ def stale_sources(adapter: Adapter, store: Any) -> dict[str, str]:
         return {}
     records = [AdapterRecord(n, fp, None, None, None) for n, fp in zip(config.sources, prints)]
     return stale_adapters(records, store, pinned="composed over")
+
+
+def check_sources(adapter: Adapter, store: Any) -> None:
+    """Refuse (StaleSourceError) a composition whose sources `store` no longer holds as composed."""
+    stale = stale_sources(adapter, store)
+    if stale:
+        from ..errors import StaleSourceError
+
+        raise StaleSourceError(f"adapter {adapter.name!r} composes {', '.join(map(repr, stale))}, which the store "
+                               f"no longer holds as composed: {'; '.join(stale.values())}; compose and train it "
+                               "again over the current sources")

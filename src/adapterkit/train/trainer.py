@@ -153,8 +153,9 @@ def train(
     home = next((t.device for parts in adapter.tensors.values() for t in parts.values()), device)
     _place(adapter, device, torch.float32)           # fp32 master weights on the base's device
     kinds = adapter.method.tensor_kinds(adapter.config)   # only trainable tensors learn (an index never does)
-    params = [t.requires_grad_(True) for parts in adapter.tensors.values() for k, t in parts.items()
-              if kinds[k].trainable]
+    _tie(adapter)                                    # shared tensors (ScaLearn++): one parameter each
+    params = list({id(t): t.requires_grad_(True) for parts in adapter.tensors.values() for k, t in parts.items()
+                   if kinds[k].trainable}.values())
     runtime.add(adapter)                             # re-attached trainable: the forward reads these tensors
     head = [t.requires_grad_(True) for t in extra_params]
     # Two groups: the adapter at lr, the extra tensors (a head trained from scratch) at head_lr.
@@ -256,6 +257,17 @@ def _place(adapter: Any, device: torch.device, dtype: torch.dtype | None = None)
     for parts in adapter.tensors.values():
         for key, t in parts.items():
             parts[key] = t.to(device=device, dtype=dtype or t.dtype) if t.is_floating_point() else t.to(device)
+
+
+def _tie(adapter: Any) -> None:
+    """Make each group of tensors the family trains as one (Method.tied) one tensor object: the first
+    site's, started from the group's mean (equal at creation; a loaded adapter may have drifted)."""
+    for key, sites in adapter.method.tied(adapter.config, list(adapter.tensors)):
+        first = adapter.tensors[sites[0]][key]
+        with torch.no_grad():
+            first.copy_(torch.stack([adapter.tensors[s][key] for s in sites]).mean(0))
+        for site in sites[1:]:
+            adapter.tensors[site][key] = first
 
 
 def init_distributed_from_env() -> tuple[int, int]:

@@ -17,7 +17,7 @@ import re
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 from ...errors import (AdapterkitError, AdapterNameError, AdapterNotFoundError, BaseMismatchError,
-                       ConfigError, CorruptAdapterError, UnsupportedError)
+                       ConfigError, CorruptAdapterError, StaleSourceError, UnsupportedError)
 from ..cache.adapter_cache import NoFreeSlotError
 from ..cache.roots import AdapterPathError
 from ..requests import ContextLengthError, QueueFullError
@@ -71,6 +71,7 @@ STATUS: tuple[tuple[type, int, str, Optional[str]], ...] = (
     (AdapterPathError, 400, "invalid_request_error", "adapter_path_not_allowed"),
     (CorruptAdapterError, 400, "invalid_request_error", "invalid_adapter"),
     (BaseMismatchError, 400, "invalid_request_error", "adapter_base_mismatch"),
+    (StaleSourceError, 400, "invalid_request_error", "adapter_sources_changed"),
     (AdapterNameError, 400, "invalid_request_error", "invalid_adapter_name"),
     (UnsupportedError, 400, "invalid_request_error", "unsupported"),
     (ConfigError, 400, "invalid_request_error", None),

@@ -83,6 +83,10 @@ def read_entry(src: Source, roots: Any, dtype: torch.dtype) -> Entry:
     try:
         adapter = Adapter.load(src.path, name=src.name, head=False)   # NaN / inf refused here
         adapter.check_finite(dtype)                    # and values or a ΔW that overflow the base dtype
+        if src.origin == "store" and roots.store is not None:
+            from ...train.compose import check_sources
+
+            check_sources(adapter, roots.store)        # a composition whose source was replaced or deleted
     except AdapterkitError:
         raise
     except Exception as exc:
