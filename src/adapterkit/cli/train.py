@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -47,6 +47,10 @@ def train_cmd(
                                               "(default: the run's steps)."),
     l1: Optional[float] = typer.Option(None, "--l1", help="Sparse: λ of an L1 pull of the entries toward the base "
                                        "in the sparse phase (default 0)."),
+    stack_on: Optional[str] = typer.Option(None, "--stack-on", help="Stored adapters (comma-separated: a domain "
+                                           "or language adapter) applied frozen under the one this run trains, "
+                                           "as MAD-X stacks them; at inference stack them again (generate "
+                                           "--compose DOMAIN=1,NAME=1; eval --compose)."),
     sources: Optional[str] = typer.Option(None, "--sources", help="ScaLearn (--method scalearn): the stored "
                                           "adapters to compose, comma-separated; only their weights ω (and the "
                                           "head) train."),
@@ -112,7 +116,8 @@ def train_cmd(
         dev, dt = device_dtype(device, dtype)
         flags = dict(steps=steps, batch_size=batch_size, lr=lr, head_lr=head_lr, warmup=warmup, eval_every=eval_every,
                      grad_accum=grad_accum, schedule=schedule, weight_decay=weight_decay, seed=seed, bf16=bf16,
-                     checkpoint_every=checkpoint_every)
+                     checkpoint_every=checkpoint_every,
+                     stack_on=tuple(n.strip() for n in stack_on.split(",") if n.strip()) if stack_on else ())
         if objective != "classification" and head_lr is not None:
             raise AdapterkitError(f"--head-lr is the learning rate of a classification head; {objective} training "
                                   "has no head trained from scratch: leave it out")
@@ -222,6 +227,10 @@ def eval_cmd(
     predictions: Optional[Path] = typer.Option(None, "--predictions", help="Classification adapters: write one "
                                                "JSON line per row (text, label, predicted, probabilities)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress on stderr while scoring."),
+    stack_on: Optional[str] = typer.Option(None, "--stack-on", help="Stored adapters applied under this one "
+                                           "(comma-separated; default: those it was trained on, from its lineage; "
+                                           "'none': the adapter alone). Swap in another domain or language "
+                                           "adapter for zero-shot transfer (MAD-X)."),
     device: Optional[str] = DEVICE_OPT,
     dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
@@ -248,6 +257,13 @@ def eval_cmd(
         b = load_base(base or adapter.meta.base_name or "smollm2-135m", dt, dev)
         rt = AdapterRuntime.from_base(b)
         rt.add(adapter)
+        under = _stack_names(adapter, stack_on)
+        for n in under:
+            rt.add(open_store(store).get(n))
+        if under:
+            rt.underlay(name, under)
+            if not as_json:
+                out.print(f"stacked on {', '.join(under)}", highlight=False)
         if isinstance(adapter.head, MLMHead):          # a language / domain adapter: masked-token loss
             from ..train.mlm import evaluate_mlm, read_texts
 
@@ -298,3 +314,11 @@ def eval_cmd(
             out.print(f"predictions: {saved} ({metrics['n']} rows)", markup=False, highlight=False, soft_wrap=True)
     if isinstance(written, AdapterkitError):
         fail(written)
+
+
+def _stack_names(adapter: Any, given: Optional[str]) -> list[str]:
+    """The adapters `eval` stacks under `adapter`: --stack-on's, or the ones its training run stacked."""
+    if given is not None:
+        return [] if given.strip().lower() == "none" else [n.strip() for n in given.split(",") if n.strip()]
+    params = next((e.get("params", {}) for e in adapter.meta.lineage if e.get("op") == "train"), {})
+    return [u["name"] if isinstance(u, dict) else str(u) for u in params.get("stack_on") or []]

@@ -47,6 +47,7 @@ class AdapterRuntime(MergingMixin):
         self._originals: dict[tuple[str, str], torch.Tensor] = {}   # (module, weight|bias) -> before any merge
         self._merged: list[str] = []
         self._merge_weights: dict[str, float] = {}       # name -> the weight it was merged with
+        self._under: dict[str, tuple[str, ...]] = {}           # adapter -> adapters every row of it also gets
         self._current: AdapterBatch | None = None
         self._default: AdapterBatch | None = None
         self.tokenizer: Any = None                            # set by from_base
@@ -132,6 +133,8 @@ class AdapterRuntime(MergingMixin):
                 del self._sites[module_name]
         del self._slots[name]
         self._versions.pop(name, None)
+        if any(name in under for under in self._under.values()):
+            self._under = {n: u for n, u in self._under.items() if name not in u}   # its stacks end with it
         return self.adapters.pop(name)
 
     def modules_of(self, name: str) -> list[str]:
@@ -229,13 +232,26 @@ class AdapterRuntime(MergingMixin):
         return build_batch(ids, weights, mode=mode, kernel=kernel, needs_grad=needs_grad, dtype=self._dtype,
                            device=self._device)
 
+    def underlay(self, name: str, under: Sequence[str]) -> None:
+        """Every row that names `name` also gets the adapters `under` at weight 1 (a stack trained as one:
+        the task adapter of `train --stack-on`); an empty `under` ends it."""
+        for n in (name, *under):
+            self.slot(n)                                  # AdapterNotFoundError for one not attached
+        if name in under:
+            raise ConfigError(f"adapter {name!r} cannot be stacked on itself")
+        if under:
+            self._under[name] = tuple(under)
+        else:
+            self._under.pop(name, None)
+
     def _row_slots(self, entry: RowAdapters) -> list[tuple[int, float]]:
         if entry is None:
             return []
-        if isinstance(entry, str):
-            return [(self.slot(entry), 1.0)]
-        items = entry.items() if isinstance(entry, Mapping) else entry
-        return [(self.slot(n), float(w)) for n, w in items]
+        items = [(entry, 1.0)] if isinstance(entry, str) else entry.items() if isinstance(entry, Mapping) else entry
+        pairs = [(str(n), float(w)) for n, w in items]
+        named = {n for n, _ in pairs}
+        pairs += [(u, 1.0) for n, _ in list(pairs) for u in self._under.get(n, ()) if u not in named]
+        return [(self.slot(n), w) for n, w in pairs]
 
     @contextlib.contextmanager
     def use(self, batch: AdapterBatch) -> Iterator[AdapterBatch]:

@@ -169,6 +169,28 @@ def adapter_config(method: str, base: Base, *, r: int = 8, alpha: float = 16.0,
     raise ConfigError(f"no adapter family {method!r} to make here; use lora, ia3, bottleneck or sparse")
 
 
+def _stack(rt: AdapterRuntime, base: Base, adapter: Adapter, store: AdapterStore, names: Sequence[str],
+           run_info: dict[str, Any] | None) -> None:
+    """Attach the stored adapters `names` (frozen) under `adapter` on every row; the run's info (its
+    lineage) pins each by content fingerprint."""
+    from ..merge.common import content_fingerprint
+
+    if adapter.name in names:
+        raise ConfigError(f"--stack-on names {adapter.name!r}, the adapter this run trains; stack it on others")
+    pinned = []
+    for name in names:
+        under = store.get(name)
+        fp = under.meta.base_fingerprint
+        if fp and base.fingerprint and fp != base.fingerprint:
+            raise ConfigError(f"--stack-on {name!r} was made for base {under.meta.base_name or '?'}, not "
+                              f"{base.name}; stack adapters of the base you train on")
+        rt.add(under)
+        pinned.append({"name": name, "fingerprint": content_fingerprint(under)})
+    rt.underlay(adapter.name, list(names))
+    if run_info is not None:                   # the caller's dict: its lineage records the stack
+        run_info["stack_on"] = pinned
+
+
 def method_info(adapter: Adapter) -> dict[str, Any]:
     """What a run records of its adapter's family (LoRA: r and alpha, as runs always did)."""
     c = adapter.config
@@ -196,6 +218,8 @@ def fit(base: Base, adapter: Adapter, examples: Sequence[Any], collate: Callable
                           eval_negated=eval_negated)
     rt = AdapterRuntime.from_base(base)
     rt.add(adapter)
+    if config.stack_on:
+        _stack(rt, base, adapter, store, config.stack_on, run_info)
     folder = run_dir(store, adapter.name)
     log = Path(log_path) if log_path else folder / LOG
     writer = dist_rank_world()[0] == 0

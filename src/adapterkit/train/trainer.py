@@ -49,8 +49,12 @@ class TrainConfig:
     checkpoint_every: int = 0          # 0 = only at the end
     eval_every: int = 0                # 0 = no evaluation during training
     bf16: bool = False                 # autocast the forward to bfloat16 on the base's device
+    # stored adapters applied (frozen, weight 1) under the one that trains: a task adapter learns relative
+    # to base + a domain or language adapter (MAD-X); at inference stack them again (a row {d: 1, t: 1})
+    stack_on: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "stack_on", tuple(self.stack_on))     # JSON (a checkpoint) gives a list
         if self.eval_every < 0 or self.checkpoint_every < 0:
             raise ConfigError("eval_every and checkpoint_every must be >= 0")
         for name in ("steps", "batch_size", "grad_accum"):
