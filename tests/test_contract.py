@@ -14,6 +14,7 @@ from adapterkit.errors import UnsupportedError
 from adapterkit.methods.bottleneck import BottleneckConfig
 from adapterkit.methods.full import FullConfig
 from adapterkit.methods.ia3 import Ia3Config
+from adapterkit.methods.fusion import FusionConfig
 from adapterkit.methods.scalearn import ScaLearnConfig, source_config_json
 from adapterkit.methods.sparse import SparseConfig
 from method_reference import reference
@@ -38,6 +39,12 @@ def _scalearn(targets, i):
                           source_configs=tuple(source_config_json(c) for c in sources), target_modules=targets,
                           variant=("vector", "uniform", "shared")[i], init_std=0.3)
 
+
+def _fusion(targets, i):
+    """AdapterFusion over the same sources as _scalearn, with projections far from their init."""
+    sc = _scalearn(targets, i)
+    return FusionConfig(sources=sc.sources, source_configs=sc.source_configs, target_modules=targets, init_std=0.3)
+
 # One config factory per registered method: a new method must add its entry here.
 METHOD_CONFIGS = {
     "lora": lambda targets, i: LoraConfig(r=2 + 2 * i, alpha=4.0 + i, target_modules=targets,
@@ -50,6 +57,7 @@ METHOD_CONFIGS = {
     "sparse": lambda targets, i: SparseConfig(target_modules=targets, init="random", init_density=(0.05, 0.2, 1.0)[i],
                                               init_std=0.3),
     "scalearn": _scalearn,
+    "fusion": _fusion,
 }
 
 
@@ -68,7 +76,7 @@ def _main_output(o):
 def _refuses_merge(rt, name):
     """A family that is not linear in the base weights: merge and export refuse it, nothing changes."""
     before = {k: v.clone() for k, v in rt.model.state_dict().items()}
-    with pytest.raises(UnsupportedError, match=f"adapter '{name}' is a .* adapter, which is not linear in the base "
+    with pytest.raises(UnsupportedError, match=f"adapter '{name}' is an? .* adapter, which is not linear in the base "
                                                "weights: it cannot be merged into the base"):
         rt.merge(name)
     assert rt.merged == [] and all(torch.equal(before[k], v) for k, v in rt.model.state_dict().items())

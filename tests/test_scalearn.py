@@ -99,8 +99,8 @@ def test_compositions_that_cannot_work_are_refused(llama):
                                           r"\(\['input', 'output'\]\); compose sources of one attachment"):
         create_adapter("bad", llama.model, mixed)
     inner = composition(llama, srcs).config
-    with pytest.raises(ConfigError, match="ScaLearn source 'inner' is itself a ScaLearn composition; compose its "
-                                          "sources directly"):
+    with pytest.raises(ConfigError, match=r"ScaLearn source 'inner' is itself a composition \(scalearn\); compose "
+                                          "its sources directly"):
         ScaLearnConfig(sources=("inner",), source_configs=(source_config_json(inner),),
                        target_modules=TARGETS["llama"])
     with pytest.raises(ConfigError, match="ScaLearn variant must be one of vector, uniform, shared, "
@@ -114,13 +114,13 @@ def test_compositions_that_cannot_work_are_refused(llama):
 def test_a_composition_of_stored_adapters_reloads_and_refuses_replaced_or_deleted_sources(llama, tmp_path):
     from adapterkit.errors import StaleSourceError
     from adapterkit.store import AdapterStore
-    from adapterkit.train.compose import compose_scalearn
+    from adapterkit.train.compose import compose
 
     store = AdapterStore(tmp_path / "store")
     for s in sources(llama, 3):
         s.meta.base_fingerprint, s.meta.base_name = llama.fingerprint, llama.name
         store.put(s)
-    comp = compose_scalearn("comp", llama, [store.get("src0"), store.get("src1"), store.get("src2")], seed=3)
+    comp = compose("comp", llama, [store.get("src0"), store.get("src1"), store.get("src2")], seed=3)
     assert comp.num_parameters() == sum(p["omega"].numel() for p in comp.tensors.values())
     assert [s["name"] for s in comp.meta.lineage[0]["sources"]] == ["src0", "src1", "src2"]
     store.put(comp)
@@ -145,16 +145,16 @@ def test_a_composition_of_stored_adapters_reloads_and_refuses_replaced_or_delete
 
 def test_sources_must_share_a_site_and_a_base(llama, tmp_path):
     from adapterkit import BaseMismatchError
-    from adapterkit.train.compose import compose_scalearn
+    from adapterkit.train.compose import compose
 
     q = create_adapter("q", llama.model, LoraConfig(r=2, target_modules=["q_proj"]))
     v = create_adapter("v", llama.model, LoraConfig(r=2, target_modules=["v_proj"]))
     with pytest.raises(ConfigError, match=r"the sources share no site: 'q' \(lora r=2 .*\); 'v' \(lora r=2 .*\); "
                                           "compose adapters that adapt the same modules"):
-        compose_scalearn("c", llama, [q, v])
+        compose("c", llama, [q, v])
     v.meta.base_fingerprint, v.meta.base_name = "sha256:other", "other-base"
     with pytest.raises(BaseMismatchError, match="source adapter 'v' was made for base other-base"):
-        compose_scalearn("c", llama, [q, v])
+        compose("c", llama, [q, v])
 
 
 @pytest.mark.parametrize("variant", ["vector", "shared"])
@@ -219,7 +219,7 @@ def test_the_server_answers_with_a_composition_and_refuses_one_whose_source_chan
     from adapterkit.serve.api import ApiSettings, create_app
     from adapterkit.serve.engine import Engine, EngineConfig
     from adapterkit.store import AdapterStore
-    from adapterkit.train.compose import compose_scalearn
+    from adapterkit.train.compose import compose
     from conftest import save_tiny_tokenizer
 
     path = save_tiny("llama", tmp_path / "base")
@@ -230,7 +230,7 @@ def test_the_server_answers_with_a_composition_and_refuses_one_whose_source_chan
         s.meta.base_fingerprint, s.meta.base_name = base.fingerprint, base.name
         store.put(s)
     for name in ("c1", "c2"):
-        store.put(compose_scalearn(name, base, [store.get("src0"), store.get("src1")], seed=len(name)))
+        store.put(compose(name, base, [store.get("src0"), store.get("src1")], seed=len(name)))
     engine = Engine.build(str(path), store=store, config=EngineConfig(max_batch=4)).start()
 
     async def ask(model):
@@ -248,3 +248,60 @@ def test_the_server_answers_with_a_composition_and_refuses_one_whose_source_chan
             r.json()["error"]["message"]
     finally:
         engine.stop(drain=False)
+
+
+def test_adapterfusion_starts_near_the_mean_of_its_sources_and_trains_its_projections_only(llama):
+    """With Wq = 0 the attention is uniform and Wv = I: the mean of the sources' outputs, which for LoRA
+    sources is the row {src0: 0.5, src1: 0.5}."""
+    from adapterkit import FusionConfig
+
+    srcs = sources(llama)
+    config = FusionConfig(sources=("src0", "src1"), source_configs=tuple(source_config_json(s.config) for s in srcs),
+                          target_modules=TARGETS["llama"])
+    fused = create_adapter("fused", llama.model, config, seed=1)
+    for site, parts in fused.tensors.items():
+        for k, s in enumerate(srcs):
+            parts.update({f"s{k}_{key}": t.clone() for key, t in s.tensors[site].items()})
+        d = parts["value"].shape[0]
+        assert torch.equal(parts["value"], torch.eye(d)) and parts["query"].shape == parts["key"].shape == (d, d)
+        parts["query"].zero_()
+    rt = AdapterRuntime.from_base(llama)
+    for a in (*srcs, fused):
+        rt.add(a)
+    ids = torch.randint(3, 60, (1, 6)).expand(2, 6)
+    got = logits(rt, ["fused", {"src0": 0.5, "src1": 0.5}], ids)
+    torch.testing.assert_close(got[0], got[1], rtol=1e-5, atol=1e-5)
+    assert fused.num_parameters() == sum(3 * p["value"].numel() for p in fused.tensors.values())
+    rt.remove("fused")
+    for parts in fused.tensors.values():
+        parts["query"].normal_(0, 0.3)
+        for key in ("query", "key", "value"):
+            parts[key].requires_grad_(True)
+    rt.add(fused)
+    rt.activate("fused")
+    rt.model(ids).logits.square().mean().backward()
+    assert all(p[k].grad is not None and p[k].grad.abs().sum() > 0 for p in fused.tensors.values()
+               for k in ("query", "key", "value"))
+
+
+def test_train_cli_trains_an_adapterfusion_over_stored_sources(tmp_path):
+    from typer.testing import CliRunner
+
+    from adapterkit.cli import app
+    from adapterkit.store import AdapterStore
+    from conftest import classification_files
+
+    path, data = classification_files(tmp_path)
+    common = ["--base", str(path), "--train-file", str(data), "--store", str(tmp_path / "s"), "--no-progress"]
+    for name in ("a", "b"):
+        res = CliRunner().invoke(app, ["train", "--name", name, "--steps", "3", "--seed", str(ord(name)), *common])
+        assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["train", "--method", "fusion", "--sources", "a,b", "--variant", "uniform",
+                                   "--name", "f", "--steps", "2", *common])
+    assert res.exit_code != 0 and "--variant set a scalearn adapter; this run trains fusion" in res.output
+    res = CliRunner().invoke(app, ["train", "--method", "fusion", "--sources", "a,b", "--name", "f", "--steps", "6",
+                                   *common])
+    assert res.exit_code == 0, res.output
+    fused = AdapterStore(tmp_path / "s").get("f")
+    assert fused.summary() == "fusion over a, b on 8 sites"
+    assert any(not torch.equal(p["value"], torch.eye(p["value"].shape[0])) for p in fused.tensors.values())

@@ -11,6 +11,7 @@ from .merge import merge, merge_reversible, merge_with_report, recover
 from .methods import get_method, method_names
 from .methods.bottleneck import BottleneckConfig
 from .methods.full import FullConfig
+from .methods.fusion import FusionConfig
 from .methods.ia3 import Ia3Config
 from .methods.lora import LoraConfig
 from .methods.scalearn import ScaLearnConfig
@@ -22,7 +23,7 @@ __all__ = [
     "AdapterBatch", "build_batch", "AdapterkitError", "AdapterNameError", "AdapterNotFoundError",
     "BaseMismatchError", "BaseNotAvailableError", "ConfigError", "CorruptAdapterError", "TargetError",
     "UnsupportedError", "generate", "merge", "merge_reversible", "merge_with_report", "recover", "get_method", "method_names", "LoraConfig", "Ia3Config", "BottleneckConfig", "SparseConfig", "FullConfig",
-    "ScaLearnConfig",
+    "ScaLearnConfig", "FusionConfig",
     "AdapterRuntime",
 ]
 __version__ = "0.1.0"

@@ -51,9 +51,9 @@ def train_cmd(
                                            "or language adapter) applied frozen under the one this run trains, "
                                            "as MAD-X stacks them; at inference stack them again (generate "
                                            "--compose DOMAIN=1,NAME=1; eval --compose)."),
-    sources: Optional[str] = typer.Option(None, "--sources", help="ScaLearn (--method scalearn): the stored "
-                                          "adapters to compose, comma-separated; only their weights ω (and the "
-                                          "head) train."),
+    sources: Optional[str] = typer.Option(None, "--sources", help="ScaLearn or AdapterFusion (--method scalearn "
+                                          "| fusion): the stored adapters to compose, comma-separated; only the "
+                                          "composition's weights (and the head) train."),
     variant: Optional[str] = typer.Option(None, "--variant", help="ScaLearn: vector (default: ω a vector per "
                                           "source and site), uniform (a scalar), shared / shared-uniform (one ω "
                                           "for all layers: ScaLearn++ / Uniform++)."),
@@ -130,10 +130,12 @@ def train_cmd(
                                           nonlinearity=nonlinearity),
                        "sparse": dict(sparse_params=sparse_params, sparse_proportion=sparse_proportion,
                                       dense_steps=dense_steps, l1=l1),
-                       "scalearn": dict(sources=sources, variant=variant)}
+                       "scalearn": dict(sources=sources, variant=variant), "fusion": dict(sources=sources)}
+            own = options.get(method, {})
             for family, given in options.items():
-                if method != family and any(v is not None for v in given.values()):
-                    flags_given = ", ".join("--" + k.replace("_", "-") for k, v in given.items() if v is not None)
+                stray = {k: v for k, v in given.items() if v is not None and k not in own}
+                if method != family and stray:
+                    flags_given = ", ".join("--" + k.replace("_", "-") for k in stray)
                     raise AdapterkitError(f"{flags_given} set a {family} adapter; this run trains {method}: add "
                                           f"--method {family} or leave them out")
             common = dict(task=task or (str(train_file) if train_file else None), store=st, r=r, method=method,

@@ -9,6 +9,7 @@ from ..errors import ConfigError, UnsupportedError
 from .base import Method
 from .bottleneck import BOTTLENECK
 from .full import FULL
+from .fusion import FUSION
 from .ia3 import IA3
 from .lora import LORA
 from .scalearn import SCALEARN
@@ -30,6 +31,7 @@ register_method(BOTTLENECK)
 register_method(SPARSE)
 register_method(FULL)
 register_method(SCALEARN)
+register_method(FUSION)
 
 
 def get_method(name: str) -> Method:

@@ -1,6 +1,7 @@
-"""Compositions of stored adapters, made ready to train (methods/scalearn.py is the family):
+"""Compositions of stored adapters, made ready to train (families: methods/scalearn.py, fusion.py):
 
-    comp = compose_scalearn("tweets-from-all", base, [store.get(n) for n in ("rt", "debates", "news")])
+    comp = compose("tweets-from-all", base, [store.get(n) for n in ("rt", "debates", "news")])
+    comp = compose("tweets-fusion", base, sources, method="fusion")
 
 The composition carries its sources' tensors (frozen) at the sites all of them adapt, a fresh ω, and
 pins each source by content fingerprint (lineage and config): AdapterStore.get refuses it once a
@@ -12,17 +13,21 @@ from typing import Any, Sequence
 
 from ..core.adapter import Adapter, create_adapter
 from ..errors import BaseMismatchError, ConfigError
-from ..methods.scalearn import ScaLearnConfig, source_config_json
+from ..methods import get_method
+from ..methods.composed import source_config_json
 
 
-def compose_scalearn(name: str, base: Any, sources: Sequence[Adapter], *, variant: str = "vector", seed: int = 0,
-                     init_scale: float = 2.0, init_std: float = 0.001, dropout: float = 0.0,
-                     task: str | None = None) -> Adapter:
-    """A ScaLearn adapter over `sources` on `base` (ω from its init; the sources' tensors copied, frozen)."""
+def compose(name: str, base: Any, sources: Sequence[Adapter], *, method: str = "scalearn", seed: int = 0,
+            task: str | None = None, **options: Any) -> Adapter:
+    """A composition (`method`: scalearn or fusion) over `sources` on `base`: its own tensors from their init,
+    the sources' tensors copied, frozen; `options` are the family config's (variant, init_std ...)."""
     from ..merge.common import content_fingerprint
 
+    family = get_method(method)
+    if not getattr(family, "composes", False):
+        raise ConfigError(f"{method!r} is not a composition family; use scalearn or fusion")
     if not sources:
-        raise ConfigError("a ScaLearn composition needs source adapters: name at least one")
+        raise ConfigError(f"a {family.title} composition needs source adapters: name at least one")
     for s in sources:
         fp = s.meta.base_fingerprint
         if fp and base.fingerprint and fp != base.fingerprint:
@@ -34,10 +39,10 @@ def compose_scalearn(name: str, base: Any, sources: Sequence[Adapter], *, varian
                           + "; compose adapters that adapt the same modules (e.g. LoRA on the attention "
                           "projections, or bottlenecks at the same blocks)")
     prints = tuple(content_fingerprint(s) for s in sources)
-    config = ScaLearnConfig(sources=tuple(s.name for s in sources),
-                            source_configs=tuple(source_config_json(s.config) for s in sources),
-                            target_modules=tuple(shared), fingerprints=prints, variant=variant,
-                            init_scale=init_scale, init_std=init_std, dropout=dropout)
+    given = {k: v for k, v in options.items() if v is not None}
+    config = family.config_cls(sources=tuple(s.name for s in sources),
+                               source_configs=tuple(source_config_json(s.config) for s in sources),
+                               target_modules=tuple(shared), fingerprints=prints, **given)
     comp = create_adapter(name, base.model, config, seed=seed, fingerprint=base.fingerprint, base_name=base.name,
                           task=task)
     if set(comp.tensors) != set(shared):
@@ -46,7 +51,7 @@ def compose_scalearn(name: str, base: Any, sources: Sequence[Adapter], *, varian
     for site, parts in comp.tensors.items():
         for i, s in enumerate(sources):
             parts.update({f"s{i}_{k}": t.detach().clone() for k, t in s.tensors[site].items()})
-    comp.meta.lineage = [{"op": "scalearn", "variant": variant,
+    comp.meta.lineage = [{"op": "compose", "method": method, "options": given,
                           "sources": [{"name": s.name, "fingerprint": fp} for s, fp in zip(sources, prints)]}]
     return comp
 
@@ -57,7 +62,7 @@ def stale_sources(adapter: Adapter, store: Any) -> dict[str, str]:
 
     config = adapter.config
     prints = getattr(config, "fingerprints", ())
-    if config.type != "scalearn" or not prints:
+    if not getattr(adapter.method, "composes", False) or not prints:
         return {}
     records = [AdapterRecord(n, fp, None, None, None) for n, fp in zip(config.sources, prints)]
     return stale_adapters(records, store, pinned="composed over")

@@ -60,9 +60,10 @@ RECIPES = {
 # 0.967 / 0.923 at 1e-2, 0.971 / 0.917 at 3e-2 (a vector near 1 moves slowly at LoRA's lr); bottleneck
 # (Pfeiffer, rf 16) 0.963 / 0.913 at 2e-3, 0.973 / 0.940 at 1e-2 (its up-projection starts at zero).
 # sparse (LT-SFT: a dense phase over whole matrices, then K entries): see the same file.
-# scalearn (ω near 2/N over frozen sources): IA3's factor, a vector near a constant as IA3's is; not yet
-# swept on a tuning task (issue 15's benchmark does that).
-METHOD_LR = {"lora": 1.0, "ia3": 5.0, "bottleneck": 5.0, "sparse": 0.05, "scalearn": 5.0}
+# scalearn (ω near 2/N over frozen sources): IA3's factor, a vector near a constant as IA3's is; fusion
+# (d x d projections, the value starting at the identity): LoRA's. Neither swept on a tuning task yet
+# (issue 15's benchmark does that).
+METHOD_LR = {"lora": 1.0, "ia3": 5.0, "bottleneck": 5.0, "sparse": 0.05, "scalearn": 5.0, "fusion": 1.0}
 TRAINABLE = tuple(METHOD_LR)
 # Where a family's factor differs by base kind. Bottleneck on a causal LM: the MiniLM factor (5x, lr 1e-2)
 # diverged on SmolLM2 (held-out rt-sentiment, benchmarks/methods.py: loss above chance, test 0.562 vs

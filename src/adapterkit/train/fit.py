@@ -121,25 +121,26 @@ def start_run(base: Base, name: str, *, task: str | None, store: AdapterStore, c
     """Check the name and the run folder before any work; return the fresh (seeded) adapter.
     Call it, and everything up to `finish`, inside `run_lock(store, name)`."""
     check_run(store, name, overwrite=overwrite, resume=resume)
-    if method == "scalearn":
-        return _composition(base, name, store, seed=config.seed, task=task, **(options or {}))
+    if method in ("scalearn", "fusion"):
+        return _composition(base, name, store, method=method, seed=config.seed, task=task, **(options or {}))
     family = adapter_config(method, base, r=r, alpha=alpha, targets=targets, **(options or {}))
     return create_adapter(name, base.model, family, seed=config.seed, fingerprint=base.fingerprint, base_name=base.name, task=task)
 
 
-def _composition(base: Base, name: str, store: AdapterStore, *, seed: int, task: str | None,
+def _composition(base: Base, name: str, store: AdapterStore, *, method: str, seed: int, task: str | None,
                  sources: str | Sequence[str] | None = None, variant: str | None = None) -> Adapter:
-    """The ScaLearn composition a run trains: ω over the stored `sources` (names, or one comma-separated string)."""
-    from .compose import compose_scalearn
+    """The composition a run trains over the stored `sources` (names, or one comma-separated string)."""
+    from .compose import compose
 
     names = [n.strip() for n in sources.split(",")] if isinstance(sources, str) else list(sources or [])
     names = [n for n in names if n]
     if not names:
-        raise ConfigError("--method scalearn composes stored adapters: name them with --sources a,b,c")
+        raise ConfigError(f"--method {method} composes stored adapters: name them with --sources a,b,c")
     if name in names:
         raise ConfigError(f"the composition {name!r} cannot be one of its own --sources; give it another --name")
-    return compose_scalearn(name, base, [store.get(n) for n in names], variant=variant or "vector", seed=seed,
-                            task=task)
+    if variant is not None and method != "scalearn":
+        raise ConfigError(f"--variant chooses a ScaLearn variant; {method} has none: leave it out")
+    return compose(name, base, [store.get(n) for n in names], method=method, seed=seed, task=task, variant=variant)
 
 
 def adapter_config(method: str, base: Base, *, r: int = 8, alpha: float = 16.0,
@@ -255,7 +256,7 @@ def finish(store: AdapterStore, adapter: Adapter, metrics: dict[str, Any], param
     """Record metrics and lineage, store the adapter (rank 0 only), then drop the checkpoint."""
     adapter.meta.metrics = {f"validation_{k}": v for k, v in metrics.items()}
     # a composition's inputs are its sources, pinned by content fingerprint (train/compose.py)
-    inputs = next((e["sources"] for e in adapter.meta.lineage if e.get("op") == "scalearn"), [])
+    inputs = next((e["sources"] for e in adapter.meta.lineage if e.get("op") == "compose"), [])
     adapter.meta.lineage = [{"op": "train", "inputs": inputs, "params": params}]
     if dist_rank_world()[0] == 0:
         store.put(adapter, overwrite=overwrite)
