@@ -139,3 +139,22 @@ def test_create_refuses_flags_of_another_family(tiny_llm_dir, tmp_path):
 def test_merge_is_registered_with_its_example():
     res = runner.invoke(app, ["merge", "--help"])
     assert res.exit_code == 0 and "Example recipe (merge.yaml)" in res.output and "method: ties" in res.output
+
+
+def test_train_rows_trains_on_a_seeded_sample(tmp_path):
+    """Few-shot runs: --train-rows N takes a seeded sample (recorded as the run's example count)."""
+    from typer.testing import CliRunner
+
+    from adapterkit.cli import app
+    from adapterkit.store import AdapterStore
+    from conftest import classification_files
+
+    path, data = classification_files(tmp_path)
+    common = ["--base", str(path), "--train-file", str(data), "--store", str(tmp_path / "s"), "--no-progress",
+              "--steps", "2"]
+    res = CliRunner().invoke(app, ["train", "--name", "few", "--train-rows", "5", *common])
+    assert res.exit_code == 0, res.output
+    assert "on 5 examples" in res.output
+    assert AdapterStore(tmp_path / "s").show("few")["lineage"][0]["params"]["train_examples"] == 5
+    res = CliRunner().invoke(app, ["train", "--name", "many", "--train-rows", "13", *common])
+    assert res.exit_code != 0 and "--train-rows 13 is more than the 12 training rows; give at most 12" in res.output

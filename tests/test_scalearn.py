@@ -305,3 +305,4 @@ def test_train_cli_trains_an_adapterfusion_over_stored_sources(tmp_path):
     fused = AdapterStore(tmp_path / "s").get("f")
     assert fused.summary() == "fusion over a, b on 8 sites"
     assert any(not torch.equal(p["value"], torch.eye(p["value"].shape[0])) for p in fused.tensors.values())
+

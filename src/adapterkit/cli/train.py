@@ -47,6 +47,8 @@ def train_cmd(
                                               "(default: the run's steps)."),
     l1: Optional[float] = typer.Option(None, "--l1", help="Sparse: λ of an L1 pull of the entries toward the base "
                                        "in the sparse phase (default 0)."),
+    train_rows: Optional[int] = typer.Option(None, "--train-rows", min=1, help="Train on a seeded sample of this "
+                                             "many training rows (few-shot runs; --seed picks the sample)."),
     stack_on: Optional[str] = typer.Option(None, "--stack-on", help="Stored adapters (comma-separated: a domain "
                                            "or language adapter) applied frozen under the one this run trains, "
                                            "as MAD-X stacks them; at inference stack them again (generate "
@@ -165,6 +167,8 @@ def train_cmd(
                 eval_data = _examples(task, "validation", eval_file, text_field, label_field) \
                     if (task or eval_file) else []
                 trainer = train_classifier
+            if train_rows is not None:
+                train_data = _sample_rows(train_data, train_rows, seed)
             loaded = load_base(base, dt, dev)
             plan = resolve(objective, len(train_data), bool(eval_data), base_kind=loaded.kind, method=method, **flags)
             if plan.chosen and rank == 0:
@@ -324,3 +328,14 @@ def _stack_names(adapter: Any, given: Optional[str]) -> list[str]:
         return [] if given.strip().lower() == "none" else [n.strip() for n in given.split(",") if n.strip()]
     params = next((e.get("params", {}) for e in adapter.meta.lineage if e.get("op") == "train"), {})
     return [u["name"] if isinstance(u, dict) else str(u) for u in params.get("stack_on") or []]
+
+
+def _sample_rows(rows: list[Any], n: int, seed: int) -> list[Any]:
+    """A seeded sample of n training rows, in their file order (--train-rows)."""
+    import random
+
+    if n > len(rows):
+        raise AdapterkitError(f"--train-rows {n} is more than the {len(rows)} training rows; give at most {len(rows)} "
+                              "or leave it out")
+    keep = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in keep]
