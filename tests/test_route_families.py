@@ -1,6 +1,7 @@
 """Routers over adapters of mixed families (issue 13 §5): the learned per-token gate mixes a LoRA, an
-IA3, a bottleneck and a sparse adapter exactly as the runtime's weighted batches do, and the server's
-retrieval router serves whatever family it picks, equal to asking for that adapter by name."""
+IA3, a bottleneck and a sparse adapter, and a ScaLearn composition of two of them (issue 15), exactly as
+the runtime's weighted batches do, and the server's retrieval router serves whatever family it picks,
+equal to asking for that adapter by name."""
 
 from __future__ import annotations
 
@@ -34,8 +35,13 @@ def lm(tmp_path):
 
 
 def adapters(base):
-    return [create_adapter(name, base.model, cfg, seed=i + 1, fingerprint=base.fingerprint, base_name=base.name)
-            for i, (name, cfg) in enumerate(CONFIGS.items())]
+    """One adapter per family, then a ScaLearn composition of the LoRA and IA3 ones (at the sites they share)."""
+    from adapterkit.train.compose import compose
+
+    ads = [create_adapter(name, base.model, cfg, seed=i + 1, fingerprint=base.fingerprint, base_name=base.name)
+           for i, (name, cfg) in enumerate(CONFIGS.items())]
+    comp = compose("scalearn", base, ads[:2], seed=9, init_std=0.5)
+    return ads + [comp]
 
 
 def test_the_gate_over_mixed_families_equals_the_weighted_batch(lm):
@@ -59,7 +65,7 @@ def test_the_gate_over_mixed_families_equals_the_weighted_batch(lm):
                 want = rt.model(ids).logits
             assert (want - bare).abs().max() > 1e-3, name            # each family moves the output
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        for pair in [(0, 1), (2, 3), (1, 2)]:                # top-2 of the same bias at every layer
+        for pair in [(0, 1), (2, 3), (1, 2), (4, 2)]:        # top-2 of the same bias at every layer
             gate = GateRouter.create("gate", rt, ads, top_k=2)
             gate.weight.zero_()
             gate.bias.fill_(-5.0)
@@ -73,7 +79,8 @@ def test_the_gate_over_mixed_families_equals_the_weighted_batch(lm):
 
 
 VOCAB = {"lora": [f"w{i}" for i in range(0, 10)], "ia3": [f"w{i}" for i in range(10, 20)],
-         "bottleneck": [f"w{i}" for i in range(20, 30)], "sparse": [f"w{i}" for i in range(30, 40)]}
+         "bottleneck": [f"w{i}" for i in range(20, 30)], "sparse": [f"w{i}" for i in range(30, 40)],
+         "scalearn": [f"w{i}" for i in range(40, 50)]}
 
 
 def post(app, body):
@@ -110,6 +117,6 @@ def test_the_server_routes_to_adapters_of_every_family(lm, tmp_path):
             direct = post(app, {"model": want.top, "prompt": prompt, "max_tokens": 5, "temperature": 0})
             assert r.json()["choices"][0]["text"] == direct.json()["choices"][0]["text"]
             served.add(want.top)
-        assert len(served) >= 3, served                  # the prompts really reach several families
+        assert len(served) >= 3 and "scalearn" in served, served     # several families, the composition too
     finally:
         engine.stop(drain=False)
