@@ -86,7 +86,9 @@ def test_gradients_reach_omega_only(llama, variant):
     grads = [parts["omega"].grad for parts in comp.tensors.values()]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
     assert not any(t.requires_grad for parts in comp.tensors.values() for k, t in parts.items() if k != "omega")
-    assert comp.num_parameters() == sum(p["omega"].numel() for p in comp.tensors.values())
+    layers = len({s.split(".")[2] for s in comp.tensors})                 # model.layers.<i>....
+    shared = 1 / layers if variant.startswith("shared") else 1                # one ω per kind for all layers
+    assert comp.num_parameters() == shared * sum(p["omega"].numel() for p in comp.tensors.values())
 
 
 def test_compositions_that_cannot_work_are_refused(llama):
@@ -189,7 +191,8 @@ def test_train_cli_learns_omega_over_stored_sources_and_nothing_else(tmp_path, v
     assert max(float((w - 1.0).abs().max()) for w in omegas.values()) > 1e-3    # ω moved from 2/N = 1
     q = [w for site, w in omegas.items() if site.endswith("q_proj")]
     assert all(torch.equal(q[0], w) for w in q[1:]) == (variant == "shared")   # one ω for every layer's q_proj
-    assert comp.num_parameters() == sum(w.numel() for w in omegas.values())
+    per_layer = 1 / 2 if variant == "shared" else 1                                # the tiny model has 2 layers
+    assert comp.num_parameters() == per_layer * sum(w.numel() for w in omegas.values())
 
 
 def test_train_cli_refuses_a_composition_without_sources_or_of_itself(tmp_path):
@@ -306,3 +309,18 @@ def test_train_cli_trains_an_adapterfusion_over_stored_sources(tmp_path):
     assert fused.summary() == "fusion over a, b on 8 sites"
     assert any(not torch.equal(p["value"], torch.eye(p["value"].shape[0])) for p in fused.tensors.values())
 
+
+
+def test_adapterfusion_combine_equals_the_papers_formula():
+    """The reassociated combine (3 d x d products per token) equals attention written out per source."""
+    from adapterkit.methods.fusion import FUSION
+
+    g = torch.Generator().manual_seed(0)
+    d, n = 8, 3
+    own = {k: torch.randn(d, d, generator=g, dtype=torch.float64) for k in ("query", "key", "value")}
+    base = torch.randn(2, 5, d, generator=g, dtype=torch.float64)
+    outs = [torch.randn(2, 5, d, generator=g, dtype=torch.float64) for _ in range(n)]
+    q = base @ own["query"].t()
+    scores = torch.stack([(q * (o @ own["key"].t())).sum(-1) for o in outs], -1).softmax(-1)
+    want = sum(scores[..., i:i + 1] * (o @ own["value"].t()) for i, o in enumerate(outs))
+    torch.testing.assert_close(FUSION.combine(None, own, base, outs, False), want)

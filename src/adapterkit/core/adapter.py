@@ -87,9 +87,13 @@ class Adapter:
         return list(self.tensors)
 
     def num_parameters(self) -> int:
-        """Trainable entries (a sparse adapter's indices and shapes are not parameters)."""
+        """Trainable entries (a sparse adapter's indices and shapes are not parameters; a tensor the family
+        ties across sites, ScaLearn++'s ω, counts once)."""
         kinds = self.method.tensor_kinds(self.config)
-        return sum(t.numel() for parts in self.tensors.values() for k, t in parts.items() if kinds[k].trainable)
+        total = sum(t.numel() for parts in self.tensors.values() for k, t in parts.items() if kinds[k].trainable)
+        for key, sites in self.method.tied(self.config, list(self.tensors)):
+            total -= sum(self.tensors[s][key].numel() for s in sites[1:])
+        return total
 
     def ranks(self) -> list[int]:
         """Distinct ranks over sites (low-rank families; [] for the others)."""

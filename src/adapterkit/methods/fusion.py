@@ -62,11 +62,12 @@ class Fusion(ComposedMethod):
 
     def combine(self, config: FusionConfig, own: Mapping[str, torch.Tensor], base: torch.Tensor,
                 outs: Sequence[torch.Tensor], training: bool) -> torch.Tensor:
+        # q · k_i = q · (o_i Wk^T) = (q Wk) · o_i, and Σ α_i (o_i Wv^T) = (Σ α_i o_i) Wv^T: three d x d
+        # products per token whatever the number of sources (not 2N + 1)
         stacked = torch.stack(list(outs), dim=-2)                            # [n, L, N, d]
-        q = base @ own["query"].t()                                           # [n, L, d]
-        scores = (stacked @ own["key"].t() * q.unsqueeze(-2)).sum(-1)        # [n, L, N]
-        alpha = scores.softmax(dim=-1)
-        return (alpha.unsqueeze(-1) * (stacked @ own["value"].t())).sum(-2)   # [n, L, d]
+        qk = (base @ own["query"].t()) @ own["key"]                           # [n, L, d]
+        alpha = (stacked * qk.unsqueeze(-2)).sum(-1).softmax(dim=-1)          # [n, L, N]
+        return (alpha.unsqueeze(-1) * stacked).sum(-2) @ own["value"].t()     # [n, L, d]
 
     def summary(self, config: FusionConfig, tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> str:
         return f"fusion over {', '.join(config.sources)} on {len(tensors)} sites"

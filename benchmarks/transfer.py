@@ -1,0 +1,261 @@
+#!/usr/bin/env python
+"""Learning from the adapters you have (issue 15's benchmark), on MiniLM (SmolLM2's runs take ~10x longer
+on two cores): few-shot target tasks with the other example tasks' adapters as sources.
+
+  sources   a LoRA adapter on the full training set of every task (CLI defaults), in a store kept under
+            $ADAPTERKIT_HOME/bench/transfer-store; a target's own is its full-data ceiling (scored here)
+  fewshot   per target, n in --sizes, seed in --seeds (--train-rows n --seed s):
+              single            LoRA on the n rows
+              scalearn-*        ScaLearn vector / uniform / shared over the other tasks' adapters and the
+                                cell's single adapter (the target's own few-shot adapter is a source, as
+                                in the paper)
+              fusion            AdapterFusion over the same sources
+              merge             linear and TIES merges of the other tasks' adapters, each with a fresh head
+                                fitted on the n rows (a linear probe over the merged adapter); the one with
+                                the better validation accuracy counts
+            each cell scored on the target's test split; rows appended to results/transfer_runs.jsonl
+            (done cells are skipped: the runs take hours, so the table fills over several sittings)
+  stacking  MAD-X style, zero-shot: masked-LM domain adapters on rt-sentiment's and tweet-sentiment's
+            texts; rt-sentiment's task adapter trained alone, and trained on top of the rt domain adapter;
+            both scored on tweet-sentiment's positive and negative test rows (fresh = positive), the
+            stacked one with the tweet domain adapter swapped in
+  table     results/transfer.json, the README table (markdown) and results/transfer.png
+
+Targets: ScaLearn within 1 point of AdapterFusion with <= 5% of its trainable parameters; ScaLearn above
+the single few-shot adapter at 64 and 256 rows on both targets; stacking above the task adapter alone.
+
+    .venv/bin/python benchmarks/transfer.py --part sources
+    .venv/bin/python benchmarks/transfer.py --part fewshot [--targets tweet-sentiment,election-tweets]
+    .venv/bin/python benchmarks/transfer.py --part stacking
+    .venv/bin/python benchmarks/transfer.py --part table
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from cli_runs import cli, log  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+RESULTS_SMOKE = Path(tempfile.gettempdir()) / "transfer-smoke-results"
+BASE = "minilm-l6"
+TASKS = ("rt-sentiment", "election-tweets", "tweet-sentiment", "reuters-r8", "chat-topics", "20newsgroups")
+TARGETS = ("tweet-sentiment", "election-tweets")
+SYSTEMS = {"single": [], "scalearn-vector": ["--method", "scalearn", "--variant", "vector"],
+           "scalearn-uniform": ["--method", "scalearn", "--variant", "uniform"],
+           "scalearn-shared": ["--method", "scalearn", "--variant", "shared"],
+           "fusion": ["--method", "fusion"]}
+MERGES = ("linear", "ties")
+SMOKE: list[str] = []             # --smoke: every train run gets these flags (a few steps: checks the script)
+
+
+def home() -> Path:
+    return Path(os.environ.get("ADAPTERKIT_HOME", Path.home() / ".adapterkit"))
+
+
+def store_dir() -> Path:
+    return home() / "bench" / ("transfer-smoke-store" if SMOKE else "transfer-store")
+
+
+def results() -> Path:
+    return RESULTS_SMOKE if SMOKE else RESULTS
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_cli(args: list[str], env: dict) -> tuple[str, float]:
+    extra = (SMOKE if args[0] == "train" else []) + (["--no-progress"] if args[0] in ("train", "eval") else [])
+    return cli([*args, *extra, "--store", str(store_dir())], env)
+
+
+def scored(name: str, task: str, env: dict, extra: list[str] = ()) -> dict:
+    got = json.loads(run_cli(["eval", name, "--task", task, "--split", "test", "--json", *extra], env)[0])
+    return {k: got[k] for k in ("accuracy", "macro_f1", "n")}
+
+
+def shown(name: str, env: dict) -> dict:
+    return json.loads(run_cli(["show", name, "--json"], env)[0])
+
+
+def part_sources(a, env) -> None:
+    """Train the missing source adapters; score each target's own (the full-data ceiling) once."""
+    from adapterkit.data.tasks import load_task
+    from adapterkit.store import AdapterStore
+
+    done = read_runs(a.runs)
+    for task in TASKS:
+        name = f"src-{task}"
+        secs = None
+        if name in AdapterStore(store_dir()):
+            log(f"{name}: stored before")
+        else:
+            _, secs = run_cli(["train", "--base", BASE, "--task", task, "--name", name], env)
+            log(f"{name}: trained in {secs:.0f} s")
+        n = len(load_task(task).train)
+        if task in a.targets and ((task, n, 0, "ceiling") not in done or a.redo):
+            r = {"target": task, "n": n, "seed": 0, "system": "ceiling", "test": scored(name, task, env),
+                 "parameters": shown(name, env).get("parameters"), "train_s": secs, "date": now()}
+            with a.runs.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+            log(f"ceiling {task}: {r['test']}")
+
+
+def read_runs(path: Path) -> dict[tuple, dict]:
+    runs = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                runs[(r["target"], r["n"], r["seed"], r["system"])] = r
+    return runs
+
+
+def merge_with_probe(target: str, n: int, seed: int, sources: list[str]) -> dict:
+    """The better (validation accuracy) of the sources' linear and TIES merges, each with a fresh head
+    fitted on the cell's n rows over the merged adapter; scored on the test split (in process)."""
+    import random
+
+    from adapterkit import AdapterRuntime, load_base, merge
+    from adapterkit.data.tasks import load_task
+    from adapterkit.store import AdapterStore
+    from adapterkit.train.probe import fit_probe
+    from adapterkit.train.run import POOLING, evaluate
+
+    store = AdapterStore(store_dir())
+    base = load_base(BASE)
+    task = load_task(target)
+    rows = sorted(random.Random(seed).sample(range(len(task.train)), n))      # as train --train-rows does
+    train = [task.train[i] for i in rows]
+    best = None
+    for method in MERGES:
+        merged = merge([store.get(s) for s in sources], method=method, name=f"merge-{method}")
+        rt = AdapterRuntime.from_base(base)
+        rt.add(merged)
+        rt.activate(merged.name)                     # the probe's features: base + the merged adapter
+        merged.head = fit_probe(base, train, POOLING[base.kind], 128, seed=seed)
+        rt.deactivate()
+        val = evaluate(rt, merged, task.validation, 128)["accuracy"]
+        if best is None or val > best[0]:
+            best = (val, method, evaluate(rt, merged, task.test, 128))
+    return {"test": {k: best[2][k] for k in ("accuracy", "macro_f1", "n")}, "merge": best[1],
+            "validation_accuracy": best[0], "parameters": None}
+
+
+def part_fewshot(a, env) -> None:
+    done = read_runs(a.runs)
+    for target in a.targets:
+        others = [f"src-{t}" for t in TASKS if t != target]
+        for n in a.sizes:
+            for seed in a.seeds:
+                single = f"few-{target}-{n}-{seed}"
+                for system, flags in SYSTEMS.items():
+                    key = (target, n, seed, system)
+                    if key in done and not a.redo:
+                        continue
+                    name = single if system == "single" else f"{system}-{target}-{n}-{seed}"
+                    extra = [] if system == "single" else ["--sources", ",".join([*others, single])]
+                    _, secs = run_cli(["train", "--base", BASE, "--task", target, "--name", name,
+                                       "--train-rows", str(n), "--seed", str(seed), "--overwrite", *flags, *extra],
+                                      env)
+                    info = shown(name, env)
+                    r = {"target": target, "n": n, "seed": seed, "system": system, "test": scored(name, target, env),
+                         "parameters": info.get("parameters"), "train_s": round(secs, 1), "date": now()}
+                    with a.runs.open("a") as f:
+                        f.write(json.dumps(r) + "\n")
+                    log(f"{key}: {r['test']} ({r['parameters']} params, {secs:.0f} s)")
+                key = (target, n, seed, "merge")
+                if key not in done or a.redo:
+                    r = {"target": target, "n": n, "seed": seed, "system": "merge",
+                         **merge_with_probe(target, n, seed, others), "date": now()}
+                    with a.runs.open("a") as f:
+                        f.write(json.dumps(r) + "\n")
+                    log(f"{key}: {r['test']} ({r['merge']})")
+
+
+def part_stacking(a, env) -> None:
+    """Zero-shot rt-sentiment -> tweets: the task adapter alone vs trained on the rt domain adapter and run
+    on the tweet domain adapter (MAD-X's swap)."""
+    from adapterkit.data.tasks import load_task
+
+    tmp = Path(tempfile.mkdtemp(prefix="transfer-"))
+    for task, name in (("rt-sentiment", "dom-rt"), ("tweet-sentiment", "dom-tweets")):
+        text = tmp / f"{name}.txt"
+        text.write_text("\n".join(e.text.replace("\n", " ") for e in load_task(task).train) + "\n")
+        run_cli(["train", "--base", BASE, "--objective", "mlm", "--train-file", str(text), "--name", name,
+                 "--overwrite"], env)
+    run_cli(["train", "--base", BASE, "--task", "rt-sentiment", "--name", "task-rt", "--overwrite"], env)
+    run_cli(["train", "--base", BASE, "--task", "rt-sentiment", "--name", "task-rt-on-dom", "--stack-on", "dom-rt",
+             "--overwrite"], env)
+    tweets = tmp / "tweets-pos-neg.jsonl"           # rt's labels: fresh = positive, rotten = negative
+    mapping = {"positive": "fresh", "negative": "rotten"}
+    tweets.write_text("".join(json.dumps({"text": e.text, "label": mapping[e.label]}) + "\n"
+                              for e in load_task("tweet-sentiment").test if e.label in mapping))
+
+    def on_tweets(name: str, stack: str) -> dict:
+        got = json.loads(run_cli(["eval", name, "--file", str(tweets), "--json", "--stack-on", stack], env)[0])
+        return {k: got[k] for k in ("accuracy", "macro_f1", "n")}
+    out = {"task_alone": on_tweets("task-rt", "none"),
+           "stacked_tweet_domain": on_tweets("task-rt-on-dom", "dom-tweets"),
+           "stacked_rt_domain": on_tweets("task-rt-on-dom", "dom-rt"), "date": now()}
+    (results() / "transfer_stacking.json").write_text(json.dumps(out, indent=1) + "\n")
+    log(f"stacking: {out}")
+
+
+def part_table(a, env) -> None:
+    runs = read_runs(a.runs)
+    cells: dict[tuple, list[dict]] = {}
+    for (target, n, seed, system), r in runs.items():
+        cells.setdefault((target, n, system), []).append(r)
+    rows = []
+    for (target, n, system), rs in sorted(cells.items()):
+        acc = [r["test"]["accuracy"] for r in rs]
+        f1 = [r["test"]["macro_f1"] for r in rs]
+        rows.append({"target": target, "n": n, "system": system, "seeds": len(rs), "accuracy": statistics.mean(acc),
+                     "accuracy_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0, "macro_f1": statistics.mean(f1),
+                     "parameters": rs[0].get("parameters"),
+                     "train_s": statistics.mean(r.get("train_s") or 0 for r in rs)})
+    (results() / "transfer.json").write_text(json.dumps({"benchmark": "transfer", "base": BASE, "rows": rows},
+                                                      indent=1) + "\n")
+    print("| target | n | system | seeds | accuracy (sd) | macro-F1 | trainable params | train s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        params = "" if r["parameters"] is None else f"{r['parameters']:,}"
+        print(f"| {r['target']} | {r['n']} | {r['system']} | {r['seeds']} | {r['accuracy']:.3f} "
+              f"({r['accuracy_sd']:.3f}) | {r['macro_f1']:.3f} | {params} | {r['train_s']:.0f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--part", choices=("sources", "fewshot", "stacking", "table"), required=True)
+    p.add_argument("--targets", default=",".join(TARGETS))
+    p.add_argument("--sizes", default="64,256,1024")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--runs", type=Path, default=RESULTS / "transfer_runs.jsonl")
+    p.add_argument("--redo", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="4 steps per run, one size (32) and seed, a separate store "
+                   "and runs file under /tmp: checks the script end to end in minutes (numbers meaningless)")
+    a = p.parse_args()
+    if a.smoke:
+        SMOKE.extend(["--steps", "4"])
+        a.sizes, a.seeds, a.runs = "32", "0", Path(tempfile.gettempdir()) / "transfer_smoke_runs.jsonl"
+        RESULTS_SMOKE.mkdir(exist_ok=True)
+    a.targets = a.targets.split(",")
+    a.sizes = [int(x) for x in a.sizes.split(",")]
+    a.seeds = [int(x) for x in a.seeds.split(",")]
+    env = {**os.environ, "ADAPTERKIT_DEVICE": "cpu"}
+    {"sources": part_sources, "fewshot": part_fewshot, "stacking": part_stacking, "table": part_table}[a.part](a, env)
+
+
+if __name__ == "__main__":
+    main()
