@@ -39,6 +39,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,8 +177,10 @@ def part_fewshot(a, env) -> None:
                     log(f"{key}: {r['test']} ({r['parameters']} params, {secs:.0f} s)")
                 key = (target, n, seed, "merge")
                 if key not in done or a.redo:
-                    r = {"target": target, "n": n, "seed": seed, "system": "merge",
-                         **merge_with_probe(target, n, seed, others), "date": now()}
+                    t0 = time.perf_counter()            # both merges, their probes and validation scores
+                    got = merge_with_probe(target, n, seed, others)
+                    r = {"target": target, "n": n, "seed": seed, "system": "merge", **got,
+                         "train_s": round(time.perf_counter() - t0, 1), "date": now()}
                     with a.runs.open("a") as f:
                         f.write(json.dumps(r) + "\n")
                     log(f"{key}: {r['test']} ({r['merge']})")
