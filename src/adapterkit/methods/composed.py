@@ -25,7 +25,6 @@ from ..errors import BaseMismatchError, ConfigError
 from .base import ATTACH_INPUT, ATTACH_OUTPUT, Method, SiteInfo, TensorKind, tuple_fields
 
 STAGE_COMPOSED = 35       # after the sources' own stages (delta 10, scale 20, series 30): it reads y so far
-COMPOSED_TYPES = ("scalearn", "fusion")
 _SOURCE_KEY = re.compile(r"^s\d+_")          # a source's tensor, not the family's own
 
 
@@ -42,10 +41,10 @@ def check_composed_config(config: Any, title: str) -> None:
     if len(set(config.sources)) != n:
         raise ConfigError(f"{title} sources must differ; got {list(config.sources)}")
     for name, text in zip(config.sources, config.source_configs):
-        kind = json.loads(text).get("type")
-        if kind in COMPOSED_TYPES:
-            raise ConfigError(f"{title} source {name!r} is itself a composition ({kind}); compose its sources "
-                              "directly")
+        method, _ = _parse_source(text)             # also refuses a malformed source config, by its family
+        if getattr(method, "composes", False):
+            raise ConfigError(f"{title} source {name!r} is itself a composition ({method.name}); compose its "
+                              "sources directly")
 
 
 @functools.lru_cache(maxsize=256)

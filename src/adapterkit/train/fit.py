@@ -27,6 +27,7 @@ import torch
 from ..core.adapter import Adapter, create_adapter, validate_name
 from ..core.base import Base
 from ..errors import AdapterkitError, ConfigError
+from ..methods import get_method
 from ..methods.bottleneck import BottleneckConfig
 from ..methods.ia3 import Ia3Config
 from ..methods.lora import LoraConfig
@@ -121,7 +122,7 @@ def start_run(base: Base, name: str, *, task: str | None, store: AdapterStore, c
     """Check the name and the run folder before any work; return the fresh (seeded) adapter.
     Call it, and everything up to `finish`, inside `run_lock(store, name)`."""
     check_run(store, name, overwrite=overwrite, resume=resume)
-    if method in ("scalearn", "fusion"):
+    if getattr(get_method(method), "composes", False):      # scalearn, fusion: over stored sources
         return _composition(base, name, store, method=method, seed=config.seed, task=task, **(options or {}))
     family = adapter_config(method, base, r=r, alpha=alpha, targets=targets, **(options or {}))
     return create_adapter(name, base.model, family, seed=config.seed, fingerprint=base.fingerprint, base_name=base.name, task=task)
@@ -170,7 +171,7 @@ def adapter_config(method: str, base: Base, *, r: int = 8, alpha: float = 16.0,
     raise ConfigError(f"no adapter family {method!r} to make here; use lora, ia3, bottleneck or sparse")
 
 
-def _stack(rt: AdapterRuntime, base: Base, adapter: Adapter, store: AdapterStore, names: Sequence[str],
+def _stack(rt: AdapterRuntime, adapter: Adapter, store: AdapterStore, names: Sequence[str],
            run_info: dict[str, Any] | None) -> None:
     """Attach the stored adapters `names` (frozen) under `adapter` on every row; the run's info (its
     lineage) pins each by content fingerprint."""
@@ -181,11 +182,7 @@ def _stack(rt: AdapterRuntime, base: Base, adapter: Adapter, store: AdapterStore
     pinned = []
     for name in names:
         under = store.get(name)
-        fp = under.meta.base_fingerprint
-        if fp and base.fingerprint and fp != base.fingerprint:
-            raise ConfigError(f"--stack-on {name!r} was made for base {under.meta.base_name or '?'}, not "
-                              f"{base.name}; stack adapters of the base you train on")
-        rt.add(under)
+        rt.add(under)                          # refuses an adapter of another base (BaseMismatchError)
         pinned.append({"name": name, "fingerprint": content_fingerprint(under)})
     rt.underlay(adapter.name, list(names))
     if run_info is not None:                   # the caller's dict: its lineage records the stack
@@ -220,7 +217,7 @@ def fit(base: Base, adapter: Adapter, examples: Sequence[Any], collate: Callable
     rt = AdapterRuntime.from_base(base)
     rt.add(adapter)
     if config.stack_on:
-        _stack(rt, base, adapter, store, config.stack_on, run_info)
+        _stack(rt, adapter, store, config.stack_on, run_info)
     folder = run_dir(store, adapter.name)
     log = Path(log_path) if log_path else folder / LOG
     writer = dist_rank_world()[0] == 0
