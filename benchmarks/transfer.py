@@ -236,6 +236,49 @@ def part_table(a, env) -> None:
         params = "" if r["parameters"] is None else f"{r['parameters']:,}"
         print(f"| {r['target']} | {r['n']} | {r['system']} | {r['seeds']} | {r['accuracy']:.3f} "
               f"({r['accuracy_sd']:.3f}) | {r['macro_f1']:.3f} | {params} | {r['train_s']:.0f} |")
+    stacking = results() / "transfer_stacking.json"
+    plot(rows, json.loads(stacking.read_text()) if stacking.exists() else None)
+
+
+def plot(rows: list[dict], stacking: dict | None) -> None:
+    """Accuracy against few-shot rows per target (mean over seeds, bars = sd; the ceiling dashed), and the
+    stacking swap as bars."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing: no plot")
+        return
+    targets = [t for t in TARGETS if any(r["target"] == t for r in rows)]
+    fig, axes = plt.subplots(1, len(targets) + 1, figsize=(4.2 * (len(targets) + 1), 3.8), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        mine = [r for r in rows if r["target"] == target]
+        for system in [*SYSTEMS, "merge"]:
+            pts = sorted((r["n"], r["accuracy"], r["accuracy_sd"]) for r in mine if r["system"] == system)
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                            capsize=3, label=system)
+        for r in mine:
+            if r["system"] == "ceiling":
+                ax.axhline(r["accuracy"], color="grey", ls="--", label=f"full data ({r['n']:,} rows)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("training rows")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(target, fontsize=10)
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    if stacking:
+        bars = {"task alone": stacking["task_alone"]["accuracy"],
+                "on tweet domain": stacking["stacked_tweet_domain"]["accuracy"],
+                "on rt domain": stacking["stacked_rt_domain"]["accuracy"]}
+        ax.bar(list(bars), list(bars.values()), color=["grey", "tab:green", "tab:blue"])
+        ax.set_ylim(0.4, 1.0)
+        ax.tick_params(axis="x", labelsize=8)
+    ax.set_title("rt-sentiment task adapter, zero-shot on tweets", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(results() / "transfer.png", dpi=110)
+    log(f"wrote {results() / 'transfer.png'}")
 
 
 def main() -> None:
