@@ -264,6 +264,8 @@ class AdapterStore:
     @staticmethod
     def _row(row: sqlite3.Row) -> dict[str, Any]:
         out = {k: (json.loads(row[k]) if k in _JSON and row[k] is not None else row[k]) for k in _COLUMNS}
+        # bytes on disk (weights, config, head; a low-bit adapter's packed size); None: stored before digests
+        out["bytes"] = sum(size for size, _ in out["files"].values()) if out["files"] else None
         del out["folder"], out["files"]                 # layout details; `path` and `status` say it
         return out
 

@@ -21,8 +21,13 @@ def describe(path: str | Path) -> dict[str, Any]:
         "name": adapter.name,
         "method": config.type,
         "format": "adapterkit" if (path / SIDE_FILE).is_file() else "peft",
-        "weights": "PEFT's adapter_model.safetensors" if adapter.method.peft_type else "native adapter.safetensors",
+        "weights": "PEFT's adapter_model.safetensors" if adapter.method.peft_type and adapter.packed is None
+                   else "native adapter.safetensors",
         "summary": adapter.summary(),
+        # a low-bit adapter's codec; the tensors' bytes as stored (packed codes and scales where packed)
+        "bits": adapter.packed.codec.bits if adapter.packed is not None else None,
+        "group_size": adapter.packed.codec.group_size if adapter.packed is not None else None,
+        "tensor_bytes": adapter.stored_bytes(),
         **lowrank,
         "targets": targets if isinstance(targets, str) else list(targets),
         "sites": len(adapter.sites),

@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from .common import (ADAPTER_HELP, DEVICE_OPT, DTYPE_OPT, STORE_OPT, adapter_source, device_dtype, err, fail,
                          load_adapter, open_store, out, print_listing, print_record)
+from .codec import export_peft_cmd, quantize_cmd
 from .merge import merge_cmd
 from .route import route_app
 from .serve import serve_cmd
@@ -32,6 +33,8 @@ app.command("eval")(eval_cmd)
 app.command("merge")(merge_cmd)
 app.command("serve")(serve_cmd)
 app.add_typer(route_app, name="route")
+adapter_app.command("quantize")(quantize_cmd)
+adapter_app.command("export-peft")(export_peft_cmd)
 
 
 def _version(value: bool) -> None:
@@ -353,17 +356,27 @@ def ls(store: Optional[Path] = STORE_OPT, as_json: bool = typer.Option(False, "-
         metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
         # the family's own line; a row stored before summaries: its LoRA ranks
         summary = r.get("summary") or f"{r['method']} r={','.join(map(str, r['ranks']))}"
-        cells = [r["name"], summary, r["task"] or "",
+        cells = [r["name"], summary, _size(r.get("bytes")), r["task"] or "",
                  str(len(r["labels"])) if r["labels"] else "", metrics, r["base_name"] or "", r["created"]]
         table.append([*map(escape, cells), escape(r["status"]) if r["status"] == "ok" else
                       f"[bold red]damaged:[/] {escape(r['status'])}"])
-    print_listing(("name", "adapter", "task", "labels", "metrics", "base", "created", "status"), table,
+    print_listing(("name", "adapter", "size", "task", "labels", "metrics", "base", "created", "status"), table,
                   keep=("status",))
     damaged = [r["name"] for r in rows if r["status"] != "ok"]
     if damaged:
         err.print(f"[bold red]{len(damaged)} damaged adapter(s):[/] {escape(', '.join(damaged))} (their files differ "
                   "from the catalog; `adapterkit show NAME` says how); re-train or re-merge them with --overwrite",
                   highlight=False)
+
+
+def _size(nbytes: Optional[int]) -> str:
+    """1.2 MB, 310 kB: an adapter's bytes on disk ('' when the catalog predates file sizes)."""
+    if nbytes is None:
+        return ""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes} B"
 
 
 @app.command("show")

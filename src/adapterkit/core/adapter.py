@@ -74,6 +74,9 @@ class Adapter:
     tensors: dict[str, dict[str, torch.Tensor]]   # site (module path) -> tensor name -> tensor
     meta: AdapterMeta = field(default_factory=AdapterMeta)
     head: Any = None                              # a task head saved with the adapter (heads.py), or None
+    # A low-bit adapter's packed matrices (codecs.Packed), saved as they are; `tensors` holds the values they
+    # read back, which every kernel computes with. None: stored as floats. (codecs.quantize makes one.)
+    packed: Any = None
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -101,8 +104,25 @@ class Adapter:
         return sorted({rank(p) for p in self.tensors.values()}) if rank is not None else []
 
     def summary(self) -> str:
-        """One line for inspect, ls, show and the catalog, e.g. "lora r=8 alpha=16"."""
-        return self.method.summary(self.config, self.tensors)
+        """One line for inspect, ls, show and the catalog, e.g. "lora r=8 alpha=16" ("..., 1-bit g64" packed)."""
+        line = self.method.summary(self.config, self.tensors)
+        return line if self.packed is None else f"{line}, {self.packed.codec.label()}"
+
+    def stored_bytes(self) -> int:
+        """Bytes of the tensors as stored: packed codes and scales, the other tensors in their dtype."""
+        skip = {(s, k) for s, k, _ in self.packed.layout} if self.packed is not None else set()
+        return (self.packed.nbytes if self.packed is not None else 0) + sum(
+            t.numel() * t.element_size() for site, parts in self.tensors.items() for k, t in parts.items()
+            if (site, k) not in skip)
+
+    def dequantized(self) -> "Adapter":
+        """The same adapter stored as floats (the values the packed codes read back): for PEFT, which has no
+        low-bit adapters, and for anything that changes the tensors."""
+        import copy
+
+        out = copy.copy(self)
+        out.packed = None
+        return out
 
     def check_finite(self, dtype: torch.dtype = torch.float32) -> "Adapter":
         """Raise NonFiniteError naming the first tensor (or site ΔW) that holds NaN / inf or whose
@@ -136,10 +156,10 @@ class Adapter:
         meta = self.meta
         if meta.base_model is None and meta.base_name:      # derived from the alias: callers pass base_name only
             meta.base_model = upstream_id(meta.base_name) or meta.base_name
-        if self.method.peft_type is not None:               # PEFT's format where PEFT has the family
+        if self.method.peft_type is not None and self.packed is None:   # PEFT's format where PEFT has the family
             write_peft(folder, self.config, self.tensors, meta.base_model)
-        else:
-            write_native(folder, self.tensors)
+        else:                                               # every family; low-bit adapters (PEFT has none)
+            write_native(folder, self.tensors, self.packed)
         side = {
             "type": "adapterkit.adapter",
             "format_version": FORMAT_VERSION,
@@ -147,6 +167,8 @@ class Adapter:
             "config": self.config.to_dict(),
             "meta": asdict(self.meta),
         }
+        if self.packed is not None:
+            side["codec"] = self.packed.to_dict()
         (folder / SIDE_FILE).write_text(json.dumps(side, indent=2), encoding="utf-8")
         if self.head is not None:
             self.head.save(folder)
@@ -174,9 +196,13 @@ class Adapter:
             except (KeyError, TypeError, AttributeError) as exc:
                 raise CorruptAdapterError(f"{side_path} lacks or mangles a field ({type(exc).__name__}: {exc}); "
                                           "save the adapter again") from None
-        if side is not None and get_method(side_config.type).peft_type is None:    # the native format
-            config, tensors = side_config, read_native(path, side_config, get_method(side_config.type))
-            meta, saved_name = side_meta, side.get("name")
+        packed = None
+        if side is not None and (get_method(side_config.type).peft_type is None or "codec" in side):   # native
+            codec = side.get("codec")
+            if codec is not None and not isinstance(codec, dict):
+                raise CorruptAdapterError(f"{side_path}: 'codec' is not a JSON object; quantize the adapter again")
+            tensors, packed = read_native(path, side_config, get_method(side_config.type), codec)
+            config, meta, saved_name = side_config, side_meta, side.get("name")
         else:
             if not (path / CONFIG_FILE).is_file() and side is None:
                 raise CorruptAdapterError(f"{path} has neither {CONFIG_FILE} (a PEFT adapter) nor {SIDE_FILE} "
@@ -189,7 +215,8 @@ class Adapter:
                 meta, saved_name = side_meta, side.get("name")
         from .heads import load_head
 
-        adapter = cls(name or saved_name or path.name, config, tensors, meta, load_head(path) if head else None)
+        adapter = cls(name or saved_name or path.name, config, tensors, meta, load_head(path) if head else None,
+                      packed)
         return adapter.check_finite()
 
 
