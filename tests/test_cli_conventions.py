@@ -215,7 +215,7 @@ def test_ls_keeps_long_names_whole_at_80_columns(world):
         assert any(f"│ {name} " in line for line in table), res.output
     # the columns that no longer fit are named, not squeezed to a few letters each; status always stays
     assert "┃ name " in table[1] and "┃ status ┃" in table[1]
-    assert "(labels, metrics, base, created left out at 80 columns: widen the terminal, or use --json)" in res.output
+    assert "(labels, metrics, size, base, created left out at 80 columns: widen the terminal, or use --json)" in res.output
     wide = runner.invoke(app, ["ls", "--store", str(store.root)], env={"COLUMNS": "250"})
     assert "left out" not in wide.output and "accuracy=0.9123, macro_f1=0.8765" in wide.output
     assert "│ lora r=2 alpha=16 " in wide.output         # the family's one-line summary, not a rank column

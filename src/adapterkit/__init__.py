@@ -1,5 +1,6 @@
 """adapterkit: task-specific adapters over one frozen pretrained transformer."""
 
+from .codecs import LowBit, quantize
 from .core.adapter import Adapter, AdapterMeta, create_adapter
 from .core.base import Base, list_bases, load_base, pull_base
 from .core.batching import AdapterBatch, build_batch
@@ -23,7 +24,7 @@ __all__ = [
     "AdapterBatch", "build_batch", "AdapterkitError", "AdapterNameError", "AdapterNotFoundError",
     "BaseMismatchError", "BaseNotAvailableError", "ConfigError", "CorruptAdapterError", "TargetError",
     "UnsupportedError", "generate", "merge", "merge_reversible", "merge_with_report", "recover", "get_method", "method_names", "LoraConfig", "Ia3Config", "BottleneckConfig", "SparseConfig", "FullConfig",
-    "ScaLearnConfig", "FusionConfig",
+    "ScaLearnConfig", "FusionConfig", "LowBit", "quantize",
     "AdapterRuntime",
 ]
 __version__ = "0.1.0"

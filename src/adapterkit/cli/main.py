@@ -356,11 +356,11 @@ def ls(store: Optional[Path] = STORE_OPT, as_json: bool = typer.Option(False, "-
         metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
         # the family's own line; a row stored before summaries: its LoRA ranks
         summary = r.get("summary") or f"{r['method']} r={','.join(map(str, r['ranks']))}"
-        cells = [r["name"], summary, _size(r.get("bytes")), r["task"] or "",
-                 str(len(r["labels"])) if r["labels"] else "", metrics, r["base_name"] or "", r["created"]]
+        cells = [r["name"], summary, r["task"] or "", str(len(r["labels"])) if r["labels"] else "", metrics,
+                 _size(r.get("bytes")), r["base_name"] or "", r["created"]]
         table.append([*map(escape, cells), escape(r["status"]) if r["status"] == "ok" else
                       f"[bold red]damaged:[/] {escape(r['status'])}"])
-    print_listing(("name", "adapter", "size", "task", "labels", "metrics", "base", "created", "status"), table,
+    print_listing(("name", "adapter", "task", "labels", "metrics", "size", "base", "created", "status"), table,
                   keep=("status",))
     damaged = [r["name"] for r in rows if r["status"] != "ok"]
     if damaged:

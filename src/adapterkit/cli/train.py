@@ -59,6 +59,11 @@ def train_cmd(
     variant: Optional[str] = typer.Option(None, "--variant", help="ScaLearn: vector (default: ω a vector per "
                                           "source and site), uniform (a scalar), shared / shared-uniform (one ω "
                                           "for all layers: ScaLearn++ / Uniform++)."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="Quantization-aware training: the adapter's float "
+                                       "matrices train at 1, 2, 4 or 8 bits (straight-through estimator) and are "
+                                       "stored packed (`adapter quantize` packs a trained one instead)."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="With --bits: values per scale (a multiple "
+                                             "of 8; default 64)."),
     objective: str = typer.Option("classification", help="classification (text, label), causal-lm "
                                   "(JSONL prompt/completion or messages) or mlm (plain text, encoder bases)."),
     r: int = typer.Option(8, help="LoRA rank."),
@@ -118,8 +123,11 @@ def train_cmd(
         dev, dt = device_dtype(device, dtype)
         flags = dict(steps=steps, batch_size=batch_size, lr=lr, head_lr=head_lr, warmup=warmup, eval_every=eval_every,
                      grad_accum=grad_accum, schedule=schedule, weight_decay=weight_decay, seed=seed, bf16=bf16,
-                     checkpoint_every=checkpoint_every,
+                     checkpoint_every=checkpoint_every, bits=bits, group_size=group_size or 64,
                      stack_on=tuple(n.strip() for n in stack_on.split(",") if n.strip()) if stack_on else ())
+        if group_size is not None and bits is None:
+            raise AdapterkitError("--group-size sets the scale groups of --bits: add --bits (1, 2, 4 or 8) or leave "
+                                  "it out")
         if objective != "classification" and head_lr is not None:
             raise AdapterkitError(f"--head-lr is the learning rate of a classification head; {objective} training "
                                   "has no head trained from scratch: leave it out")

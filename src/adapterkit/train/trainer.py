@@ -52,9 +52,17 @@ class TrainConfig:
     # stored adapters applied (frozen, weight 1) under the one that trains: a task adapter learns relative
     # to base + a domain or language adapter (MAD-X); at inference stack them again (a row {d: 1, t: 1})
     stack_on: tuple[str, ...] = ()
+    # quantization-aware training (qat.py): the adapter's float matrices train at this many bits (1, 2, 4,
+    # 8; one scale per group_size values) and are stored packed; None: float
+    bits: int | None = None
+    group_size: int = 64
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stack_on", tuple(self.stack_on))     # JSON (a checkpoint) gives a list
+        if self.bits is not None:
+            from ..codecs import LowBit
+
+            LowBit(self.bits, self.group_size)                          # ConfigError naming a bad value
         if self.eval_every < 0 or self.checkpoint_every < 0:
             raise ConfigError("eval_every and checkpoint_every must be >= 0")
         for name in ("steps", "batch_size", "grad_accum"):
@@ -160,6 +168,13 @@ def train(
     _tie(adapter)                                    # shared tensors (ScaLearn++): one parameter each
     params = list({id(t): t.requires_grad_(True) for parts in adapter.tensors.values() for k, t in parts.items()
                    if kinds[k].trainable}.values())
+    qat = None
+    if config.bits is not None:                      # the forward reads q(w); the optimizer updates w
+        from ..codecs import LowBit
+        from .qat import QuantAware
+
+        qat = QuantAware(LowBit(config.bits, config.group_size), adapter, params)
+        params = qat.optimized(params)
     runtime.add(adapter)                             # re-attached trainable: the forward reads these tensors
     head = [t.requires_grad_(True) for t in extra_params]
     # Two groups: the adapter at lr, the extra tensors (a head trained from scratch) at head_lr.
@@ -174,6 +189,8 @@ def train(
         if checkpoint_dir is None or not (Path(checkpoint_dir) / STATE_JSON).is_file():
             raise ConfigError(f"cannot resume: no checkpoint in {checkpoint_dir}")
         start, best = _load_state(Path(checkpoint_dir), params, optimizer, config, run_info, result)
+        if qat is not None:
+            qat.requantize()
     runtime.activate(adapter_name)
     model = runtime.model
     was_training = model.training
@@ -208,6 +225,8 @@ def train(
                 loss.backward()
                 total += float(loss.detach())
                 tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            if qat is not None:
+                qat.move_grads()
             if world > 1:
                 _all_reduce_mean(params, world)
                 total = _mean_across(total, world)
@@ -215,6 +234,8 @@ def train(
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if qat is not None:
+                qat.requantize()
             result.losses.append(total)
             dt = time.perf_counter() - t0
             record = {"step": step, "loss": total, "lr": optimizer.param_groups[0]["lr"],
@@ -242,6 +263,10 @@ def train(
                 for p, kept in zip(params, best[2]):
                     p.copy_(kept)
             result.best_step = best[1]
+        if qat is not None:
+            qat.finish(adapter)                      # packed; its tensors the values the codes read back
+        else:
+            adapter.packed = None                    # trained as floats: any earlier packing is stale
     finally:
         if log is not None:
             log.close()
@@ -249,6 +274,9 @@ def train(
         model.train(was_training)
         for p in params:
             p.requires_grad_(False)
+        for parts in adapter.tensors.values():        # with --bits the forward's tensors are not in params
+            for t in parts.values():
+                t.requires_grad_(False)
         runtime.remove(adapter_name)
         _place(adapter, home)
         runtime.add(adapter)                         # frozen again, fast-kernel stacks re-copied
