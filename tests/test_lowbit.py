@@ -240,3 +240,48 @@ def test_cli_quantize_inspect_ls_and_export_peft(llama, tmp_path):
     res = CliRunner().invoke(app, ["adapter", "export-peft", "sp", "--out", str(tmp_path / "p2"), "--store", str(store)])
     assert res.exit_code == 2 and "PEFT has no such family" in res.output
     assert math.isfinite(report["relative_error_max"])
+
+
+def test_the_cache_holds_low_bit_adapters_packed_and_serves_their_values(tmp_path):
+    """The RAM tier keeps (and counts) the packed bytes, so one budget holds many more low-bit adapters;
+    attach unpacks, and the served logits are the dequantized adapter's."""
+    from adapterkit.core.base import fingerprint
+    from adapterkit.serve import AdapterCache
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    rt = AdapterRuntime(model, fingerprint=fingerprint(model), base_name="tiny", capacity=2)
+    floats, packed = tmp_path / "floats", tmp_path / "packed"
+    for i in range(6):
+        a = create_adapter(f"a{i}", model, LoraConfig(r=8, target_modules=TARGETS["llama"], init="nonzero",
+                                                      init_std=0.3), seed=i, fingerprint=rt.fingerprint)
+        a.save(floats / a.name)
+        quantize(a, LowBit(1, 16)).save(packed / a.name)
+    fp32 = Adapter.load(floats / "a0").stored_bytes()
+    one_bit = Adapter.load(packed / "a0").stored_bytes()
+    assert fp32 / one_bit == pytest.approx(32 / 2)            # 1 bit + a float16 scale per 16 values
+    budget = 3 * fp32 / 2 ** 20                                # three float adapters fit, not four
+    results = {}
+    for kind, root in (("floats", floats), ("packed", packed)):
+        model = tiny_llama()                                   # the same weights, a runtime of its own
+        cache = AdapterCache(AdapterRuntime(model, fingerprint=rt.fingerprint, base_name="tiny", capacity=2),
+                             adapter_dirs=[root], max_loaded=2, ram_cache_mb=budget)
+        for i in range(6):
+            cache.prefetch(f"a{i}").result()
+        s = cache.stats()
+        results[kind] = s
+        per = fp32 if kind == "floats" else one_bit
+        assert s["ram_bytes"] == per * len(s["ram_adapters"])
+        ids = input_ids(2, 5)
+        with torch.no_grad(), cache.acquire("a2"), cache.acquire("a5"), cache.batch(["a2", "a5"]):
+            got = model(ids).logits
+            assert cache.stats()["active_bytes"] == 2 * fp32  # attached: unpacked floats, as the float ones
+        ref = tiny_llama()
+        want_rt = AdapterRuntime(ref)
+        for n in ("a2", "a5"):
+            want_rt.add(Adapter.load(root / n))
+        with torch.no_grad(), want_rt.batch(["a2", "a5"]):
+            want = ref(ids).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        cache.close()
+    assert len(results["floats"]["ram_adapters"]) == 3 and len(results["packed"]["ram_adapters"]) == 6

@@ -289,7 +289,7 @@ class AdapterCache:
         key = name if name not in self.runtime.adapters else f"{name}#{next(self._keys)}"
         try:
             with self._runtime_lock:
-                e.slot = self.runtime.add(e.adapter, key=key)   # validates base fingerprint and shapes
+                e.slot = self.runtime.add(e.attachable(), key=key)   # validates base fingerprint and shapes
                 e.key = key
         except BaseException:
             self._count["attach_errors"] += 1
@@ -297,7 +297,7 @@ class AdapterCache:
             raise
         self._ram.remove(name, e)
         self._active[name] = e
-        self._active_bytes += e.nbytes
+        self._active_bytes += e.attached_nbytes
         if victim is not None:
             self._detach(victim, keep=True)
             self._count["evictions_slot"] += 1
@@ -313,7 +313,7 @@ class AdapterCache:
     def _unattach(self, e: Entry) -> None:
         with self._runtime_lock:
             self.runtime.remove(e.key)
-        self._active_bytes -= e.nbytes
+        self._active_bytes -= e.attached_nbytes
         e.slot, e.key = 0, ""
 
     def _retire(self, e: Entry) -> None:
@@ -420,7 +420,7 @@ class AdapterCache:
             with self._runtime_lock:
                 probe = f"{name}#{next(self._keys)}"
                 try:                                   # the base's own checks (fingerprint, shapes)
-                    self.runtime.add(e.adapter, key=probe)   # a free slot: the runtime grows if needed
+                    self.runtime.add(e.attachable(), key=probe)   # a free slot: the runtime grows if needed
                 except BaseException:
                     self._count["attach_errors"] += 1
                     raise

@@ -4,6 +4,7 @@ calls the tier under its bookkeeping lock, and reads outside it."""
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -17,16 +18,33 @@ from .roots import Source
 
 @dataclass(eq=False)
 class Entry:
-    """One read version of an adapter, in the RAM tier or attached."""
+    """One read version of an adapter, in the RAM tier or attached. A low-bit adapter stays packed here
+    (its float matrices dropped, `adapter.packed` kept): the RAM tier counts and holds the packed bytes,
+    and attach unpacks (`attachable`); its floats live only while it holds a slot."""
 
     source: Source
-    adapter: Adapter
-    nbytes: int             # bytes of its tensors (base dtype)
+    adapter: Adapter        # a low-bit adapter without its packed matrices (see attachable)
+    nbytes: int             # bytes as held in RAM: its tensors in the base dtype; packed codes and scales
     slot: int = 0           # runtime slot while attached, else 0
     key: str = ""           # its runtime key while attached: the name, or name#n while a retired
                             # version still holds the name there
     refs: int = 0           # requests in flight
     draining: bool = False  # retired (replaced on disk, or unloaded) in flight: detached at the last release
+    dtype: torch.dtype = torch.float32     # the base's: what a packed adapter unpacks to
+    attached_nbytes: int = 0               # bytes while attached: every tensor a float of the base dtype
+
+    def attachable(self) -> Adapter:
+        """The adapter with every tensor as a float of the base dtype: a packed one unpacked now (two
+        vectorised ops; views of one buffer, which the slots copy)."""
+        a = self.adapter
+        if a.packed is None:
+            return a
+        full = {site: dict(parts) for site, parts in a.tensors.items()}
+        for site, parts in a.packed.unpack(self.dtype, copy=False).items():
+            full.setdefault(site, {}).update(parts)
+        out = copy.copy(a)
+        out.tensors = full
+        return out
 
 
 class RamTier:
@@ -97,5 +115,11 @@ def read_entry(src: Source, roots: Any, dtype: torch.dtype) -> Entry:
         for key, t in parts.items():
             if kinds[key].dtype is None and t.dtype != dtype:
                 parts[key] = t.to(dtype)
-    nbytes = sum(t.numel() * t.element_size() for parts in adapter.tensors.values() for t in parts.values())
-    return Entry(src, adapter, nbytes)
+    attached = sum(t.numel() * t.element_size() for parts in adapter.tensors.values() for t in parts.values())
+    if adapter.packed is None:
+        return Entry(src, adapter, attached, dtype=dtype, attached_nbytes=attached)
+    packed = {(site, key) for site, key, _ in adapter.packed.layout}
+    held = copy.copy(adapter)                          # only the packed form of its matrices stays in RAM
+    held.tensors = {site: {k: t for k, t in parts.items() if (site, k) not in packed}
+                    for site, parts in adapter.tensors.items()}
+    return Entry(src, held, held.stored_bytes(), dtype=dtype, attached_nbytes=attached)
