@@ -64,6 +64,11 @@ def train_cmd(
                                        "stored packed (`adapter quantize` packs a trained one instead)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="With --bits: values per scale (a multiple "
                                              "of 8; default 64)."),
+    init: str = typer.Option("default", "--init", help="LoRA's start: default (B = 0), corda-ipm (CorDA: the "
+                             "weight's components the task's inputs use most; learns faster) or corda-kpm (those "
+                             "they use least; keeps the base's knowledge). CorDA stores a rank-2r LoRA."),
+    calibration_rows: int = typer.Option(256, "--calibration-rows", min=1, help="CorDA: training rows (a seeded "
+                                         "sample) whose inputs give each layer's covariance."),
     objective: str = typer.Option("classification", help="classification (text, label), causal-lm "
                                   "(JSONL prompt/completion or messages) or mlm (plain text, encoder bases)."),
     r: int = typer.Option(8, help="LoRA rank."),
@@ -124,6 +129,7 @@ def train_cmd(
         flags = dict(steps=steps, batch_size=batch_size, lr=lr, head_lr=head_lr, warmup=warmup, eval_every=eval_every,
                      grad_accum=grad_accum, schedule=schedule, weight_decay=weight_decay, seed=seed, bf16=bf16,
                      checkpoint_every=checkpoint_every, bits=bits, group_size=group_size or 64,
+                     init=init, calibration_rows=calibration_rows,
                      stack_on=tuple(n.strip() for n in stack_on.split(",") if n.strip()) if stack_on else ())
         if group_size is not None and bits is None:
             raise AdapterkitError("--group-size sets the scale groups of --bits: add --bits (1, 2, 4 or 8) or leave "

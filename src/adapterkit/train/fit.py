@@ -215,9 +215,18 @@ def fit(base: Base, adapter: Adapter, examples: Sequence[Any], collate: Callable
                           extra_params=extra_params, evaluate=evaluate, lengths=lengths, eval_name=eval_name,
                           eval_negated=eval_negated)
     rt = AdapterRuntime.from_base(base)
+    residual = None
+    if config.init != "default":               # CorDA: A0, B0 from the bare base; the residual stacked under
+        from .corda import calibration_rows, init_corda
+
+        rows = calibration_rows(examples, config.calibration_rows, config.seed)
+        residual = init_corda(rt, adapter, rows, collate, config.init)
     rt.add(adapter)
     if config.stack_on:
         _stack(rt, adapter, store, config.stack_on, run_info)
+    if residual is not None:
+        rt.add(residual)
+        rt.underlay(adapter.name, [*config.stack_on, residual.name])
     folder = run_dir(store, adapter.name)
     log = Path(log_path) if log_path else folder / LOG
     writer = dist_rank_world()[0] == 0
@@ -231,6 +240,15 @@ def fit(base: Base, adapter: Adapter, examples: Sequence[Any], collate: Callable
                        resume=resume, log_path=log, on_step=bar.update,
                        extra_params=extra_params, evaluate=(lambda: evaluate(rt)) if evaluate else None,
                        lengths=lengths, run_info={"base": base.fingerprint, **(run_info or {})})
+    if residual is not None:                     # stored as one plain LoRA over the unmodified base
+        from .corda import fold_residual
+
+        rt.remove(adapter.name)
+        rt.remove(residual.name)
+        fold_residual(adapter, residual)
+        rt.add(adapter)
+        if config.stack_on:
+            rt.underlay(adapter.name, list(config.stack_on))
     if writer:
         evals = [(s, -v if eval_negated else v) for s, v in result.evals]
         _plot_losses(loss_plot_path(log), result.losses, evals, eval_name, adapter.name)

@@ -56,6 +56,10 @@ class TrainConfig:
     # 8; one scale per group_size values) and are stored packed; None: float
     bits: int | None = None
     group_size: int = 64
+    # LoRA's initialisation: "default" (the family's), or CorDA's (corda.py: "corda-ipm", "corda-kpm") from the
+    # input covariance of `calibration_rows` training rows
+    init: str = "default"
+    calibration_rows: int = 256
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stack_on", tuple(self.stack_on))     # JSON (a checkpoint) gives a list
@@ -63,6 +67,13 @@ class TrainConfig:
             from ..codecs import LowBit
 
             LowBit(self.bits, self.group_size)                          # ConfigError naming a bad value
+        if self.init not in ("default", "corda-ipm", "corda-kpm"):
+            raise ConfigError(f"unknown init {self.init!r}; use default, corda-ipm or corda-kpm")
+        if self.init != "default" and self.bits is not None:
+            raise ConfigError(f"--init {self.init} and --bits do not combine: CorDA's adapter is stored as a float "
+                              "rank-2r LoRA; quantize it afterwards with `adapter quantize`")
+        if self.calibration_rows < 1:
+            raise ConfigError(f"calibration_rows must be >= 1, got {self.calibration_rows}")
         if self.eval_every < 0 or self.checkpoint_every < 0:
             raise ConfigError("eval_every and checkpoint_every must be >= 0")
         for name in ("steps", "batch_size", "grad_accum"):
