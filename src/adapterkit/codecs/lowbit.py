@@ -30,6 +30,7 @@ BITS = (1, 2, 4, 8)
 LLOYD_ITERATIONS = 8
 GRID = 20                  # candidate steps (fractions of the range-covering one) tried before Lloyd
 _F16_MAX = torch.finfo(torch.float16).max
+_BYTE_LEVELS: dict[tuple[int, str], torch.Tensor] = {}
 
 
 @dataclass(frozen=True)
@@ -109,11 +110,18 @@ class LowBit:
         return (codes.to(torch.float32) - (half - 0.5)) * step.to(torch.float32).unsqueeze(1)
 
     def byte_levels(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """[256, 8/b] float32: the levels (in steps) of the codes packed in each byte value, first code first."""
+        """[256, 8/b] float32: the levels (in steps) of the codes packed in each byte value, first code first
+        (made once per bits and device)."""
+        key = (self.bits, str(device))
+        if key not in _BYTE_LEVELS:
+            _BYTE_LEVELS[key] = self._byte_levels().to(device)
+        return _BYTE_LEVELS[key]
+
+    def _byte_levels(self) -> torch.Tensor:
         per, bits = 8 // self.bits, self.bits
         shifts = torch.arange(per, dtype=torch.int32) * bits
         codes = (torch.arange(256, dtype=torch.int32).unsqueeze(1) >> shifts) & (2 ** bits - 1)
-        return (codes.to(torch.float32) - (2 ** (bits - 1) - 0.5)).to(device)
+        return codes.to(torch.float32) - (2 ** (bits - 1) - 0.5)
 
     def round_trip(self, t: torch.Tensor) -> torch.Tensor:
         """t quantized and read back (float32, t's shape): what training with --bits computes with."""
@@ -176,8 +184,8 @@ class Packed:
         refuses to save views that share memory)."""
         g = self.codec.group_size
         # one gather (each byte -> its 8/b levels, in steps) and one multiply by the group's step
-        levels = self.codec.byte_levels(self.codes.device)[self.codes.long()].view(-1, g)
-        values = (levels * self.scales.to(torch.float32).unsqueeze(1)).view(-1).to(dtype)
+        levels = torch.index_select(self.codec.byte_levels(self.codes.device), 0, self.codes.int()).view(-1, g)
+        values = levels.mul_(self.scales.to(torch.float32).unsqueeze(1)).view(-1).to(dtype)
         out: dict[str, dict[str, torch.Tensor]] = {}
         start = 0
         for (site, key, shape), size in zip(self.layout, self.padded_sizes()):

@@ -41,6 +41,7 @@ class AdapterRuntime(MergingMixin):
         self._site_maps: dict[str, dict[str, str]] = {}      # adapter -> {its site name: model module}
         self._sites: dict[str, Site] = {}
         self._modules = dict(model.named_modules())
+        self._infos: dict[tuple[str, str], Any] = {}       # (module, attach) -> SiteInfo (see _site_info)
         self._dtype = next(model.parameters()).dtype
         self._device = next(model.parameters()).device
         self._versions: dict[str, int] = {}                   # trainable adapter -> tensor version sum
@@ -98,9 +99,9 @@ class AdapterRuntime(MergingMixin):
         tensors, infos = {}, {}
         for own, module_name in site_map.items():
             # Config patterns (rank_pattern...) refer to the adapter's own site names.
-            info = infos[module_name] = site_info(module_name, self._modules[module_name],
-                                                  spec.attach_at(adapter.config, own))
-            spec.check_fit(adapter.config, replace(info, name=own), adapter.tensors[own], name, module_name)
+            info = infos[module_name] = self._site_info(module_name, spec.attach_at(adapter.config, own))
+            named = info if own == module_name else replace(info, name=own)
+            spec.check_fit(adapter.config, named, adapter.tensors[own], name, module_name)
             spec.check_tensors(adapter.config, own, adapter.tensors[own], f"adapter {name!r}")   # dtypes
             away = {k: str(t.device) for k, t in adapter.tensors[own].items()
                     if t.requires_grad and t.device != self._device}
@@ -119,6 +120,16 @@ class AdapterRuntime(MergingMixin):
         if _trainable(adapter):
             self._versions[key] = _version(adapter)
         return slot
+
+    def _site_info(self, module_name: str, attach: str) -> Any:
+        """site_info of a module, kept (attach runs it for every site of every adapter it adds)."""
+        key = (module_name, attach)
+        info = self._infos.get(key)
+        weight = getattr(self._modules[module_name], "weight", None)
+        if info is None or (isinstance(weight, torch.Tensor) and (weight.dtype, weight.device) != (info.dtype,
+                                                                                                  info.device)):
+            info = self._infos[key] = site_info(module_name, self._modules[module_name], attach)
+        return info
 
     def remove(self, name: str) -> Adapter:
         slot = self.slot(name)

@@ -50,10 +50,11 @@ class LoraPool:
         a, b, scale, _ = self.sources[slot]
         r = a.shape[0]
         with torch.no_grad():
-            self.a_stack[slot].zero_()
-            self.b_stack[slot].zero_()
-            self.a_stack[slot, :, :r] = a.t().to(self.site.dtype)
-            self.b_stack[slot, :r, :] = (b.t() * scale).to(self.site.dtype)
+            if r < self.rank:                     # the padding ranks must read zero (a full rank overwrites all)
+                self.a_stack[slot].zero_()
+                self.b_stack[slot].zero_()
+            self.a_stack[slot, :, :r].copy_(a.t())
+            self.b_stack[slot, :r, :].copy_(b.t()).mul_(scale)
 
     def _restack(self, rank: int, capacity: int) -> None:
         self.rank, self.capacity = rank, capacity
