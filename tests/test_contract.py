@@ -236,6 +236,38 @@ def test_save_load_round_trip(setup, tmp_path):
 
 
 @torch.no_grad()
+def test_low_bit_round_trip_or_a_clear_refusal(setup, tmp_path):
+    """Every family with float matrices quantizes (codecs), saves packed and reloads to the outputs of its
+    dequantized floats, in a mixed batch beside the float adapters; a family without them is refused."""
+    from adapterkit import LowBit, UnsupportedError, quantize
+    from adapterkit.codecs import quantizable
+
+    _, base, rt, adapters = setup
+    a = adapters[1]
+    if not quantizable(a):
+        with pytest.raises(UnsupportedError, match="has no float matrix to quantize"):
+            quantize(a, LowBit(4, 8))
+        return
+    q = quantize(a, LowBit(4, 8), "q")
+    q.save(tmp_path / "q")
+    back = Adapter.load(tmp_path / "q")
+    assert back.packed is not None and back.summary().endswith("4-bit g8")
+    ids = input_ids(3, 6)
+    ref = AdapterRuntime.from_base(load_base(str(base.path)))
+    ref.add(q.dequantized())
+    with ref.batch(["q"] * 3):
+        want = out(ref.model, ids)
+    rt.add(back)
+    with rt.batch(["q", adapters[0].name, None]):
+        got = out(rt.model, ids)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    with rt.batch([adapters[0].name]):
+        torch.testing.assert_close(got[1], out(rt.model, ids[1:2])[0], rtol=1e-5, atol=1e-5)
+    with rt.batch(["q"]):                      # the 4-bit adapter still moves the output (not quantized to 0)
+        assert (out(rt.model, ids[:1]) - _base_out(rt, ids[:1])).abs().max() > 1e-3
+
+
+@torch.no_grad()
 def test_activate_and_token_mode_equal_row_mode(setup):
     kind, _, rt, _ = setup
     ids = input_ids(3, 4, seed=4)
