@@ -137,6 +137,27 @@ def classification_files(tmp_path: Path) -> tuple[Path, Path]:
     return path, data
 
 
+LM_PAIRS = [("hello world", "the cat runs"), ("give me one tip", "write clear code"),
+            ("the dog", "is on the mat"), ("a cat", "runs fast and slow")]
+
+
+@pytest.fixture
+def lm_setup(tmp_path):
+    """(base, examples, collate): a tiny Llama LM with a tokenizer and four prompt/completion examples. A frozen
+    random lm_head with the default 0.02 init caps |logits| near 1 (the final norm fixes the hidden scale), so
+    no adapter could fit the data; a wider init lets training show."""
+    from adapterkit import load_base
+    from adapterkit.train.causal_lm import collate, encode
+
+    path = tmp_path / "m"
+    tiny_llama(initializer_range=0.3).save_pretrained(str(path))
+    save_tiny_tokenizer(path)
+    base = load_base(str(path))
+    tok = base.tokenizer
+    examples = [encode(tok, {"prompt": p, "completion": c}, 32) for p, c in LM_PAIRS]
+    return base, examples, (lambda b: collate(b, tok.pad_token_id))
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models: intra-op threads only add overhead (5x slower on a busy 2-core box)."""

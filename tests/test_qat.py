@@ -9,27 +9,16 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import ATTN, classification_files, save_tiny_tokenizer, tiny_llama
+from conftest import ATTN, classification_files
 from typer.testing import CliRunner
 
-from adapterkit import AdapterRuntime, ConfigError, LoraConfig, SparseConfig, create_adapter, load_base
+from adapterkit import AdapterRuntime, ConfigError, LoraConfig, SparseConfig, create_adapter
 from adapterkit.cli import app
 from adapterkit.codecs import LowBit
-from adapterkit.train.causal_lm import collate, encode
 from adapterkit.train.trainer import TrainConfig, train
 
-PAIRS = [("hello world", "the cat runs"), ("give me one tip", "write clear code"),
-         ("the dog", "is on the mat"), ("a cat", "runs fast and slow")]
-
-
-@pytest.fixture
-def setup(tmp_path):
-    path = tmp_path / "m"
-    tiny_llama(initializer_range=0.3).save_pretrained(str(path))
-    save_tiny_tokenizer(path)
-    base = load_base(str(path))
-    examples = [encode(base.tokenizer, {"prompt": p, "completion": c}, 32) for p, c in PAIRS]
-    return base, examples, (lambda b: collate(b, base.tokenizer.pad_token_id))
+def lm_loss(model, batch):
+    return model(**batch).loss
 
 
 def fresh(base, seed=0):
@@ -37,10 +26,6 @@ def fresh(base, seed=0):
     rt.add(create_adapter("t", base.model, LoraConfig(r=8, alpha=16, target_modules=ATTN, init="nonzero",
                                                       init_std=0.1), seed=seed))
     return rt
-
-
-def lm_loss(model, batch):
-    return model(**batch).loss
 
 
 def _is_packed(adapter) -> bool:
@@ -64,11 +49,11 @@ def _grads(base, examples, coll, values):
     return {s: {k: t.grad for k, t in parts.items()} for s, parts in a.tensors.items()}
 
 
-def test_the_gradient_at_the_quantized_point_moves_the_latents(setup):
+def test_the_gradient_at_the_quantized_point_moves_the_latents(lm_setup):
     """One AdamW step moves each latent w by lr * g / (|g| + eps) (first step, bias-corrected, no decay), g the
     gradient of the loss at the QUANTIZED adapter q(w0) (straight through): the stored q(w1) matches that and
     not the step a float gradient at w0 would take."""
-    base, examples, coll = setup
+    base, examples, coll = lm_setup
     codec, lr = LowBit(8, 8), 1e-2
     rt = fresh(base)
     w0 = {s: {k: t.clone() for k, t in p.items()} for s, p in rt.adapters["t"].tensors.items()}
@@ -88,8 +73,8 @@ def test_the_gradient_at_the_quantized_point_moves_the_latents(setup):
     assert differs > 0                              # the float gradient would have stored another adapter
 
 
-def test_the_stored_low_bit_adapter_is_the_trained_one_and_resume_replays(setup, tmp_path):
-    base, examples, coll = setup
+def test_the_stored_low_bit_adapter_is_the_trained_one_and_resume_replays(lm_setup, tmp_path):
+    base, examples, coll = lm_setup
     cfg = TrainConfig(steps=8, batch_size=2, lr=2e-2, warmup_steps=2, seed=3, bits=2, group_size=16)
     straight = fresh(base)
     full = train(straight, "t", examples, coll, lm_loss, cfg)
@@ -120,8 +105,8 @@ def test_the_stored_low_bit_adapter_is_the_trained_one_and_resume_replays(setup,
     assert float(live) == pytest.approx(full.losses[-1], rel=0.3)      # the forward on the packed values
 
 
-def test_training_floats_again_drops_a_stale_packing(setup):
-    base, examples, coll = setup
+def test_training_floats_again_drops_a_stale_packing(lm_setup):
+    base, examples, coll = lm_setup
     rt = fresh(base)
     train(rt, "t", examples, coll, lm_loss, TrainConfig(steps=2, batch_size=2, bits=4))
     assert rt.adapters["t"].packed is not None
@@ -129,8 +114,8 @@ def test_training_floats_again_drops_a_stale_packing(setup):
     assert rt.adapters["t"].packed is None
 
 
-def test_bad_bits_and_a_family_with_nothing_to_quantize(setup):
-    base, examples, coll = setup
+def test_bad_bits_and_a_family_with_nothing_to_quantize(lm_setup):
+    base, examples, coll = lm_setup
     with pytest.raises(ConfigError, match="bits must be 1, 2, 4 or 8, got 5"):
         TrainConfig(bits=5)
     rt = AdapterRuntime.from_base(base)

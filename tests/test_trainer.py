@@ -5,27 +5,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import ATTN, save_tiny_tokenizer, tiny_llama
+from conftest import ATTN
 
-from adapterkit import AdapterRuntime, ConfigError, LoraConfig, create_adapter, load_base
-from adapterkit.train.causal_lm import collate, encode
+from adapterkit import AdapterRuntime, ConfigError, LoraConfig, create_adapter
 from adapterkit.train.trainer import BatchPlan, TrainConfig, train
 
-PAIRS = [("hello world", "the cat runs"), ("give me one tip", "write clear code"),
-         ("the dog", "is on the mat"), ("a cat", "runs fast and slow")]
-
-
 @pytest.fixture
-def setup(tmp_path):
-    # A frozen random lm_head with the default 0.02 init caps |logits| near 1 (the final norm fixes
-    # the hidden scale), so no adapter could fit the data; a wider init lets training show.
-    path = tmp_path / "m"
-    tiny_llama(initializer_range=0.3).save_pretrained(str(path))
-    save_tiny_tokenizer(path)
-    base = load_base(str(path))
-    tok = base.tokenizer
-    examples = [encode(tok, {"prompt": p, "completion": c}, 32) for p, c in PAIRS]
-    return base, examples, (lambda b: collate(b, tok.pad_token_id))
+def setup(lm_setup):
+    return lm_setup
 
 
 def fresh(base, seed=0, dropout=0.0):
