@@ -265,7 +265,7 @@ def test_merge_prints_one_line_and_the_table_with_verbose(world, tmp_path):
     assert res.exit_code == 0, res.output
     report = store.get("mixed").meta
     [line] = res.output.splitlines()
-    assert line.startswith("stored mixed: ties merge of alpha, b2; 8 sites, max rel. error ")
+    assert line.startswith("stored mixed@v1: ties merge of alpha, b2; 8 sites, max rel. error ")
     assert f"; in the store at {store.root} (" in line and "site" not in line.split(";")[0]
     assert "┃" not in res.output and report.lineage[0]["method"] == "ties"
     res = runner.invoke(app, ["merge", str(recipe), "--name", "mixed", "--store", str(store.root), "--overwrite",
@@ -275,4 +275,4 @@ def test_merge_prints_one_line_and_the_table_with_verbose(world, tmp_path):
                               "--verbose"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     assert "rel. error" in res.output and "┃ site" in res.output
-    assert res.output.count("layers.") == 8 and res.output.splitlines()[-1].startswith("stored mixed: ties merge")
+    assert res.output.count("layers.") == 8 and res.output.splitlines()[-1].startswith("stored mixed@v1: ties merge")

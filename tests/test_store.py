@@ -44,16 +44,62 @@ def test_put_get_list_show(base, tmp_path):
     assert [r["name"] for r in AdapterStore(tmp_path / "store").list()] == ["r8-lora"]
 
 
-def test_existing_name_is_refused_unless_overwrite(base, tmp_path):
+def _lora_a(adapter):
+    return next(iter(adapter.tensors.values()))["lora_A"]
+
+
+def test_a_stored_name_gets_versions_promote_and_rollback_switch_the_alias(base, tmp_path):
     store = AdapterStore(tmp_path / "s")
-    store.put(make(base, "x", seed=0))
-    with pytest.raises(AdapterNameError, match=r"an adapter named 'x' is already in the store .* pass --overwrite"):
-        store.put(make(base, "x", seed=1))
-    first = store.get("x")
-    store.put(make(base, "x", seed=1, r=2), overwrite=True)
-    assert store.show("x")["ranks"] == [2]
-    assert not torch.equal(next(iter(store.get("x").tensors.values()))["lora_A"][:2],
-                           next(iter(first.tensors.values()))["lora_A"][:2])
+    v1 = store.put_version(make(base, "x", seed=0))
+    assert (v1.ref, v1.promoted) == ("x@v1", True)
+    v2 = store.put_version(make(base, "x", seed=1))
+    assert (v2.ref, v2.promoted) == ("x@v2", False)
+    assert torch.equal(_lora_a(store.get("x")), _lora_a(store.get("x@v1")))     # the alias: still v1
+    assert store.get("x@v2").name == "x" and not torch.equal(_lora_a(store.get("x@v2")), _lora_a(store.get("x")))
+    assert [(v["ref"], v["promoted"]) for v in store.versions("x")] == [("x@v1", True), ("x@v2", False)]
+    assert store.list()[0]["versions"] == 2 and store.show("x")["version"] == 1
+    assert store.promote("x@v2") == 1
+    assert torch.equal(_lora_a(store.get("x")), _lora_a(store.get("x@v2"))) and store.path("x") == v2.path
+    store.put_version(make(base, "x", seed=2))                                 # v3, not promoted
+    assert store.promote("x@v3") == 2
+    assert store.rollback("x") == 2 and store.show("x")["version"] == 2
+    assert store.rollback("x") == 1 and store.show("x")["version"] == 1
+    with pytest.raises(AdapterNameError, match=r"'x' has no earlier promoted version to roll back to \(v1 is the "
+                       r"first\)"):
+        store.rollback("x")
+    with pytest.raises(AdapterNotFoundError, match=r"adapter 'x' has no version 7; its versions: v1, v2, v3"):
+        store.get("x@v7")
+    with pytest.raises(AdapterNameError, match=r"'x@v0' is not NAME or NAME@vN"):
+        store.get("x@v0")
+    with pytest.raises(AdapterNameError, match=r"promote names a version, NAME@vN \(e.g. x@v2\)"):
+        store.promote("x")
+    with pytest.raises(AdapterNameError, match=r"x@v1 is the promoted version of 'x': promote another version"):
+        store.remove("x@v1")
+    store.remove("x@v3")
+    assert [v["ref"] for v in store.versions("x")] == ["x@v1", "x@v2"]
+    # overwrite keeps its meaning: the promoted version is replaced in place, no new version
+    store.put(make(base, "x", seed=5, r=2), overwrite=True)
+    assert [v["ref"] for v in store.versions("x")] == ["x@v1", "x@v2"] and store.show("x")["ranks"] == [2]
+    assert store.show("x@v1")["ranks"] == [2]
+    folders = {p.name for p in (tmp_path / "s" / "adapters").iterdir()}
+    assert len(folders) == 2                                                  # replaced and removed ones went
+    store.remove("x")
+    assert "x" not in store and list((tmp_path / "s" / "adapters").iterdir()) == []
+    assert store.put_version(make(base, "x")).ref == "x@v1"                  # a fresh history
+
+
+def test_a_store_from_before_versions_gets_v1_of_each_adapter(base, tmp_path):
+    import sqlite3
+
+    store = AdapterStore(tmp_path / "s")
+    store.put(make(base, "old"))
+    with sqlite3.connect(tmp_path / "s" / "catalog.sqlite") as conn:   # as an older adapterkit left it
+        conn.execute("DROP TABLE versions")
+        conn.execute("DROP TABLE promotions")
+        conn.execute("UPDATE adapters SET version = NULL")
+    again = AdapterStore(tmp_path / "s")
+    assert [(v["ref"], v["promoted"]) for v in again.versions("old")] == [("old@v1", True)]
+    assert again.put_version(make(base, "old", seed=3)).ref == "old@v2"
 
 
 def test_unknown_name_lists_the_stored_ones(base, tmp_path):

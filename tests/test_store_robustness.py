@@ -413,7 +413,7 @@ def test_a_legacy_catalog_is_migrated_and_keeps_working(base, tmp_path):
     assert "folder" not in _columns(root)
 
     store = AdapterStore(root)
-    assert _columns(root)[-4:] == ["folder", "content", "files", "summary"]
+    assert _columns(root)[-5:] == ["folder", "content", "files", "summary", "version"]
     (row,) = store.list()
     assert (row["name"], row["status"], row["path"], row["content"]) == ("old", "ok", str(root / "adapters" / "old"),
                                                                         None)

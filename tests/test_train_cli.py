@@ -41,9 +41,18 @@ def test_train_then_eval(files, tmp_path):
     shown = json.loads(runner.invoke(app, ["show", "toy", "--store", str(tmp_path / "store"), "--json"]).output)
     assert shown["labels"] == ["canine", "feline"] and shown["metrics"]["validation_accuracy"] == 1.0
     assert shown["lineage"][0]["params"]["steps"] == 40 and shown["lineage"][0]["params"]["best_step"] in (10, 20, 30, 40)
-    # the same name again is refused before any training
+    # the same name again stores its next version, not promoted: the name still resolves to v1
     res = runner.invoke(app, args)
-    assert res.exit_code == 2 and "already in the store" in res.output and "--overwrite" in res.output
+    assert res.exit_code == 0 and "stored toy@v2 (not promoted: 'toy' still resolves to its promoted version" in \
+        res.output.replace("\n", " ")
+    res = runner.invoke(app, ["versions", "toy", "--store", str(tmp_path / "store"), "--json"])
+    assert [(v["ref"], v["promoted"]) for v in json.loads(res.output)] == [("toy@v1", True), ("toy@v2", False)]
+    res = runner.invoke(app, ["promote", "toy@v2", "--store", str(tmp_path / "store")])
+    assert res.exit_code == 0 and "toy -> toy@v2 (was v1" in res.output
+    res = runner.invoke(app, ["rollback", "toy", "--store", str(tmp_path / "store")])
+    assert res.exit_code == 0 and "toy -> toy@v1" in res.output
+    res = runner.invoke(app, ["promote", "toy@v9", "--store", str(tmp_path / "store")])
+    assert res.exit_code == 2 and "adapter 'toy' has no version 9; its versions: v1, v2" in res.output
 
 
 def test_eval_with_unseen_labels_is_refused(files, tmp_path):

@@ -45,13 +45,16 @@ def quantize_cmd(
                            "params": {"bits": bits, "group_size": group_size},
                            "relative_error_mean": report["relative_error_mean"]}]
         q.meta.metrics = {}                      # the source's scores are not the quantized adapter's
-        path = st.put(q, overwrite=overwrite)
+        stored = st.put_version(q, overwrite=overwrite)
     except AdapterkitError as exc:
         fail(exc)
     if as_json:
-        print_record({**report, "path": str(path)}, True)
+        print_record({**report, "version": stored.version, "promoted": stored.promoted, "path": str(stored.path)},
+                     True)
         return
-    out.print(f"stored {name} ({report['summary']}): {report['bytes_before']:,} -> {report['bytes_after']:,} bytes "
+    from .versions import stored_line
+
+    out.print(f"stored {stored_line(st, name)} ({report['summary']}): {report['bytes_before']:,} -> {report['bytes_after']:,} bytes "
               f"({report['smaller']}x smaller); relative error of the {report['tensors_packed']} packed matrices: "
               f"mean {report['relative_error_mean']:.4f}, max {report['relative_error_max']:.4f}", highlight=False)
 

@@ -78,18 +78,21 @@ def merge_cmd(
         adapter, report = result
         if donor is not None:
             _give_head(adapter, donor)
-        path = st.put(adapter, overwrite=overwrite)
+        stored = st.put_version(adapter, overwrite=overwrite)
     except AdapterkitError as exc:
         fail(exc)
     if as_json:
-        print(json.dumps({**report.to_dict(), "name": name, "path": str(path)}))
+        print(json.dumps({**report.to_dict(), "name": name, "version": stored.version, "promoted": stored.promoted,
+                          "path": str(stored.path)}))
         return
     if verbose:
         table = Table("site", "rank", "rel. error", title=f"{name}: {report.method} merge")
         for site, e in report.site_errors.items():
             table.add_row(site, str(report.site_ranks.get(site, "-")), f"{e:.2e}")    # "-": a family without ranks
         out.print(table)
-    out.print(f"stored [bold]{escape(name)}[/]: {report.method} merge of "
+    from .versions import stored_line
+
+    out.print(f"stored [bold]{escape(stored_line(st, name))}[/]: {report.method} merge of "
               f"{escape(', '.join(i['name'] for i in report.inputs))}; {len(report.site_errors)} sites, max rel. error "
               f"{report.max_error:.3e} (total {report.total_error:.3e}); in the store at {escape(str(st.root))} "
               f"({report.seconds:.1f} s)", highlight=False, soft_wrap=True)

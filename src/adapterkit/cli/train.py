@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 
 from .common import DEVICE_OPT, DTYPE_OPT, STORE_OPT, device_dtype, fail, open_store, out
 from ..errors import AdapterkitError
@@ -205,7 +206,9 @@ def train_cmd(
     finish_distributed()
     if rank != 0:
         return
-    out.print(f"stored [bold]{name}[/] in {st.root}; validation: " +
+    from .versions import stored_line
+
+    out.print(f"stored [bold]{escape(stored_line(st, name))}[/] in {st.root}; validation: " +
               (", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
                or "none"), highlight=False)
     from ..train.causal_lm import answer_text
