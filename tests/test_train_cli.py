@@ -51,6 +51,11 @@ def test_train_then_eval(files, tmp_path):
     assert res.exit_code == 0 and "toy -> toy@v2 (was v1" in res.output
     res = runner.invoke(app, ["rollback", "toy", "--store", str(tmp_path / "store")])
     assert res.exit_code == 0 and "toy -> toy@v1" in res.output
+    res = runner.invoke(app, ["eval", "toy@v2", "--file", str(data), "--text-field", "sentence", "--label-field", "y",
+                              "--base", str(base), "--store", str(tmp_path / "store"), "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["n"] == 6          # any command takes NAME@vN
+    res = runner.invoke(app, ["adapter", "inspect", "toy@v2", "--store", str(tmp_path / "store"), "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["name"] == "toy"
     res = runner.invoke(app, ["promote", "toy@v9", "--store", str(tmp_path / "store")])
     assert res.exit_code == 2 and "adapter 'toy' has no version 9; its versions: v1, v2" in res.output
 

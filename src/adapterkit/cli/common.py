@@ -92,7 +92,6 @@ def adapter_source(ref: str, store: Optional[Path]) -> tuple[Path, Optional[str]
     """Where an ADAPTER argument lives: (folder, None) for an existing folder, else (its folder in the
     store, name) for a stored adapter; a clear error naming both possibilities otherwise. Loads no
     model, so a command checks every argument before the (slow) base; creates no store."""
-    from ..core.adapter import validate_name
     from ..core.base import adapterkit_home
     from ..errors import AdapterkitError, AdapterNameError, AdapterNotFoundError
 
@@ -100,8 +99,10 @@ def adapter_source(ref: str, store: Optional[Path]) -> tuple[Path, Optional[str]
     if path.is_dir():
         return path, None
     root = Path(store) if store is not None else adapterkit_home() / "store"
+    from ..store import parse_ref
+
     try:
-        validate_name(ref)
+        parse_ref(ref)                                  # NAME or NAME@vN
     except AdapterNameError:
         reason = "not a valid adapter name"
     else:
