@@ -81,6 +81,7 @@ CREATE TABLE IF NOT EXISTS promotions (
     PRIMARY KEY (name, seq)
 )
 """
+_SETTINGS = "CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)"  # values are JSON
 _REF = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127})@v(?P<version>[1-9][0-9]{0,8})$")
 _TRIES = 5                     # reads that race a concurrent overwrite retry with the new row
 _COLUMNS = ("name", "method", "base_fingerprint", "base_name", "task", "labels", "metrics", "lineage",
@@ -105,6 +106,7 @@ class AdapterStore:
                 recover_dir(self.root / "adapters" / r["name"])   # an old-style swap cut by a crash
             conn.execute(_VERSIONS)
             conn.execute(_PROMOTIONS)
+            conn.execute(_SETTINGS)
             # a store from before versions: each adapter becomes its own promoted v1
             for r in conn.execute("SELECT * FROM adapters WHERE version IS NULL").fetchall():
                 conn.execute("UPDATE adapters SET version = 1 WHERE name = ?", (r["name"],))
@@ -388,6 +390,20 @@ class AdapterStore:
             if not conn.execute("UPDATE versions SET compare = ? WHERE name = ? AND version = ?",
                                 (json.dumps(numbers), name, version)).rowcount:
                 self._missing(ref)
+
+    def setting(self, key: str, default: Any = None) -> Any:
+        """A store-wide setting (e.g. "promotion_gate"), JSON."""
+        with closing(self._connect()) as conn:
+            row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return json.loads(row["value"]) if row is not None else default
+
+    def set_setting(self, key: str, value: Any) -> None:
+        """Set (None: clear) a store-wide setting."""
+        with closing(self._connect()) as conn, conn:
+            if value is None:
+                conn.execute("DELETE FROM settings WHERE key = ?", (key,))
+            else:
+                conn.execute("INSERT OR REPLACE INTO settings VALUES (?, ?)", (key, json.dumps(value)))
 
     @staticmethod
     def _switch(conn: sqlite3.Connection, version_row: sqlite3.Row) -> None:

@@ -35,18 +35,68 @@ def versions_cmd(name: str = typer.Argument(..., help="A stored adapter's name."
 
 
 def promote_cmd(ref: str = typer.Argument(..., help="NAME@vN: the version NAME should resolve to."),
+                max_nfr: Optional[float] = typer.Option(None, "--max-nfr", help="Refuse if the update's negative "
+                                                        "flip rate (from `adapterkit compare NAME NAME@vN`) is "
+                                                        "above this (default: the store's gate, `adapterkit gate`)."),
+                min_gain: Optional[float] = typer.Option(None, "--min-gain", help="Refuse if its accuracy gain is "
+                                                         "below this."),
+                force: bool = typer.Option(False, "--force", help="Promote without the gate."),
                 store: Optional[Path] = STORE_OPT) -> None:
     """Make NAME resolve to NAME@vN, in one commit: servers and routers see it at their next request
-    (requests in flight finish on the version they started with)."""
+    (requests in flight finish on the version they started with). With a gate (--max-nfr / --min-gain,
+    or the store's), the version's comparison with the promoted one must pass it."""
     from ..store import parse_ref
 
     try:
         name, version = parse_ref(ref)
-        before = open_store(store).promote(ref)
+        st = open_store(store)
+        gate = ({"max_nfr": max_nfr, "min_gain": min_gain} if max_nfr is not None or min_gain is not None
+                else st.setting("promotion_gate"))
+        if gate and not force and version is not None:
+            _check_gate(st, name, version, gate)
+        before = st.promote(ref)
     except AdapterkitError as exc:
         fail(exc)
     what = "already was" if before == version else f"was v{before}"
     out.print(f"{name} -> {name}@v{version} ({what}; `adapterkit rollback {name}` goes back)", highlight=False)
+
+
+def _check_gate(st, name: str, version: int, gate: dict) -> None:
+    from ..train.compare import gate_problems
+
+    ref = f"{name}@v{version}"
+    row = next((v for v in st.versions(name) if v["version"] == version), None)
+    if row is None:
+        st.path(ref)                                   # the store's error for an unknown version
+    current = f"{name}@v{st.show(name)['version']}"
+    numbers = row["compare"]
+    if numbers is None:
+        raise AdapterkitError(f"{ref} has no comparison to gate its promotion on: run `adapterkit compare {name} {ref} "
+                              "--task T` (or --file F) first, or promote with --force")
+    if numbers.get("old_ref") != current:
+        raise AdapterkitError(f"{ref} was compared with {numbers.get('old_ref')}, but {name!r} now resolves to "
+                              f"{current}: run `adapterkit compare {name} {ref} ...` again, or promote with --force")
+    problems = gate_problems(numbers, gate.get("max_nfr"), gate.get("min_gain"))
+    if problems:
+        raise AdapterkitError(f"the gate refuses {ref}: " + "; ".join(problems) + f" (compared with {current} on "
+                              f"{numbers['n']} rows); fix the update (retrain it on more or better data), or "
+                              "promote with --force")
+
+
+def gate_cmd(max_nfr: Optional[float] = typer.Option(None, "--max-nfr", help="Largest negative flip rate a "
+                                                     "promotion may bring."),
+             min_gain: Optional[float] = typer.Option(None, "--min-gain", help="Smallest accuracy gain."),
+             clear: bool = typer.Option(False, "--clear", help="No default gate."),
+             store: Optional[Path] = STORE_OPT) -> None:
+    """Show or set the store's default promotion gate (`promote` applies it unless given its own flags)."""
+    st = open_store(store)
+    if clear:
+        st.set_setting("promotion_gate", None)
+    elif max_nfr is not None or min_gain is not None:
+        st.set_setting("promotion_gate", {"max_nfr": max_nfr, "min_gain": min_gain})
+    gate = st.setting("promotion_gate")
+    out.print("no default promotion gate" if not gate else
+              f"promotion gate: negative flip rate <= {gate['max_nfr']}, gain >= {gate['min_gain']}", highlight=False)
 
 
 def rollback_cmd(name: str = typer.Argument(..., help="A stored adapter's name."),

@@ -1,0 +1,73 @@
+"""Adapter updates: negative flips (train/compare.py), `adapterkit compare`, and the promotion gate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import classification_files
+from typer.testing import CliRunner
+
+from adapterkit import ConfigError
+from adapterkit.cli import app
+from adapterkit.train.compare import compare_predictions, gate_problems
+
+
+def test_flip_rates_per_row_and_per_class():
+    gold = ["a", "a", "a", "b", "b", "b", "b", "b"]
+    old = ["a", "a", "b", "b", "b", "a", "a", "b"]      # right: 0 1 3 4 7
+    new = ["a", "b", "a", "b", "a", "b", "a", "b"]      # right: 0 2 3 5 7
+    got = compare_predictions(gold, old, new)
+    assert (got["n"], got["old_accuracy"], got["new_accuracy"], got["gain"]) == (8, 5 / 8, 5 / 8, 0.0)
+    assert (got["negative_flips"], got["positive_flips"]) == (2, 2)             # rows 1, 4 lost; 2, 5 won
+    assert got["negative_flip_rows"] == [1, 4] and got["negative_flip_rate"] == 2 / 8
+    assert got["inconsistency"] == 4 / 8                                        # rows 1, 2, 4, 5 changed
+    assert got["per_class"] == [
+        {"label": "a", "rows": 3, "old_accuracy": 2 / 3, "new_accuracy": 2 / 3, "negative_flips": 1, "positive_flips": 1},
+        {"label": "b", "rows": 5, "old_accuracy": 3 / 5, "new_accuracy": 3 / 5, "negative_flips": 1, "positive_flips": 1}]
+    assert got["gain"] == pytest.approx(got["positive_flip_rate"] - got["negative_flip_rate"])
+    assert gate_problems(got, 0.3, 0.0) == []
+    assert gate_problems(got, 0.1, 0.05) == [
+        "negative flip rate 0.2500 > 0.1 (2 of 8 rows the old version got right)",
+        "accuracy gain +0.0000 < +0.05 (0.6250 -> 0.6250)"]
+    with pytest.raises(ConfigError, match="compare needs one old and one new prediction per row"):
+        compare_predictions(["a"], ["a"], [])
+
+
+def test_cli_compare_stores_the_numbers_and_promote_applies_the_gate(tmp_path):
+    path, data = classification_files(tmp_path)
+    store = str(tmp_path / "s")
+    runner = CliRunner()
+    common = ["--base", str(path), "--train-file", str(data), "--store", store, "--no-progress"]
+    assert runner.invoke(app, ["train", "--name", "toy", "--steps", "2", "--lr", "1e-4", *common]).exit_code == 0
+    res = runner.invoke(app, ["train", "--name", "toy", "--steps", "12", "--seed", "3", *common])
+    assert res.exit_code == 0 and "toy@v2 (not promoted" in res.output.replace("\n", " ")
+    res = runner.invoke(app, ["compare", "toy", "toy@v2", "--file", str(data), "--store", store, "--json",
+                              "--no-progress", "--plot", str(tmp_path / "flips.png")])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert (got["n"], got["old_ref"], got["stored_with"]) == (12, "toy@v1", "toy@v2")
+    assert got["gain"] == pytest.approx(got["new_accuracy"] - got["old_accuracy"])
+    assert (tmp_path / "flips.png").stat().st_size > 1000
+    versions = json.loads(runner.invoke(app, ["versions", "toy", "--store", store, "--json"]).output)
+    assert versions[1]["compare"]["negative_flip_rate"] == got["negative_flip_rate"]
+    # a gate the update cannot pass (gain >= 2 is impossible) refuses, naming the numbers; nothing changes
+    res = runner.invoke(app, ["promote", "toy@v2", "--min-gain", "2", "--store", store])
+    assert res.exit_code == 2 and "the gate refuses toy@v2: accuracy gain" in res.output.replace("\n", " ")
+    assert json.loads(runner.invoke(app, ["show", "toy", "--store", store, "--json"]).output)["version"] == 1
+    # the store's default gate applies without flags; a passing one promotes
+    assert "negative flip rate <= 1.0" in runner.invoke(app, ["gate", "--max-nfr", "1.0", "--min-gain", "-1",
+                                                              "--store", store]).output
+    res = runner.invoke(app, ["promote", "toy@v2", "--store", store])
+    assert res.exit_code == 0 and "toy -> toy@v2 (was v1" in res.output
+    # v3 has no comparison: the default gate asks for one (or --force)
+    assert runner.invoke(app, ["train", "--name", "toy", "--steps", "2", *common]).exit_code == 0
+    res = runner.invoke(app, ["promote", "toy@v3", "--store", store])
+    assert res.exit_code == 2 and "toy@v3 has no comparison to gate its promotion on" in res.output.replace("\n", " ")
+    # a comparison against a version that is no longer the promoted one is stale
+    runner.invoke(app, ["compare", "toy@v1", "toy@v3", "--file", str(data), "--store", store, "--no-progress"])
+    res = runner.invoke(app, ["promote", "toy@v3", "--store", store])
+    assert res.exit_code == 2 and "was compared with toy@v1, but 'toy' now resolves to toy@v2" in \
+        res.output.replace("\n", " ")
+    assert runner.invoke(app, ["promote", "toy@v3", "--force", "--store", store]).exit_code == 0
+    assert "no default promotion gate" in runner.invoke(app, ["gate", "--clear", "--store", store]).output
