@@ -71,3 +71,66 @@ def test_cli_compare_stores_the_numbers_and_promote_applies_the_gate(tmp_path):
         res.output.replace("\n", " ")
     assert runner.invoke(app, ["promote", "toy@v3", "--force", "--store", store]).exit_code == 0
     assert "no default promotion gate" in runner.invoke(app, ["gate", "--clear", "--store", store]).output
+
+
+def test_the_compatible_loss_is_ce_plus_the_kl_to_the_old_version_on_its_right_rows():
+    import torch
+
+    from adapterkit.train import compatible
+
+    z = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    batch = {"labels": torch.tensor([0, 1, 0]), "old_probs": torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7]]),
+             "old_right": torch.tensor([True, True, False])}
+    original = compatible.logits
+    compatible.logits = lambda model, head, b: z
+    try:
+        ce = torch.nn.functional.cross_entropy(z, batch["labels"])
+        assert float(compatible.compat_loss(None, 0.0)(None, batch)) == pytest.approx(float(ce))
+        logp = torch.log_softmax(z, -1)
+        kl = (batch["old_probs"] * (batch["old_probs"].log() - logp)).sum(-1)
+        want = ce + 2.0 * (kl[0] + kl[1]) / 3                  # the row the old version got wrong is left out
+        assert float(compatible.compat_loss(None, 2.0)(None, batch)) == pytest.approx(float(want))
+    finally:
+        compatible.logits = original
+
+
+def test_a_compatible_update_stays_closer_to_the_old_version_where_it_was_right(tmp_path):
+    import torch
+
+    from adapterkit import AdapterRuntime, load_base
+    from adapterkit.store import AdapterStore
+    from adapterkit.train.classification import collate_fn, predict_proba
+    from adapterkit.train.compatible import old_targets
+    from conftest import CLASS_ROWS
+
+    path, data = classification_files(tmp_path)
+    store = str(tmp_path / "s")
+    runner = CliRunner()
+    common = ["--base", str(path), "--train-file", str(data), "--store", store, "--no-progress", "--eval-every", "0"]
+    assert runner.invoke(app, ["train", "--name", "v", "--steps", "6", "--seed", "1", *common]).exit_code == 0
+    assert runner.invoke(app, ["train", "--name", "v", "--steps", "10", "--seed", "2", *common]).exit_code == 0
+    res = runner.invoke(app, ["train", "--name", "v", "--steps", "10", "--seed", "2", "--compatible-with", "v@v1",
+                              "--compat-weight", "5", *common])
+    assert res.exit_code == 0, res.output
+    st = AdapterStore(store)
+    params = st.show("v@v3")["lineage"][0]["params"]
+    assert params["compatible_with"]["name"] == "v" and params["compatible_with"]["weight"] == 5.0
+    base = load_base(str(path))
+    from adapterkit.data.readers import Example
+    rows = [Example(t, y) for t, y in CLASS_ROWS]
+    old = st.get("v@v1")
+    p_old, right = old_targets(base, old, rows, old.head.labels, 128)
+    assert bool(right.any())
+
+    def kl_to_old(ref):
+        new = st.get(ref)
+        rt = AdapterRuntime.from_base(base)
+        rt.add(new)
+        _, p_new = predict_proba(rt, new.name, new.head, rows, collate_fn(base.tokenizer, new.head, 128))
+        kl = (p_old * (p_old.clamp_min(1e-12).log() - p_new.clamp_min(1e-12).log())).sum(-1)
+        return float(kl[right].mean())
+    assert kl_to_old("v@v3") < 0.7 * kl_to_old("v@v2")       # the same run without the distillation term
+    res = runner.invoke(app, ["train", "--name", "w", "--objective", "mlm", "--compatible-with", "v", *common])
+    assert res.exit_code == 2 and "--compatible-with trains classifiers" in res.output
+    res = runner.invoke(app, ["train", "--name", "w", "--compatible-with", "nope", *common])
+    assert res.exit_code == 2 and "no adapter named 'nope'" in res.output

@@ -65,6 +65,11 @@ def train_cmd(
                                        "stored packed (`adapter quantize` packs a trained one instead)."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="With --bits: values per scale (a multiple "
                                              "of 8; default 64)."),
+    compatible_with: Optional[str] = typer.Option(None, "--compatible-with", help="A compatible update (MUSCLE): "
+                                                  "the version users have now (NAME or NAME@vN); the new one "
+                                                  "also learns to keep its correct predictions (classifiers)."),
+    compat_weight: float = typer.Option(1.0, "--compat-weight", min=0.0, help="With --compatible-with: weight of "
+                                        "the distillation from the old version on the rows it got right."),
     init: str = typer.Option("default", "--init", help="LoRA's start: default (B = 0), corda-ipm (CorDA: the "
                              "weight's components the task's inputs use most; learns faster) or corda-kpm (those "
                              "they use least; keeps the base's knowledge). CorDA stores a rank-2r LoRA."),
@@ -132,6 +137,12 @@ def train_cmd(
                      checkpoint_every=checkpoint_every, bits=bits, group_size=group_size or 64,
                      init=init, calibration_rows=calibration_rows,
                      stack_on=tuple(n.strip() for n in stack_on.split(",") if n.strip()) if stack_on else ())
+        old_version = None
+        if compatible_with is not None:
+            if objective != "classification":
+                raise AdapterkitError(f"--compatible-with trains classifiers (distilling the old version's "
+                                      f"predictions); {objective} updates are not built yet: leave it out")
+            old_version = st.get(compatible_with)           # before the base: a clear error for a bad name
         if group_size is not None and bits is None:
             raise AdapterkitError("--group-size sets the scale groups of --bits: add --bits (1, 2, 4 or 8) or leave "
                                   "it out")
@@ -190,8 +201,9 @@ def train_cmd(
                 family = "" if method == "lora" else f" with {method}"
                 out.print(f"defaults for {objective}{family} on {len(train_data)} examples: {plan.describe()} (a flag "
                           "sets any of them)", markup=False, highlight=False, soft_wrap=True)
+            extra = {"compatible_with": old_version, "compat_weight": compat_weight} if old_version else {}
             adapter, metrics = trainer(loaded, name, train_data, eval_data, config=plan.config,
-                                       select_rows=plan.select_rows, **common)
+                                       select_rows=plan.select_rows, **common, **extra)
     except AdapterkitError as exc:
         fail(exc)
     except KeyboardInterrupt:

@@ -61,8 +61,10 @@ def train_classifier(
     resume: bool = False,
     log_path: str | None = None,
     select_rows: int | None = None, method: str = "lora", method_options: dict[str, Any] | None = None,
+    compatible_with: Adapter | None = None, compat_weight: float = 1.0,
 ) -> tuple[Adapter, dict[str, float]]:
-    """select_rows: validation rows (a seeded sample) of the best-checkpoint checks (None: all)."""
+    """select_rows: validation rows (a seeded sample) of the best-checkpoint checks (None: all).
+    compatible_with: the version users have now; the new one keeps its correct predictions (compatible.py)."""
     with run_lock(store, name):      # one run per name: a second trainer fails here
         adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
                             overwrite=overwrite, resume=resume, method=method,
@@ -77,8 +79,19 @@ def train_classifier(
                 "targets": list(adapter.config.target_modules), "max_length": max_length, "labels": labels}
         checks = selection_rows(eval_examples, select_rows, config.seed)        # best-checkpoint rows
         score = (lambda rt: evaluate(rt, adapter, checks, max_length)["accuracy"]) if eval_examples else None
-        rt, result = fit(base, adapter, train_examples, collate_fn(base.tokenizer, adapter.head, max_length),
-                         loss_fn(adapter.head), config, store=store, resume=resume, log_path=log_path,
+        rows, collate, loss = train_examples, collate_fn(base.tokenizer, adapter.head, max_length), loss_fn(adapter.head)
+        if compatible_with is not None:              # MUSCLE: distil the old version where it was right
+            from ..merge.common import content_fingerprint
+            from .compatible import CompatRow, compat_collate, compat_loss, old_targets
+
+            probs, right = old_targets(base, compatible_with, train_examples, labels, max_length)
+            rows = [CompatRow(e.text, e.label, i) for i, e in enumerate(train_examples)]
+            collate, loss = compat_collate(collate, probs, right), compat_loss(adapter.head, compat_weight)
+            info["compatible_with"] = {"name": compatible_with.name,
+                                       "fingerprint": content_fingerprint(compatible_with),
+                                       "weight": compat_weight, "old_right": round(float(right.float().mean()), 4)}
+        rt, result = fit(base, adapter, rows, collate,
+                         loss, config, store=store, resume=resume, log_path=log_path,
                          progress=progress, extra_params=[adapter.head.weight, adapter.head.bias], evaluate=score,
                          lengths=lengths, run_info=info,
                          sft=(method_options or {}) if method == "sparse" else None, eval_name="validation accuracy")
