@@ -95,7 +95,6 @@ def test_the_compatible_loss_is_ce_plus_the_kl_to_the_old_version_on_its_right_r
 
 
 def test_a_compatible_update_stays_closer_to_the_old_version_where_it_was_right(tmp_path):
-
     from adapterkit import AdapterRuntime, load_base
     from adapterkit.store import AdapterStore
     from adapterkit.train.classification import collate_fn, predict_proba
