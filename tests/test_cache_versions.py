@@ -88,6 +88,36 @@ def test_store_overwrite_while_serving(env, tmp_path):
         engine.stop(drain=False)
 
 
+def test_a_promotion_is_served_at_the_next_request_and_in_flight_finishes_on_its_version(env, tmp_path):
+    """Store versions: putting k3 again stores k3@v2 unserved; `promote` switches the name in one commit and
+    the next request gets v2 (no restart); a request in flight finishes on v1; rollback serves v1 again."""
+    store = AdapterStore(tmp_path / "store")
+    v1, v2 = env.lora("k3", 6), env.lora("k3", 7)
+    want1, want2, want1_long = alone(env, v1), alone(env, v2), alone(env, v1, LONG)
+    assert want1 != want2
+    store.put(v1)
+    engine = engine_over(env, store=store)
+    try:
+        assert tokens(engine, "k3") == want1
+        assert store.put_version(v2).ref == "k3@v2"
+        assert tokens(engine, "k3") == want1                     # stored, not promoted: still v1
+        flight = engine.submit(GenerationRequest(prompt_ids=PROMPT, adapter="k3", params=LONG))
+        deadline = time.monotonic() + 30
+        while not flight.token_ids:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        with engine.cache.locked():
+            assert flight.final is None
+            store.promote("k3@v2")
+        assert tokens(engine, "k3") == want2                     # the next request: the promoted version
+        assert flight.result(timeout=60).finish_reason == "length"
+        assert tuple(flight.token_ids) == want1_long             # in flight: finished on version 1
+        store.rollback("k3")
+        assert tokens(engine, "k3") == want1
+    finally:
+        engine.stop(drain=False)
+
+
 def test_root_folder_swapped_and_load_by_path_rewritten(env, tmp_path):
     root = tmp_path / "root"
     v1, v2, v3 = env.lora("d", 3), env.lora("d", 4), env.lora("d", 5)
