@@ -14,6 +14,7 @@ from adapterkit.errors import UnsupportedError
 from adapterkit.methods.bottleneck import BottleneckConfig
 from adapterkit.methods.full import FullConfig
 from adapterkit.methods.ia3 import Ia3Config
+from adapterkit.methods.mora import MoraConfig
 from adapterkit.methods.fusion import FusionConfig
 from adapterkit.methods.scalearn import ScaLearnConfig, source_config_json
 from adapterkit.methods.sparse import SparseConfig
@@ -58,6 +59,9 @@ METHOD_CONFIGS = {
                                               init_std=0.3),
     "scalearn": _scalearn,
     "fusion": _fusion,
+    # top-k gating over rank-1 experts: 2 of 4, all of 3, and 2 of 5 past a threshold
+    "mora": lambda targets, i: MoraConfig(r=(4, 3, 5)[i], top_k=(2, 3, 2)[i], threshold=(0.0, 0.0, 0.05)[i],
+                                          target_modules=targets, init="nonzero", init_std=0.3),
 }
 
 

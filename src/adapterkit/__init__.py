@@ -15,6 +15,7 @@ from .methods.full import FullConfig
 from .methods.fusion import FusionConfig
 from .methods.ia3 import Ia3Config
 from .methods.lora import LoraConfig
+from .methods.mora import MoraConfig
 from .methods.scalearn import ScaLearnConfig
 from .methods.sparse import SparseConfig
 from .core.runtime import AdapterRuntime
@@ -24,7 +25,7 @@ __all__ = [
     "AdapterBatch", "build_batch", "AdapterkitError", "AdapterNameError", "AdapterNotFoundError",
     "BaseMismatchError", "BaseNotAvailableError", "ConfigError", "CorruptAdapterError", "TargetError",
     "UnsupportedError", "generate", "merge", "merge_reversible", "merge_with_report", "recover", "get_method", "method_names", "LoraConfig", "Ia3Config", "BottleneckConfig", "SparseConfig", "FullConfig",
-    "ScaLearnConfig", "FusionConfig", "LowBit", "quantize",
+    "ScaLearnConfig", "FusionConfig", "MoraConfig", "LowBit", "quantize",
     "AdapterRuntime",
 ]
 __version__ = "0.1.0"

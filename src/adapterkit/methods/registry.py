@@ -12,6 +12,7 @@ from .full import FULL
 from .fusion import FUSION
 from .ia3 import IA3
 from .lora import LORA
+from .mora import MORA
 from .scalearn import SCALEARN
 from .sparse import SPARSE
 
@@ -32,6 +33,7 @@ register_method(SPARSE)
 register_method(FULL)
 register_method(SCALEARN)
 register_method(FUSION)
+register_method(MORA)
 
 
 def get_method(name: str) -> Method:

@@ -63,7 +63,8 @@ RECIPES = {
 # scalearn (ω near 2/N over frozen sources): IA3's factor, a vector near a constant as IA3's is; fusion
 # (d x d projections, the value starting at the identity): LoRA's. Neither swept on a tuning task yet
 # (issue 15's benchmark does that).
-METHOD_LR = {"lora": 1.0, "ia3": 5.0, "bottleneck": 5.0, "sparse": 0.05, "scalearn": 5.0, "fusion": 1.0}
+METHOD_LR = {"lora": 1.0, "ia3": 5.0, "bottleneck": 5.0, "sparse": 0.05, "scalearn": 5.0, "fusion": 1.0,
+             "mora": 1.0}   # MoRA: LoRA's (rank-1 experts of the same scale; provisional, untuned)
 TRAINABLE = tuple(METHOD_LR)
 # Where a family's factor differs by base kind. Bottleneck on a causal LM: the MiniLM factor (5x, lr 1e-2)
 # diverged on SmolLM2 (held-out rt-sentiment, benchmarks/methods.py: loss above chance, test 0.562 vs

@@ -124,8 +124,27 @@ def start_run(base: Base, name: str, *, task: str | None, store: AdapterStore, c
     check_run(store, name, overwrite=overwrite, resume=resume)
     if getattr(get_method(method), "composes", False):      # scalearn, fusion: over stored sources
         return _composition(base, name, store, method=method, seed=config.seed, task=task, **(options or {}))
+    if method == "mora" and (options or {}).get("continue_from"):
+        return _continued(base, name, store, seed=config.seed, task=task, **(options or {}))
     family = adapter_config(method, base, r=r, alpha=alpha, targets=targets, **(options or {}))
     return create_adapter(name, base.model, family, seed=config.seed, fingerprint=base.fingerprint, base_name=base.name, task=task)
+
+
+def _continued(base: Base, name: str, store: AdapterStore, *, seed: int, task: str | None, continue_from: str,
+               top_k: int | None = None, threshold: float | None = None) -> Adapter:
+    """MoRA's next task: the stored adapter's experts frozen (and selectable), r fresh ones appended."""
+    from ..methods.mora import carried_tensors, continue_from as next_config
+    from ..merge.common import content_fingerprint
+
+    previous = store.get(continue_from)
+    changes = {k: v for k, v in (("top_k", top_k), ("threshold", threshold)) if v is not None}
+    config = next_config(previous, changes)
+    fresh = create_adapter(name, base.model, config, seed=seed, fingerprint=base.fingerprint, base_name=base.name,
+                           task=task)
+    fresh.tensors = carried_tensors(previous, fresh.tensors)
+    fresh.meta.lineage = [{"op": "continue", "inputs": [{"name": continue_from,
+                                                         "fingerprint": content_fingerprint(previous)}]}]
+    return fresh
 
 
 def _composition(base: Base, name: str, store: AdapterStore, *, method: str, seed: int, task: str | None,
@@ -162,13 +181,18 @@ def adapter_config(method: str, base: Base, *, r: int = 8, alpha: float = 16.0,
         return BottleneckConfig.for_model(model_type, **given)
     if method == "lora":
         return LoraConfig(r=r, alpha=alpha, target_modules=tuple(targets or DEFAULT_TARGETS[base.kind]))
+    if method == "mora":
+        from ..methods.mora import MoraConfig
+
+        given = {k: v for k, v in options.items() if v is not None and k in ("top_k", "threshold")}
+        return MoraConfig(r=r, alpha=alpha, target_modules=tuple(targets or DEFAULT_TARGETS[base.kind]), **given)
     if method == "ia3":
         model_type = getattr(base.model.config, "model_type", "?")
         if targets is None:
             return Ia3Config.for_model(model_type)
         known = Ia3Config.for_model(model_type).feedforward_modules if model_type in IA3_TYPES else ()
         return Ia3Config(target_modules=tuple(targets), feedforward_modules=tuple(t for t in targets if t in known))
-    raise ConfigError(f"no adapter family {method!r} to make here; use lora, ia3, bottleneck or sparse")
+    raise ConfigError(f"no adapter family {method!r} to make here; use lora, ia3, bottleneck, sparse or mora")
 
 
 def _stack(rt: AdapterRuntime, adapter: Adapter, store: AdapterStore, names: Sequence[str],
@@ -271,7 +295,8 @@ def finish(store: AdapterStore, adapter: Adapter, metrics: dict[str, Any], param
     """Record metrics and lineage, store the adapter (rank 0 only), then drop the checkpoint."""
     adapter.meta.metrics = {f"validation_{k}": v for k, v in metrics.items()}
     # a composition's inputs are its sources, pinned by content fingerprint (train/compose.py)
-    inputs = next((e["sources"] for e in adapter.meta.lineage if e.get("op") == "compose"), [])
+    inputs = next((e["sources"] if e.get("op") == "compose" else e["inputs"] for e in adapter.meta.lineage
+                   if e.get("op") in ("compose", "continue")), [])   # MoRA: the adapter it continues
     adapter.meta.lineage = [{"op": "train", "inputs": inputs, "params": params}]
     if dist_rank_world()[0] == 0:
         store.put(adapter, overwrite=overwrite)
