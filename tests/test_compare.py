@@ -132,3 +132,34 @@ def test_a_compatible_update_stays_closer_to_the_old_version_where_it_was_right(
     assert res.exit_code == 2 and "--compatible-with trains classifiers" in res.output
     res = runner.invoke(app, ["train", "--name", "w", "--compatible-with", "nope", *common])
     assert res.exit_code == 2 and "no adapter named 'nope'" in res.output
+
+
+def test_cli_compare_of_instruction_adapters_uses_exact_match_and_completion_loss(tiny_llm_dir, tmp_path):
+    from adapterkit import LoraConfig, create_adapter, load_base
+    from adapterkit.store import AdapterStore
+    from adapterkit.train.compare import compare_instruction_rows
+    from conftest import ATTN
+
+    rows_old = [{"loss_sum": 2.0, "tokens": 2, "exact": True}, {"loss_sum": 1.0, "tokens": 1, "exact": False},
+                {"loss_sum": 3.0, "tokens": 3, "exact": True}]
+    rows_new = [{"loss_sum": 4.0, "tokens": 2, "exact": False}, {"loss_sum": 0.5, "tokens": 1, "exact": True},
+                {"loss_sum": 3.0, "tokens": 3, "exact": True}]
+    got = compare_instruction_rows(rows_old, rows_new)
+    assert (got["negative_flips"], got["positive_flips"], got["negative_flip_rows"]) == (1, 1, [0])
+    assert got["old_loss"] == pytest.approx(1.0) and got["new_loss"] == pytest.approx((2.0 + 0.5 + 1.0) / 3)
+    assert got["loss_rise_rate"] == pytest.approx(1 / 3) and got["worst_rows"] == [{"row": 0, "old_loss": 1.0,
+                                                                                     "new_loss": 2.0}]
+    base = load_base(str(tiny_llm_dir))
+    st = AdapterStore(tmp_path / "s")
+    for seed in (0, 1):
+        st.put(create_adapter("chat", base.model, LoraConfig(r=2, target_modules=ATTN, init="nonzero", init_std=0.3),
+                              seed=seed, fingerprint=base.fingerprint, base_name=str(tiny_llm_dir)))
+    records = tmp_path / "r.jsonl"
+    records.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n"
+                               for p, c in [("hello", "world"), ("the cat", "runs"), ("a dog", "is here")]))
+    res = CliRunner().invoke(app, ["compare", "chat", "chat@v2", "--file", str(records), "--store", str(tmp_path / "s"),
+                                   "--json", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["metric"] == "exact_match" and out["n"] == 3 and out["old_loss"] != out["new_loss"]
+    assert out["stored_with"] == "chat@v2"

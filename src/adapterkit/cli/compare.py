@@ -30,7 +30,8 @@ def compare_cmd(
     dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Accuracy of both, the gain, the negative flip rate (rows OLD got right and NEW gets wrong), the
-    positive flip rate, inconsistency and a per-class table. When NEW is a stored version, the numbers
+    positive flip rate, inconsistency and a per-class table (instruction adapters: greedy exact match,
+    and per-example completion-loss rises). When NEW is a stored version, the numbers
     are stored with it (`adapterkit versions` shows them; `promote --max-nfr` reads them)."""
     from ..core.base import load_base
     from ..store import parse_ref
@@ -39,7 +40,15 @@ def compare_cmd(
 
     try:
         a, b = load_adapter(old, store), load_adapter(new, store)
-        examples = _examples(task, split, file, text_field, label_field)
+        if a.head is None and b.head is None:           # instruction adapters: prompt/completion records
+            from ..data.readers import read_records
+
+            if file is None:
+                raise AdapterkitError("instruction adapters are compared on --file with JSONL prompt/completion or "
+                                      "messages records")
+            examples = read_records(file)[0]
+        else:
+            examples = _examples(task, split, file, text_field, label_field)
         dev, dt = device_dtype(device, dtype)
         base = load_base(b.meta.base_name or a.meta.base_name or "smollm2-135m", dt, dev)
         numbers = compare_adapters(base, a, b, examples, max_length, progress=progress)
@@ -72,7 +81,11 @@ def compare_cmd(
     for c in numbers["per_class"]:
         table.add_row(c["label"], str(c["rows"]), f"{c['old_accuracy']:.3f}", f"{c['new_accuracy']:.3f}",
                       str(c["negative_flips"]), str(c["positive_flips"]))
-    out.print(table)
+    if numbers["per_class"]:
+        out.print(table)
+    if "old_loss" in numbers:
+        out.print(f"completion loss {numbers['old_loss']:.4f} -> {numbers['new_loss']:.4f}; rows whose loss rose by "
+                  f"more than {numbers['loss_rise_nats']} nats: {numbers['loss_rise_rate']:.4f}", highlight=False)
     if target is not None:
         out.print(f"stored with {target}", highlight=False)
 
@@ -87,7 +100,8 @@ def _plot(numbers: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    classes = numbers["per_class"]
+    classes = numbers["per_class"] or [{"label": "all rows", **{k: numbers[k] for k in (
+        "old_accuracy", "new_accuracy", "negative_flips", "positive_flips")}}]       # instruction adapters
     xs = range(len(classes))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
     ax1.bar([x - 0.2 for x in xs], [c["old_accuracy"] for c in classes], 0.4, label="old")

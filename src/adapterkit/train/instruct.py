@@ -31,11 +31,22 @@ def evaluate_instructions(rt: AdapterRuntime, name: str, records: Sequence[Mappi
                           batch_size: int = 8, progress: bool = False, exact: bool = True) -> dict[str, float]:
     """Completion-token loss and perplexity (token-weighted), and greedy exact match unless not
     `exact` (generation is the slow part; a progress bar over the records when `progress`)."""
+    rows = score_records(rt, name, records, max_length, batch_size, progress, exact)
+    total, count = sum(r["loss_sum"] for r in rows), sum(r["tokens"] for r in rows)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            **({"exact_match": sum(r["exact"] for r in rows) / len(records)} if exact else {}), "n": len(records)}
+
+
+def score_records(rt: AdapterRuntime, name: str, records: Sequence[Mapping[str, Any]], max_length: int,
+                  batch_size: int = 8, progress: bool = False, exact: bool = True) -> list[dict[str, Any]]:
+    """Per record: loss_sum and tokens of its completion, and (unless not `exact`) whether greedy decoding
+    reproduces the completion exactly."""
     tok = rt.tokenizer
     if tok is None or not records:
         raise ConfigError("evaluation needs a runtime built from a base with a tokenizer, and records")
     pad = pad_id(tok)
-    total, count, matched = 0.0, 0, 0
+    out: list[dict[str, Any]] = []
     with RowProgress(len(records), progress) as bar:
         for start in range(0, len(records), batch_size):
             chunk = list(records[start:start + batch_size])
@@ -44,22 +55,22 @@ def evaluate_instructions(rt: AdapterRuntime, name: str, records: Sequence[Mappi
                 logits = rt.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]
             losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels,
-                                                       ignore_index=IGNORE, reduction="sum")
-            total, count = total + float(losses), count + int((labels != IGNORE).sum())
-            for record in (chunk if exact else ()):      # greedy exact match, one record at a time
+                                                       ignore_index=IGNORE, reduction="none").sum(1)   # [B]
+            counts = (labels != IGNORE).sum(1)
+            rows = [{"loss_sum": float(s), "tokens": int(c), "exact": None} for s, c in zip(losses, counts)]
+            for row, record in zip(rows, chunk if exact else ()):   # greedy exact match, one record at a time
                 prompt, want = generation_target(tok, record)
                 with rt.batch([name]):
-                    out = rt.model.generate(torch.tensor([prompt], device=rt.device),
+                    gen = rt.model.generate(torch.tensor([prompt], device=rt.device),
                                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long,
                                                                       device=rt.device),
                                             max_new_tokens=len(want) + 1, do_sample=False, pad_token_id=pad)
-                got = out[0, len(prompt):].tolist()
+                got = gen[0, len(prompt):].tolist()
                 got = got[: got.index(tok.eos_token_id)] if tok.eos_token_id in got else got
-                matched += int(got == want)
+                row["exact"] = got == want
+            out.extend(rows)
             bar.advance(len(chunk))
-    loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-            **({"exact_match": matched / len(records)} if exact else {}), "n": len(records)}
+    return out
 
 
 def train_instructions(base: Base, name: str, train_records: Sequence[Mapping[str, Any]],
