@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""Adapter updates (issue 17's benchmark): negative flips of a naive update vs a compatible one (MUSCLE),
+through the CLI as a user runs it, on MiniLM (SmolLM2's runs take ~10x longer on two cores).
+
+Per task and seed: v1 trained on a seeded 30 % of the training rows (`--train-rows`), v2 on all of them
+(naive), v3 on all of them with `--compatible-with NAME@v1` (compatible; --compat-weight); both updates
+compared with v1 on the test split (`adapterkit compare NAME@v1 NAME@vK --task T`): accuracy gain,
+negative flip rate (v1 right, update wrong), positive flip rate. Rows append to results/update_runs.jsonl
+(finished (task, seed) pairs are skipped).
+
+Targets: the compatible update cuts the negative flip rate by >= 30 % relative to the naive one while
+losing <= 0.5 points of its accuracy gain (means over >= 3 seeds).
+
+    .venv/bin/python benchmarks/update.py [--tasks rt-sentiment,tweet-sentiment,reuters-r8] [--seeds 0,1,2]
+    .venv/bin/python benchmarks/update.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from cli_runs import cli, log  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+BASE = "minilm-l6"
+TASKS = ("rt-sentiment", "tweet-sentiment", "reuters-r8")
+SHARE = 0.3
+NFR_CUT, GAIN_LOSS = 0.30, 0.005
+
+
+def store_dir() -> Path:
+    return Path(os.environ.get("ADAPTERKIT_HOME", Path.home() / ".adapterkit")) / "bench" / "update-store"
+
+
+def run(args: list[str], env: dict) -> str:
+    extra = ["--no-progress"] if args[0] in ("train", "compare") else []
+    return cli([*args, *extra, "--store", str(store_dir())], env)[0]
+
+
+def train_rows(task: str, env: dict) -> int:
+    return json.loads(cli(["data", "show", task, "--json"], env)[0])["sizes"]["train"]
+
+
+def one(task: str, seed: int, a, env: dict) -> dict:
+    name = f"upd-{task}-s{seed}"
+    common = ["train", "--base", BASE, "--task", task, "--name", name, "--seed", str(seed)]
+    n = max(1, round(SHARE * train_rows(task, env)))
+    run([*common, "--train-rows", str(n), "--overwrite"], env)                  # v1 (fresh history)
+    run(common, env)                                                            # v2: naive
+    run([*common, "--compatible-with", f"{name}@v1", "--compat-weight", str(a.weight)], env)   # v3: compatible
+    got = {}
+    for label, version in (("naive", 2), ("compatible", 3)):
+        got[label] = json.loads(run(["compare", f"{name}@v1", f"{name}@v{version}", "--task", task, "--json"], env))
+        got[label].pop("negative_flip_rows", None)
+    return {"task": task, "seed": seed, "v1_rows": n, "compat_weight": a.weight, **got,
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def table(path: Path) -> None:
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    out = []
+    for task in sorted({r["task"] for r in rows}):
+        mine = [r for r in rows if r["task"] == task]
+        cell = {"task": task, "seeds": len(mine)}
+        for kind in ("naive", "compatible"):
+            for k in ("gain", "negative_flip_rate", "positive_flip_rate"):
+                vals = [r[kind][k] for r in mine]
+                cell[f"{kind}_{k}"] = statistics.mean(vals)
+                cell[f"{kind}_{k}_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        cell["nfr_cut"] = 1 - cell["compatible_negative_flip_rate"] / max(cell["naive_negative_flip_rate"], 1e-12)
+        cell["gain_lost"] = cell["naive_gain"] - cell["compatible_gain"]
+        cell["met"] = cell["nfr_cut"] >= NFR_CUT and cell["gain_lost"] <= GAIN_LOSS
+        out.append(cell)
+    (RESULTS / "update.json").write_text(json.dumps({"benchmark": "update", "base": BASE, "rows": out}, indent=1)
+                                         + "\n")
+    print("| task | seeds | naive gain | naive NFR | compatible gain | compatible NFR | NFR cut | met |")
+    print("|---|---|---|---|---|---|---|---|")
+    for c in out:
+        print(f"| {c['task']} | {c['seeds']} | {c['naive_gain']:+.3f} | {c['naive_negative_flip_rate']:.3f} "
+              f"({c['naive_negative_flip_rate_sd']:.3f}) | {c['compatible_gain']:+.3f} | "
+              f"{c['compatible_negative_flip_rate']:.3f} ({c['compatible_negative_flip_rate_sd']:.3f}) | "
+              f"{c['nfr_cut']:.0%} | {'yes' if c['met'] else 'no'} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--weight", type=float, default=1.0, help="--compat-weight of the compatible update")
+    p.add_argument("--runs", type=Path, default=RESULTS / "update_runs.jsonl")
+    p.add_argument("--table", action="store_true")
+    a = p.parse_args()
+    if a.table:
+        table(a.runs)
+        return
+    env = {**os.environ, "ADAPTERKIT_DEVICE": "cpu"}
+    done = set()
+    if a.runs.is_file():
+        done = {(r["task"], r["seed"], r.get("compat_weight", 1.0))
+                for r in map(json.loads, filter(str.strip, a.runs.read_text().splitlines()))}
+    for task in a.tasks.split(","):
+        for seed in map(int, a.seeds.split(",")):
+            if (task, seed, a.weight) in done:
+                continue
+            r = one(task, seed, a, env)
+            with a.runs.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+            log(f"{task} seed {seed}: naive NFR {r['naive']['negative_flip_rate']:.3f} gain {r['naive']['gain']:+.3f}; "
+                f"compatible NFR {r['compatible']['negative_flip_rate']:.3f} gain {r['compatible']['gain']:+.3f}")
+    table(a.runs)
+
+
+if __name__ == "__main__":
+    main()
