@@ -56,6 +56,14 @@ def test_continue_from_freezes_the_old_experts_and_trains_new_ones(tmp_path):
     assert runner.invoke(app, ["train", "--name", "plain", *lora]).exit_code == 0
     res = runner.invoke(app, ["train", "--name", "bad", "--continue-from", "plain", *common])
     assert res.exit_code == 2 and "--continue-from 'plain': it is a LoRA adapter; MoRA continues" in res.output
+    # sequential LoRA (the forgetting baseline): the stored adapter's tensors train further
+    res = runner.invoke(app, ["train", "--name", "plain2", "--continue-from", "plain", "--lr", "1e-12", *lora])
+    assert res.exit_code == 0, res.output
+    before, after = st.get("plain"), st.get("plain2")
+    for site in before.sites:
+        torch.testing.assert_close(after.tensors[site]["lora_A"], before.tensors[site]["lora_A"])
+    res = runner.invoke(app, ["train", "--name", "bad", "--continue-from", "t1", *lora])
+    assert res.exit_code == 2 and "--continue-from 't1': it is a MoRA adapter; a LoRA run continues" in res.output
 
 
 def test_frozen_experts_take_no_gradient():

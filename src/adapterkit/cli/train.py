@@ -60,9 +60,10 @@ def train_cmd(
     variant: Optional[str] = typer.Option(None, "--variant", help="ScaLearn: vector (default: ω a vector per "
                                           "source and site), uniform (a scalar), shared / shared-uniform (one ω "
                                           "for all layers: ScaLearn++ / Uniform++)."),
-    continue_from: Optional[str] = typer.Option(None, "--continue-from", help="MoRA (--method mora): the stored "
-                                                "adapter of the earlier tasks; its experts stay frozen (and "
-                                                "selectable) and --r new ones learn this task."),
+    continue_from: Optional[str] = typer.Option(None, "--continue-from", help="A task after others: the stored "
+                                                "adapter of the earlier tasks. MoRA: its experts stay frozen (and "
+                                                "selectable) and --r new ones learn this task; LoRA: its tensors "
+                                                "train further (sequential fine-tuning)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="MoRA: experts a token activates (default 4)."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="MoRA: |normalised score| below which an "
                                               "expert stays off (default 0)."),
@@ -165,7 +166,8 @@ def train_cmd(
                        "sparse": dict(sparse_params=sparse_params, sparse_proportion=sparse_proportion,
                                       dense_steps=dense_steps, l1=l1),
                        "scalearn": dict(sources=sources, variant=variant), "fusion": dict(sources=sources),
-                       "mora": dict(continue_from=continue_from, top_k=top_k, threshold=threshold)}
+                       "mora": dict(continue_from=continue_from, top_k=top_k, threshold=threshold),
+                       "lora": dict(continue_from=continue_from)}
             own = options.get(method, {})
             for family, given in options.items():
                 stray = {k: v for k, v in given.items() if v is not None and k not in own}

@@ -124,24 +124,35 @@ def start_run(base: Base, name: str, *, task: str | None, store: AdapterStore, c
     check_run(store, name, overwrite=overwrite, resume=resume)
     if getattr(get_method(method), "composes", False):      # scalearn, fusion: over stored sources
         return _composition(base, name, store, method=method, seed=config.seed, task=task, **(options or {}))
-    if method == "mora" and (options or {}).get("continue_from"):
-        return _continued(base, name, store, seed=config.seed, task=task, **(options or {}))
+    if (options or {}).get("continue_from"):     # a task after others: sequential LoRA, MoRA's new experts
+        return _continued(base, name, store, method=method, seed=config.seed, task=task, **(options or {}))
     family = adapter_config(method, base, r=r, alpha=alpha, targets=targets, **(options or {}))
     return create_adapter(name, base.model, family, seed=config.seed, fingerprint=base.fingerprint, base_name=base.name, task=task)
 
 
-def _continued(base: Base, name: str, store: AdapterStore, *, seed: int, task: str | None, continue_from: str,
-               top_k: int | None = None, threshold: float | None = None) -> Adapter:
-    """MoRA's next task: the stored adapter's experts frozen (and selectable), r fresh ones appended."""
+def _continued(base: Base, name: str, store: AdapterStore, *, method: str, seed: int, task: str | None,
+               continue_from: str, top_k: int | None = None, threshold: float | None = None) -> Adapter:
+    """The next task's adapter. MoRA: the stored adapter's experts frozen (and selectable), r fresh ones
+    appended. LoRA: the stored adapter's own tensors, trained further (sequential fine-tuning, which
+    forgets: the baseline continual learning is measured against). Its head is the new task's."""
     from ..methods.mora import carried_tensors, continue_from as next_config
     from ..merge.common import content_fingerprint
 
     previous = store.get(continue_from)
-    changes = {k: v for k, v in (("top_k", top_k), ("threshold", threshold)) if v is not None}
-    config = next_config(previous, changes)
-    fresh = create_adapter(name, base.model, config, seed=seed, fingerprint=base.fingerprint, base_name=base.name,
-                           task=task)
-    fresh.tensors = carried_tensors(previous, fresh.tensors)
+    if method == "lora":
+        if previous.config.type != "lora":
+            raise ConfigError(f"--continue-from {continue_from!r}: it is {previous.method.an_adapter}; a LoRA run "
+                              "continues a LoRA adapter")
+        fresh = create_adapter(name, base.model, previous.config, seed=seed, fingerprint=base.fingerprint,
+                               base_name=base.name, task=task)
+        fresh.tensors = {s: {k: t.detach().clone() for k, t in p.items()} for s, p in previous.tensors.items()}
+    elif method == "mora":
+        changes = {k: v for k, v in (("top_k", top_k), ("threshold", threshold)) if v is not None}
+        fresh = create_adapter(name, base.model, next_config(previous, changes), seed=seed,
+                               fingerprint=base.fingerprint, base_name=base.name, task=task)
+        fresh.tensors = carried_tensors(previous, fresh.tensors)
+    else:
+        raise ConfigError(f"--continue-from continues a LoRA or MoRA adapter; this run trains {method}")
     fresh.meta.lineage = [{"op": "continue", "inputs": [{"name": continue_from,
                                                          "fingerprint": content_fingerprint(previous)}]}]
     return fresh
