@@ -58,6 +58,11 @@ _MIN_CELL = 8           # a long listing column gets at least this many characte
 _SHORT = 10             # a column whose cells and header all fit in this many is never wrapped
 
 
+def metrics_cell(metrics: dict) -> str:
+    """"accuracy=0.9312, n=486": a catalog row's metrics in one table cell."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
 def print_listing(headers: Sequence[str], rows: Sequence[Sequence[str]], keep: Sequence[str] = ()) -> None:
     """A table whose first column is the key users type (a name): it is never cut; short columns stay
     whole and long ones fold rather than end in "…". When the terminal is too narrow for every column,

@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 
 from .common import (ADAPTER_HELP, DEVICE_OPT, DTYPE_OPT, STORE_OPT, adapter_source, device_dtype, err, fail,
-                         load_adapter, open_store, out, print_listing, print_record)
+                         load_adapter, metrics_cell, open_store, out, print_listing, print_record)
 from .codec import export_peft_cmd, quantize_cmd
 from .merge import merge_cmd
 from .route import route_app
@@ -360,7 +360,7 @@ def ls(store: Optional[Path] = STORE_OPT, as_json: bool = typer.Option(False, "-
         return
     table = []
     for r in rows:
-        metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
+        metrics = metrics_cell(r["metrics"])
         # the family's own line; a row stored before summaries: its LoRA ranks
         summary = r.get("summary") or f"{r['method']} r={','.join(map(str, r['ranks']))}"
         cells = [r["name"], summary, r["task"] or "", str(len(r["labels"])) if r["labels"] else "", metrics,

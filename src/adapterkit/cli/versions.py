@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from .common import STORE_OPT, fail, open_store, out, print_listing
+from .common import STORE_OPT, fail, metrics_cell, open_store, out, print_listing
 from ..errors import AdapterkitError
 
 
@@ -28,7 +28,7 @@ def versions_cmd(name: str = typer.Argument(..., help="A stored adapter's name."
         return
     table = []
     for r in rows:
-        metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
+        metrics = metrics_cell(r["metrics"])
         table.append([("* " if r["promoted"] else "  ") + r["ref"], r.get("summary") or r["method"], metrics,
                       r["created"]])
     print_listing(("version", "adapter", "metrics", "created"), [[escape(c) for c in row] for row in table])
