@@ -129,7 +129,7 @@ def test_a_compatible_update_stays_closer_to_the_old_version_where_it_was_right(
         return float(kl[right].mean())
     assert kl_to_old("v@v3") < 0.7 * kl_to_old("v@v2")       # the same run without the distillation term
     res = runner.invoke(app, ["train", "--name", "w", "--objective", "mlm", "--compatible-with", "v", *common])
-    assert res.exit_code == 2 and "--compatible-with trains classifiers" in res.output
+    assert res.exit_code == 2 and "a masked-LM adapter has none to keep" in res.output
     res = runner.invoke(app, ["train", "--name", "w", "--compatible-with", "nope", *common])
     assert res.exit_code == 2 and "no adapter named 'nope'" in res.output
 
@@ -163,3 +163,47 @@ def test_cli_compare_of_instruction_adapters_uses_exact_match_and_completion_los
     out = json.loads(res.stdout)
     assert out["metric"] == "exact_match" and out["n"] == 3 and out["old_loss"] != out["new_loss"]
     assert out["stored_with"] == "chat@v2"
+
+
+def test_a_compatible_instruction_update_keeps_the_old_versions_right_tokens(lm_setup, tmp_path):
+    """CompatLMLoss: the LM loss plus the KL from the old version on the completion tokens it predicted right;
+    weight 0 is the plain loss, and the distilled update ends closer to the old version there."""
+    import copy
+
+    import torch
+
+    from adapterkit import AdapterRuntime, LoraConfig, create_adapter
+    from adapterkit.train.compatible import CompatLMLoss
+    from adapterkit.train.instruct import lm_loss
+    from adapterkit.train.trainer import TrainConfig, train
+    from conftest import ATTN
+
+    base, examples, coll = lm_setup
+    rt = AdapterRuntime.from_base(base)
+    rt.add(create_adapter("old", base.model, LoraConfig(r=4, target_modules=ATTN), seed=1))
+    train(rt, "old", examples, coll, lm_loss, TrainConfig(steps=8, batch_size=4, lr=3e-2))   # right on some tokens
+    old = rt.adapters["old"]
+    batch = coll(examples)
+    plain = CompatLMLoss("old", 0.0)
+    plain.bind(rt)
+    with torch.no_grad():
+        assert float(plain(base.model, batch)) == pytest.approx(float(lm_loss(base.model, batch)))
+
+    def trained(weight):
+        run = AdapterRuntime.from_base(base)
+        run.add(copy.deepcopy(old))
+        run.add(create_adapter("new", base.model, LoraConfig(r=4, target_modules=ATTN), seed=2))
+        loss = CompatLMLoss("old", weight)
+        loss.bind(run)
+        train(run, "new", examples, coll, loss, TrainConfig(steps=15, batch_size=4, lr=3e-2))
+        with torch.no_grad():
+            with run.batch(["old"] * 4):
+                p_old = base.model(**batch).logits.softmax(-1)
+            with run.batch(["new"] * 4):
+                log_new = base.model(**batch).logits.log_softmax(-1)
+        gold = batch["labels"][:, 1:]
+        right = (gold != -100) & (p_old[:, :-1].argmax(-1) == gold)
+        kl = (p_old * (p_old.clamp_min(1e-12).log() - log_new)).sum(-1)[:, :-1]
+        assert int(right.sum()) >= 3
+        return float(kl[right].mean())
+    assert trained(5.0) < 0.7 * trained(0.0)

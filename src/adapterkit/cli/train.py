@@ -74,7 +74,8 @@ def train_cmd(
                                              "of 8; default 64)."),
     compatible_with: Optional[str] = typer.Option(None, "--compatible-with", help="A compatible update (MUSCLE): "
                                                   "the version users have now (NAME or NAME@vN); the new one "
-                                                  "also learns to keep its correct predictions (classifiers)."),
+                                                  "also learns to keep its correct predictions (classifiers; "
+                                                  "instruction adapters: its right next tokens)."),
     compat_weight: float = typer.Option(1.0, "--compat-weight", min=0.0, help="With --compatible-with: weight of "
                                         "the distillation from the old version on the rows it got right."),
     init: str = typer.Option("default", "--init", help="LoRA's start: default (B = 0), corda-ipm (CorDA: the "
@@ -146,9 +147,9 @@ def train_cmd(
                      stack_on=tuple(n.strip() for n in stack_on.split(",") if n.strip()) if stack_on else ())
         old_version = None
         if compatible_with is not None:
-            if objective != "classification":
-                raise AdapterkitError(f"--compatible-with trains classifiers (distilling the old version's "
-                                      f"predictions); {objective} updates are not built yet: leave it out")
+            if objective == "mlm":
+                raise AdapterkitError("--compatible-with updates classifiers and instruction adapters (distilling "
+                                      "the old version's right predictions); a masked-LM adapter has none to keep")
             old_version = st.get(compatible_with)           # before the base: a clear error for a bad name
         if group_size is not None and bits is None:
             raise AdapterkitError("--group-size sets the scale groups of --bits: add --bits (1, 2, 4 or 8) or leave "

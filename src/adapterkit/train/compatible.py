@@ -68,3 +68,30 @@ def compat_loss(head: Any, weight: float) -> Callable[[torch.nn.Module, dict], t
         keep = batch["old_right"].to(kl)
         return ce + weight * (kl * keep).sum() / max(len(kl), 1)
     return loss
+
+
+class CompatLMLoss:
+    """Causal-LM updates: the LM loss plus, on the completion tokens the old version predicted right (its
+    argmax was the gold next token), KL(p_old || p_new), summed and divided by the completion tokens. The
+    old version is attached (frozen) in the training runtime as `teacher`; fit() calls bind(runtime)."""
+
+    def __init__(self, teacher: str, weight: float) -> None:
+        self.teacher, self.weight, self.rt = teacher, weight, None
+
+    def bind(self, rt: Any) -> None:
+        self.rt = rt
+
+    def __call__(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        from .causal_lm import IGNORE
+
+        rows = batch["input_ids"].shape[0]
+        with torch.no_grad(), self.rt.batch([self.teacher] * rows):            # the old version's predictions
+            old = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        out = model(**batch)
+        gold = batch["labels"][:, 1:]
+        keep = (gold != IGNORE) & (old.argmax(-1) == gold)                      # [B, L-1]
+        if not bool(keep.any()):
+            return out.loss
+        p_old = old[keep].float().softmax(-1)                                   # [M, V]
+        kl = (p_old * (p_old.clamp_min(1e-12).log() - out.logits[:, :-1][keep].float().log_softmax(-1))).sum()
+        return out.loss + self.weight * kl / max(int((gold != IGNORE).sum()), 1)

@@ -236,14 +236,20 @@ def fit(base: Base, adapter: Adapter, examples: Sequence[Any], collate: Callable
         progress: bool = True, extra_params: Sequence[torch.Tensor] = (),
         evaluate: Callable[[AdapterRuntime], float] | None = None, lengths: Sequence[int] | None = None,
         run_info: dict[str, Any] | None = None, eval_name: str = "eval score",
-        eval_negated: bool = False, sft: dict[str, Any] | None = None) -> tuple[AdapterRuntime, TrainResult]:
+        eval_negated: bool = False, sft: dict[str, Any] | None = None,
+        teachers: Sequence[Adapter] = ()) -> tuple[AdapterRuntime, TrainResult]:
     """Train `adapter` on a fresh runtime over `base`, checkpointing into the run folder; `evaluate`
     (higher is better) gets the runtime. The log (default <run folder>/train_log.jsonl) gets a
     loss-curve PNG beside it (report.loss_plot_path), with `evaluate`'s scores named `eval_name`
     (negated back first when `eval_negated`: a score that is minus a loss). A sparse adapter with
-    `sft` options trains by LT-SFT's two phases (train/sft.py)."""
+    `sft` options trains by LT-SFT's two phases (train/sft.py). `teachers`: frozen adapters attached beside it
+    for a loss that reads them (a loss with `bind` gets the runtime)."""
     if sft is not None and adapter.config.type == "sparse":
         from .sft import SftOptions, fit_lt_sft
+
+        if teachers:
+            raise ConfigError("--compatible-with does not combine with a sparse (LT-SFT) run yet: train the update "
+                              "with another family, or leave --compatible-with out")
 
         return fit_lt_sft(fit, base, adapter, examples, collate, loss_fn, config, sft=SftOptions.from_options(sft),
                           run_info=run_info, store=store, resume=resume, log_path=log_path, progress=progress,
@@ -262,6 +268,10 @@ def fit(base: Base, adapter: Adapter, examples: Sequence[Any], collate: Callable
     if residual is not None:
         rt.add(residual)
         rt.underlay(adapter.name, [*config.stack_on, residual.name])
+    for teacher in teachers:                     # frozen adapters a loss reads (a compatible update's old version)
+        rt.add(teacher)
+    if hasattr(loss_fn, "bind"):
+        loss_fn.bind(rt)
     folder = run_dir(store, adapter.name)
     log = Path(log_path) if log_path else folder / LOG
     writer = dist_rank_world()[0] == 0

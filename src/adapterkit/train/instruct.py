@@ -78,9 +78,12 @@ def train_instructions(base: Base, name: str, train_records: Sequence[Mapping[st
                        config: TrainConfig, r: int = 8, alpha: float = 16.0, targets: Sequence[str] | None = None,
                        max_length: int = 512, overwrite: bool = False, progress: bool = True, resume: bool = False,
                        log_path: str | None = None, select_rows: int | None = None,
-                       method: str = "lora", method_options: dict[str, Any] | None = None) -> tuple[Adapter, dict[str, float]]:
+                       method: str = "lora", method_options: dict[str, Any] | None = None,
+                       compatible_with: Adapter | None = None,
+                       compat_weight: float = 1.0) -> tuple[Adapter, dict[str, float]]:
     """select_rows: eval records (a seeded sample) of the best-checkpoint checks, scored by loss only;
-    method: the adapter family (fit.adapter_config)."""
+    method: the adapter family (fit.adapter_config); compatible_with: the version users have now, whose
+    right next-token predictions the update keeps (compatible.CompatLMLoss)."""
     if base.kind != "causal-lm" or base.tokenizer is None:
         raise ConfigError(f"instruction tuning needs a causal LM with a tokenizer; {base.name} is a {base.kind}")
     with run_lock(store, name):      # one run per name: a second trainer fails here
@@ -95,11 +98,26 @@ def train_instructions(base: Base, name: str, train_records: Sequence[Mapping[st
         checks = selection_rows(eval_records, select_rows, config.seed)         # best-checkpoint rows
         score = ((lambda rt: -evaluate_instructions(rt, name, checks, max_length, exact=False)["loss"])
                  if eval_records else None)
-        rt, result = fit(base, adapter, encoded, partial(collate, pad_id=pad_id(tok)), lm_loss, config, store=store,
+        loss, teachers = lm_loss, []
+        if compatible_with is not None:              # MUSCLE for an LM: keep the old version's right tokens
+            import copy
+
+            from ..merge.common import content_fingerprint
+            from .compatible import CompatLMLoss
+
+            if compatible_with.head is not None:
+                raise ConfigError(f"--compatible-with {compatible_with.name!r}: it is a classifier; an instruction "
+                                  "adapter updates an instruction adapter")
+            old = copy.copy(compatible_with)
+            old.name = f"{name}.old"
+            teachers, loss = [old], CompatLMLoss(old.name, compat_weight)
+            info["compatible_with"] = {"name": compatible_with.name,
+                                       "fingerprint": content_fingerprint(compatible_with), "weight": compat_weight}
+        rt, result = fit(base, adapter, encoded, partial(collate, pad_id=pad_id(tok)), loss, config, store=store,
                          resume=resume, log_path=log_path, progress=progress, evaluate=score,
                          lengths=[len(e.input_ids) for e in encoded], run_info=info,
                          sft=(method_options or {}) if method == "sparse" else None, eval_name="validation loss",
-                         eval_negated=True)
+                         eval_negated=True, teachers=teachers)
         shown = progress and dist_rank_world()[0] == 0           # the final scoring: a bar on rank 0
         metrics = evaluate_instructions(rt, name, eval_records, max_length, progress=shown) if eval_records else {}
         finish(store, adapter, metrics, {**asdict(config), **info, "train_examples": len(encoded),
