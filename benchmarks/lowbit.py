@@ -6,7 +6,7 @@
              quantized after training (`adapter quantize --bits B`) and trained quantization-aware (`train
              --bits B`), B in 1, 2, 4, 8; test accuracy / the fp32 adapter's. Rows append to
              results/lowbit_runs.jsonl; finished ones are skipped (the SmolLM2 runs take 10-20 min each).
-             --import-from STORE reuses the method benchmark's fp32 LoRA adapters (NAME-lora) from its store.
+             --import-from STORE[,STORE] reuses the method benchmark's fp32 LoRA adapters (NAME-lora).
   bytes      a rank-16 LoRA on SmolLM2's q,k,v,o (and rank 8): weight-file bytes fp32 vs 1/2/4/8 bits
   serve      benchmarks/lowbit_serve.py: 10,000 rank-16 adapters, 1-bit in a <= 2 GiB RAM tier vs fp32
   corda      CorDA IPM / KPM vs LoRA's default init on two tasks (SmolLM2) at 50 and 200 steps (test
@@ -97,15 +97,17 @@ def fp32_adapter(key: str, a, env: dict) -> str:
     name = f"{key.replace(':', '-')}-fp32"
     if name in {r["name"] for r in json.loads(run(["ls", "--json"], env)[0])}:
         return name
-    if a.import_from is not None:
+    wanted = f"{key.replace(':', '-')}-lora"
+    for root in a.import_from:                        # the method benchmark's stores, searched in order
         from adapterkit.core.adapter import Adapter
         from adapterkit.store import AdapterStore
 
-        src = AdapterStore(a.import_from)
-        got = src.get(f"{key.replace(':', '-')}-lora")
-        AdapterStore(store_dir()).put(Adapter(name, got.config, got.tensors, got.meta, got.head))
-        log(f"{name}: imported from {a.import_from}")
-        return name
+        src = AdapterStore(root)
+        if wanted in src:
+            got = src.get(wanted)
+            AdapterStore(store_dir()).put(Adapter(name, got.config, got.tensors, got.meta, got.head))
+            log(f"{name}: imported from {root}")
+            return name
     run(["train", "--base", base, "--task", task, "--name", name, "--method", "lora"], env)
     return name
 
@@ -306,13 +308,14 @@ def main() -> None:
     p.add_argument("--part", choices=("retention", "bytes", "serve", "corda", "table"), required=True)
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--bits", default=",".join(map(str, BITS)))
-    p.add_argument("--import-from", type=Path, default=None, help="the method benchmark's store (its NAME-lora "
-                   "adapters become the fp32 adapters here)")
+    p.add_argument("--import-from", default="", help="the method benchmark's stores, comma-separated (their "
+                   "NAME-lora adapters become the fp32 adapters here; a task found in none is trained)")
     p.add_argument("--runs", type=Path, default=RESULTS / "lowbit_runs.jsonl")
     p.add_argument("--redo", action="store_true")
     a, rest = p.parse_known_args()
     a.tasks = a.tasks.split(",")
     a.bits = [int(b) for b in a.bits.split(",")]
+    a.import_from = [Path(x) for x in a.import_from.split(",") if x]
     env = {**os.environ, "ADAPTERKIT_DEVICE": "cpu"}
     if a.part == "serve":
         from lowbit_serve import main as serve_main
