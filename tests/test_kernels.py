@@ -76,3 +76,31 @@ def test_weighted_multi_adapter_rows(kernel):
     batch = build_batch(ids, weights, kernel=kernel)
     torch.testing.assert_close(run(kernel, x, batch, factors, 8).double(),
                                reference_delta(x, ids, weights, factors), rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_a_slot_freed_by_a_lora_adds_nothing_to_the_next_adapter_of_another_family():
+    """The gathered LoRA kernel reads every row's slot: a removed LoRA's stack rows must read zero, or a row
+    of another family that takes its slot would get the old LoRA's change too."""
+    from conftest import ATTN, input_ids, tiny_llama
+
+    from adapterkit import AdapterRuntime, Ia3Config, LoraConfig, create_adapter
+
+    model = tiny_llama()
+    rt = AdapterRuntime(model, capacity=4)
+    keep = create_adapter("keep", model, LoraConfig(r=2, target_modules=ATTN, init="nonzero", init_std=0.3), seed=1)
+    gone = create_adapter("gone", model, LoraConfig(r=2, target_modules=ATTN, init="nonzero", init_std=0.3), seed=2)
+    ia3 = create_adapter("ia3", model, Ia3Config(target_modules=tuple(ATTN), feedforward_modules=(), init="nonzero",
+                                                 init_std=0.3), seed=3)
+    rt.add(keep)
+    slot = rt.add(gone)
+    rt.remove("gone")
+    assert rt.add(ia3) == slot                                   # the freed slot is reused
+    ids = input_ids(2, 5)
+    with rt.batch(["ia3", "keep"], kernel="gather"):
+        got = model(ids).logits
+    ref = AdapterRuntime(tiny_llama())
+    ref.add(ia3)
+    with ref.batch(["ia3"]):
+        want = ref.model(ids[:1]).logits
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
