@@ -19,12 +19,15 @@ on two cores): few-shot target tasks with the other example tasks' adapters as s
             texts; rt-sentiment's task adapter trained alone, and trained on top of the rt domain adapter;
             both scored on tweet-sentiment's positive and negative test rows (fresh = positive), the
             stacked one with the tweet domain adapter swapped in
+  sweep     ScaLearn's and fusion's learning rates on a tuning task (rt-sentiment, never a target; 256 rows,
+            validation split) beside the CLI default: results/transfer_sweep.jsonl
   table     results/transfer.json, the README table (markdown) and results/transfer.png
 
 Targets: ScaLearn within 1 point of AdapterFusion with <= 5% of its trainable parameters; ScaLearn above
 the single few-shot adapter at 64 and 256 rows on both targets; stacking above the task adapter alone.
 
     .venv/bin/python benchmarks/transfer.py --part sources
+    .venv/bin/python benchmarks/transfer.py --part sweep        # lr of ScaLearn / fusion on rt-sentiment
     .venv/bin/python benchmarks/transfer.py --part fewshot [--targets tweet-sentiment,election-tweets]
     .venv/bin/python benchmarks/transfer.py --part stacking
     .venv/bin/python benchmarks/transfer.py --part table
@@ -186,6 +189,41 @@ def part_fewshot(a, env) -> None:
                     log(f"{key}: {r['test']} ({r['merge']})")
 
 
+SWEEP_TASK = "rt-sentiment"      # a tuning task, never a target: the defaults are chosen here, judged there
+SWEEP_LR = {"scalearn-vector": (3e-3, 1e-2, 3e-2, 1e-1), "fusion": (1e-4, 5e-4, 2e-3, 5e-3)}
+
+
+def part_sweep(a, env) -> None:
+    """Learning rates of ScaLearn and fusion on the tuning task (256 rows, seed 0; the validation split),
+    beside the CLI default (no --lr); rows append to results/transfer_sweep.jsonl."""
+    path = results() / "transfer_sweep.jsonl"
+    done = {(r["system"], r["lr"]) for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))} \
+        if path.is_file() else set()
+    n, seed = 256, 0
+    single = f"few-{SWEEP_TASK}-{n}-{seed}"
+    from adapterkit.store import AdapterStore
+
+    if single not in AdapterStore(store_dir()):
+        run_cli(["train", "--base", BASE, "--task", SWEEP_TASK, "--name", single, "--train-rows", str(n), "--seed",
+                 str(seed)], env)
+    sources = [f"src-{t}" for t in TASKS if t != SWEEP_TASK] + [single]
+    for system, lrs in SWEEP_LR.items():
+        for lr in (None, *lrs):
+            if (system, lr) in done and not a.redo:
+                continue
+            name = f"sweep-{system}-{lr or 'default'}"
+            _, secs = run_cli(["train", "--base", BASE, "--task", SWEEP_TASK, "--name", name, "--train-rows", str(n),
+                               "--seed", str(seed), "--overwrite", *SYSTEMS[system], "--sources", ",".join(sources),
+                               *(["--lr", str(lr)] if lr else [])], env)
+            got = json.loads(run_cli(["eval", name, "--task", SWEEP_TASK, "--split", "validation", "--json"], env)[0])
+            r = {"system": system, "lr": lr, "validation": {k: got[k] for k in ("accuracy", "macro_f1", "n")},
+                 "lineage_lr": shown(name, env)["lineage"][0]["params"].get("lr"), "train_s": round(secs, 1),
+                 "date": now()}
+            with path.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+            log(f"sweep {system} lr {lr or 'default'}: {r['validation']}")
+
+
 def part_stacking(a, env) -> None:
     """Zero-shot rt-sentiment -> tweets: the task adapter alone vs trained on the rt domain adapter and run
     on the tweet domain adapter (MAD-X's swap)."""
@@ -283,7 +321,7 @@ def plot(rows: list[dict], stacking: dict | None) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--part", choices=("sources", "fewshot", "stacking", "table"), required=True)
+    p.add_argument("--part", choices=("sources", "sweep", "fewshot", "stacking", "table"), required=True)
     p.add_argument("--targets", default=",".join(TARGETS))
     p.add_argument("--sizes", default="64,256,1024")
     p.add_argument("--seeds", default="0,1,2")
@@ -300,7 +338,8 @@ def main() -> None:
     a.sizes = [int(x) for x in a.sizes.split(",")]
     a.seeds = [int(x) for x in a.seeds.split(",")]
     env = {**os.environ, "ADAPTERKIT_DEVICE": "cpu"}
-    {"sources": part_sources, "fewshot": part_fewshot, "stacking": part_stacking, "table": part_table}[a.part](a, env)
+    {"sources": part_sources, "sweep": part_sweep, "fewshot": part_fewshot, "stacking": part_stacking,
+     "table": part_table}[a.part](a, env)
 
 
 if __name__ == "__main__":
