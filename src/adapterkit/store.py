@@ -253,7 +253,8 @@ class AdapterStore:
                     raise
 
     def get(self, name: str) -> Adapter:
-        """The stored adapter (NAME: its promoted version; NAME@vN: that version, named NAME); CorruptAdapterError if its files no longer match the catalog, StaleSourceError
+        """The stored adapter (NAME: its promoted version; NAME@vN: that version, named NAME);
+        CorruptAdapterError if its files no longer match the catalog, StaleSourceError
         for a composition whose source adapter was replaced or deleted since."""
         def read(row: Any) -> Adapter:
             status = self._status(row, hash_files=True)
@@ -408,8 +409,8 @@ class AdapterStore:
     @staticmethod
     def _switch(conn: sqlite3.Connection, version_row: sqlite3.Row) -> None:
         """The adapters row (the alias NAME) becomes a copy of `version_row`."""
-        conn.execute(f"INSERT OR REPLACE INTO adapters ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                     tuple(version_row[c] for c in _COLUMNS))
+        conn.execute(f"INSERT OR REPLACE INTO adapters ({', '.join(_COLUMNS)}) "
+                     f"VALUES ({', '.join('?' * len(_COLUMNS))})", tuple(version_row[c] for c in _COLUMNS))
 
     def _status(self, row: Any, hash_files: bool) -> str:
         folder = self._folder(row)

@@ -54,7 +54,8 @@ def quantize_cmd(
         return
     from .versions import stored_line
 
-    out.print(f"stored {stored_line(st, name)} ({report['summary']}): {report['bytes_before']:,} -> {report['bytes_after']:,} bytes "
+    out.print(f"stored {stored_line(st, name)} ({report['summary']}): {report['bytes_before']:,} -> "
+              f"{report['bytes_after']:,} bytes "
               f"({report['smaller']}x smaller); relative error of the {report['tensors_packed']} packed matrices: "
               f"mean {report['relative_error_mean']:.4f}, max {report['relative_error_max']:.4f}", highlight=False)
 

@@ -6,8 +6,9 @@ sign(x)·Δ/2, the binary adapters of "precision redundancy in parameter-efficie
 Σ(x - x̂)² by alternating the two exact half-steps (Lloyd): the nearest level for each x given Δ, then
 the least-squares Δ = Σ x·l / Σ l² given the levels l; the error never rises, and at 1 bit the first
 iteration is already the optimum Δ/2 = mean|x|. Above 1 bit the error has several basins in Δ, so each
-group starts from the best of GRID candidate steps (fractions of the range-covering step). Δ is stored as float16 (float32 when a step overflows
-it) and the codes are chosen again for the stored Δ, so x̂ is exactly what a reader computes.
+group starts from the best of GRID candidate steps (fractions of the range-covering step). Δ is stored
+as float16 (float32 when a step overflows it) and the codes are chosen again for the stored Δ, so x̂ is
+exactly what a reader computes.
 
 Packing: every quantized tensor of an adapter is flattened and zero-padded to a whole number of
 groups, and all of them are laid end to end in ONE code buffer (uint8, 8/b codes per byte, the first
