@@ -54,7 +54,10 @@ class LoraPool:
                 self.a_stack[slot].zero_()
                 self.b_stack[slot].zero_()
             self.a_stack[slot, :, :r].copy_(a.t())
-            self.b_stack[slot, :r, :].copy_(b.t()).mul_(scale)
+            if b.dtype == self.b_stack.dtype:     # one op (attach latency): the copy with the scale folded
+                torch.mul(b.t(), scale, out=self.b_stack[slot, :r, :])
+            else:                                 # fp32 master weights on a low-precision base: scale after the cast
+                self.b_stack[slot, :r, :].copy_(b.t()).mul_(scale)
 
     def _restack(self, rank: int, capacity: int) -> None:
         self.rank, self.capacity = rank, capacity
