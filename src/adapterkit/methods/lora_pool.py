@@ -49,15 +49,18 @@ class LoraPool:
         """Copy a slot's own tensors (maybe just trained) into the stacks, scale folded into B."""
         a, b, scale, _ = self.sources[slot]
         r = a.shape[0]
+        # select/narrow, not [slot, :, :r]: a cold attach runs this at every site (Python indexing ~10 us each)
+        a_dst, b_dst = self.a_stack.select(0, slot), self.b_stack.select(0, slot)
         with torch.no_grad():
             if r < self.rank:                     # the padding ranks must read zero (a full rank overwrites all)
-                self.a_stack[slot].zero_()
-                self.b_stack[slot].zero_()
-            self.a_stack[slot, :, :r].copy_(a.t())
-            if b.dtype == self.b_stack.dtype:     # one op (attach latency): the copy with the scale folded
-                torch.mul(b.t(), scale, out=self.b_stack[slot, :r, :])
+                a_dst.zero_()
+                b_dst.zero_()
+                a_dst, b_dst = a_dst.narrow(1, 0, r), b_dst.narrow(0, 0, r)
+            a_dst.copy_(a.t())
+            if b.dtype == b_dst.dtype:            # one op: the copy with the scale folded
+                torch.mul(b.t(), scale, out=b_dst)
             else:                                 # fp32 master weights on a low-precision base: scale after the cast
-                self.b_stack[slot, :r, :].copy_(b.t()).mul_(scale)
+                b_dst.copy_(b.t()).mul_(scale)
 
     def _restack(self, rank: int, capacity: int) -> None:
         self.rank, self.capacity = rank, capacity
