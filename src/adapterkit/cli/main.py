@@ -79,7 +79,7 @@ def base_list(as_json: bool = typer.Option(False, "--json", help="Print JSON."))
 
 @base_app.command("pull")
 def base_pull(name: str) -> None:
-    """Make a built-in base ready (converts SmolLM2's GGUF once into the cache)."""
+    """Make a built-in base ready (converts SmolLM2's GGUF or MobileNetV2's checkpoint once into the cache)."""
     from ..core.base import pull_base
 
     try:

