@@ -296,6 +296,8 @@ def create_adapter(
     sites = match_targets(model, config.target_modules, getattr(config, "exclude_modules", None))
     modules = dict(model.named_modules())
     infos = [site_info(s, modules[s], spec.attach_at(config, s)) for s in sites]
+    for info in infos:
+        spec.check_site(info, name)
     if any(i.fan_in_fan_out for i in infos) and hasattr(config, "fan_in_fan_out"):
         config = type(config).from_dict({**config.to_dict(), "fan_in_fan_out": True})
     gen = torch.Generator().manual_seed(seed)

@@ -101,6 +101,7 @@ class AdapterRuntime(MergingMixin):
             # Config patterns (rank_pattern...) refer to the adapter's own site names.
             info = infos[module_name] = self._site_info(module_name, spec.attach_at(adapter.config, own))
             named = info if own == module_name else replace(info, name=own)
+            spec.check_site(info, name)
             spec.check_fit(adapter.config, named, adapter.tensors[own], name, module_name)
             spec.check_tensors(adapter.config, own, adapter.tensors[own], f"adapter {name!r}")   # dtypes
             away = {k: str(t.device) for k, t in adapter.tensors[own].items()

@@ -20,7 +20,7 @@ def _conv1d_type() -> type | None:
 
 
 def site_info(name: str, module: nn.Module, attach: str = ATTACH_OUTPUT) -> SiteInfo:
-    """Dimensions of a Linear or GPT-2 Conv1D module; for a module method (attach "module") of any
+    """Dimensions of a Linear, GPT-2 Conv1D or Conv2d module; for a module method (attach "module") of any
     block, from its first and last linear layers (a block maps hidden states to hidden states)."""
     conv1d = _conv1d_type()
     if isinstance(module, nn.Linear):
@@ -29,6 +29,8 @@ def site_info(name: str, module: nn.Module, attach: str = ATTACH_OUTPUT) -> Site
     if conv1d is not None and isinstance(module, conv1d):
         n_in, n_out = module.weight.shape
         return SiteInfo(name, n_in, n_out, True, module.weight.dtype, module.weight.device)
+    if isinstance(module, nn.Conv2d):
+        return _conv_info(name, module)
     if attach == ATTACH_MODULE:
         if _post_ln_output_block(module):
             # BERT's feed-forward output (dense, dropout, LayerNorm(. + residual)), called with (intermediate,
@@ -44,9 +46,25 @@ def site_info(name: str, module: nn.Module, attach: str = ATTACH_OUTPUT) -> Site
         raise UnsupportedError(f"target module {name!r} is a {type(module).__name__} with no linear layer: an "
                                "adapter around a block needs a block of linear layers (an attention or MLP block)")
     raise UnsupportedError(
-        f"target module {name!r} is a {type(module).__name__}; adapters wrap nn.Linear and "
-        "transformers' Conv1D only: choose target_modules that name linear layers"
+        f"target module {name!r} is a {type(module).__name__}; adapters wrap nn.Linear, transformers' Conv1D "
+        "and nn.Conv2d only: choose target_modules that name linear or convolution layers"
     )
+
+
+def _conv_info(name: str, conv: nn.Conv2d) -> SiteInfo:
+    """A Conv2d site. As PEFT defines LoRA on it (lora_A a conv of the same kernel, stride and padding;
+    lora_B a 1x1 conv), which needs groups 1 (PEFT refuses to merge grouped ones; a depthwise conv would
+    need r a multiple of its channels), dilation 1 and zero padding."""
+    why = ("groups > 1 (a depthwise or grouped conv): adapt the 1x1 (pointwise) convolutions around it"
+           if conv.groups != 1 else "dilation != 1" if tuple(conv.dilation) != (1, 1) else
+           f"padding_mode {conv.padding_mode!r}" if conv.padding_mode != "zeros" else
+           "padding 'same' / 'valid' given as a string" if isinstance(conv.padding, str) else None)
+    if why:
+        raise UnsupportedError(f"target module {name!r} is a Conv2d with {why}; adapters take convolutions with "
+                               "groups 1, dilation 1 and numeric zero padding")
+    geometry = (tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.padding))
+    return SiteInfo(name, conv.in_channels, conv.out_channels, False, conv.weight.dtype, conv.weight.device,
+                    kind="conv", conv=geometry)
 
 
 def _post_ln_output_block(module: nn.Module) -> bool:

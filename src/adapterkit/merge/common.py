@@ -110,7 +110,7 @@ def site_delta(adapter: Adapter, site: str) -> torch.Tensor:
     parts = adapter.tensors[site]
     b, a = adapter.method.factors(adapter.config, site, parts)
     info = SiteInfo(site, a.shape[1], b.shape[0], False, torch.float32)
-    return adapter.method.delta_weight(adapter.config, info, parts).float()
+    return adapter.method.delta_weight(adapter.config, info, parts).float().reshape(b.shape[0], -1)   # a conv: flat
 
 
 def stacked_deltas(adapters: Sequence[Adapter], site: str) -> torch.Tensor:
@@ -135,6 +135,12 @@ def build_adapter(name: str, factors: dict[str, Factors], inputs: Inputs,
     """A LoRA adapter with ΔW = B @ A at every site (scale 1 everywhere: alpha = rank per site)."""
     fan = any(getattr(a.config, "fan_in_fan_out", False) for a in inputs.adapters)
     config, tensors = get_method("lora").from_factors(factors, fan_in_fan_out=fan)
+    for site, parts in tensors.items():          # a conv site: back to PEFT's 4-d layout from the flat matrices
+        like = next(a.tensors[site].get("lora_A") for a in inputs.adapters if site in a.tensors)
+        if like is not None and like.dim() == 4:
+            r = parts["lora_A"].shape[0]
+            parts["lora_A"] = parts["lora_A"].reshape(r, *like.shape[1:]).contiguous()
+            parts["lora_B"] = parts["lora_B"].reshape(-1, r, 1, 1).contiguous()
     meta = AdapterMeta(base_fingerprint=inputs.base_fingerprint, base_name=inputs.base_name,
                        metrics=dict(metrics or {}), lineage=[lineage])
     return Adapter(name, config, tensors, meta)

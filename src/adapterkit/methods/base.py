@@ -64,10 +64,13 @@ class SiteInfo:
     fan_in_fan_out: bool   # True for GPT-2 Conv1D: weight is [in, out]
     dtype: torch.dtype
     device: torch.device = torch.device("cpu")   # where the module's weight lives: pools keep their slots there
-    kind: str = "linear"   # "linear" (nn.Linear / Conv1D, has a weight) or "module" (any block)
+    kind: str = "linear"   # "linear" (nn.Linear / Conv1D, has a weight), "conv" (nn.Conv2d: in/out_features are
+                           # its channels) or "module" (any block)
     # which positional argument of the module is the block's input x (BERT's output block is called
     # with (intermediate activations, attention output): its block input is argument 1)
     input_arg: int = 0
+    # a conv site's geometry, ((kh, kw), (stride_h, stride_w), (pad_h, pad_w)); None for the other kinds
+    conv: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None
 
 
 class SitePool(Protocol):
@@ -95,6 +98,7 @@ class Method:
     delta_kind: ClassVar[str | None] = None
     merge_ops: ClassVar[frozenset[str]] = frozenset()
     peft_type: ClassVar[str | None] = None    # PEFT's name for the family, where PEFT has it
+    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "module"})   # SiteInfo kinds it adapts
 
     @property
     def an_adapter(self) -> str:
@@ -104,6 +108,17 @@ class Method:
     def attach_at(self, config: Any, site: str) -> str:
         """How the family attaches at one of its sites (its own name for it); most attach one way."""
         return self.attach
+
+    def check_site(self, site: SiteInfo, adapter_name: str) -> None:
+        """Refuse (UnsupportedError) a module of a kind the family does not adapt, e.g. a convolution for a
+        family whose tensors are per feature of a Linear's last dimension."""
+        if site.kind not in self.site_kinds:
+            what = {"conv": "a convolution (nn.Conv2d)", "linear": "a linear layer", "module": "a block"}
+            words = {"conv": "convolutions", "linear": "linear layers", "module": "blocks"}
+            able = " and ".join(words.get(k, k) for k in sorted(self.site_kinds, key=list(words).index))
+            raise UnsupportedError(f"adapter {adapter_name!r}: {self.title} does not adapt {what[site.kind]} "
+                                   f"({site.name}); it adapts {able}: choose target_modules of those kinds"
+                                   f"{', or LoRA for convolutions' if site.kind == 'conv' else ''}")
 
     # ------------------------------------------------------------------ capabilities
     @property

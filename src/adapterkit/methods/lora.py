@@ -1,8 +1,11 @@
 """LoRA: ΔW = scale · B @ A with A [r, d_in], B [d_out, r]; scale = alpha / r (or alpha / sqrt(r)).
 
 Tensors per site use PEFT's names and layout ("lora_A" [r, d_in], "lora_B" [d_out, r]) so the
-PEFT format maps one to one. The site pool (many adapters at a site, mixed batches) is
-lora_pool.py; this file is the config, the tensors, ΔW and the PEFT codec.
+PEFT format maps one to one. On a Conv2d, as PEFT: "lora_A" [r, C_in, kh, kw] (a conv of the base's
+kernel, stride and padding), "lora_B" [C_out, r, 1, 1]; its weight-space form is the flattened
+matrices B [C_out, r] @ A [r, C_in·kh·kw], so merges treat it as any LoRA site. The site pools (many
+adapters at a site, mixed batches) are lora_pool.py and lora_conv_pool.py; this file is the config,
+the tensors, ΔW and the PEFT codec.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 
 from ..errors import ConfigError, CorruptAdapterError, UnsupportedError
 from .base import STAGE_DELTA, Method, SiteInfo, TensorKind, pattern_value, config_from_dict, config_to_dict
+from .lora_conv_pool import ConvLoraPool
 from .lora_pool import LoraPool
 
 INITS = ("default", "nonzero")
@@ -129,42 +133,53 @@ class Lora(Method):
                            "dare_ties", "reversible"})
     peft_type = "LORA"
     peft_parts = ("lora_A", "lora_B")
+    site_kinds = frozenset({"linear", "conv"})
 
     def tensor_kinds(self, config: LoraConfig) -> dict[str, TensorKind]:
         return {"lora_A": TensorKind(), "lora_B": TensorKind()}
 
     def tensor_shapes(self, config: LoraConfig, site: SiteInfo) -> dict[str, tuple[int, ...]]:
         r = config.rank(site.name)
+        if site.kind == "conv":
+            (kh, kw), _, _ = site.conv
+            return {"lora_A": (r, site.in_features, kh, kw), "lora_B": (site.out_features, r, 1, 1)}
         return {"lora_A": (r, site.in_features), "lora_B": (site.out_features, r)}
 
     def init_tensors(self, config: LoraConfig, site: SiteInfo, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        r = config.rank(site.name)
-        a = torch.empty(r, site.in_features)
-        # PEFT's default: kaiming_uniform_(a=sqrt(5)) on A, i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)).
-        bound = 1.0 / math.sqrt(site.in_features)
+        shapes = self.tensor_shapes(config, site)
+        a = torch.empty(shapes["lora_A"])
+        # PEFT's default: kaiming_uniform_(a=sqrt(5)) on A, i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in =
+        # d_in (a conv: C_in · kh · kw).
+        bound = 1.0 / math.sqrt(math.prod(shapes["lora_A"][1:]))
         a.uniform_(-bound, bound, generator=gen)
-        b = torch.zeros(site.out_features, r)
+        b = torch.zeros(shapes["lora_B"])
         if config.init == "nonzero":
             b.normal_(0.0, config.init_std, generator=gen)
         return {"lora_A": a, "lora_B": b}
 
-    def make_pool(self, site: SiteInfo, capacity: int) -> LoraPool:
-        return LoraPool(site, capacity)
+    def make_pool(self, site: SiteInfo, capacity: int) -> LoraPool | ConvLoraPool:
+        return ConvLoraPool(site, capacity) if site.kind == "conv" else LoraPool(site, capacity)
 
     def reference(self, config: LoraConfig, site: SiteInfo, tensors: Mapping[str, torch.Tensor], x: torch.Tensor,
                   y: torch.Tensor | None) -> torch.Tensor:
-        """y + scale · x Aᵀ Bᵀ in float64."""
+        """y + scale · x Aᵀ Bᵀ in float64 (a conv: y + scale · conv(conv(x, A), B))."""
         a, b = tensors["lora_A"].double(), tensors["lora_B"].double()
+        if site.kind == "conv":
+            _, stride, padding = site.conv
+            h = torch.nn.functional.conv2d(x.double(), a, None, stride, padding)
+            return y.double() + config.scale(site.name) * torch.nn.functional.conv2d(h, b)
         return y.double() + config.scale(site.name) * (x.double() @ a.t() @ b.t())
 
     # ------------------------------------------------------------------ weight space
     def factors(self, config: LoraConfig, site: str, tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor,
                                                                                                   torch.Tensor]:
-        """(scale · B [d_out, r], A [r, d_in]) in float32: ΔW = B @ A in LoRA's layout [d_out, d_in]."""
-        return config.scale(site) * tensors["lora_B"].float(), tensors["lora_A"].float()
+        """(scale · B [d_out, r], A [r, d_in]) in float32: ΔW = B @ A in LoRA's layout [d_out, d_in] (a conv's
+        flattened: [C_out, C_in · kh · kw])."""
+        a, b = tensors["lora_A"], tensors["lora_B"]
+        return config.scale(site) * b.float().reshape(b.shape[0], -1), a.float().reshape(a.shape[0], -1)
 
     def site_shape(self, config: LoraConfig, site: str, tensors: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
-        return int(tensors["lora_B"].shape[0]), int(tensors["lora_A"].shape[1])
+        return int(tensors["lora_B"].shape[0]), math.prod(tensors["lora_A"].shape[1:])
 
     def rank(self, tensors: Mapping[str, torch.Tensor]) -> int:
         return int(tensors["lora_A"].shape[0])
@@ -188,8 +203,12 @@ class Lora(Method):
 
     def delta_weight(self, config: LoraConfig, site: SiteInfo, tensors: Mapping[str, torch.Tensor],
                      base_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """ΔW = scale · B @ A in the module's layout ([d_out, d_in]; transposed for Conv1D)."""
+        """ΔW = scale · B @ A in the module's layout ([d_out, d_in]; transposed for Conv1D; a conv's
+        [C_out, C_in, kh, kw])."""
         a, b = tensors["lora_A"].float(), tensors["lora_B"].float()
+        if a.dim() == 4:
+            return (config.scale(site.name) * (b.reshape(b.shape[0], -1) @ a.reshape(a.shape[0], -1))).view(
+                b.shape[0], *a.shape[1:])
         delta = config.scale(site.name) * (b @ a)
         return delta.t() if site.fan_in_fan_out else delta
 
@@ -198,6 +217,7 @@ class Lora(Method):
         """max |scale · B @ A|: the bound scale · r · max|B| · max|A| when it is below `limit`, else exact
         (float64), so the usual case costs two max() and no matmul."""
         a, b = tensors["lora_A"].double(), tensors["lora_B"].double()
+        a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)          # a conv's: flattened
         scale = config.scale(site_name)
         bound = scale * a.shape[0] * float(a.abs().max()) * float(b.abs().max())
         if bound <= limit:
@@ -275,10 +295,12 @@ class Lora(Method):
             raise CorruptAdapterError(f"{where}: site {site!r} has {sorted(parts)}, needs lora_A and lora_B")
         self.check_tensors(config, site, parts, where)
         a, b = parts["lora_A"], parts["lora_B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        linear = a.dim() == 2 and b.dim() == 2
+        conv = a.dim() == 4 and b.dim() == 4 and tuple(b.shape[2:]) == (1, 1)      # PEFT's Conv2d LoRA
+        if not (linear or conv) or a.shape[0] != b.shape[1]:
             raise CorruptAdapterError(
                 f"{where}: site {site!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
-                "expected [r, d_in] and [d_out, r]"
+                "expected [r, d_in] and [d_out, r] (a Conv2d: [r, C_in, kh, kw] and [C_out, r, 1, 1])"
             )
         if a.shape[0] != config.rank(site):
             raise CorruptAdapterError(
