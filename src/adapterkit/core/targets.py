@@ -43,8 +43,16 @@ def site_info(name: str, module: nn.Module, attach: str = ATTACH_OUTPUT) -> Site
         if linears:
             return SiteInfo(name, linears[0].in_features, linears[-1].out_features, False, linears[0].dtype,
                             linears[0].device, kind="module")
-        raise UnsupportedError(f"target module {name!r} is a {type(module).__name__} with no linear layer: an "
-                               "adapter around a block needs a block of linear layers (an attention or MLP block)")
+        convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+        if convs:                                  # a conv block: [n, C_in, H, W] -> [n, C_out, H / s, W / s]
+            sh = sw = 1
+            for c in convs:
+                sh, sw = sh * c.stride[0], sw * c.stride[1]
+            return SiteInfo(name, convs[0].in_channels, convs[-1].out_channels, False, convs[0].weight.dtype,
+                            convs[0].weight.device, kind="conv-module", conv=((1, 1), (sh, sw), (0, 0)))
+        raise UnsupportedError(f"target module {name!r} is a {type(module).__name__} with no linear or convolution "
+                               "layer: an adapter around a block needs a block of them (an attention, MLP or "
+                               "conv block)")
     raise UnsupportedError(
         f"target module {name!r} is a {type(module).__name__}; adapters wrap nn.Linear, transformers' Conv1D "
         "and nn.Conv2d only: choose target_modules that name linear or convolution layers"

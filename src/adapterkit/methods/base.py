@@ -65,11 +65,13 @@ class SiteInfo:
     dtype: torch.dtype
     device: torch.device = torch.device("cpu")   # where the module's weight lives: pools keep their slots there
     kind: str = "linear"   # "linear" (nn.Linear / Conv1D, has a weight), "conv" (nn.Conv2d: in/out_features are
-                           # its channels) or "module" (any block)
+                           # its channels), "module" (a block of linear layers) or "conv-module" (a block of
+                           # convolutions: [n, C, H, W] in and out; in/out_features are channels)
     # which positional argument of the module is the block's input x (BERT's output block is called
     # with (intermediate activations, attention output): its block input is argument 1)
     input_arg: int = 0
-    # a conv site's geometry, ((kh, kw), (stride_h, stride_w), (pad_h, pad_w)); None for the other kinds
+    # a conv site's geometry, ((kh, kw), (stride_h, stride_w), (pad_h, pad_w)); a conv block's: its total stride
+    # as ((1, 1), (s_h, s_w), (0, 0)); None for the other kinds
     conv: tuple[tuple[int, int], tuple[int, int], tuple[int, int]] | None = None
 
 
@@ -98,7 +100,8 @@ class Method:
     delta_kind: ClassVar[str | None] = None
     merge_ops: ClassVar[frozenset[str]] = frozenset()
     peft_type: ClassVar[str | None] = None    # PEFT's name for the family, where PEFT has it
-    site_kinds: ClassVar[frozenset[str]] = frozenset({"linear", "module"})   # SiteInfo kinds it adapts
+    # the SiteInfo kinds it adapts; None: by its attachment (linear layers, and blocks for a module method)
+    site_kinds: ClassVar[frozenset[str] | None] = None
 
     @property
     def an_adapter(self) -> str:
@@ -112,10 +115,13 @@ class Method:
     def check_site(self, site: SiteInfo, adapter_name: str) -> None:
         """Refuse (UnsupportedError) a module of a kind the family does not adapt, e.g. a convolution for a
         family whose tensors are per feature of a Linear's last dimension."""
-        if site.kind not in self.site_kinds:
-            what = {"conv": "a convolution (nn.Conv2d)", "linear": "a linear layer", "module": "a block"}
-            words = {"conv": "convolutions", "linear": "linear layers", "module": "blocks"}
-            able = " and ".join(words.get(k, k) for k in sorted(self.site_kinds, key=list(words).index))
+        kinds = self.site_kinds or frozenset({"linear", "module"} if self.attach == ATTACH_MODULE else {"linear"})
+        if site.kind not in kinds:
+            what = {"conv": "a convolution (nn.Conv2d)", "linear": "a linear layer", "module": "a block",
+                    "conv-module": "a block of convolutions"}
+            words = {"linear": "linear layers", "conv": "convolutions", "module": "blocks",
+                     "conv-module": "blocks of convolutions"}
+            able = " and ".join(words.get(k, k) for k in sorted(kinds, key=list(words).index))
             raise UnsupportedError(f"adapter {adapter_name!r}: {self.title} does not adapt {what[site.kind]} "
                                    f"({site.name}); it adapts {able}: choose target_modules of those kinds"
                                    f"{', or LoRA for convolutions' if site.kind == 'conv' else ''}")

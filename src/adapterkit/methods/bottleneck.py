@@ -105,6 +105,12 @@ class BottleneckConfig:
 
 def _bottleneck(config: BottleneckConfig, site: SiteInfo) -> tuple[int, int, int]:
     """(d read, bn, d out) of a site."""
+    if config.parallel and site.kind == "conv-module" and (site.in_features != site.out_features
+                                                           or site.conv[1] != (1, 1)):
+        raise ConfigError(f"a parallel bottleneck at {site.name} adds f(block input) to the block's output, but "
+                          f"this block maps {site.in_features} channels at stride {site.conv[1]} to "
+                          f"{site.out_features}: use placement 'pfeiffer' (after the block) here, or target "
+                          "blocks that keep their shape (MobileNetV2's residual blocks)")
     d_read = site.in_features if config.parallel else site.out_features
     return d_read, max(1, d_read // config.reduction(site.name)), site.out_features
 
@@ -120,6 +126,7 @@ class Bottleneck(Method):
     title = "bottleneck"
     config_cls = BottleneckConfig
     attach = ATTACH_MODULE
+    site_kinds = frozenset({"linear", "module", "conv-module"})   # a conv block: over its channels, per pixel
     stage = STAGE_SERIES                  # reads the output every earlier stage made
     delta_kind = None                     # not linear in W: no merge into the base, no weight-space merge
     merge_ops = frozenset()
@@ -147,6 +154,9 @@ class Bottleneck(Method):
                   x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         parts = {k: t.double() for k, t in tensors.items()}
         src = (x if config.parallel else y).double()
+        if site.kind == "conv-module":                   # over channels, per pixel
+            return y.double() + config.scaling * _f(src.movedim(1, -1), parts,
+                                                    ACTIVATIONS[config.nonlinearity]).movedim(-1, 1)
         return y.double() + config.scaling * _f(src, parts, ACTIVATIONS[config.nonlinearity])
 
     def summary(self, config: BottleneckConfig, tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> str:
@@ -236,6 +246,11 @@ class BottleneckPool(HeldPool):
         return out
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, batch: Any, training: bool) -> torch.Tensor:
+        if self.site.kind == "conv-module":           # [n, C, H, W]: channels last, a bottleneck per pixel
+            return self._apply(x.movedim(1, -1), y.movedim(1, -1), batch).movedim(-1, 1)
+        return self._apply(x, y, batch)
+
+    def _apply(self, x: torch.Tensor, y: torch.Tensor, batch: Any) -> torch.Tensor:
         x3, y3 = batch.view_input(x), batch.view_input(y)               # [n, L, d_in], [n, L, d_out]
         if batch.kernel != "dense":
             self.ensure()

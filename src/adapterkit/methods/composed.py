@@ -75,6 +75,7 @@ class ComposedMethod(Method):
 
     stage = STAGE_COMPOSED
     attach = ATTACH_OUTPUT
+    site_kinds = frozenset({"linear", "module"})
     composes: ClassVar[bool] = True
 
     # ------------------------------------------------------------------ the family's own part

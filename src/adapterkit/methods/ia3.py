@@ -92,6 +92,7 @@ class Ia3(Method):
     merge_ops = frozenset({"linear"})
     peft_type = "IA3"
     peft_parts = ("ia3_l",)
+    site_kinds = frozenset({"linear", "conv"})     # a conv: one scale per channel, PEFT's [1, C, 1, 1]
     shape_hint = (" (or one scales the site's input and the other its output: merge adapters with the same "
                   "feedforward_modules)")
 
@@ -102,6 +103,8 @@ class Ia3(Method):
         return {"ia3_l": TensorKind()}
 
     def tensor_shapes(self, config: Ia3Config, site: SiteInfo) -> dict[str, tuple[int, ...]]:
+        if site.kind == "conv":
+            return {"ia3_l": (1, site.in_features if config.feedforward(site.name) else site.out_features, 1, 1)}
         return {"ia3_l": (1, site.in_features) if config.feedforward(site.name) else (site.out_features, 1)}
 
     def init_tensors(self, config: Ia3Config, site: SiteInfo, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -117,6 +120,8 @@ class Ia3(Method):
     def reference(self, config: Ia3Config, site: SiteInfo, tensors: Mapping[str, torch.Tensor], x: torch.Tensor,
                   y: torch.Tensor | None) -> torch.Tensor:
         l = tensors["ia3_l"].double().flatten()
+        if site.kind == "conv":                         # channels: dim 1 of [n, C, H, W]
+            l = l.view(1, -1, 1, 1)
         return (x if y is None else y).double() * l
 
     # ------------------------------------------------------------------ weight space
@@ -130,6 +135,8 @@ class Ia3(Method):
         input_side = config.feedforward(site.name)
         on_rows = input_side == site.fan_in_fan_out       # Linear: output = rows; Conv1D: input = rows
         w = base_weight.float()
+        if w.dim() == 4:                                  # a conv's [C_out, C_in, kh, kw]
+            return w * (l.view(1, -1, 1, 1) if input_side else l.view(-1, 1, 1, 1))
         return w * (l[:, None] if on_rows else l[None, :])
 
     def delta_bias(self, config: Ia3Config, site: SiteInfo, tensors: Mapping[str, torch.Tensor],
@@ -185,6 +192,8 @@ class Ia3(Method):
         self.check_tensors(config, site, parts, where)
         l = parts["ia3_l"]
         want = "[1, d_in]" if config.feedforward(site) else "[d_out, 1]"
+        if l.dim() == 4 and l.shape[0] == 1 and tuple(l.shape[2:]) == (1, 1):      # a Conv2d's: [1, C, 1, 1]
+            return {"ia3_l": l}
         if l.dim() != 2 or (l.shape[0] != 1 if config.feedforward(site) else l.shape[1] != 1):
             raise CorruptAdapterError(f"{where}: site {site!r} has ia3_l {tuple(l.shape)}; an IA3 vector at a "
                                       f"{'feedforward' if config.feedforward(site) else 'non-feedforward'} "
@@ -235,6 +244,11 @@ class Ia3Pool:
     def apply(self, x: torch.Tensor, y: torch.Tensor | None, batch: Any, training: bool) -> torch.Tensor:
         """Scale y (an output site) or x (an input site, y None) per unit."""
         target = x if y is None else y
+        if self.site.kind == "conv":                            # channels last: [n, H, W, C] (a view)
+            return self._apply(target.movedim(1, -1), batch).movedim(-1, 1)
+        return self._apply(target, batch)
+
+    def _apply(self, target: torch.Tensor, batch: Any) -> torch.Tensor:
         t3 = batch.view_input(target)                           # [n, L, d]
         if batch.kernel == "dense":                             # the live tensors: gradients reach l
             change = None

@@ -1,5 +1,7 @@
-"""LoRA on Conv2d, as PEFT defines it: equal outputs with PEFT both ways, mixed batches per image, merge
-into the base, weight-space merges, and clear refusals (grouped convs, families without conv support).
+"""Adapters on Conv2d, as PEFT defines them (LoRA: a conv A and a 1x1 conv B; IA3: one scale per channel):
+equal outputs with PEFT both ways, mixed batches per image, merge into the base, weight-space merges, and
+clear refusals (grouped convs, families without conv support). Bottleneck adapters after conv blocks (PEFT
+has none): against the float64 reference, per image in mixed batches.
 
 A random MobileNetV2 (5 classes, BatchNorm statistics randomised so no layer is an identity) at 64x64."""
 
@@ -12,8 +14,10 @@ import torch
 
 from adapterkit import AdapterRuntime, LoraConfig, create_adapter, merge
 from adapterkit.core.adapter import Adapter
-from adapterkit.errors import UnsupportedError
+from adapterkit.errors import ConfigError, UnsupportedError
+from adapterkit.methods.bottleneck import BottleneckConfig
 from adapterkit.methods.ia3 import Ia3Config
+from adapterkit.methods.sparse import SparseConfig
 from adapterkit.vision.mobilenet import MobileNetConfig, MobileNetV2
 
 peft = pytest.importorskip("peft")
@@ -167,10 +171,10 @@ def test_grouped_conv_and_families_without_conv_support_are_refused(net):
     with pytest.raises(UnsupportedError, match=r"target module 'features.2.conv.1.0' is a Conv2d with groups > 1 "
                                                r"\(a depthwise or grouped conv\): adapt the 1x1 \(pointwise\)"):
         create_adapter("dw", net, LoraConfig(target_modules=["features.2.conv.1.0"]))
-    with pytest.raises(UnsupportedError, match=r"adapter 'ia': IA3 does not adapt a convolution \(nn.Conv2d\) "
-                                               r"\(features.2.conv.2\); it adapts linear layers and blocks: choose target_modules of "
-                                               r"those kinds, or LoRA for convolutions"):
-        create_adapter("ia", net, Ia3Config(target_modules=["features.2.conv.2"], feedforward_modules=[]))
+    with pytest.raises(UnsupportedError, match=r"adapter 'sp': sparse does not adapt a convolution \(nn.Conv2d\) "
+                                               r"\(features.2.conv.2\); it adapts linear layers: choose target_modules "
+                                               r"of those kinds, or LoRA for convolutions"):
+        create_adapter("sp", net, SparseConfig(target_modules=["features.2.conv.2"]))
 
 
 def test_training_reaches_the_conv_adapter(net):
@@ -186,3 +190,116 @@ def test_training_reaches_the_conv_adapter(net):
     loss.backward()
     rt.deactivate()
     assert all(t.grad is not None and float(t.grad.abs().sum()) > 0 for p in a.tensors.values() for t in p.values())
+
+
+# ------------------------------------------------------------------ IA3: one scale per channel
+IA3_TARGETS = ["features.2.conv.0.0", "features.2.conv.2", "features.18.0"]
+IA3_FF = ["features.2.conv.2"]                    # its input channels scaled (PEFT's feedforward_modules)
+
+
+def conv_ia3(name: str, net: MobileNetV2, seed: int) -> Adapter:
+    return create_adapter(name, net, Ia3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FF,
+                                               init="nonzero", init_std=0.3), seed=seed)
+
+
+@torch.no_grad()
+def test_ia3_on_channels_equals_peft_both_ways(net, tmp_path):
+    x = images()
+    a = conv_ia3("i", net, 7)
+    assert a.tensors["features.2.conv.2"]["ia3_l"].shape == (1, 96, 1, 1)        # input channels
+    assert a.tensors["features.18.0"]["ia3_l"].shape == (1, 1280, 1, 1)          # output channels
+    rt = AdapterRuntime(net)
+    rt.add(a)
+    base = net(x)
+    with rt.batch(["i"] * 3):
+        ours = net(x)
+    rt.remove("i")
+    assert float((ours - base).abs().max()) > 1e-3
+    a.save(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(net), str(tmp_path / "ours")).eval()
+    assert torch.allclose(theirs(x), ours, atol=ATOL)
+    cfg = peft.IA3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FF, init_ia3_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(net), cfg).eval()
+    want = pm(x)
+    pm.save_pretrained(str(tmp_path / "peft"))
+    rt.add(Adapter.load(tmp_path / "peft", name="p"))
+    with rt.batch(["p"] * 3):
+        got = net(x)
+    assert float((want - base).abs().max()) > 1e-3 and torch.allclose(got, want, atol=ATOL)
+
+
+@torch.no_grad()
+def test_ia3_mixed_with_lora_per_image_and_merged_into_the_base(net):
+    x = images(4, seed=3)
+    rt = AdapterRuntime(net)
+    rt.add(conv_ia3("i", net, 8))
+    rt.add(conv_lora("l", net, 9))
+    rows = ["i", "l", {"i": 1.0, "l": 1.0}, None]
+    with rt.batch(rows):
+        mixed = net(x)
+    for k, row in enumerate(rows):
+        with rt.batch([row]):
+            assert torch.allclose(mixed[k:k + 1], net(x[k:k + 1]), atol=ATOL), row
+    with rt.batch(["i"] * 4):
+        unmerged = net(x)
+    rt.merge("i")
+    with rt.disabled():
+        merged = net(x)
+    rt.unmerge()
+    assert torch.allclose(merged, unmerged, atol=1e-4)
+
+
+# ------------------------------------------------------------------ bottleneck after conv blocks
+def conv_bottleneck(name: str, net: MobileNetV2, seed: int, placement: str = "pfeiffer",
+                    targets=("features.2", "features.3", "features.18")) -> Adapter:
+    cfg = BottleneckConfig(target_modules=list(targets), placement=placement, reduction_factor=4, init="nonzero",
+                           init_std=0.05)
+    return create_adapter(name, net, cfg, seed=seed)
+
+
+@torch.no_grad()
+def test_bottleneck_after_conv_blocks_matches_the_reference_per_image(net):
+    from adapterkit.core.targets import site_info
+    from adapterkit.methods.registry import get_method
+
+    bottleneck = get_method("bottleneck")
+    a = conv_bottleneck("p", net, 11)
+    b = conv_bottleneck("q", net, 12, placement="parallel", targets=("features.3", "features.5"))
+    # features.2 maps 16 -> 24 channels at stride 2; features.18 (a conv-norm-act) 320 -> 1280
+    assert a.tensors["features.2"]["down"].shape == (6, 24) and a.tensors["features.18"]["up"].shape == (1280, 320)
+    assert b.tensors["features.3"]["down"].shape == (6, 24)              # parallel: reads the block input
+    rt = AdapterRuntime(net)
+    rt.add(a)
+    rt.add(b)
+    x = images(4, seed=4)
+    block = dict(net.named_modules())["features.3"]
+    h = net.features[:3](x)                                  # features.3's input
+    y = block(h)
+    batch = rt.make_batch(["p", "q", None, {"p": 1.0, "q": 1.0}])
+    info = site_info("features.3", block, "module")
+    assert info.kind == "conv-module" and info.conv == ((1, 1), (1, 1), (0, 0))
+    got = y.clone()
+    site = rt._sites["features.3"]
+    for key in sorted(site.pools):
+        got = site.pools[key].apply(h, got, batch, training=False)
+    ref_p = bottleneck.reference(a.config, info, a.tensors["features.3"], h, y)
+    ref_q = bottleneck.reference(b.config, info, b.tensors["features.3"], h, y)
+    assert float((ref_p - y.double()).abs().max()) > 1e-3 and float((ref_q - y.double()).abs().max()) > 1e-3
+    assert torch.allclose(got[0].double(), ref_p[0], atol=1e-5)
+    assert torch.allclose(got[1].double(), ref_q[1], atol=1e-5)
+    assert torch.equal(got[2], y[2])
+    both = bottleneck.reference(a.config, info, a.tensors["features.3"], h,
+                                bottleneck.reference(b.config, info, b.tensors["features.3"], h, y).float())
+    assert torch.allclose(got[3].double(), both[3], atol=1e-5)    # parallel first, then the series one
+    with rt.batch(["p", "q", None, {"p": 1.0, "q": 1.0}]):
+        mixed = net(x)
+    for k, row in enumerate(["p", "q", None, {"p": 1.0, "q": 1.0}]):
+        with rt.batch([row]):
+            assert torch.allclose(mixed[k:k + 1], net(x[k:k + 1]), atol=ATOL), row
+
+
+def test_parallel_bottleneck_on_a_block_that_changes_shape_is_refused(net):
+    with pytest.raises(ConfigError, match=r"a parallel bottleneck at features.2 adds f\(block input\) to the block's "
+                                        r"output, but this block maps 16 channels at stride \(2, 2\) to 24: use "
+                                        r"placement 'pfeiffer'"):
+        conv_bottleneck("bad", net, 0, placement="parallel", targets=("features.2",))
