@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.markup import escape
@@ -315,7 +315,22 @@ def data_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         return
     for ex in task.train[:3]:
-        out.print(f"[bold]{ex.label}[/]: {ex.text[:160]}", highlight=False)
+        shown = ex.text[:160] if hasattr(ex, "text") else f"image {ex.id}"
+        out.print(f"[bold]{ex.label}[/]: {shown}", highlight=False)
+
+
+def _export_content(example: Any) -> dict[str, str]:
+    """{"text": ...}, or an image example's {"image": its file path, or its pixels as a PNG data URL}."""
+    if hasattr(example, "text"):
+        return {"text": example.text}
+    if isinstance(example.image, str):
+        return {"image": example.image}
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    example.image.save(buf, format="PNG")
+    return {"image": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")}
 
 
 @data_app.command("export")
@@ -340,8 +355,8 @@ def data_export(
         if split not in ("train", "validation", "test"):
             raise AdapterkitError(f"unknown split {split!r}; the splits are train, validation, test")
         rows = getattr(task, split)[:n]
-        text = "".join(json.dumps({"text": e.text, "adapter": adapter or name, "label": e.label}, ensure_ascii=False)
-                       + "\n" for e in rows)
+        text = "".join(json.dumps({**_export_content(e), "adapter": adapter or name, "label": e.label},
+                                  ensure_ascii=False) + "\n" for e in rows)
         if out_file is None:
             sys.stdout.write(text)
         else:

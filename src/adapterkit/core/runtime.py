@@ -52,11 +52,13 @@ class AdapterRuntime(MergingMixin):
         self._current: AdapterBatch | None = None
         self._default: AdapterBatch | None = None
         self.tokenizer: Any = None                            # set by from_base
+        self.processor: Any = None                            # an image base's preprocessing (from_base)
 
     @classmethod
     def from_base(cls, base: Any, capacity: int = 8) -> "AdapterRuntime":
         rt = cls(base.model, fingerprint=base.fingerprint, base_name=base.name, capacity=capacity)
         rt.tokenizer = base.tokenizer
+        rt.processor = getattr(base, "processor", None)
         return rt
 
     @property

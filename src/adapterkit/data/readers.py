@@ -6,7 +6,11 @@ the first bad line raises :class:`DataFormatError` whose message starts with ``p
 ``on_error="skip"`` bad lines are skipped and collected in ``.problems``.
 
 Problems that concern the whole file (no such file, a CSV header without the mapped columns, an
-unknown extension, a file with no usable example) always raise.
+unknown extension, a file with no usable example, text rows mixed with image rows) always raise.
+
+A JSONL row without the text field but with "image" is an image example (data/image_tasks.ImageExample):
+a file path (relative paths are relative to the JSONL file's folder) or a `data:image/...;base64,` URL,
+as `adapterkit data export` writes for an image task; the image is decoded when a batch needs it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
+from adapterkit.data.image_tasks import ImageExample
 from adapterkit.data.tasks import Example
 from adapterkit.errors import AdapterkitError
 
@@ -79,7 +84,25 @@ def text_value(v: object, name: str) -> str:
 def _jsonl_records(path: Path, text_field: str, label_field: str):
     """Yields (line, Example | problem message)."""
     for lineno, obj in jsonl_objects(path):
+        if not isinstance(obj, str) and text_field not in obj and "image" in obj:
+            yield lineno, _image_example(obj, label_field, f"{path.name}:{lineno}", path.parent)
+            continue
         yield lineno, obj if isinstance(obj, str) else _example_from(obj, text_field, label_field, "fields")
+
+
+def _image_example(record: dict, label_field: str, where: str, folder: Path) -> ImageExample | str:
+    value = record["image"]
+    if not isinstance(value, str) or not value.strip():
+        return "field 'image' must be a file path or a data:image/...;base64, URL"
+    if label_field not in record:
+        return f"missing field {label_field!r} (fields present: {', '.join(repr(k) for k in record)})"
+    try:
+        label = text_value(record[label_field], label_field)
+    except ValueError as e:
+        return str(e)
+    if not value.startswith("data:") and not Path(value).is_absolute():
+        value = str(folder / value)
+    return ImageExample(value, label, where)
 
 
 def jsonl_objects(path: Path):
@@ -201,7 +224,10 @@ def read_examples(
         records = _csv_records(p, text_field, label_field, "\t" if fmt == "tsv" else ",")
     result = ReadResult(str(p))
     for lineno, item in records:
-        if isinstance(item, Example):
+        if isinstance(item, (Example, ImageExample)):
+            if result.examples and type(item) is not type(result.examples[0]):
+                raise DataFormatError(f"{p}:{lineno}: this file mixes text rows and image rows; put each in its "
+                                      "own file (a base takes one or the other)")
             result.examples.append(item)
             continue
         problem = ReadProblem(str(p), lineno, item)

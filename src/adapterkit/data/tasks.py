@@ -353,12 +353,19 @@ TASKS: dict[str, _Spec] = {
 
 
 def list_tasks() -> list[str]:
-    """The registered task names, sorted."""
-    return sorted(TASKS)
+    """The registered task names (text and image), sorted."""
+    from .image_tasks import IMAGE_TASKS
+
+    return sorted([*TASKS, *IMAGE_TASKS])
 
 
 def load_task(name: str) -> Task:
-    """Read task ``name`` from its pip package and return its fixed splits and data card."""
+    """Read task ``name`` from its pip package and return its fixed splits and data card (an image task's
+    examples are image_tasks.ImageExample: .image, .label, .id)."""
+    from .image_tasks import IMAGE_TASKS, load_image_task
+
+    if name in IMAGE_TASKS:
+        return load_image_task(name)
     spec = TASKS.get(name)
     if spec is None:
         raise UnknownTaskError(f"unknown task {name!r}; the known tasks are: {', '.join(list_tasks())}")
@@ -389,6 +396,7 @@ def load_task(name: str) -> Task:
     installed = _installed_version(spec.source)
     card = {
         "name": name,
+        "modality": "text",
         "description": spec.description,
         "source": {
             "package": spec.source.package,

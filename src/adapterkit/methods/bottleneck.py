@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..vision.mobilenet import BLOCKS, MODEL_TYPE as MOBILENET, RESIDUAL_BLOCKS
 from .base import ATTACH_MODULE, STAGE_SERIES, Method, SiteInfo, TensorKind, pattern_value, config_from_dict, config_to_dict, tuple_fields
 from .kernels import STACKS_KEPT, HeldPool, routed, stacked_is_cheaper, unit_plan
 
@@ -41,6 +42,8 @@ SITES = {
     "qwen2": (r".*\.self_attn\.o_proj", r".*\.mlp", r".*\.mlp"),
     "gpt2": (r".*\.attn\.c_proj", r".*\.mlp", r".*\.mlp"),
     "bert": (r".*\.attention\.output\.dense", r".*layer\.\d+\.output\.dense", r".*layer\.\d+\.output"),
+    # MobileNetV2: after every inverted-residual block; parallel beside the blocks that keep their shape
+    MOBILENET: (BLOCKS, BLOCKS, RESIDUAL_BLOCKS),
 }
 
 

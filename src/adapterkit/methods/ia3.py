@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from ..errors import ConfigError, CorruptAdapterError
+from ..vision.mobilenet import MODEL_TYPE as MOBILENET, POINTWISE, PROJECTIONS
 from .base import ATTACH_INPUT, ATTACH_OUTPUT, STAGE_SCALE, Method, SiteInfo, TensorKind, config_from_dict, config_to_dict, tuple_fields
 
 INITS = ("default", "nonzero")
@@ -28,7 +29,9 @@ DEFAULT_TARGETS = {"llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
                    "mistral": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
                    "qwen2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
                    "bert": (("key", "value", "output.dense"), ("output.dense",)),
-                   "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",))}
+                   "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
+                   # MobileNetV2 (an image base): the 1x1 convolutions, the projections' inputs scaled
+                   MOBILENET: (POINTWISE, PROJECTIONS)}
 # PEFT config keys: read, ignored (no effect on a loaded adapter), or refused unless neutral
 _READ = {"peft_type", "target_modules", "feedforward_modules", "exclude_modules", "fan_in_fan_out"}
 _IGNORED = {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",

@@ -70,11 +70,19 @@ def task_examples(adapters: Sequence[Any], n_fit: int, n_held: int):
                           '{"text": ..., "adapter": ...}; `adapterkit data export TASK --adapter NAME` writes them)')
     for a in adapters:
         task = load_task(a.meta.task)
+        _texts_only(task, a.name)
         fit[a.name] = [e.text for e in task.train[:n_fit]]
         labels[a.name] = [e.label for e in task.train[:n_fit]]
         held[a.name] = [e.text for e in task.validation[:n_held]]
     source = "tasks: " + ", ".join(f"{a.name}={a.meta.task} (train[:{n_fit}], validation[:{n_held}])" for a in adapters)
     return fit, held, labels, source
+
+
+def _texts_only(task: Any, adapter: str) -> None:
+    if task.card.get("modality") == "image":
+        raise ConfigError(f"adapter {adapter!r} was trained on the image task {task.name!r}; routers choose adapters "
+                          "from text (retrieval over text embeddings, the gate over a text model): route text "
+                          "adapters only")
 
 
 def file_examples(path: Path, names: Sequence[str]):
@@ -240,7 +248,9 @@ def eval_items(router_meta: dict, tasks: Sequence[str] | None, file: Path | None
         if t not in by_task:
             raise ConfigError(f"no adapter of router {router_meta['name']!r} was trained on task {t!r}; its adapters' "
                               f"tasks: {', '.join(f'{a}={tk}' for tk, a in by_task.items()) or 'none'}")
-        items += [Item(e.text, by_task[t], e.label, t) for e in load_task(t).split(split)[:n]]
+        task = load_task(t)
+        _texts_only(task, by_task[t])
+        items += [Item(e.text, by_task[t], e.label, t) for e in task.split(split)[:n]]
     random.Random(0).shuffle(items)            # one mixed stream of the tasks
     return items
 

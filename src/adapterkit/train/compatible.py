@@ -22,18 +22,23 @@ from .classification import logits
 
 @dataclass(frozen=True)
 class CompatRow:
-    """A training row and its index into the old adapter's targets."""
+    """A training row (text or image example: its fields read through) and its index into the old adapter's
+    targets."""
 
-    text: str
-    label: str
+    example: Any
     index: int
+
+    def __getattr__(self, name: str) -> Any:          # .text / .image / .label of the example
+        if name == "example":                          # not set yet (copy, unpickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.example, name)
 
 
 def old_targets(base: Any, old: Any, examples: Sequence[Any], labels: Sequence[str],
                 max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(p_old [N, L] over `labels`, old_right [N] bool) of the old classifier on the training rows."""
     from ..core.runtime import AdapterRuntime
-    from .classification import collate_fn, predict_proba
+    from .classification import classifier_collate, predict_proba
 
     if old.head is None or not hasattr(old.head, "labels"):
         raise ConfigError(f"--compatible-with {old.name!r}: it has no classification head, so it has no "
@@ -43,8 +48,8 @@ def old_targets(base: Any, old: Any, examples: Sequence[Any], labels: Sequence[s
                           f"run's {list(labels)}; an update keeps its task's labels")
     rt = AdapterRuntime.from_base(base)
     rt.add(old)
-    predicted, probs = predict_proba(rt, old.name, old.head, examples, collate_fn(base.tokenizer, old.head,
-                                                                                   max_length))
+    predicted, probs = predict_proba(rt, old.name, old.head, examples, classifier_collate(base, old.head,
+                                                                                          max_length))
     right = torch.tensor([p == e.label for p, e in zip(predicted, examples)])
     return probs, right
 

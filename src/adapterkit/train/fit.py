@@ -40,13 +40,15 @@ from .report import loss_plot_path, plot_unavailable, save_loss_plot
 from .trainer import STATE_JSON, TrainConfig, TrainResult, dist_rank_world, train
 
 from ..methods.ia3 import DEFAULT_TARGETS as _IA3_DEFAULTS
+from ..vision.mobilenet import POINTWISE
 
 IA3_TYPES = set(_IA3_DEFAULTS)
 # LT-SFT's selection runs over every weight matrix of the layers (attention and MLP)
 SPARSE_TARGETS = {"causal-lm": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                   "encoder": ("query", "key", "value", "attention.output.dense", "intermediate.dense",
                               "output.dense")}
-DEFAULT_TARGETS = {"causal-lm": ("q_proj", "k_proj", "v_proj", "o_proj"), "encoder": ("query", "key", "value")}
+DEFAULT_TARGETS = {"causal-lm": ("q_proj", "k_proj", "v_proj", "o_proj"), "encoder": ("query", "key", "value"),
+                   "image": POINTWISE}       # MobileNetV2's 1x1 convolutions (a full-name regex)
 CHECKPOINT, LOG = "checkpoint", "train_log.jsonl"
 # a run of several phases keeps what one phase hands the next here, until the adapter is stored
 # (LT-SFT: the entries its dense phase selected, train/sft.py), so --resume can skip finished phases
@@ -183,6 +185,9 @@ def adapter_config(method: str, base: Base, *, r: int = 8, alpha: float = 16.0,
     placement's modules for the base's architecture, or at the given targets. sparse: every weight
     matrix of the layers (LT-SFT selects among them), or the given targets."""
     if method == "sparse":                     # the LT-SFT options are the run's (train/sft.py), not the config's
+        if not targets and base.kind not in SPARSE_TARGETS:
+            raise ConfigError(f"sparse fine-tuning adapts linear layers; {base.name} is an image base of convolutions: "
+                              "train lora, ia3 or bottleneck on it")
         return SparseConfig(target_modules=tuple(targets or SPARSE_TARGETS[base.kind]))
     if method == "bottleneck":
         model_type = getattr(base.model.config, "model_type", "?")
@@ -191,12 +196,12 @@ def adapter_config(method: str, base: Base, *, r: int = 8, alpha: float = 16.0,
             return BottleneckConfig(target_modules=tuple(targets), **given)
         return BottleneckConfig.for_model(model_type, **given)
     if method == "lora":
-        return LoraConfig(r=r, alpha=alpha, target_modules=tuple(targets or DEFAULT_TARGETS[base.kind]))
+        return LoraConfig(r=r, alpha=alpha, target_modules=_targets(targets, base))
     if method == "mora":
         from ..methods.mora import MoraConfig
 
         given = {k: v for k, v in options.items() if v is not None and k in ("top_k", "threshold")}
-        return MoraConfig(r=r, alpha=alpha, target_modules=tuple(targets or DEFAULT_TARGETS[base.kind]), **given)
+        return MoraConfig(r=r, alpha=alpha, target_modules=_targets(targets, base), **given)
     if method == "ia3":
         model_type = getattr(base.model.config, "model_type", "?")
         if targets is None:
@@ -204,6 +209,12 @@ def adapter_config(method: str, base: Base, *, r: int = 8, alpha: float = 16.0,
         known = Ia3Config.for_model(model_type).feedforward_modules if model_type in IA3_TYPES else ()
         return Ia3Config(target_modules=tuple(targets), feedforward_modules=tuple(t for t in targets if t in known))
     raise ConfigError(f"no adapter family {method!r} to make here; use lora, ia3, bottleneck, sparse or mora")
+
+
+def _targets(targets: Sequence[str] | None, base: Base) -> tuple[str, ...] | str:
+    """The given targets, else the base kind's defaults (a tuple of names, or one full-name regex)."""
+    chosen = targets or DEFAULT_TARGETS[base.kind]
+    return chosen if isinstance(chosen, str) else tuple(chosen)
 
 
 def _stack(rt: AdapterRuntime, adapter: Adapter, store: AdapterStore, names: Sequence[str],

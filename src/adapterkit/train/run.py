@@ -18,13 +18,13 @@ from ..errors import ConfigError
 from ..core.heads import ClassificationHead
 from ..core.runtime import AdapterRuntime
 from ..store import AdapterStore
-from .classification import collate_fn, loss_fn, predict_proba, token_lengths
+from .classification import check_modality, classifier_collate, loss_fn, predict_proba, token_lengths
 from .fit import finish, fit, method_info, run_lock, start_run
 from .progress import RowProgress
 from .defaults import selection_rows
 from .trainer import TrainConfig, dist_rank_world
 
-POOLING = {"causal-lm": "last", "encoder": "mean"}
+POOLING = {"causal-lm": "last", "encoder": "mean", "image": "mean"}      # image: its pooled features, one position
 
 
 def classification_metrics(predicted: Sequence[str], gold: Sequence[str], labels: Sequence[str]) -> dict[str, float]:
@@ -65,6 +65,8 @@ def train_classifier(
 ) -> tuple[Adapter, dict[str, float]]:
     """select_rows: validation rows (a seeded sample) of the best-checkpoint checks (None: all).
     compatible_with: the version users have now; the new one keeps its correct predictions (compatible.py)."""
+    check_modality(base.kind, train_examples, "the training examples")
+    check_modality(base.kind, eval_examples, "the evaluation examples")
     with run_lock(store, name):      # one run per name: a second trainer fails here
         adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
                             overwrite=overwrite, resume=resume, method=method,
@@ -73,19 +75,20 @@ def train_classifier(
         adapter.head = ClassificationHead.create(labels, base.model.config.hidden_size, POOLING[base.kind],
                                                  config.seed).to(base.device)        # trains beside the base
         adapter.meta.labels = labels
-        lengths = token_lengths(base.tokenizer, [e.text for e in train_examples])
+        lengths = ([1] * len(train_examples) if base.kind == "image"       # an image is one unit
+                   else token_lengths(base.tokenizer, [e.text for e in train_examples]))
         truncated = sum(n > max_length for n in lengths)      # collate cuts these to max_length
         info = {"objective": "classification", **method_info(adapter),
                 "targets": list(adapter.config.target_modules), "max_length": max_length, "labels": labels}
         checks = selection_rows(eval_examples, select_rows, config.seed)        # best-checkpoint rows
         score = (lambda rt: evaluate(rt, adapter, checks, max_length)["accuracy"]) if eval_examples else None
-        rows, collate, loss = train_examples, collate_fn(base.tokenizer, adapter.head, max_length), loss_fn(adapter.head)
+        rows, collate, loss = train_examples, classifier_collate(base, adapter.head, max_length), loss_fn(adapter.head)
         if compatible_with is not None:              # MUSCLE: distil the old version where it was right
             from ..merge.common import content_fingerprint
             from .compatible import CompatRow, compat_collate, compat_loss, old_targets
 
             probs, right = old_targets(base, compatible_with, train_examples, labels, max_length)
-            rows = [CompatRow(e.text, e.label, i) for i, e in enumerate(train_examples)]
+            rows = [CompatRow(e, i) for i, e in enumerate(train_examples)]
             collate, loss = compat_collate(collate, probs, right), compat_loss(adapter.head, compat_weight)
             info["compatible_with"] = {"name": compatible_with.name,
                                        "fingerprint": content_fingerprint(compatible_with),
@@ -122,10 +125,9 @@ def score(rt: AdapterRuntime, adapter: Adapter, examples: Sequence[Any], max_len
         raise ConfigError(f"adapter {adapter.name!r} has no classification head; it cannot classify")
     gold = [e.label for e in examples]
     head.label_ids(gold)                                 # labels unseen in training: a clear error
-    if rt.tokenizer is None:
-        raise ConfigError("the runtime has no tokenizer; build it with AdapterRuntime.from_base(base)")
+    check_modality("image" if getattr(rt, "processor", None) is not None else "text", examples, "the examples")
     with RowProgress(len(examples), progress) as bar:
-        predicted, probs = predict_proba(rt, adapter.name, head, examples, collate_fn(rt.tokenizer, head, max_length),
+        predicted, probs = predict_proba(rt, adapter.name, head, examples, classifier_collate(rt, head, max_length),
                                          on_batch=bar.advance)
     return Scored(list(head.labels), gold, predicted, probs)
 

@@ -205,7 +205,7 @@ def train(
     runtime.activate(adapter_name)
     model = runtime.model
     was_training = model.training
-    model.train()
+    train_mode(model)
     rank, world = dist_rank_world()
     writer = rank == 0                               # under torchrun only rank 0 writes the log and checkpoints
     if log_path and resume and writer:
@@ -261,7 +261,7 @@ def train(
                 model.eval()
                 with torch.no_grad():
                     metric = float(evaluate())
-                model.train()
+                train_mode(model)
                 result.evals.append((done, metric))
                 if best is None or metric > best[0]:
                     best = (metric, done, [p.detach().clone() for p in params])
@@ -364,6 +364,16 @@ def _mean_across(value: float, world: int) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t) / world
+
+
+def train_mode(model: torch.nn.Module) -> None:
+    """Training mode (dropout on) with the base's normalisation statistics frozen: a BatchNorm in train mode
+    would normalise by the batch and overwrite its running mean and variance, i.e. change the frozen base
+    (an image base's; transformers use LayerNorm, which has none)."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
 
 
 def _truncate_log(path: Path, start: int) -> None:

@@ -23,6 +23,13 @@ MODEL_TYPE = "adapterkit-mobilenet-v2"
 # (expansion t, output channels c, repeats n, first stride s)
 SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
             (6, 320, 1, 1))
+# Default sites (full-name regexes). The 1x1 (pointwise) convolutions, groups 1: every block's expansion
+# (conv.0.0, absent in block 1) and projection (conv.2; block 1's conv.1), and the last 1x1 (features.18.0);
+# the depthwise 3x3s are left out (LoRA on a grouped conv needs r a multiple of its channels).
+POINTWISE = r"features\.(?:1\.conv\.1|(?:[2-9]|1[0-7])\.conv\.(?:0\.0|2)|18\.0)"
+PROJECTIONS = r"features\.(?:1\.conv\.1|(?:[2-9]|1[0-7])\.conv\.2)"        # IA3 scales their inputs
+BLOCKS = r"features\.(?:[1-9]|1[0-7])"                                      # the inverted-residual blocks
+RESIDUAL_BLOCKS = r"features\.(?:3|5|6|8|9|10|12|13|15|16)"                 # blocks that keep their shape
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
