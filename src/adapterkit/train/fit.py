@@ -291,7 +291,7 @@ def fit(base: Base, adapter: Adapter, examples: Sequence[Any], collate: Callable
             log.unlink()                         # a fresh run starts a fresh log, not appended to an old run's
         if loss_plot_path(log).is_file():
             loss_plot_path(log).unlink()         # the plot beside a log always shows that log's run
-    with TrainProgress(config.steps, progress and writer) as bar:
+    with TrainProgress(config.steps, progress and writer, unit="img" if base.kind == "image" else "tok") as bar:
         result = train(rt, adapter.name, examples, collate, loss_fn, config, checkpoint_dir=folder / CHECKPOINT,
                        resume=resume, log_path=log, on_step=bar.update,
                        extra_params=extra_params, evaluate=(lambda: evaluate(rt)) if evaluate else None,

@@ -91,10 +91,12 @@ class _Display:
 
 class TrainProgress(_Display):
     """Training steps: `update(record)` with each step's log record (step, loss, tokens_per_s, seconds).
-    A plain line shows the mean loss and tokens/s over the steps since the previous line."""
+    A plain line shows the mean loss and tokens/s (`unit`: "img" on an image base) over the steps since the
+    previous line."""
 
-    def __init__(self, total: int, enabled: bool, label: str = "train") -> None:
+    def __init__(self, total: int, enabled: bool, label: str = "train", unit: str = "tok") -> None:
         super().__init__(label, total, enabled)
+        self.unit = unit
         self._loss, self._tps = float("nan"), 0.0
         self._losses: list[float] = []
         self._tokens = self._seconds = 0.0
@@ -103,7 +105,7 @@ class TrainProgress(_Display):
         from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
 
         return (TextColumn(self.label), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn(f"{{task.fields[tps]:.0f}} {self.unit}/s"),
                 TimeRemainingColumn())
 
     def _fields(self) -> dict[str, Any]:
@@ -122,7 +124,7 @@ class TrainProgress(_Display):
         loss = sum(self._losses) / len(self._losses) if self._losses else float("nan")
         tps = self._tokens / self._seconds if self._seconds > 0 else 0.0
         self._losses, self._tokens, self._seconds = [], 0.0, 0.0
-        return f"loss {loss:.4f} {tps:.0f} tok/s"
+        return f"loss {loss:.4f} {tps:.0f} {self.unit}/s"
 
 
 class RowProgress(_Display):
