@@ -160,3 +160,18 @@ def test_data_export_writes_image_rows_that_read_back(tmp_path):
     want = load_task("mnist-5k").test[:3]
     assert [r.label for r in rows] == [w.label for w in want]
     assert all(decode(r.image).convert("L").tobytes() == w.image.tobytes() for r, w in zip(rows, want))  # lossless
+
+
+def test_linear_probe_on_the_frozen_image_base():
+    """The head-only baseline reads the image base's pooled features (the tint is linear in them)."""
+    from adapterkit import AdapterRuntime
+    from adapterkit.train.classification import classifier_collate, predict
+    from adapterkit.train.probe import fit_probe
+
+    base = tiny_image_base()
+    head = fit_probe(base, tinted(128, 2), "mean", 0)
+    rt = AdapterRuntime.from_base(base)
+    test = tinted(40, 3)
+    got = predict(rt, None, head, test, classifier_collate(rt, head, 0))
+    acc = sum(p == e.label for p, e in zip(got, test)) / len(test)
+    assert tuple(head.weight.shape) == (2, 1280) and acc >= 0.75, acc      # chance 0.5; measured 0.825
