@@ -1,0 +1,300 @@
+#!/usr/bin/env python
+"""Adapters on an image base (issue 18's benchmark): MobileNetV2 (ImageNet) on the two image example tasks.
+
+  accuracy  per task (textile-defects, mnist-5k), each system scored on the test split:
+              probe       a linear head on the frozen base's pooled features (train/probe.py)
+              lora        `adapterkit train --base mobilenet-v2 --task T --name N` (the CLI's defaults: LoRA
+                          r=8 on the 34 pointwise convolutions)
+              ia3         ... --method ia3 (a scale per channel of the pointwise convolutions' outputs; the
+                          projections' inputs)
+              bottleneck  ... --method bottleneck (Pfeiffer after each of the 17 inverted-residual blocks)
+              full        the whole network and a fresh head trained in plain torch (AdamW, the LoRA run's
+                          steps, batch and head lr; lr 1e-4 for the network; BatchNorm statistics frozen as in
+                          the adapter runs), in process
+            rows append to results/vision_runs.jsonl; a (task, system) already there is skipped (--redo)
+  mixed     the forward step of 32 images (224x224) over 8 distinct LoRA adapters (4 images each, the CLI's
+            targets, r=8) against the bare base, alternated over --rounds rounds, median (target <= 1.3x)
+  table     results/vision.json, the README table (markdown) and results/vision.png
+
+Targets: every adapter family >= the linear probe + 3 points on both image tasks and within 2 points of full
+training; the mixed image batch <= 1.3x the bare base's step.
+
+    .venv/bin/python benchmarks/vision.py --part accuracy [--tasks textile-defects,mnist-5k] [--systems ...]
+    .venv/bin/python benchmarks/vision.py --part mixed
+    .venv/bin/python benchmarks/vision.py --part table
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from cli_runs import cli, log  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+BASE = "mobilenet-v2"
+TASKS = ("textile-defects", "mnist-5k")
+FAMILIES = {"lora": [], "ia3": ["--method", "ia3"], "bottleneck": ["--method", "bottleneck"]}
+SYSTEMS = ("probe", *FAMILIES, "full")
+PROBE_POINTS, FULL_POINTS, MIXED_TARGET = 0.03, 0.02, 1.3
+SMOKE: list[str] = []
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def read_runs(path: Path) -> dict[tuple[str, str], dict]:
+    runs = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                runs[(r["task"], r["system"])] = r
+    return runs
+
+
+def step_seconds(log_file: Path, skip: int = 2) -> float | None:
+    if not log_file.is_file():
+        return None
+    rows = [json.loads(x) for x in log_file.read_text().splitlines() if x.strip()]
+    secs = [r["seconds"] for r in rows if "seconds" in r and r.get("step", 0) > skip]
+    return statistics.median(secs) if secs else None
+
+
+def family_run(task: str, family: str, store: Path, env: dict) -> dict:
+    name = f"{task}-{family}"
+    cmd = ["train", "--base", BASE, "--task", task, "--name", name, *FAMILIES[family], *SMOKE]
+    log(f"adapterkit {' '.join(cmd)}")
+    _, secs = cli(cmd + ["--store", str(store), "--no-progress", "--overwrite"], env)
+    got = json.loads(cli(["eval", name, "--task", task, "--split", "test", "--json", "--no-progress",
+                          "--store", str(store)], env)[0])
+    shown = json.loads(cli(["show", name, "--json", "--store", str(store)], env)[0])
+    params = shown["lineage"][0]["params"]
+    return {"command": "adapterkit " + " ".join(cmd), "test": {k: got[k] for k in ("accuracy", "macro_f1", "n")},
+            "parameters": shown.get("parameters"), "wall_s": round(secs, 1),
+            "step_s": step_seconds(store / "runs" / name / "train_log.jsonl"),
+            "params": {k: params.get(k) for k in ("steps", "batch_size", "lr", "head_lr", "best_step")}}
+
+
+def probe_run(task_name: str, rows: int | None = None) -> dict:
+    from adapterkit import AdapterRuntime, load_base
+    from adapterkit.data.tasks import load_task
+    from adapterkit.train.classification import classifier_collate, predict
+    from adapterkit.train.run import classification_metrics
+    from adapterkit.train.probe import fit_probe
+
+    base, task = load_base(BASE), load_task(task_name)
+    t0 = time.perf_counter()
+    head = fit_probe(base, task.train[:rows], "mean", 0)
+    secs = time.perf_counter() - t0
+    rt = AdapterRuntime.from_base(base)
+    got = predict(rt, None, head, task.test, classifier_collate(rt, head, 0))
+    m = classification_metrics(got, [e.label for e in task.test], head.labels)
+    return {"command": "train/probe.fit_probe (300 full-batch AdamW steps, lr 1e-2)", "test": m,
+            "parameters": head.weight.numel() + head.bias.numel(), "wall_s": round(secs, 1), "step_s": None}
+
+
+def full_run(task_name: str, steps: int, batch: int, head_lr: float, lr: float = 1e-4, seed: int = 0) -> dict:
+    """The whole network trained (BatchNorm statistics frozen, as the adapter runs keep them), a fresh head."""
+    import random
+
+    import torch
+
+    from adapterkit import load_base
+    from adapterkit.core.heads import ClassificationHead
+    from adapterkit.data.tasks import load_task
+    from adapterkit.train.classification import image_collate_fn
+    from adapterkit.train.run import classification_metrics
+    from adapterkit.train.trainer import train_mode
+
+    base, task = load_base(BASE), load_task(task_name)
+    model = base.model.requires_grad_(True)
+    head = ClassificationHead.create(sorted({e.label for e in task.train}), 1280, "mean", seed)
+    w, b = head.weight.requires_grad_(True), head.bias.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": list(model.parameters()), "lr": lr},
+                             {"params": [w, b], "lr": head_lr}], weight_decay=0.0)
+    collate = image_collate_fn(base.processor, head)
+    rng = random.Random(seed)
+    order: list = []
+    times = []
+    train_mode(model)
+    for _ in range(steps):
+        if len(order) < batch:
+            order += rng.sample(range(len(task.train)), len(task.train))
+        rows, order = order[:batch], order[batch:]
+        t0 = time.perf_counter()
+        data = collate([task.train[i] for i in rows])
+        loss = torch.nn.functional.cross_entropy(model.pooled(data["pixel_values"]) @ w.t() + b, data["labels"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    model.eval()
+    preds = []
+    with torch.no_grad():
+        for start in range(0, len(task.test), 32):
+            data = collate(task.test[start:start + 32])
+            preds += [head.labels[i] for i in (model.pooled(data["pixel_values"]) @ w.t() + b).argmax(-1).tolist()]
+    m = classification_metrics(preds, [e.label for e in task.test], head.labels)
+    n = sum(p.numel() for p in model.parameters()) + w.numel() + b.numel()
+    return {"command": f"plain torch: AdamW lr {lr:g} (head {head_lr:g}), {steps} steps of {batch}", "test": m,
+            "parameters": n, "wall_s": round(sum(times), 1), "step_s": statistics.median(times[2:] or times)}
+
+
+def part_accuracy(a, env) -> None:
+    done = read_runs(a.runs)
+    store = Path(tempfile.mkdtemp(prefix="vision-")) / "store"
+    for task in a.tasks:
+        for system in a.systems:
+            if (task, system) in done and not a.redo:
+                log(f"{task} {system}: done before ({done[task, system]['test']}); --redo runs it again")
+                continue
+            if system == "probe":
+                r = probe_run(task, 64 if SMOKE else None)
+            elif system == "full":
+                lora = read_runs(a.runs).get((task, "lora"))
+                if lora is None:
+                    log(f"{task} full: needs the lora run first (its steps, batch and head lr)")
+                    continue
+                p = lora["params"]
+                r = full_run(task, 4 if SMOKE else p["steps"], p["batch_size"], p["head_lr"])
+            else:
+                r = family_run(task, system, store, env)
+            r.update({"task": task, "system": system, "date": now()})
+            with a.runs.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+            log(f"{task} {system}: {r['test']}, {r['parameters']} params, {r['wall_s']:.0f} s")
+
+
+def part_mixed(a) -> None:
+    """One forward of 32 images: 8 LoRA adapters, 4 images each, vs the bare base (alternated, median)."""
+    import torch
+
+    from adapterkit import AdapterRuntime, LoraConfig, create_adapter, load_base
+    from adapterkit.vision.mobilenet import POINTWISE
+
+    torch.set_num_threads(a.threads)
+    base = load_base(BASE)
+    rt = AdapterRuntime.from_base(base, capacity=8)
+    names = [f"a{i}" for i in range(8)]
+    for i, n in enumerate(names):
+        rt.add(create_adapter(n, base.model, LoraConfig(r=8, alpha=16, target_modules=POINTWISE, init="nonzero"),
+                              seed=i, fingerprint=base.fingerprint))
+    x = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    rows = [names[i // 4] for i in range(32)]
+    times: dict[str, list[float]] = {"base": [], "mixed": []}
+    with torch.no_grad():
+        for _ in range(2):                                        # warm-up
+            base.model(x)
+        for _ in range(a.rounds):
+            for kind in ("base", "mixed"):
+                t0 = time.perf_counter()
+                if kind == "mixed":
+                    with rt.batch(rows):
+                        base.model(x)
+                else:
+                    base.model(x)
+                times[kind].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {"benchmark": "vision-mixed", "images": 32, "adapters": 8, "image_size": 224, "threads": a.threads,
+           "rounds": a.rounds, "median_s": med, "ratio": med["mixed"] / med["base"], "target": MIXED_TARGET,
+           "all_s": times, "date": now()}
+    (a.results / "vision_mixed.json").write_text(json.dumps(out, indent=1) + "\n")
+    log(f"mixed 32 images / 8 adapters: {med['mixed'] * 1e3:.0f} ms vs base {med['base'] * 1e3:.0f} ms "
+        f"= {out['ratio']:.2f}x (target <= {MIXED_TARGET}x)")
+
+
+def part_table(a) -> None:
+    runs = read_runs(a.runs)
+    mixed_file = a.results / "vision_mixed.json"
+    mixed = json.loads(mixed_file.read_text()) if mixed_file.is_file() else None
+    rows, verdict = [], {}
+    for task in TASKS:
+        probe, full = runs.get((task, "probe")), runs.get((task, "full"))
+        for system in SYSTEMS:
+            r = runs.get((task, system))
+            if r is None:
+                continue
+            acc = r["test"]["accuracy"]
+            rows.append({"task": task, "system": system, "accuracy": acc, "macro_f1": r["test"]["macro_f1"],
+                         "parameters": r["parameters"], "step_s": r.get("step_s")})
+            if system in FAMILIES and probe and full:
+                verdict.setdefault(system, {})[task] = {
+                    "over_probe": acc - probe["test"]["accuracy"], "vs_full": acc - full["test"]["accuracy"],
+                    "met": acc - probe["test"]["accuracy"] >= PROBE_POINTS
+                    and acc - full["test"]["accuracy"] >= -FULL_POINTS}
+    out = {"benchmark": "vision", "base": BASE, "rows": rows, "targets": verdict,
+           "mixed_over_base": None if mixed is None else mixed["ratio"]}
+    (a.results / "vision.json").write_text(json.dumps(out, indent=1) + "\n")
+    print("| task | system | test acc. | macro-F1 | trainable params | train step |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        step = "" if r["step_s"] is None else f"{r['step_s']:.2f} s"
+        print(f"| {r['task']} | {r['system']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {r['parameters']:,} "
+              f"| {step} |")
+    if mixed is not None:
+        print(f"\nmixed batch, 32 images over 8 LoRA adapters: {mixed['ratio']:.2f}x the bare base "
+              f"({mixed['median_s']['mixed'] * 1e3:.0f} vs {mixed['median_s']['base'] * 1e3:.0f} ms)")
+    plot(rows, a.results)
+
+
+def plot(rows: list[dict], results: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing: no plot")
+        return
+    tasks = [t for t in TASKS if any(r["task"] == t for r in rows)]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    width = 0.8 / len(SYSTEMS)
+    for j, system in enumerate(SYSTEMS):
+        acc = [next((r["accuracy"] for r in rows if r["task"] == t and r["system"] == system), float("nan"))
+               for t in tasks]
+        ax.bar([i + j * width for i in range(len(tasks))], acc, width, label=system)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0.0, 1.0)
+    ax.legend(fontsize=8, ncol=5, loc="lower center")
+    ax.set_title("MobileNetV2 adapters vs probe and full training (benchmarks/vision.py)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(results / "vision.png", dpi=110)
+    log(f"wrote {results / 'vision.png'}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", choices=("accuracy", "mixed", "table"), required=True)
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--redo", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="4 steps on 64 rows per run, results under /tmp (checks "
+                   "the script; numbers meaningless)")
+    a = p.parse_args()
+    a.tasks, a.systems = a.tasks.split(","), a.systems.split(",")
+    a.results = RESULTS
+    if a.smoke:
+        SMOKE.extend(["--steps", "4", "--eval-every", "0", "--train-rows", "64"])
+        a.results = Path(tempfile.gettempdir()) / "vision-smoke-results"
+        a.results.mkdir(exist_ok=True)
+        a.rounds = 1
+    a.runs = a.results / "vision_runs.jsonl"
+    env = {**os.environ, "ADAPTERKIT_DEVICE": "cpu"}
+    {"accuracy": lambda: part_accuracy(a, env), "mixed": lambda: part_mixed(a), "table": lambda: part_table(a)}[a.part]()
+
+
+if __name__ == "__main__":
+    main()
