@@ -315,6 +315,14 @@ def load_base(name_or_path: str = DEFAULT_BASE, dtype: torch.dtype | str | None 
         model.to(device=device, dtype=dtype)
         return Base(name, path, model, None, fp, "image", upstream, processor=model.config.image)
     config = AutoConfig.from_pretrained(str(path))
+    from ..vision.hf import is_vision_type, load_vision
+
+    if is_vision_type(getattr(config, "model_type", None)):     # a ViT / CLIP / SigLIP folder: an image base
+        model, processor = load_vision(path, config.model_type, dtype if dtype != torch.float16 else torch.float32)
+        model.eval().requires_grad_(False)
+        fp = fingerprint(model)
+        model.to(device=device, dtype=dtype)
+        return Base(name, path, model, None, fp, "image", upstream, processor=processor)
     archs = getattr(config, "architectures", None) or []
     causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
     auto = AutoModelForCausalLM if causal else AutoModel

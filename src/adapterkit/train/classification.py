@@ -81,7 +81,9 @@ def hidden_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tor
     """[B, T, H] from the transformer body (`model.base_model`: no LM head is computed); an image base's
     pooled features as one position, [B, 1, H]."""
     if "pixel_values" in batch:
-        return model.pooled(batch["pixel_values"])[:, None, :]
+        from ..vision.hf import image_features
+
+        return image_features(model, batch["pixel_values"])[:, None, :]
     body = getattr(model, "base_model", model)
     return body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
 

@@ -213,6 +213,10 @@ def adapter_config(method: str, base: Base, *, r: int = 8, alpha: float = 16.0,
 
 def _targets(targets: Sequence[str] | None, base: Base) -> tuple[str, ...] | str:
     """The given targets, else the base kind's defaults (a tuple of names, or one full-name regex)."""
+    if not targets and base.kind == "image" and not hasattr(base.model, "pooled"):   # a transformers vision folder
+        from ..vision.hf import default_lora_targets
+
+        return default_lora_targets(base.model)
     chosen = targets or DEFAULT_TARGETS[base.kind]
     return chosen if isinstance(chosen, str) else tuple(chosen)
 

@@ -91,7 +91,13 @@ def preprocess(img: Any, spec: ImageSpec) -> torch.Tensor:
     return x.sub_(mean).div_(std)
 
 
-def pixels(images: Sequence[Any], spec: ImageSpec) -> torch.Tensor:
-    """A batch [n, 3, crop, crop] from decoded images, paths, bytes or data URLs."""
-    return torch.stack([preprocess(im if hasattr(im, "size") and hasattr(im, "mode") else decode(im, f"image {i}"),
-                                   spec) for i, im in enumerate(images)])
+def pixels(images: Sequence[Any], spec: Any) -> torch.Tensor:
+    """A batch [n, 3, H, W] from decoded images, paths, bytes or data URLs, preprocessed as the base says:
+    `spec` an ImageSpec (adapterkit's MobileNetV2) or a transformers image processor (a ViT / CLIP folder)."""
+    decoded = [im.convert("RGB") if hasattr(im, "size") and hasattr(im, "mode") else decode(im, f"image {i}")
+               for i, im in enumerate(images)]
+    if not isinstance(spec, ImageSpec):
+        from .hf import hf_pixels
+
+        return hf_pixels(decoded, spec)
+    return torch.stack([preprocess(im, spec) for im in decoded])
