@@ -191,3 +191,13 @@ def test_generation_is_not_routed_to_classifiers_and_naming_one_says_it_is(world
     assert finish["adapterkit"]["classifier"]["adapter"] == "ad-a"
     plain = request(app, "/v1/completions", {"model": "plain", "prompt": TEXTS[0], "max_tokens": 2})
     assert "adapterkit" not in plain.json()
+
+
+def test_an_image_sent_to_a_text_base_is_a_400(world):
+    _, _, _, app = world
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}
+    r = request(app, "/v1/classify", {"model": "ad-a", "input": ["w1 w2", part]})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "input[1]" and err["message"].startswith("input[1] is an image but the base")
+    assert "reads text; classify images on a server of an image base" in err["message"]

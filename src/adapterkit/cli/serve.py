@@ -71,7 +71,12 @@ def serve_cmd(
         if store is None and (adapterkit_home() / "store").is_dir():
             store = adapterkit_home() / "store"
         if replicas:
+            from ..core.base import is_image_base
             from .serve_ray import ROUTINGS, serve_replicas
+
+            if is_image_base(base):
+                raise AdapterkitError(f"--replicas runs the text engine on Ray; {base} is an image base: serve it in "
+                                      "one process (leave --replicas out)")
 
             if ray_routing not in ROUTINGS:
                 raise AdapterkitError(f"--ray-routing must be one of {', '.join(ROUTINGS)}, got {ray_routing!r}")
@@ -93,11 +98,17 @@ def serve_cmd(
             raise AdapterkitError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
                                   "choose another --port (0 picks a free one)") from None
         try:
-            engine = Engine.build(base, store=AdapterStore(store) if store is not None else None,
-                                  adapter_dirs=adapters or [],
-                                  config=EngineConfig(max_batch=max_batch, max_queue=max_queue, kv_cache_mb=kv_cache_mb),
-                                  max_loaded_adapters=max_loaded_adapters, ram_cache_mb=ram_cache_mb,
-                                  device=dev, dtype=dt)
+            from ..core.base import load_base
+            from ..serve.image_engine import ImageEngine
+
+            loaded = load_base(base, dtype=dt, device=dev)
+            common = dict(store=AdapterStore(store) if store is not None else None, adapter_dirs=adapters or [],
+                          max_loaded_adapters=max_loaded_adapters, ram_cache_mb=ram_cache_mb)
+            if loaded.kind == "image":               # classifies images (POST /v1/classify); no generation
+                engine = ImageEngine.build(loaded, max_batch=max_batch, **common)
+            else:
+                engine = Engine.build(loaded, config=EngineConfig(max_batch=max_batch, max_queue=max_queue,
+                                                                  kv_cache_mb=kv_cache_mb), **common)
         except BaseException:
             sock.close()
             raise

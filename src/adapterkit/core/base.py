@@ -351,6 +351,21 @@ def _quiet_load(auto: Any, path: Path, dtype: torch.dtype) -> nn.Module:
             hf_logging.enable_progress_bar()
 
 
+def is_image_base(name_or_path: str) -> bool:
+    """Whether a built-in name or local folder is an image base, read from its config without loading it."""
+    if name_or_path in BUILTINS:
+        return BUILTINS[name_or_path].kind == "image"
+    cfg = Path(name_or_path) / "config.json"
+    try:
+        model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return False
+    from ..vision.hf import is_vision_type
+    from ..vision.mobilenet import MODEL_TYPE
+
+    return model_type == MODEL_TYPE or is_vision_type(model_type)
+
+
 def list_bases() -> list[dict[str, Any]]:
     rows = []
     for b in BUILTINS.values():

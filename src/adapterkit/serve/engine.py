@@ -123,15 +123,15 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
 
     @classmethod
-    def build(cls, base: str = "smollm2-135m", *, store: Any = None, adapter_dirs: Iterable[Any] = (),
+    def build(cls, base: Any = "smollm2-135m", *, store: Any = None, adapter_dirs: Iterable[Any] = (),
               config: EngineConfig | None = None, max_loaded_adapters: int = 8,
               ram_cache_mb: float = 1024.0, device: Any = "cpu", dtype: Any = None) -> "Engine":
-        """Load the base (on `device` in `dtype`: base.load_base), make a runtime and an adapter cache
-        over the store and adapter folders."""
+        """Load the base (on `device` in `dtype`: base.load_base; or a Base already loaded), make a runtime and
+        an adapter cache over the store and adapter folders."""
         from ..core.base import load_base
         from ..core.runtime import AdapterRuntime
 
-        b = load_base(base, dtype=dtype, device=device)
+        b = base if hasattr(base, "model") else load_base(base, dtype=dtype, device=device)
         runtime = AdapterRuntime.from_base(b, capacity=max_loaded_adapters + 1)
         cache = AdapterCache(runtime, store=store, adapter_dirs=adapter_dirs, max_loaded=max_loaded_adapters,
                              ram_cache_mb=ram_cache_mb)

@@ -97,7 +97,8 @@ def banner(engine: Any, url: str, settings: ApiSettings, drain_timeout: float, h
     cfg = getattr(engine, "config", None)
     lines = [
         f"adapterkit serve: {url}/v1 (OpenAI-compatible; /health, /metrics)",
-        f"  base      {engine.base_name} (context {engine.max_context} tokens)",
+        f"  base      {engine.base_name} " + (f"(context {engine.max_context} tokens)" if engine.max_context else
+                                                "(an image model: POST /v1/classify with image parts)"),
         *([f"  device    {engine.runtime.device}, {str(engine.runtime.dtype).removeprefix('torch.')}"]
           if hasattr(engine, "runtime") else []),
         f"  adapters  {len(names)} served" + (f": {shown}" if names else " (load more with POST /v1/load_lora_adapter)"),

@@ -25,7 +25,17 @@ _ONE_STEP = SamplingParams(max_tokens=1, temperature=0.0)     # unused by classi
 
 
 async def classify(service: Any, req: P.ClassifyRequest) -> dict[str, Any]:
+    if getattr(service.engine, "images", False):
+        from .classifying_images import classify_images
+
+        return await classify_images(service, req)
     texts = req.inputs
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            where = _field("input", i, len(texts))
+            raise InvalidRequestError(f"{where} is an image but the base {service.engine.base_name!r} reads text; "
+                                      "classify images on a server of an image base (adapterkit serve --base "
+                                      "mobilenet-v2)", param=where)
     picks = [await _pick(service, req.model, text, i, len(texts)) for i, text in enumerate(texts)]
     with blame("model"):                             # an unknown adapter, one without a head, a damaged head
         ids = [await asyncio.to_thread(_encode, service, text, adapter, req.truncate_prompt_tokens)

@@ -194,10 +194,12 @@ MAX_INPUTS = 64                 # inputs per classification request
 
 
 class ClassifyRequest(_Body):
-    """vLLM's POST /classify body: each input is scored by the adapter's classification head."""
+    """vLLM's POST /classify body: each input is scored by the adapter's classification head. On an image
+    base an input is an image part, as in the chat API: {"type": "image_url", "image_url": {"url":
+    "data:image/png;base64,..."}}."""
 
     model: str = Field(min_length=1)
-    input: Union[str, list[str]]
+    input: Union[str, list[Union[str, dict[str, Any]]]]
     truncate_prompt_tokens: Optional[int] = Field(None, ge=1, description="cut each input to this many tokens")
     user: Optional[str] = None        # accepted, unused
 
@@ -205,15 +207,24 @@ class ClassifyRequest(_Body):
     @classmethod
     def _input(cls, v: Any) -> Any:
         texts = [v] if isinstance(v, str) else v
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError("input must be a string or a non-empty list of strings")
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) or is_image_part(t) for t in texts):
+            raise ValueError("input must be a string or a non-empty list of strings (or, on an image base, of image "
+                             'parts {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}})')
         if len(texts) > MAX_INPUTS:
             raise ValueError(f"at most {MAX_INPUTS} inputs per request, got {len(texts)}")
         return v
 
     @property
-    def inputs(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else list(self.input)
+    def inputs(self) -> list[Any]:
+        """Each input: a text, or an image part's URL (a data URL) as {"image": url}."""
+        items = [self.input] if isinstance(self.input, str) else list(self.input)
+        return [t if isinstance(t, str) else {"image": t["image_url"]["url"]} for t in items]
+
+
+def is_image_part(v: Any) -> bool:
+    """{"type": "image_url", "image_url": {"url": str}} (OpenAI's image content part)."""
+    return (isinstance(v, dict) and v.get("type") == "image_url" and isinstance(v.get("image_url"), dict)
+            and isinstance(v["image_url"].get("url"), str) and set(v) <= {"type", "image_url"})
 
 
 class LoadAdapterRequest(BaseModel):

@@ -232,7 +232,15 @@ class OpenAIService:
                                "note": f"{adapter!r} was trained as a classifier: this text is the base's language "
                                        "model through it; POST /v1/classify returns its label"}}
 
+    def _generates(self) -> None:
+        """An image base generates no text: a 400 that says what it serves instead."""
+        if getattr(self.engine, "images", False):
+            raise InvalidRequestError(f"the base {self.engine.base_name!r} is an image model: it classifies images "
+                                      '(POST /v1/classify with input [{"type": "image_url", ...}]) and generates no '
+                                      "text", param="model")
+
     async def completion(self, req: P.CompletionRequest) -> dict[str, Any] | EventStream:
+        self._generates()
         adapter, gate, routed = await self._pick(req.model, route_text(req.prompt, None), "prompt")
         note = await asyncio.to_thread(self._classifier_note, adapter)
         ids = await asyncio.to_thread(self._encode, req.prompt, True)
@@ -252,6 +260,7 @@ class OpenAIService:
         return _routed(P.completion(rid, created, model, text, final.finish_reason, final.usage), routed, note)
 
     async def chat(self, req: P.ChatCompletionRequest) -> dict[str, Any] | EventStream:
+        self._generates()
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                     for m in req.messages]
         adapter, gate, routed = await self._pick(req.model, route_text(None, messages), "messages")
