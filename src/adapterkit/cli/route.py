@@ -29,9 +29,10 @@ def route_fit(
                              "on the encoder's embedding + character n-grams, per prompt, fitted in seconds) or gate "
                              "(learned, per token)."),
     base: Optional[str] = typer.Option(None, help="The adapters' base (default: the base the store records)."),
-    encoder: str = typer.Option("minilm-l6", help="retrieval: a sentence encoder (built-in name or folder; "
-                                "default MiniLM-L6: more accurate and 7x faster than the base on the 4-task benchmark) "
-                                "or 'base' (mean-pooled states of the adapters' base)."),
+    encoder: Optional[str] = typer.Option(None, help="retrieval: a sentence encoder (built-in name or folder; "
+                                          "default MiniLM-L6: more accurate and 7x faster than the base on the 4-task "
+                                          "benchmark) or 'base' (mean-pooled states of the adapters' base). Adapters "
+                                          "of an image base: always the base (its pooled image features)."),
     examples: Optional[Path] = typer.Option(None, "--examples", help="JSONL lines {\"text\", \"adapter\"[, \"label\"]}, "
                                             "added to the examples of adapters trained on an example task; the only "
                                             "examples of adapters trained from files (`adapterkit data export` "

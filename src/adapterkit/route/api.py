@@ -2,7 +2,9 @@
 
 Examples for an adapter come from its task in the catalog (the task's train split for descriptors /
 gate training, its validation split for calibration) or from a JSONL file of {"text", "adapter"}
-lines (optional "label": the task label, used to train a gate with the adapters' heads).
+lines (optional "label": the task label, used to train a gate with the adapters' heads). Adapters of an
+image base route images: their tasks' images (or {"image", "adapter"} lines), embedded by the base's
+pooled features, into a retrieval router without the lexical channel.
 """
 
 from __future__ import annotations
@@ -68,21 +70,39 @@ def task_examples(adapters: Sequence[Any], n_fit: int, n_held: int):
                                             else "it records no task") + ")" for a in adapters if a.name in no_task)
         raise ConfigError(f"the router has no examples of {which}: pass --examples FILE (JSONL lines "
                           '{"text": ..., "adapter": ...}; `adapterkit data export TASK --adapter NAME` writes them)')
+    tasks = {a.name: load_task(a.meta.task) for a in adapters}
+    _one_modality({n: t.card.get("modality", "text") for n, t in tasks.items()})
     for a in adapters:
-        task = load_task(a.meta.task)
-        _texts_only(task, a.name)
-        fit[a.name] = [e.text for e in task.train[:n_fit]]
+        task = tasks[a.name]
+        fit[a.name] = [_content(e) for e in task.train[:n_fit]]
         labels[a.name] = [e.label for e in task.train[:n_fit]]
-        held[a.name] = [e.text for e in task.validation[:n_held]]
+        held[a.name] = [_content(e) for e in task.validation[:n_held]]
     source = "tasks: " + ", ".join(f"{a.name}={a.meta.task} (train[:{n_fit}], validation[:{n_held}])" for a in adapters)
     return fit, held, labels, source
 
 
-def _texts_only(task: Any, adapter: str) -> None:
-    if task.card.get("modality") == "image":
-        raise ConfigError(f"adapter {adapter!r} was trained on the image task {task.name!r}; routers choose adapters "
-                          "from text (retrieval over text embeddings, the gate over a text model): route text "
-                          "adapters only")
+def _content(example: Any) -> Any:
+    """What a router reads of an example: its text, or its image."""
+    return example.image if hasattr(example, "image") else example.text
+
+
+def _one_modality(by_adapter: dict[str, str]) -> str:
+    """The modality every adapter's examples share ("text" or "image"); mixing them is a ConfigError."""
+    kinds = set(by_adapter.values())
+    if len(kinds) > 1:
+        which = ", ".join(f"{n}={k}" for n, k in by_adapter.items())
+        raise ConfigError(f"a router reads one kind of input, but these adapters' examples mix texts and images "
+                          f"({which}): route text adapters and image adapters with separate routers")
+    return kinds.pop() if kinds else "text"
+
+
+def _row_input(r: dict, path: Path) -> dict:
+    """A JSONL record's input as "text": an image row's path (relative to the file) or data URL."""
+    if "text" in r or not isinstance(r.get("image"), str):
+        return r
+    image = r["image"]
+    return {**r, "text": image if image.startswith("data:") or Path(image).is_absolute()
+            else str(Path(path).parent / image)}
 
 
 def file_examples(path: Path, names: Sequence[str]):
@@ -93,8 +113,10 @@ def file_examples(path: Path, names: Sequence[str]):
     texts: dict[str, list[str]] = {n: [] for n in names}
     labels: dict[str, list[str]] = {n: [] for n in names}
     for i, r in enumerate(records, start=1):
+        r = _row_input(r, path)                  # an image row (data export of an image task): its image
         if not isinstance(r.get("text"), str) or not isinstance(r.get("adapter"), str):
-            raise ConfigError(f"{path}: record {i} needs string fields 'text' and 'adapter', got keys {sorted(r)}")
+            raise ConfigError(f"{path}: record {i} needs string fields 'text' (or 'image') and 'adapter', got keys "
+                              f"{sorted(r)}")
         if r["adapter"] not in texts:
             raise ConfigError(f"{path}: record {i} names adapter {r['adapter']!r}, which is not one of the router's "
                               f"adapters {list(names)}")
@@ -103,14 +125,35 @@ def file_examples(path: Path, names: Sequence[str]):
     return texts, labels
 
 
+def _router_encoder(adapters: Sequence[Any], base: str | None, kind: str, encoder: str | None,
+                    lexical_weight: float | None) -> str:
+    """The encoder a router reads with: the base for adapters of an image base (images in), else `encoder`
+    (default MiniLM-L6); image routers are retrieval routers."""
+    from ..core.base import is_image_base
+
+    base_name = base or next((a.meta.base_name for a in adapters if a.meta.base_name), None)
+    if base_name is None or not is_image_base(base_name):
+        return encoder or "minilm-l6"
+    if kind != "retrieval":
+        raise ConfigError(f"these adapters are of the image base {base_name}: an image router is a retrieval router "
+                          f"(--kind retrieval; the {kind} router reads text)")
+    if encoder not in (None, "base"):
+        raise ConfigError(f"these adapters are of the image base {base_name}: an image router embeds images with the "
+                          f"base itself, not {encoder!r} (leave --encoder out)")
+    if lexical_weight is not None:
+        raise ConfigError("--lexical-weight weighs character n-grams of texts; an image router has none: leave it out")
+    return "base"
+
+
 def fit_router(store: Any, adapter_names: Sequence[str], name: str, *, kind: str = "retrieval",
-               base: str | None = None, encoder: str = "minilm-l6", examples_file: Path | None = None,
+               base: str | None = None, encoder: str | None = None, examples_file: Path | None = None,
                n_examples: int = 1024, n_held: int = 64, top_k: int = 1, coverage: float = 0.99,
                neighbors: int = 10, lexical: bool = True, lexical_weight: float | None = None,
                fallback: str | None = None, steps: int = 100, lr: float = 1e-2, batch_size: int = 8,
                gate_weight: float = 1.0, max_length: int = 128, seed: int = 0, overwrite: bool = False,
                make_default: bool = False, on_step: Callable[[int, dict], None] | None = None):
-    """Fit and store a router over stored adapters; returns it."""
+    """Fit and store a router over stored adapters; returns it. encoder (retrieval, linear): a sentence encoder's
+    name or folder, or "base"; None: MiniLM-L6 for text adapters, the base itself for adapters of an image base."""
     if kind not in KINDS:
         raise ConfigError(f"unknown router kind {kind!r}; use one of {', '.join(KINDS)}")
     if kind == "gate" and (lexical_weight is not None or not lexical):
@@ -127,6 +170,7 @@ def fit_router(store: Any, adapter_names: Sequence[str], name: str, *, kind: str
                    "pass --store FOLDER that you can write to")
     adapters = load_adapters(store, adapter_names)
     names = [r.name for r in check_adapters(adapters)]
+    encoder = _router_encoder(adapters, base, kind, encoder, lexical_weight)
     check_top_k(top_k, names)
     check_count("n_examples (--n-examples, examples per adapter)", n_examples)
     check_count("n_held (--n-held, calibration examples per adapter)", n_held)
@@ -232,6 +276,7 @@ def eval_items(router_meta: dict, tasks: Sequence[str] | None, file: Path | None
         records, _ = read_records(file)
         items = []
         for i, r in enumerate(records, start=1):
+            r = _row_input(r, file)
             if not isinstance(r.get("text"), str) or not isinstance(r.get("adapter"), str):
                 raise ConfigError(f"{file}: record {i} needs string fields 'text' and 'adapter'")
             items.append(Item(r["text"], r["adapter"], r.get("label"), r.get("task")))
@@ -249,8 +294,7 @@ def eval_items(router_meta: dict, tasks: Sequence[str] | None, file: Path | None
             raise ConfigError(f"no adapter of router {router_meta['name']!r} was trained on task {t!r}; its adapters' "
                               f"tasks: {', '.join(f'{a}={tk}' for tk, a in by_task.items()) or 'none'}")
         task = load_task(t)
-        _texts_only(task, by_task[t])
-        items += [Item(e.text, by_task[t], e.label, t) for e in task.split(split)[:n]]
+        items += [Item(_content(e), by_task[t], e.label, t) for e in task.split(split)[:n]]
     random.Random(0).shuffle(items)            # one mixed stream of the tasks
     return items
 

@@ -29,7 +29,7 @@ FALLBACK = "(fallback)"
 
 @dataclass(frozen=True)
 class Item:
-    text: str
+    text: Any                   # the prompt: a text, or an image (path, data URL or PIL image) for an image router
     oracle: str                 # the adapter that should serve it
     label: str | None = None    # the task label (end-to-end accuracy), if known
     task: str | None = None
@@ -86,7 +86,7 @@ def evaluate_router(router: Any, rt: Any, items: Sequence[Item], *, batch_size: 
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         texts = [it.text for it in chunk]
-        batch = encode_texts(rt.tokenizer, texts, max_length)
+        batch = _inputs(rt, texts, max_length)
         t0 = time.perf_counter()
         if router.kind == "gate":
             with router.routing(rt) as trace:
@@ -124,6 +124,15 @@ def evaluate_router(router: Any, rt: Any, items: Sequence[Item], *, batch_size: 
         oracle = sum(p == it.label for p, it in zip(oracle_pred, items)) / len(items)
         report.end_to_end = {"auto": auto, "oracle": oracle, "ratio": auto / oracle if oracle else None, "n": len(items)}
     return report
+
+
+def _inputs(rt: Any, items: Sequence[Any], max_length: int) -> dict[str, torch.Tensor]:
+    """The model inputs of a chunk: token ids, or an image base's pixels (one position per image)."""
+    if getattr(rt, "processor", None) is None:
+        return encode_texts(rt.tokenizer, items, max_length)
+    from ..vision.images import pixels
+
+    return {"pixel_values": pixels(items, rt.processor), "attention_mask": torch.ones(len(items), 1, dtype=torch.long)}
 
 
 def _argmax(head: ClassificationHead, hidden: torch.Tensor, mask: torch.Tensor) -> str:

@@ -131,11 +131,12 @@ class RetrievalRouter:
         z = torch.nn.functional.normalize(embeddings.float(), dim=-1)
         return (z @ self.raw_bank.t()).topk(min(self.neighbors, self.raw_bank.shape[0]), dim=1).values.mean(1)
 
-    def route(self, texts: Sequence[str]) -> list[Decision]:
-        """One Decision per prompt. Raises EmptyPromptError for an empty/whitespace prompt."""
-        texts = check_prompts(texts)
+    def route(self, texts: Sequence[Any]) -> list[Decision]:
+        """One Decision per prompt (per image, for a router over an image base's features). Raises
+        EmptyPromptError for an empty/whitespace prompt."""
         if self.encoder is None:
             raise ConfigError(f"router {self.name!r} has no encoder attached; load it with load_router(...)")
+        texts = list(texts) if getattr(self.encoder, "images", False) else check_prompts(texts)
         emb = self.encoder.embed(texts)
         sims = self.similarities(emb, texts)
         return self.decide(sims, self.typicality(emb))
@@ -256,11 +257,17 @@ def _split(texts: Sequence[str], seed: str, share: float = 0.2) -> tuple[list[st
     return items[n_out:], items[:n_out]
 
 
-def texts_hash(texts: Sequence[str]) -> str:
+def texts_hash(texts: Sequence[Any]) -> str:
+    """A digest of example texts (or images: a file path's or data URL's text, a decoded image's pixels)."""
     h = hashlib.sha256()
     for t in texts:
-        h.update(t.encode("utf-8") + b"\0")
+        h.update((t.encode("utf-8") if isinstance(t, str) else t.tobytes()) + b"\0")
     return "sha256:" + h.hexdigest()[:16]
+
+
+def _usable(t: Any) -> bool:
+    """An example a router can fit on: a non-blank text, or an image."""
+    return bool(t.strip()) if isinstance(t, str) else t is not None
 
 
 def fit_temperature(sims: torch.Tensor, labels: torch.Tensor, grid: torch.Tensor = TEMPERATURES) -> float:
@@ -297,6 +304,11 @@ def fit_retrieval(
     character n-gram channel, its weight chosen on the held-out texts (or fixed by lexical_weight)."""
     records = check_adapters(adapters)
     names = [r.name for r in records]
+    if getattr(encoder, "images", False):     # character n-grams of images mean nothing: the channel is off
+        if lexical_weight is not None:
+            raise ConfigError("--lexical-weight weighs character n-grams of texts; a router over an image base's "
+                              "features has no lexical channel: leave it out")
+        lexical = False
     check_options(names, top_k=top_k, coverage=coverage, min_weight=min_weight, neighbors=neighbors,
                   lexical=lexical, lexical_weight=lexical_weight)
     fit_texts, cal_texts = split_examples(names, examples, held_out, "a retrieval router")
@@ -342,7 +354,7 @@ def split_examples(names: Sequence[str], examples: Mapping[str, Sequence[str]],
                    held_out: Mapping[str, Sequence[str]] | None, what: str) -> tuple[dict, dict]:
     """({adapter: fit texts}, {adapter: calibration texts}): the held-out texts given, or a seeded 20 %
     of each adapter's examples. Refuses adapters without examples and examples of unknown adapters."""
-    missing = [n for n in names if len([t for t in examples.get(n, ()) if t.strip()]) < (1 if held_out else 2)]
+    missing = [n for n in names if len([t for t in examples.get(n, ()) if _usable(t)]) < (1 if held_out else 2)]
     if missing:
         raise ConfigError(f"no example texts for adapter(s) {missing} ({what} needs >= 2 per adapter); "
                           "give the adapters a task in the store or pass --examples FILE")
@@ -351,11 +363,11 @@ def split_examples(names: Sequence[str], examples: Mapping[str, Sequence[str]],
         raise ConfigError(f"examples name adapter(s) {unknown} that are not in the router's adapters {list(names)}")
     fit_texts, cal_texts = {}, {}
     for n in names:
-        texts = [t for t in examples[n] if t.strip()]
+        texts = [t for t in examples[n] if _usable(t)]
         if held_out is None:
             fit_texts[n], cal_texts[n] = _split(texts, f"adapterkit:route:{n}")
         else:
-            fit_texts[n], cal_texts[n] = texts, [t for t in held_out.get(n, ()) if t.strip()]
+            fit_texts[n], cal_texts[n] = texts, [t for t in held_out.get(n, ()) if _usable(t)]
             if not cal_texts[n]:
                 raise ConfigError(f"no held-out texts for adapter {n!r}; give some or omit held_out")
     return fit_texts, cal_texts

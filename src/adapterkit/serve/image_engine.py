@@ -65,6 +65,10 @@ class ImageEngine:
     def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
         """Nothing runs between requests; a request in flight finishes under the lock."""
 
+    def exclusive(self) -> threading.Lock:
+        """Held while a batch runs: anything else that uses the model (a router's encoder) takes it too."""
+        return self._lock
+
     def metrics(self) -> dict[str, Any]:
         with self._lock:
             return {"queue_depth": 0, "running": 0, "requests_total": dict(self._requests),

@@ -26,7 +26,7 @@ import collections
 import threading
 from typing import Any, Optional
 
-from ...errors import BaseMismatchError
+from ...errors import BaseMismatchError, ConfigError
 
 HEADER = "x-adapterkit-adapters"
 PER_TOKEN = "(per-token)"
@@ -124,7 +124,8 @@ class Routing:
         rt = self.engine.runtime
         if spec["fingerprint"] == rt.fingerprint:       # the served base itself, adapters off
             return Encoder(rt.model, self.engine.tokenizer, self.engine.base_name, rt.fingerprint,
-                           int(spec.get("max_length", 128)), runtime=rt)
+                           int(spec.get("max_length", 128)), runtime=rt,
+                           processor=getattr(self.engine, "processor", None))     # an image base: reads images
         key = spec["fingerprint"]
         if key not in self._encoders:
             enc = Encoder.load(spec["name"], max_length=int(spec.get("max_length", 128)))
@@ -147,6 +148,19 @@ class Routing:
             [decision] = router.route([text])
         self.record(model, decision.top, bool(decision.fallback))
         return decision
+
+    def decide_images(self, model: str, images: list[Any]) -> list[Any]:
+        """The retrieval router's Decision for each image (an image base's server). Blocking: call it from a
+        worker thread; it runs between the engine's batches (they share the model)."""
+        router = self.router(model)
+        if router.kind == "gate" or not getattr(router.encoder, "images", False):
+            raise ConfigError(f"router {model!r} routes text ({router.kind}); this base reads images: fit a router "
+                              "over its image adapters (adapterkit route fit) or name an adapter as the model")
+        with self.engine.exclusive():
+            decisions = router.route(images)
+        for d in decisions:
+            self.record(model, d.top, bool(d.fallback))
+        return decisions
 
     def record(self, model: str, top: Optional[str], fallback: bool = False) -> None:
         """Count one routing decision for /metrics (top None: the base)."""
