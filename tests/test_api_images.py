@@ -224,3 +224,18 @@ def test_a_router_over_text_and_image_adapters_is_refused(world):
     b.meta.task = "textile-defects"
     fit, held, labels, _ = task_examples([a, b], 4, 2)
     assert all(isinstance(x, str) and x.endswith(".jpg") for x in fit["tint-a"]) and len(held["tint-b"]) == 2
+
+
+def test_more_adapters_in_one_request_than_slots_run_in_groups(world, tmp_path):
+    """One adapter slot, a request over two adapters: each group of held adapters runs in turn."""
+    from adapterkit.vision.images import pixels
+
+    base, store, engine, _ = world
+    small = ImageEngine.build(str(base.path), store=store, max_loaded_adapters=1, max_batch=2)
+    imgs = [e.image for e in tinted(3, 9)]
+    x = pixels(imgs, small.processor)
+    mixed = small.classify_images(x, ["tint-a", "tint-b", "tint-a"])
+    alone = [engine.classify_images(x[i:i + 1], [n])[0] for i, n in enumerate(["tint-a", "tint-b", "tint-a"])]
+    for m, a in zip(mixed, alone):
+        torch.testing.assert_close(torch.tensor(m.probs), torch.tensor(a.probs), atol=1e-5, rtol=1e-4)
+    assert small.metrics()["requests_total"] == {"tint-a": 2, "tint-b": 1}

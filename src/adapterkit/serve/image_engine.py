@@ -79,32 +79,43 @@ class ImageEngine:
         """pixels [n, 3, H, W] (the base's preprocessing), one classifier adapter per image -> each image's
         label and probabilities. Unknown adapters, adapters without a head and damaged heads raise (the
         service maps them to 4xx on `model`)."""
-        from ..vision.hf import image_features
-
         if len(adapters) != pixels.shape[0]:
             raise ConfigError(f"{pixels.shape[0]} images but {len(adapters)} adapters; give one per image")
         if any(a is None for a in adapters):
             raise ConfigError("the base model has no classification head; name a classifier adapter")
         with self._lock:
             t0 = time.perf_counter()
-            handles: dict[str, Any] = {}
-            try:
-                for name in dict.fromkeys(adapters):                         # each distinct adapter once
-                    handles[name] = self.cache.acquire(name)
-                heads = {n: self.classifiers.get(h.source).head for n, h in handles.items()}
-                slots = torch.tensor([handles[a].slot for a in adapters])       # the held versions' slots
-                out: list[Classification] = []
-                device = self.runtime.device
-                for start in range(0, len(slots), self.max_batch):
-                    chunk = pixels[start:start + self.max_batch].to(device=device, dtype=self.runtime.dtype)
-                    with self.runtime.use(self.runtime.batch_from_ids(slots[start:start + self.max_batch])):
-                        feats = image_features(self.runtime.model, chunk)               # [b, H]
-                    for i, row in enumerate(feats):
-                        out.append(classify(heads[adapters[start + i]], row[None]))
-            finally:
-                for h in handles.values():
-                    h.release()
+            out: list[Classification | None] = [None] * len(adapters)
+            distinct = list(dict.fromkeys(adapters))
+            step = self.cache.max_loaded                 # at most this many held at once: groups of adapters
+            for g in range(0, len(distinct), step):
+                group = distinct[g:g + step]
+                rows = [i for i, a in enumerate(adapters) if a in group]
+                self._run_group(pixels, adapters, group, rows, out)
             self._requests.update(adapters)
             self._images += len(adapters)
             self._seconds += time.perf_counter() - t0
-            return out
+            return out                                   # type: ignore[return-value]   (every row filled)
+
+    def _run_group(self, pixels: torch.Tensor, adapters: Sequence[str], group: list[str], rows: list[int],
+                   out: list) -> None:
+        """The rows whose adapter is in `group` (held together), in chunks of max_batch images."""
+        from ..vision.hf import image_features
+
+        handles: dict[str, Any] = {}
+        try:
+            for name in group:
+                handles[name] = self.cache.acquire(name)
+            heads = {n: self.classifiers.get(h.source).head for n, h in handles.items()}
+            device = self.runtime.device
+            for start in range(0, len(rows), self.max_batch):
+                idx = rows[start:start + self.max_batch]
+                chunk = pixels[idx].to(device=device, dtype=self.runtime.dtype)
+                slots = torch.tensor([handles[adapters[i]].slot for i in idx])     # the held versions' slots
+                with self.runtime.use(self.runtime.batch_from_ids(slots)):
+                    feats = image_features(self.runtime.model, chunk)                # [b, H]
+                for i, row in zip(idx, feats):
+                    out[i] = classify(heads[adapters[i]], row[None])
+        finally:
+            for h in handles.values():
+                h.release()
