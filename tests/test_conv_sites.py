@@ -27,14 +27,6 @@ TARGETS = ["features.0.0", "features.2.conv.0.0", "features.2.conv.2", "features
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def net() -> MobileNetV2:
     torch.manual_seed(0)
@@ -140,14 +132,19 @@ def test_merge_into_base_equals_unmerged_and_unmerges_exactly(net):
     rt = AdapterRuntime(net)
     rt.add(conv_lora("a", net, 3))
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    with rt.batch(["a"] * 3):
+    assert_merge_equals_unmerged(rt, net, "a", x)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def assert_merge_equals_unmerged(rt: AdapterRuntime, net: MobileNetV2, name: str, x: torch.Tensor) -> None:
+    """The adapter merged into the conv weights gives its unmerged outputs; then it is unmerged."""
+    with rt.batch([name] * x.shape[0]):
         unmerged = net(x)
-    rt.merge("a")
+    rt.merge(name)
     with rt.disabled():
         merged = net(x)
     rt.unmerge()
     assert torch.allclose(merged, unmerged, atol=1e-4)
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
 @torch.no_grad()
@@ -240,13 +237,7 @@ def test_ia3_mixed_with_lora_per_image_and_merged_into_the_base(net):
     for k, row in enumerate(rows):
         with rt.batch([row]):
             assert torch.allclose(mixed[k:k + 1], net(x[k:k + 1]), atol=ATOL), row
-    with rt.batch(["i"] * 4):
-        unmerged = net(x)
-    rt.merge("i")
-    with rt.disabled():
-        merged = net(x)
-    rt.unmerge()
-    assert torch.allclose(merged, unmerged, atol=1e-4)
+    assert_merge_equals_unmerged(rt, net, "i", x)
 
 
 # ------------------------------------------------------------------ bottleneck after conv blocks

@@ -52,14 +52,6 @@ TASK_TYPES = {"llama": "CAUSAL_LM", "bert": "FEATURE_EXTRACTION", "gpt2": "CAUSA
 
 # --------------------------------------------------------------------------- helpers
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: intra-op threads only add overhead (5x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def folders(tmp_path):

@@ -22,14 +22,6 @@ PIL = pytest.importorskip("PIL.Image")
 from test_image_tasks import tinted  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def vit_folder(path, seed: int = 0):
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
