@@ -41,7 +41,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from cli_runs import cli, log  # noqa: E402
+from cli_runs import cli, log, median_step_seconds, read_runs as read_jsonl_runs  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TASKS = {"smollm2:rt-sentiment": ("smollm2-135m", "rt-sentiment"),
@@ -60,14 +60,9 @@ def stored_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*.safetensors") if "checkpoint" not in f.parts)
 
 
-def step_seconds(store: Path, name: str, skip: int = 2) -> float | None:
-    """Median seconds of one optimizer step in the run's train log (the first `skip` steps left out)."""
-    log_file = store / "runs" / name / "train_log.jsonl"
-    if not log_file.is_file():
-        return None
-    rows = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
-    secs = [r["seconds"] for r in rows if "seconds" in r and r.get("step", 0) > skip]
-    return statistics.median(secs) if secs else None
+def step_seconds(store: Path, name: str) -> float | None:
+    """Median seconds of one optimizer step of a run (its train log, the first two steps left out)."""
+    return median_step_seconds(store / "runs" / name / "train_log.jsonl")
 
 
 def train_and_score(key: str, family: str, store: Path, env: dict, extra: list[str]) -> dict:
@@ -92,13 +87,7 @@ def train_and_score(key: str, family: str, store: Path, env: dict, extra: list[s
 
 
 def read_runs(path: Path) -> dict[tuple[str, str], dict]:
-    runs = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                runs[(r["task"], r["family"])] = r            # the last run of a pair counts
-    return runs
+    return read_jsonl_runs(path, ("task", "family"))
 
 
 def part_accuracy(a, env) -> None:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from cli_runs import cli, log  # noqa: E402
+from cli_runs import cli, log, median_step_seconds, read_runs as read_jsonl_runs  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BASE = "mobilenet-v2"
@@ -54,21 +54,7 @@ def now() -> str:
 
 
 def read_runs(path: Path) -> dict[tuple[str, str], dict]:
-    runs = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                runs[(r["task"], r["system"])] = r
-    return runs
-
-
-def step_seconds(log_file: Path, skip: int = 2) -> float | None:
-    if not log_file.is_file():
-        return None
-    rows = [json.loads(x) for x in log_file.read_text().splitlines() if x.strip()]
-    secs = [r["seconds"] for r in rows if "seconds" in r and r.get("step", 0) > skip]
-    return statistics.median(secs) if secs else None
+    return read_jsonl_runs(path, ("task", "system"))
 
 
 def family_run(task: str, family: str, store: Path, env: dict) -> dict:
@@ -82,7 +68,7 @@ def family_run(task: str, family: str, store: Path, env: dict) -> dict:
     params = shown["lineage"][0]["params"]
     return {"command": "adapterkit " + " ".join(cmd), "test": {k: got[k] for k in ("accuracy", "macro_f1", "n")},
             "parameters": shown.get("parameters"), "wall_s": round(secs, 1),
-            "step_s": step_seconds(store / "runs" / name / "train_log.jsonl"),
+            "step_s": median_step_seconds(store / "runs" / name / "train_log.jsonl"),
             "params": {k: params.get(k) for k in ("steps", "batch_size", "lr", "head_lr", "best_step")}}
 
 
