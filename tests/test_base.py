@@ -30,7 +30,7 @@ def test_fingerprint_tells_checkpoints_apart_but_not_dtypes(tmp_path):
 
 
 def test_unknown_name_or_path(tmp_path):
-    with pytest.raises(ConfigError, match=r"'nope' is neither a built-in base \(smollm2-135m, minilm-l6\) nor a local"):
+    with pytest.raises(ConfigError, match=r"'nope' is neither a built-in base \(smollm2-135m, minilm-l6, mobilenet-v2\) nor a local"):
         load_base("nope")
 
 
