@@ -60,10 +60,13 @@ RECIPES = {
 # 0.967 / 0.923 at 1e-2, 0.971 / 0.917 at 3e-2 (a vector near 1 moves slowly at LoRA's lr); bottleneck
 # (Pfeiffer, rf 16) 0.963 / 0.913 at 2e-3, 0.973 / 0.940 at 1e-2 (its up-projection starts at zero).
 # sparse (LT-SFT: a dense phase over whole matrices, then K entries): see the same file.
-# scalearn (ω near 2/N over frozen sources): IA3's factor, a vector near a constant as IA3's is; fusion
-# (d x d projections, the value starting at the identity): LoRA's. Neither swept on a tuning task yet
-# (issue 15's benchmark does that).
-METHOD_LR = {"lora": 1.0, "ia3": 5.0, "bottleneck": 5.0, "sparse": 0.05, "scalearn": 5.0, "fusion": 1.0,
+# scalearn and fusion over the other five example tasks' MiniLM LoRAs (+ the cell's own few-shot LoRA), on the
+# transfer benchmark's tuning task, rt-sentiment (256 rows, seed 0; validation accuracy of 486 rows;
+# benchmarks/transfer.py --part sweep, results/transfer_sweep.jsonl): ScaLearn-vector is flat in its lr,
+# 0.710 / 0.712 / 0.720 / 0.712 at 3e-3 / 1e-2 / 3e-2 / 1e-1 (kept: IA3's 5x, 1e-2); fusion 0.728 at 1e-4
+# and at 5e-4, 0.603 at 2e-3 (its old default, LoRA's 1x), 0.504 at 5e-3 (diverged) -> 0.25x (5e-4), the
+# larger of the two best (its d x d projections start at the identity and move far per step).
+METHOD_LR = {"lora": 1.0, "ia3": 5.0, "bottleneck": 5.0, "sparse": 0.05, "scalearn": 5.0, "fusion": 0.25,
              "mora": 1.0}   # MoRA: LoRA's (rank-1 experts of the same scale; provisional, untuned)
 TRAINABLE = tuple(METHOD_LR)
 # Where a family's factor differs by base kind. Bottleneck on a causal LM: the MiniLM factor (5x, lr 1e-2)
