@@ -434,7 +434,8 @@ def test_request_body_over_the_limit_is_413(world):
     app = create_app(world.engine, ApiSettings(max_body_bytes=2048))
     big = {"model": "alpha", "prompt": "cat " * 600, "max_tokens": 2}
     err = error_of(call(app, "POST", "/v1/completions", json=big), 413)
-    assert err["message"] == "the request body is larger than the server's limit of 2048 bytes"
+    assert err["message"] == ("the request body is larger than the server's limit of 2048 bytes (the server's "
+                              "--max-body-mb sets it; images as data URLs need more)")
     assert err["code"] == "request_too_large"
 
     async def chunked():                          # no Content-Length: counted as it arrives

@@ -197,14 +197,27 @@ def test_image_router_options_that_read_text_are_refused(world, tmp_path):
     from adapterkit.route.api import fit_router
 
     _, store, _, _ = world
-    with pytest.raises(ConfigError, match=r"an image router is a retrieval router \(--kind retrieval; the gate router "
-                                          r"reads text\)"):
-        fit_router(store, ["tint-a", "tint-b"], "g", kind="gate")
-    with pytest.raises(ConfigError, match=r"an image router embeds images with the base itself, not 'minilm-l6'"):
-        fit_router(store, ["tint-a", "tint-b"], "m", encoder="minilm-l6")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"image": data_url(im), "adapter": a}) + "\n"
+                            for a, c in (("tint-a", "red"), ("tint-b", "blue")) for im in tinted_by(c, 3, 0)))
+    with pytest.raises(ConfigError, match=r"the examples are images: an image router is a retrieval router "
+                                          r"\(--kind retrieval; the gate router reads text\)"):
+        fit_router(store, ["tint-a", "tint-b"], "g", kind="gate", examples_file=rows)
+    with pytest.raises(ConfigError, match=r"an image router embeds them with the adapters' image base itself, not "
+                                          r"'minilm-l6'"):
+        fit_router(store, ["tint-a", "tint-b"], "m", encoder="minilm-l6", examples_file=rows)
     with pytest.raises(ConfigError, match=r"--lexical-weight weighs character n-grams of texts; an image router has "
                                           r"none"):
-        fit_router(store, ["tint-a", "tint-b"], "l", lexical_weight=0.5)
+        fit_router(store, ["tint-a", "tint-b"], "l", lexical_weight=0.5, examples_file=rows)
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(rows.read_text() + json.dumps({"text": "a text", "adapter": "tint-a"}) + "\n")
+    with pytest.raises(ConfigError, match=r"mixed.jsonl: the file mixes text rows and image rows"):
+        fit_router(store, ["tint-a", "tint-b"], "x", examples_file=mixed)
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": f"t {i}", "adapter": a}) + "\n" for a in ("tint-a", "tint-b")
+                             for i in range(3)))
+    with pytest.raises(ConfigError, match=r"the examples are texts but the adapters' base .* reads images"):
+        fit_router(store, ["tint-a", "tint-b"], "t", encoder="base", examples_file=texts)
 
 
 def test_a_router_over_text_and_image_adapters_is_refused(world):
@@ -218,7 +231,7 @@ def test_a_router_over_text_and_image_adapters_is_refused(world):
     _, store, _, _ = world
     a, b = store.get("tint-a"), store.get("tint-b")
     a.meta.task, b.meta.task = "textile-defects", "rt-sentiment"
-    with pytest.raises(ConfigError, match=r"these adapters' examples mix texts and images \(tint-a=image, "
+    with pytest.raises(ConfigError, match=r"these examples mix texts and images \(tint-a=image, "
                                           r"tint-b=text\): route text adapters and image adapters with separate"):
         task_examples([a, b], 4, 2)
     b.meta.task = "textile-defects"
@@ -238,4 +251,4 @@ def test_more_adapters_in_one_request_than_slots_run_in_groups(world, tmp_path):
     alone = [engine.classify_images(x[i:i + 1], [n])[0] for i, n in enumerate(["tint-a", "tint-b", "tint-a"])]
     for m, a in zip(mixed, alone):
         torch.testing.assert_close(torch.tensor(m.probs), torch.tensor(a.probs), atol=1e-5, rtol=1e-4)
-    assert small.metrics()["requests_total"] == {"tint-a": 2, "tint-b": 1}
+    assert small.metrics()["requests_total"] == {"tint-a": 1, "tint-b": 1} and small.metrics()["images_total"] == 3

@@ -94,6 +94,14 @@ def test_decode_accepts_bytes_paths_and_data_urls(tmp_path):
         assert img.size == (8, 6) and img.mode == "RGB" and img.getpixel((0, 0)) == (200, 30, 60)
 
 
+def test_decode_reads_only_the_common_formats():
+    """Untrusted bytes reach PNG, JPEG, GIF, BMP and WebP decoders only (not EPS, WMF, PSD ...)."""
+    buf = io.BytesIO()
+    PIL.new("RGB", (4, 4)).save(buf, format="TIFF")
+    with pytest.raises(ImageError, match=r"not a decodable image .*send PNG, JPEG, GIF, BMP or WebP bytes"):
+        decode(buf.getvalue())
+
+
 @pytest.mark.parametrize("src, message", [
     (b"not an image at all", r"image: not a decodable image \(UnidentifiedImageError.*send PNG, JPEG"),
     (png_bytes(4, 4)[:40], r"not a decodable image"),
@@ -110,8 +118,11 @@ def test_decode_refuses_bad_images_with_the_reason(src, message):
 def test_decode_refuses_images_over_the_pixel_limit_before_decoding(monkeypatch):
     monkeypatch.setattr(images, "MAX_PIXELS", 100)
     decode(png_bytes(10, 10))                                         # at the limit: fine
-    with pytest.raises(ImageError, match=r"11x10 pixels is over the 100-pixel limit; downscale it first"):
-        decode(png_bytes(11, 10))
+    big, small = png_bytes(11, 10), png_bytes(10, 10)
+    with monkeypatch.context() as m:                                 # the header alone refuses it
+        m.setattr(PIL.Image, "load", lambda self: pytest.fail("decoded before the size check"))
+        with pytest.raises(ImageError, match=r"11x10 pixels is over the 100-pixel limit; downscale it first"):
+            decode(big)
     monkeypatch.setattr(images, "MAX_BYTES", 50)
     with pytest.raises(ImageError, match=r"bytes is over the 50-byte limit"):
-        decode(png_bytes(10, 10))
+        decode(small)

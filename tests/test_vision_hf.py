@@ -62,7 +62,33 @@ def test_clip_vision_folder_pools_with_its_pooler(tmp_path):
     assert base.kind == "image" and base.model.config.model_type == "clip_vision_model"
     x = pixels([tinted(1, 0)[0].image], base.processor)
     with torch.no_grad():
-        assert torch.equal(image_features(base.model, x), base.model(pixel_values=x).pooler_output)
+        out = base.model(pixel_values=x)
+        feats = image_features(base.model, x)
+    want = base.model.post_layernorm(out.last_hidden_state[:, 0])      # CLIP: the post-LayerNorm [CLS]
+    assert torch.allclose(feats, want, atol=1e-6) and not torch.allclose(feats, out.last_hidden_state[:, 0])
+
+
+def test_a_vit_saved_by_its_classifier_loads_with_a_stable_fingerprint(tmp_path):
+    """A ViTForImageClassification folder (the hub's usual form) has no pooler: none is made up at load."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, num_labels=3)
+    ViTForImageClassification(cfg).save_pretrained(str(tmp_path / "cls"))
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(str(tmp_path / "cls"))
+    first, again = load_base(str(tmp_path / "cls")), load_base(str(tmp_path / "cls"))
+    assert first.fingerprint == again.fingerprint and first.model.pooler is None
+
+
+def test_a_bf16_image_base_takes_float32_pixels():
+    """Batches are float32; a bf16 base (the GPU default) gets them in its dtype."""
+    from adapterkit.vision.mobilenet import MobileNetConfig, MobileNetV2
+
+    model = MobileNetV2(MobileNetConfig(num_classes=3)).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        feats = image_features(model, torch.randn(2, 3, 32, 32))
+    assert feats.dtype == torch.bfloat16 and feats.shape == (2, 1280)
 
 
 def test_a_vision_folder_without_its_preprocessing_is_refused(tmp_path):

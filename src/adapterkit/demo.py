@@ -21,7 +21,7 @@ from rich.table import Table
 
 from .core.base import load_base, to_device
 from .data import load_task
-from .errors import AdapterNotFoundError
+from .errors import AdapterNotFoundError, ConfigError
 from .core.runtime import AdapterRuntime
 from .store import AdapterStore
 from .train.classification import collate_fn, encode_texts, hidden_states, predict
@@ -58,6 +58,9 @@ def run_demo(base_name: str, console: Console, *, tasks: Sequence[str] = DEMO_TA
     s, store = settings, store or AdapterStore()
     t0 = time.perf_counter()
     base = load_base(base_name, dtype=dtype, device=device)
+    if base.kind == "image":
+        raise ConfigError(f"the demo trains the text example tasks; {base.name} is an image base: train an image task "
+                          "on it (adapterkit train --base mobilenet-v2 --task textile-defects --name NAME)")
     console.print(f"base [bold]{base.name}[/] ({base.fingerprint}) loaded in {time.perf_counter() - t0:.1f} s "
                   f"on {base.device}, {str(base.dtype).removeprefix('torch.')}")
     rt = AdapterRuntime.from_base(base)

@@ -335,7 +335,8 @@ def eval_cmd(
             rep = class_report(scored.predicted, scored.gold, scored.labels) if report else None
             if predictions is not None:
                 try:
-                    written = write_predictions(predictions, [e.text for e in examples], scored.gold,
+                    written = write_predictions(predictions, [getattr(e, "text", None) or e.id for e in examples],
+                                                scored.gold,
                                                 scored.predicted, scored.labels, scored.probs.tolist())
                 except OSError as exc:                 # print the scores first, then the error
                     written = AdapterkitError(f"cannot write the predictions file {predictions} "

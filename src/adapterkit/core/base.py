@@ -352,7 +352,9 @@ def _quiet_load(auto: Any, path: Path, dtype: torch.dtype) -> nn.Module:
 
 
 def is_image_base(name_or_path: str) -> bool:
-    """Whether a built-in name or local folder is an image base, read from its config without loading it."""
+    """Whether a built-in name (or its hub id) or local folder is an image base, read from its config without
+    loading it."""
+    name_or_path = builtin_for(str(name_or_path)) or name_or_path
     if name_or_path in BUILTINS:
         return BUILTINS[name_or_path].kind == "image"
     cfg = Path(name_or_path) / "config.json"

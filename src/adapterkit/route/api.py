@@ -86,13 +86,25 @@ def _content(example: Any) -> Any:
     return example.image if hasattr(example, "image") else example.text
 
 
+def examples_modality(adapters: Sequence[Any], examples_file: Path | None) -> str:
+    """"image" or "text": what the router's examples are (its adapters' example tasks, the file's rows)."""
+    from ..data import load_task
+    from ..data.readers import read_records
+
+    kinds = {a.name: load_task(a.meta.task).card.get("modality", "text") for a in adapters if example_task(a)}
+    if examples_file is not None:
+        records, _ = read_records(examples_file)
+        kinds[str(examples_file)] = "image" if any("text" not in r and "image" in r for r in records) else "text"
+    return _one_modality(kinds)
+
+
 def _one_modality(by_adapter: dict[str, str]) -> str:
     """The modality every adapter's examples share ("text" or "image"); mixing them is a ConfigError."""
     kinds = set(by_adapter.values())
     if len(kinds) > 1:
         which = ", ".join(f"{n}={k}" for n, k in by_adapter.items())
-        raise ConfigError(f"a router reads one kind of input, but these adapters' examples mix texts and images "
-                          f"({which}): route text adapters and image adapters with separate routers")
+        raise ConfigError(f"a router reads one kind of input, but these examples mix texts and images ({which}): "
+                          "route text adapters and image adapters with separate routers")
     return kinds.pop() if kinds else "text"
 
 
@@ -112,6 +124,10 @@ def file_examples(path: Path, names: Sequence[str]):
     records, _ = read_records(path)
     texts: dict[str, list[str]] = {n: [] for n in names}
     labels: dict[str, list[str]] = {n: [] for n in names}
+    kinds = {"image" if "text" not in r and "image" in r else "text" for r in records}
+    if len(kinds) > 1:
+        raise ConfigError(f"{path}: the file mixes text rows and image rows; a router reads one kind of input: "
+                          "put each in its own file and route them with separate routers")
     for i, r in enumerate(records, start=1):
         r = _row_input(r, path)                  # an image row (data export of an image task): its image
         if not isinstance(r.get("text"), str) or not isinstance(r.get("adapter"), str):
@@ -125,21 +141,17 @@ def file_examples(path: Path, names: Sequence[str]):
     return texts, labels
 
 
-def _router_encoder(adapters: Sequence[Any], base: str | None, kind: str, encoder: str | None,
-                    lexical_weight: float | None) -> str:
-    """The encoder a router reads with: the base for adapters of an image base (images in), else `encoder`
-    (default MiniLM-L6); image routers are retrieval routers."""
-    from ..core.base import is_image_base
-
-    base_name = base or next((a.meta.base_name for a in adapters if a.meta.base_name), None)
-    if base_name is None or not is_image_base(base_name):
+def _router_encoder(modality: str, kind: str, encoder: str | None, lexical_weight: float | None) -> str:
+    """The encoder a router reads with: for image examples the adapters' (image) base, else `encoder` (default
+    MiniLM-L6); image routers are retrieval routers."""
+    if modality != "image":
         return encoder or "minilm-l6"
     if kind != "retrieval":
-        raise ConfigError(f"these adapters are of the image base {base_name}: an image router is a retrieval router "
-                          f"(--kind retrieval; the {kind} router reads text)")
+        raise ConfigError(f"the examples are images: an image router is a retrieval router (--kind retrieval; the "
+                          f"{kind} router reads text)")
     if encoder not in (None, "base"):
-        raise ConfigError(f"these adapters are of the image base {base_name}: an image router embeds images with the "
-                          f"base itself, not {encoder!r} (leave --encoder out)")
+        raise ConfigError(f"the examples are images: an image router embeds them with the adapters' image base itself, "
+                          f"not {encoder!r} (leave --encoder out)")
     if lexical_weight is not None:
         raise ConfigError("--lexical-weight weighs character n-grams of texts; an image router has none: leave it out")
     return "base"
@@ -170,7 +182,7 @@ def fit_router(store: Any, adapter_names: Sequence[str], name: str, *, kind: str
                    "pass --store FOLDER that you can write to")
     adapters = load_adapters(store, adapter_names)
     names = [r.name for r in check_adapters(adapters)]
-    encoder = _router_encoder(adapters, base, kind, encoder, lexical_weight)
+    encoder = _router_encoder(examples_modality(adapters, examples_file), kind, encoder, lexical_weight)
     check_top_k(top_k, names)
     check_count("n_examples (--n-examples, examples per adapter)", n_examples)
     check_count("n_held (--n-held, calibration examples per adapter)", n_held)
@@ -195,6 +207,10 @@ def fit_router(store: Any, adapter_names: Sequence[str], name: str, *, kind: str
         fb = store.get(fallback) if fallback else None
         if encoder == "base":
             b = open_base(store, adapters, base)
+            images = examples_modality(adapters, examples_file) == "image"
+            if (b.kind == "image") != images:
+                raise ConfigError(f"the examples are {'images' if images else 'texts'} but the adapters' base {b.name} "
+                                  f"reads {'images' if b.kind == 'image' else 'text'}: give examples of what it reads")
             enc = Encoder.from_base(b, max_length=max_length)
         else:
             enc = Encoder.load(encoder, max_length=max_length)
@@ -278,7 +294,7 @@ def eval_items(router_meta: dict, tasks: Sequence[str] | None, file: Path | None
         for i, r in enumerate(records, start=1):
             r = _row_input(r, file)
             if not isinstance(r.get("text"), str) or not isinstance(r.get("adapter"), str):
-                raise ConfigError(f"{file}: record {i} needs string fields 'text' and 'adapter'")
+                raise ConfigError(f"{file}: record {i} needs string fields 'text' (or 'image') and 'adapter'")
             items.append(Item(r["text"], r["adapter"], r.get("label"), r.get("task")))
         return items
     if not tasks:

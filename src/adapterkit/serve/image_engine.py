@@ -4,10 +4,11 @@ an image model; there is no text to generate, so no KV cache and no decode loop)
 
 A request is one batch: its images (already decoded and preprocessed by the service, whose errors are
 400s naming the input) go through the base once, each row with its own adapter (a mixed batch, as in
-training), in chunks of `max_batch`. Requests run one at a time under a lock (the runtime's batch
-context is per process); a request's adapters are held (cache.acquire) for its batch and released
-after, so the cache's RAM tier, slots and versions work as for text. An error of one request fails
-that request only."""
+training), in chunks of `max_batch`. Requests run one at a time under a lock; every forward also holds
+the cache's runtime lock (as the text engine's steps do: an adapter loaded meanwhile may restack the
+pools). A request's adapters are held (cache.acquire) for its batch and released after, so the cache's
+RAM tier, slots and versions work as for text. An error of one request fails that request only. The
+counters have their own lock: /metrics never waits for a batch."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ class ImageEngine:
         self.max_batch = max_batch
         self.classifiers = ClassifierCache()
         runtime.model.eval()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()                 # one request at a time
+        self._stats_lock = threading.Lock()           # the counters (read by /metrics)
         self._requests: Counter[str] = Counter()
         self._images = 0
         self._seconds = 0.0
@@ -65,12 +67,12 @@ class ImageEngine:
     def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
         """Nothing runs between requests; a request in flight finishes under the lock."""
 
-    def exclusive(self) -> threading.Lock:
-        """Held while a batch runs: anything else that uses the model (a router's encoder) takes it too."""
-        return self._lock
+    def exclusive(self) -> Any:
+        """What a forward holds: anything else that runs the model (a router's encoder) takes it too."""
+        return self.cache.locked()
 
     def metrics(self) -> dict[str, Any]:
-        with self._lock:
+        with self._stats_lock:
             return {"queue_depth": 0, "running": 0, "requests_total": dict(self._requests),
                     "images_total": self._images, "classify_seconds_total": self._seconds}
 
@@ -92,9 +94,10 @@ class ImageEngine:
                 group = distinct[g:g + step]
                 rows = [i for i, a in enumerate(adapters) if a in group]
                 self._run_group(pixels, adapters, group, rows, out)
-            self._requests.update(adapters)
-            self._images += len(adapters)
-            self._seconds += time.perf_counter() - t0
+            with self._stats_lock:
+                self._requests.update(distinct)             # requests per adapter (a routed one: each it used)
+                self._images += len(adapters)
+                self._seconds += time.perf_counter() - t0
             return out                                   # type: ignore[return-value]   (every row filled)
 
     def _run_group(self, pixels: torch.Tensor, adapters: Sequence[str], group: list[str], rows: list[int],
@@ -112,7 +115,7 @@ class ImageEngine:
                 idx = rows[start:start + self.max_batch]
                 chunk = pixels[idx].to(device=device, dtype=self.runtime.dtype)
                 slots = torch.tensor([handles[adapters[i]].slot for i in idx])     # the held versions' slots
-                with self.runtime.use(self.runtime.batch_from_ids(slots)):
+                with self.cache.locked(), self.runtime.use(self.runtime.batch_from_ids(slots)):
                     feats = image_features(self.runtime.model, chunk)                # [b, H]
                 for i, row in zip(idx, feats):
                     out[i] = classify(heads[adapters[i]], row[None])

@@ -200,6 +200,10 @@ def adapter_config(method: str, base: Base, *, r: int = 8, alpha: float = 16.0,
     if method == "mora":
         from ..methods.mora import MoraConfig
 
+        if not targets and base.kind == "image":
+            raise ConfigError(f"MoRA's rank-1 experts adapt linear layers; {base.name} is an image base: give "
+                              "--targets of its linear layers, or train lora, ia3 or bottleneck on it")
+
         given = {k: v for k, v in options.items() if v is not None and k in ("top_k", "threshold")}
         return MoraConfig(r=r, alpha=alpha, target_modules=_targets(targets, base), **given)
     if method == "ia3":
@@ -274,6 +278,10 @@ def fit(base: Base, adapter: Adapter, examples: Sequence[Any], collate: Callable
     residual = None
     if config.init != "default":               # CorDA: A0, B0 from the bare base; the residual stacked under
         from .corda import calibration_rows, init_corda
+
+        if base.kind == "image":
+            raise ConfigError(f"--init {config.init} decomposes Linear weights by their token inputs' covariance; "
+                              f"{base.name} is an image base: train it with --init default")
 
         rows = calibration_rows(examples, config.calibration_rows, config.seed)
         residual = init_corda(rt, adapter, rows, collate, config.init)

@@ -51,12 +51,15 @@ def load_vision(path: Path, model_type: str, dtype: torch.dtype) -> tuple[torch.
     cls = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel", "clip_vision_model": "CLIPVisionModel",
            "siglip_vision_model": "SiglipVisionModel"}.get(model_type)
     auto = getattr(transformers, cls) if cls else transformers.AutoModel
+    # ViT / DeiT: no pooler (the [CLS] token is read); a checkpoint saved from *ForImageClassification has none,
+    # and a freshly initialised one would change the base's fingerprint at every load
+    extra = {"add_pooling_layer": False} if model_type in ("vit", "deit") else {}
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model = auto.from_pretrained(str(path), dtype=dtype)
+        model = auto.from_pretrained(str(path), dtype=dtype, **extra)
         processor = AutoImageProcessor.from_pretrained(str(path), use_fast=False)
     finally:
         if was:
@@ -66,9 +69,10 @@ def load_vision(path: Path, model_type: str, dtype: torch.dtype) -> tuple[torch.
 
 def image_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """[B, H] pooled features of an image base (adapterkit's MobileNetV2 or a transformers vision model)."""
+    pixel_values = pixel_values.to(next(model.parameters()).dtype)          # a bf16 base (the GPU default)
     if hasattr(model, "pooled"):
         return model.pooled(pixel_values)
-    out = model(pixel_values=pixel_values.to(model.dtype))
+    out = model(pixel_values=pixel_values)
     if getattr(model.config, "model_type", None) in CLS_TYPES or getattr(out, "pooler_output", None) is None:
         return out.last_hidden_state[:, 0]
     return out.pooler_output

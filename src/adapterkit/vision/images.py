@@ -19,6 +19,7 @@ from ..errors import AdapterkitError
 from .mobilenet import ImageSpec
 
 MAX_PIXELS = 40_000_000          # width x height; above it an image is refused (PIL's bomb guard is 89 M)
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP")   # the decoders untrusted bytes may reach (not EPS, WMF, ...)
 MAX_BYTES = 20 * 2 ** 20         # encoded size
 _DATA_URL = re.compile(r"^data:(image/[a-z0-9.+-]+)?(;[a-z0-9=.+-]+)*;base64,(.*)$", re.I | re.S)
 
@@ -42,7 +43,7 @@ def decode(data: bytes | str | Path, where: str = "image") -> Any:
         raise ImageError(f"{where}: {len(data):,} bytes is over the {MAX_BYTES:,}-byte limit; send a smaller "
                          "image (it is resized to the base's input size anyway)")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
         w, h = img.size
         if w * h > MAX_PIXELS:
             raise ImageError(f"{where}: {w}x{h} pixels is over the {MAX_PIXELS:,}-pixel limit; downscale it first")
@@ -94,10 +95,18 @@ def preprocess(img: Any, spec: ImageSpec) -> torch.Tensor:
 def pixels(images: Sequence[Any], spec: Any) -> torch.Tensor:
     """A batch [n, 3, H, W] from decoded images, paths, bytes or data URLs, preprocessed as the base says:
     `spec` an ImageSpec (adapterkit's MobileNetV2) or a transformers image processor (a ViT / CLIP folder)."""
-    decoded = [im.convert("RGB") if hasattr(im, "size") and hasattr(im, "mode") else decode(im, f"image {i}")
-               for i, im in enumerate(images)]
+    return torch.stack([image_pixels(im, spec, f"image {i}") for i, im in enumerate(images)])
+
+
+def image_pixels(image: Any, spec: Any, where: str = "image") -> torch.Tensor:
+    """One image (decoded, path, bytes or data URL; a tensor [3, H, W] is taken as already preprocessed)
+    -> [3, H, W]; the decoded image is dropped at once (a batch never holds every decoded photo)."""
+    if isinstance(image, torch.Tensor):
+        return image
+    img = image if hasattr(image, "size") and hasattr(image, "mode") else decode(image, where)
+    img = img if img.mode == "RGB" else img.convert("RGB")
     if not isinstance(spec, ImageSpec):
         from .hf import hf_pixels
 
-        return hf_pixels(decoded, spec)
-    return torch.stack([preprocess(im, spec) for im in decoded])
+        return hf_pixels([img], spec)[0]
+    return preprocess(img, spec)

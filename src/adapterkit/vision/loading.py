@@ -45,8 +45,8 @@ def load_image_model(path: Path, dtype: torch.dtype) -> MobileNetV2:
     model = MobileNetV2(config)
     try:
         missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
-    except RuntimeError as exc:                   # a shape mismatch
-        raise BaseNotAvailableError(f"{path}: model.safetensors does not fit MobileNetV2 ({exc}); delete the "
+    except Exception as exc:            # a shape mismatch; a truncated or damaged file (SafetensorError)
+        raise BaseNotAvailableError(f"{path}: model.safetensors cannot be read as MobileNetV2 ({exc}); delete the "
                                   "folder and load the base again to re-convert it") from None
     if missing or unexpected:
         raise BaseNotAvailableError(f"{path}: model.safetensors is missing {sorted(missing)[:3]} / has unexpected "

@@ -85,7 +85,8 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_big = PayloadTooLargeError(f"the request body is larger than the server's limit of {self.limit} bytes",
+        too_big = PayloadTooLargeError(f"the request body is larger than the server's limit of {self.limit} bytes "
+                                       "(the server's --max-body-mb sets it; images as data URLs need more)",
                                        code="request_too_large")
         for key, value in scope.get("headers", ()):
             if key == b"content-length":

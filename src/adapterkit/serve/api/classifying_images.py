@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ...vision.images import ImageError, decode, pixels
+import torch
+
+from ...vision.images import ImageError, image_pixels
 from . import protocol as P
 from .errors import InvalidRequestError, blame
 from .routing import decision_body
@@ -31,15 +33,15 @@ async def classify_images(service: Any, req: P.ClassifyRequest) -> dict[str, Any
             raise InvalidRequestError(f"{where} is text but the base {engine.base_name!r} is an image model; send "
                                       'image parts {"type": "image_url", "image_url": {"url": "data:image/png;base64,'
                                       '..."}}', param=where)
-        if not item["image"].startswith("data:"):
+        if not item["image"][:5].lower() == "data:":
             raise InvalidRequestError(f"{where}: image_url must be a data URL (data:image/png;base64,...); the server "
                                       "fetches no URL and reads no local file", param=where)
         urls.append((where, item["image"]))
-    decoded = await asyncio.to_thread(_decoded, urls)
+    batch = await asyncio.to_thread(_pixels, urls, engine.processor)       # [n, 3, H, W]
     records = None
     if routed:                                # each image to the adapter a router over the base's features picks
         with blame("model"):
-            decisions = await asyncio.to_thread(service.routing.decide_images, req.model, decoded)
+            decisions = await asyncio.to_thread(service.routing.decide_images, req.model, list(batch))
         for (where, _), d in zip(urls, decisions):
             if d.top is None:
                 raise InvalidRequestError(f"{where}: the router sent it to the base model, which has no classification "
@@ -48,7 +50,6 @@ async def classify_images(service: Any, req: P.ClassifyRequest) -> dict[str, Any
         records = [decision_body(req.model, d) for d in decisions]
     else:
         adapters = [adapter] * len(urls)
-    batch = await asyncio.to_thread(pixels, decoded, engine.processor)
     with blame("model"):                     # an unknown adapter, one without a head, a damaged head
         results = await asyncio.to_thread(engine.classify_images, batch, adapters)
     body = P.classification(P.new_id("classify"), P.now(), req.model, results, 0)
@@ -57,11 +58,13 @@ async def classify_images(service: Any, req: P.ClassifyRequest) -> dict[str, Any
     return body
 
 
-def _decoded(urls: list[tuple[str, str]]) -> list[Any]:
-    decoded = []
+def _pixels(urls: list[tuple[str, str]], processor: Any) -> Any:
+    """The images' pixels, each decoded, preprocessed and dropped in turn (a request never holds all of its
+    decoded photos at once)."""
+    rows = []
     for where, url in urls:
         try:
-            decoded.append(decode(url, where))
+            rows.append(image_pixels(url, processor, where))
         except ImageError as exc:
             raise InvalidRequestError(str(exc), param=where) from None
-    return decoded
+    return torch.stack(rows)

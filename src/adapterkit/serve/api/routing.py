@@ -156,7 +156,7 @@ class Routing:
         if router.kind == "gate" or not getattr(router.encoder, "images", False):
             raise ConfigError(f"router {model!r} routes text ({router.kind}); this base reads images: fit a router "
                               "over its image adapters (adapterkit route fit) or name an adapter as the model")
-        with self.engine.exclusive():
+        with self.engine.exclusive():                    # the forward lock: it shares the engine's model
             decisions = router.route(images)
         for d in decisions:
             self.record(model, d.top, bool(d.fallback))
