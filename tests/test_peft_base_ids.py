@@ -15,7 +15,8 @@ from adapterkit.core.adapter import SIDE_FILE
 from adapterkit.formats.peft import CONFIG_FILE, write_peft
 
 UPSTREAM = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
-            "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"}
+            "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+            "mobilenet-v2": "torchvision/mobilenet_v2.IMAGENET1K_V1"}     # torchvision's weights (not on the hub)
 
 
 def lora(model, base_name, fingerprint="sha256:test"):
