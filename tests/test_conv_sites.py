@@ -294,3 +294,36 @@ def test_parallel_bottleneck_on_a_block_that_changes_shape_is_refused(net):
                                         r"output, but this block maps 16 channels at stride \(2, 2\) to 24: use "
                                         r"placement 'pfeiffer'"):
         conv_bottleneck("bad", net, 0, placement="parallel", targets=("features.2",))
+
+
+@torch.no_grad()
+def test_gathered_pointwise_kernel_matches_the_reference_with_mixed_ranks_and_weights(net):
+    """1x1 convs in a mixed batch read slot stacks (ranks padded, scale folded): equal to the float64
+    reference per image, weighted rows included; a slot freed and taken by IA3 adds no stale LoRA change."""
+    from adapterkit.core.targets import site_info
+    from adapterkit.methods.registry import get_method
+
+    lora = get_method("lora")
+    site = "features.2.conv.0.0"                                         # 1x1, 16 -> 96 channels
+    a, b = conv_lora("a", net, 30, r=2), conv_lora("b", net, 31, r=4)
+    rt = AdapterRuntime(net, capacity=4)
+    rt.add(a)
+    rt.add(b)
+    module = dict(net.named_modules())[site]
+    info = site_info(site, module)
+    x = images(4, seed=5)[:, :1].expand(4, 16, 64, 64).contiguous()      # any [n, 16, H, W] input
+    y = torch.nn.functional.conv2d(x, module.weight)
+    rows = ["a", "b", None, {"a": 0.5, "b": 1.5}]
+    pool = rt._sites[site].pools["lora"]
+    got = pool.apply(x, y.clone(), rt.make_batch(rows, kernel="gather"), training=False)
+    ref_a = lora.reference(a.config, info, a.tensors[site], x, y) - y.double()
+    ref_b = lora.reference(b.config, info, b.tensors[site], x, y) - y.double()
+    want = y.double() + torch.stack([ref_a[0], ref_b[1], 0 * ref_a[2], 0.5 * ref_a[3] + 1.5 * ref_b[3]])
+    assert float(ref_a.abs().max()) > 1e-3
+    assert torch.allclose(got.double(), want, atol=1e-5)
+    slot = rt.slot("a")
+    rt.remove("a")
+    ia3 = create_adapter("i3", net, Ia3Config(target_modules=[site], feedforward_modules=[], init="nonzero"), seed=2)
+    assert rt.add(ia3) == slot                                            # the freed slot is reused
+    got = pool.apply(x, y.clone(), rt.make_batch(["i3", "b", None, "b"], kernel="gather"), training=False)
+    assert torch.allclose(got[0], y[0]) and torch.allclose(got[1].double(), want[1], atol=1e-5)
