@@ -192,7 +192,12 @@ def part_mixed(a) -> None:
                     base.model(x)
                 times[kind].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    out = {"benchmark": "vision-mixed", "images": 32, "adapters": 8, "image_size": 224, "threads": a.threads,
+    from mixed_batch import cpu_model, git_commit
+
+    out = {"benchmark": "vision-mixed", "environment": {"cpu_model": cpu_model(), "torch": torch.__version__,
+                                                        "git_commit": git_commit(), "dtype": "float32",
+                                                        "command": " ".join(["python", *sys.argv])},
+           "images": 32, "adapters": 8, "image_size": 224, "threads": a.threads,
            "rounds": a.rounds, "median_s": med, "ratio": med["mixed"] / med["base"], "target": MIXED_TARGET,
            "all_s": times, "date": now()}
     (a.results / "vision_mixed.json").write_text(json.dumps(out, indent=1) + "\n")
