@@ -20,7 +20,8 @@ from adapterkit.methods.ia3 import Ia3Config
 from adapterkit.methods.sparse import SparseConfig
 from adapterkit.vision.mobilenet import MobileNetConfig, MobileNetV2
 
-peft = pytest.importorskip("peft")
+def _peft():
+    return pytest.importorskip("peft")          # only the PEFT comparisons need it
 
 # the stem 3x3 conv, a block's 1x1 expand and projection, the last 1x1: every geometry MobileNetV2 has
 TARGETS = ["features.0.0", "features.2.conv.0.0", "features.2.conv.2", "features.18.0"]
@@ -70,6 +71,7 @@ def test_outputs_equal_peft_both_ways(net, tmp_path):
     rt.remove("a")
     assert float((ours - base).abs().max()) > 1e-3             # the adapter moves the logits
     a.save(tmp_path / "ours")                                 # ours -> PEFT
+    peft = _peft()
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(net), str(tmp_path / "ours")).eval()
     assert torch.allclose(theirs(x), ours, atol=ATOL)
     # PEFT -> ours: PEFT's own conv LoRA (non-zero B), saved by PEFT, loaded and run by us
@@ -213,6 +215,7 @@ def test_ia3_on_channels_equals_peft_both_ways(net, tmp_path):
     rt.remove("i")
     assert float((ours - base).abs().max()) > 1e-3
     a.save(tmp_path / "ours")
+    peft = _peft()
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(net), str(tmp_path / "ours")).eval()
     assert torch.allclose(theirs(x), ours, atol=ATOL)
     cfg = peft.IA3Config(target_modules=IA3_TARGETS, feedforward_modules=IA3_FF, init_ia3_weights=False)

@@ -114,6 +114,8 @@ def banner(engine: Any, url: str, settings: ApiSettings, drain_timeout: float, h
     limits = [f"body {settings.max_body_bytes / 2 ** 20:g} MiB"]
     if cfg is not None:
         limits = [f"batch {cfg.max_batch}", f"queue {cfg.max_queue}"] + limits
+    elif getattr(engine, "images", False):             # no queue, no KV cache: --max-queue / --kv-cache-mb unused
+        limits = [f"images per forward {engine.max_batch}"] + limits
     limits.append(f"adapter slots {cache.max_loaded}, RAM cache {cache.ram_budget / 2 ** 20:g} MiB")
     lines.append("  limits    " + ", ".join(limits))
     lines.append(f"  stop      Ctrl-C or SIGTERM: requests in flight finish (up to {drain_timeout:g} s), "
