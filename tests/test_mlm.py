@@ -210,7 +210,7 @@ def test_refusals_and_readers(bert_dir, tmp_path):
     store = AdapterStore(tmp_path / "store")
     with pytest.raises(ConfigError, match=r"^masked-LM training needs an encoder base "
                        r"\(BERT-style, e\.g\. minilm-l6\); "
-                       r".*llm is a causal-lm: use --objective causal-lm for it$"):
+                       r".*llm is a causal-lm model: use --objective causal-lm for it$"):
         train_mlm(load_base(str(llm)), "x", CORPUS, [], task=None, store=store, config=TrainConfig(steps=1))
     with pytest.raises(ConfigError, match="max_length 100 is longer than the 64 positions"):
         train_mlm(load_base(str(bert_dir)), "x", CORPUS, [], task=None, store=store, config=TrainConfig(steps=1),

@@ -184,8 +184,10 @@ def train_mlm(base: Base, name: str, train_texts: Sequence[str], eval_texts: Seq
     """Train an adapter (`method`: lora or ia3) + a fresh MLM head on plain text and store both with metrics
     and lineage."""
     if base.kind != "encoder":
+        fix = ("train an image task (--task textile-defects) on it" if base.kind == "image" else
+               "use --objective causal-lm for it")
         raise ConfigError(f"masked-LM training needs an encoder base (BERT-style, e.g. minilm-l6); {base.name} is "
-                          f"a {base.kind}: use --objective causal-lm for it")
+                          f"a {base.kind} model: {fix}")
     tok = base.tokenizer
     if tok is None or tok.mask_token_id is None:
         raise ConfigError(f"masked-LM training needs a tokenizer with a mask token; {base.name} has "
