@@ -177,6 +177,7 @@ def part_mixed(a) -> None:
         rt.add(create_adapter(n, base.model, LoraConfig(r=8, alpha=16, target_modules=POINTWISE, init="nonzero"),
                               seed=i, fingerprint=base.fingerprint))
     x = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    macs = multiply_adds(base.model, POINTWISE, rank=8)
     rows = [names[i // 4] for i in range(32)]
     times: dict[str, list[float]] = {"base": [], "mixed": []}
     with torch.no_grad():
@@ -197,12 +198,33 @@ def part_mixed(a) -> None:
     out = {"benchmark": "vision-mixed", "environment": {"cpu_model": cpu_model(), "torch": torch.__version__,
                                                         "git_commit": git_commit(), "dtype": "float32",
                                                         "command": " ".join(["python", *sys.argv])},
-           "images": 32, "adapters": 8, "image_size": 224, "threads": a.threads,
+           "images": 32, "adapters": 8, "image_size": 224, "threads": a.threads, "multiply_adds_per_image": macs,
            "rounds": a.rounds, "median_s": med, "ratio": med["mixed"] / med["base"], "target": MIXED_TARGET,
            "all_s": times, "date": now()}
     (a.results / "vision_mixed.json").write_text(json.dumps(out, indent=1) + "\n")
     log(f"mixed 32 images / 8 adapters: {med['mixed'] * 1e3:.0f} ms vs base {med['base'] * 1e3:.0f} ms "
         f"= {out['ratio']:.2f}x (target <= {MIXED_TARGET}x)")
+
+
+def multiply_adds(model, targets: str, rank: int) -> dict:
+    """Multiply-adds per 224x224 image: the base's convolutions and classifier, and rank-r LoRA on the
+    1x1 convs `targets` matches (r · (C_in + C_out) per output pixel): the floor of the mixed batch's cost."""
+    import re
+
+    import torch
+
+    shapes: dict = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: shapes.__setitem__(n, (mod, o.shape)))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 224, 224))
+    for h in hooks:
+        h.remove()
+    base = sum(o[2] * o[3] * m.out_channels * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+               for m, o in shapes.values()) + model.classifier[1].weight.numel()
+    lora = sum(o[2] * o[3] * rank * (m.in_channels + m.out_channels) for n, (m, o) in shapes.items()
+               if re.fullmatch(targets, n))
+    return {"base": base, "lora": lora, "lora_over_base": lora / base}
 
 
 def part_table(a) -> None:
