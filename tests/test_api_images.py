@@ -252,3 +252,20 @@ def test_more_adapters_in_one_request_than_slots_run_in_groups(world, tmp_path):
     for m, a in zip(mixed, alone):
         torch.testing.assert_close(torch.tensor(m.probs), torch.tensor(a.probs), atol=1e-5, rtol=1e-4)
     assert small.metrics()["requests_total"] == {"tint-a": 1, "tint-b": 1} and small.metrics()["images_total"] == 3
+
+
+def test_concurrent_image_requests_get_the_answers_they_get_alone(world):
+    """Requests from several threads (the server's worker threads) with different adapters: each gets what it
+    gets alone (a request's batch context is never mixed with another's)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from adapterkit.vision.images import pixels
+
+    _, _, engine, _ = world
+    x = pixels([e.image for e in tinted(4, 11)], engine.processor)
+    jobs = [(x[i:i + 2], [n, n]) for i, n in ((0, "tint-a"), (2, "tint-b"), (1, "tint-b"), (0, "tint-a"))] * 3
+    alone = [engine.classify_images(p, a) for p, a in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda job: engine.classify_images(*job), jobs))
+    for got, want in zip(together, alone):
+        assert [c.probs for c in got] == [c.probs for c in want]
