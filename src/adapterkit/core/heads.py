@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -165,14 +166,19 @@ class MLMHead:
 HEAD_TYPES = {"adapterkit.classification_head": ClassificationHead, MLMHead.TYPE: MLMHead}
 
 
-def load_head(folder: Path) -> ClassificationHead | MLMHead | None:
-    """The head saved in an adapter folder (its class from the json "type"), or None without one."""
+def load_head(folder: Path) -> Any:
+    """The head saved in an adapter folder (its class from the json "type": ClassificationHead, MLMHead or
+    vision.projector.ImageProjector), or None without one."""
     if not (folder / HEAD_JSON).is_file():
         return None
     kind = _head_json(folder).get("type")
+    if kind == "adapterkit.image_projector":           # a vision-language adapter's (vision/projector.py)
+        from ..vision.projector import ImageProjector
+
+        return ImageProjector.load(folder)
     if kind not in HEAD_TYPES:
         raise CorruptAdapterError(f"{folder / HEAD_JSON} has type {kind!r}; this adapterkit reads the heads "
-                                  f"{sorted(HEAD_TYPES)}: upgrade adapterkit")
+                                  f"{sorted([*HEAD_TYPES, 'adapterkit.image_projector'])}: upgrade adapterkit")
     return HEAD_TYPES[kind].load(folder)
 
 

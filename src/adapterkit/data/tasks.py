@@ -355,17 +355,22 @@ TASKS: dict[str, _Spec] = {
 def list_tasks() -> list[str]:
     """The registered task names (text and image), sorted."""
     from .image_tasks import IMAGE_TASKS
+    from .vqa_tasks import VQA_TASKS
 
-    return sorted([*TASKS, *IMAGE_TASKS])
+    return sorted([*TASKS, *IMAGE_TASKS, *VQA_TASKS])
 
 
 def load_task(name: str) -> Task:
     """Read task ``name`` from its pip package and return its fixed splits and data card (an image task's
-    examples are image_tasks.ImageExample: .image, .label, .id)."""
+    examples are image_tasks.ImageExample: .image, .label, .id; a visual question answering task's are
+    vqa_tasks.VQAExample: .image, .question, .answer, .qtype, .id)."""
     from .image_tasks import IMAGE_TASKS, load_image_task
+    from .vqa_tasks import VQA_TASKS, load_vqa_task
 
     if name in IMAGE_TASKS:
         return load_image_task(name)
+    if name in VQA_TASKS:
+        return load_vqa_task(name)
     spec = TASKS.get(name)
     if spec is None:
         raise UnknownTaskError(f"unknown task {name!r}; the known tasks are: {', '.join(list_tasks())}")

@@ -256,7 +256,7 @@ def fit(base: Base, adapter: Adapter, examples: Sequence[Any], collate: Callable
         evaluate: Callable[[AdapterRuntime], float] | None = None, lengths: Sequence[int] | None = None,
         run_info: dict[str, Any] | None = None, eval_name: str = "eval score",
         eval_negated: bool = False, sft: dict[str, Any] | None = None,
-        teachers: Sequence[Adapter] = ()) -> tuple[AdapterRuntime, TrainResult]:
+        teachers: Sequence[Adapter] = (), freeze_adapter: bool = False) -> tuple[AdapterRuntime, TrainResult]:
     """Train `adapter` on a fresh runtime over `base`, checkpointing into the run folder; `evaluate`
     (higher is better) gets the runtime. The log (default <run folder>/train_log.jsonl) gets a
     loss-curve PNG beside it (report.loss_plot_path), with `evaluate`'s scores named `eval_name`
@@ -307,7 +307,8 @@ def fit(base: Base, adapter: Adapter, examples: Sequence[Any], collate: Callable
         result = train(rt, adapter.name, examples, collate, loss_fn, config, checkpoint_dir=folder / CHECKPOINT,
                        resume=resume, log_path=log, on_step=bar.update,
                        extra_params=extra_params, evaluate=(lambda: evaluate(rt)) if evaluate else None,
-                       lengths=lengths, run_info={"base": base.fingerprint, **(run_info or {})})
+                       lengths=lengths, run_info={"base": base.fingerprint, **(run_info or {})},
+                       freeze_adapter=freeze_adapter)
     if residual is not None:                     # stored as one plain LoRA over the unmodified base
         from .corda import fold_residual
 

@@ -155,9 +155,11 @@ def train(
     evaluate: Callable[[], float] | None = None,
     lengths: Sequence[int] | None = None,
     run_info: dict[str, Any] | None = None,
+    freeze_adapter: bool = False,
 ) -> TrainResult:
     """Minimise loss_fn over `examples` with only the adapter's tensors (and `extra_params`, e.g.
-    a task head's) trainable. Checkpoints hold both; resume continues from the last one.
+    a task head's) trainable; `freeze_adapter`: only the extra_params (a vision-language adapter's projector
+    alone: its language-model LoRA stays at its init, B = 0, so the language model is the base's). Checkpoints hold both; resume continues from the last one.
     `lengths` (one per example, any unit) turns on length-bucketed batches (BatchPlan).
 
     With `evaluate` (higher is better) and config.eval_every, the model is scored every N steps and
@@ -177,8 +179,10 @@ def train(
     _place(adapter, device, torch.float32)           # fp32 master weights on the base's device
     kinds = adapter.method.tensor_kinds(adapter.config)   # only trainable tensors learn (an index never does)
     _tie(adapter)                                    # shared tensors (ScaLearn++): one parameter each
-    params = list({id(t): t.requires_grad_(True) for parts in adapter.tensors.values() for k, t in parts.items()
-                   if kinds[k].trainable}.values())
+    params = [] if freeze_adapter else list({id(t): t.requires_grad_(True) for parts in adapter.tensors.values()
+                                             for k, t in parts.items() if kinds[k].trainable}.values())
+    if freeze_adapter and not extra_params:
+        raise ConfigError("freeze_adapter leaves nothing to train: pass extra_params")
     qat = None
     if config.bits is not None:                      # the forward reads q(w); the optimizer updates w
         from ..codecs import LowBit
@@ -189,9 +193,9 @@ def train(
     runtime.add(adapter)                             # re-attached trainable: the forward reads these tensors
     head = [t.requires_grad_(True) for t in extra_params]
     # Two groups: the adapter at lr, the extra tensors (a head trained from scratch) at head_lr.
-    peaks = [config.lr] + ([config.head_lr or config.lr] if head else [])
-    optimizer = torch.optim.AdamW([{"params": params}] + ([{"params": head}] if head else []), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    groups = ([(params, config.lr)] if params else []) + ([(head, config.head_lr or config.lr)] if head else [])
+    peaks = [peak for _, peak in groups]
+    optimizer = torch.optim.AdamW([{"params": g} for g, _ in groups], lr=config.lr, weight_decay=config.weight_decay)
     params += head
     result, start = TrainResult(), 0
     run_info = {**(run_info or {}), "examples": len(examples), "shapes": [list(p.shape) for p in params]}

@@ -1,0 +1,218 @@
+"""Vision-language adapters in the VL-Adapter style (Sung et al. 2022), trained and scored end to end.
+
+A VL adapter = an image projector (vision/projector.py: the frozen image base's pooled feature map ->
+n image tokens in the language model's embedding space) + an adapter of the language model (LoRA by
+default), trained together on question -> answer chats whose user turn starts with the image. The
+image base and the language model stay frozen. `freeze_lm=True` trains the projector alone (the
+language model's adapter stays at B = 0: the bare base), VL-Adapter's lower bound.
+
+The image base runs once per distinct image before training (its features do not change: it is frozen),
+so a step costs only the language model's forward and backward.
+Scoring: greedy decoding of a few tokens, exact match of the answer (case and surrounding space ignored),
+overall and per question type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..core.adapter import Adapter
+from ..core.base import Base
+from ..core.generate import pad_id
+from ..core.runtime import AdapterRuntime
+from ..errors import ConfigError
+from ..store import AdapterStore
+from ..vision.images import image_pixels
+from ..vision.projector import ImageProjector, grid_features
+from ..vision.vl_prompt import encode_vqa
+from .causal_lm import IGNORE
+from .defaults import selection_rows
+from .fit import finish, fit, method_info, run_lock, start_run
+from .progress import RowProgress
+from .trainer import TrainConfig, dist_rank_world
+
+DEFAULT_GRID = 2
+
+
+@dataclass(frozen=True)
+class VQARow:
+    input_ids: list[int]
+    labels: list[int]              # IGNORE on the prompt (and the image positions)
+    slots: list[int]               # positions of the image tokens
+    image: Any                     # key into the feature table (image_key)
+
+
+def image_key(image: Any) -> Any:
+    """The feature table's key of an image: its path, or the object's identity (a PIL image is unhashable)."""
+    return str(image) if isinstance(image, (str, Path)) else id(image)
+
+
+@torch.no_grad()
+def feature_table(image_base: Base, images: Sequence[Any], grid: int, batch_size: int = 32,
+                  progress: bool = False) -> dict[Any, torch.Tensor]:
+    """{image_key(image): its grid features [grid*grid, C] float32 on the host}, one image-base forward per
+    distinct image (images: paths, or anything image_pixels reads)."""
+    model, spec = image_base.model, image_base.processor
+    distinct = list({image_key(im): im for im in images}.values())
+    out: dict[Any, torch.Tensor] = {}
+    model.eval()
+    with RowProgress(len(distinct), progress) as bar:
+        for start in range(0, len(distinct), batch_size):
+            chunk = distinct[start:start + batch_size]
+            px = torch.stack([image_pixels(im, spec, f"image {im!r}") for im in chunk]).to(image_base.device)
+            feats = grid_features(model, px, grid).cpu()
+            out.update(zip(map(image_key, chunk), feats))
+            bar.advance(len(chunk))
+    return out
+
+
+def encode_rows(tokenizer: Any, examples: Sequence[Any], n_tokens: int, max_length: int) -> list[VQARow]:
+    placeholder = pad_id(tokenizer)
+    rows = []
+    for e in examples:
+        prompt, answer = encode_vqa(tokenizer, e.question, e.answer, n_tokens, placeholder)
+        ids = prompt.ids + answer
+        if len(ids) > max_length:
+            raise ConfigError(f"example {e.id}: {len(ids)} tokens with the image is over max_length {max_length}; "
+                              "raise --max-length")
+        rows.append(VQARow(ids, [IGNORE] * len(prompt.ids) + answer, prompt.slots, image_key(e.image)))
+    return rows
+
+
+def vqa_collate(features: dict[Any, torch.Tensor], pad: int) -> Callable[[list[VQARow]], dict[str, torch.Tensor]]:
+    def collate(batch: list[VQARow]) -> dict[str, torch.Tensor]:
+        width = max(len(r.input_ids) for r in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, r in enumerate(batch):
+            n = len(r.input_ids)
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r.input_ids), torch.tensor(r.labels), 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+                "image_features": torch.stack([features[r.image] for r in batch]),     # [B, n, C]
+                "image_slots": torch.tensor([r.slots for r in batch])}                  # [B, n]
+    return collate
+
+
+def image_embeds(model: torch.nn.Module, projector: ImageProjector, input_ids: torch.Tensor,
+                 features: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """The prompt's input embeddings [B, T, d] with the image positions `slots` [B, n] holding the
+    projector's image tokens of `features` [B, n, C] (differentiable in the projector)."""
+    embeds = model.get_input_embeddings()(input_ids)
+    tokens = projector.tokens(features).to(embeds.dtype)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(slots)
+    return embeds.index_put((rows, slots), tokens)
+
+
+class VQALoss:
+    """The answer tokens' cross-entropy with the image tokens in place."""
+
+    def __init__(self, projector: ImageProjector) -> None:
+        self.projector = projector
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        embeds = image_embeds(model, self.projector, batch["input_ids"], batch["image_features"], batch["image_slots"])
+        return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
+@torch.no_grad()
+def answer(rt: AdapterRuntime, name: str | None, projector: ImageProjector, features: torch.Tensor,
+           questions: Sequence[str], max_new_tokens: int = 4) -> list[str]:
+    """Greedy answers of adapter `name` (None: the bare base) to each question about its image's features
+    [B, n, C], decoded and stripped."""
+    tok = rt.tokenizer
+    pad = pad_id(tok)
+    prompts = [encode_vqa(tok, q, None, projector.n_tokens, pad)[0] for q in questions]
+    width = max(len(p.ids) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    slots = torch.empty(len(prompts), projector.n_tokens, dtype=torch.long)
+    for i, p in enumerate(prompts):                     # left padding: every prompt ends where generation starts
+        off = width - len(p.ids)
+        ids[i, off:], mask[i, off:] = torch.tensor(p.ids), 1
+        slots[i] = torch.tensor(p.slots) + off
+    dev = rt.device
+    ids, mask, slots = ids.to(dev), mask.to(dev), slots.to(dev)
+    if name is not None:
+        rt.activate(name)
+    try:
+        embeds = image_embeds(rt.model, projector, ids, features.to(dev), slots)
+        out = rt.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=pad)
+    finally:
+        if name is not None:
+            rt.deactivate()
+    return [tok.decode(row, skip_special_tokens=True).strip() for row in out]
+
+
+def evaluate_vqa(rt: AdapterRuntime, adapter: Adapter, examples: Sequence[Any], features: dict[Any, torch.Tensor],
+                 batch_size: int = 32, progress: bool = False) -> dict[str, Any]:
+    """accuracy (exact match), accuracy per question type, n."""
+    projector = _projector(adapter)
+    right: dict[str, list[bool]] = {}
+    with RowProgress(len(examples), progress) as bar:
+        for start in range(0, len(examples), batch_size):
+            chunk = list(examples[start:start + batch_size])
+            got = answer(rt, adapter.name, projector, torch.stack([features[image_key(e.image)] for e in chunk]),
+                         [e.question for e in chunk])
+            for e, g in zip(chunk, got):
+                right.setdefault(e.qtype, []).append(g.lower() == e.answer.lower())
+            bar.advance(len(chunk))
+    every = [x for v in right.values() for x in v]
+    return {"accuracy": sum(every) / max(len(every), 1),
+            **{f"accuracy_{k}": sum(v) / len(v) for k, v in sorted(right.items())}, "n": len(every)}
+
+
+def _projector(adapter: Adapter) -> ImageProjector:
+    if not isinstance(adapter.head, ImageProjector):
+        raise ConfigError(f"adapter {adapter.name!r} has no image projector: it is not a vision-language adapter")
+    return adapter.head
+
+
+def train_vqa(base: Base, image_base: Base, name: str, train_examples: Sequence[Any], eval_examples: Sequence[Any],
+              *, task: str | None, store: AdapterStore, config: TrainConfig, r: int = 8, alpha: float = 16.0,
+              targets: Sequence[str] | None = None, max_length: int = 128, grid: int = DEFAULT_GRID,
+              freeze_lm: bool = False, overwrite: bool = False, progress: bool = True, resume: bool = False,
+              log_path: str | None = None, select_rows: int | None = None, method: str = "lora",
+              method_options: dict[str, Any] | None = None) -> tuple[Adapter, dict[str, Any]]:
+    """Train a VL adapter (projector + `method` adapter of the language model) on VQAExample rows."""
+    if base.kind != "causal-lm" or base.tokenizer is None:
+        raise ConfigError(f"a vision-language adapter needs a causal language model with a tokenizer as --base; "
+                          f"{base.name} is a {base.kind}")
+    if image_base.kind != "image":
+        raise ConfigError(f"--image-base must be an image model (mobilenet-v2, or a ViT / CLIP folder); "
+                          f"{image_base.name} is a {image_base.kind}")
+    if not train_examples or not hasattr(train_examples[0], "question"):
+        raise ConfigError("a vision-language adapter trains on visual question answering rows (a task such as "
+                          "easy-vqa-colour: image, question, answer)")
+    with run_lock(store, name):
+        adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
+                            overwrite=overwrite, resume=resume, method=method, options=method_options)
+        shown = progress and dist_rank_world()[0] == 0
+        features = feature_table(image_base, [e.image for e in [*train_examples, *eval_examples]], grid,
+                                 progress=shown)
+        emb = base.model.get_input_embeddings().weight
+        adapter.head = ImageProjector.create(image_base.name, image_base.fingerprint, grid,
+                                             next(iter(features.values())).shape[-1], emb.shape[1],
+                                             float(emb.float().std()), config.seed).to(base.device)
+        tok = base.tokenizer
+        rows = encode_rows(tok, train_examples, adapter.head.n_tokens, max_length)
+        checks = selection_rows(list(eval_examples), select_rows, config.seed)
+        score = (lambda rt: evaluate_vqa(rt, adapter, checks, features)["accuracy"]) if eval_examples else None
+        info = {"objective": "vqa", **method_info(adapter), "targets": list(adapter.config.target_modules),
+                "max_length": max_length, "image_base": image_base.name, "image_fingerprint": image_base.fingerprint,
+                "grid": grid, "image_tokens": adapter.head.n_tokens, "freeze_lm": freeze_lm,
+                "projector_params": adapter.head.num_parameters()}
+        rt, result = fit(base, adapter, rows, vqa_collate(features, pad_id(tok)), VQALoss(adapter.head), config,
+                         store=store, resume=resume, log_path=log_path, progress=progress,
+                         extra_params=adapter.head.params(), evaluate=score, lengths=[len(x.input_ids) for x in rows],
+                         run_info=info, eval_name="validation accuracy", freeze_adapter=freeze_lm)
+        metrics = evaluate_vqa(rt, adapter, eval_examples, features, progress=shown) if eval_examples else {}
+        adapter.head.to("cpu")
+        finish(store, adapter, metrics, {**asdict(config), **info, "train_examples": len(rows),
+                                         "best_step": result.best_step}, overwrite)
+        return adapter, metrics

@@ -1,0 +1,142 @@
+"""The image side of a vision-language adapter (VL-Adapter style): a frozen image base's feature map,
+average-pooled to a grid x grid of positions, projected by a small trained MLP into the language model's
+embedding space. The grid*grid vectors stand in the prompt where the image was (vision/vl_prompt.py).
+
+The projector is saved with the adapter as its head (task_head.safetensors + task_head.json, beside a
+PEFT LoRA of the language model, which PEFT still loads); it records which image base it reads, by name
+and fingerprint, so an adapter is never fed another base's features.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.heads import HEAD_JSON, HEAD_TENSORS, _head_json
+from ..errors import BaseMismatchError, ConfigError, CorruptAdapterError
+from ..formats.safetensors_io import read_tensors, write_tensors
+
+
+def grid_features(model: nn.Module, pixel_values: torch.Tensor, grid: int) -> torch.Tensor:
+    """pixel_values [B, 3, H, W] -> [B, grid*grid, C]: the image base's last feature map (adapterkit's
+    MobileNetV2: [B, 1280, 7, 7]; a transformers ViT / CLIP / SigLIP: its patch tokens as a square map,
+    [CLS] dropped) average-pooled to grid x grid, row by row."""
+    pixel_values = pixel_values.to(next(model.parameters()).dtype)
+    if hasattr(model, "features") and isinstance(model.features, nn.Module):     # a CNN: [B, C, h, w]
+        maps = model.features(pixel_values)
+    else:
+        tokens = model(pixel_values=pixel_values).last_hidden_state               # [B, (1 +) N, C]
+        n = tokens.shape[1]
+        side = int(round((n - 1) ** 0.5))
+        if side * side == n - 1:                                                  # a [CLS] token first
+            tokens = tokens[:, 1:]
+        else:
+            side = int(round(n ** 0.5))
+            if side * side != n:
+                raise ConfigError(f"the image base gives {n} tokens, not a square grid of patches (+ [CLS]); "
+                                  "a vision-language adapter reads a square feature map")
+        maps = tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+    if grid < 1 or grid > min(maps.shape[-2:]):
+        raise ConfigError(f"grid {grid} must be between 1 and the feature map's side {min(maps.shape[-2:])}")
+    return nn.functional.adaptive_avg_pool2d(maps.float(), grid).flatten(2).transpose(1, 2)
+
+
+@dataclass
+class ImageProjector:
+    """features [B, n, C] -> Linear(C, mid), GELU, Linear(mid, d) -> [B, n, d] (d: the language model's width)."""
+
+    image_base: str               # the image base's name (a built-in, e.g. mobilenet-v2, or a folder)
+    image_fingerprint: str        # ... and its fingerprint: features of another base are refused
+    grid: int                     # the feature map is pooled to grid x grid = n image tokens
+    w1: torch.Tensor              # [mid, C]
+    b1: torch.Tensor              # [mid]
+    w2: torch.Tensor              # [d, mid]
+    b2: torch.Tensor              # [d]
+
+    TYPE = "adapterkit.image_projector"
+    FIELDS = ("w1", "b1", "w2", "b2")
+
+    @classmethod
+    def create(cls, image_base: str, image_fingerprint: str, grid: int, feature_dim: int, width: int,
+               embed_std: float, seed: int = 0) -> "ImageProjector":
+        """A fresh projector whose outputs start at about the spread of the language model's token embeddings
+        (embed_std), so the image tokens neither vanish nor swamp the text at step 0."""
+        if grid < 1:
+            raise ConfigError(f"grid must be >= 1, got {grid}")
+        gen = torch.Generator().manual_seed(seed)
+        mid = width
+        w1 = torch.randn(mid, feature_dim, generator=gen) / feature_dim ** 0.5
+        w2 = torch.randn(width, mid, generator=gen) * (embed_std / mid ** 0.5) * 2.0
+        return cls(image_base, image_fingerprint, grid, w1, torch.zeros(mid), w2, torch.zeros(width))
+
+    @property
+    def n_tokens(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def feature_dim(self) -> int:
+        return self.w1.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.w2.shape[0]
+
+    def params(self) -> list[torch.Tensor]:
+        return [getattr(self, f) for f in self.FIELDS]
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.params())
+
+    def to(self, device: torch.device | str) -> "ImageProjector":
+        for f in self.FIELDS:
+            setattr(self, f, getattr(self, f).to(device))
+        return self
+
+    def tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """features [B, n, C] (grid_features) -> image tokens [B, n, d] float32, on features' device."""
+        if features.shape[-1] != self.feature_dim or features.shape[-2] != self.n_tokens:
+            raise BaseMismatchError(
+                f"this projector reads {self.n_tokens} x {self.feature_dim} features of {self.image_base}; got "
+                f"{tuple(features.shape[-2:])}: feed it its own image base's features at grid {self.grid}")
+        w = [t.to(features.device) for t in self.params()]
+        x = nn.functional.gelu(nn.functional.linear(features.float(), w[0], w[1]))
+        return nn.functional.linear(x, w[2], w[3])
+
+    def check_image_base(self, name: str, fingerprint: str) -> None:
+        if fingerprint != self.image_fingerprint:
+            raise BaseMismatchError(
+                f"this vision-language adapter was trained on the image base {self.image_base} "
+                f"({self.image_fingerprint}); {name} is {fingerprint}: use its own image base")
+
+    def save(self, folder: Path) -> None:
+        write_tensors(folder / HEAD_TENSORS, {f: getattr(self, f) for f in self.FIELDS})
+        (folder / HEAD_JSON).write_text(json.dumps({
+            "type": self.TYPE, "format_version": 1, "image_base": self.image_base,
+            "image_fingerprint": self.image_fingerprint, "grid": self.grid}), encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: Path) -> "ImageProjector":
+        meta = _head_json(folder)
+        if meta.get("type") != cls.TYPE or meta.get("format_version", 0) > 1:
+            raise CorruptAdapterError(f"{folder / HEAD_JSON} is type {meta.get('type')!r} version "
+                                      f"{meta.get('format_version')!r}, not an image projector of version 1: "
+                                      "upgrade adapterkit")
+        tensors = read_tensors(folder / HEAD_TENSORS)
+        missing = sorted(set(cls.FIELDS) - set(tensors))
+        if missing:
+            raise CorruptAdapterError(f"{folder / HEAD_TENSORS} lacks the projector tensor(s) {missing}; "
+                                      "save the adapter again")
+        try:
+            grid, name, fp = int(meta["grid"]), str(meta["image_base"]), str(meta["image_fingerprint"])
+        except (KeyError, TypeError, ValueError):
+            raise CorruptAdapterError(f"{folder / HEAD_JSON} lacks the projector's grid, image_base or "
+                                      "image_fingerprint; save the adapter again") from None
+        out = cls(name, fp, grid, *(tensors[f] for f in cls.FIELDS))
+        if out.w1.shape[0] != out.w2.shape[1] or out.b1.shape[0] != out.w1.shape[0] or out.b2.shape[0] != out.w2.shape[0]:
+            raise CorruptAdapterError(f"{folder / HEAD_TENSORS}: the projector's tensor shapes do not chain "
+                                      f"({[tuple(t.shape) for t in out.params()]}); save the adapter again")
+        return out
