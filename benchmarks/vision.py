@@ -14,6 +14,8 @@
             rows append to results/vision_runs.jsonl; a (task, system) already there is skipped (--redo)
   mixed     the forward step of 32 images (224x224) over 8 distinct LoRA adapters (4 images each, the CLI's
             targets, r=8) against the bare base, alternated over --rounds rounds, median (target <= 1.3x)
+  vqa       vision-language adapters on easy-vqa (benchmarks/vision_vqa.py): per-task adapters vs one shared
+            adapter vs the projector alone, accuracy per question type; rows in results/vision_vqa_runs.jsonl
   table     results/vision.json, the README table (markdown) and results/vision.png
 
 Targets: every adapter family >= the linear probe + 3 points on both image tasks and within 2 points of full
@@ -21,6 +23,7 @@ training; the mixed image batch <= 1.3x the bare base's step.
 
     .venv/bin/python benchmarks/vision.py --part accuracy [--tasks textile-defects,mnist-5k] [--systems ...]
     .venv/bin/python benchmarks/vision.py --part mixed
+    .venv/bin/python benchmarks/vision.py --part vqa [--steps 150] [--test-rows 300]
     .venv/bin/python benchmarks/vision.py --part table
 """
 
@@ -288,7 +291,10 @@ def plot(rows: list[dict], results: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("accuracy", "mixed", "table"), required=True)
+    p.add_argument("--part", choices=("accuracy", "mixed", "vqa", "table"), required=True)
+    p.add_argument("--steps", type=int, default=150, help="vqa: steps per per-task adapter (3x for the others)")
+    p.add_argument("--test-rows", type=int, default=300, help="vqa: test questions per question type")
+    p.add_argument("--val-rows", type=int, default=64, help="vqa: validation questions per type (best checkpoint)")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--rounds", type=int, default=5)
@@ -301,12 +307,21 @@ def main() -> None:
     a.results = RESULTS
     if a.smoke:
         SMOKE.extend(["--steps", "4", "--eval-every", "0", "--train-rows", "64"])
+        a.steps, a.test_rows, a.val_rows = 2, 8, 4
         a.results = Path(tempfile.gettempdir()) / "vision-smoke-results"
         a.results.mkdir(exist_ok=True)
         a.rounds = 1
     a.runs = a.results / "vision_runs.jsonl"
     env = {**os.environ, "ADAPTERKIT_DEVICE": "cpu"}
-    {"accuracy": lambda: part_accuracy(a, env), "mixed": lambda: part_mixed(a), "table": lambda: part_table(a)}[a.part]()
+    {"accuracy": lambda: part_accuracy(a, env), "mixed": lambda: part_mixed(a), "vqa": lambda: part_vqa(a),
+     "table": lambda: part_table(a)}[a.part]()
+
+
+def part_vqa(a) -> None:
+    import vision_vqa
+
+    vision_vqa.run(a.results, steps=a.steps, test_rows=a.test_rows, val_rows=a.val_rows, redo=a.redo,
+                   smoke=a.smoke, log=log)
 
 
 if __name__ == "__main__":

@@ -289,7 +289,7 @@ def test_bad_completion_fields_are_400_naming_the_field(world, body, param, mess
     ([], "messages"),
     ([{"role": "robot", "content": "x"}], "messages[0].role"),
     ([{"role": "user", "content": 5}], "messages[0].content"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": "http://x"}]}], "messages[0].content"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": "http://x"}]}], "messages[0].content[0].image_url"),
     ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "messages[0].content[0].text"),
 ])
 def test_bad_chat_messages_are_400_naming_the_field(world, messages, param):

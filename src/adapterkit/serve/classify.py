@@ -53,28 +53,35 @@ def classify(head: ClassificationHead, hidden: torch.Tensor) -> Classification:
     return Classification(tuple(head.labels), tuple(float(p) for p in probs))
 
 
-class ClassifierCache:
-    """Classifier (head + training max_length) per adapter Source (name, folder, version): read once
-    per version, at most `size` kept. Thread-safe; reads run outside the lock."""
+class SourceCache:
+    """What `reader(source)` makes of an adapter Source (name, folder, version), read once per version, at most
+    `size` kept. Thread-safe; reads run outside the lock."""
 
-    def __init__(self, size: int = 256) -> None:
+    def __init__(self, reader: Any, size: int = 256) -> None:
+        self._reader = reader
         self._size = size
-        self._items: OrderedDict[tuple[str, str, str], Optional[Classifier]] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
         self._lock = threading.Lock()
 
-    def kind(self, source: Any) -> Optional[Classifier]:
-        """The adapter's Classifier, or None when it has no classification head."""
+    def kind(self, source: Any) -> Any:
         key = (source.name, str(source.path), source.version)
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-        found = _read(source)
+        found = self._reader(source)
         with self._lock:
             self._items[key] = found
             while len(self._items) > self._size:
                 self._items.popitem(last=False)
         return found
+
+
+class ClassifierCache(SourceCache):
+    """Classifier (head + training max_length) per adapter version; `kind` is None without a classification head."""
+
+    def __init__(self, size: int = 256) -> None:
+        super().__init__(_read, size)
 
     def get(self, source: Any) -> Classifier:
         """The adapter's Classifier; ConfigError when it has none."""
@@ -85,14 +92,19 @@ class ClassifierCache:
         return found
 
 
-def _read(source: Any) -> Optional[Classifier]:
+def read_head(source: Any, what: str = "head") -> Any:
+    """The head saved in the adapter's folder (any type), or None; CorruptAdapterError naming the adapter."""
     try:
-        head = load_head(source.path)
+        return load_head(source.path)
     except AdapterkitError as exc:
-        raise CorruptAdapterError(f"adapter {source.name!r}: its classification head cannot be read ({exc})") from None
+        raise CorruptAdapterError(f"adapter {source.name!r}: its {what} cannot be read ({exc})") from None
     except Exception as exc:
-        raise CorruptAdapterError(f"adapter {source.name!r}: its classification head cannot be read "
+        raise CorruptAdapterError(f"adapter {source.name!r}: its {what} cannot be read "
                                   f"({type(exc).__name__}: {exc})") from None
+
+
+def _read(source: Any) -> Optional[Classifier]:
+    head = read_head(source, "classification head")
     if not isinstance(head, ClassificationHead):
         return None
     for what, t in (("weight", head.weight), ("bias", head.bias)):

@@ -48,6 +48,7 @@ from .gating import GateState, gate_layers, layer_routing
 from .requests import (ContextLengthError, GenerationRequest, QueueFullError, RequestStream, StreamEvent,
                        Usage)
 from .sampling import choose, make_generator
+from .vl import ProjectorCache, project
 
 
 class EngineStoppedError(AdapterkitError, RuntimeError):
@@ -84,6 +85,9 @@ class _Seq:
     slots: list[tuple[int, float]] = field(default_factory=list)   # (runtime slot, weight) per adapter
     gate: Optional[GateState] = None     # a gated request: per-token adapters from its gate
     classifier: Optional[Classifier] = None   # a classification request: its adapter's head
+    # a prompt with images: (positions [k] in the prompt, image tokens [k, d]) that replace those tokens'
+    # embeddings in the prefill; None once the prompt is in the cache
+    embeds: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     @property
     def params(self):
@@ -111,6 +115,7 @@ class Engine:
             1, int(self.config.kv_cache_mb * 2 ** 20) // self.decoder.bytes_per_token())
         self.eos_ids = _eos_ids(runtime.model, tokenizer)
         self.classifiers = ClassifierCache()      # heads of classifier adapters, read on first use
+        self.projectors = ProjectorCache()        # image projectors of vision-language adapters (serve/vl.py)
         self.metrics_ = EngineMetrics()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -314,10 +319,13 @@ class Engine:
                         torch.tensor(last, device=host))
         tok, pos = torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev)
         gated = [(seg.start, seg.n, s.gate) for s, seg in zip(batch, segments) if s.gate is not None]
+        images = [(seg.start + s.embeds[0], s.embeds[1]) for s, seg in zip(batch, segments) if s.embeds is not None]
+        embeds = ((torch.cat([i for i, _ in images]).to(dev), torch.cat([e for _, e in images]).to(dev))
+                  if images else None)
         with self.cache.locked(), torch.inference_mode():
             before = layer_routing(self.runtime, ids, ws, gated) if gated else None
             with self.runtime.use(self.runtime.batch_from_ids(ids, ws, mode="token")):
-                h = self.decoder.hidden(tok, pos, segments, before_layer=before)
+                h = self.decoder.hidden(tok, pos, segments, before_layer=before, embeds=embeds)
             with self.runtime.use(self.runtime.batch_from_ids(ids[idx], ws[idx], mode="token")):
                 rows: list[Any] = list(self.decoder.logits(h[idx.to(dev)]))
         for i, (s, seg) in enumerate(zip(batch, segments)):
@@ -342,6 +350,7 @@ class Engine:
     def _advance(self, s: _Seq, token: int) -> None:
         s.generated += 1
         s.pending = [token]
+        s.embeds = None                                    # the prompt (and its images) is in the cache now
         p = s.params
         if token in self.eos_ids and not p.ignore_eos:
             self._finish(s, "stop", [], s.detok.flush())
@@ -401,6 +410,8 @@ class Engine:
                     handles.append(self.cache.acquire(name, timeout=0))
                 # the head of the very version acquired (the adapter may have been replaced since submit)
                 classifier = self.classifiers.get(handles[0].source) if req.classify else None
+                embeds = project(self.projectors.get(handles[0].source), req.images, self.decoder.width) \
+                    if req.images is not None else None
             except NoFreeSlotError:
                 for h in handles:
                     h.release()
@@ -416,7 +427,8 @@ class Engine:
             s = _Seq(w.stream, handles, self.decoder.new_cache(need),
                      Detokenizer(self.tokenizer, req.params.stop),
                      None if req.params.greedy else make_generator(req.params.seed),
-                     list(req.prompt_ids), slots=[(h.slot, weights[h.name]) for h in handles], classifier=classifier)
+                     list(req.prompt_ids), slots=[(h.slot, weights[h.name]) for h in handles], classifier=classifier,
+                     embeds=embeds)
             if req.gate is not None:                         # no fixed adapters: the gate picks per token
                 by_name = {h.name: h.slot for h in handles}
                 s.slots = []

@@ -84,6 +84,7 @@ class FlatDecoder:
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         self.max_context = int(cfg.max_position_embeddings)
+        self.width = int(cfg.hidden_size)
 
     def new_cache(self, capacity: int) -> SeqCache:
         return SeqCache(len(self.layers), self.kv_heads, capacity, self.head_dim, self.dtype, self.device)
@@ -93,7 +94,8 @@ class FlatDecoder:
 
     @torch.inference_mode()
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, segments: Sequence[Segment],
-               before_layer: Optional[Callable[[int, torch.Tensor], ContextManager[Any]]] = None) -> torch.Tensor:
+               before_layer: Optional[Callable[[int, torch.Tensor], ContextManager[Any]]] = None,
+               embeds: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """tokens, positions [T] (on the model's device) -> final-norm hidden states [T, hidden]; fills the caches and
         advances each segment's cache length by its n. Adapter routing is the caller's (runtime.use);
         before_layer(i, h [1, T, d] = layer i's input) may return a context that holds for layer i

@@ -77,6 +77,20 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
 
+@dataclass(frozen=True)
+class ImageInput:
+    """A prompt's images for a vision-language adapter: their image-base features, projected into the language
+    model by the projector of the adapter version the engine acquires (serve/vl.py)."""
+
+    slots: tuple[int, ...]            # [m * n] prompt positions the image tokens take, image by image
+    features: Any                     # [m * n, C] the image base's grid features, in the same order
+    image_fingerprint: str            # the image base that made them (the projector must read that base)
+
+    def __post_init__(self) -> None:
+        if len(self.slots) != int(self.features.shape[0]):
+            raise ConfigError(f"{len(self.slots)} image slots but {int(self.features.shape[0])} feature rows")
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]                       # already tokenised (chat template applied by the caller)
@@ -91,10 +105,17 @@ class GenerationRequest:
     # score the prompt with the adapter's classification head instead of generating (serve/classify.py):
     # one step, no tokens; the stream's `classification` holds the result
     classify: bool = False
+    # images in the prompt (a vision-language adapter's request; `adapter` names that one adapter)
+    images: Optional[ImageInput] = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
             raise ConfigError("the prompt is empty; give at least one token")
+        if self.images is not None and not isinstance(self.adapter, str):
+            raise ConfigError("a prompt with images names exactly one vision-language adapter (its projector reads "
+                              "the images)")
+        if self.images is not None and any(not 0 <= s < len(self.prompt_ids) for s in self.images.slots):
+            raise ConfigError("an image slot lies outside the prompt")
         if self.gate is not None and self.adapter is not None:
             raise ConfigError("a request names either adapter(s) or a gate, not both")
         if self.classify and not isinstance(self.adapter, str):

@@ -36,6 +36,9 @@ from .progress import RowProgress
 from .trainer import TrainConfig, dist_rank_world
 
 DEFAULT_GRID = 2
+# The language model's adapter sits on every Linear of each decoder layer (attention and MLP), as VL-Adapter
+# puts one after both: the image tokens must steer what the MLPs write, not only where attention looks.
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -178,8 +181,11 @@ def train_vqa(base: Base, image_base: Base, name: str, train_examples: Sequence[
               targets: Sequence[str] | None = None, max_length: int = 128, grid: int = DEFAULT_GRID,
               freeze_lm: bool = False, overwrite: bool = False, progress: bool = True, resume: bool = False,
               log_path: str | None = None, select_rows: int | None = None, method: str = "lora",
-              method_options: dict[str, Any] | None = None) -> tuple[Adapter, dict[str, Any]]:
-    """Train a VL adapter (projector + `method` adapter of the language model) on VQAExample rows."""
+              method_options: dict[str, Any] | None = None,
+              features: dict[Any, torch.Tensor] | None = None) -> tuple[Adapter, dict[str, Any]]:
+    """Train a VL adapter (projector + `method` adapter of the language model) on VQAExample rows. targets:
+    default DEFAULT_TARGETS where the base has them; features: a feature_table of these images at `grid` made
+    before (several runs over one data set compute it once)."""
     if base.kind != "causal-lm" or base.tokenizer is None:
         raise ConfigError(f"a vision-language adapter needs a causal language model with a tokenizer as --base; "
                           f"{base.name} is a {base.kind}")
@@ -189,12 +195,16 @@ def train_vqa(base: Base, image_base: Base, name: str, train_examples: Sequence[
     if not train_examples or not hasattr(train_examples[0], "question"):
         raise ConfigError("a vision-language adapter trains on visual question answering rows (a task such as "
                           "easy-vqa-colour: image, question, answer)")
+    if targets is None:
+        names = {n.rsplit(".", 1)[-1] for n, _ in base.model.named_modules()}
+        targets = tuple(t for t in DEFAULT_TARGETS if t in names) or None
     with run_lock(store, name):
         adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
                             overwrite=overwrite, resume=resume, method=method, options=method_options)
         shown = progress and dist_rank_world()[0] == 0
-        features = feature_table(image_base, [e.image for e in [*train_examples, *eval_examples]], grid,
-                                 progress=shown)
+        if features is None:
+            features = feature_table(image_base, [e.image for e in [*train_examples, *eval_examples]], grid,
+                                     progress=shown)
         emb = base.model.get_input_embeddings().weight
         adapter.head = ImageProjector.create(image_base.name, image_base.fingerprint, grid,
                                              next(iter(features.values())).shape[-1], emb.shape[1],

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from ..requests import MAX_TEMPERATURE, MIN_TEMPERATURE
 from .errors import InvalidRequestError
@@ -140,9 +141,32 @@ class TextPart(_Body):
     text: str
 
 
+class ImageUrl(_Body):
+    url: str
+    detail: Optional[str] = None      # accepted, unused (the image base's own resolution is used)
+
+
+class ImagePart(_Body):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+MAX_IMAGES = 8                  # images per chat request
+_PART_TAGS = {"text": "TextPart", "image_url": "ImagePart"}   # capitalised: field_path drops them from error paths
+
+
+def _part_tag(v: Any) -> Optional[str]:
+    kind = v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
+    return _PART_TAGS.get(kind)
+
+
+ContentPart = Annotated[Union[Annotated[TextPart, Tag("TextPart")], Annotated[ImagePart, Tag("ImagePart")]],
+                        Discriminator(_part_tag)]
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
 
     @field_validator("content", mode="before")
@@ -150,22 +174,44 @@ class ChatMessage(_Body):
     def _content(cls, v: Any) -> Any:
         if isinstance(v, list):
             for part in v:
-                if not isinstance(part, dict) or part.get("type") != "text":
-                    raise ValueError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported")
+                if not isinstance(part, dict) or part.get("type") not in ("text", "image_url"):
+                    raise ValueError('content parts are text ({"type": "text", "text": ...}) or images ({"type": '
+                                     '"image_url", "image_url": {"url": "data:image/png;base64,..."}})')
         elif v is not None and not isinstance(v, str):
-            raise ValueError("content must be a string or a list of text parts")
+            raise ValueError("content must be a string or a list of text and image parts")
         return v
 
     def text(self) -> str:
+        """The text parts (images left out): what routers read and text-only prompts hold."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    def images(self) -> list[str]:
+        """The image parts' URLs, in order."""
+        return [p.image_url.url for p in self.content if isinstance(p, ImagePart)] \
+            if isinstance(self.content, list) else []
+
+    def parts(self) -> Any:
+        """The content for a vision-language prompt (vision/vl_prompt.content_text): a string, or text and
+        {"type": "image"} parts."""
+        if not isinstance(self.content, list):
+            return self.content
+        return [{"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"}
+                for p in self.content]
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _image_count(self) -> "ChatCompletionRequest":
+        n = sum(len(m.images()) for m in self.messages)
+        if n > MAX_IMAGES:
+            raise ValueError(f"at most {MAX_IMAGES} images per request, got {n}")
+        return self
     max_tokens: Optional[int] = Field(None, ge=1)               # None: up to the context
     max_completion_tokens: Optional[int] = Field(None, ge=1)    # OpenAI's newer name; wins when both given
     top_logprobs: Any = None

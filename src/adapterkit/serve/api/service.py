@@ -263,9 +263,16 @@ class OpenAIService:
         self._generates()
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                     for m in req.messages]
-        adapter, gate, routed = await self._pick(req.model, route_text(None, messages), "messages")
-        note = await asyncio.to_thread(self._classifier_note, adapter)
-        ids = await asyncio.to_thread(self._encode_chat, messages)
+        images = None
+        if any(m.images() for m in req.messages):         # a vision-language adapter's request (serve/vl.py)
+            from .vision_chat import encode_image_chat
+
+            adapter, gate, routed, note = self.resolve_images(req.model), None, None, None
+            ids, images = await encode_image_chat(self, adapter, req.messages)
+        else:
+            adapter, gate, routed = await self._pick(req.model, route_text(None, messages), "messages")
+            note = await asyncio.to_thread(self._classifier_note, adapter)
+            ids = await asyncio.to_thread(self._encode_chat, messages)
         params = self._params(req, len(ids), req.max_new_tokens, req.max_tokens_param, "messages")
         rid, created, model = P.new_id("chatcmpl"), P.now(), req.model
         if req.stream:
@@ -281,9 +288,20 @@ class OpenAIService:
             def tail(ev: StreamEvent) -> list[Any]:
                 out = [P.chat_chunk(rid, created, model, {}, ev.finish_reason, usage)]
                 return out + ([P.usage_chunk(rid, created, model, "chat.completion.chunk", ev.usage)] if usage else [])
-            return await self._stream(ids, adapter, params, "messages", render, tail, routed, gate, note)
-        text, final = await self._collect(ids, adapter, params, "messages", gate, routed)
+            return await self._stream(ids, adapter, params, "messages", render, tail, routed, gate, note, images)
+        text, final = await self._collect(ids, adapter, params, "messages", gate, routed, images)
         return _routed(P.chat_completion(rid, created, model, text, final.finish_reason, final.usage), routed, note)
+
+    def resolve_images(self, model: str) -> str:
+        """The adapter a request with images names: a router or the bare base cannot read images (400)."""
+        if self.routing.is_router(model):
+            raise InvalidRequestError(f"{model!r} is a router: routers choose adapters from text; send images to a "
+                                      "vision-language adapter by name", param="model")
+        adapter = self.resolve(model)
+        if adapter is None:
+            raise InvalidRequestError(f"the base {model!r} is text-only: send images to a vision-language adapter "
+                                      "(one trained on an image task such as easy-vqa-colour)", param="messages")
+        return adapter
 
     def _encode(self, text: str, special: bool) -> list[int]:
         tok = self.engine.tokenizer
@@ -325,10 +343,10 @@ class OpenAIService:
                                   ignore_eos=req.ignore_eos)
 
     def _submit(self, ids: list[int], adapter: Optional[str], params: SamplingParams, prompt_param: str,
-                gate: Any = None, classify: bool = False) -> RequestStream:
+                gate: Any = None, classify: bool = False, images: Any = None) -> RequestStream:
         try:
             return self.engine.submit(GenerationRequest(prompt_ids=ids, adapter=adapter, params=params, gate=gate,
-                                                        classify=classify))
+                                                        classify=classify, images=images))
         except AdapterNotFoundError as exc:
             raise _param(exc, "model")
         except ContextLengthError as exc:        # the engine's KV budget
@@ -338,8 +356,8 @@ class OpenAIService:
 
     async def _collect(self, ids: list[int], adapter: Optional[str], params: SamplingParams,
                        prompt_param: str, gate: Any = None,
-                       routed: Optional[dict[str, Any]] = None) -> tuple[str, StreamEvent]:
-        stream = self._submit(ids, adapter, params, prompt_param, gate)
+                       routed: Optional[dict[str, Any]] = None, images: Any = None) -> tuple[str, StreamEvent]:
+        stream = self._submit(ids, adapter, params, prompt_param, gate, images=images)
         try:
             async for _ in stream:
                 pass
@@ -359,8 +377,8 @@ class OpenAIService:
     async def _stream(self, ids: list[int], adapter: Optional[str], params: SamplingParams, prompt_param: str,
                       render: Callable[[StreamEvent, bool], list[Any]],
                       tail: Callable[[StreamEvent], list[Any]], routed: Optional[dict[str, Any]] = None,
-                      gate: Any = None, note: Optional[dict[str, Any]] = None) -> EventStream:
-        stream = self._submit(ids, adapter, params, prompt_param, gate)
+                      gate: Any = None, note: Optional[dict[str, Any]] = None, images: Any = None) -> EventStream:
+        stream = self._submit(ids, adapter, params, prompt_param, gate, images=images)
         if gate is not None and routed is not None:
             self.routing.record(routed["router"], PER_TOKEN)
         events = stream.__aiter__()

@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Vision-language adapters on easy-vqa (issue 18's VQA part; `benchmarks/vision.py --part vqa` runs this).
+
+The VL model: SmolLM2-135M-Instruct (frozen) reads 4 image tokens (MobileNetV2's last feature map pooled to
+2x2, projected by a trained MLP) before the question; the answer is generated greedily and must match
+exactly. Systems, each trained in process with train/vqa.train_vqa on the train split (the vqa recipe's lr,
+head lr and batch):
+  per-task    one adapter (projector + LoRA r=8 on every Linear of the LM) per question type (colour, shape,
+              yes/no), --steps steps each, scored on its own type
+  shared      one adapter trained on all three types, 3 x --steps steps (the same compute as the three)
+  projector   the projector alone (the LM bare), 3 x --steps steps: VL-Adapter's lower bound
+Test: a seeded sample of --test-rows questions per type from the package's test images (the same rows for
+every system). The image base runs once per image for all systems (features cached in process).
+Rows append to results/vision_vqa_runs.jsonl; a system already there is skipped (--redo).
+Target: per-task adapters >= 0.90 overall.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+QTYPES = ("colour", "shape", "yesno")
+TASK_OF = {"colour": "easy-vqa-colour", "shape": "easy-vqa-shape", "yesno": "easy-vqa-yesno"}
+TARGET = 0.90
+
+
+def _sample(rows: list[Any], n: int, seed: str) -> list[Any]:
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    return rows[:n]
+
+
+def run(results: Path, *, steps: int, test_rows: int, val_rows: int, redo: bool, smoke: bool, log: Any) -> None:
+    import torch
+
+    from adapterkit.core.base import load_base
+    from adapterkit.data.tasks import load_task
+    from adapterkit.store import AdapterStore
+    from adapterkit.train.defaults import resolve
+    from adapterkit.train.vqa import DEFAULT_GRID, feature_table, train_vqa
+
+    runs_path = results / "vision_vqa_runs.jsonl"
+    done = {} if redo or not runs_path.is_file() else {
+        json.loads(line)["system"]: json.loads(line) for line in runs_path.read_text().splitlines() if line.strip()}
+    lm, image_base = load_base("smollm2-135m"), load_base("mobilenet-v2")
+    tasks = {q: load_task(TASK_OF[q]) for q in QTYPES}
+    test = {q: _sample(tasks[q].test, test_rows, f"vqa-test:{q}") for q in QTYPES}
+    val = {q: _sample(tasks[q].validation, val_rows, f"vqa-val:{q}") for q in QTYPES}
+    train = {q: tasks[q].train for q in QTYPES}
+    every_train = [e for q in QTYPES for e in train[q]]
+    t0 = time.perf_counter()
+    images = {e.image for e in every_train} | {e.image for q in QTYPES for e in test[q] + val[q]}
+    features = feature_table(image_base, sorted(images), DEFAULT_GRID, progress=False)
+    log(f"image features of {len(images)} images in {time.perf_counter() - t0:.0f} s")
+    store = AdapterStore(Path(tempfile.mkdtemp(prefix="vqa-")) / "store")
+    systems: list[tuple[str, list[str], int, bool]] = [(f"per-task:{q}", [q], steps, False) for q in QTYPES]
+    systems += [("shared", list(QTYPES), 3 * steps, False), ("projector", list(QTYPES), 3 * steps, True)]
+    for system, types, n_steps, freeze in systems:
+        if system in done:
+            log(f"{system}: done before ({done[system]['test']}); --redo runs it again")
+            continue
+        rows = [e for q in types for e in train[q]]
+        random.Random(f"vqa-train:{system}").shuffle(rows)
+        plan = resolve("vqa", len(rows), True, steps=n_steps, eval_every=max(1, n_steps // 4))
+        name = system.replace(":", "-")
+        log(f"{system}: {n_steps} steps on {len(rows)} rows ({plan.config.lr:g} / head {plan.config.head_lr:g})")
+        t = time.perf_counter()
+        adapter, _ = train_vqa(lm, image_base, name, rows, [e for q in types for e in val[q]], task=None,
+                               store=store, config=plan.config, select_rows=None, freeze_lm=freeze,
+                               progress=False, features=features)
+        secs = time.perf_counter() - t
+        from adapterkit import AdapterRuntime
+        from adapterkit.train.vqa import evaluate_vqa
+
+        rt = AdapterRuntime.from_base(lm)
+        rt.add(adapter)
+        got = evaluate_vqa(rt, adapter, [e for q in types for e in test[q]], features)
+        rt.remove(adapter.name)
+        log_rows = [json.loads(x) for x in (store.root / "runs" / name / "train_log.jsonl").read_text().splitlines()] \
+            if (store.root / "runs" / name / "train_log.jsonl").is_file() else []
+        step_s = sorted(r["seconds"] for r in log_rows)[len(log_rows) // 2] if log_rows else None
+        row = {"system": system, "types": types, "steps": n_steps, "train_rows": len(rows), "test": got,
+               "lm_adapter_params": 0 if freeze else adapter.num_parameters(),
+               "projector_params": adapter.head.num_parameters(), "wall_s": round(secs, 1), "step_s": step_s,
+               "best_step": adapter.meta.lineage[0]["params"].get("best_step"),
+               "config": {k: getattr(plan.config, k) for k in ("lr", "head_lr", "batch_size", "warmup_steps")},
+               "threads": torch.get_num_threads(), "smoke": smoke, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                         time.gmtime())}
+        with runs_path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        log(f"{system}: {got}")
+
+
+def summary(results: Path) -> dict[str, Any]:
+    """Accuracy per question type and overall for per-task adapters (each on its type), shared, projector."""
+    path = results / "vision_vqa_runs.jsonl"
+    rows = {json.loads(x)["system"]: json.loads(x) for x in path.read_text().splitlines() if x.strip()} \
+        if path.is_file() else {}
+    out: dict[str, Any] = {}
+    per = [rows.get(f"per-task:{q}") for q in QTYPES]
+    if all(per):
+        n = sum(r["test"]["n"] for r in per)
+        out["per-task"] = {"accuracy": sum(r["test"]["accuracy"] * r["test"]["n"] for r in per) / n,
+                           **{f"accuracy_{q}": r["test"][f"accuracy_{q}"] for q, r in zip(QTYPES, per)}, "n": n,
+                           "lm_adapter_params": sum(r["lm_adapter_params"] for r in per),
+                           "projector_params": sum(r["projector_params"] for r in per),
+                           "steps": sum(r["steps"] for r in per), "step_s": per[0]["step_s"]}
+    for system in ("shared", "projector"):
+        if system in rows:
+            r = rows[system]
+            out[system] = {**r["test"], "lm_adapter_params": r["lm_adapter_params"],
+                           "projector_params": r["projector_params"], "steps": r["steps"], "step_s": r["step_s"]}
+    if "per-task" in out:
+        out["target"] = {"per_task_overall": TARGET, "met": out["per-task"]["accuracy"] >= TARGET}
+    return out
