@@ -99,8 +99,11 @@ class FlatDecoder:
         """tokens, positions [T] (on the model's device) -> final-norm hidden states [T, hidden]; fills the caches and
         advances each segment's cache length by its n. Adapter routing is the caller's (runtime.use);
         before_layer(i, h [1, T, d] = layer i's input) may return a context that holds for layer i
-        only (a per-token gate routes each layer's tokens from that layer's input)."""
+        only (a per-token gate routes each layer's tokens from that layer's input). embeds: (flat positions [k],
+        vectors [k, d]) that replace those tokens' embeddings (a prompt's image tokens, serve/vl.py)."""
         h = self.inner.embed_tokens(tokens[None])                        # [1, T, d]
+        if embeds is not None:
+            h = h.index_put((torch.zeros_like(embeds[0]), embeds[0]), embeds[1].to(h.dtype))
         cos, sin = self.inner.rotary_emb(h, positions[None])             # [1, T, hd]
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]                # [T, 1, hd]
         T = tokens.shape[0]

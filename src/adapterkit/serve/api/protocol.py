@@ -206,12 +206,13 @@ class ChatMessage(_Body):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _image_count(self) -> "ChatCompletionRequest":
-        n = sum(len(m.images()) for m in self.messages)
+    @field_validator("messages")
+    @classmethod
+    def _image_count(cls, v: list[ChatMessage]) -> list[ChatMessage]:
+        n = sum(len(m.images()) for m in v)
         if n > MAX_IMAGES:
             raise ValueError(f"at most {MAX_IMAGES} images per request, got {n}")
-        return self
+        return v
     max_tokens: Optional[int] = Field(None, ge=1)               # None: up to the context
     max_completion_tokens: Optional[int] = Field(None, ge=1)    # OpenAI's newer name; wins when both given
     top_logprobs: Any = None
