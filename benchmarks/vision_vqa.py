@@ -70,7 +70,7 @@ def run(results: Path, *, steps: int, test_rows: int, val_rows: int, redo: bool,
         name = system.replace(":", "-")
         log(f"{system}: {n_steps} steps on {len(rows)} rows ({plan.config.lr:g} / head {plan.config.head_lr:g})")
         t = time.perf_counter()
-        adapter, _ = train_vqa(lm, image_base, name, rows, [e for q in types for e in val[q]], task=None,
+        adapter, _ = train_vqa(lm, name, rows, [e for q in types for e in val[q]], image_base=image_base, task=None,
                                store=store, config=plan.config, select_rows=None, freeze_lm=freeze,
                                progress=False, features=features)
         secs = time.perf_counter() - t

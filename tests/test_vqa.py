@@ -101,7 +101,7 @@ def test_a_vl_adapter_learns_what_only_the_image_tells_and_reloads(lm, tmp_path)
     train, val = _rows(96, 0), _rows(40, 1)
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     cfg = TrainConfig(steps=150, batch_size=16, lr=3e-3, head_lr=1e-2)
-    adapter, metrics = train_vqa(lm, image_base, "tint", train, val, task=None, store=store, config=cfg,
+    adapter, metrics = train_vqa(lm, "tint", train, val, image_base=image_base, task=None, store=store, config=cfg,
                                  targets=ALL, grid=1, progress=False)
     assert metrics["accuracy"] >= 0.85 and metrics["n"] == 40, metrics          # blind: 0.5
     assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())    # the LM is frozen
@@ -124,7 +124,7 @@ def test_a_vl_adapter_learns_what_only_the_image_tells_and_reloads(lm, tmp_path)
 def test_projector_only_training_leaves_the_language_model_bare(lm, tmp_path):
     store = AdapterStore(tmp_path / "store")
     cfg = TrainConfig(steps=5, batch_size=8, lr=3e-3, head_lr=1e-2)
-    adapter, _ = train_vqa(lm, tiny_image_base(), "proj", _rows(16, 0), [], task=None, store=store, config=cfg,
+    adapter, _ = train_vqa(lm, "proj", _rows(16, 0), [], image_base=tiny_image_base(), task=None, store=store, config=cfg,
                            grid=1, freeze_lm=True, progress=False)
     assert all(float(p["lora_B"].abs().max()) == 0 for p in adapter.tensors.values())
     assert adapter.meta.lineage[0]["params"]["freeze_lm"] is True
@@ -137,10 +137,10 @@ def test_vl_training_refuses_the_wrong_bases_and_data(lm, tmp_path):
     store = AdapterStore(tmp_path / "store")
     cfg = TrainConfig(steps=1)
     with pytest.raises(ConfigError, match="--image-base must be an image model"):
-        train_vqa(lm, lm, "x", _rows(4, 0), [], task=None, store=store, config=cfg, progress=False)
+        train_vqa(lm, "x", _rows(4, 0), [], image_base=lm, task=None, store=store, config=cfg, progress=False)
     with pytest.raises(ConfigError, match="needs a causal language model"):
-        train_vqa(tiny_image_base(), tiny_image_base(), "x", _rows(4, 0), [], task=None, store=store, config=cfg,
+        train_vqa(tiny_image_base(), "x", _rows(4, 0), [], image_base=tiny_image_base(), task=None, store=store, config=cfg,
                   progress=False)
     with pytest.raises(ConfigError, match="trains on visual question answering rows"):
-        train_vqa(lm, tiny_image_base(), "x", tinted(4, 0), [], task=None, store=store, config=cfg, progress=False)
+        train_vqa(lm, "x", tinted(4, 0), [], image_base=tiny_image_base(), task=None, store=store, config=cfg, progress=False)
     assert store.list() == []                                  # refused before anything was stored

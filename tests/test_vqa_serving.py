@@ -7,6 +7,8 @@ undecodable or oversized images, too many images; 404 for an unknown adapter. Ti
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -66,7 +68,7 @@ def world(tmp_path_factory):
     rows = [VQAExample(im, "the cat", "hello" if i % 2 else "world", "colour", f"{i}")
             for i, im in enumerate(images(16, 0))]
     for seed, name in enumerate(("vl-a", "vl-b")):
-        train_vqa(lm, image_base, name, rows, [], task=None, store=store, progress=False,
+        train_vqa(lm, name, rows, [], image_base=image_base, task=None, store=store, progress=False,
                   config=TrainConfig(steps=3, batch_size=8, lr=1e-2, head_lr=1e-2, seed=seed))
     store.put(create_adapter("text-only", lm.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
                                                                init="nonzero", init_std=0.1),
@@ -186,3 +188,31 @@ def test_an_oversized_image_is_refused_before_decoding(world, monkeypatch):
     monkeypatch.setattr(images_mod, "MAX_BYTES", 100)
     r = chat(app, "vl-a", [part(images(1, 0)[0])])
     assert r.status_code == 400 and "over the 100-byte limit" in r.json()["error"]["message"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("easy_vqa") is None, reason="easy-vqa not installed")
+def test_cli_trains_and_scores_a_vl_adapter_on_an_easy_vqa_task(world, tmp_path):
+    from typer.testing import CliRunner
+
+    from adapterkit.cli.main import app
+
+    lm, _, _, _, _ = world
+    image_dir = image_folder(tmp_path / "image-base")
+    store = str(tmp_path / "store")
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--base", str(lm.path), "--task", "easy-vqa-shape", "--name", "shapes",
+                              "--image-base", str(image_dir), "--train-rows", "16", "--steps", "2", "--eval-every",
+                              "0", "--store", store, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "defaults for vqa on 16 examples" in res.output and "validation: accuracy=" in res.output
+    shown = json.loads(runner.invoke(app, ["show", "shapes", "--json", "--store", store]).output)
+    params = shown["lineage"][0]["params"]
+    assert params["objective"] == "vqa" and params["image_tokens"] == 4 and params["lr"] == 1e-3
+    res = runner.invoke(app, ["eval", "shapes", "--task", "easy-vqa-shape", "--json", "--store", store,
+                              "--no-progress"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    assert got["n"] == 1257 and set(got) >= {"accuracy", "accuracy_shape"}
+    res = runner.invoke(app, ["train", "--base", str(lm.path), "--task", "rt-sentiment", "--name", "x", "--grid", "3",
+                              "--store", store])
+    assert res.exit_code != 0 and "--image-base, --grid and --projector-only set a vision-language" in res.output

@@ -84,7 +84,14 @@ def train_cmd(
     calibration_rows: int = typer.Option(256, "--calibration-rows", min=1, help="CorDA: training rows (a seeded "
                                          "sample) whose inputs give each layer's covariance."),
     objective: str = typer.Option("classification", help="classification (text, label), causal-lm "
-                                  "(JSONL prompt/completion or messages) or mlm (plain text, encoder bases)."),
+                                  "(JSONL prompt/completion or messages), mlm (plain text, encoder bases) or vqa "
+                                  "(a vision-language adapter; the default for a visual question answering task "
+                                  "such as easy-vqa-colour)."),
+    image_base: str = typer.Option("mobilenet-v2", "--image-base", help="vqa: the frozen image base whose pooled "
+                                   "feature map the adapter's projector reads (a built-in or a ViT / CLIP folder)."),
+    grid: int = typer.Option(2, "--grid", min=1, help="vqa: the feature map is pooled to grid x grid image tokens."),
+    projector_only: bool = typer.Option(False, "--projector-only", help="vqa: train the image projector alone "
+                                        "(the language model's adapter stays at zero: the bare base)."),
     r: int = typer.Option(8, help="LoRA rank."),
     alpha: float = typer.Option(16.0, help="LoRA alpha."),
     targets: Optional[str] = typer.Option(None, help="Comma-separated target modules (default per base)."),
@@ -137,8 +144,18 @@ def train_cmd(
         rank, _ = init_distributed_from_env()       # torchrun --nproc_per_node=N -m adapterkit.cli.main train ...
         if get_method(method).name not in TRAINABLE:
             raise AdapterkitError(f"`train` trains {', '.join(TRAINABLE)} adapters; {method!r} is not one of them")
-        if objective not in ("classification", "causal-lm", "mlm"):
-            raise AdapterkitError(f"unknown objective {objective!r}; use classification, causal-lm or mlm")
+        from ..data.vqa_tasks import VQA_TASKS
+
+        if task in VQA_TASKS and objective == "classification":     # the task decides: images with questions
+            objective = "vqa"
+        if objective not in ("classification", "causal-lm", "mlm", "vqa"):
+            raise AdapterkitError(f"unknown objective {objective!r}; use classification, causal-lm, mlm or vqa")
+        if objective == "vqa" and task not in VQA_TASKS:
+            raise AdapterkitError(f"vqa training reads a visual question answering task: --task one of "
+                                  f"{', '.join(VQA_TASKS)}")
+        if objective != "vqa" and (projector_only or grid != 2 or image_base != "mobilenet-v2"):
+            raise AdapterkitError("--image-base, --grid and --projector-only set a vision-language (vqa) run; this "
+                                  f"run trains {objective}: train a visual question answering task or leave them out")
         dev, dt = device_dtype(device, dtype)
         flags = dict(steps=steps, batch_size=batch_size, lr=lr, head_lr=head_lr, warmup=warmup, eval_every=eval_every,
                      grad_accum=grad_accum, schedule=schedule, weight_decay=weight_decay, seed=seed, bf16=bf16,
@@ -154,9 +171,9 @@ def train_cmd(
         if group_size is not None and bits is None:
             raise AdapterkitError("--group-size sets the scale groups of --bits: add --bits (1, 2, 4 or 8) or leave "
                                   "it out")
-        if objective != "classification" and head_lr is not None:
-            raise AdapterkitError(f"--head-lr is the learning rate of a classification head; {objective} training "
-                                  "has no head trained from scratch: leave it out")
+        if objective not in ("classification", "vqa") and head_lr is not None:
+            raise AdapterkitError(f"--head-lr is the learning rate of a classification head (vqa: the image "
+                                  f"projector); {objective} training has no head trained from scratch: leave it out")
         # One run per name: a second trainer of it fails here, before it deletes (--overwrite), resumes
         # or writes anything, and before loading the base or the data. Freed when the process ends.
         with run_lock(st, name):
@@ -180,7 +197,18 @@ def train_cmd(
                           method_options=options.get(method),
                           alpha=alpha, targets=target_list, max_length=max_length, overwrite=overwrite,
                           progress=progress, resume=resume, log_path=str(log) if log else None)
-            if objective == "causal-lm":
+            image = None
+            if objective == "vqa":
+                from functools import partial
+
+                from ..data import load_task
+                from ..train.vqa import train_vqa
+
+                data = load_task(task)
+                train_data, eval_data = data.train, data.validation
+                image = load_base(image_base, dt, dev)
+                trainer = partial(train_vqa, image_base=image, grid=grid, freeze_lm=projector_only)
+            elif objective == "causal-lm":
                 from ..data.readers import read_records
                 from ..train.instruct import train_instructions
 
@@ -309,7 +337,23 @@ def eval_cmd(
             rt.underlay(name, under)
             if not as_json:
                 out.print(f"stacked on {', '.join(under)}", highlight=False)
-        if isinstance(adapter.head, MLMHead):          # a language / domain adapter: masked-token loss
+        from ..vision.projector import ImageProjector
+
+        if isinstance(adapter.head, ImageProjector):   # a vision-language adapter: exact-match answers
+            from ..train.vqa import evaluate_vqa, feature_table
+
+            if task is None:
+                raise AdapterkitError(f"{name!r} is a vision-language adapter: give --task with a visual question "
+                                      "answering task (easy-vqa, easy-vqa-colour, ...)")
+            examples = _examples(task, split, None, text_field, label_field)
+            if not examples or not hasattr(examples[0], "question"):
+                raise AdapterkitError(f"{name!r} is a vision-language adapter; {task!r} is not a visual question "
+                                      "answering task (easy-vqa, easy-vqa-colour, ...)")
+            image = load_base(adapter.head.image_base, dt, dev)
+            adapter.head.check_image_base(image.name, image.fingerprint)
+            features = feature_table(image, [e.image for e in examples], adapter.head.grid, progress=progress)
+            metrics = evaluate_vqa(rt, adapter, examples, features, progress=progress)
+        elif isinstance(adapter.head, MLMHead):          # a language / domain adapter: masked-token loss
             from ..train.mlm import evaluate_mlm, read_texts
 
             if file is None:

@@ -176,8 +176,8 @@ def _projector(adapter: Adapter) -> ImageProjector:
     return adapter.head
 
 
-def train_vqa(base: Base, image_base: Base, name: str, train_examples: Sequence[Any], eval_examples: Sequence[Any],
-              *, task: str | None, store: AdapterStore, config: TrainConfig, r: int = 8, alpha: float = 16.0,
+def train_vqa(base: Base, name: str, train_examples: Sequence[Any], eval_examples: Sequence[Any], *,
+              image_base: Base, task: str | None, store: AdapterStore, config: TrainConfig, r: int = 8, alpha: float = 16.0,
               targets: Sequence[str] | None = None, max_length: int = 128, grid: int = DEFAULT_GRID,
               freeze_lm: bool = False, overwrite: bool = False, progress: bool = True, resume: bool = False,
               log_path: str | None = None, select_rows: int | None = None, method: str = "lora",
