@@ -44,8 +44,10 @@ def _needs(name: str):
         pytest.skip(f"corpus package for {name} not installed ({tasks_mod.TASKS[name].source.pip_command})")
 
 
-def test_registry_lists_the_text_and_image_tasks():
-    assert list_tasks() == sorted(ALL + ["mnist-5k", "textile-defects"])
+
+def test_registry_lists_the_text_image_and_vqa_tasks():
+    assert list_tasks() == sorted(ALL + ["mnist-5k", "textile-defects", "easy-vqa", "easy-vqa-colour",
+                                         "easy-vqa-shape", "easy-vqa-yesno"])
 
 
 def test_unknown_task_lists_the_known_ones():

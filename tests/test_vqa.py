@@ -144,3 +144,20 @@ def test_vl_training_refuses_the_wrong_bases_and_data(lm, tmp_path):
     with pytest.raises(ConfigError, match="trains on visual question answering rows"):
         train_vqa(lm, "x", tinted(4, 0), [], image_base=tiny_image_base(), task=None, store=store, config=cfg, progress=False)
     assert store.list() == []                                  # refused before anything was stored
+
+
+@pytest.mark.skipif(importlib.util.find_spec("easy_vqa") is None, reason="easy-vqa not installed")
+def test_data_show_and_export_give_the_question_and_answer():
+    import json
+
+    from typer.testing import CliRunner
+
+    from adapterkit.cli.main import app
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["data", "show", "easy-vqa-colour"])
+    assert shown.exit_code == 0 and "what is the color of the rectangle?" in shown.output
+    res = runner.invoke(app, ["data", "export", "easy-vqa-shape", "--split", "test", "--n", "2"])
+    rows = [json.loads(line) for line in res.output.splitlines()]
+    assert len(rows) == 2 and all(set(r) == {"image", "adapter", "question", "answer", "type"} for r in rows)
+    assert all(r["type"] == "shape" and r["answer"] in ("circle", "rectangle", "triangle") for r in rows)

@@ -315,8 +315,18 @@ def data_show(name: str, as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         return
     for ex in task.train[:3]:
+        if hasattr(ex, "question"):                       # a visual question: image, question -> answer
+            out.print(f"[bold]{escape(ex.answer)}[/]: image {escape(ex.id)}: {escape(ex.question)}", highlight=False)
+            continue
         shown = ex.text[:160] if hasattr(ex, "text") else f"image {ex.id}"
         out.print(f"[bold]{ex.label}[/]: {shown}", highlight=False)
+
+
+def _export_target(example: Any) -> dict[str, str]:
+    """{"label"}, or a visual question's {"question", "answer", "type"}."""
+    if hasattr(example, "question"):
+        return {"question": example.question, "answer": example.answer, "type": example.qtype}
+    return {"label": example.label}
 
 
 def _export_content(example: Any) -> dict[str, str]:
@@ -355,7 +365,7 @@ def data_export(
         if split not in ("train", "validation", "test"):
             raise AdapterkitError(f"unknown split {split!r}; the splits are train, validation, test")
         rows = getattr(task, split)[:n]
-        text = "".join(json.dumps({**_export_content(e), "adapter": adapter or name, "label": e.label},
+        text = "".join(json.dumps({**_export_content(e), "adapter": adapter or name, **_export_target(e)},
                                   ensure_ascii=False) + "\n" for e in rows)
         if out_file is None:
             sys.stdout.write(text)
