@@ -161,3 +161,35 @@ def test_data_show_and_export_give_the_question_and_answer():
     rows = [json.loads(line) for line in res.output.splitlines()]
     assert len(rows) == 2 and all(set(r) == {"image", "adapter", "question", "answer", "type"} for r in rows)
     assert all(r["type"] == "shape" and r["answer"] in ("circle", "rectangle", "triangle") for r in rows)
+
+
+def test_an_adapter_on_the_image_base_trains_with_it_and_is_saved_inside(lm, tmp_path):
+    from adapterkit.train.vqa import ImageSide
+
+    image_base = tiny_image_base()
+    before = {k: v.clone() for k, v in image_base.model.state_dict().items()}
+    store = AdapterStore(tmp_path / "store")
+    train, val = _rows(64, 0), _rows(24, 1)
+    cfg = TrainConfig(steps=30, batch_size=16, lr=3e-3, head_lr=1e-2)
+    adapter, metrics = train_vqa(lm, "both", train, val, image_base=image_base, task=None, store=store, config=cfg,
+                                 targets=ALL, grid=1, image_adapter=True, image_r=4, progress=False)
+    image_adapter = adapter.head.image_adapter
+    assert image_adapter is not None and image_adapter.meta.base_fingerprint == "sha256:tinyimage"
+    assert all(float(p["lora_B"].abs().max()) > 0 for p in image_adapter.tensors.values())     # it trained
+    assert all(torch.equal(before[k], v) for k, v in image_base.model.state_dict().items())   # base frozen
+    params = adapter.meta.lineage[0]["params"]["image_adapter"]
+    assert params == {"r": 4, "params": image_adapter.num_parameters()}
+    folder = store.path("both") / ImageProjector.IMAGE_ADAPTER
+    assert (folder / "adapter_config.json").is_file()                # a PEFT LoRA of the image base in its turn
+    reloaded = store.get("both")
+    assert reloaded.head.feature_source() == adapter.head.feature_source() != adapter.head.image_fingerprint
+    bare = feature_table(image_base, [e.image for e in val[:4]], 1)
+    side = ImageSide(image_base, reloaded.head.image_adapter, 1)
+    side.freeze()
+    rt = AdapterRuntime.from_base(lm)
+    rt.add(reloaded)
+    assert evaluate_vqa(rt, reloaded, val, feature_table(image_base, [e.image for e in val], 1, side=side)) == metrics
+    through = feature_table(image_base, [e.image for e in val[:4]], 1, side=side)
+    assert all(not torch.allclose(bare[k], through[k]) for k in bare)          # the image adapter changes features
+    side.close()
+    assert all(torch.equal(bare[k], v) for k, v in feature_table(image_base, [e.image for e in val[:4]], 1).items())

@@ -70,6 +70,8 @@ def world(tmp_path_factory):
     for seed, name in enumerate(("vl-a", "vl-b")):
         train_vqa(lm, name, rows, [], image_base=image_base, task=None, store=store, progress=False,
                   config=TrainConfig(steps=3, batch_size=8, lr=1e-2, head_lr=1e-2, seed=seed))
+    train_vqa(lm, "vl-img", rows, [], image_base=image_base, task=None, store=store, progress=False, image_adapter=True,
+              image_r=2, config=TrainConfig(steps=3, batch_size=8, lr=1e-2, head_lr=1e-2, seed=2))
     store.put(create_adapter("text-only", lm.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
                                                                init="nonzero", init_std=0.1),
                              fingerprint=lm.fingerprint, base_name=lm.name))
@@ -141,6 +143,27 @@ def test_two_vl_adapters_and_a_text_adapter_in_one_batch_answer_as_alone(world):
     assert together[0] == reference(lm, store, reqs[0]) and together[1] == reference(lm, store, reqs[1])
 
 
+def test_a_vl_adapter_with_an_image_adapter_is_served_through_it(world):
+    from adapterkit.train.vqa import ImageSide, feature_table, image_key
+
+    lm, store, engine, app, _ = world
+    img = images(1, 4)[0]
+    req = request(lm, store, "vl-img", img, "the cat")
+    adapter = store.get("vl-img")
+    image_base = load_base(adapter.head.image_base)                  # its own copy, bare
+    bare = feature_table(image_base, [img], 2)[image_key(img)]
+    side = ImageSide(image_base, adapter.head.image_adapter, 2)
+    side.freeze()
+    through = feature_table(image_base, [img], 2, side=side)[image_key(img)]
+    side.close()
+    assert torch.allclose(req.images.features, through, atol=1e-6) and not torch.allclose(through, bare, atol=1e-4)
+    assert req.images.image_fingerprint == adapter.head.feature_source() != adapter.head.image_fingerprint
+    assert run(engine, [req])[0] == reference(lm, store, req)
+    r = chat(app, "vl-img", [part(img), {"type": "text", "text": "the cat"}], ignore_eos=True)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == lm.tokenizer.decode(
+        run(engine, [request(lm, store, "vl-img", img, "the cat", max_tokens=3)])[0], skip_special_tokens=True)
+
+
 def chat(app, model: str, content, **extra):
     body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 3, "temperature": 0,
             **extra}
@@ -157,7 +180,7 @@ def test_the_chat_api_takes_image_parts_for_a_vl_adapter(world):
     r = chat(app, "vl-a", [part(img), {"type": "text", "text": "the cat"}], ignore_eos=True)
     assert r.status_code == 200, r.text
     want = run(engine, [request(lm, store, "vl-a", img, "the cat", max_tokens=3)])[0]
-    assert r.json()["choices"][0]["message"]["content"] == lm.tokenizer.decode(want)
+    assert r.json()["choices"][0]["message"]["content"] == lm.tokenizer.decode(want, skip_special_tokens=True)
     assert r.json()["usage"]["completion_tokens"] == 3
 
 
@@ -215,4 +238,4 @@ def test_cli_trains_and_scores_a_vl_adapter_on_an_easy_vqa_task(world, tmp_path)
     assert got["n"] == 1257 and set(got) >= {"accuracy", "accuracy_shape"}
     res = runner.invoke(app, ["train", "--base", str(lm.path), "--task", "rt-sentiment", "--name", "x", "--grid", "3",
                               "--store", store])
-    assert res.exit_code != 0 and "--image-base, --grid and --projector-only set a vision-language" in res.output
+    assert res.exit_code != 0 and "--image-base, --grid, --projector-only and --image-adapter set a vision-language" in res.output

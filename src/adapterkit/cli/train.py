@@ -92,6 +92,8 @@ def train_cmd(
     grid: int = typer.Option(2, "--grid", min=1, help="vqa: the feature map is pooled to grid x grid image tokens."),
     projector_only: bool = typer.Option(False, "--projector-only", help="vqa: train the image projector alone "
                                         "(the language model's adapter stays at zero: the bare base)."),
+    image_adapter: bool = typer.Option(False, "--image-adapter", help="vqa: a LoRA (rank --r) on the image base's "
+                                       "default sites trains too (VL-Adapter's option); saved inside the adapter."),
     r: int = typer.Option(8, help="LoRA rank."),
     alpha: float = typer.Option(16.0, help="LoRA alpha."),
     targets: Optional[str] = typer.Option(None, help="Comma-separated target modules (default per base)."),
@@ -153,9 +155,10 @@ def train_cmd(
         if objective == "vqa" and task not in VQA_TASKS:
             raise AdapterkitError(f"vqa training reads a visual question answering task: --task one of "
                                   f"{', '.join(VQA_TASKS)}")
-        if objective != "vqa" and (projector_only or grid != 2 or image_base != "mobilenet-v2"):
-            raise AdapterkitError("--image-base, --grid and --projector-only set a vision-language (vqa) run; this "
-                                  f"run trains {objective}: train a visual question answering task or leave them out")
+        if objective != "vqa" and (projector_only or image_adapter or grid != 2 or image_base != "mobilenet-v2"):
+            raise AdapterkitError("--image-base, --grid, --projector-only and --image-adapter set a vision-language "
+                                  f"(vqa) run; this run trains {objective}: train a visual question answering task "
+                                  "or leave them out")
         dev, dt = device_dtype(device, dtype)
         flags = dict(steps=steps, batch_size=batch_size, lr=lr, head_lr=head_lr, warmup=warmup, eval_every=eval_every,
                      grad_accum=grad_accum, schedule=schedule, weight_decay=weight_decay, seed=seed, bf16=bf16,
@@ -207,7 +210,8 @@ def train_cmd(
                 data = load_task(task)
                 train_data, eval_data = data.train, data.validation
                 image = load_base(image_base, dt, dev)
-                trainer = partial(train_vqa, image_base=image, grid=grid, freeze_lm=projector_only)
+                trainer = partial(train_vqa, image_base=image, grid=grid, freeze_lm=projector_only,
+                                  image_adapter=image_adapter, image_r=r)
             elif objective == "causal-lm":
                 from ..data.readers import read_records
                 from ..train.instruct import train_instructions
@@ -351,7 +355,16 @@ def eval_cmd(
                                       "answering task (easy-vqa, easy-vqa-colour, ...)")
             image = load_base(adapter.head.image_base, dt, dev)
             adapter.head.check_image_base(image.name, image.fingerprint)
-            features = feature_table(image, [e.image for e in examples], adapter.head.grid, progress=progress)
+            side = None
+            if adapter.head.image_adapter is not None:           # trained with an adapter on the image base
+                from ..train.vqa import ImageSide
+
+                side = ImageSide(image, adapter.head.image_adapter, adapter.head.grid)
+                side.freeze()
+            features = feature_table(image, [e.image for e in examples], adapter.head.grid, progress=progress,
+                                     side=side)
+            if side is not None:
+                side.close()
             metrics = evaluate_vqa(rt, adapter, examples, features, progress=progress)
         elif isinstance(adapter.head, MLMHead):          # a language / domain adapter: masked-token loss
             from ..train.mlm import evaluate_mlm, read_texts

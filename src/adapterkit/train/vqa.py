@@ -7,7 +7,9 @@ image base and the language model stay frozen. `freeze_lm=True` trains the proje
 language model's adapter stays at B = 0: the bare base), VL-Adapter's lower bound.
 
 The image base runs once per distinct image before training (its features do not change: it is frozen),
-so a step costs only the language model's forward and backward.
+so a step costs only the language model's forward and backward. With `image_adapter=True` (VL-Adapter's
+option) a LoRA on the image base's default sites trains too; then the image base runs in every step
+(ImageSide) and the adapter is saved inside the projector (vision/projector.py).
 Scoring: greedy decoding of a few tokens, exact match of the answer (case and surrounding space ignored),
 overall and per question type.
 """
@@ -54,11 +56,49 @@ def image_key(image: Any) -> Any:
     return str(image) if isinstance(image, (str, Path)) else id(image)
 
 
+class ImageSide:
+    """The image base with a trainable adapter on it: grid features of a pixel batch, differentiable in the
+    adapter's tensors (the image base stays in eval mode: its BatchNorm statistics never change)."""
+
+    def __init__(self, image_base: Base, adapter: Adapter, grid: int) -> None:
+        from ..core.runtime import AdapterRuntime
+
+        self.base, self.adapter, self.grid = image_base, adapter, grid
+        kinds = adapter.method.tensor_kinds(adapter.config)
+        for parts in adapter.tensors.values():
+            for k, t in parts.items():
+                parts[k] = t.to(image_base.device, torch.float32)
+        self.params = [t.requires_grad_(True) for parts in adapter.tensors.values() for k, t in parts.items()
+                       if kinds[k].trainable]
+        self.rt = AdapterRuntime.from_base(image_base)
+        self.rt.add(adapter)
+        self.rt.activate(adapter.name)
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return grid_features(self.base.model, pixel_values, self.grid)
+
+    def freeze(self) -> Adapter:
+        """Training is over: the adapter's tensors frozen, re-attached (fast stacks re-copied); returns it."""
+        for p in self.params:
+            p.requires_grad_(False)
+        self.rt.deactivate()
+        self.rt.remove(self.adapter.name)
+        self.rt.add(self.adapter)
+        self.rt.activate(self.adapter.name)
+        return self.adapter
+
+    def close(self) -> None:
+        """Detach the adapter: the image base's modules lose this runtime's hooks (it is the bare base again)."""
+        self.rt.deactivate()
+        if self.adapter.name in self.rt.adapters:
+            self.rt.remove(self.adapter.name)
+
+
 @torch.no_grad()
 def feature_table(image_base: Base, images: Sequence[Any], grid: int, batch_size: int = 32,
-                  progress: bool = False) -> dict[Any, torch.Tensor]:
+                  progress: bool = False, side: ImageSide | None = None) -> dict[Any, torch.Tensor]:
     """{image_key(image): its grid features [grid*grid, C] float32 on the host}, one image-base forward per
-    distinct image (images: paths, or anything image_pixels reads)."""
+    distinct image (images: paths, or anything image_pixels reads); through `side`'s adapter when given."""
     model, spec = image_base.model, image_base.processor
     distinct = list({image_key(im): im for im in images}.values())
     out: dict[Any, torch.Tensor] = {}
@@ -67,7 +107,7 @@ def feature_table(image_base: Base, images: Sequence[Any], grid: int, batch_size
         for start in range(0, len(distinct), batch_size):
             chunk = distinct[start:start + batch_size]
             px = torch.stack([image_pixels(im, spec, f"image {im!r}") for im in chunk]).to(image_base.device)
-            feats = grid_features(model, px, grid).cpu()
+            feats = (side(px) if side is not None else grid_features(model, px, grid)).cpu()
             out.update(zip(map(image_key, chunk), feats))
             bar.advance(len(chunk))
     return out
@@ -86,7 +126,11 @@ def encode_rows(tokenizer: Any, examples: Sequence[Any], n_tokens: int, max_leng
     return rows
 
 
-def vqa_collate(features: dict[Any, torch.Tensor], pad: int) -> Callable[[list[VQARow]], dict[str, torch.Tensor]]:
+def vqa_collate(features: dict[Any, torch.Tensor] | None, pad: int, images: dict[Any, Any] | None = None,
+                spec: Any = None) -> Callable[[list[VQARow]], dict[str, torch.Tensor]]:
+    """Padded ids, mask and labels, the image slots, and each row's image features (a feature table) or, with
+    an image adapter training (features None), its preprocessed pixels (images: key -> image; spec: the image
+    base's preprocessing)."""
     def collate(batch: list[VQARow]) -> dict[str, torch.Tensor]:
         width = max(len(r.input_ids) for r in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -95,9 +139,13 @@ def vqa_collate(features: dict[Any, torch.Tensor], pad: int) -> Callable[[list[V
         for i, r in enumerate(batch):
             n = len(r.input_ids)
             ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r.input_ids), torch.tensor(r.labels), 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-                "image_features": torch.stack([features[r.image] for r in batch]),     # [B, n, C]
-                "image_slots": torch.tensor([r.slots for r in batch])}                  # [B, n]
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+               "image_slots": torch.tensor([r.slots for r in batch])}                   # [B, n]
+        if features is not None:
+            out["image_features"] = torch.stack([features[r.image] for r in batch])     # [B, n, C]
+        else:
+            out["pixel_values"] = torch.stack([image_pixels(images[r.image], spec) for r in batch])   # [B, 3, H, W]
+        return out
     return collate
 
 
@@ -114,11 +162,12 @@ def image_embeds(model: torch.nn.Module, projector: ImageProjector, input_ids: t
 class VQALoss:
     """The answer tokens' cross-entropy with the image tokens in place."""
 
-    def __init__(self, projector: ImageProjector) -> None:
-        self.projector = projector
+    def __init__(self, projector: ImageProjector, side: ImageSide | None = None) -> None:
+        self.projector, self.side = projector, side
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        embeds = image_embeds(model, self.projector, batch["input_ids"], batch["image_features"], batch["image_slots"])
+        feats = self.side(batch["pixel_values"]) if "pixel_values" in batch else batch["image_features"]
+        embeds = image_embeds(model, self.projector, batch["input_ids"], feats, batch["image_slots"])
         return model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
 
@@ -182,10 +231,12 @@ def train_vqa(base: Base, name: str, train_examples: Sequence[Any], eval_example
               freeze_lm: bool = False, overwrite: bool = False, progress: bool = True, resume: bool = False,
               log_path: str | None = None, select_rows: int | None = None, method: str = "lora",
               method_options: dict[str, Any] | None = None,
-              features: dict[Any, torch.Tensor] | None = None) -> tuple[Adapter, dict[str, Any]]:
+              features: dict[Any, torch.Tensor] | None = None, image_adapter: bool = False,
+              image_r: int = 8) -> tuple[Adapter, dict[str, Any]]:
     """Train a VL adapter (projector + `method` adapter of the language model) on VQAExample rows. targets:
     default DEFAULT_TARGETS where the base has them; features: a feature_table of these images at `grid` made
-    before (several runs over one data set compute it once)."""
+    before (several runs over one data set compute it once); image_adapter: a LoRA (rank image_r, the image
+    base's default sites) trains on the image base too, saved inside the projector."""
     if base.kind != "causal-lm" or base.tokenizer is None:
         raise ConfigError(f"a vision-language adapter needs a causal language model with a tokenizer as --base; "
                           f"{base.name} is a {base.kind}")
@@ -202,25 +253,49 @@ def train_vqa(base: Base, name: str, train_examples: Sequence[Any], eval_example
         adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
                             overwrite=overwrite, resume=resume, method=method, options=method_options)
         shown = progress and dist_rank_world()[0] == 0
-        if features is None:
+        side = None
+        if image_adapter:                     # a LoRA on the image base too: features per step, through it
+            from .fit import adapter_config
+            from ..core.adapter import create_adapter
+
+            side = ImageSide(image_base, create_adapter(f"{name}.image", image_base.model,
+                                                         adapter_config("lora", image_base, r=image_r,
+                                                                        alpha=2.0 * image_r),
+                                                         seed=config.seed, fingerprint=image_base.fingerprint,
+                                                         base_name=image_base.name), grid)
+            features = None
+        elif features is None:
             features = feature_table(image_base, [e.image for e in [*train_examples, *eval_examples]], grid,
                                      progress=shown)
+        if features is not None:
+            width = next(iter(features.values())).shape[-1]
+        else:
+            width = feature_table(image_base, [train_examples[0].image], grid, side=side).popitem()[1].shape[-1]
         emb = base.model.get_input_embeddings().weight
-        adapter.head = ImageProjector.create(image_base.name, image_base.fingerprint, grid,
-                                             next(iter(features.values())).shape[-1], emb.shape[1],
+        adapter.head = ImageProjector.create(image_base.name, image_base.fingerprint, grid, width, emb.shape[1],
                                              float(emb.float().std()), config.seed).to(base.device)
         tok = base.tokenizer
         rows = encode_rows(tok, train_examples, adapter.head.n_tokens, max_length)
         checks = selection_rows(list(eval_examples), select_rows, config.seed)
-        score = (lambda rt: evaluate_vqa(rt, adapter, checks, features)["accuracy"]) if eval_examples else None
+
+        def score(rt: AdapterRuntime) -> float:
+            feats = features if side is None else feature_table(image_base, [e.image for e in checks], grid, side=side)
+            return evaluate_vqa(rt, adapter, checks, feats)["accuracy"]
         info = {"objective": "vqa", **method_info(adapter), "targets": list(adapter.config.target_modules),
                 "max_length": max_length, "image_base": image_base.name, "image_fingerprint": image_base.fingerprint,
                 "grid": grid, "image_tokens": adapter.head.n_tokens, "freeze_lm": freeze_lm,
-                "projector_params": adapter.head.num_parameters()}
-        rt, result = fit(base, adapter, rows, vqa_collate(features, pad_id(tok)), VQALoss(adapter.head), config,
-                         store=store, resume=resume, log_path=log_path, progress=progress,
-                         extra_params=adapter.head.params(), evaluate=score, lengths=[len(x.input_ids) for x in rows],
+                "projector_params": adapter.head.num_parameters(),
+                "image_adapter": None if side is None else {"r": image_r, "params": side.adapter.num_parameters()}}
+        by_key = {image_key(e.image): e.image for e in train_examples}
+        rt, result = fit(base, adapter, rows, vqa_collate(features, pad_id(tok), by_key, image_base.processor),
+                         VQALoss(adapter.head, side), config, store=store, resume=resume, log_path=log_path,
+                         progress=progress, extra_params=adapter.head.params() + (side.params if side else []),
+                         evaluate=score if eval_examples else None, lengths=[len(x.input_ids) for x in rows],
                          run_info=info, eval_name="validation accuracy", freeze_adapter=freeze_lm)
+        if side is not None:
+            adapter.head.image_adapter = side.freeze()
+            features = feature_table(image_base, [e.image for e in eval_examples], grid, side=side)
+            side.close()                      # the caller's image base is bare again
         metrics = evaluate_vqa(rt, adapter, eval_examples, features, progress=shown) if eval_examples else {}
         adapter.head.to("cpu")
         finish(store, adapter, metrics, {**asdict(config), **info, "train_examples": len(rows),

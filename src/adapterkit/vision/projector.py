@@ -4,14 +4,17 @@ embedding space. The grid*grid vectors stand in the prompt where the image was (
 
 The projector is saved with the adapter as its head (task_head.safetensors + task_head.json, beside a
 PEFT LoRA of the language model, which PEFT still loads); it records which image base it reads, by name
-and fingerprint, so an adapter is never fed another base's features.
+and fingerprint, so an adapter is never fed another base's features. A VL adapter trained with an adapter
+on the image base too (`image_adapter`, VL-Adapter's option) keeps it in the subfolder image_adapter/ (a
+PEFT LoRA of the image base in its turn); its features are the image base's through that adapter.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,8 +59,11 @@ class ImageProjector:
     b1: torch.Tensor              # [mid]
     w2: torch.Tensor              # [d, mid]
     b2: torch.Tensor              # [d]
+    image_adapter: Any = None     # an Adapter on the image base, or None (the bare image base's features)
+    _source: str | None = field(default=None, repr=False, compare=False)
 
     TYPE = "adapterkit.image_projector"
+    IMAGE_ADAPTER = "image_adapter"       # its subfolder
     FIELDS = ("w1", "b1", "w2", "b2")
 
     @classmethod
@@ -106,6 +112,19 @@ class ImageProjector:
         x = nn.functional.gelu(nn.functional.linear(features.float(), w[0], w[1]))
         return nn.functional.linear(x, w[2], w[3])
 
+    def feature_source(self) -> str:
+        """What the features it reads come from: the image base's fingerprint, and its adapter's content
+        fingerprint when it has one (requests carry this, so a replaced adapter's projector never reads
+        features its predecessor's image adapter made)."""
+        if self._source is None:
+            if self.image_adapter is None:
+                self._source = self.image_fingerprint
+            else:
+                from ..merge.common import content_fingerprint
+
+                self._source = f"{self.image_fingerprint}+{content_fingerprint(self.image_adapter)}"
+        return self._source
+
     def check_image_base(self, name: str, fingerprint: str) -> None:
         if fingerprint != self.image_fingerprint:
             raise BaseMismatchError(
@@ -114,6 +133,8 @@ class ImageProjector:
 
     def save(self, folder: Path) -> None:
         write_tensors(folder / HEAD_TENSORS, {f: getattr(self, f) for f in self.FIELDS})
+        if self.image_adapter is not None:
+            self.image_adapter.save(folder / self.IMAGE_ADAPTER)
         (folder / HEAD_JSON).write_text(json.dumps({
             "type": self.TYPE, "format_version": 1, "image_base": self.image_base,
             "image_fingerprint": self.image_fingerprint, "grid": self.grid}), encoding="utf-8")
@@ -135,7 +156,16 @@ class ImageProjector:
         except (KeyError, TypeError, ValueError):
             raise CorruptAdapterError(f"{folder / HEAD_JSON} lacks the projector's grid, image_base or "
                                       "image_fingerprint; save the adapter again") from None
-        out = cls(name, fp, grid, *(tensors[f] for f in cls.FIELDS))
+        image_adapter = None
+        if (folder / cls.IMAGE_ADAPTER).is_dir():
+            from ..core.adapter import Adapter
+
+            image_adapter = Adapter.load(folder / cls.IMAGE_ADAPTER)
+            if image_adapter.meta.base_fingerprint not in (None, fp):
+                raise CorruptAdapterError(f"{folder / cls.IMAGE_ADAPTER} was made for another image base "
+                                          f"({image_adapter.meta.base_fingerprint}) than the projector reads ({fp}); "
+                                          "save the adapter again")
+        out = cls(name, fp, grid, *(tensors[f] for f in cls.FIELDS), image_adapter=image_adapter)
         if out.w1.shape[0] != out.w2.shape[1] or out.b1.shape[0] != out.w1.shape[0] or out.b2.shape[0] != out.w2.shape[0]:
             raise CorruptAdapterError(f"{folder / HEAD_TENSORS}: the projector's tensor shapes do not chain "
                                       f"({[tuple(t.shape) for t in out.params()]}); save the adapter again")
