@@ -291,7 +291,8 @@ def plot(rows: list[dict], results: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("accuracy", "mixed", "vqa", "table"), required=True)
+    p.add_argument("--part", choices=("accuracy", "mixed", "vqa", "vqa-sweep", "table"), required=True)
+    p.add_argument("--variant", default="1e-3,1e-2,raw", help="vqa-sweep: lr,head_lr,norm|raw")
     p.add_argument("--steps", type=int, default=150, help="vqa: steps per per-task adapter (3x for the others)")
     p.add_argument("--test-rows", type=int, default=300, help="vqa: test questions per question type")
     p.add_argument("--val-rows", type=int, default=64, help="vqa: validation questions per type (best checkpoint)")
@@ -314,7 +315,13 @@ def main() -> None:
     a.runs = a.results / "vision_runs.jsonl"
     env = {**os.environ, "ADAPTERKIT_DEVICE": "cpu"}
     {"accuracy": lambda: part_accuracy(a, env), "mixed": lambda: part_mixed(a), "vqa": lambda: part_vqa(a),
-     "table": lambda: part_table(a)}[a.part]()
+     "vqa-sweep": lambda: part_vqa_sweep(a), "table": lambda: part_table(a)}[a.part]()
+
+
+def part_vqa_sweep(a) -> None:
+    import vision_vqa
+
+    vision_vqa.sweep(a.results, variant=a.variant, steps=a.steps, val_rows=a.val_rows, log=log)
 
 
 def part_vqa(a) -> None:

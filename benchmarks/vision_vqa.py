@@ -118,3 +118,43 @@ def summary(results: Path) -> dict[str, Any]:
     if "per-task" in out:
         out["target"] = {"per_task_overall": TARGET, "met": out["per-task"]["accuracy"] >= TARGET}
     return out
+
+
+def sweep(results: Path, *, variant: str, steps: int, val_rows: int, log: Any) -> None:
+    """Tune the vqa recipe on the tuning question type, colour (its validation split; shape and yes/no are held
+    out): one variant "lr,head_lr,norm" per call, a row in results/vision_vqa_sweep.jsonl. Features are cached
+    under the temp folder (one image-base pass for every variant)."""
+    import torch
+
+    from adapterkit.core.base import load_base
+    from adapterkit.data.tasks import load_task
+    from adapterkit.store import AdapterStore
+    from adapterkit.train.defaults import resolve
+    from adapterkit.train.vqa import DEFAULT_GRID, feature_table, train_vqa
+
+    lr, head_lr, norm = variant.split(",")
+    lm, image_base = load_base("smollm2-135m"), load_base("mobilenet-v2")
+    task = load_task(TASK_OF["colour"])
+    val = _sample(task.validation, val_rows, "vqa-val:colour")
+    cache = Path(tempfile.gettempdir()) / f"vqa-colour-features-g{DEFAULT_GRID}.pt"
+    if cache.is_file():
+        features = torch.load(cache)
+    else:
+        features = feature_table(image_base, [e.image for e in task.train + val], DEFAULT_GRID)
+        torch.save(features, cache)
+    rows = list(task.train)
+    random.Random("vqa-train:sweep").shuffle(rows)
+    plan = resolve("vqa", len(rows), True, steps=steps, lr=float(lr), head_lr=float(head_lr),
+                   eval_every=max(1, steps // 4))
+    store = AdapterStore(Path(tempfile.mkdtemp(prefix="vqa-sweep-")) / "store")
+    t = time.perf_counter()
+    adapter, got = train_vqa(lm, "sweep", rows, val, image_base=image_base, task=None, store=store,
+                             config=plan.config, select_rows=None, progress=False, features=features,
+                             norm=norm == "norm")
+    row = {"task": "easy-vqa-colour", "split": "validation", "variant": {"lr": float(lr), "head_lr": float(head_lr),
+                                                                         "norm": norm == "norm"},
+           "steps": steps, "validation": got, "best_step": adapter.meta.lineage[0]["params"].get("best_step"),
+           "wall_s": round(time.perf_counter() - t, 1), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    with (results / "vision_vqa_sweep.jsonl").open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    log(f"sweep {variant}: {got}")

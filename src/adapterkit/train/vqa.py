@@ -41,6 +41,7 @@ DEFAULT_GRID = 2
 # The language model's adapter sits on every Linear of each decoder layer (attention and MLP), as VL-Adapter
 # puts one after both: the image tokens must steer what the MLPs write, not only where attention looks.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_NORM = False          # standardise the image features before the projector (benchmarks/vision_vqa.py sweep)
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,7 @@ def train_vqa(base: Base, name: str, train_examples: Sequence[Any], eval_example
               log_path: str | None = None, select_rows: int | None = None, method: str = "lora",
               method_options: dict[str, Any] | None = None,
               features: dict[Any, torch.Tensor] | None = None, image_adapter: bool = False,
-              image_r: int = 8) -> tuple[Adapter, dict[str, Any]]:
+              image_r: int = 8, norm: bool = DEFAULT_NORM) -> tuple[Adapter, dict[str, Any]]:
     """Train a VL adapter (projector + `method` adapter of the language model) on VQAExample rows. targets:
     default DEFAULT_TARGETS where the base has them; features: a feature_table of these images at `grid` made
     before (several runs over one data set compute it once); image_adapter: a LoRA (rank image_r, the image
@@ -273,7 +274,7 @@ def train_vqa(base: Base, name: str, train_examples: Sequence[Any], eval_example
             width = feature_table(image_base, [train_examples[0].image], grid, side=side).popitem()[1].shape[-1]
         emb = base.model.get_input_embeddings().weight
         adapter.head = ImageProjector.create(image_base.name, image_base.fingerprint, grid, width, emb.shape[1],
-                                             float(emb.float().std()), config.seed).to(base.device)
+                                             float(emb.float().std()), config.seed, norm).to(base.device)
         tok = base.tokenizer
         rows = encode_rows(tok, train_examples, adapter.head.n_tokens, max_length)
         checks = selection_rows(list(eval_examples), select_rows, config.seed)
@@ -283,7 +284,7 @@ def train_vqa(base: Base, name: str, train_examples: Sequence[Any], eval_example
             return evaluate_vqa(rt, adapter, checks, feats)["accuracy"]
         info = {"objective": "vqa", **method_info(adapter), "targets": list(adapter.config.target_modules),
                 "max_length": max_length, "image_base": image_base.name, "image_fingerprint": image_base.fingerprint,
-                "grid": grid, "image_tokens": adapter.head.n_tokens, "freeze_lm": freeze_lm,
+                "grid": grid, "image_tokens": adapter.head.n_tokens, "freeze_lm": freeze_lm, "norm": norm,
                 "projector_params": adapter.head.num_parameters(),
                 "image_adapter": None if side is None else {"r": image_r, "params": side.adapter.num_parameters()}}
         by_key = {image_key(e.image): e.image for e in train_examples}

@@ -50,7 +50,8 @@ def grid_features(model: nn.Module, pixel_values: torch.Tensor, grid: int) -> to
 
 @dataclass
 class ImageProjector:
-    """features [B, n, C] -> Linear(C, mid), GELU, Linear(mid, d) -> [B, n, d] (d: the language model's width)."""
+    """features [B, n, C] -> (layer norm) -> Linear(C, mid), GELU, Linear(mid, d) -> [B, n, d] (d: the language
+    model's width)."""
 
     image_base: str               # the image base's name (a built-in, e.g. mobilenet-v2, or a folder)
     image_fingerprint: str        # ... and its fingerprint: features of another base are refused
@@ -59,6 +60,7 @@ class ImageProjector:
     b1: torch.Tensor              # [mid]
     w2: torch.Tensor              # [d, mid]
     b2: torch.Tensor              # [d]
+    norm: bool = False            # standardise each feature vector first (layer norm without weights)
     image_adapter: Any = None     # an Adapter on the image base, or None (the bare image base's features)
     _source: str | None = field(default=None, repr=False, compare=False)
 
@@ -68,7 +70,7 @@ class ImageProjector:
 
     @classmethod
     def create(cls, image_base: str, image_fingerprint: str, grid: int, feature_dim: int, width: int,
-               embed_std: float, seed: int = 0) -> "ImageProjector":
+               embed_std: float, seed: int = 0, norm: bool = False) -> "ImageProjector":
         """A fresh projector whose outputs start at about the spread of the language model's token embeddings
         (embed_std), so the image tokens neither vanish nor swamp the text at step 0."""
         if grid < 1:
@@ -77,7 +79,7 @@ class ImageProjector:
         mid = width
         w1 = torch.randn(mid, feature_dim, generator=gen) / feature_dim ** 0.5
         w2 = torch.randn(width, mid, generator=gen) * (embed_std / mid ** 0.5) * 2.0
-        return cls(image_base, image_fingerprint, grid, w1, torch.zeros(mid), w2, torch.zeros(width))
+        return cls(image_base, image_fingerprint, grid, w1, torch.zeros(mid), w2, torch.zeros(width), norm)
 
     @property
     def n_tokens(self) -> int:
@@ -109,7 +111,10 @@ class ImageProjector:
                 f"this projector reads {self.n_tokens} x {self.feature_dim} features of {self.image_base}; got "
                 f"{tuple(features.shape[-2:])}: feed it its own image base's features at grid {self.grid}")
         w = [t.to(features.device) for t in self.params()]
-        x = nn.functional.gelu(nn.functional.linear(features.float(), w[0], w[1]))
+        x = features.float()
+        if self.norm:
+            x = nn.functional.layer_norm(x, x.shape[-1:])
+        x = nn.functional.gelu(nn.functional.linear(x, w[0], w[1]))
         return nn.functional.linear(x, w[2], w[3])
 
     def feature_source(self) -> str:
@@ -137,7 +142,7 @@ class ImageProjector:
             self.image_adapter.save(folder / self.IMAGE_ADAPTER)
         (folder / HEAD_JSON).write_text(json.dumps({
             "type": self.TYPE, "format_version": 1, "image_base": self.image_base,
-            "image_fingerprint": self.image_fingerprint, "grid": self.grid}), encoding="utf-8")
+            "image_fingerprint": self.image_fingerprint, "grid": self.grid, "norm": self.norm}), encoding="utf-8")
 
     @classmethod
     def load(cls, folder: Path) -> "ImageProjector":
@@ -165,7 +170,8 @@ class ImageProjector:
                 raise CorruptAdapterError(f"{folder / cls.IMAGE_ADAPTER} was made for another image base "
                                           f"({image_adapter.meta.base_fingerprint}) than the projector reads ({fp}); "
                                           "save the adapter again")
-        out = cls(name, fp, grid, *(tensors[f] for f in cls.FIELDS), image_adapter=image_adapter)
+        out = cls(name, fp, grid, *(tensors[f] for f in cls.FIELDS), norm=bool(meta.get("norm", False)),
+                  image_adapter=image_adapter)
         if out.w1.shape[0] != out.w2.shape[1] or out.b1.shape[0] != out.w1.shape[0] or out.b2.shape[0] != out.w2.shape[0]:
             raise CorruptAdapterError(f"{folder / HEAD_TENSORS}: the projector's tensor shapes do not chain "
                                       f"({[tuple(t.shape) for t in out.params()]}); save the adapter again")
