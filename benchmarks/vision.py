@@ -249,8 +249,11 @@ def part_table(a) -> None:
                     "over_probe": acc - probe["test"]["accuracy"], "vs_full": acc - full["test"]["accuracy"],
                     "met": acc - probe["test"]["accuracy"] >= PROBE_POINTS
                     and acc - full["test"]["accuracy"] >= -FULL_POINTS}
+    import vision_vqa
+
+    vqa = vision_vqa.summary(a.results)
     out = {"benchmark": "vision", "base": BASE, "rows": rows, "targets": verdict,
-           "mixed_over_base": None if mixed is None else mixed["ratio"]}
+           "mixed_over_base": None if mixed is None else mixed["ratio"], "vqa": vqa}
     (a.results / "vision.json").write_text(json.dumps(out, indent=1) + "\n")
     print("| task | system | test acc. | macro-F1 | trainable params | train step |")
     print("|---|---|---|---|---|---|")
@@ -261,6 +264,16 @@ def part_table(a) -> None:
     if mixed is not None:
         print(f"\nmixed batch, 32 images over 8 LoRA adapters: {mixed['ratio']:.2f}x the bare base "
               f"({mixed['median_s']['mixed'] * 1e3:.0f} vs {mixed['median_s']['base'] * 1e3:.0f} ms)")
+    if vqa:
+        print("\n| easy-vqa (SmolLM2 + MobileNetV2) | overall | colour | shape | yes/no | LM adapter params | "
+              "projector params | steps |")
+        print("|---|---|---|---|---|---|---|---|")
+        for system in ("per-task", "shared", "projector"):
+            r = vqa.get(system)
+            if r is not None:
+                cells = " | ".join(f"{r.get(f'accuracy_{q}', float('nan')):.3f}" for q in vision_vqa.QTYPES)
+                print(f"| {system} | {r['accuracy']:.3f} | {cells} | {r['lm_adapter_params']:,} | "
+                      f"{r['projector_params']:,} | {r['steps']} |")
     plot(rows, a.results)
 
 
