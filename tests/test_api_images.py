@@ -28,10 +28,10 @@ PIL = pytest.importorskip("PIL.Image")
 from test_image_tasks import tinted  # noqa: E402
 
 
-def image_folder(path):
-    """A random MobileNetV2 saved as an image base folder (32x32 preprocessing)."""
+def image_folder(path, size: int = 32):
+    """A random MobileNetV2 saved as an image base folder (size x size preprocessing)."""
     torch.manual_seed(0)
-    model = MobileNetV2(MobileNetConfig(num_classes=10, image=ImageSpec(resize=32, crop=32)))
+    model = MobileNetV2(MobileNetConfig(num_classes=10, image=ImageSpec(resize=size, crop=size)))
     for m in model.modules():
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(m.weight, mode="fan_in")

@@ -251,4 +251,4 @@ def test_cli_train_then_eval(bert_dir, tmp_path):
     res = runner.invoke(app, ["eval", "de-lang", *common])
     assert res.exit_code == 2 and "is a masked-LM adapter: give --file" in res.output
     res = runner.invoke(app, ["train", "--objective", "mlx", "--name", "y", "--train-file", str(train_file), *common])
-    assert res.exit_code == 2 and "unknown objective 'mlx'; use classification, causal-lm or mlm" in res.output
+    assert res.exit_code == 2 and "unknown objective 'mlx'; use classification, causal-lm, mlm or vqa" in res.output

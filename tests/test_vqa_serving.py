@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import save_tiny_tokenizer, tiny_llama  # noqa: E402
-from test_api_images import part  # noqa: E402
+from test_api_images import image_folder as _image_folder, part  # noqa: E402
 from test_image_tasks import tinted  # noqa: E402
 
 from adapterkit import AdapterRuntime, LoraConfig, create_adapter, load_base  # noqa: E402
@@ -31,26 +31,14 @@ from adapterkit.store import AdapterStore  # noqa: E402
 from adapterkit.train.trainer import TrainConfig  # noqa: E402
 from adapterkit.train.vqa import image_embeds, train_vqa  # noqa: E402
 from adapterkit.vision import images as images_mod  # noqa: E402
-from adapterkit.vision.mobilenet import ImageSpec, MobileNetConfig, MobileNetV2  # noqa: E402
 from adapterkit.vision.vl_prompt import encode_images, render_chat, vqa_messages  # noqa: E402
 
 PIL = pytest.importorskip("PIL.Image")
 
 
 def image_folder(path: Path) -> Path:
-    import json
-
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = MobileNetV2(MobileNetConfig(num_classes=10, image=ImageSpec(resize=64, crop=64)))
-    for m in model.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight, mode="fan_in")
-    path.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps(model.config.to_dict()))
-    return path
+    """A random MobileNetV2 image base folder at 64x64: a 2x2 feature map."""
+    return _image_folder(path, 64)
 
 
 def images(n: int, seed: int) -> list:

@@ -149,16 +149,7 @@ class MLMHead:
 
     @classmethod
     def load(cls, folder: Path) -> "MLMHead":
-        meta = _head_json(folder)
-        if meta.get("type") != cls.TYPE or meta.get("format_version", 0) > 1:
-            raise CorruptAdapterError(f"{folder / HEAD_JSON} is type {meta.get('type')!r} version "
-                                      f"{meta.get('format_version')!r}, not an MLM head of version 1: "
-                                      "upgrade adapterkit")
-        tensors = read_tensors(folder / HEAD_TENSORS)
-        missing = sorted(set(cls.NAMES) - set(tensors))
-        if missing:
-            raise CorruptAdapterError(f"{folder / HEAD_TENSORS} lacks the MLM head tensor(s) {missing}; "
-                                      "save the adapter again")
+        meta, tensors = read_head_files(folder, cls.TYPE, "an MLM head", "MLM head", cls.NAMES)
         return cls(meta["hidden_act"], float(meta["layer_norm_eps"]),
                    **{field: tensors[name] for name, field in cls.NAMES.items()})
 
@@ -180,6 +171,21 @@ def load_head(folder: Path) -> Any:
         raise CorruptAdapterError(f"{folder / HEAD_JSON} has type {kind!r}; this adapterkit reads the heads "
                                   f"{sorted([*HEAD_TYPES, 'adapterkit.image_projector'])}: upgrade adapterkit")
     return HEAD_TYPES[kind].load(folder)
+
+
+def read_head_files(folder: Path, kind: str, what: str, short: str, names: Any) -> tuple[dict, dict]:
+    """(task_head.json, task_head.safetensors' tensors) of a head of type `kind`, format version 1, holding every
+    tensor in `names`; CorruptAdapterError naming the file otherwise (what: "an MLM head"; short: "MLM head")."""
+    meta = _head_json(folder)
+    if meta.get("type") != kind or meta.get("format_version", 0) > 1:
+        raise CorruptAdapterError(f"{folder / HEAD_JSON} is type {meta.get('type')!r} version "
+                                  f"{meta.get('format_version')!r}, not {what} of version 1: upgrade adapterkit")
+    tensors = read_tensors(folder / HEAD_TENSORS)
+    missing = sorted(set(names) - set(tensors))
+    if missing:
+        raise CorruptAdapterError(f"{folder / HEAD_TENSORS} lacks the {short} tensor(s) {missing}; save the adapter "
+                                  "again")
+    return meta, tensors
 
 
 def _head_json(folder: Path) -> dict:

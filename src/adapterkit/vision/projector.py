@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.heads import HEAD_JSON, HEAD_TENSORS, _head_json
+from ..core.heads import HEAD_JSON, HEAD_TENSORS, read_head_files
 from ..errors import BaseMismatchError, ConfigError, CorruptAdapterError
-from ..formats.safetensors_io import read_tensors, write_tensors
+from ..formats.safetensors_io import write_tensors
 
 
 def grid_features(model: nn.Module, pixel_values: torch.Tensor, grid: int) -> torch.Tensor:
@@ -146,16 +146,7 @@ class ImageProjector:
 
     @classmethod
     def load(cls, folder: Path) -> "ImageProjector":
-        meta = _head_json(folder)
-        if meta.get("type") != cls.TYPE or meta.get("format_version", 0) > 1:
-            raise CorruptAdapterError(f"{folder / HEAD_JSON} is type {meta.get('type')!r} version "
-                                      f"{meta.get('format_version')!r}, not an image projector of version 1: "
-                                      "upgrade adapterkit")
-        tensors = read_tensors(folder / HEAD_TENSORS)
-        missing = sorted(set(cls.FIELDS) - set(tensors))
-        if missing:
-            raise CorruptAdapterError(f"{folder / HEAD_TENSORS} lacks the projector tensor(s) {missing}; "
-                                      "save the adapter again")
+        meta, tensors = read_head_files(folder, cls.TYPE, "an image projector", "projector", cls.FIELDS)
         try:
             grid, name, fp = int(meta["grid"]), str(meta["image_base"]), str(meta["image_fingerprint"])
         except (KeyError, TypeError, ValueError):
