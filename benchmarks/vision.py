@@ -306,7 +306,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=("accuracy", "mixed", "vqa", "vqa-sweep", "table"), required=True)
     p.add_argument("--variant", default="1e-3,1e-2,raw", help="vqa-sweep: lr,head_lr,norm|raw")
-    p.add_argument("--steps", type=int, default=150, help="vqa: steps per per-task adapter (3x for the others)")
+    p.add_argument("--steps", type=int, default=None, help="vqa: steps per per-task adapter (default: the recipe's); "
+                   "vqa-sweep: steps per variant (default 100)")
+    p.add_argument("--vqa-systems", default=None, help="vqa: only these systems (comma-separated: per-task:colour, "
+                   "per-task:shape, per-task:yesno, shared, projector)")
     p.add_argument("--test-rows", type=int, default=300, help="vqa: test questions per question type")
     p.add_argument("--val-rows", type=int, default=64, help="vqa: validation questions per type (best checkpoint)")
     p.add_argument("--tasks", default=",".join(TASKS))
@@ -334,14 +337,14 @@ def main() -> None:
 def part_vqa_sweep(a) -> None:
     import vision_vqa
 
-    vision_vqa.sweep(a.results, variant=a.variant, steps=a.steps, val_rows=a.val_rows, log=log)
+    vision_vqa.sweep(a.results, variant=a.variant, steps=a.steps or 100, val_rows=a.val_rows, log=log)
 
 
 def part_vqa(a) -> None:
     import vision_vqa
 
     vision_vqa.run(a.results, steps=a.steps, test_rows=a.test_rows, val_rows=a.val_rows, redo=a.redo,
-                   smoke=a.smoke, log=log)
+                   smoke=a.smoke, log=log, only=a.vqa_systems.split(",") if a.vqa_systems else None)
 
 
 if __name__ == "__main__":

@@ -219,6 +219,7 @@ def test_cli_trains_and_scores_a_vl_adapter_on_an_easy_vqa_task(world, tmp_path)
     shown = json.loads(runner.invoke(app, ["show", "shapes", "--json", "--store", store]).output)
     params = shown["lineage"][0]["params"]
     assert params["objective"] == "vqa" and params["image_tokens"] == 4 and params["lr"] == 1e-3
+    assert params["head_lr"] == 1e-2                                      # the projector, from scratch
     res = runner.invoke(app, ["eval", "shapes", "--task", "easy-vqa-shape", "--json", "--store", store,
                               "--no-progress"])
     assert res.exit_code == 0, res.output
