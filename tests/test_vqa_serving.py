@@ -194,6 +194,19 @@ def test_bad_image_requests_get_clear_errors(world, model, content, status, mess
         assert r.json()["error"]["param"] in ("messages", "model", "messages[0].content")
 
 
+def test_an_adapter_whose_image_base_is_not_here_gets_a_clear_400(world):
+    import copy
+
+    lm, store, _, app, _ = world
+    lost = copy.deepcopy(store.get("vl-a"))
+    lost.name, lost.head.image_base = "vl-lost", str(Path(lm.path).parent / "no-such-image-base")
+    store.put(lost)
+    r = chat(app, "vl-lost", [part(images(1, 0)[0])])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    assert "adapter 'vl-lost': its image base" in r.json()["error"]["message"]
+    assert "cannot be used here" in r.json()["error"]["message"]
+
+
 def test_an_oversized_image_is_refused_before_decoding(world, monkeypatch):
     _, _, _, app, _ = world
     monkeypatch.setattr(images_mod, "MAX_BYTES", 100)

@@ -133,6 +133,10 @@ class OpenAIService:
         self.created = P.now()
         self.routing = Routing(engine, engine.cache.roots.store)
         self.redact = path_redactor(_root_labels(engine.cache.roots))
+        from ..vl import ImageReader
+
+        # image bases of vision-language adapters, loaded on their first image request (serve/vl.py)
+        self.image_reader = ImageReader(getattr(getattr(engine, "decoder", None), "device", "cpu"))
 
     # ------------------------------------------------------------------ auth, health, metrics
     def check_auth(self, authorization: Optional[str]) -> None:

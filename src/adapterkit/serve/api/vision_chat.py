@@ -9,7 +9,7 @@ import asyncio
 from typing import Any, Sequence
 
 from ...core.generate import pad_id
-from ...errors import AdapterNotFoundError, ConfigError
+from ...errors import AdapterNotFoundError, BaseMismatchError, BaseNotAvailableError, ConfigError
 from ...vision.images import ImageError
 from ...vision.vl_prompt import encode_images, render_chat
 from ..requests import ImageInput
@@ -31,13 +31,9 @@ def _projector(service: Any, adapter: str) -> Any:
     return projector
 
 
-def _encode(service: Any, projector: Any, messages: Sequence[Any], images: list[str]) -> tuple[list[int], ImageInput]:
-    from ..vl import ImageReader
-
-    tok = service.engine.tokenizer
-    reader = getattr(service, "_image_reader", None)
-    if reader is None:
-        reader = service._image_reader = ImageReader(getattr(service.engine.decoder, "device", "cpu"))
+def _encode(service: Any, adapter: str, projector: Any, messages: Sequence[Any],
+            images: list[str]) -> tuple[list[int], ImageInput]:
+    tok, reader = service.engine.tokenizer, service.image_reader
     try:
         text, n = render_chat(tok, [{"role": m.role, "content": m.parts(), **({"name": m.name} if m.name else {})}
                                     for m in messages], True)
@@ -48,6 +44,11 @@ def _encode(service: Any, projector: Any, messages: Sequence[Any], images: list[
     if n != len(images):
         raise InvalidRequestError(f"the chat template kept {n} of the {len(images)} images; put images in user "
                                   "messages", param="messages")
+    try:
+        reader.base(projector)                     # the image base its projector names, loaded once
+    except (ConfigError, BaseMismatchError, BaseNotAvailableError) as exc:
+        raise InvalidRequestError(f"adapter {adapter!r}: its image base {projector.image_base!r} "
+                                  f"cannot be used here ({exc})", param="model") from None
     try:
         features, fingerprint = reader.read(projector, images)
     except ImageError as exc:
@@ -60,4 +61,4 @@ async def encode_image_chat(service: Any, adapter: str, messages: Sequence[Any])
     """(prompt ids with image placeholders, the images' features) for a chat naming VL adapter `adapter`."""
     projector = await asyncio.to_thread(_projector, service, adapter)
     images = [url for m in messages for url in m.images()]
-    return await asyncio.to_thread(_encode, service, projector, messages, images)
+    return await asyncio.to_thread(_encode, service, adapter, projector, messages, images)
