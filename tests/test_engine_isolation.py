@@ -119,11 +119,11 @@ def test_bad_adapters_and_requests_fail_alone_and_good_ones_are_unchanged(env, g
         real_init(self, *a, **k)
         inner = self.decoder.hidden
 
-        def hidden(tokens, positions, segments, before_layer=None):
+        def hidden(tokens, positions, segments, **kwargs):
             for seg in segments:
                 if POISON in tokens[seg.start:seg.start + seg.n].tolist():
                     raise RuntimeError("a kernel failed on this sequence")
-            return inner(tokens, positions, segments, before_layer=before_layer)
+            return inner(tokens, positions, segments, **kwargs)
         self.decoder.hidden = hidden
     monkeypatch.setattr(Engine, "__init__", poisoned_engine)
 
