@@ -205,8 +205,8 @@ def test_head_lr_is_refused_where_there_is_no_head(files, tmp_path):
     res = CliRunner().invoke(app, ["train", "--name", "c", "--objective", "causal-lm", "--base", str(base),
                                    "--train-file", str(data), "--head-lr", "0.1", "--store", str(tmp_path / "s")])
     assert res.exit_code == 2
-    assert ("--head-lr is the learning rate of a classification head; causal-lm training has no head trained from "
-            "scratch: leave it out") in " ".join(res.output.split())
+    assert ("--head-lr is the learning rate of a classification head (vqa: the image projector); causal-lm training "
+            "has no head trained from scratch: leave it out") in " ".join(res.output.split())
 
 
 def test_chat_records_score_exact_match_on_the_answer(files, tmp_path):
