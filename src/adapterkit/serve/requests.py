@@ -84,7 +84,8 @@ class ImageInput:
 
     slots: tuple[int, ...]            # [m * n] prompt positions the image tokens take, image by image
     features: Any                     # [m * n, C] the image base's grid features, in the same order
-    image_fingerprint: str            # the image base that made them (the projector must read that base)
+    image_fingerprint: str            # what made them (ImageProjector.feature_source(): the image base, and its
+                                      # adapter if any); the acquired projector must read exactly that
 
     def __post_init__(self) -> None:
         if len(self.slots) != int(self.features.shape[0]):

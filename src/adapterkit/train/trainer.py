@@ -159,7 +159,8 @@ def train(
 ) -> TrainResult:
     """Minimise loss_fn over `examples` with only the adapter's tensors (and `extra_params`, e.g.
     a task head's) trainable; `freeze_adapter`: only the extra_params (a vision-language adapter's projector
-    alone: its language-model LoRA stays at its init, B = 0, so the language model is the base's). Checkpoints hold both; resume continues from the last one.
+    alone: its language-model LoRA stays at its init, B = 0, so the language model is the base's).
+    Checkpoints hold both; resume continues from the last one.
     `lengths` (one per example, any unit) turns on length-bucketed batches (BatchPlan).
 
     With `evaluate` (higher is better) and config.eval_every, the model is scored every N steps and

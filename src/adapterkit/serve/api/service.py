@@ -26,6 +26,7 @@ from ...core.adapter import validate_name
 from ...errors import (AdapterkitError, AdapterNameError, AdapterNotFoundError, BaseMismatchError, ConfigError,
                        CorruptAdapterError)
 from ..requests import ContextLengthError, GenerationRequest, RequestStream, SamplingParams, StreamEvent
+from ..vl import ImageReader
 from ...route.common import check_prompts
 from . import metrics as prom
 from .routing import PER_TOKEN, Routing, decision_body, gate_body, gate_done, route_text
@@ -133,8 +134,6 @@ class OpenAIService:
         self.created = P.now()
         self.routing = Routing(engine, engine.cache.roots.store)
         self.redact = path_redactor(_root_labels(engine.cache.roots))
-        from ..vl import ImageReader
-
         # image bases of vision-language adapters, loaded on their first image request (serve/vl.py)
         self.image_reader = ImageReader(getattr(getattr(engine, "decoder", None), "device", "cpu"))
 
