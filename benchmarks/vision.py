@@ -265,15 +265,15 @@ def part_table(a) -> None:
         print(f"\nmixed batch, 32 images over 8 LoRA adapters: {mixed['ratio']:.2f}x the bare base "
               f"({mixed['median_s']['mixed'] * 1e3:.0f} vs {mixed['median_s']['base'] * 1e3:.0f} ms)")
     if vqa:
-        print("\n| easy-vqa (SmolLM2 + MobileNetV2) | overall | colour | shape | yes/no | LM adapter params | "
-              "projector params | steps |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("\n| easy-vqa (SmolLM2 + MobileNetV2) | overall (test mix) | equal-type sample | colour | shape | yes/no "
+              "| LM adapter params | projector params | steps |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for system in ("per-task", "shared", "projector"):
             r = vqa.get(system)
             if r is not None:
                 cells = " | ".join(f"{r.get(f'accuracy_{q}', float('nan')):.3f}" for q in vision_vqa.QTYPES)
-                print(f"| {system} | {r['accuracy']:.3f} | {cells} | {r['lm_adapter_params']:,} | "
-                      f"{r['projector_params']:,} | {r['steps']} |")
+                print(f"| {system} | {r.get('accuracy_test_mix', float('nan')):.3f} | {r['accuracy']:.3f} | {cells} | "
+                      f"{r['lm_adapter_params']:,} | {r['projector_params']:,} | {r['steps']} |")
     plot(rows, a.results)
 
 

@@ -141,8 +141,18 @@ def summary(results: Path) -> dict[str, Any]:
             r = rows[system]
             out[system] = {**r["test"], "lm_adapter_params": r["lm_adapter_params"],
                            "projector_params": r["projector_params"], "steps": r["steps"], "step_s": r["step_s"]}
+    # "overall" on easy-vqa's test set as it comes: each type's accuracy weighted by its share of the test
+    # questions (yes/no is 74 % of them); the sampled rows above weigh the three types equally
+    from adapterkit.data.tasks import load_task
+
+    mix = load_task("easy-vqa").card["type_counts"]["test"]
+    for r in out.values():
+        if all(f"accuracy_{q}" in r for q in QTYPES):
+            r["accuracy_test_mix"] = sum(r[f"accuracy_{q}"] * mix[q] for q in QTYPES) / sum(mix.values())
     if "per-task" in out:
-        out["target"] = {"per_task_overall": TARGET, "met": out["per-task"]["accuracy"] >= TARGET}
+        got = out["per-task"]["accuracy_test_mix"]
+        out["target"] = {"per_task_overall": TARGET, "measured_on_the_test_mix": got, "met": got >= TARGET,
+                         "equal_type_sample": out["per-task"]["accuracy"], "test_type_counts": mix}
     return out
 
 
