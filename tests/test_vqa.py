@@ -193,3 +193,21 @@ def test_an_adapter_on_the_image_base_trains_with_it_and_is_saved_inside(lm, tmp
     assert all(not torch.allclose(bare[k], through[k]) for k in bare)          # the image adapter changes features
     side.close()
     assert all(torch.equal(bare[k], v) for k, v in feature_table(image_base, [e.image for e in val[:4]], 1).items())
+
+
+def test_validation_checks_do_not_change_training(lm, tmp_path):
+    """The best-checkpoint checks generate answers inside the trainer; the training steps after them must be
+    the same as without checks (the adapter stays applied: same loss curve)."""
+
+    import json
+
+    image_base = tiny_image_base()
+    curves = []
+    for i, every in enumerate((0, 2)):
+        store = AdapterStore(tmp_path / f"s{i}")
+        cfg = TrainConfig(steps=6, batch_size=8, lr=1e-2, head_lr=1e-2, eval_every=every)
+        train_vqa(lm, "v", _rows(32, 0), _rows(8, 1), image_base=image_base, task=None, store=store, config=cfg,
+                  grid=1, progress=False, log_path=str(tmp_path / f"log{i}.jsonl"))
+        lines = (tmp_path / f"log{i}.jsonl").read_text().splitlines()
+        curves.append([json.loads(x)["loss"] for x in lines])
+    assert curves[0] == curves[1] and len(curves[0]) == 6

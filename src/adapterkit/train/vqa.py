@@ -190,15 +190,11 @@ def answer(rt: AdapterRuntime, name: str | None, projector: ImageProjector, feat
         slots[i] = torch.tensor(p.slots) + off
     dev = rt.device
     ids, mask, slots = ids.to(dev), mask.to(dev), slots.to(dev)
-    if name is not None:
-        rt.activate(name)
-    try:
+    # a batch context, not activate(): the trainer's own activation (this runs inside its checks) must survive
+    with rt.batch([name] * len(prompts)) if name is not None else rt.disabled():
         embeds = image_embeds(rt.model, projector, ids, features.to(dev), slots)
         out = rt.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens,
                                 do_sample=False, pad_token_id=pad)
-    finally:
-        if name is not None:
-            rt.deactivate()
     return [tok.decode(row, skip_special_tokens=True).strip() for row in out]
 
 
@@ -227,7 +223,8 @@ def _projector(adapter: Adapter) -> ImageProjector:
 
 
 def train_vqa(base: Base, name: str, train_examples: Sequence[Any], eval_examples: Sequence[Any], *,
-              image_base: Base, task: str | None, store: AdapterStore, config: TrainConfig, r: int = 8, alpha: float = 16.0,
+              image_base: Base, task: str | None, store: AdapterStore, config: TrainConfig, r: int = 8,
+              alpha: float = 16.0,
               targets: Sequence[str] | None = None, max_length: int = 128, grid: int = DEFAULT_GRID,
               freeze_lm: bool = False, overwrite: bool = False, progress: bool = True, resume: bool = False,
               log_path: str | None = None, select_rows: int | None = None, method: str = "lora",
@@ -288,15 +285,18 @@ def train_vqa(base: Base, name: str, train_examples: Sequence[Any], eval_example
                 "projector_params": adapter.head.num_parameters(),
                 "image_adapter": None if side is None else {"r": image_r, "params": side.adapter.num_parameters()}}
         by_key = {image_key(e.image): e.image for e in train_examples}
-        rt, result = fit(base, adapter, rows, vqa_collate(features, pad_id(tok), by_key, image_base.processor),
-                         VQALoss(adapter.head, side), config, store=store, resume=resume, log_path=log_path,
-                         progress=progress, extra_params=adapter.head.params() + (side.params if side else []),
-                         evaluate=score if eval_examples else None, lengths=[len(x.input_ids) for x in rows],
-                         run_info=info, eval_name="validation accuracy", freeze_adapter=freeze_lm)
-        if side is not None:
-            adapter.head.image_adapter = side.freeze()
-            features = feature_table(image_base, [e.image for e in eval_examples], grid, side=side)
-            side.close()                      # the caller's image base is bare again
+        try:
+            rt, result = fit(base, adapter, rows, vqa_collate(features, pad_id(tok), by_key, image_base.processor),
+                             VQALoss(adapter.head, side), config, store=store, resume=resume, log_path=log_path,
+                             progress=progress, extra_params=adapter.head.params() + (side.params if side else []),
+                             evaluate=score if eval_examples else None, lengths=[len(x.input_ids) for x in rows],
+                             run_info=info, eval_name="validation accuracy", freeze_adapter=freeze_lm)
+            if side is not None:
+                adapter.head.image_adapter = side.freeze()
+                features = feature_table(image_base, [e.image for e in eval_examples], grid, side=side)
+        finally:
+            if side is not None:
+                side.close()                  # the caller's image base is bare again, also after a failure
         metrics = evaluate_vqa(rt, adapter, eval_examples, features, progress=shown) if eval_examples else {}
         adapter.head.to("cpu")
         finish(store, adapter, metrics, {**asdict(config), **info, "train_examples": len(rows),
