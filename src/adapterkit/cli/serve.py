@@ -23,6 +23,9 @@ def serve_cmd(
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Sequences decoding together."),
     max_queue: int = typer.Option(256, "--max-queue", min=1, help="Waiting requests before answering 429."),
     kv_cache_mb: float = typer.Option(2048.0, "--kv-cache-mb", min=1.0, help="KV cache memory for all sequences."),
+    attention: str = typer.Option("batched", "--attention", help="batched: K/V in an arena, one decode attention "
+                                  "call per chunk of up to 16 sequences; per-sequence: one exact cache and call per "
+                                  "sequence (the reference)."),
     max_loaded_adapters: int = typer.Option(8, "--max-loaded-adapters", min=1, help="Adapters attached at once."),
     ram_cache_mb: float = typer.Option(1024.0, "--ram-cache-mb", min=0.0, help="RAM tier for adapters not attached."),
     store: Optional[Path] = typer.Option(None, "--store", help="Adapter store to serve (default: "
@@ -68,6 +71,7 @@ def serve_cmd(
     try:
         settings = ApiSettings(api_key=api_key, max_body_bytes=int(max_body_mb * 2 ** 20))
         dev, dt = device_dtype(device, dtype)        # an absent GPU fails before the port is taken
+        EngineConfig(attention=attention)            # a bad --attention fails before the base loads
         if store is None and (adapterkit_home() / "store").is_dir():
             store = adapterkit_home() / "store"
         if replicas:
@@ -84,7 +88,7 @@ def serve_cmd(
             raise typer.Exit(serve_replicas(
                 base=base, replicas=replicas, address=ray_address, host=host, port=port, store=store,
                 adapter_dirs=adapters or [], engine=dict(max_batch=max_batch, max_queue=max_queue,
-                                                         kv_cache_mb=kv_cache_mb),
+                                                         kv_cache_mb=kv_cache_mb, attention=attention),
                 max_loaded_adapters=max_loaded_adapters, ram_cache_mb=ram_cache_mb, device=str(dev), dtype=dtype,
                 settings=settings, replica_cpus=replica_cpus, routing=ray_routing,
                 replica_gpus=replica_gpus if replica_gpus is not None else float(str(dev).startswith("cuda"))))
@@ -108,7 +112,8 @@ def serve_cmd(
                 engine = ImageEngine.build(loaded, max_batch=max_batch, **common)
             else:
                 engine = Engine.build(loaded, config=EngineConfig(max_batch=max_batch, max_queue=max_queue,
-                                                                  kv_cache_mb=kv_cache_mb), **common)
+                                                                  kv_cache_mb=kv_cache_mb, attention=attention),
+                                      **common)
         except BaseException:
             sock.close()
             raise

@@ -12,7 +12,8 @@ Scheduling (iteration level, one background thread):
                  adapter gets a slot (a request whose adapter finds every slot busy waits without
                  blocking requests behind it whose adapters are attached);
               3. runs ONE forward over the new prompts and one token of every running sequence
-                 (forward.FlatDecoder: flat ragged batch, per-sequence KV caches), each token routed
+                 (forward.FlatDecoder: flat ragged batch; KV in a capacity-classed arena, kv_arena.py,
+                 so decode attention is one call per arena chunk), each token routed
                  to its sequence's adapter by the runtime's mixed-batch kernels;
               4. picks the next token per sequence, streams text, finishes on EOS / stop string /
                  max_tokens and releases what the sequence held.
@@ -44,6 +45,7 @@ from .classify import Classification, ClassifierCache, Classifier, classify
 from .detok import Detokenizer
 from .engine_metrics import EngineMetrics
 from .forward import FlatDecoder, SeqCache, Segment
+from .kv_arena import ArenaCache
 from .gating import GateState, gate_layers, layer_routing
 from .requests import (ContextLengthError, GenerationRequest, QueueFullError, RequestStream, StreamEvent,
                        Usage)
@@ -55,6 +57,9 @@ class EngineStoppedError(AdapterkitError, RuntimeError):
     """The engine is shutting down and takes no new requests: HTTP 503."""
 
 
+ATTENTION = ("batched", "per-sequence")
+
+
 @dataclass
 class EngineConfig:
     max_batch: int = 32                  # sequences decoding together
@@ -62,8 +67,14 @@ class EngineConfig:
     max_prefill_tokens: int = 1024       # prompt tokens per step (the first prompt of a step may exceed it)
     kv_cache_mb: float = 2048.0          # KV memory for all sequences (prompt + max_tokens reserved each)
     kv_budget_tokens: Optional[int] = None   # overrides kv_cache_mb when given
+    # "batched": sequences' K/V in a KV arena, decode attention batched per arena chunk (a sequence
+    # reserves its capacity class, <= 1.1x prompt + max_tokens); "per-sequence": one exact cache and one
+    # attention call per sequence (the reference the batched path is tested against)
+    attention: str = "batched"
 
     def __post_init__(self) -> None:
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
         for name in ("max_batch", "max_queue", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -77,7 +88,7 @@ class EngineConfig:
 class _Seq:
     stream: RequestStream
     handles: list[AdapterHandle]         # one per adapter on the row, released at the end
-    cache: SeqCache
+    cache: SeqCache | ArenaCache
     detok: Detokenizer
     generator: Optional[torch.Generator]
     pending: list[int]                   # tokens to feed next step (the prompt, then the last token)
@@ -110,6 +121,7 @@ class Engine:
         self.base_name = base_name or runtime.base_name or "base"
         runtime.model.eval()
         self.decoder = FlatDecoder(runtime.model)
+        self.kv = self.decoder.new_arena() if self.config.attention == "batched" else None
         self.max_context = self.decoder.max_context
         self.kv_budget = self.config.kv_budget_tokens or max(
             1, int(self.config.kv_cache_mb * 2 ** 20) // self.decoder.bytes_per_token())
@@ -121,7 +133,7 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._running: list[_Seq] = []
-        self._reserved = 0                       # KV tokens reserved by running sequences
+        self._exact_reserved = 0                 # per-sequence caches: KV tokens reserved by running sequences
         self._accepting = True
         self._stop = False
         self._cancel_all = False
@@ -160,7 +172,7 @@ class Engine:
                 if request.classify else
                 f"the prompt has {n} tokens and max_tokens is {p.max_tokens}: {n + p.max_tokens} > the model's "
                 f"context of {self.max_context} tokens; shorten the prompt or lower max_tokens")
-        if need > self.kv_budget:
+        if (self.kv.capacity_for(need) if self.kv is not None else need) > self.kv_budget:
             raise ContextLengthError(
                 f"prompt + max_tokens = {need} tokens exceed the engine's KV budget of "
                 f"{self.kv_budget} tokens; lower max_tokens or raise --kv-cache-mb")
@@ -217,6 +229,11 @@ class Engine:
         with self._lock:
             return self.metrics_.snapshot(queue_depth=len(self._waiting), running=len(self._running),
                                           kv_reserved=self._reserved, kv_budget=self.kv_budget)
+
+    @property
+    def _reserved(self) -> int:
+        """KV tokens held for running sequences (the arena: every allocated slot x its class capacity)."""
+        return self.kv.reserved_tokens if self.kv is not None else self._exact_reserved
 
     # ------------------------------------------------------------------ engine thread
     def _loop(self) -> None:
@@ -368,7 +385,10 @@ class Engine:
         with self._lock:
             if s in self._running:
                 self._running.remove(s)
-                self._reserved -= s.cache.capacity
+                if self.kv is not None:
+                    self.kv.free(s.cache)
+                else:
+                    self._exact_reserved -= s.cache.capacity
         for h in s.handles:
             h.release()
         if s.gate is not None:
@@ -400,7 +420,9 @@ class Engine:
         for w in waiting:
             req = w.stream.request
             need = req.kv_need
-            if len(self._running) >= self.config.max_batch or self._reserved + need > self.kv_budget:
+            fits = (self.kv.extra_tokens(need, self.kv_budget) is not None if self.kv is not None
+                    else self._exact_reserved + need <= self.kv_budget)
+            if len(self._running) >= self.config.max_batch or not fits:
                 break                                        # in order: no overtaking on capacity
             if new and prefill + len(req.prompt_ids) > self.config.max_prefill_tokens:
                 break
@@ -424,20 +446,23 @@ class Engine:
                 self._end_waiting(w.stream, "error", exc)
                 continue
             weights = req.adapters
-            s = _Seq(w.stream, handles, self.decoder.new_cache(need),
-                     Detokenizer(self.tokenizer, req.params.stop),
-                     None if req.params.greedy else make_generator(req.params.seed),
-                     list(req.prompt_ids), slots=[(h.slot, weights[h.name]) for h in handles], classifier=classifier,
-                     embeds=embeds)
+            detok = Detokenizer(self.tokenizer, req.params.stop)
+            gen = None if req.params.greedy else make_generator(req.params.seed)
+            gate = None
             if req.gate is not None:                         # no fixed adapters: the gate picks per token
                 by_name = {h.name: h.slot for h in handles}
-                s.slots = []
-                s.gate = GateState(req.gate, torch.tensor([by_name.get(n, 0) for n in req.gate.names]),
-                                   self._gate_layers(req.gate))
+                gate = GateState(req.gate, torch.tensor([by_name.get(n, 0) for n in req.gate.names]),
+                                 self._gate_layers(req.gate))
+            # last, after anything that may raise: the slot is the arena's until _finish frees it
+            kv = self.kv.allocate(need, self.kv_budget) if self.kv is not None else self.decoder.new_cache(need)
+            s = _Seq(w.stream, handles, kv, detok, gen, list(req.prompt_ids),
+                     slots=[] if gate else [(h.slot, weights[h.name]) for h in handles], gate=gate,
+                     classifier=classifier, embeds=embeds)
             with self._lock:
                 self._waiting.remove(w)
                 self._running.append(s)
-                self._reserved += need
+                if self.kv is None:
+                    self._exact_reserved += need
             self.metrics_.observe_queue(time.monotonic() - w.queued_at)
             prefill += len(req.prompt_ids)
             new.append(s)
