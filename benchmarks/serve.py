@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--engine-batches", default="32,64")
     ap.add_argument("--sweep", default="0.4,0.7,1.0", help="offered rate as fractions of adapterkit's saturation")
     ap.add_argument("--sweep-requests", type=int, default=32)
+    ap.add_argument("--sweep-rates", default=None, help="absolute offered rates (req/s) instead of --sweep's fractions")
+    ap.add_argument("--sweep-systems", default="adapterkit,peft",
+                    help="of adapterkit, adapterkit-per-sequence (the engine's reference KV layout), peft")
     ap.add_argument("--adapter-dir", type=Path, default=Path.home() / ".cache" / "adapterkit" / "bench-serve")
     ap.add_argument("--parts", default="saturation,sweep,popularity,cold_load")
     ap.add_argument("--quick", action="store_true", help="tiny counts: checks every part runs")
@@ -241,12 +244,16 @@ def main(argv: list[str] | None = None) -> None:
             if "saturation" in results else 0.5
         best = results.get("peft_batch", 16)
         sweep = []
-        for frac in [float(x) for x in args.sweep.split(",")]:
-            rate = frac * sat_rps
+        rates = ([float(x) for x in args.sweep_rates.split(",")] if args.sweep_rates
+                 else [float(x) * sat_rps for x in args.sweep.split(",")])
+        for rate in rates:
+            frac = rate / sat_rps
             load = workload(args.sweep_requests, names64, "uniform", rate, seed=1000 + int(frac * 100), vocab=vocab)
-            for sys_name in ("adapterkit", "peft"):
-                s = (EngineSystem(args.base, roots[64], max_batch=args.max_batch, max_loaded=64, ram_cache_mb=1024,
-                                  warm=tuple(names64)) if sys_name == "adapterkit" else PeftStaticSystem(args.base, roots[64], names64, batch=best))
+            for sys_name in args.sweep_systems.split(","):
+                s = (PeftStaticSystem(args.base, roots[64], names64, batch=best) if sys_name == "peft" else
+                     EngineSystem(args.base, roots[64], max_batch=args.max_batch, max_loaded=64, ram_cache_mb=1024,
+                                  warm=tuple(names64),
+                                  attention="per-sequence" if sys_name == "adapterkit-per-sequence" else "batched"))
                 res = drive(s, load)
                 s.close()
                 sweep.append({"system": sys_name, "fraction": frac, "rate": rate, **res})

@@ -70,14 +70,17 @@ class EngineSystem:
     """adapterkit's engine (or the bare base through it: adapters=None on every request)."""
 
     def __init__(self, base_path: str, root: Optional[Path], *, max_batch: int, max_loaded: int,
-                 ram_cache_mb: float, use_adapters: bool = True, warm: tuple[str, ...] = ()) -> None:
-        """warm: adapters attached before the clock starts (a warm-cache run); none: cold."""
+                 ram_cache_mb: float, use_adapters: bool = True, warm: tuple[str, ...] = (),
+                 attention: str = "batched") -> None:
+        """warm: adapters attached before the clock starts (a warm-cache run); none: cold. attention: the
+        engine's KV layout (EngineConfig.attention)."""
         from adapterkit.serve.engine import Engine, EngineConfig
 
         self.use_adapters = use_adapters
         self.engine = Engine.build(base_path, adapter_dirs=[root] if root else [],
                                    config=EngineConfig(max_batch=max_batch, max_queue=100000,
-                                                       max_prefill_tokens=1024, kv_cache_mb=4096),
+                                                       max_prefill_tokens=1024, kv_cache_mb=4096,
+                                                       attention=attention),
                                    max_loaded_adapters=max_loaded, ram_cache_mb=ram_cache_mb).start()
         for name in warm:
             self.engine.cache.acquire(name).release()
