@@ -17,7 +17,9 @@ One decode step's attention + cache write for B sequences of ragged lengths, Smo
                 one masked batched attention over a view, no copy, but every sequence reserves
                 max_len tokens (the padding memory the issue asks to avoid) and attends over the
                 longest sequence's length.
-Correctness first: all produce the same output (checked before timing). A second workload, "mixed",
+paged and slab time one layer's tensors 30 times (cache-warm, so optimistic); the engine's layouts touch
+each layer's own memory, as a real step does. Correctness first: all produce the same output (checked
+before timing). A second workload, "mixed",
 has needs spread over many classes (prompts 32..1024 + 64 new tokens): the arena then batches less.
 kv_tokens_reserved: what each layout holds (the arena: every allocated slot x its class capacity).
 """
