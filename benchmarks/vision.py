@@ -150,7 +150,7 @@ def part_sweep(a, env) -> None:
         for lr in a.lrs.split(","):
             name = f"sweep-{family}-{lr}"
             cmd = ["train", "--base", BASE, "--task", a.sweep_task, "--name", name, "--lr", lr, *FAMILIES[family],
-                   *SMOKE]
+                   *a.sweep_flags.split(), *SMOKE]
             log(f"adapterkit {' '.join(cmd)}")
             _, secs = cli(cmd + ["--store", str(store), "--no-progress", "--overwrite"], env)
             shown = json.loads(cli(["show", name, "--json", "--store", str(store)], env)[0])
@@ -332,6 +332,7 @@ def main() -> None:
     p.add_argument("--families", default="ia3", help="sweep: families (of lora, ia3, bottleneck)")
     p.add_argument("--lrs", default="1e-2,5e-2,1e-1", help="sweep: adapter learning rates")
     p.add_argument("--sweep-task", default="mnist-5k", help="sweep: the tuning task (its validation split)")
+    p.add_argument("--sweep-flags", default="", help="sweep: more train flags, e.g. '--head-init probe'")
     p.add_argument("--variant", default="1e-3,1e-2,raw", help="vqa-sweep: lr,head_lr,norm|raw")
     p.add_argument("--steps", type=int, default=None, help="vqa: steps per per-task adapter (default: the recipe's); "
                    "vqa-sweep: steps per variant (default 100)")

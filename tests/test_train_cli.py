@@ -230,3 +230,46 @@ def test_chat_records_score_exact_match_on_the_answer(files, tmp_path):
     assert res.exit_code == 0, res.output
     shown = json.loads(CliRunner().invoke(app, ["show", "chat", "--store", str(tmp_path / "s"), "--json"]).output)
     assert shown["metrics"]["validation_loss"] < 0.5 and shown["metrics"]["validation_exact_match"] == 1.0
+
+
+def test_head_init_probe_starts_the_head_at_the_linear_probe(files, tmp_path, monkeypatch):
+    """--head-init probe: the head handed to the trainer is exactly fit_probe's on the training rows (LP-FT); the
+    lineage says so. A random head (the default) differs from it."""
+    import adapterkit.train.run as run
+    from adapterkit import load_base
+    from adapterkit.data import read_examples
+    from adapterkit.train.probe import fit_probe
+
+    base, data = files
+    seen = {}
+    real_fit = run.fit
+
+    def spy(b, adapter, *a, **k):
+        seen.setdefault("heads", []).append((adapter.head.weight.detach().clone(), adapter.head.bias.detach().clone()))
+        return real_fit(b, adapter, *a, **k)
+    monkeypatch.setattr(run, "fit", spy)
+    for init in ("probe", "random"):
+        res = CliRunner().invoke(app, ["train", "--name", f"h-{init}", "--base", str(base), "--train-file", str(data),
+                                       "--text-field", "sentence", "--label-field", "y", "--steps", "2",
+                                       "--head-init", init, "--store", str(tmp_path / "s"), "--no-progress"])
+        assert res.exit_code == 0, res.output
+    rows = read_examples(data, text_field="sentence", label_field="y").examples
+    want = fit_probe(load_base(str(base)), rows, "last", 128, seed=0)
+    (pw, pb), (rw, _) = seen["heads"]
+    torch.testing.assert_close(pw, want.weight)
+    torch.testing.assert_close(pb, want.bias)
+    assert not torch.allclose(rw, pw)
+    shown = json.loads(CliRunner().invoke(app, ["show", "h-probe", "--store", str(tmp_path / "s"), "--json"]).output)
+    assert shown["lineage"][0]["params"]["head_init"] == "probe"
+
+
+def test_head_init_is_checked(files, tmp_path):
+    base, data = files
+    res = CliRunner().invoke(app, ["train", "--name", "c", "--base", str(base), "--train-file", str(data),
+                                   "--head-init", "zeros", "--store", str(tmp_path / "s")])
+    assert res.exit_code == 2 and "--head-init must be one of random, probe, got 'zeros'" in res.output
+    res = CliRunner().invoke(app, ["train", "--name", "c", "--objective", "causal-lm", "--base", str(base),
+                                   "--train-file", str(data), "--head-init", "probe", "--store", str(tmp_path / "s")])
+    assert res.exit_code == 2
+    assert ("--head-init sets a classification head's start; causal-lm training has no classification head: leave "
+            "it out") in " ".join(res.output.split())

@@ -106,6 +106,9 @@ def train_cmd(
                                        "causal-lm and mlm)."),
     head_lr: Optional[float] = typer.Option(None, "--head-lr", help="Learning rate of the classification head, "
                                             "trained from scratch (default: 1e-2)."),
+    head_init: str = typer.Option("random", "--head-init", help="Classification: the head starts random, or as "
+                                  "the linear probe on the frozen base's features (probe: LP-FT; one feature pass "
+                                  "over the training data first)."),
     warmup: Optional[int] = typer.Option(None, help="Warm-up steps (default: 10 % of the steps)."),
     schedule: str = typer.Option("cosine", help="Learning-rate decay after warm-up: cosine, linear or constant."),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
@@ -137,7 +140,7 @@ def train_cmd(
     from ..core.base import load_base
     from ..methods import get_method
     from ..train.fit import CHECKPOINT, LOG, PHASE_STATE, check_run, checkpoint_step, run_dir, run_lock
-    from ..train.run import train_classifier
+    from ..train.run import HEAD_INITS, train_classifier
     from ..train.defaults import TRAINABLE, resolve
     from ..train.trainer import finish_distributed, init_distributed_from_env
 
@@ -174,6 +177,11 @@ def train_cmd(
         if group_size is not None and bits is None:
             raise AdapterkitError("--group-size sets the scale groups of --bits: add --bits (1, 2, 4 or 8) or leave "
                                   "it out")
+        if head_init not in HEAD_INITS:
+            raise AdapterkitError(f"--head-init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
+        if objective != "classification" and head_init != "random":
+            raise AdapterkitError(f"--head-init sets a classification head's start; {objective} training has no "
+                                  "classification head: leave it out")
         if objective not in ("classification", "vqa") and head_lr is not None:
             raise AdapterkitError(f"--head-lr is the learning rate of a classification head (vqa: the image "
                                   f"projector); {objective} training has no head trained from scratch: leave it out")
@@ -244,6 +252,8 @@ def train_cmd(
                 out.print(f"defaults for {objective}{family} on {len(train_data)} examples: {plan.describe()} (a flag "
                           "sets any of them)", markup=False, highlight=False, soft_wrap=True)
             extra = {"compatible_with": old_version, "compat_weight": compat_weight} if old_version else {}
+            if head_init != "random":
+                extra["head_init"] = head_init
             adapter, metrics = trainer(loaded, name, train_data, eval_data, config=plan.config,
                                        select_rows=plan.select_rows, **common, **extra)
     except AdapterkitError as exc:

@@ -20,6 +20,7 @@ from ..core.runtime import AdapterRuntime
 from ..store import AdapterStore
 from .classification import check_modality, classifier_collate, loss_fn, predict_proba, token_lengths
 from .fit import finish, fit, method_info, run_lock, start_run
+from .probe import fit_probe
 from .progress import RowProgress
 from .defaults import selection_rows
 from .trainer import TrainConfig, dist_rank_world
@@ -43,6 +44,9 @@ def classification_metrics(predicted: Sequence[str], gold: Sequence[str], labels
     return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s), "n": len(gold)}
 
 
+HEAD_INITS = ("random", "probe")
+
+
 def train_classifier(
     base: Base,
     name: str,
@@ -61,24 +65,31 @@ def train_classifier(
     resume: bool = False,
     log_path: str | None = None,
     select_rows: int | None = None, method: str = "lora", method_options: dict[str, Any] | None = None,
-    compatible_with: Adapter | None = None, compat_weight: float = 1.0,
+    compatible_with: Adapter | None = None, compat_weight: float = 1.0, head_init: str = "random",
 ) -> tuple[Adapter, dict[str, float]]:
     """select_rows: validation rows (a seeded sample) of the best-checkpoint checks (None: all).
-    compatible_with: the version users have now; the new one keeps its correct predictions (compatible.py)."""
+    compatible_with: the version users have now; the new one keeps its correct predictions (compatible.py).
+    head_init: "random", or "probe": the head starts as the linear probe on the frozen base's features
+    (train/probe.py), then trains with the adapter (LP-FT, Kumar et al. 2022)."""
+    if head_init not in HEAD_INITS:
+        raise ConfigError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
     check_modality(base.kind, train_examples, "the training examples")
     check_modality(base.kind, eval_examples, "the evaluation examples")
     with run_lock(store, name):      # one run per name: a second trainer fails here
+        # the probe reads the base before the adapter is attached
+        probe = fit_probe(base, train_examples, POOLING[base.kind], max_length, seed=config.seed) \
+            if head_init == "probe" and not resume else None
         adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
                             overwrite=overwrite, resume=resume, method=method,
                             options=method_options)
         labels = sorted({e.label for e in train_examples})
-        adapter.head = ClassificationHead.create(labels, base.model.config.hidden_size, POOLING[base.kind],
-                                                 config.seed).to(base.device)        # trains beside the base
+        adapter.head = (probe if probe is not None else ClassificationHead.create(
+            labels, base.model.config.hidden_size, POOLING[base.kind], config.seed)).to(base.device)   # trains beside the base
         adapter.meta.labels = labels
         lengths = ([1] * len(train_examples) if base.kind == "image"       # an image is one unit
                    else token_lengths(base.tokenizer, [e.text for e in train_examples]))
         truncated = sum(n > max_length for n in lengths)      # collate cuts these to max_length
-        info = {"objective": "classification", **method_info(adapter),
+        info = {"objective": "classification", **method_info(adapter), "head_init": head_init,
                 "targets": list(adapter.config.target_modules), "max_length": max_length, "labels": labels}
         checks = selection_rows(eval_examples, select_rows, config.seed)        # best-checkpoint rows
         score = (lambda rt: evaluate(rt, adapter, checks, max_length)["accuracy"]) if eval_examples else None
