@@ -3,8 +3,9 @@
 
 Every sequence contributes its new tokens to ONE flat row [1, T]: a whole prompt when it starts
 (prefill) or one token per decode step. Linear layers (and so every adapter site, routed per token)
-run once over all T tokens; attention is per sequence against that sequence's cache, except decode tokens of sequences held in a
-KV arena (kv_arena.py): those attend in one masked call per arena chunk.
+run once over all T tokens; attention is per sequence against that sequence's cache, except the
+decode tokens of sequences held in a KV arena (kv_arena.py): those attend in one masked call per
+arena chunk.
 
 KV cache: a forward.SeqCache owns K and V tensors [layers, kv_heads, capacity, head_dim] sized exactly
 prompt + max_tokens (the reference layout: one attention call per sequence); an ArenaCache is a slot
