@@ -83,8 +83,9 @@ def train_classifier(
                             overwrite=overwrite, resume=resume, method=method,
                             options=method_options)
         labels = sorted({e.label for e in train_examples})
-        adapter.head = (probe if probe is not None else ClassificationHead.create(
-            labels, base.model.config.hidden_size, POOLING[base.kind], config.seed)).to(base.device)   # trains beside the base
+        head = probe if probe is not None else ClassificationHead.create(
+            labels, base.model.config.hidden_size, POOLING[base.kind], config.seed)
+        adapter.head = head.to(base.device)                  # trains beside the base
         adapter.meta.labels = labels
         lengths = ([1] * len(train_examples) if base.kind == "image"       # an image is one unit
                    else token_lengths(base.tokenizer, [e.text for e in train_examples]))
