@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""Where an engine step goes, per KV layout (issue 19): the bare SmolLM2 base through the engine, 64 requests
+of 128 random prompt tokens queued at once, 64 output tokens each (ignore EOS, greedy), steps driven in
+process, the engine's methods timed by wrappers; then HF `generate` with one static batch of the same
+prompts, for context. Side by side in one run; 2 threads.
+
+    .venv/bin/python benchmarks/engine_profile.py      # ~2.5 min; writes results/engine_profile.json
+
+Per layout: output tokens/s, the median step of the decode phase (all 64 decoding), and seconds spent in
+attention (the per-sequence path, and the arena's batched calls), the whole forward and the rest.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mixed_batch import cpu_model, git_commit  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "results" / "engine_profile.json"
+N, PROMPT, OUTPUT = 64, 128, 64
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(100, vocab - 100) for _ in range(PROMPT)] for _ in range(N)]
+
+
+def engine_run(attention: str) -> dict:
+    from adapterkit.serve.engine import Engine, EngineConfig
+    from adapterkit.serve.requests import GenerationRequest, SamplingParams
+
+    eng = Engine.build("smollm2-135m", config=EngineConfig(max_batch=N, max_queue=1000, max_prefill_tokens=1024,
+                                                           kv_cache_mb=4096, attention=attention))
+    spent: collections.Counter = collections.Counter()
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - t0
+        return wrapper
+    d = eng.decoder
+    d._attend, d._attend_group = timed("attention_per_sequence", d._attend), timed("attention_batched", d._attend_group)
+    d.hidden = timed("forward", d.hidden)
+    for p in prompts(d.model.config.vocab_size):
+        eng.submit(GenerationRequest(p, None, SamplingParams(max_tokens=OUTPUT, temperature=0.0, ignore_eos=True)))
+    steps = []
+    t0 = time.perf_counter()
+    while eng._running or eng._waiting:
+        a, n = time.perf_counter(), len(eng._running)
+        eng.step()
+        steps.append((n, time.perf_counter() - a))
+    wall = time.perf_counter() - t0
+    decode = [t for n, t in steps if n == N][N // 8:]          # all 64 running, prompts done
+    return {"output_tokens_per_s": N * OUTPUT / wall, "wall_s": wall, "steps": len(steps),
+            "decode_step_median_s": statistics.median(decode), "seconds": dict(spent)}
+
+
+def hf_static() -> dict:
+    from adapterkit.core.base import load_base
+
+    b = load_base("smollm2-135m")
+    ids = torch.tensor(prompts(b.model.config.vocab_size))
+    t0 = time.perf_counter()
+    b.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=OUTPUT,
+                     min_new_tokens=OUTPUT, do_sample=False, pad_token_id=0)
+    wall = time.perf_counter() - t0
+    return {"output_tokens_per_s": N * OUTPUT / wall, "wall_s": wall}
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    torch.set_grad_enabled(False)
+    res = {"environment": {"cpu_model": cpu_model(), "torch_threads": 2, "torch": torch.__version__,
+                           "git_commit": git_commit(), "requests": N, "prompt_tokens": PROMPT, "output_tokens": OUTPUT},
+           "engine_batched": engine_run("batched"), "engine_per_sequence": engine_run("per-sequence"),
+           "hf_static": hf_static()}
+    for k in ("engine_batched", "engine_per_sequence", "hf_static"):
+        r = res[k]
+        print(k, f"{r['output_tokens_per_s']:.1f} tok/s", {x: round(y, 3) if isinstance(y, float) else y
+                                                           for x, y in r.items() if x != "output_tokens_per_s"})
+    OUT.write_text(json.dumps(res, indent=1))
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
