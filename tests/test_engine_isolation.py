@@ -191,3 +191,20 @@ def test_a_failed_batch_forward_leaves_no_trace_in_the_caches(env, monkeypatch, 
     got = results(env, goods, build_flaky(env))
     assert calls["n"] >= 2                            # it did raise
     assert [tokens for _, tokens in got] == want
+
+
+def test_a_failed_sequences_kv_never_reaches_the_sequence_that_takes_its_slot(env):
+    """Three requests of one KV capacity class (need 15): "boom" fails after its prompt with non-finite K/V in
+    its arena slot; the class's last request then moves into that slot (compaction) and decodes in a batched
+    call that reads the slot's whole [0, longest) under a mask. A masked NaN still poisons an SDPA row, so the
+    arena zeroes what a finished sequence leaves: both good requests return exactly their tokens alone."""
+    def params(n):
+        return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    goods = [GenerationRequest(prompt(1, 9), adapter="g1", params=params(6)),
+             GenerationRequest(prompt(2, 3), adapter="g1", params=params(12))]
+    bad = GenerationRequest(prompt(0, 12), adapter="boom", params=params(3))
+    want = [results(env, [r])[0][1] for r in goods]
+    got = results(env, [bad, *goods])
+    assert got[0][0].finish_reason == "error" and isinstance(got[0][0].error, NonFiniteError)
+    assert [final.finish_reason for final, _ in got[1:]] == ["length", "length"]
+    assert [tokens for _, tokens in got[1:]] == want

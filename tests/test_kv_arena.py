@@ -42,11 +42,14 @@ def _check_invariants(arena: KVArena, live: dict) -> None:
             assert ch.seqs, "an emptied chunk is freed"
             assert ch.slots == 16 or i == len(cls.chunks) - 1, "only the last chunk is not 16 wide"
             assert ch.slots - len(ch.seqs) <= 2, "at most 2 free slots (then it shrinks)"
+            n = len(ch.seqs)
+            assert torch.all(ch.k[:, n:] == 0) and torch.all(ch.v[:, n:] == 0), "a vacated slot is zeroed"
             reserved += ch.slots * cap
     assert arena.reserved_tokens == reserved
     assert arena.need_tokens == sum(c.need for c in live.values())
-    for tag, c in live.items():                   # every sequence's filled K/V is still its own
+    for tag, c in live.items():                   # every sequence's filled K/V is still its own, nothing after it
         assert torch.all(c.k[:, :, : c.length] == tag) and torch.all(c.v[:, :, : c.length] == -tag)
+        assert torch.all(c.k[:, :, c.length:] == 0) and torch.all(c.v[:, :, c.length:] == 0)
 
 
 def test_free_moves_the_last_sequence_into_the_hole_and_keeps_every_cache_intact():
@@ -150,6 +153,16 @@ def test_engine_greedy_tokens_are_identical_with_batched_and_per_sequence_attent
             eng.stop()
     assert out["batched"] == out["per-sequence"]
     assert [len(t) for t in out["batched"]] == [n for _, _, n in jobs]
+
+
+def test_a_need_whose_class_passes_the_budget_is_refused_naming_both(env):  # noqa: F811
+    eng = engine(env, kv_budget_tokens=32)
+    try:
+        with pytest.raises(Exception, match=r"prompt \+ max_tokens = 31 tokens \(held as 33, its KV capacity class\) "
+                                            r"exceed the engine's KV budget of 32 tokens"):
+            eng.submit(GenerationRequest([1] * 23, params=SamplingParams(max_tokens=8)))
+    finally:
+        eng.stop()
 
 
 def test_an_unknown_attention_mode_is_refused_with_the_choices():

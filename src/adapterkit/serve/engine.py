@@ -172,9 +172,11 @@ class Engine:
                 if request.classify else
                 f"the prompt has {n} tokens and max_tokens is {p.max_tokens}: {n + p.max_tokens} > the model's "
                 f"context of {self.max_context} tokens; shorten the prompt or lower max_tokens")
-        if (self.kv.capacity_for(need) if self.kv is not None else need) > self.kv_budget:
+        reserve = self.kv.capacity_for(need) if self.kv is not None else need
+        if reserve > self.kv_budget:
+            held = f" (held as {reserve}, its KV capacity class)" if reserve != need else ""
             raise ContextLengthError(
-                f"prompt + max_tokens = {need} tokens exceed the engine's KV budget of "
+                f"prompt + max_tokens = {need} tokens{held} exceed the engine's KV budget of "
                 f"{self.kv_budget} tokens; lower max_tokens or raise --kv-cache-mb")
         if request.gate is not None:
             self._gate_layers(request.gate)          # ConfigError: a gate of another model
@@ -383,12 +385,13 @@ class Engine:
     def _finish(self, s: _Seq, reason: str, tokens: list[int], text: str, error: BaseException | None = None) -> None:
         usage = Usage(len(s.stream.request.prompt_ids), len(s.stream.token_ids) + len(tokens))
         with self._lock:
-            if s in self._running:
+            running = s in self._running
+            if running:
                 self._running.remove(s)
-                if self.kv is not None:
-                    self.kv.free(s.cache)
-                else:
+                if self.kv is None:
                     self._exact_reserved -= s.cache.capacity
+        if running and self.kv is not None:     # the arena is the engine thread's: its copies run outside the lock
+            self.kv.free(s.cache)
         for h in s.handles:
             h.release()
         if s.gate is not None:
@@ -454,7 +457,15 @@ class Engine:
                 gate = GateState(req.gate, torch.tensor([by_name.get(n, 0) for n in req.gate.names]),
                                  self._gate_layers(req.gate))
             # last, after anything that may raise: the slot is the arena's until _finish frees it
-            kv = self.kv.allocate(need, self.kv_budget) if self.kv is not None else self.decoder.new_cache(need)
+            try:
+                kv = self.kv.allocate(need, self.kv_budget) if self.kv is not None else self.decoder.new_cache(need)
+            except RuntimeError as exc:                      # out of memory: this request ends, the batch goes on
+                for h in handles:
+                    h.release()
+                with self._lock:
+                    self._waiting.remove(w)
+                self._end_waiting(w.stream, "error", RuntimeError(f"no memory for this request's KV cache: {exc}"))
+                continue
             s = _Seq(w.stream, handles, kv, detok, gen, list(req.prompt_ids),
                      slots=[] if gate else [(h.slot, weights[h.name]) for h in handles], gate=gate,
                      classifier=classifier, embeds=embeds)

@@ -9,11 +9,14 @@ per layer; at 64 sequences that loop is ~3x the cost of one masked call over a s
                   36, ... (each step the largest within 10%), so a sequence reserves <= 1.1x its need;
   chunk           one class's sequences live in chunks K, V [layers, slots, kv_heads, capacity, head_dim]
                   of 16 slots, all full but the last, whose size follows its live count: it grows along
-                  1, 2, ..., 8, 10, 12, 14, 16 (reallocated, the filled part of each live sequence copied)
-                  and shrinks to fit when 3 of its slots are free, so at most 2 slots per class stand empty;
+                  1, 2, ..., 8, 10, 12, 14, 16 (reallocated, the filled part of each live sequence copied;
+                  old and new tensors coexist during the copy) and shrinks to fit when 3 of its slots, or
+                  half of it, are free, so few slots stand empty;
   compaction      a finishing sequence's slot is refilled by the class's last sequence (one sequence's
                   K/V copied), so live slots are always 0..n-1 of each chunk, and an emptied last chunk
-                  is freed at once.
+                  is freed at once. Vacated positions are zeroed: a batched call reads a slot's whole
+                  [0, longest) and masks its tail, and a masked NaN / inf (a failed adapter's K/V left
+                  behind) still makes that row NaN in SDPA, so no finished sequence's values may stay.
 
 Decode attention is then one call per chunk per layer over the view K[:n, :, :longest] with a length
 mask (forward.FlatDecoder). Prefill still runs per sequence on the slot's view (a prompt is long enough
@@ -30,7 +33,7 @@ import torch
 
 STEP = 1.1           # at most this ratio between neighbouring classes
 GROWTH = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16)   # sizes the last chunk of a class grows through; 16: full
-SHRINK_AT = 3        # free slots in a last chunk that make it shrink to fit
+SHRINK_AT = 3        # free slots in a last chunk that make it shrink to fit (or half of it free)
 
 
 def class_ladder(limit: int) -> list[int]:
@@ -144,14 +147,15 @@ class KVArena:
         if extra is None:
             return None
         cap = self.capacity_for(need)
-        cls = self.classes.setdefault(cap, _Class(cap))
-        if extra:
+        cls = self.classes.get(cap) or _Class(cap)
+        if extra:                                 # allocate first: a failed allocation changes nothing
             grow, _ = cls.growth()
             if grow:
                 cls.chunks[-1].resize(cls.chunks[-1].slots + extra // cap)
             else:
                 cls.chunks.append(_Chunk(self, cap, extra // cap))
             self.reserved_tokens += extra
+        self.classes[cap] = cls
         chunk = cls.chunks[-1]
         c = ArenaCache(self, cls, need)
         c.chunk, c.slot = chunk, len(chunk.seqs)
@@ -164,26 +168,38 @@ class KVArena:
         if c.chunk is None:
             return                                # freed before
         cls, chunk, slot = c.cls, c.chunk, c.slot
+        c.chunk, c.slot = None, -1
+        self.need_tokens -= c.need
         last_chunk = cls.chunks[-1]
         mover = last_chunk.seqs.pop()
-        if mover is not c:                        # copy the mover's K/V (its filled part) into c's slot
+        if mover is not c:                        # the mover's K/V (its filled part) into c's slot, the rest zeroed
             n = mover.length
             chunk.k[:, slot, :, :n] = last_chunk.k[:, mover.slot, :, :n]
             chunk.v[:, slot, :, :n] = last_chunk.v[:, mover.slot, :, :n]
+            chunk.k[:, slot, :, n:] = 0
+            chunk.v[:, slot, :, n:] = 0
             chunk.seqs[slot] = mover
+            vacated = mover.slot
             mover.chunk, mover.slot = chunk, slot
+        else:
+            vacated = slot
         live = len(last_chunk.seqs)
         if not live:
             cls.chunks.pop()
             self.reserved_tokens -= last_chunk.slots * cls.capacity
             if not cls.chunks:
                 del self.classes[cls.capacity]
-        elif last_chunk.slots - live >= SHRINK_AT:   # shrink to the growth size that fits
-            fit = next(g for g in GROWTH if g >= live)
-            self.reserved_tokens -= (last_chunk.slots - fit) * cls.capacity
-            last_chunk.resize(fit)
-        c.chunk, c.slot = None, -1
-        self.need_tokens -= c.need
+            return
+        last_chunk.k[:, vacated] = 0
+        last_chunk.v[:, vacated] = 0
+        fit = next(g for g in GROWTH if g >= live)
+        if fit < last_chunk.slots and (last_chunk.slots - live >= SHRINK_AT or 2 * live <= last_chunk.slots):
+            before = last_chunk.slots
+            try:                                  # best effort: on a failed allocation the chunk stays as is
+                last_chunk.resize(fit)
+            except RuntimeError:
+                return
+            self.reserved_tokens -= (before - fit) * cls.capacity
 
     @property
     def nbytes(self) -> int:
