@@ -48,8 +48,11 @@ from cli_runs import cli, log, median_step_seconds, read_runs as read_jsonl_runs
 RESULTS = ROOT / "benchmarks" / "results"
 BASE = "mobilenet-v2"
 TASKS = ("textile-defects", "mnist-5k")
-FAMILIES = {"lora": [], "ia3": ["--method", "ia3"], "bottleneck": ["--method", "bottleneck"]}
-SYSTEMS = ("probe", *FAMILIES, "full")
+FAMILIES = {"lora": [], "ia3": ["--method", "ia3"], "bottleneck": ["--method", "bottleneck"],
+            # opt-in (--systems): the head starts as the linear probe (LP-FT, `--head-init probe`)
+            "ia3-lpft": ["--method", "ia3", "--head-init", "probe"],
+            "bottleneck-lpft": ["--method", "bottleneck", "--head-init", "probe"]}
+SYSTEMS = ("probe", "lora", "ia3", "bottleneck", "full")
 PROBE_POINTS, FULL_POINTS, MIXED_TARGET = 0.03, 0.02, 1.3
 SMOKE: list[str] = []
 
