@@ -67,9 +67,8 @@ class EngineConfig:
     max_prefill_tokens: int = 1024       # prompt tokens per step (the first prompt of a step may exceed it)
     kv_cache_mb: float = 2048.0          # KV memory for all sequences (prompt + max_tokens reserved each)
     kv_budget_tokens: Optional[int] = None   # overrides kv_cache_mb when given
-    # "batched": sequences' K/V in a KV arena, decode attention batched per arena chunk (a sequence
-    # reserves its capacity class, <= 1.1x prompt + max_tokens); "per-sequence": one exact cache and one
-    # attention call per sequence (the reference the batched path is tested against)
+    # "batched": K/V in a KV arena (kv_arena.py: <= 1.1x prompt + max_tokens), decode attention per chunk;
+    # "per-sequence": one exact cache and attention call per sequence (the reference batched is tested against)
     attention: str = "batched"
 
     def __post_init__(self) -> None:
@@ -442,11 +441,7 @@ class Engine:
                     h.release()
                 continue                                     # its adapters wait; others may go
             except AdapterkitError as exc:                   # unloaded, corrupt, foreign base
-                for h in handles:
-                    h.release()
-                with self._lock:
-                    self._waiting.remove(w)
-                self._end_waiting(w.stream, "error", exc)
+                self._refuse(w, handles, exc)
                 continue
             weights = req.adapters
             detok = Detokenizer(self.tokenizer, req.params.stop)
@@ -460,11 +455,7 @@ class Engine:
             try:
                 kv = self.kv.allocate(need, self.kv_budget) if self.kv is not None else self.decoder.new_cache(need)
             except RuntimeError as exc:                      # out of memory: this request ends, the batch goes on
-                for h in handles:
-                    h.release()
-                with self._lock:
-                    self._waiting.remove(w)
-                self._end_waiting(w.stream, "error", RuntimeError(f"no memory for this request's KV cache: {exc}"))
+                self._refuse(w, handles, RuntimeError(f"no memory for this request's KV cache: {exc}"))
                 continue
             s = _Seq(w.stream, handles, kv, detok, gen, list(req.prompt_ids),
                      slots=[] if gate else [(h.slot, weights[h.name]) for h in handles], gate=gate,
@@ -478,6 +469,14 @@ class Engine:
             prefill += len(req.prompt_ids)
             new.append(s)
         return new
+
+    def _refuse(self, w: _Waiting, handles: list[AdapterHandle], exc: BaseException) -> None:
+        """A waiting request that cannot start ends with `exc`; what it acquired is released."""
+        for h in handles:
+            h.release()
+        with self._lock:
+            self._waiting.remove(w)
+        self._end_waiting(w.stream, "error", exc)
 
     def _gate_layers(self, gate: Any) -> dict[int, int]:
         """The gate's layer map on this base (BaseMismatchError / ConfigError for another base)."""
