@@ -91,6 +91,9 @@ def append(path: Path, row: dict) -> None:
 
 
 # ---------------------------------------------------------------------- retention
+RETRAINED: set[str] = set()       # fp32 adapters this run had to train (none stored, none to import)
+
+
 def fp32_adapter(key: str, a, env: dict) -> str:
     """The task's fp32 LoRA in the bench store: imported from the method benchmark's store, else trained."""
     base, task = TASKS[key]
@@ -109,6 +112,7 @@ def fp32_adapter(key: str, a, env: dict) -> str:
             log(f"{name}: imported from {root}")
             return name
     run(["train", "--base", base, "--task", task, "--name", name, "--method", "lora"], env)
+    RETRAINED.add(name)
     return name
 
 
@@ -117,6 +121,14 @@ def part_retention(a, env: dict) -> None:
     for key in a.tasks:
         base, task = TASKS[key]
         fp32 = fp32_adapter(key, a, env)
+        if (key, "fp32", 32) in done and not a.redo and fp32 in RETRAINED:
+            # the stored adapter is gone (a fresh machine) and was trained again: the rows already there
+            # were measured against the first one, so the new one must score the same (seeded training)
+            again, before = scored(fp32, task, env)["accuracy"], done[(key, "fp32", 32)]["test"]["accuracy"]
+            if again != before:
+                raise SystemExit(f"{key}: the retrained fp32 adapter scores {again:.4f}, the recorded one "
+                                 f"{before:.4f}; the rows of this task no longer share one reference: --redo")
+            log(f"{key} fp32: retrained, scores the recorded {before:.4f}")
         if (key, "fp32", 32) not in done or a.redo:
             append(a.runs, {"task": key, "mode": "fp32", "bits": 32, "name": fp32, "test": scored(fp32, task, env),
                             "bytes": shown(fp32, env)["bytes"], "date": now()})
