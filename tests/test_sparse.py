@@ -319,3 +319,30 @@ def test_parameters_count_only_trainable_entries(llama):
     a = sparse("p", llama, 1)
     k = sum(p["values"].numel() for p in a.tensors.values())
     assert a.num_parameters() == k and k > 0
+
+
+def test_sparse_apply_gradients_equal_plain_autograd_and_it_saves_no_product(monkeypatch):
+    """Training's sparse product: x and values get the gradients of x[..., cols] * values summed by row
+    (float64, several chunks of rows), and what autograd keeps for backward is x and the entries, never
+    the [N, k] product (an LT-SFT run on SmolLM2 was OOM-killed holding one per site)."""
+    import adapterkit.methods.sparse as sp
+
+    monkeypatch.setattr(sp, "_CHUNK", 64)                      # 64 // k = 2 rows per chunk: 5 chunks
+    gen = torch.Generator().manual_seed(0)
+    d_in, d_out, k = 12, 7, 30
+    idx = torch.randperm(d_in * d_out, generator=gen)[:k].sort().values
+    rows, cols = idx // d_in, idx % d_in
+    x = torch.randn(3, 3, d_in, dtype=torch.float64, generator=gen, requires_grad=True)
+    v = torch.randn(k, dtype=torch.float64, generator=gen, requires_grad=True)
+    g = torch.randn(3, 3, d_out, dtype=torch.float64, generator=gen)
+    plain = torch.zeros(3, 3, d_out, dtype=torch.float64).index_add(-1, rows, x[..., cols] * v)
+    gx, gv = torch.autograd.grad(plain, (x, v), g)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = sp.sparse_apply(x, rows, cols, v, d_out)
+    ox, ov = torch.autograd.grad(out, (x, v), g)
+    torch.testing.assert_close(out, plain.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ox, gx, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ov, gv, rtol=0, atol=1e-12)
+    assert max(saved) == x.numel() and 9 * k not in saved
+    assert torch.autograd.gradcheck(lambda a, b: sp.sparse_apply(a, rows, cols, b, d_out), (x, v))
