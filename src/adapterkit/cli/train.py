@@ -274,7 +274,7 @@ def train_cmd(
 
     out.print(f"stored [bold]{escape(stored_line(st, name))}[/] in {st.root}; validation: " +
               (", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-               or "none"), highlight=False)
+               or "none"), highlight=False, soft_wrap=True)   # one line, however long the store path: grep-able
     from ..train.causal_lm import answer_text
     from ..train.report import training_notes
 
