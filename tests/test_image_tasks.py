@@ -78,7 +78,7 @@ def test_lora_on_convolutions_learns_an_image_task_and_reloads(tmp_path):
     base = tiny_image_base()
     store = AdapterStore(tmp_path / "store")
     train, val = tinted(96, 0), tinted(40, 1)
-    # lr 3e-3: at 1e-2 this random tiny base diverged on another CPU (loss 9.96 at step 5, chance accuracy
+    # lr 3e-3: at 1e-2 this random tiny base diverged on a later machine with the same packages (loss 9.96 at step 5, chance accuracy
     # for seeds 0-2) while 3e-3 and 5e-3 reach 0.975-1.0 there: the test must not hang on float rounding
     cfg = TrainConfig(steps=40, batch_size=16, lr=3e-3, head_lr=3e-3, seed=0)
     before = {k: v.clone() for k, v in base.model.state_dict().items()}

@@ -85,8 +85,8 @@ def _scatter(src: torch.Tensor, out_idx: torch.Tensor, in_idx: torch.Tensor, val
 
 class _SparseApply(torch.autograd.Function):
     """x2 [N, d_in] @ ΔWᵀ. Plain autograd through x[:, cols] * values would keep that [N, k] product per
-    site until backward: at batch 16 x 128 tokens and 1 % of SmolLM2-135M's matrices, ~15 GB (an
-    LT-SFT run was OOM-killed at 13 GB). This saves x2 (and the entries) only, and recomputes the
+    site until backward: N x k x 4 bytes summed over the sites, ~8.7 GB at batch 16 x 128 tokens and
+    1 % of SmolLM2-135M's matrices (k = 1.06 M in all; an LT-SFT run was OOM-killed at 13 GB). This saves x2 (and the entries) only, and recomputes the
     gathers in backward, one site and one chunk at a time."""
 
     @staticmethod
