@@ -14,7 +14,7 @@ from adapterkit import ConfigError
 from adapterkit.serve.engine import EngineConfig
 from adapterkit.serve.forward import FlatDecoder, Segment
 from adapterkit.serve.kv_arena import KVArena, class_ladder
-from adapterkit.serve.requests import GenerationRequest, SamplingParams
+from adapterkit.serve.requests import ContextLengthError, GenerationRequest, SamplingParams
 
 from test_engine import engine, env, prompt  # noqa: F401  (the module's tiny base + 8 PEFT LoRAs)
 
@@ -158,7 +158,7 @@ def test_engine_greedy_tokens_are_identical_with_batched_and_per_sequence_attent
 def test_a_need_whose_class_passes_the_budget_is_refused_naming_both(env):  # noqa: F811
     eng = engine(env, kv_budget_tokens=32)
     try:
-        with pytest.raises(Exception, match=r"prompt \+ max_tokens = 31 tokens \(held as 33, its KV capacity class\) "
+        with pytest.raises(ContextLengthError, match=r"prompt \+ max_tokens = 31 tokens \(held as 33, its KV capacity class\) "
                                             r"exceed the engine's KV budget of 32 tokens"):
             eng.submit(GenerationRequest([1] * 23, params=SamplingParams(max_tokens=8)))
     finally:

@@ -73,11 +73,15 @@ def sparse_apply(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values
 _CHUNK = 1 << 24
 
 
+def _rows_per_chunk(k: int) -> int:
+    return max(1, _CHUNK // max(1, k))
+
+
 def _scatter(src: torch.Tensor, out_idx: torch.Tensor, in_idx: torch.Tensor, values: torch.Tensor,
              width: int) -> torch.Tensor:
     """out [N, width] with out[:, out_idx[j]] += src[:, in_idx[j]] · values[j], a chunk of rows at a time."""
     out = torch.zeros(src.shape[0], width, dtype=src.dtype, device=src.device)
-    step = max(1, _CHUNK // max(1, values.numel()))
+    step = _rows_per_chunk(values.numel())
     for s in range(0, src.shape[0], step):
         out[s:s + step].index_add_(1, out_idx, src[s:s + step, in_idx] * values)
     return out
@@ -103,7 +107,7 @@ class _SparseApply(torch.autograd.Function):
         gv = None
         if ctx.needs_input_grad[3]:                 # dL/dv_j = Σ_n grad[n, r_j] · x2[n, c_j]
             gv = torch.zeros_like(values)
-            step = max(1, _CHUNK // max(1, values.numel()))
+            step = _rows_per_chunk(values.numel())
             for s in range(0, x2.shape[0], step):
                 gv += (grad[s:s + step, rows] * x2[s:s + step, cols]).sum(0)
         return gx, None, None, gv, None
