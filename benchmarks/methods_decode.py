@@ -2,7 +2,9 @@
 """The decode step of a batch mixing adapter families (issue 13's benchmark, its timing part):
 SmolLM2-135M, B rows (default 32), one new token per row on a KV cache of --ctx (128) tokens.
 
-Systems (the same base weights, alternated in every repetition, median of --reps):
+Systems (the same base weights, alternated in every repetition, median of --reps; each repetition times a
+system's second step in a row, the steady step continuous batching repeats, and records its first step
+too, which pays for rebuilding the pools' layouts of that set of adapters after the other systems'):
   base      the bare base
   lora      every row on its own LoRA adapter (r=8 on q,k,v,o; the adapters of benchmarks/mixed_batch.py)
   mixed     rows round-robin over five families, B/5 adapters of each: LoRA r=8, IA3 (PEFT's targets),
@@ -13,7 +15,7 @@ Systems (the same base weights, alternated in every repetition, median of --reps
 A correctness gate first: each mixed row equals that row run alone (allclose 1e-4).
 Target: mixed / base <= 1.3. Results: benchmarks/results/methods_decode.json.
 
-    .venv/bin/python benchmarks/methods_decode.py [--batch 32] [--reps 7] [--threads 2]
+    .venv/bin/python benchmarks/methods_decode.py [--batch 32] [--reps 15] [--threads 2]
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--ctx", type=int, default=128)
-    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--reps", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "methods_decode.json")
     a = p.parse_args()
@@ -118,20 +120,26 @@ def main() -> None:
     for fam in ("lora", "ia3", "pfeiffer", "parallel", "sparse"):
         systems[f"only:{fam}"] = [f"{fam}{i % n_each}" for i in range(a.batch)]
     times = {k: [] for k in systems}
+    switch = {k: [] for k in systems}
     for _ in range(2):                                                   # warm-up
         for rows in systems.values():
             step(rows)
     for rep in range(a.reps):
         for system, rows in systems.items():
+            # the first step after another system's pays for this set of adapters' stacked layouts (the pools
+            # keep the last two sets); the second is the steady decode step continuous batching repeats
+            switch[system].append(step(rows)[0])
             times[system].append(step(rows)[0])
         log(f"rep {rep}: " + ", ".join(f"{k} {1000 * v[-1]:.1f} ms" for k, v in times.items()))
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_switch = {k: statistics.median(v) for k, v in switch.items()}
     breakdown = pool_breakdown(step, mixed_rows, a.reps)
     log("mixed step, ms per family's pools: " + ", ".join(f"{k} {v:.1f}" for k, v in breakdown.items()))
     out = {"benchmark": "methods_decode", "batch": a.batch, "ctx": a.ctx, "reps": a.reps, "threads": a.threads,
            "adapters_per_family": n_each, "families": ["lora r=8", "ia3", "bottleneck pfeiffer rf16",
                                                        "bottleneck parallel rf16", f"sparse K={lora_params}"],
            "times_s": times, "median_s": med, "mixed_pool_ms": breakdown,
+           "after_switch_times_s": switch, "after_switch_median_s": med_switch,
            "ratios": {"mixed_over_base": med["mixed"] / med["base"], "lora_over_base": med["lora"] / med["base"],
                       "mixed_over_lora": med["mixed"] / med["lora"],
                       **{f"{k}_over_base": med[k] / med["base"] for k in med if k.startswith("only:")}},
@@ -140,6 +148,7 @@ def main() -> None:
                timespec="seconds")}}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=1) + "\n")
+    log("first step after a switch, medians: " + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in med_switch.items()))
     log("medians: " + ", ".join(f"{k} {1000 * v:.1f} ms" for k, v in med.items()) +
         f"; mixed/base {out['ratios']['mixed_over_base']:.2f}, lora/base {out['ratios']['lora_over_base']:.2f}")
 

@@ -86,8 +86,8 @@ def test_merges_are_refused_by_name_and_run_time_stacking_works(llama):
 @pytest.mark.parametrize("call_cost, stacked", [(0, False), (10**12, True)])
 def test_serving_paths_equal_the_reference_for_mixed_placements_sizes_and_nonlinearities(llama, monkeypatch,
                                                                                            call_cost, stacked):
-    """Both serving paths (the step's adapters stacked into one matmul pair, or one adapter at a time;
-    the cost rule picks by CALL_COST): houlsby relu, parallel gelu with scaling 2 and pfeiffer silu of
+    """Both serving paths (the step's adapters as one block-diagonal batched matmul pair, or one adapter
+    at a time; the cost rule picks by CALL_COST): houlsby relu, parallel gelu with scaling 2 and pfeiffer silu of
     another size in one batch, with weighted and composed rows and base rows, prefill and decode."""
     from adapterkit.methods.bottleneck import BottleneckPool
 
@@ -104,16 +104,21 @@ def test_serving_paths_equal_the_reference_for_mixed_placements_sizes_and_nonlin
     rt = AdapterRuntime.from_base(llama)
     for x in (a, b, c, d):
         rt.add(x)
-    rows = ["a", "b", None, "c", {"a": 0.5, "b": 1.0}, {"c": 1.5, "b": 0.5}, "d"]
     # parallel adapters read the block's input first, series ones read that output: b before a
-    want_rows = [[a], [b], [], [c], [b, (a, 0.5)], [(b, 0.5), (c, 1.5)], [d]]
-    for length in (5, 1):
-        ids = input_ids(len(rows), length)
-        want = reference(llama.model, want_rows, ids)
-        with torch.no_grad(), rt.batch(rows, kernel="gather"):
-            got = llama.model(ids).logits
-        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
-    assert any(len(s) > 1 for s in used) == stacked             # one adapter: stacked is per adapter
+    cases = [(["a", "b", None, "c", {"a": 0.5, "b": 1.0}, {"c": 1.5, "b": 0.5}, "d"],
+              [[a], [b], [], [c], [b, (a, 0.5)], [(b, 0.5), (c, 1.5)], [d]]),
+             # one unit per adapter (no padded columns), weighted, bottlenecks of two widths
+             ([{"c": 1.5}, None, "d", "b"], [[(c, 1.5)], [], [d], [b]])]
+    for i, (rows, want_rows) in enumerate(cases):
+        used.clear()
+        for length in (5, 1):
+            ids = input_ids(len(rows), length)
+            want = reference(llama.model, want_rows, ids)
+            with torch.no_grad(), rt.batch(rows, kernel="gather"):
+                got = llama.model(ids).logits
+            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+        # one adapter: the block-diagonal call is per adapter; where nothing is padded it is taken at any cost
+        assert any(len(s) > 1 for s in used) == (stacked or i == 1)
 
 
 def test_a_parallel_adapter_on_bert_reads_the_attention_output_and_adds_to_the_layer_output(tmp_path):

@@ -51,28 +51,39 @@ def test_top_k_keeps_the_largest_entries_over_all_sites_with_one_threshold():
 @pytest.mark.parametrize("call_cost, stacked", [(0, False), (10**12, True)])
 def test_rows_of_several_sparse_adapters_lora_and_base_in_one_batch_equal_the_reference(llama, monkeypatch,
                                                                                           call_cost, stacked):
-    """Both serving paths (one stacked sparse mm of the step's adapters, or one per adapter; the cost rule
-    picks by CALL_COST) and the training kernel, with weighted and composed rows, prefill and decode."""
+    """Both serving paths (one block-diagonal sparse product of the step's adapters, or one per adapter;
+    the cost rule picks by CALL_COST) and the training kernel, with weighted and composed rows, uneven
+    units per adapter (padded columns), prefill and decode; and one unit per adapter (no padding; in
+    decode, the block-diagonal path's mat-vec)."""
     from adapterkit.methods.sparse import SparsePool
 
     monkeypatch.setattr(SparsePool, "CALL_COST", call_cost)
     used = []
-    real = SparsePool.stacked
+    real, real_mv, mat_vecs = SparsePool.stacked, torch.mv, []
     monkeypatch.setattr(SparsePool, "stacked", lambda self, slots: used.append(slots) or real(self, slots))
+    monkeypatch.setattr(torch, "mv", lambda m, v: mat_vecs.append(v.shape) or real_mv(m, v))
     a, b = sparse("a", llama, 1), sparse("b", llama, 2, density=0.3)
     lora = create_adapter("l", llama.model, LoraConfig(r=2, init="nonzero", init_std=0.3), seed=3)
     rt = AdapterRuntime.from_base(llama, capacity=2)
     for x in (a, b, lora):
         rt.add(x)
-    rows = ["a", "b", None, {"l": 1.0, "a": 1.0}, {"a": 0.5, "b": 1.5}]
-    for length in (6, 1):
-        ids = input_ids(5, length)
-        want = reference(llama.model, [[a], [b], [], [lora, a], [(a, 0.5), (b, 1.5)]], ids)
-        for kernel in ("dense", "gather"):
-            with torch.no_grad(), rt.batch(rows, kernel=kernel):
-                got = llama.model(ids).logits
-            torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
-    assert bool(used) == stacked and all(s == (1, 2) for s in used)
+    cases = [(["a", "b", None, {"l": 1.0, "a": 1.0}, {"a": 0.5, "b": 1.5}],
+              [[a], [b], [], [lora, a], [(a, 0.5), (b, 1.5)]], (6, 1)),
+             (["b", None, {"a": 0.5}], [[b], [], [(a, 0.5)]], (6, 1))]
+    for rows, stacks, lengths in cases:
+        for length in lengths:
+            ids = input_ids(len(rows), length)
+            want = reference(llama.model, stacks, ids)
+            for kernel in ("dense", "gather"):
+                with torch.no_grad(), rt.batch(rows, kernel=kernel):
+                    got = llama.model(ids).logits
+                torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    # even at call cost 0 the one-unit-per-adapter decode takes the block-diagonal mat-vec (it pads nothing)
+    assert used and all(s == (1, 2) for s in used) and mat_vecs
+    used.clear()
+    with torch.no_grad(), rt.batch(cases[0][0], kernel="gather"):
+        llama.model(input_ids(5, 1))
+    assert bool(used) == stacked
 
 
 def test_composition_by_addition_equals_both_changes_applied_to_the_weights(llama):

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..vision.mobilenet import BLOCKS, MODEL_TYPE as MOBILENET, RESIDUAL_BLOCKS
 from .base import ATTACH_MODULE, STAGE_SERIES, Method, SiteInfo, TensorKind, pattern_value, config_from_dict, config_to_dict, tuple_fields
-from .kernels import STACKS_KEPT, HeldPool, routed, stacked_is_cheaper, unit_plan
+from .kernels import (STACKS_KEPT, HeldPool, add_columns, block_diagonal_is_cheaper, column_inputs, columns, routed,
+                      unit_plan)
 
 PLACEMENTS = ("houlsby", "pfeiffer", "parallel")
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
@@ -172,9 +173,10 @@ class BottleneckPool(HeldPool):
     """All bottleneck adapters at one module, by slot. `held`: each adapter's own tensors, read by the
     dense kernel while training (gradients reach them; all units, masked by weight). The other kernels
     run the step's adapters of one side (parallel ones read the block's input, then series ones the
-    output so far) on the units routed to them only: either stacked, one matmul pair for all m adapters
-    (downs side by side D [d_read, Σbn], ups U [Σbn, d_out]; each unit keeps its adapter's columns of the
-    hidden layer), or one adapter at a time on its own units, whichever stacked_is_cheaper picks."""
+    output so far) on the units routed to them only: either block-diagonally, one batched matmul pair
+    for all m adapters, each on its own units (downs D [m, d_read, W], ups U [m, W, d_out], W the widest
+    bottleneck, narrower ones padded with zeros), or one adapter at a time on its own units, whichever
+    block_diagonal_is_cheaper picks."""
 
     # one more adapter call costs about 55 us on this CPU (the mixed decode step of benchmarks/methods_decode.py
     # per extra call), as many as ~1M multiply-adds of these small matmuls (~17 GMAC/s)
@@ -190,30 +192,31 @@ class BottleneckPool(HeldPool):
         self.sides = {side: {s: h for s, h in self.held.items() if h[3] == side} for side in (True, False)}
 
     def stacked(self, slots: tuple[int, ...], dtype: torch.dtype) -> tuple:
-        """(D [d_read, M], Db [M], U [M, d_out], Ub [m, d_out] · scale, keep [m, M] · scale, acts) for
-        `slots`, M = Σ bn; keep[b] is 1 on adapter b's hidden columns; acts: (act, its columns [M] or
-        None when every adapter uses it)."""
+        """(D [m, d_read, W], Db [m, 1, W], U [m, W, d_out] · scale, Ub [m, 1, d_out] · scale, acts) for
+        `slots`, W = the widest bottleneck (zero-padded: a padded hidden unit's up row is 0, whatever its
+        activation gives); acts: (act, its adapters [m, 1, 1] or None when every adapter uses it)."""
         key = (slots, dtype)
         if key not in self._stacked:
             parts = [self.held[s] for s in slots]
-            widths = [p[0]["down"].shape[0] for p in parts]
-            with torch.no_grad():
-                down = torch.cat([p[0]["down"] for p in parts]).t().to(dtype)
-                down_b = torch.cat([p[0]["down_bias"] for p in parts]).to(dtype)
-                up = torch.cat([p[0]["up"] for p in parts], dim=1).t().to(dtype)
-                up_b = torch.stack([p[2] * p[0]["up_bias"] for p in parts]).to(dtype)
-                keep = torch.block_diag(*[torch.full((1, w), p[2]) for p, w in zip(parts, widths)]).to(
-                    device=down.device, dtype=dtype)
-            acts: dict[Callable, torch.Tensor] = {}                          # act -> its hidden columns
-            start = 0
-            for p, w in zip(parts, widths):
-                cols = acts.setdefault(p[1], torch.zeros(sum(widths), dtype=torch.bool, device=down.device))
-                cols[start:start + w] = True
-                start += w
+            m, width = len(parts), max(p[0]["down"].shape[0] for p in parts)
+
+            def stack(name: str, pad: Callable) -> torch.Tensor:     # [m, ...] in dtype, the hidden side padded
+                return torch.stack([p[0][name] if p[0]["down"].shape[0] == width else
+                                    F.pad(p[0][name], pad(width - p[0]["down"].shape[0])) for p in parts]).to(dtype)
+
+            with torch.no_grad():         # one stack per tensor (a set change costs 4 copies, not 4 · m)
+                scale = torch.tensor([p[2] for p in parts], dtype=dtype, device=parts[0][0]["up"].device).view(m, 1, 1)
+                down = stack("down", lambda w: (0, 0, 0, w)).transpose(1, 2)           # [m, d_read, W] (a view)
+                down_b = stack("down_bias", lambda w: (0, w)).unsqueeze(1)            # [m, 1, W]
+                up = stack("up", lambda w: (0, w)).transpose(1, 2) * scale           # [m, W, d_out]
+                up_b = stack("up_bias", lambda w: (0, 0)).unsqueeze(1) * scale        # [m, 1, d_out]
+            acts: dict[Callable, torch.Tensor] = {}                          # act -> its adapters
+            for b, p in enumerate(parts):
+                acts.setdefault(p[1], torch.zeros(m, 1, 1, dtype=torch.bool, device=down.device))[b] = True
             acts_list = [(act, None) for act in acts] if len(acts) == 1 else list(acts.items())
             if len(self._stacked) >= STACKS_KEPT:
                 del self._stacked[next(iter(self._stacked))]          # the oldest set
-            self._stacked[key] = (down, down_b, up, up_b, keep, acts_list)
+            self._stacked[key] = (down, down_b, up, up_b, acts_list)
         return self._stacked[key]
 
     def _side(self, parallel: bool, src: torch.Tensor, out: torch.Tensor, batch: Any) -> torch.Tensor:
@@ -221,26 +224,25 @@ class BottleneckPool(HeldPool):
         plan = unit_plan(batch, held)
         if plan is None:
             return out
-        xs = src.index_select(0, plan.units)                               # [r, L, d_read] (a copy of src)
-        r, length = xs.shape[0], xs.shape[1]
+        length = src.shape[1]
         work = [2 * held[s][0]["down"].numel() for s in plan.slots]         # multiply-adds per token
-        # serving adds into the module's fresh output in place (xs is already read); training copies
+        block_diagonal = block_diagonal_is_cheaper(plan, length, work, self.CALL_COST)
+        # both paths read src into a copy first: serving then adds into the module's fresh output in
+        # place (series adapters read and write that output); training copies
+        if block_diagonal:
+            lay = columns(batch, plan)
+            xcol = column_inputs(src, plan, lay, src.dtype)                      # [m · c_max, L, d_read]
+        else:
+            xs = src.index_select(0, plan.units)                                 # [r, L, d_read]
         out = out if not torch.is_grad_enabled() and out.is_contiguous() else out.clone()
-        if stacked_is_cheaper(plan, length, work, self.CALL_COST):
-            down, down_b, up, up_b, keep, acts = self.stacked(plan.slots, xs.dtype)
-            h = torch.addmm(down_b, xs.reshape(r * length, -1), down)        # [r · L, M]
-            h = acts[0][0](h) if len(acts) == 1 else sum(torch.where(cols, act(h), torch.zeros_like(h))
-                                                         for act, cols in acts)
-            w = keep.index_select(0, plan.block)                              # [P, M]
-            b = up_b.index_select(0, plan.block)                              # [P, d_out]
-            if plan.weight is not None:
-                w, b = w * plan.weight.view(-1, 1), b * plan.weight.view(-1, 1)
-            h = h.view(r, length, -1).index_select(0, plan.local) * w[:, None, :]     # [P, L, M]
-            if length == 1:
-                term = torch.addmm(b, h.view(h.shape[0], -1), up)[:, None, :]
-            else:
-                term = torch.matmul(h, up) + b[:, None, :]
-            return out.index_add_(0, plan.target, term.to(out.dtype))
+        if block_diagonal:
+            m = len(plan.slots)
+            down, down_b, up, up_b, acts = self.stacked(plan.slots, xcol.dtype)
+            h = torch.baddbmm(down_b, xcol.view(m, lay.most * length, -1), down)     # [m, c_max · L, W]
+            h = acts[0][0](h) if len(acts) == 1 else sum(torch.where(who, act(h), torch.zeros_like(h))
+                                                         for act, who in acts)
+            ys = torch.baddbmm(up_b, h, up).view(m * lay.most, length, -1)           # [m · c_max, L, d_out]
+            return add_columns(out, ys, plan, lay)
         for slot, (local, w) in zip(plan.slots, plan.groups):
             parts, act, scale, _ = held[slot]
             term = scale * _f(xs.index_select(0, local), parts, act)

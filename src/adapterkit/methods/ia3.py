@@ -266,10 +266,10 @@ class Ia3Pool:
         else:                                                   # the slot stack, one gather per position
             change = None
             for idx, w in zip(*batch.gather_plan):
-                term = self.stack[idx][:, None, :].to(t3.dtype)    # [n, 1, d]
+                term = self.stack.index_select(0, idx).unsqueeze(1).to(t3.dtype)    # [n, 1, d]
                 term = term if w is None else term * w
                 change = term if change is None else change + term
-        return (t3 * (1 + change)).reshape(target.shape)
+        return torch.addcmul(t3, t3, change).reshape(target.shape)             # t3 · (1 + change), one op
 
 
 IA3 = Ia3()

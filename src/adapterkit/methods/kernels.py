@@ -1,6 +1,7 @@
 """Mixed-batch kernels for low-rank deltas, and the float64 reference they are tested against; and
 what the other families' pools share: `routed` (per adapter), `HeldPool`, and the per-step
-`UnitPlan` with the cost rule that picks a stacked call or one call per adapter.
+`UnitPlan` with the cost rules that pick a stacked or block-diagonal call or one call per adapter, and
+the block-diagonal call's `Columns`.
 
 Shapes: x [n, L, d_in], y [n, L, d_out] (n units = rows or tokens, L tokens per unit); stacked
 slot tensors A [S, d_in, R], B [S, R, d_out] with slot 0 all zeros and the scale folded into B;
@@ -213,6 +214,7 @@ class UnitPlan:
     units   [r] long: the units routed to any of them
     local   [P] long: each pair's unit as an index into units; target = units[local]
     block   [P] long: each pair's adapter as an index into slots
+    rank    [P] long: each pair's place among its adapter's pairs (0 .. counts[block] - 1)
     weight  [P, 1, 1] or None (every weight 1)
     groups  per slot: (its pairs' local [P_s], their weights [P_s, 1, 1] or None)
     counts  per slot: its number of pairs (host ints, for the cost rule)"""
@@ -221,6 +223,7 @@ class UnitPlan:
     local: torch.Tensor
     target: torch.Tensor
     block: torch.Tensor
+    rank: torch.Tensor
     weight: torch.Tensor | None
     groups: tuple[tuple[torch.Tensor, torch.Tensor | None], ...]
     counts: tuple[int, ...]
@@ -249,13 +252,16 @@ def _unit_plan(batch: Any, slots: tuple[int, ...]) -> UnitPlan:
     def weight_of(sel: torch.Tensor) -> torch.Tensor | None:
         return None if bool((sel == 1).all()) else sel.to(device=dev, dtype=dt).view(-1, 1, 1)
 
+    counts = torch.bincount(block, minlength=len(slots))
+    order = torch.argsort(block, stable=True)
+    rank = torch.empty_like(block)
+    rank[order] = torch.arange(block.numel()) - (torch.cumsum(counts, 0) - counts)[block[order]]
     groups = []
     for b in range(len(slots)):
         sel = block == b
         groups.append((local[sel].to(dev), weight_of(w[sel])))
     return UnitPlan(slots=slots, units=units.to(dev), local=local.to(dev), target=unit.to(dev), block=block.to(dev),
-                    weight=weight_of(w), groups=tuple(groups),
-                    counts=tuple(torch.bincount(block, minlength=len(slots)).tolist()))
+                    rank=rank.to(dev), weight=weight_of(w), groups=tuple(groups), counts=tuple(counts.tolist()))
 
 
 def stacked_is_cheaper(plan: UnitPlan, tokens: int, work: Sequence[int], call_cost: int) -> bool:
@@ -268,3 +274,62 @@ def stacked_is_cheaper(plan: UnitPlan, tokens: int, work: Sequence[int], call_co
     units = int(plan.units.numel()) * tokens
     redundant = units * sum(work) - sum(c * tokens * w for c, w in zip(plan.counts, work))
     return redundant <= (len(plan.slots) - 1) * call_cost
+
+
+def block_diagonal_is_cheaper(plan: UnitPlan, tokens: int, work: Sequence[int], call_cost: int) -> bool:
+    """Run the step's m adapters as one block-diagonal call, or one call per adapter?
+
+    The block-diagonal call gives each adapter its own columns of input, as many as the adapter with the
+    most pairs has (c_max; the others' padding columns are zeros): it does (c_max - c_s) units' work
+    more for each adapter s, where the stacked call does every other adapter's units too."""
+    most = max(plan.counts)
+    redundant = sum((most - c) * tokens * w for c, w in zip(plan.counts, work))
+    return redundant <= (len(plan.slots) - 1) * call_cost
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Where a step's pairs sit in the block-diagonal product's input: adapter b's pairs in columns
+    b · c_max .. b · c_max + counts[b] - 1 (c_max = most: the most pairs any adapter has).
+
+    column  [P]: each pair's column
+    unit    [m · c_max]: each column's unit, or None where some columns are padding
+    weight  [P or m · c_max, 1, 1]: the pairs' weights in the order the product's output is added
+            (by column where unit is set, by pair otherwise), or None (every weight 1)"""
+    column: torch.Tensor
+    most: int
+    unit: torch.Tensor | None
+    weight: torch.Tensor | None
+
+
+def columns(batch: Any, plan: Any) -> Columns:
+    """The step's column layout for `plan` (made once per step, shared by the sites)."""
+    key = ("columns", plan.slots)
+    if key not in batch.memo:
+        most = max(plan.counts)
+        column = plan.block * most + plan.rank
+        unit, weight = None, plan.weight
+        if len(plan.counts) * most == column.numel():              # every adapter has c_max pairs
+            unit = torch.empty_like(plan.target).index_copy_(0, column, plan.target)
+            if weight is not None:
+                weight = torch.empty_like(weight).index_copy_(0, column, weight)
+        batch.memo[key] = Columns(column=column, most=most, unit=unit, weight=weight)
+    return batch.memo[key]
+
+
+def column_inputs(x: torch.Tensor, plan: UnitPlan, lay: Columns, dtype: torch.dtype) -> torch.Tensor:
+    """x [n, L, d] -> the block-diagonal call's input [m · c_max, L, d] in dtype (zeros where padding)."""
+    if lay.unit is not None:                    # no padding: each column is one pair's unit
+        return x.index_select(0, lay.unit).to(dtype)
+    pairs = x.index_select(0, plan.target).to(dtype)
+    return pairs.new_zeros((len(plan.slots) * lay.most,) + tuple(pairs.shape[1:])).index_copy_(0, lay.column, pairs)
+
+
+def add_columns(out: torch.Tensor, ys: torch.Tensor, plan: UnitPlan, lay: Columns) -> torch.Tensor:
+    """out [n, L, d_out] += each pair's weight times its column of ys [m · c_max, L, d_out], in place."""
+    unit = lay.unit
+    if unit is None:
+        ys, unit = ys.index_select(0, lay.column), plan.target                          # [P, L, d_out]
+    ys = ys if lay.weight is None else ys * lay.weight.to(ys.dtype)
+    # index_put_ accumulating: index_add_'s sum, at about half its cost per call on this CPU
+    return out.index_put_((unit,), ys.to(out.dtype), accumulate=True)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .base import SiteInfo
-from .kernels import dense_kernel, gather_kernel, segment_kernel
+from .kernels import UnitPlan, dense_kernel, gather_kernel, segment_kernel, unit_plan
 
 
 class LoraPool:
@@ -88,8 +88,28 @@ class LoraPool:
                 return y
             y3 = dense_kernel(x3, y3, terms)
         elif batch.kernel == "gather":
-            y3 = gather_kernel(x3, y3, self.a_stack, self.b_stack, batch.gather_idx, batch.gather_w)
+            plan = unit_plan(batch, self.sources)
+            if plan is None:
+                return y
+            if plan.units.numel() == x3.shape[0]:
+                y3 = gather_kernel(x3, y3, self.a_stack, self.b_stack, batch.gather_idx, batch.gather_w)
+            else:               # the other units (base rows, other families' rows) skip the gathers
+                idx, ws = _own_units(batch, plan)
+                xs = x3.index_select(0, plan.units)                                   # [r, L, d_in]
+                ys = gather_kernel(xs, xs.new_zeros(xs.shape[:-1] + y3.shape[-1:]), self.a_stack, self.b_stack,
+                                   idx, ws)
+                y3 = y3.index_put_((plan.units,), ys, accumulate=True)
         elif batch.kernel == "segment":
             y3 = segment_kernel(x3, y3, self.a_stack, self.b_stack, batch.order, batch.bounds,
                                 batch.seg_slots, batch.seg_w)
         return y3.view(y.shape)
+
+
+def _own_units(batch: Any, plan: UnitPlan) -> tuple[tuple, tuple]:
+    """The gather kernel's (slot ids, weights) per position of the units in plan.units only (once per
+    step and set of LoRA slots, shared by the sites)."""
+    key = ("lora units", plan.slots)
+    if key not in batch.memo:
+        batch.memo[key] = (tuple(i.index_select(0, plan.units) for i in batch.gather_idx),
+                           tuple(None if w is None else w.index_select(0, plan.units) for w in batch.gather_w))
+    return batch.memo[key]

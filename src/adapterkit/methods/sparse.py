@@ -22,7 +22,8 @@ import torch
 
 from ..errors import BaseMismatchError, ConfigError, CorruptAdapterError
 from .base import STAGE_DELTA, Method, SiteInfo, TensorKind, config_from_dict, config_to_dict, tuple_fields
-from .kernels import STACKS_KEPT, HeldPool, routed, stacked_is_cheaper, unit_plan
+from .kernels import (STACKS_KEPT, HeldPool, add_columns, block_diagonal_is_cheaper, column_inputs, columns, routed,
+                      unit_plan)
 
 
 @dataclass(frozen=True)
@@ -237,15 +238,19 @@ def csr(crow: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple
         return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
 
 
+CHOICES_KEPT = 1024    # cost-rule answers memoised per pool (prefill lengths vary: bounded, then forgotten)
+
+
 class SparsePool(HeldPool):
     """All sparse adapters at one Linear, by slot. `held`: each adapter's own (rows, cols, values), read
     by the dense kernel (training: gradients reach the values). The other kernels read each adapter's
     ΔW as a CSR matrix [d_out, d_in] (float32 values, or float64 on a float64 base), built once when the
-    pool changes, and run the step either as one sparse mm of the step's adapters stacked [m·d_out, d_in]
-    on all their units (decode with a few adapters: one call per site) or as one sparse mm per adapter on
-    its own units (prefill, many adapters), whichever methods/kernels.stacked_is_cheaper picks."""
+    pool changes, and run the step either as one sparse product of the step's m adapters laid
+    block-diagonally [m·d_out, m·d_in], each adapter's block on its own units only (decode: one call per
+    site, no other adapter's work), or as one sparse mm per adapter on its own units (prefill with
+    uneven units per adapter), whichever methods/kernels.block_diagonal_is_cheaper picks."""
 
-    DERIVED = ("csr", "single", "_stacked", "nnz")
+    DERIVED = ("csr", "single", "_stacked", "nnz", "_choice")
     # one more sparse mm call costs about 50 us on this CPU (the mixed decode step of benchmarks/methods_decode.py
     # per extra call), as many as ~75k multiply-adds of torch's CPU CSR kernel (~1.5 GMAC/s)
     CALL_COST = 100_000
@@ -259,7 +264,7 @@ class SparsePool(HeldPool):
         derived on use (cached until the pool changes)."""
         d_out = self.site.out_features
         self.vdtype = torch.float64 if self.site.dtype == torch.float64 else torch.float32
-        self.csr, self.single, self._stacked, self.nnz = {}, {}, {}, {}
+        self.csr, self.single, self._stacked, self.nnz, self._choice = {}, {}, {}, {}, {}
         for slot, (rows, cols, vals) in self.held.items():
             self.nnz[slot] = int(rows.numel())
             counts = torch.bincount(rows, minlength=d_out)           # rows ascend: the entries are row-major
@@ -268,16 +273,19 @@ class SparsePool(HeldPool):
             self.single[slot] = csr(*self.csr[slot], (d_out, self.site.in_features))
 
     def stacked(self, slots: tuple[int, ...]) -> torch.Tensor:
-        """The ΔW of `slots` stacked by rows: CSR [m · d_out, d_in]."""
+        """The ΔW of `slots` laid block-diagonally: CSR [m · d_out, m · d_in], the b-th adapter's block
+        at rows and columns b · d_out.., b · d_in.. (as many entries as the m adapters have together)."""
         if slots not in self._stacked:
             crows, offset = [], 0
             for slot in slots:
                 crows.append(self.csr[slot][0][:-1] + offset)
                 offset += self.nnz[slot]
             crow = torch.cat(crows + [crows[0].new_tensor([offset])])
-            cols = torch.cat([self.csr[s][1] for s in slots])
+            cols = torch.cat([self.csr[s][1] + b * self.site.in_features for b, s in enumerate(slots)])
             vals = torch.cat([self.csr[s][2] for s in slots])
-            shape = (len(slots) * self.site.out_features, self.site.in_features)
+            shape = (len(slots) * self.site.out_features, len(slots) * self.site.in_features)
+            if max(offset, *shape) < 2**31:             # int32 indices: torch's CSR mat-vec ~1.5x faster
+                crow, cols = crow.int(), cols.int()
             if len(self._stacked) >= STACKS_KEPT:
                 del self._stacked[next(iter(self._stacked))]          # the oldest set
             self._stacked[slots] = csr(crow, cols, vals, shape)
@@ -293,17 +301,25 @@ class SparsePool(HeldPool):
             return y
         self.ensure()
         length = x3.shape[1]
-        xs = x3.index_select(0, plan.units).to(self.vdtype)                 # [r, L, d_in]
         # serving adds into the Linear's fresh output in place (as the LoRA kernels do)
         out = y3 if not torch.is_grad_enabled() and y3.is_contiguous() else y3.clone()
-        work = [self.nnz[s] for s in plan.slots]                             # entries: multiply-adds per token
-        if stacked_is_cheaper(plan, length, work, self.CALL_COST):
-            r = xs.shape[0]
-            ys = (self.stacked(plan.slots) @ xs.reshape(r * length, d_in).t())   # [m · d_out, r · L]
-            ys = ys.view(len(plan.slots), d_out, r, length)[plan.block, :, plan.local, :]   # [P, d_out, L]
-            term = ys.transpose(1, 2)
-            term = term if plan.weight is None else term * plan.weight.to(term.dtype)
-            return out.index_add_(0, plan.target, term.to(out.dtype)).reshape(y.shape)
+        choice = (plan.slots, plan.counts, length)
+        if choice not in self._choice:                # the cost rule, once per set of adapters and counts
+            if len(self._choice) >= CHOICES_KEPT:
+                self._choice.clear()
+            work = [self.nnz[s] for s in plan.slots]                         # entries: multiply-adds per token
+            self._choice[choice] = block_diagonal_is_cheaper(plan, length, work, self.CALL_COST)
+        if self._choice[choice]:
+            m, lay = len(plan.slots), columns(batch, plan)
+            xcol = column_inputs(x3, plan, lay, self.vdtype)                     # [m · c_max, L, d_in]
+            mat = self.stacked(plan.slots)
+            if lay.most * length == 1:                  # decode, one unit per adapter: a sparse mat-vec
+                ys = torch.mv(mat, xcol.view(m * d_in)).view(m, 1, d_out)
+            else:                                       # columns laid [m, d_in, c_max, L] for the sparse mm
+                xm = xcol.view(m, lay.most, length, d_in).permute(0, 3, 1, 2).reshape(m * d_in, lay.most * length)
+                ys = (mat @ xm).view(m, d_out, lay.most, length).permute(0, 2, 3, 1).reshape(-1, length, d_out)
+            return add_columns(out, ys, plan, lay).reshape(y.shape)
+        xs = x3.index_select(0, plan.units).to(self.vdtype)                 # [r, L, d_in]
         for slot, (local, w) in zip(plan.slots, plan.groups):
             xg = xs.index_select(0, local)
             term = (self.single[slot] @ xg.reshape(-1, d_in).t()).t().reshape(xg.shape[0], length, d_out)
