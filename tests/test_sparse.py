@@ -86,6 +86,30 @@ def test_rows_of_several_sparse_adapters_lora_and_base_in_one_batch_equal_the_re
     assert bool(used) == stacked
 
 
+def test_lora_gathers_only_for_its_own_rows_in_a_batch_mixing_families_and_base_rows(llama, monkeypatch):
+    """In decode with a LoRA row among base and sparse rows, the LoRA pools gather for that row only;
+    with every row on a LoRA adapter they gather for all rows (no per-step plan); outputs equal the
+    reference either way."""
+    from adapterkit.methods import lora_pool
+
+    sizes, real = [], lora_pool.gather_kernel
+    monkeypatch.setattr(lora_pool, "gather_kernel", lambda x, *rest: sizes.append(x.shape[0]) or real(x, *rest))
+    a = sparse("a", llama, 1)
+    lora = create_adapter("l", llama.model, LoraConfig(r=2, init="nonzero", init_std=0.3), seed=3)
+    lora2 = create_adapter("m", llama.model, LoraConfig(r=4, init="nonzero", init_std=0.3), seed=4)
+    rt = AdapterRuntime.from_base(llama, capacity=3)
+    for x in (a, lora, lora2):
+        rt.add(x)
+    for rows, stacks, units in ((["a", None, "l", "a"], [[a], [], [lora], [a]], 1),
+                                (["m", "l", {"l": 0.5, "m": 1.0}], [[lora2], [lora], [(lora, 0.5), lora2]], 3)):
+        sizes.clear()
+        ids = input_ids(len(rows), 1)
+        with torch.no_grad(), rt.batch(rows, kernel="gather"):
+            got = llama.model(ids).logits
+        torch.testing.assert_close(got.double(), reference(llama.model, stacks, ids), atol=1e-4, rtol=1e-4)
+        assert sizes and set(sizes) == {units}
+
+
 def test_composition_by_addition_equals_both_changes_applied_to_the_weights(llama):
     """Composable SFT: a 'language' and a 'task' sparse adapter on one row (generate --compose)
     equal the base with both differences added to its weights."""

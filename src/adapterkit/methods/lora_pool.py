@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .base import SiteInfo
-from .kernels import UnitPlan, dense_kernel, gather_kernel, segment_kernel, unit_plan
+from .kernels import UnitPlan, covers_every_unit, dense_kernel, gather_kernel, segment_kernel, unit_plan
 
 
 class LoraPool:
@@ -88,12 +88,12 @@ class LoraPool:
                 return y
             y3 = dense_kernel(x3, y3, terms)
         elif batch.kernel == "gather":
-            plan = unit_plan(batch, self.sources)
-            if plan is None:
-                return y
-            if plan.units.numel() == x3.shape[0]:
+            if covers_every_unit(batch, self.sources):
                 y3 = gather_kernel(x3, y3, self.a_stack, self.b_stack, batch.gather_idx, batch.gather_w)
-            else:               # the other units (base rows, other families' rows) skip the gathers
+            else:               # the units with a LoRA adapter here only: base rows, other families' rows skip
+                plan = unit_plan(batch, self.sources)
+                if plan is None:
+                    return y
                 idx, ws = _own_units(batch, plan)
                 xs = x3.index_select(0, plan.units)                                   # [r, L, d_in]
                 ys = gather_kernel(xs, xs.new_zeros(xs.shape[:-1] + y3.shape[-1:]), self.a_stack, self.b_stack,
