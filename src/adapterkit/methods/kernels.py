@@ -1,7 +1,7 @@
 """Mixed-batch kernels for low-rank deltas, and the float64 reference they are tested against; and
 what the other families' pools share: `routed` (per adapter), `HeldPool`, and the per-step
-`UnitPlan` with the cost rules that pick a stacked or block-diagonal call or one call per adapter, and
-the block-diagonal call's `Columns`.
+`UnitPlan` with the cost rule that picks one block-diagonal call or one call per adapter, and the
+block-diagonal call's `Columns`.
 
 Shapes: x [n, L, d_in], y [n, L, d_out] (n units = rows or tokens, L tokens per unit); stacked
 slot tensors A [S, d_in, R], B [S, R, d_out] with slot 0 all zeros and the scale folded into B;
@@ -275,24 +275,14 @@ def _unit_plan(batch: Any, slots: tuple[int, ...]) -> UnitPlan:
                     rank=rank.to(dev), weight=weight_of(w), groups=tuple(groups), counts=tuple(counts.tolist()))
 
 
-def stacked_is_cheaper(plan: UnitPlan, tokens: int, work: Sequence[int], call_cost: int) -> bool:
-    """Run the step's m adapters as one stacked call on all their units, or one call per adapter?
-
-    The stacked call does every adapter's work on every unit (tokens each): work the per-adapter calls
-    skip; the per-adapter calls pay a fixed cost each (launches, gathers; in multiply-adds, call_cost).
-    work: multiply-adds per token of each slot in plan.slots. Decode-sized steps with a few adapters
-    stack; prefill and steps with many adapters go per adapter."""
-    units = int(plan.units.numel()) * tokens
-    redundant = units * sum(work) - sum(c * tokens * w for c, w in zip(plan.counts, work))
-    return redundant <= (len(plan.slots) - 1) * call_cost
-
-
 def block_diagonal_is_cheaper(plan: UnitPlan, tokens: int, work: Sequence[int], call_cost: int) -> bool:
     """Run the step's m adapters as one block-diagonal call, or one call per adapter?
 
     The block-diagonal call gives each adapter its own columns of input, as many as the adapter with the
-    most pairs has (c_max; the others' padding columns are zeros): it does (c_max - c_s) units' work
-    more for each adapter s, where the stacked call does every other adapter's units too."""
+    most pairs has (c_max; the others' padding columns are zeros): it does (c_max - c_s) units' work more
+    than needed for each adapter s (none in decode with one unit per adapter); the per-adapter calls pay
+    a fixed cost each (launches, gathers; in multiply-adds, call_cost). work: multiply-adds per token of
+    each slot in plan.slots."""
     most = max(plan.counts)
     redundant = sum((most - c) * tokens * w for c, w in zip(plan.counts, work))
     return redundant <= (len(plan.slots) - 1) * call_cost
