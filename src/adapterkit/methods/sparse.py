@@ -284,7 +284,7 @@ class SparsePool(HeldPool):
             cols = torch.cat([self.csr[s][1] + b * self.site.in_features for b, s in enumerate(slots)])
             vals = torch.cat([self.csr[s][2] for s in slots])
             shape = (len(slots) * self.site.out_features, len(slots) * self.site.in_features)
-            if max(offset, *shape) < 2**31:             # int32 indices: torch's CSR mat-vec ~1.5x faster
+            if max(offset, *shape) < 2**31:             # int32 indices: less index traffic for torch's CSR kernels
                 crow, cols = crow.int(), cols.int()
             if len(self._stacked) >= STACKS_KEPT:
                 del self._stacked[next(iter(self._stacked))]          # the oldest set
