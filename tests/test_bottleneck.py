@@ -57,7 +57,7 @@ def test_native_format_round_trip_and_store(llama, tmp_path):
                                            for k, t in a.tensors[s].items())
     store = AdapterStore(tmp_path / "store")
     store.put(a)
-    assert store.show("b")["summary"] == "bottleneck parallel gelu size 2 on 2 sites"
+    assert store.show("b")["summary"] == "bottleneck parallel gelu size 2 scale 2 on 2 sites"
 
 
 def test_merges_are_refused_by_name_and_run_time_stacking_works(llama):
@@ -222,6 +222,28 @@ def test_train_cli_trains_a_bottleneck_classifier(tmp_path):
     res = CliRunner().invoke(app, ["train", "--placement", "houlsby", "--name", "c", "--base", str(path),
                                    "--train-file", str(data), "--store", str(tmp_path / "s"), "--no-progress"])
     assert res.exit_code != 0 and "set a bottleneck adapter; this run trains lora" in res.output
+
+
+def test_train_cli_scales_a_parallel_bottleneck_and_refuses_a_series_scale(tmp_path):
+    from typer.testing import CliRunner
+
+    from adapterkit.cli import app
+    from adapterkit.store import AdapterStore
+    from conftest import classification_files
+
+    path, data = classification_files(tmp_path)
+    common = ["--name", "p", "--base", str(path), "--train-file", str(data), "--steps", "2", "--eval-every", "0",
+              "--store", str(tmp_path / "s"), "--no-progress"]
+    res = CliRunner().invoke(app, ["train", "--method", "bottleneck", "--placement", "parallel", "--scaling", "4",
+                                   *common])
+    assert res.exit_code == 0, res.output
+    st = AdapterStore(tmp_path / "s")
+    assert st.get("p").config.scaling == 4.0 and " scale 4 on " in st.show("p")["summary"]
+    res = CliRunner().invoke(app, ["train", "--method", "bottleneck", "--scaling", "4", "--overwrite", *common])
+    assert res.exit_code != 0
+    assert "bottleneck scaling applies to parallel adapters; a series adapter's is 1" in res.output
+    res = CliRunner().invoke(app, ["train", "--scaling", "4", "--overwrite", *common])
+    assert res.exit_code != 0 and "--scaling set a bottleneck adapter; this run trains lora" in res.output
 
 
 def test_inspect_describes_a_native_family_by_its_summary(llama, tmp_path):

@@ -117,6 +117,8 @@ def adapter_create(
     placement: Optional[str] = typer.Option(None, help="Bottleneck: pfeiffer (default), houlsby or parallel."),
     reduction_factor: Optional[int] = typer.Option(None, help="Bottleneck: d -> d/rf (default 16)."),
     nonlinearity: Optional[str] = typer.Option(None, help="Bottleneck: relu (default), gelu or silu."),
+    scaling: Optional[float] = typer.Option(None, help="Bottleneck, parallel placement: the output scale "
+                                            "(default 1)."),
     init: str = typer.Option("default", help="'default' (the identity: LoRA B = 0, IA3 ones, bottleneck up = 0, "
                              "sparse no entries; for training) or 'nonzero' (changes the output; sparse: random "
                              "entries)."),
@@ -134,7 +136,8 @@ def adapter_create(
     try:
         if init not in ("default", "nonzero"):
             raise AdapterkitError(f"--init must be 'default' or 'nonzero', got {init!r}")
-        given = dict(placement=placement, reduction_factor=reduction_factor, nonlinearity=nonlinearity)
+        given = dict(placement=placement, reduction_factor=reduction_factor, nonlinearity=nonlinearity,
+                     scaling=scaling)
         if method != "bottleneck" and any(v is not None for v in given.values()):
             flags = ", ".join("--" + k.replace("_", "-") for k, v in given.items() if v is not None)
             raise AdapterkitError(f"{flags} set a bottleneck adapter; this one is {method}: add --method bottleneck "

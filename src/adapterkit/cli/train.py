@@ -40,6 +40,8 @@ def train_cmd(
     reduction_factor: Optional[int] = typer.Option(None, "--reduction-factor", help="Bottleneck: d -> d/rf "
                                                    "(default 16)."),
     nonlinearity: Optional[str] = typer.Option(None, help="Bottleneck: relu (default), gelu or silu."),
+    scaling: Optional[float] = typer.Option(None, "--scaling", help="Bottleneck, parallel placement: the output "
+                                            "scale s of y + s·f(x) (default 1; He et al. use 4)."),
     sparse_params: Optional[int] = typer.Option(None, "--sparse-params", help="Sparse (LT-SFT): entries kept "
                                                 "after the dense phase (default: 1 % of the selected matrices)."),
     sparse_proportion: Optional[float] = typer.Option(None, "--sparse-proportion", help="Sparse: the share of "
@@ -191,7 +193,7 @@ def train_cmd(
             check_run(st, name, overwrite=overwrite, resume=resume)      # before loading the base or the data
             target_list = tuple(t.strip() for t in targets.split(",")) if targets else None
             options = {"bottleneck": dict(placement=placement, reduction_factor=reduction_factor,
-                                          nonlinearity=nonlinearity),
+                                          nonlinearity=nonlinearity, scaling=scaling),
                        "sparse": dict(sparse_params=sparse_params, sparse_proportion=sparse_proportion,
                                       dense_steps=dense_steps, l1=l1),
                        "scalearn": dict(sources=sources, variant=variant), "fusion": dict(sources=sources),

@@ -166,7 +166,8 @@ class Bottleneck(Method):
     def summary(self, config: BottleneckConfig, tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> str:
         sizes = sorted({int(p["down"].shape[0]) for p in tensors.values()})
         size = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}..{sizes[-1]}"
-        return f"bottleneck {config.placement} {config.nonlinearity} size {size} on {len(tensors)} sites"
+        scale = f" scale {config.scaling:g}" if config.scaling != 1.0 else ""
+        return f"bottleneck {config.placement} {config.nonlinearity} size {size}{scale} on {len(tensors)} sites"
 
 
 class BottleneckPool(HeldPool):
