@@ -7,6 +7,8 @@ Systems (same base weights, threads, dtype and batch; alternated A B C ... in ev
   base            the bare base model with no adapter (the upper bound)
   adapterkit_off  adapterkit with the adapters switched off (rt.disabled(); decode only): hook cost
   adapterkit[k]   adapterkit forced to kernel k (with --kernels): justifies the auto threshold
+  adapterkit[gather-copy]  (with --copy-gather) the gather kernel copying every row's A and B, the span
+                  kernel (a view of the stacks' slots lo..hi) turned off: what the span saves
 
 Workloads, batch B (default 32), row i uses adapter a{i % U}:
   decode   one step of 1 new token per row on a KV cache of --ctx (128) tokens
@@ -96,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time adapterkit forced to each kernel (dense/gather/segment)")
     p.add_argument("--kernel-workloads", default="decode",
                    help="workloads the --kernels sweep covers (default decode; prefill triples its cost)")
+    p.add_argument("--copy-gather", action="store_true",
+                   help="decode also times adapterkit[gather-copy]: the gather kernel with the span view off")
     p.add_argument("--full-logits", action="store_true", help="prefill computes logits for every position")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,
@@ -247,6 +251,8 @@ class Systems:
             names.append("adapterkit_off")
         if workload in self.args.kernel_workloads:
             names += [f"adapterkit[{k}]" for k in KERNELS]
+        if workload == "decode" and self.args.copy_gather:
+            names.append("adapterkit[gather-copy]")
         return names
 
     def step(self, system: str, workload: str, u: int, inputs: dict[str, Any]) -> tuple[Callable, Callable | None]:
@@ -264,7 +270,17 @@ class Systems:
             prepare = None
         rt, ak, pm, raw = self.rt, self.ak, self.peft, self.raw
 
-        if system == "adapterkit" or system.startswith("adapterkit["):
+        if system == "adapterkit[gather-copy]":
+            from adapterkit.methods import kernels
+
+            def fn(c):
+                kept, kernels.SPAN_MAX_PADDING = kernels.SPAN_MAX_PADDING, -1.0    # span_of refuses every step
+                try:
+                    with rt.batch(rows, kernel="gather"):
+                        return ak(x, **kw(c)).logits
+                finally:
+                    kernels.SPAN_MAX_PADDING = kept
+        elif system == "adapterkit" or system.startswith("adapterkit["):
             kernel = "auto" if system == "adapterkit" else system[len("adapterkit["):-1]
 
             def fn(c):
@@ -388,6 +404,10 @@ def run_u(systems: Systems, workload: str, u: int, inputs: dict[str, Any], reps:
     }
     if "adapterkit_off" in t:
         record["ratios"]["adapterkit_off_over_base"] = med["adapterkit_off"] / med["base"]
+    if "adapterkit[gather-copy]" in t:
+        record["ratios"]["gather_copy_over_adapterkit_paired"] = summary(paired_ratios(t["adapterkit[gather-copy]"],
+                                                                                      t["adapterkit"]))
+        record["ratios"]["gather_copy_over_base"] = med["adapterkit[gather-copy]"] / med["base"]
     kern = {k: med[f"adapterkit[{k}]"] for k in KERNELS if f"adapterkit[{k}]" in med}
     if kern:
         record["fastest_kernel"] = min(kern, key=kern.get)

@@ -309,18 +309,30 @@ def test_engine_hot_path_makes_no_tensor_without_naming_its_device(env, monkeypa
     """Factory calls without a device follow torch's default device: set it to "meta" (no data) and
     any tensor the engine made implicitly would fail the step. Host metadata (ids, plans, sampling)
     says device="cpu"; everything else follows the model. Prefill runs the segment kernel, decode the
-    gather kernel, a one-adapter engine the dense kernel: all three are covered."""
+    span kernel (the gather kernel with it turned off), a one-adapter engine the dense kernel: all four are
+    covered."""
+    import adapterkit.methods.kernels as kernels
     import adapterkit.methods.lora_pool as lora
 
+    failed, forward = [], Engine._forward
+
+    def batch_forward(self, batch):              # a failed batch forward would be retried row by row, unseen
+        try:
+            return forward(self, batch)
+        except Exception as exc:
+            failed.append(exc)
+            raise
+    monkeypatch.setattr(Engine, "_forward", batch_forward)
     used = []
-    for kernel in ("dense_kernel", "gather_kernel", "segment_kernel"):
+    for kernel in ("dense_kernel", "gather_kernel", "segment_kernel", "span_kernel"):
         real = getattr(lora, kernel)
         monkeypatch.setattr(lora, kernel, lambda *a, _real=real, _k=kernel: used.append(_k) or _real(*a))
     long = {n: ids * 3 for n, ids in env.prompts.items()}                # >= 8 tokens per adapter: segments
     sampled = GenerationRequest(env.prompts["a"], adapter="a", params=SamplingParams(max_tokens=5, temperature=0.9,
                                                                                      seed=1, ignore_eos=True))
     want = engine_tokens(env, prompts=long)
-    for prompts in (long, {"a": long["a"], None: long[None]}):
+    for prompts, span in ((long, True), ({"a": long["a"], None: long[None]}, True), (long, False)):
+        monkeypatch.setattr(kernels, "SPAN_MAX_PADDING", 1.0 if span else -1.0)
         eng, streams = engine_tokens(env, start=False, prompts=prompts)
         extra = eng.submit(sampled)
         with torch.device("meta"):
@@ -328,7 +340,8 @@ def test_engine_hot_path_makes_no_tensor_without_naming_its_device(env, monkeypa
                 eng.step()
         assert {n: s.token_ids for n, s in streams.items()} == {n: want[n] for n in prompts}
         assert len(extra.token_ids) == 5 and extra.final.error is None
-    assert {"dense_kernel", "gather_kernel", "segment_kernel"} <= set(used)
+        assert not failed, failed[0]
+    assert {"dense_kernel", "gather_kernel", "segment_kernel", "span_kernel"} <= set(used)
 
 
 @pytest.mark.parametrize("device", DEVICES)

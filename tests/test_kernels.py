@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from adapterkit import build_batch
-from adapterkit.methods.kernels import dense_kernel, gather_kernel, reference_delta, segment_kernel
+from adapterkit.methods import kernels
+from adapterkit.methods.kernels import (dense_kernel, gather_kernel, reference_delta, segment_kernel, span_kernel,
+                                        span_of, unit_plan)
 
 D_IN, D_OUT = 24, 40
 
@@ -76,6 +78,68 @@ def test_weighted_multi_adapter_rows(kernel):
     batch = build_batch(ids, weights, kernel=kernel)
     torch.testing.assert_close(run(kernel, x, batch, factors, 8).double(),
                                reference_delta(x, ids, weights, factors), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n,n_adapters,length,k", [(1, 1, 1, 1), (7, 5, 3, 1), (133, 33, 1, 1), (9, 6, 2, 3)])
+@pytest.mark.parametrize("held_every", [1, 2])
+@torch.no_grad()
+def test_span_kernel_matches_float64_reference(n, n_adapters, length, k, held_every, monkeypatch):
+    """The span kernel reads slots lo..hi of the stacks as a view: skewed mixes (padding columns), a pool
+    holding every other slot only (gaps, and units of other pools' slots left alone), weighted K > 1 with a
+    slot twice on a row, base units; equal to the float64 reference on the held slots."""
+    monkeypatch.setattr(kernels, "SPAN_MAX_PADDING", float("inf"))       # take the span whatever its padding
+    gen = torch.Generator().manual_seed(n * 100 + n_adapters + k + held_every)
+    factors = make_factors(n_adapters, [1, 4, 6], gen)
+    ids = skewed_ids(n, n_adapters, gen, k=k)
+    ids[0, 0] = 1
+    if k > 1:
+        ids[-1] = torch.tensor([1, 1, 0])
+    weights = torch.where(ids > 0, torch.randn(ids.shape, generator=gen), torch.zeros(ids.shape))
+    x = torch.randn(n, length, D_IN, generator=gen)
+    held = {s: f for s, f in factors.items() if (s - 1) % held_every == 0}
+    batch = build_batch(ids, weights, kernel="gather")
+    plan = unit_plan(batch, held)
+    span = span_of(batch, plan, length)
+    assert span.lo == 1 and span.s == max(plan.slots)
+    a_stack, b_stack = stacks(factors, n_adapters + 2)                 # the other slots' stacks hold data too
+    got = span_kernel(x, torch.zeros(n, length, D_OUT), a_stack, b_stack, plan, span)
+    mine = torch.where(torch.isin(ids, torch.tensor(list(held))), ids, torch.zeros_like(ids))
+    want = reference_delta(x, mine, weights, held)
+    assert want.abs().max() > 1.0
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_span_kernel_without_padding_weights_each_column_by_its_own_unit():
+    """Every row its own slot, in shuffled order (continuous batching's decode): no padding, so the columns
+    are the units reordered by slot and so must their weights be."""
+    gen = torch.Generator().manual_seed(3)
+    factors = make_factors(5, [2, 3], gen)
+    ids = torch.tensor([[3], [1], [2], [5], [4]])
+    weights = torch.rand(5, 1, generator=gen) + 0.5
+    x = torch.randn(5, 2, D_IN, generator=gen)
+    batch = build_batch(ids, weights, kernel="gather")
+    plan = unit_plan(batch, factors)
+    span = span_of(batch, plan, 2)
+    assert span.lay.unit is not None and span.lay.unit.tolist() == [1, 2, 0, 4, 3]
+    a_stack, b_stack = stacks(factors, 6)
+    got = span_kernel(x, torch.zeros(5, 2, D_OUT), a_stack, b_stack, plan, span)
+    torch.testing.assert_close(got.double(), reference_delta(x, ids, weights, factors), rtol=1e-4, atol=1e-4)
+
+
+def test_span_is_refused_when_its_padding_outweighs_the_units():
+    """Decode (1 token a unit): the span may compute up to as many padding columns as pairs; a prefill of
+    many tokens with one adapter on most rows would compute mostly padding, so it gathers instead."""
+    ids = torch.tensor([1, 1, 1, 1, 2, 3])
+    batch = build_batch(ids, kernel="gather")
+    plan = unit_plan(batch, {1: None, 2: None, 3: None})
+    assert span_of(batch, plan, 1) is not None and span_of(batch, plan, 1).lay.most == 4      # 12 columns, 6 pairs
+    assert span_of(batch, plan, 128) is None
+    spread = build_batch(torch.tensor([1, 2, 3]), kernel="gather")
+    lay = span_of(spread, unit_plan(spread, {1: None, 2: None, 3: None}), 128).lay
+    assert lay.most == 1 and lay.unit is not None                  # no padding at all: any length takes the span
+    far = build_batch(torch.tensor([1, 9]), kernel="gather")       # slots 2..8 would be 7 padding columns
+    assert span_of(far, unit_plan(far, {1: None, 9: None}), 1) is None
 
 
 @torch.no_grad()

@@ -88,10 +88,11 @@ def test_rows_of_several_sparse_adapters_lora_and_base_in_one_batch_equal_the_re
 
 def test_lora_gathers_only_for_its_own_rows_in_a_batch_mixing_families_and_base_rows(llama, monkeypatch):
     """In decode with a LoRA row among base and sparse rows, the LoRA pools gather for that row only;
-    with every row on a LoRA adapter they gather for all rows (no per-step plan); outputs equal the
-    reference either way."""
-    from adapterkit.methods import lora_pool
+    with every row on a LoRA adapter they gather for all rows; outputs equal the reference either way.
+    (The span kernel, which would take these steps, is turned off: test_lora_reads_close_slots_as_a_span.)"""
+    from adapterkit.methods import kernels, lora_pool
 
+    monkeypatch.setattr(kernels, "SPAN_MAX_PADDING", -1.0)
     sizes, real = [], lora_pool.gather_kernel
     monkeypatch.setattr(lora_pool, "gather_kernel", lambda x, *rest: sizes.append(x.shape[0]) or real(x, *rest))
     a = sparse("a", llama, 1)
@@ -108,6 +109,33 @@ def test_lora_gathers_only_for_its_own_rows_in_a_batch_mixing_families_and_base_
             got = llama.model(ids).logits
         torch.testing.assert_close(got.double(), reference(llama.model, stacks, ids), atol=1e-4, rtol=1e-4)
         assert sizes and set(sizes) == {units}
+
+
+def test_lora_reads_close_slots_as_a_span_in_a_batch_mixing_families_and_base_rows(llama, monkeypatch):
+    """Decode and prefill with LoRA rows (one stacked with weights) among base and sparse rows: the LoRA
+    pools read their slots as a span of the stacks (no per-unit copy) for decode and for a prefill without
+    padding; a prefill where one LoRA has most rows gathers instead; outputs equal the reference each time."""
+    from adapterkit.methods import lora_pool
+
+    taken, real_span, real_gather = [], lora_pool.span_kernel, lora_pool.gather_kernel
+    monkeypatch.setattr(lora_pool, "span_kernel", lambda *a: taken.append("span") or real_span(*a))
+    monkeypatch.setattr(lora_pool, "gather_kernel", lambda *a: taken.append("gather") or real_gather(*a))
+    a = sparse("a", llama, 1)
+    lora = create_adapter("l", llama.model, LoraConfig(r=2, init="nonzero", init_std=0.3), seed=3)
+    lora2 = create_adapter("m", llama.model, LoraConfig(r=4, init="nonzero", init_std=0.3), seed=4)
+    rt = AdapterRuntime.from_base(llama, capacity=4)
+    for x in (lora, lora2, a):                      # slots 1, 2, 3 (gaps in a span: tests/test_kernels.py)
+        rt.add(x)
+    cases = ((["a", None, "l", {"l": 0.5, "m": 1.0}, "m"], [[a], [], [lora], [(lora, 0.5), lora2], [lora2]], 1, "span"),
+             (["m", "l", None], [[lora2], [lora], []], 6, "span"),
+             (["l", "l", "l", "l", "m"], [[lora]] * 4 + [[lora2]], 6, "gather"))
+    for rows, stacks, length, kernel in cases:
+        taken.clear()
+        ids = input_ids(len(rows), length)
+        with torch.no_grad(), rt.batch(rows, kernel="gather"):
+            got = llama.model(ids).logits
+        torch.testing.assert_close(got.double(), reference(llama.model, stacks, ids), atol=1e-4, rtol=1e-4)
+        assert taken and set(taken) == {kernel}
 
 
 def test_composition_by_addition_equals_both_changes_applied_to_the_weights(llama):

@@ -253,7 +253,7 @@ def covers_every_unit(batch: Any, held: Mapping[int, Any]) -> bool:
 
 def _unit_plan(batch: Any, slots: tuple[int, ...]) -> UnitPlan:
     ids, weights = batch.ids, batch.weights                           # [n, K] on the host
-    chosen = torch.tensor(slots)
+    chosen = torch.tensor(slots, device="cpu")                        # host plan (ids are on the host)
     unit, pos = torch.nonzero(torch.isin(ids, chosen), as_tuple=True)  # [P] pairs, sorted by unit
     units, local = torch.unique(unit, return_inverse=True)
     block = torch.searchsorted(chosen, ids[unit, pos])
@@ -266,7 +266,7 @@ def _unit_plan(batch: Any, slots: tuple[int, ...]) -> UnitPlan:
     counts = torch.bincount(block, minlength=len(slots))
     order = torch.argsort(block, stable=True)
     rank = torch.empty_like(block)
-    rank[order] = torch.arange(block.numel()) - (torch.cumsum(counts, 0) - counts)[block[order]]
+    rank[order] = torch.arange(block.numel(), device="cpu") - (torch.cumsum(counts, 0) - counts)[block[order]]
     groups = []
     for b in range(len(slots)):
         sel = block == b
@@ -318,12 +318,15 @@ def columns(batch: Any, plan: Any) -> Columns:
     return batch.memo[key]
 
 
-def column_inputs(x: torch.Tensor, plan: UnitPlan, lay: Columns, dtype: torch.dtype) -> torch.Tensor:
-    """x [n, L, d] -> the block-diagonal call's input [m · c_max, L, d] in dtype (zeros where padding)."""
+def column_inputs(x: torch.Tensor, plan: UnitPlan, lay: Columns, dtype: torch.dtype,
+                  blocks: int | None = None) -> torch.Tensor:
+    """x [n, L, d] -> the block-diagonal call's input [m · c_max, L, d] in dtype (zeros where padding;
+    m: the plan's slots, or `blocks` of a span)."""
     if lay.unit is not None:                    # no padding: each column is one pair's unit
         return x.index_select(0, lay.unit).to(dtype)
     pairs = x.index_select(0, plan.target).to(dtype)
-    return pairs.new_zeros((len(plan.slots) * lay.most,) + tuple(pairs.shape[1:])).index_copy_(0, lay.column, pairs)
+    m = len(plan.slots) if blocks is None else blocks
+    return pairs.new_zeros((m * lay.most,) + tuple(pairs.shape[1:])).index_copy_(0, lay.column, pairs)
 
 
 def add_columns(out: torch.Tensor, ys: torch.Tensor, plan: UnitPlan, lay: Columns) -> torch.Tensor:
@@ -334,3 +337,54 @@ def add_columns(out: torch.Tensor, ys: torch.Tensor, plan: UnitPlan, lay: Column
     ys = ys if lay.weight is None else ys * lay.weight.to(ys.dtype)
     # index_put_ accumulating: index_add_'s sum; it was the cheaper call in a one-off timing here (no benchmark)
     return out.index_put_((unit,), ys.to(out.dtype), accumulate=True)
+
+
+@dataclass(frozen=True)
+class Span:
+    """A step's units laid out on a contiguous range of slot stacks, so a kernel reads the stacks'
+    slots lo .. lo + s - 1 as a view instead of gathering a copy per unit: slot lo + j owns columns
+    j · c .. j · c + c - 1 (c: the most pairs any slot has; slots of the range that the step does not
+    use, and slots with fewer pairs, get zero columns). `lay`: the Columns of that layout."""
+    lo: int
+    s: int
+    lay: Columns
+
+
+# The span kernel computes every column of its range, padding included; the per-unit gather computes only
+# the pairs but copies each unit's slot tensors first. Take the span while its padding columns' tokens are
+# at most the pairs' own (decode: up to 2x the columns; a long prefill: next to no padding).
+SPAN_MAX_PADDING = 1.0
+
+
+def span_of(batch: Any, plan: UnitPlan, tokens: int) -> Span | None:
+    """The span layout of `plan` (None: too much padding for `tokens` tokens per unit). Made once per
+    step and set of slots, shared by the sites."""
+    key = ("span", plan.slots, tokens)
+    if key not in batch.memo:
+        lo, s, most = plan.slots[0], plan.slots[-1] - plan.slots[0] + 1, max(plan.counts)
+        pairs = plan.block.numel()
+        span = None
+        if (s * most - pairs) * tokens <= SPAN_MAX_PADDING * pairs:
+            offset = torch.tensor(plan.slots, device=plan.block.device)[plan.block] - lo
+            column = offset * most + plan.rank
+            unit, weight = None, plan.weight
+            if s * most == pairs:                              # no padding: each column is one pair's unit
+                unit = torch.empty_like(plan.target).index_copy_(0, column, plan.target)
+                if weight is not None:
+                    weight = torch.empty_like(weight).index_copy_(0, column, weight)
+            span = Span(lo=lo, s=s, lay=Columns(column=column, most=most, unit=unit, weight=weight))
+        batch.memo[key] = span
+    return batch.memo[key]
+
+
+def span_kernel(x: torch.Tensor, y: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
+                plan: UnitPlan, span: Span) -> torch.Tensor:
+    """y[u] += w · x[u] @ A[slot] @ B[slot] for each (unit u, slot) pair of `plan`, reading the stacks'
+    slots span.lo .. span.lo + span.s - 1 in place (a view: no per-unit copy of A and B, which the gather
+    kernel makes; that copy is most of a decode step's adapter cost when every row has its own adapter).
+    Columns: [s · c, L, d_in] -> [s, c · L, d_in] @ A [s, d_in, R] @ B [s, R, d_out]."""
+    lay, n_tok = span.lay, x.shape[1]
+    xs = column_inputs(x, plan, lay, x.dtype, blocks=span.s)                          # [s · c, L, d_in]
+    h = torch.bmm(xs.view(span.s, lay.most * n_tok, -1), a_stack.narrow(0, span.lo, span.s))
+    ys = torch.bmm(h, b_stack.narrow(0, span.lo, span.s))                            # [s, c · L, d_out]
+    return add_columns(y, ys.view(span.s * lay.most, n_tok, -1), plan, lay)

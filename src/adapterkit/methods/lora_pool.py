@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from .base import SiteInfo
-from .kernels import UnitPlan, covers_every_unit, dense_kernel, gather_kernel, segment_kernel, unit_plan
+from .kernels import (UnitPlan, covers_every_unit, dense_kernel, gather_kernel, segment_kernel, span_kernel, span_of,
+                      unit_plan)
 
 
 class LoraPool:
@@ -88,12 +89,15 @@ class LoraPool:
                 return y
             y3 = dense_kernel(x3, y3, terms)
         elif batch.kernel == "gather":
-            if covers_every_unit(batch, self.sources):
+            plan = unit_plan(batch, self.sources)
+            if plan is None:
+                return y
+            span = span_of(batch, plan, x3.shape[1])
+            if span is not None:         # the step's slots lie close together: read the stacks as a view
+                y3 = span_kernel(x3, y3, self.a_stack, self.b_stack, plan, span)
+            elif covers_every_unit(batch, self.sources):
                 y3 = gather_kernel(x3, y3, self.a_stack, self.b_stack, batch.gather_idx, batch.gather_w)
             else:               # the units with a LoRA adapter here only: base rows, other families' rows skip
-                plan = unit_plan(batch, self.sources)
-                if plan is None:
-                    return y
                 idx, ws = _own_units(batch, plan)
                 xs = x3.index_select(0, plan.units)                                   # [r, L, d_in]
                 ys = gather_kernel(xs, xs.new_zeros(xs.shape[:-1] + y3.shape[-1:]), self.a_stack, self.b_stack,
