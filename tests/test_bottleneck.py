@@ -234,11 +234,16 @@ def test_train_cli_scales_a_parallel_bottleneck_and_refuses_a_series_scale(tmp_p
     path, data = classification_files(tmp_path)
     common = ["--name", "p", "--base", str(path), "--train-file", str(data), "--steps", "2", "--eval-every", "0",
               "--store", str(tmp_path / "s"), "--no-progress"]
-    res = CliRunner().invoke(app, ["train", "--method", "bottleneck", "--placement", "parallel", "--scaling", "4",
+    res = CliRunner().invoke(app, ["train", "--method", "bottleneck", "--placement", "parallel", "--scaling", "2.5",
                                    *common])
     assert res.exit_code == 0, res.output
     st = AdapterStore(tmp_path / "s")
-    assert st.get("p").config.scaling == 4.0 and " scale 4 on " in st.show("p")["summary"]
+    assert st.get("p").config.scaling == 2.5 and " scale 2.5 on " in st.show("p")["summary"]
+    for flags, want in (([], 4.0), (["--scaling", "1"], 1.0)):        # the default is He et al.'s 4
+        res = CliRunner().invoke(app, ["train", "--method", "bottleneck", "--placement", "parallel", "--overwrite",
+                                       *flags, *common])
+        assert res.exit_code == 0, res.output
+        assert st.get("p").config.scaling == want
     res = CliRunner().invoke(app, ["train", "--method", "bottleneck", "--scaling", "4", "--overwrite", *common])
     assert res.exit_code != 0
     assert "bottleneck scaling applies to parallel adapters; a series adapter's is 1" in res.output
