@@ -381,7 +381,7 @@ def span_kernel(x: torch.Tensor, y: torch.Tensor, a_stack: torch.Tensor, b_stack
                 plan: UnitPlan, span: Span) -> torch.Tensor:
     """y[u] += w · x[u] @ A[slot] @ B[slot] for each (unit u, slot) pair of `plan`, reading the stacks'
     slots span.lo .. span.lo + span.s - 1 in place (a view: no per-unit copy of A and B, which the gather
-    kernel makes; that copy is most of a decode step's adapter cost when every row has its own adapter).
+    kernel makes; benchmarks/mixed_batch.py --copy-gather times the two side by side).
     Columns: [s · c, L, d_in] -> [s, c · L, d_in] @ A [s, d_in, R] @ B [s, R, d_out]."""
     lay, n_tok = span.lay, x.shape[1]
     xs = column_inputs(x, plan, lay, x.dtype, blocks=span.s)                          # [s · c, L, d_in]
