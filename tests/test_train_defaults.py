@@ -110,3 +110,17 @@ def test_each_family_trains_at_its_factor_of_the_objective_lr_per_base_kind():
     assert lr["bottleneck", "encoder"] == pytest.approx(1e-2)           # chosen on MiniLM
     assert lr["bottleneck", "causal-lm"] == pytest.approx(5e-4)         # 1e-2 diverged on SmolLM2
     assert resolve("classification", 1000, False, base_kind="causal-lm", method="bottleneck", lr=3e-3).config.lr == 3e-3
+
+
+def test_a_parallel_bottleneck_has_its_own_lr_and_scale_per_base_kind():
+    """Chosen on chat-topics (methods_tune.jsonl): on an encoder 1x the objective's lr (the bottleneck's 5x
+    collapsed) at scale 1; on a causal LM the bottleneck's 0.25x at He et al.'s scale 4."""
+    from adapterkit.train.defaults import parallel_scaling, resolve
+
+    def lr(kind, placement):
+        return resolve("classification", 1000, False, base_kind=kind, method="bottleneck",
+                       placement=placement).config.lr
+    assert lr("encoder", "parallel") == pytest.approx(2e-3) and lr("encoder", "pfeiffer") == pytest.approx(1e-2)
+    assert lr("causal-lm", "parallel") == lr("causal-lm", "pfeiffer") == pytest.approx(5e-4)
+    assert lr("encoder", None) == pytest.approx(1e-2)
+    assert parallel_scaling("causal-lm") == 4.0 and parallel_scaling("encoder") == parallel_scaling("image") == 1.0

@@ -118,7 +118,7 @@ def adapter_create(
     reduction_factor: Optional[int] = typer.Option(None, help="Bottleneck: d -> d/rf (default 16)."),
     nonlinearity: Optional[str] = typer.Option(None, help="Bottleneck: relu (default), gelu or silu."),
     scaling: Optional[float] = typer.Option(None, help="Bottleneck, parallel placement: the output scale "
-                                            "(default 4, as train's)."),
+                                            "(default as train's: 4 on a causal LM, else 1)."),
     init: str = typer.Option("default", help="'default' (the identity: LoRA B = 0, IA3 ones, bottleneck up = 0, "
                              "sparse no entries; for training) or 'nonzero' (changes the output; sparse: random "
                              "entries)."),

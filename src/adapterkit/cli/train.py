@@ -41,7 +41,8 @@ def train_cmd(
                                                    "(default 16)."),
     nonlinearity: Optional[str] = typer.Option(None, help="Bottleneck: relu (default), gelu or silu."),
     scaling: Optional[float] = typer.Option(None, "--scaling", help="Bottleneck, parallel placement: the output "
-                                            "scale s of y + s·f(x) (default 4: He et al.'s scaled parallel adapter)."),
+                                            "scale s of y + s·f(x) (default: 4 on a causal LM, He et al.'s scaled parallel adapter; 1 on an encoder "
+                                            "or image base)."),
     sparse_params: Optional[int] = typer.Option(None, "--sparse-params", help="Sparse (LT-SFT): entries kept "
                                                 "after the dense phase (default: 1 % of the selected matrices)."),
     sparse_proportion: Optional[float] = typer.Option(None, "--sparse-proportion", help="Sparse: the share of "
@@ -248,9 +249,10 @@ def train_cmd(
             if train_rows is not None:
                 train_data = _sample_rows(train_data, train_rows, seed)
             loaded = load_base(base, dt, dev)
-            plan = resolve(objective, len(train_data), bool(eval_data), base_kind=loaded.kind, method=method, **flags)
+            plan = resolve(objective, len(train_data), bool(eval_data), base_kind=loaded.kind, method=method,
+                           placement=placement if method == "bottleneck" else None, **flags)
             if plan.chosen and rank == 0:
-                family = "" if method == "lora" else f" with {method}"
+                family = "" if method == "lora" else f" with {method}" + (f" {placement}" if placement else "")
                 out.print(f"defaults for {objective}{family} on {len(train_data)} examples: {plan.describe()} (a flag "
                           "sets any of them)", markup=False, highlight=False, soft_wrap=True)
             extra = {"compatible_with": old_version, "compat_weight": compat_weight} if old_version else {}

@@ -79,18 +79,31 @@ TRAINABLE = tuple(METHOD_LR)
 # diverged on SmolLM2 (held-out rt-sentiment, benchmarks/methods.py: loss above chance, test 0.562 vs
 # LoRA 0.842); re-chosen on SmolLM2's tuning task, election-tweets (150 steps of 16, head lr 1e-2, 300
 # test rows, train_defaults_sweep.jsonl): 0.900 at 1e-2, 0.910 at 2e-3, 0.933 at 5e-4 -> 0.25x.
-METHOD_LR_BY_KIND = {("bottleneck", "causal-lm"): 0.25}
+# A parallel bottleneck on an encoder: 1x (2e-3), chosen on MiniLM's tuning task chat-topics (validation
+# 187 rows, benchmarks/methods_tune.py, results/methods_tune.jsonl; LoRA 0.781 / 0.651, Pfeiffer 0.781 /
+# 0.651): at the bottleneck's 5x (1e-2) it collapsed to the majority class at scale 1 (0.273) and reached
+# 0.583 at scale 4; at 1x, 0.765 / 0.633 at scale 4 and 0.797 / 0.708 at scale 1 (its scale there: 1,
+# PARALLEL_SCALING_BY_KIND). Keys "method:placement" are looked up before the method's own.
+METHOD_LR_BY_KIND = {("bottleneck", "causal-lm"): 0.25, ("bottleneck:parallel", "encoder"): 1.0}
 
 
-# A parallel bottleneck's output scale s (y + s·f(x)) when --scaling is not given: He et al.'s (2022) scaled
-# parallel adapter. Chosen on SmolLM2's tuning task for it, chat-topics (CLI defaults otherwise, validation
-# 187 rows, benchmarks/methods_tune.py, results/methods_tune.jsonl): s = 1 0.701 / 0.510, s = 4 0.754 / 0.582
-# (accuracy / macro-F1). The library's BottleneckConfig keeps 1 (what it is given is what it computes).
-PARALLEL_SCALING = 4.0
+# A parallel bottleneck's output scale s (y + s·f(x)) when --scaling is not given. On a causal LM, He et
+# al.'s (2022) scaled parallel adapter, s = 4, chosen on SmolLM2's tuning task chat-topics (CLI defaults
+# otherwise, validation 187 rows, benchmarks/methods_tune.py, results/methods_tune.jsonl): s = 1 0.701 /
+# 0.510, s = 4 0.754 / 0.582 (accuracy / macro-F1). On an encoder 1 (see METHOD_LR_BY_KIND); on an image
+# base 1 (not tuned). The library's BottleneckConfig keeps 1 (what it is given is what it computes).
+PARALLEL_SCALING_BY_KIND = {"causal-lm": 4.0}
 
 
-def method_lr(method: str, base_kind: str) -> float:
-    """The factor on the objective's adapter lr for a family on a base of `base_kind`."""
+def parallel_scaling(base_kind: str) -> float:
+    return PARALLEL_SCALING_BY_KIND.get(base_kind, 1.0)
+
+
+def method_lr(method: str, base_kind: str, placement: str | None = None) -> float:
+    """The factor on the objective's adapter lr for a family (a bottleneck: of its placement) on a base of
+    `base_kind`."""
+    if placement is not None and (f"{method}:{placement}", base_kind) in METHOD_LR_BY_KIND:
+        return METHOD_LR_BY_KIND[f"{method}:{placement}", base_kind]
     return METHOD_LR_BY_KIND.get((method, base_kind), METHOD_LR[method])
 
 
@@ -122,7 +135,7 @@ def recipe(objective: str) -> Recipe:
 
 
 def resolve(objective: str, n_train: int, has_eval: bool, *, base_kind: str = "causal-lm", method: str = "lora",
-            steps: int | None = None,
+            placement: str | None = None, steps: int | None = None,
             batch_size: int | None = None, lr: float | None = None, head_lr: float | None = None,
             warmup: int | None = None, eval_every: int | None = None, **fixed: Any) -> Resolved:
     """A TrainConfig from the flags given (not None) and the objective's recipe for the rest, for a
@@ -143,7 +156,7 @@ def resolve(objective: str, n_train: int, has_eval: bool, *, base_kind: str = "c
     steps = pick("steps", steps, min(cap, max(r.min_steps, math.ceil(r.epochs * per_epoch))))
     if method not in METHOD_LR:
         raise ConfigError(f"`train` trains {', '.join(TRAINABLE)} adapters; {method!r} is not one of them")
-    lr = pick("lr", lr, r.lr * method_lr(method, base_kind))
+    lr = pick("lr", lr, r.lr * method_lr(method, base_kind, placement))
     head_lr = pick("head_lr", head_lr, r.head_lr)
     if isinstance(steps, int) and steps >= 1:
         warmup = pick("warmup", warmup, min(steps, round(r.warmup * steps)))

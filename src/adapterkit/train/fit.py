@@ -34,7 +34,7 @@ from ..methods.lora import LoraConfig
 from ..methods.sparse import SparseConfig
 from ..core.runtime import AdapterRuntime
 from ..store import AdapterStore
-from .defaults import PARALLEL_SCALING
+from .defaults import parallel_scaling
 from .filelock import LockHeld, file_lock
 from .progress import TrainProgress
 from .report import loss_plot_path, plot_unavailable, save_loss_plot
@@ -194,7 +194,7 @@ def adapter_config(method: str, base: Base, *, r: int = 8, alpha: float = 16.0,
         model_type = getattr(base.model.config, "model_type", "?")
         given = {k: v for k, v in options.items() if v is not None}
         if given.get("placement") == "parallel":
-            given.setdefault("scaling", PARALLEL_SCALING)
+            given.setdefault("scaling", parallel_scaling(base.kind))
         if targets is not None:
             return BottleneckConfig(target_modules=tuple(targets), **given)
         return BottleneckConfig.for_model(model_type, **given)
