@@ -308,14 +308,19 @@ def columns(batch: Any, plan: Any) -> Columns:
     key = ("columns", plan.slots)
     if key not in batch.memo:
         most = max(plan.counts)
-        column = plan.block * most + plan.rank
-        unit, weight = None, plan.weight
-        if len(plan.counts) * most == column.numel():              # every adapter has c_max pairs
-            unit = torch.empty_like(plan.target).index_copy_(0, column, plan.target)
-            if weight is not None:
-                weight = torch.empty_like(weight).index_copy_(0, column, weight)
-        batch.memo[key] = Columns(column=column, most=most, unit=unit, weight=weight)
+        batch.memo[key] = _laid_out(plan, plan.block * most + plan.rank, most, len(plan.counts))
     return batch.memo[key]
+
+
+def _laid_out(plan: UnitPlan, column: torch.Tensor, most: int, blocks: int) -> Columns:
+    """The Columns of pairs placed at `column` in `blocks` blocks of `most` columns; where no column is
+    padding, the units (and weights) are reordered by column so the output adds without a gather."""
+    unit, weight = None, plan.weight
+    if blocks * most == column.numel():                        # every block has c_max pairs
+        unit = torch.empty_like(plan.target).index_copy_(0, column, plan.target)
+        if weight is not None:
+            weight = torch.empty_like(weight).index_copy_(0, column, weight)
+    return Columns(column=column, most=most, unit=unit, weight=weight)
 
 
 def column_inputs(x: torch.Tensor, plan: UnitPlan, lay: Columns, dtype: torch.dtype,
@@ -366,13 +371,7 @@ def span_of(batch: Any, plan: UnitPlan, tokens: int) -> Span | None:
         span = None
         if (s * most - pairs) * tokens <= SPAN_MAX_PADDING * pairs:
             offset = torch.tensor(plan.slots, device=plan.block.device)[plan.block] - lo
-            column = offset * most + plan.rank
-            unit, weight = None, plan.weight
-            if s * most == pairs:                              # no padding: each column is one pair's unit
-                unit = torch.empty_like(plan.target).index_copy_(0, column, plan.target)
-                if weight is not None:
-                    weight = torch.empty_like(weight).index_copy_(0, column, weight)
-            span = Span(lo=lo, s=s, lay=Columns(column=column, most=most, unit=unit, weight=weight))
+            span = Span(lo=lo, s=s, lay=_laid_out(plan, offset * most + plan.rank, most, s))
         batch.memo[key] = span
     return batch.memo[key]
 
