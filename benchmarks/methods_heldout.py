@@ -27,10 +27,13 @@ from cli_runs import cli, log  # noqa: E402
 from heldout_tasks import write_jsonl  # noqa: E402
 
 
+FLAGS = {"parallel": ["--method", "bottleneck", "--placement", "parallel"]}     # a family that is a placement
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--task", default="debates-party")
-    p.add_argument("--methods", default="lora,ia3,bottleneck")
+    p.add_argument("--methods", default="lora,ia3,bottleneck,parallel")
     p.add_argument("--base", default="minilm-l6")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "methods_heldout.json")
     a = p.parse_args()
@@ -38,11 +41,13 @@ def main() -> None:
     write_jsonl(folder, (a.task,))
     store = folder / "store"
     env = {**os.environ, "ADAPTERKIT_DEVICE": "cpu"}
-    results = {}
+    # a re-run of some methods keeps the others' rows (the file's date is the latest run's)
+    results = json.loads(a.out.read_text())["runs"] if a.out.is_file() else {}
     for method in a.methods.split(","):
         name = f"{a.task}-{method}"
+        flags = FLAGS.get(method, ["--method", method])
         cmd = ["train", "--base", a.base, "--train-file", str(folder / f"{a.task}.train.jsonl"), "--eval-file",
-               str(folder / f"{a.task}.validation.jsonl"), "--name", name, "--method", method]
+               str(folder / f"{a.task}.validation.jsonl"), "--name", name, *flags]
         log(f"adapterkit {' '.join(cmd)}")
         console, secs = cli(cmd + ["--store", str(store), "--no-progress"], env)
         got = json.loads(cli(["eval", name, "--file", str(folder / f"{a.task}.test.jsonl"), "--json", "--no-progress",
