@@ -41,8 +41,8 @@ def train_cmd(
                                                    "(default 16)."),
     nonlinearity: Optional[str] = typer.Option(None, help="Bottleneck: relu (default), gelu or silu."),
     scaling: Optional[float] = typer.Option(None, "--scaling", help="Bottleneck, parallel placement: the output "
-                                            "scale s of y + s·f(x) (default: 4 on a causal LM, He et al.'s scaled parallel adapter; 1 on an encoder "
-                                            "or image base)."),
+                                            "scale s of y + s·f(x) (default: 4 on a causal LM, He et al.'s scaled "
+                                            "parallel adapter; 1 on an encoder or image base)."),
     sparse_params: Optional[int] = typer.Option(None, "--sparse-params", help="Sparse (LT-SFT): entries kept "
                                                 "after the dense phase (default: 1 % of the selected matrices)."),
     sparse_proportion: Optional[float] = typer.Option(None, "--sparse-proportion", help="Sparse: the share of "
