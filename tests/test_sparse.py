@@ -231,7 +231,7 @@ def test_lt_sft_selects_the_top_k_of_the_dense_phase_resets_and_trains_only_thos
     monkeypatch.setattr(sft, "sparse_from_dense", spy)
     args = ["train", "--method", "sparse", "--sparse-params", "40", "--dense-steps", "8", "--steps", "6", "--name",
             "s", "--base", str(path), "--train-file", str(data), "--store", str(tmp_path / "st"), "--no-progress"]
-    res = CliRunner().invoke(app, args + ["--lr", "0.01"])
+    res = CliRunner().invoke(app, args + ["--lr", "0.01", "--sparse-lr", "0.02"])
     assert res.exit_code == 0, res.output
     store = AdapterStore(tmp_path / "st")
     stored, row = store.get("s"), store.show("s")
@@ -243,14 +243,14 @@ def test_lt_sft_selects_the_top_k_of_the_dense_phase_resets_and_trains_only_thos
         assert torch.equal(parts["indices"], want)
     assert all(bool((p["values"] != 0).any()) for p in stored.tensors.values())         # phase 2 trained
     lineage = row["lineage"][0]["params"]
-    assert lineage["lt_sft"]["k"] == 40 and lineage["lt_sft"]["dense_steps"] == 8
+    assert lineage["lt_sft"]["k"] == 40 and lineage["lt_sft"]["dense_steps"] == 8 and lineage["lt_sft"]["sparse_lr"] == 0.02
     assert not (store.root / "runs" / "s.dense").exists()                                # phase 1 left nothing
 
 
 def test_lt_sft_phases_reset_to_the_base_and_pull_toward_it(llama, tmp_path):
     """fit_lt_sft around a stand-in fit: phase 1 gets a dense (full) adapter for the sparse adapter's sites
-    and dense_steps; phase 2 gets the sparse adapter with the top-K indices and every value 0 (θ0), and a
-    loss with λ Σ |θ − θ0| added."""
+    and dense_steps at the run's lr; phase 2 gets the sparse adapter with the top-K indices and every value 0
+    (θ0), the sparse lr, and a loss with λ Σ |θ − θ0| added."""
     from adapterkit.store import AdapterStore
     from adapterkit.train.sft import SftOptions, fit_lt_sft
     from adapterkit.train.trainer import TrainConfig
@@ -259,8 +259,8 @@ def test_lt_sft_phases_reset_to_the_base_and_pull_toward_it(llama, tmp_path):
     calls, planted = [], {}
 
     def stand_in(base, a, examples, collate, loss_fn, config, **kw):
-        calls.append((a.config.type, config.steps, {s: {k: t.clone() for k, t in p.items()} for s, p in a.tensors.items()},
-                      loss_fn))
+        calls.append((a.config.type, (config.steps, config.lr),
+                      {s: {k: t.clone() for k, t in p.items()} for s, p in a.tensors.items()}, loss_fn))
         if a.config.type == "full":                  # "training": plant a known dense change
             g = torch.Generator().manual_seed(1)
             for site, parts in a.tensors.items():
@@ -268,10 +268,12 @@ def test_lt_sft_phases_reset_to_the_base_and_pull_toward_it(llama, tmp_path):
         return None, None
 
     info = {}
-    fit_lt_sft(stand_in, llama, adapter, [], None, lambda model, batch: torch.tensor(1.0), TrainConfig(steps=4),
-               sft=SftOptions(sparse_params=7, dense_steps=3, l1=0.5), run_info=info, store=AdapterStore(tmp_path / "st"))
-    (kind1, steps1, _, _), (kind2, steps2, tensors2, loss2) = calls
-    assert (kind1, steps1, kind2, steps2) == ("full", 3, "sparse", 4)
+    fit_lt_sft(stand_in, llama, adapter, [], None, lambda model, batch: torch.tensor(1.0), TrainConfig(steps=4, lr=1e-4),
+               sft=SftOptions(sparse_params=7, dense_steps=3, l1=0.5, sparse_lr=3e-3), run_info=info,
+               store=AdapterStore(tmp_path / "st"))
+    (kind1, run1, _, _), (kind2, run2, tensors2, loss2) = calls
+    assert (kind1, run1, kind2, run2) == ("full", (3, 1e-4), "sparse", (4, 3e-3))
+    assert info["lt_sft"]["sparse_lr"] == 3e-3
     flat = torch.cat([d.abs().reshape(-1) for d in planted.values()])
     thr = float(flat.topk(7).values.min())
     for site, parts in tensors2.items():
@@ -358,6 +360,10 @@ def test_lt_sft_flags_are_checked(tmp_path):
     assert res.exit_code != 0 and "give --sparse-params or --sparse-proportion, not both" in res.output
     res = CliRunner().invoke(app, ["train", "--dense-steps", "5", *base])
     assert res.exit_code != 0 and "--dense-steps set a sparse adapter; this run trains lora" in res.output
+    res = CliRunner().invoke(app, ["train", "--method", "sparse", "--sparse-lr", "0", *base])
+    assert res.exit_code != 0 and "--sparse-lr must be > 0, got 0.0" in res.output
+    res = CliRunner().invoke(app, ["train", "--sparse-lr", "1e-3", *base])
+    assert res.exit_code != 0 and "--sparse-lr set a sparse adapter; this run trains lora" in res.output
 
 
 def test_merge_cli_merges_stored_sparse_adapters_from_a_recipe(llama, tmp_path):

@@ -51,6 +51,8 @@ def train_cmd(
                                               "(default: the run's steps)."),
     l1: Optional[float] = typer.Option(None, "--l1", help="Sparse: λ of an L1 pull of the entries toward the base "
                                        "in the sparse phase (default 0)."),
+    sparse_lr: Optional[float] = typer.Option(None, "--sparse-lr", help="Sparse: the entries' learning rate in "
+                                              "the sparse phase (default: the run's lr, as in the dense phase)."),
     train_rows: Optional[int] = typer.Option(None, "--train-rows", min=1, help="Train on a seeded sample of this "
                                              "many training rows (few-shot runs; --seed picks the sample)."),
     stack_on: Optional[str] = typer.Option(None, "--stack-on", help="Stored adapters (comma-separated: a domain "
@@ -196,7 +198,7 @@ def train_cmd(
             options = {"bottleneck": dict(placement=placement, reduction_factor=reduction_factor,
                                           nonlinearity=nonlinearity, scaling=scaling),
                        "sparse": dict(sparse_params=sparse_params, sparse_proportion=sparse_proportion,
-                                      dense_steps=dense_steps, l1=l1),
+                                      dense_steps=dense_steps, l1=l1, sparse_lr=sparse_lr),
                        "scalearn": dict(sources=sources, variant=variant), "fusion": dict(sources=sources),
                        "mora": dict(continue_from=continue_from, top_k=top_k, threshold=threshold),
                        "lora": dict(continue_from=continue_from)}

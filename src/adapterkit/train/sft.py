@@ -3,7 +3,8 @@
   1. dense: a `full` adapter (a dense ΔW per selected matrix, methods/full.py) trains `dense_steps`;
   2. select: the K entries with the largest |θ − θ0| = |ΔW| over all matrices (one global threshold;
      K = `sparse_params`, or `sparse_proportion` of the selected matrices' entries, default 1 %);
-  3. sparse: back to θ0 (the values start at 0) and only those K entries train, for the run's steps.
+  3. sparse: back to θ0 (the values start at 0) and only those K entries train, for the run's steps, at
+     `sparse_lr` when given (else the run's lr: both phases at one lr, as the paper trains them).
      They are the only parameters, so neither the gradient nor AdamW's weight decay can move any other
      entry; `l1` adds λ Σ |θ − θ0| to the loss (the pull toward θ0 of the paper's regularised variant).
 
@@ -39,6 +40,7 @@ class SftOptions:
     sparse_proportion: float | None = None    # K as a share of the selected matrices' entries (default 1 %)
     dense_steps: int | None = None            # phase 1 (default: the run's steps)
     l1: float = 0.0                           # λ of the L1 pull toward θ0 in phase 2
+    sparse_lr: float | None = None            # phase 3's adapter lr (default: the run's; the head keeps its own)
 
     def __post_init__(self) -> None:
         if self.sparse_params is not None and self.sparse_proportion is not None:
@@ -47,6 +49,8 @@ class SftOptions:
             raise ConfigError(f"--dense-steps must be >= 1, got {self.dense_steps}")
         if self.l1 < 0:
             raise ConfigError(f"--l1 must be >= 0, got {self.l1}")
+        if self.sparse_lr is not None and not self.sparse_lr > 0:
+            raise ConfigError(f"--sparse-lr must be > 0, got {self.sparse_lr}")
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> "SftOptions":
@@ -75,6 +79,9 @@ def fit_lt_sft(fit: Callable, base: Base, adapter: Adapter, examples: Sequence[A
     adapter.tensors = {site: {"indices": t["indices"].to(device),
                               "values": torch.zeros(t["indices"].shape, device=device), "shape": t["shape"]}
                        for site, t in chosen.items()}         # back to θ0
+    if sft.sparse_lr is not None:
+        selection = {**selection, "sparse_lr": sft.sparse_lr}
+        config = replace(config, lr=sft.sparse_lr)
     if run_info is not None:                      # the caller's dict: its lineage records the selection
         run_info["lt_sft"] = selection
 
