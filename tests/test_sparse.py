@@ -390,13 +390,18 @@ def test_parameters_count_only_trainable_entries(llama):
     assert a.num_parameters() == k and k > 0
 
 
-def test_sparse_apply_gradients_equal_plain_autograd_and_it_saves_no_product(monkeypatch):
-    """Training's sparse product: x and values get the gradients of x[..., cols] * values summed by row
-    (float64, several chunks of rows), and what autograd keeps for backward is x and the entries, never
-    the [N, k] product (an LT-SFT run on SmolLM2 was OOM-killed holding one per site)."""
+@pytest.mark.parametrize("path", ["gathers", "dense"])
+def test_sparse_apply_gradients_equal_plain_autograd_and_it_saves_no_product(monkeypatch, path):
+    """Training's sparse product, on either path: x and values get the gradients of x[..., cols] * values
+    summed by row (float64, several chunks of rows), and what autograd keeps for backward is x and the
+    entries (or the dense ΔW), never the [N, k] product (an LT-SFT run on SmolLM2 was OOM-killed holding
+    one per site)."""
     import adapterkit.methods.sparse as sp
 
     monkeypatch.setattr(sp, "_CHUNK", 64)                      # 64 // k = 2 rows per chunk: 5 chunks
+    monkeypatch.setattr(sp, "DENSE_FROM", 1.0 if path == "gathers" else 0.3)     # k = 30 of 84 entries: 0.36
+    took = []
+    monkeypatch.setattr(sp._SparseApply, "apply", lambda *a, real=sp._SparseApply.apply: took.append(1) or real(*a))
     gen = torch.Generator().manual_seed(0)
     d_in, d_out, k = 12, 7, 30
     idx = torch.randperm(d_in * d_out, generator=gen)[:k].sort().values
@@ -414,4 +419,5 @@ def test_sparse_apply_gradients_equal_plain_autograd_and_it_saves_no_product(mon
     torch.testing.assert_close(ox, gx, rtol=0, atol=1e-12)
     torch.testing.assert_close(ov, gv, rtol=0, atol=1e-12)
     assert max(saved) == x.numel() and 9 * k not in saved
+    assert bool(took) == (path == "gathers")
     assert torch.autograd.gradcheck(lambda a, b: sp.sparse_apply(a, rows, cols, b, d_out), (x, v))
