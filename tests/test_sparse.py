@@ -421,3 +421,24 @@ def test_sparse_apply_gradients_equal_plain_autograd_and_it_saves_no_product(mon
     assert max(saved) == x.numel() and 9 * k not in saved
     assert bool(took) == (path == "gathers")
     assert torch.autograd.gradcheck(lambda a, b: sp.sparse_apply(a, rows, cols, b, d_out), (x, v))
+
+
+def test_the_sparse_phase_trains_at_ten_times_the_run_lr_on_a_causal_lm_unless_told(tmp_path):
+    """The CLI's default sparse-phase lr (train/defaults.py SPARSE_PHASE_LR_BY_KIND): 10x the run's lr on a
+    causal LM, named in the defaults line and recorded in the lineage; --sparse-lr replaces it."""
+    from typer.testing import CliRunner
+
+    from adapterkit.cli import app
+    from adapterkit.store import AdapterStore
+
+    path, data = classification_files(tmp_path)
+    args = ["train", "--method", "sparse", "--steps", "2", "--dense-steps", "2", "--base", str(path),
+            "--train-file", str(data), "--store", str(tmp_path / "st"), "--no-progress"]
+    res = CliRunner().invoke(app, args + ["--name", "d"])
+    assert res.exit_code == 0, res.output
+    assert "lr 0.0001, head lr 0.01, warm-up 0 steps, no validation checks, sparse-phase lr 0.001 (a flag sets" in res.output
+    assert AdapterStore(tmp_path / "st").show("d")["lineage"][0]["params"]["lt_sft"]["sparse_lr"] == pytest.approx(1e-3)
+    res = CliRunner().invoke(app, args + ["--name", "g", "--lr", "1e-3", "--sparse-lr", "5e-3"])
+    assert res.exit_code == 0, res.output
+    assert "sparse-phase lr" not in res.output
+    assert AdapterStore(tmp_path / "st").show("g")["lineage"][0]["params"]["lt_sft"]["sparse_lr"] == 5e-3

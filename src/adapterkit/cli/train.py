@@ -52,7 +52,8 @@ def train_cmd(
     l1: Optional[float] = typer.Option(None, "--l1", help="Sparse: λ of an L1 pull of the entries toward the base "
                                        "in the sparse phase (default 0)."),
     sparse_lr: Optional[float] = typer.Option(None, "--sparse-lr", help="Sparse: the entries' learning rate in "
-                                              "the sparse phase (default: the run's lr, as in the dense phase)."),
+                                              "the sparse phase (default: 10x the run's lr on a causal LM, the run's "
+                                              "lr on an encoder)."),
     train_rows: Optional[int] = typer.Option(None, "--train-rows", min=1, help="Train on a seeded sample of this "
                                              "many training rows (few-shot runs; --seed picks the sample)."),
     stack_on: Optional[str] = typer.Option(None, "--stack-on", help="Stored adapters (comma-separated: a domain "
@@ -146,7 +147,7 @@ def train_cmd(
     from ..methods import get_method
     from ..train.fit import CHECKPOINT, LOG, PHASE_STATE, check_run, checkpoint_step, run_dir, run_lock
     from ..train.run import HEAD_INITS, train_classifier
-    from ..train.defaults import TRAINABLE, resolve
+    from ..train.defaults import TRAINABLE, resolve, sparse_phase_lr
     from ..train.trainer import finish_distributed, init_distributed_from_env
 
     st = open_store(store)
@@ -253,9 +254,13 @@ def train_cmd(
             loaded = load_base(base, dt, dev)
             plan = resolve(objective, len(train_data), bool(eval_data), base_kind=loaded.kind, method=method,
                            placement=placement if method == "bottleneck" else None, **flags)
-            if plan.chosen and rank == 0:
+            chosen = plan.describe()
+            if method == "sparse" and sparse_lr is None:          # the sparse phase's lr: a factor on the run's
+                options["sparse"]["sparse_lr"] = sparse_phase_lr(plan.config.lr, loaded.kind)
+                chosen += (", " if chosen else "") + f"sparse-phase lr {options['sparse']['sparse_lr']:g}"
+            if chosen and rank == 0:
                 family = "" if method == "lora" else f" with {method}" + (f" {placement}" if placement else "")
-                out.print(f"defaults for {objective}{family} on {len(train_data)} examples: {plan.describe()} (a flag "
+                out.print(f"defaults for {objective}{family} on {len(train_data)} examples: {chosen} (a flag "
                           "sets any of them)", markup=False, highlight=False, soft_wrap=True)
             extra = {"compatible_with": old_version, "compat_weight": compat_weight} if old_version else {}
             if head_init != "random":

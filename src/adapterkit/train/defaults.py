@@ -99,6 +99,19 @@ def parallel_scaling(base_kind: str) -> float:
     return PARALLEL_SCALING_BY_KIND.get(base_kind, 1.0)
 
 
+# LT-SFT's sparse phase (train/sft.py) trains its K entries at this factor on the run's lr (the dense phase's)
+# when --sparse-lr is not given. The dense phase is a full fine-tune and wants sparse's small lr (0.05x, 1e-4);
+# the sparse phase trains 1 % of the entries from θ0 in as many steps. On SmolLM2's tuning task chat-topics
+# (CLI defaults otherwise, validation 187 rows, benchmarks/methods_tune.py, results/methods_tune.jsonl): 1x
+# (1e-4) 0.722 / 0.570, 10x (1e-3) 0.765 / 0.582 (accuracy / macro-F1; LoRA's row is in the same file). On
+# an encoder 1x (MiniLM + reuters-r8 met the comparison's target at 1e-4 for both phases; not re-tuned).
+SPARSE_PHASE_LR_BY_KIND = {"causal-lm": 10.0}
+
+
+def sparse_phase_lr(run_lr: float, base_kind: str) -> float:
+    return run_lr * SPARSE_PHASE_LR_BY_KIND.get(base_kind, 1.0)
+
+
 def method_lr(method: str, base_kind: str, placement: str | None = None) -> float:
     """The factor on the objective's adapter lr for a family (a bottleneck: of its placement) on a base of
     `base_kind`."""
