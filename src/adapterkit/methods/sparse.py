@@ -63,9 +63,10 @@ def to_dense(indices: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
 
 
 # Training's product (one adapter's entries on all rows) lays ΔW out dense and runs one matmul when its
-# entries are at least this share of the matrix: on one CPU thread (640 rows, 576x576 and 1536x576) the
-# gathers cost 0.2x the matmul at 0.1 %, 0.4-0.7x at 0.3 % and 3x at 1 % (LT-SFT's default), in forward
-# plus backward; the dense ΔW it keeps for backward is the matrix's size (what the dense phase holds too).
+# entries are at least this share of the matrix: forward + backward on one CPU thread, 640 rows, SmolLM2's
+# four matrix shapes (benchmarks/sparse_train_kernel.py, results/sparse_train_kernel.json), the gathers
+# cost 0.2-0.3x the matmul at 0.1 %, 1.0-1.35x at 0.5 %, 1.9-2.9x at 1 % (LT-SFT's default) and 6-12x at
+# 3 %. The dense ΔW it keeps for backward is the matrix's size (what the dense phase holds too).
 DENSE_FROM = 0.005
 
 
