@@ -5,10 +5,11 @@ validation split, append one row to results/methods_tune.jsonl.
 
     .venv/bin/python benchmarks/methods_tune.py --task 20newsgroups --family parallel --flags "--scaling 4"
 
-The tuning task for a parallel bottleneck's scale and lr, on SmolLM2 and on MiniLM, is chat-topics (21
-topics, validation 187 rows): none of the comparison's tasks (benchmarks/methods.py) and not the
-methods' held-out task (debates-party). The rows made are in results/methods_tune.jsonl (the choices:
-train/defaults.py PARALLEL_SCALING_BY_KIND and METHOD_LR_BY_KIND).
+The tuning task for a parallel bottleneck's scale and lr (SmolLM2 and MiniLM) and for LT-SFT's sparse-phase
+lr (SmolLM2) is chat-topics (21 topics, validation 187 rows): none of the comparison's tasks
+(benchmarks/methods.py) and not the methods' held-out task (debates-party). The rows made are in
+results/methods_tune.jsonl (the choices: train/defaults.py PARALLEL_SCALING_BY_KIND, METHOD_LR_BY_KIND and
+SPARSE_PHASE_LR_BY_KIND; LoRA's rows give the bar).
 20newsgroups (1,126 validation rows) was tried first and stopped: its long posts make a SmolLM2 step
 ~11 s on one core (~45 min a run), too slow for a re-measurement in the same sitting.
 """
