@@ -130,7 +130,10 @@ def part_steps(a, env) -> None:
     bases = {}
     for key in a.tasks:
         bases.setdefault(TASKS[key][0], key)
-    out = {"timing_steps": a.timing_steps, "rounds": a.rounds, "bases": {}}
+    path = RESULTS / "methods_steps.json"
+    # --families re-times some families: their rows replace the file's, the others' rows stay (with their date)
+    out = json.loads(path.read_text()) if path.is_file() else {"bases": {}}
+    out.update({"timing_steps": a.timing_steps, "rounds": a.rounds})
     for base, key in bases.items():
         times: dict[str, list[float]] = {f: [] for f in a.families}
         for rnd in range(a.rounds):
@@ -144,11 +147,16 @@ def part_steps(a, env) -> None:
                 cli(cmd, env)
                 times[family].append(step_seconds(store, name))
                 log(f"{base} round {rnd} {family}: {times[family][-1]:.3f} s/step")
-        out["bases"][base] = {"task": key, "step_s": {f: statistics.median(v) for f, v in times.items()},
-                              "all": times}
+        date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        kept = out["bases"].get(base, {})
+        old_date = out.get("date")
+        medians = {f: statistics.median(v) for f, v in times.items()}
+        dates = {**{f: old_date for f in kept.get("step_s", {})}, **kept.get("dates", {}), **{f: date for f in times}}
+        out["bases"][base] = {"task": key, "step_s": {**kept.get("step_s", {}), **medians},
+                              "all": {**kept.get("all", {}), **times}, "dates": dates}
     out["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    (RESULTS / "methods_steps.json").write_text(json.dumps(out, indent=1) + "\n")
-    log(f"wrote {RESULTS / 'methods_steps.json'}")
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    log(f"wrote {path}")
 
 
 def part_table(a) -> None:
