@@ -56,8 +56,8 @@ def main() -> None:
                         one_call(x, rows, cols, values, d_out)
                     times[path].append((time.perf_counter() - t) / a.inner)
             med = {k2: statistics.median(v) for k2, v in times.items()}
-            row = {"d_out": d_out, "d_in": d_in, "density": density, "k": k, "ms": {k2: v * 1e3 for k2, v in med.items()},
-                   "gathers_over_dense": med["gathers"] / med["dense"]}
+            row = {"d_out": d_out, "d_in": d_in, "density": density, "k": k,
+                   "ms": {k2: v * 1e3 for k2, v in med.items()}, "gathers_over_dense": med["gathers"] / med["dense"]}
             rows_out.append(row)
             print(f"{d_out}x{d_in} density {density:.3f}: gathers {row['ms']['gathers']:.1f} ms, dense "
                   f"{row['ms']['dense']:.1f} ms, ratio {row['gathers_over_dense']:.2f}", flush=True)

@@ -243,7 +243,7 @@ def test_lt_sft_selects_the_top_k_of_the_dense_phase_resets_and_trains_only_thos
         assert torch.equal(parts["indices"], want)
     assert all(bool((p["values"] != 0).any()) for p in stored.tensors.values())         # phase 2 trained
     lineage = row["lineage"][0]["params"]
-    assert lineage["lt_sft"]["k"] == 40 and lineage["lt_sft"]["dense_steps"] == 8 and lineage["lt_sft"]["sparse_lr"] == 0.02
+    assert (lineage["lt_sft"]["k"], lineage["lt_sft"]["dense_steps"], lineage["lt_sft"]["sparse_lr"]) == (40, 8, 0.02)
     assert not (store.root / "runs" / "s.dense").exists()                                # phase 1 left nothing
 
 
@@ -268,9 +268,9 @@ def test_lt_sft_phases_reset_to_the_base_and_pull_toward_it(llama, tmp_path):
         return None, None
 
     info = {}
-    fit_lt_sft(stand_in, llama, adapter, [], None, lambda model, batch: torch.tensor(1.0), TrainConfig(steps=4, lr=1e-4),
-               sft=SftOptions(sparse_params=7, dense_steps=3, l1=0.5, sparse_lr=3e-3), run_info=info,
-               store=AdapterStore(tmp_path / "st"))
+    fit_lt_sft(stand_in, llama, adapter, [], None, lambda model, batch: torch.tensor(1.0),
+               TrainConfig(steps=4, lr=1e-4), sft=SftOptions(sparse_params=7, dense_steps=3, l1=0.5, sparse_lr=3e-3),
+               run_info=info, store=AdapterStore(tmp_path / "st"))
     (kind1, run1, _, _), (kind2, run2, tensors2, loss2) = calls
     assert (kind1, run1, kind2, run2) == ("full", (3, 1e-4), "sparse", (4, 3e-3))
     assert info["lt_sft"]["sparse_lr"] == 3e-3
@@ -436,8 +436,10 @@ def test_the_sparse_phase_trains_at_ten_times_the_run_lr_on_a_causal_lm_unless_t
             "--train-file", str(data), "--store", str(tmp_path / "st"), "--no-progress"]
     res = CliRunner().invoke(app, args + ["--name", "d"])
     assert res.exit_code == 0, res.output
-    assert "lr 0.0001, head lr 0.01, warm-up 0 steps, no validation checks, sparse-phase lr 0.001 (a flag sets" in res.output
-    assert AdapterStore(tmp_path / "st").show("d")["lineage"][0]["params"]["lt_sft"]["sparse_lr"] == pytest.approx(1e-3)
+    assert ("lr 0.0001, head lr 0.01, warm-up 0 steps, no validation checks, sparse-phase lr 0.001 (a flag "
+            "sets") in res.output
+    lineage = AdapterStore(tmp_path / "st").show("d")["lineage"][0]["params"]
+    assert lineage["lt_sft"]["sparse_lr"] == pytest.approx(1e-3)
     res = CliRunner().invoke(app, args + ["--name", "g", "--lr", "1e-3", "--sparse-lr", "5e-3"])
     assert res.exit_code == 0, res.output
     assert "sparse-phase lr" not in res.output

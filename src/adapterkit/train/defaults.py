@@ -90,8 +90,9 @@ METHOD_LR_BY_KIND = {("bottleneck", "causal-lm"): 0.25, ("bottleneck:parallel", 
 # A parallel bottleneck's output scale s (y + s·f(x)) when --scaling is not given. On a causal LM, He et
 # al.'s (2022) scaled parallel adapter, s = 4, chosen on SmolLM2's tuning task chat-topics (CLI defaults
 # otherwise, validation 187 rows, benchmarks/methods_tune.py, results/methods_tune.jsonl): s = 1 0.701 /
-# 0.510, s = 4 0.754 / 0.582 (accuracy / macro-F1; LoRA r=8 0.770 / 0.604). On an encoder 1 (see METHOD_LR_BY_KIND); on an image
-# base 1 (not tuned). The library's BottleneckConfig keeps 1 (what it is given is what it computes).
+# 0.510, s = 4 0.754 / 0.582 (accuracy / macro-F1; LoRA r=8 0.770 / 0.604). On an encoder 1 (see
+# METHOD_LR_BY_KIND); on an image base 1 (not tuned). The library's BottleneckConfig keeps 1 (what it is
+# given is what it computes).
 PARALLEL_SCALING_BY_KIND = {"causal-lm": 4.0}
 
 
