@@ -8,6 +8,13 @@ prompts, for context. Side by side in one run; 2 threads.
 
 Per layout: output tokens/s, the median step of the decode phase (all 64 decoding), and seconds spent in
 attention (the per-sequence path, and the arena's batched calls), the whole forward and the rest.
+
+    .venv/bin/python benchmarks/engine_profile.py --adapters 64 --rounds 2   # ~4 min; engine_profile_adapters.json
+
+With adapters (serve.py's saturation workload: each request one of 64 rank-16 LoRAs on q, k, v, o, drawn
+uniformly, seed 99, so some adapters serve several rows; adapters attached before the clock starts) and the
+bare base through the same engine, alternated `--rounds` times: what the adapters cost, and the seconds in
+each LoRA kernel, split by decode-only steps and steps that prefill.
 """
 
 from __future__ import annotations
@@ -67,6 +74,85 @@ def engine_run(attention: str) -> dict:
             "decode_step_median_s": statistics.median(decode), "seconds": dict(spent)}
 
 
+def adapters_run(names: list[str] | None, root) -> dict:
+    """The engine over `names` (per request; None: the bare base), LoRA kernels timed by wrappers."""
+    from adapterkit.methods import lora_pool
+    from adapterkit.serve.engine import Engine, EngineConfig
+    from adapterkit.serve.requests import GenerationRequest, SamplingParams
+
+    eng = Engine.build("smollm2-135m", adapter_dirs=[root],
+                       config=EngineConfig(max_batch=N, max_queue=1000, max_prefill_tokens=1024, kv_cache_mb=4096),
+                       max_loaded_adapters=N, ram_cache_mb=1024)
+    for name in sorted(set(names or ())):
+        eng.cache.acquire(name).release()
+    spent: collections.Counter = collections.Counter()
+    saved = {k: getattr(lora_pool, k) for k in ("span_kernel", "gather_kernel", "segment_kernel")}
+    step_kind = ["decode"]
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[f"{name} ({step_kind[0]} steps)"] += time.perf_counter() - t0
+        return wrapper
+    try:
+        for k, fn in saved.items():
+            setattr(lora_pool, k, timed(k, fn))
+        for i, p in enumerate(prompts(eng.decoder.model.config.vocab_size)):
+            eng.submit(GenerationRequest(p, names[i] if names else None,
+                                         SamplingParams(max_tokens=OUTPUT, temperature=0.0, ignore_eos=True)))
+        steps = []
+        t0 = time.perf_counter()
+        while eng._running or eng._waiting:
+            step_kind[0] = "decode" if not eng._waiting and all(not s.pending or len(s.pending) == 1
+                                                                for s in eng._running) else "prefill"
+            a = time.perf_counter()
+            eng.step()
+            steps.append((step_kind[0], time.perf_counter() - a))
+        wall = time.perf_counter() - t0
+    finally:
+        for k, fn in saved.items():
+            setattr(lora_pool, k, fn)
+    eng.cache.close()
+    by = {kind: [t for k, t in steps if k == kind] for kind in ("decode", "prefill")}
+    return {"output_tokens_per_s": N * OUTPUT / wall, "wall_s": wall,
+            "steps": {k: len(v) for k, v in by.items()},
+            "step_seconds": {k: round(sum(v), 3) for k, v in by.items()},
+            "decode_step_median_s": statistics.median(by["decode"][N // 8:]),
+            "lora_kernel_seconds": {k: round(v, 3) for k, v in sorted(spent.items())}}
+
+
+def adapters_main(n_adapters: int, rounds: int) -> None:
+    from adapterkit.core.base import load_base
+    from serve import workload
+    from serve_systems import make_adapters
+
+    root = Path.home() / ".cache" / "adapterkit" / "bench-serve" / "all"
+    all_names = make_adapters(load_base("smollm2-135m"), root, n_adapters)
+    vocab = load_base("smollm2-135m").model.config.vocab_size
+    names = [a for _, a, _ in workload(N, all_names, "uniform", float("inf"), seed=99, vocab=vocab)]
+    systems = {"adapters": names, "base": None}
+    runs: dict = {k: [] for k in systems}
+    for r in range(rounds):
+        for k, ns in systems.items():
+            runs[k].append(adapters_run(ns, root))
+            print(k, f"round {r}", json.dumps(runs[k][-1]))
+    med = {k: statistics.median(x["output_tokens_per_s"] for x in v) for k, v in runs.items()}
+    out = {"environment": {"cpu_model": cpu_model(), "torch_threads": 2, "torch": torch.__version__,
+                           "git_commit": git_commit(), "requests": N, "prompt_tokens": PROMPT,
+                           "output_tokens": OUTPUT, "adapters_drawn": len(set(names)), "rank": 16,
+                           "command": " ".join(sys.argv)},
+           "runs": runs, "median_output_tokens_per_s": med,
+           "ratio_adapters_vs_base_engine": [a["output_tokens_per_s"] / b["output_tokens_per_s"]
+                                             for a, b in zip(runs["adapters"], runs["base"])]}
+    dest = OUT.with_name("engine_profile_adapters.json")
+    dest.write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=1))
+    print(f"wrote {dest}")
+
+
 def hf_static() -> dict:
     from adapterkit.core.base import load_base
 
@@ -80,8 +166,16 @@ def hf_static() -> dict:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--adapters", type=int, default=0, help="profile the engine serving this many LoRAs instead")
+    ap.add_argument("--rounds", type=int, default=2, help="with --adapters: alternated rounds")
+    args = ap.parse_args()
     torch.set_num_threads(2)
     torch.set_grad_enabled(False)
+    if args.adapters:
+        return adapters_main(args.adapters, args.rounds)
     res = {"environment": {"cpu_model": cpu_model(), "torch_threads": 2, "torch": torch.__version__,
                            "git_commit": git_commit(), "requests": N, "prompt_tokens": PROMPT, "output_tokens": OUTPUT},
            "engine_batched": engine_run("batched"), "engine_per_sequence": engine_run("per-sequence"),
