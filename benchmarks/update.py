@@ -6,7 +6,10 @@ Per task and seed: v1 trained on a seeded 30 % of the training rows (`--train-ro
 (naive), v3 on all of them with `--compatible-with NAME@v1` (compatible; --compat-weight); both updates
 compared with v1 on the test split (`adapterkit compare NAME@v1 NAME@vK --task T`): accuracy gain,
 negative flip rate (v1 right, update wrong), positive flip rate. Rows append to results/update_runs.jsonl
-(finished (task, seed) pairs are skipped).
+(finished (task, seed, weight) rows are skipped). `--weight 0.3,1,3` trains one compatible update per
+weight on the same v1 and naive v2 (a sweep on a tuning task costs one v1 and one v2, not one per weight).
+`--runs F` keeps rows elsewhere (a tuning task's sweep: results/update_tune.jsonl); `--table` writes the
+runs file's summary beside it (update_runs.jsonl -> update.json), one row per task and weight.
 
 Targets: the compatible update cuts the negative flip rate by >= 30 % relative to the naive one while
 losing <= 0.5 points of its accuracy gain (means over >= 3 seeds).
@@ -49,27 +52,35 @@ def train_rows(task: str, env: dict) -> int:
     return json.loads(cli(["data", "show", task, "--json"], env)[0])["sizes"]["train"]
 
 
-def one(task: str, seed: int, a, env: dict) -> dict:
+def compared(name: str, version: int, task: str, env: dict) -> dict:
+    got = json.loads(run(["compare", f"{name}@v1", f"{name}@v{version}", "--task", task, "--json"], env))
+    got.pop("negative_flip_rows", None)
+    return got
+
+
+def one(task: str, seed: int, weights: list[float], env: dict) -> list[dict]:
+    """One row per compatibility weight: v1, the naive v2, then v3, v4, ... compatible at each weight."""
     name = f"upd-{task}-s{seed}"
     common = ["train", "--base", BASE, "--task", task, "--name", name, "--seed", str(seed)]
     n = max(1, round(SHARE * train_rows(task, env)))
     run([*common, "--train-rows", str(n), "--overwrite"], env)                  # v1 (fresh history)
     run(common, env)                                                            # v2: naive
-    run([*common, "--compatible-with", f"{name}@v1", "--compat-weight", str(a.weight)], env)   # v3: compatible
-    got = {}
-    for label, version in (("naive", 2), ("compatible", 3)):
-        got[label] = json.loads(run(["compare", f"{name}@v1", f"{name}@v{version}", "--task", task, "--json"], env))
-        got[label].pop("negative_flip_rows", None)
-    return {"task": task, "seed": seed, "v1_rows": n, "compat_weight": a.weight, **got,
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    naive = compared(name, 2, task, env)
+    rows = []
+    for k, w in enumerate(weights):
+        run([*common, "--compatible-with", f"{name}@v1", "--compat-weight", str(w)], env)   # v3+k: compatible
+        rows.append({"task": task, "seed": seed, "v1_rows": n, "compat_weight": w, "naive": naive,
+                     "compatible": compared(name, 3 + k, task, env),
+                     "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    return rows
 
 
 def table(path: Path) -> None:
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
     out = []
-    for task in sorted({r["task"] for r in rows}):
-        mine = [r for r in rows if r["task"] == task]
-        cell = {"task": task, "seeds": len(mine)}
+    for task, weight in sorted({(r["task"], r.get("compat_weight", 1.0)) for r in rows}):
+        mine = [r for r in rows if r["task"] == task and r.get("compat_weight", 1.0) == weight]
+        cell = {"task": task, "compat_weight": weight, "seeds": len(mine)}
         for kind in ("naive", "compatible"):
             for k in ("gain", "negative_flip_rate", "positive_flip_rate"):
                 vals = [r[kind][k] for r in mine]
@@ -79,12 +90,14 @@ def table(path: Path) -> None:
         cell["gain_lost"] = cell["naive_gain"] - cell["compatible_gain"]
         cell["met"] = cell["nfr_cut"] >= NFR_CUT and cell["gain_lost"] <= GAIN_LOSS
         out.append(cell)
-    (RESULTS / "update.json").write_text(json.dumps({"benchmark": "update", "base": BASE, "rows": out}, indent=1)
-                                         + "\n")
-    print("| task | seeds | naive gain | naive NFR | compatible gain | compatible NFR | NFR cut | met |")
-    print("|---|---|---|---|---|---|---|---|")
+    summary = path.with_name(path.stem.removesuffix("_runs") + ".json")
+    summary.write_text(json.dumps({"benchmark": "update", "base": BASE, "runs": path.name, "rows": out}, indent=1)
+                       + "\n")
+    print("| task | weight | seeds | naive gain | naive NFR | compatible gain | compatible NFR | NFR cut | met |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for c in out:
-        print(f"| {c['task']} | {c['seeds']} | {c['naive_gain']:+.3f} | {c['naive_negative_flip_rate']:.3f} "
+        print(f"| {c['task']} | {c['compat_weight']:g} | {c['seeds']} | {c['naive_gain']:+.3f} | "
+              f"{c['naive_negative_flip_rate']:.3f} "
               f"({c['naive_negative_flip_rate_sd']:.3f}) | {c['compatible_gain']:+.3f} | "
               f"{c['compatible_negative_flip_rate']:.3f} ({c['compatible_negative_flip_rate_sd']:.3f}) | "
               f"{c['nfr_cut']:.0%} | {'yes' if c['met'] else 'no'} |")
@@ -94,7 +107,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--weight", type=float, default=1.0, help="--compat-weight of the compatible update")
+    p.add_argument("--weight", default="1", help="--compat-weight of the compatible update; a comma list "
+                   "trains one per weight on the same v1 and naive v2")
     p.add_argument("--runs", type=Path, default=RESULTS / "update_runs.jsonl")
     p.add_argument("--table", action="store_true")
     a = p.parse_args()
@@ -106,15 +120,18 @@ def main() -> None:
     if a.runs.is_file():
         done = {(r["task"], r["seed"], r.get("compat_weight", 1.0))
                 for r in map(json.loads, filter(str.strip, a.runs.read_text().splitlines()))}
+    weights = [float(w) for w in a.weight.split(",")]
     for task in a.tasks.split(","):
         for seed in map(int, a.seeds.split(",")):
-            if (task, seed, a.weight) in done:
+            todo = [w for w in weights if (task, seed, w) not in done]
+            if not todo:
                 continue
-            r = one(task, seed, a, env)
-            with a.runs.open("a") as f:
-                f.write(json.dumps(r) + "\n")
-            log(f"{task} seed {seed}: naive NFR {r['naive']['negative_flip_rate']:.3f} gain {r['naive']['gain']:+.3f}; "
-                f"compatible NFR {r['compatible']['negative_flip_rate']:.3f} gain {r['compatible']['gain']:+.3f}")
+            for r in one(task, seed, todo, env):
+                with a.runs.open("a") as f:
+                    f.write(json.dumps(r) + "\n")
+                log(f"{task} seed {seed} weight {r['compat_weight']:g}: naive NFR "
+                    f"{r['naive']['negative_flip_rate']:.3f} gain {r['naive']['gain']:+.3f}; compatible NFR "
+                    f"{r['compatible']['negative_flip_rate']:.3f} gain {r['compatible']['gain']:+.3f}")
     table(a.runs)
 
 
