@@ -41,6 +41,17 @@ def prompts(vocab: int) -> list[list[int]]:
     return [[rng.randrange(100, vocab - 100) for _ in range(PROMPT)] for _ in range(N)]
 
 
+def timed_into(spent: collections.Counter, key, fn):
+    """fn, wrapped to add its wall seconds to spent[key()] (key read after each call)."""
+    def wrapper(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            spent[key()] += time.perf_counter() - t0
+    return wrapper
+
+
 def engine_run(attention: str) -> dict:
     from adapterkit.serve.engine import Engine, EngineConfig
     from adapterkit.serve.requests import GenerationRequest, SamplingParams
@@ -50,13 +61,7 @@ def engine_run(attention: str) -> dict:
     spent: collections.Counter = collections.Counter()
 
     def timed(name, fn):
-        def wrapper(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                spent[name] += time.perf_counter() - t0
-        return wrapper
+        return timed_into(spent, lambda: name, fn)
     d = eng.decoder
     d._attend, d._attend_group = timed("attention_per_sequence", d._attend), timed("attention_batched", d._attend_group)
     d.hidden = timed("forward", d.hidden)
@@ -90,13 +95,7 @@ def adapters_run(names: list[str] | None, root) -> dict:
     step_kind = ["decode"]
 
     def timed(name, fn):
-        def wrapper(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                spent[f"{name} ({step_kind[0]} steps)"] += time.perf_counter() - t0
-        return wrapper
+        return timed_into(spent, lambda: f"{name} ({step_kind[0]} steps)", fn)
     try:
         for k, fn in saved.items():
             setattr(lora_pool, k, timed(k, fn))
