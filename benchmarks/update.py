@@ -8,7 +8,8 @@ compared with v1 on the test split (`adapterkit compare NAME@v1 NAME@vK --task T
 negative flip rate (v1 right, update wrong), positive flip rate. Rows append to results/update_runs.jsonl
 (finished (task, seed, weight) rows are skipped). `--weight 0.3,1,3` trains one compatible update per
 weight on the same v1 and naive v2 (a sweep on a tuning task costs one v1 and one v2, not one per weight).
-`--runs F` keeps rows elsewhere (a tuning task's sweep: results/update_tune.jsonl); `--table` writes the
+`--start warm` starts
+the updates from v1 (`--continue-from v1 --head-init previous`; the naive v2 stays fresh). `--runs F` keeps rows elsewhere (a tuning task's sweep: results/update_tune.jsonl); `--table` writes the
 runs file's summary beside it (update_runs.jsonl -> update.json), one row per task and weight.
 
 Targets: the compatible update cuts the negative flip rate by >= 30 % relative to the naive one while
@@ -58,19 +59,29 @@ def compared(name: str, version: int, task: str, env: dict) -> dict:
     return got
 
 
-def one(task: str, seed: int, weights: list[float], env: dict) -> list[dict]:
-    """One row per compatibility weight: v1, the naive v2, then v3, v4, ... compatible at each weight."""
+def one(task: str, seed: int, weights: list[float], start: str, env: dict) -> list[dict]:
+    """One row per compatibility weight: v1, the naive v2 (fresh adapter and head), then one compatible
+    update per weight. start "warm": the updates start from v1 (`--continue-from v1 --head-init previous`),
+    and a warm update without the compatibility term is trained first ("warm_naive"); "naive" stays the fresh
+    v2, the baseline every row's cut is measured against."""
     name = f"upd-{task}-s{seed}"
     common = ["train", "--base", BASE, "--task", task, "--name", name, "--seed", str(seed)]
     n = max(1, round(SHARE * train_rows(task, env)))
     run([*common, "--train-rows", str(n), "--overwrite"], env)                  # v1 (fresh history)
     run(common, env)                                                            # v2: naive
-    naive = compared(name, 2, task, env)
+    naive, version, extra = compared(name, 2, task, env), 2, {}
+    update = common
+    if start == "warm":
+        update = [*common, "--continue-from", f"{name}@v1", "--head-init", "previous"]
+        run(update, env)
+        version += 1
+        extra["warm_naive"] = compared(name, version, task, env)
     rows = []
-    for k, w in enumerate(weights):
-        run([*common, "--compatible-with", f"{name}@v1", "--compat-weight", str(w)], env)   # v3+k: compatible
-        rows.append({"task": task, "seed": seed, "v1_rows": n, "compat_weight": w, "naive": naive,
-                     "compatible": compared(name, 3 + k, task, env),
+    for w in weights:
+        run([*update, "--compatible-with", f"{name}@v1", "--compat-weight", str(w)], env)
+        version += 1
+        rows.append({"task": task, "seed": seed, "v1_rows": n, "compat_weight": w, "start": start, "naive": naive,
+                     **extra, "compatible": compared(name, version, task, env),
                      "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     return rows
 
@@ -78,9 +89,11 @@ def one(task: str, seed: int, weights: list[float], env: dict) -> list[dict]:
 def table(path: Path) -> None:
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
     out = []
-    for task, weight in sorted({(r["task"], r.get("compat_weight", 1.0)) for r in rows}):
-        mine = [r for r in rows if r["task"] == task and r.get("compat_weight", 1.0) == weight]
-        cell = {"task": task, "compat_weight": weight, "seeds": len(mine)}
+    def key(r: dict) -> tuple:
+        return r["task"], r.get("start", "fresh"), r.get("compat_weight", 1.0)
+    for task, start, weight in sorted(set(map(key, rows))):
+        mine = [r for r in rows if key(r) == (task, start, weight)]
+        cell = {"task": task, "start": start, "compat_weight": weight, "seeds": len(mine)}
         for kind in ("naive", "compatible"):
             for k in ("gain", "negative_flip_rate", "positive_flip_rate"):
                 vals = [r[kind][k] for r in mine]
@@ -93,10 +106,10 @@ def table(path: Path) -> None:
     summary = path.with_name(path.stem.removesuffix("_runs") + ".json")
     summary.write_text(json.dumps({"benchmark": "update", "base": BASE, "runs": path.name, "rows": out}, indent=1)
                        + "\n")
-    print("| task | weight | seeds | naive gain | naive NFR | compatible gain | compatible NFR | NFR cut | met |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| task | start | weight | seeds | naive gain | naive NFR | compatible gain | compatible NFR | NFR cut | met |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for c in out:
-        print(f"| {c['task']} | {c['compat_weight']:g} | {c['seeds']} | {c['naive_gain']:+.3f} | "
+        print(f"| {c['task']} | {c['start']} | {c['compat_weight']:g} | {c['seeds']} | {c['naive_gain']:+.3f} | "
               f"{c['naive_negative_flip_rate']:.3f} "
               f"({c['naive_negative_flip_rate_sd']:.3f}) | {c['compatible_gain']:+.3f} | "
               f"{c['compatible_negative_flip_rate']:.3f} ({c['compatible_negative_flip_rate_sd']:.3f}) | "
@@ -109,6 +122,8 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--weight", default="1", help="--compat-weight of the compatible update; a comma list "
                    "trains one per weight on the same v1 and naive v2")
+    p.add_argument("--start", choices=("fresh", "warm"), default="fresh",
+                   help="warm: the updates start from v1's tensors and head (--continue-from v1 --head-init previous)")
     p.add_argument("--runs", type=Path, default=RESULTS / "update_runs.jsonl")
     p.add_argument("--table", action="store_true")
     a = p.parse_args()
@@ -118,18 +133,18 @@ def main() -> None:
     env = {**os.environ, "ADAPTERKIT_DEVICE": "cpu"}
     done = set()
     if a.runs.is_file():
-        done = {(r["task"], r["seed"], r.get("compat_weight", 1.0))
+        done = {(r["task"], r["seed"], r.get("compat_weight", 1.0), r.get("start", "fresh"))
                 for r in map(json.loads, filter(str.strip, a.runs.read_text().splitlines()))}
     weights = [float(w) for w in a.weight.split(",")]
     for task in a.tasks.split(","):
         for seed in map(int, a.seeds.split(",")):
-            todo = [w for w in weights if (task, seed, w) not in done]
+            todo = [w for w in weights if (task, seed, w, a.start) not in done]
             if not todo:
                 continue
-            for r in one(task, seed, todo, env):
+            for r in one(task, seed, todo, a.start, env):
                 with a.runs.open("a") as f:
                     f.write(json.dumps(r) + "\n")
-                log(f"{task} seed {seed} weight {r['compat_weight']:g}: naive NFR "
+                log(f"{task} seed {seed} {a.start} weight {r['compat_weight']:g}: naive NFR "
                     f"{r['naive']['negative_flip_rate']:.3f} gain {r['naive']['gain']:+.3f}; compatible NFR "
                     f"{r['compatible']['negative_flip_rate']:.3f} gain {r['compatible']['gain']:+.3f}")
     table(a.runs)

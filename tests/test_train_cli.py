@@ -263,11 +263,55 @@ def test_head_init_probe_starts_the_head_at_the_linear_probe(files, tmp_path, mo
     assert shown["lineage"][0]["params"]["head_init"] == "probe"
 
 
+def test_head_init_previous_starts_an_update_where_the_old_version_stands(files, tmp_path, monkeypatch):
+    """--continue-from v1 --head-init previous: the trainer starts from v1's LoRA tensors and a copy of v1's
+    head (training it leaves v1's stored head as it was); without --continue-from, or from an adapter of
+    other labels, a clear error before any training."""
+    import adapterkit.train.run as run
+    from adapterkit.store import AdapterStore
+
+    base, data = files
+    store = tmp_path / "s"
+    common = ["train", "--name", "upd", "--base", str(base), "--train-file", str(data), "--text-field", "sentence",
+              "--label-field", "y", "--steps", "3", "--lr", "0.05", "--store", str(store), "--no-progress"]
+    assert CliRunner().invoke(app, common).exit_code == 0
+    seen = {}
+    real_fit = run.fit
+
+    def spy(b, adapter, *a, **k):
+        seen["head"] = (adapter.head.weight.detach().clone(), adapter.head.bias.detach().clone())
+        seen["tensors"] = {s: {n: t.detach().clone() for n, t in p.items()} for s, p in adapter.tensors.items()}
+        return real_fit(b, adapter, *a, **k)
+    monkeypatch.setattr(run, "fit", spy)
+    res = CliRunner().invoke(app, [*common, "--continue-from", "upd@v1", "--head-init", "previous"])
+    assert res.exit_code == 0, res.output
+    v1, v2 = AdapterStore(store).get("upd@v1"), AdapterStore(store).get("upd@v2")
+    torch.testing.assert_close(seen["head"][0], v1.head.weight.float())
+    torch.testing.assert_close(seen["head"][1], v1.head.bias.float())
+    assert seen["tensors"].keys() == v1.tensors.keys()
+    for site, parts in v1.tensors.items():
+        for n, t in parts.items():
+            torch.testing.assert_close(seen["tensors"][site][n], t)
+    assert not torch.allclose(v2.head.weight, v1.head.weight)           # it trained, from v1's head
+    res = CliRunner().invoke(app, [*common, "--head-init", "previous"])
+    assert res.exit_code == 2
+    assert ("--head-init previous starts the head as the head of the adapter the run continues: add --continue-from "
+            "NAME (the version being updated), or leave --head-init out") in " ".join(res.output.split())
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(json.dumps({"sentence": t, "y": y.upper()}) for t, y in ROWS) + "\n")
+    res = CliRunner().invoke(app, [*common[:6], str(other), *common[7:], "--continue-from", "upd@v1",
+                                   "--head-init", "previous"])
+    assert res.exit_code == 2
+    assert ("--head-init previous: 'upd@v1''s labels ['canine', 'feline'] differ from this run's ['CANINE', "
+            "'FELINE']; its head can start only a run of the same labels (leave --head-init out)") in \
+        " ".join(res.output.split())
+
+
 def test_head_init_is_checked(files, tmp_path):
     base, data = files
     res = CliRunner().invoke(app, ["train", "--name", "c", "--base", str(base), "--train-file", str(data),
                                    "--head-init", "zeros", "--store", str(tmp_path / "s")])
-    assert res.exit_code == 2 and "--head-init must be one of random, probe, got 'zeros'" in res.output
+    assert res.exit_code == 2 and "--head-init must be one of random, probe, previous, got 'zeros'" in res.output
     res = CliRunner().invoke(app, ["train", "--name", "c", "--objective", "causal-lm", "--base", str(base),
                                    "--train-file", str(data), "--head-init", "probe", "--store", str(tmp_path / "s")])
     assert res.exit_code == 2

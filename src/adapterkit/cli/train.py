@@ -114,7 +114,8 @@ def train_cmd(
                                             "trained from scratch (default: 1e-2)."),
     head_init: str = typer.Option("random", "--head-init", help="Classification: the head starts random, or as "
                                   "the linear probe on the frozen base's features (probe: LP-FT; one feature pass "
-                                  "over the training data first)."),
+                                  "over the training data first), or as --continue-from's head (previous: an "
+                                  "update of the same task that starts where the old version stands)."),
     warmup: Optional[int] = typer.Option(None, help="Warm-up steps (default: 10 % of the steps)."),
     schedule: str = typer.Option("cosine", help="Learning-rate decay after warm-up: cosine, linear or constant."),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
@@ -185,6 +186,10 @@ def train_cmd(
                                   "it out")
         if head_init not in HEAD_INITS:
             raise AdapterkitError(f"--head-init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
+        if head_init == "previous" and not continue_from:
+            raise AdapterkitError("--head-init previous starts the head as the head of the adapter the run "
+                                  "continues: add --continue-from NAME (the version being updated), or leave "
+                                  "--head-init out")
         if objective != "classification" and head_init != "random":
             raise AdapterkitError(f"--head-init sets a classification head's start; {objective} training has no "
                                   "classification head: leave it out")

@@ -44,7 +44,7 @@ def classification_metrics(predicted: Sequence[str], gold: Sequence[str], labels
     return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s), "n": len(gold)}
 
 
-HEAD_INITS = ("random", "probe")
+HEAD_INITS = ("random", "probe", "previous")
 
 
 def train_classifier(
@@ -70,7 +70,9 @@ def train_classifier(
     """select_rows: validation rows (a seeded sample) of the best-checkpoint checks (None: all).
     compatible_with: the version users have now; the new one keeps its correct predictions (compatible.py).
     head_init: "random", or "probe": the head starts as the linear probe on the frozen base's features
-    (train/probe.py), then trains with the adapter (LP-FT, Kumar et al. 2022)."""
+    (train/probe.py), then trains with the adapter (LP-FT, Kumar et al. 2022), or "previous": as the head of the
+    adapter the run continues (method_options["continue_from"]; an update of the same task that starts
+    where the old version stands, tensors and head)."""
     if head_init not in HEAD_INITS:
         raise ConfigError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
     check_modality(base.kind, train_examples, "the training examples")
@@ -83,8 +85,9 @@ def train_classifier(
                             overwrite=overwrite, resume=resume, method=method,
                             options=method_options)
         labels = sorted({e.label for e in train_examples})
-        head = probe if probe is not None else ClassificationHead.create(
-            labels, base.model.config.hidden_size, POOLING[base.kind], config.seed)
+        head = probe if probe is not None else previous_head(store, method_options, labels) \
+            if head_init == "previous" else ClassificationHead.create(
+                labels, base.model.config.hidden_size, POOLING[base.kind], config.seed)
         adapter.head = head.to(base.device)                  # trains beside the base
         adapter.meta.labels = labels
         lengths = ([1] * len(train_examples) if base.kind == "image"       # an image is one unit
@@ -115,6 +118,23 @@ def train_classifier(
         finish(store, adapter, metrics, {**asdict(config), **info, "train_examples": len(train_examples),
                                          "truncated_examples": truncated, "best_step": result.best_step}, overwrite)
         return adapter, metrics
+
+
+def previous_head(store: AdapterStore, options: dict[str, Any] | None, labels: list[str]) -> ClassificationHead:
+    """head_init "previous": a copy of the continued adapter's head, which must have the run's labels."""
+    name = (options or {}).get("continue_from")
+    if not name:
+        raise ConfigError("--head-init previous starts the head as the head of the adapter the run continues: add "
+                          "--continue-from NAME (the version being updated), or leave --head-init out")
+    old = store.get(name).head
+    if old is None or not hasattr(old, "labels"):
+        raise ConfigError(f"--head-init previous: {name!r} has no classification head to start from; leave "
+                          "--head-init out (a random head)")
+    if list(old.labels) != list(labels):
+        raise ConfigError(f"--head-init previous: {name!r}'s labels {list(old.labels)} differ from this run's "
+                          f"{labels}; its head can start only a run of the same labels (leave --head-init out)")
+    return ClassificationHead(list(old.labels), old.pooling, old.weight.detach().float().clone(),
+                              old.bias.detach().float().clone())
 
 
 @dataclass(frozen=True)
