@@ -8,9 +8,10 @@ compared with v1 on the test split (`adapterkit compare NAME@v1 NAME@vK --task T
 negative flip rate (v1 right, update wrong), positive flip rate. Rows append to results/update_runs.jsonl
 (finished (task, seed, weight) rows are skipped). `--weight 0.3,1,3` trains one compatible update per
 weight on the same v1 and naive v2 (a sweep on a tuning task costs one v1 and one v2, not one per weight).
-`--start warm` starts
-the updates from v1 (`--continue-from v1 --head-init previous`; the naive v2 stays fresh). `--runs F` keeps rows elsewhere (a tuning task's sweep: results/update_tune.jsonl); `--table` writes the
-runs file's summary beside it (update_runs.jsonl -> update.json), one row per task and weight.
+`--start warm` starts the updates from v1 (`--continue-from v1 --head-init previous`; the naive v2 stays
+fresh). `--runs F` keeps rows elsewhere (a tuning task's sweep: results/update_tune.jsonl); `--table` writes
+the runs file's summary beside it (update_runs.jsonl -> update.json), one row per task, start and weight.
+Each (task, seed) starts a fresh history (`adapterkit rm NAME` first).
 
 Targets: the compatible update cuts the negative flip rate by >= 30 % relative to the naive one while
 losing <= 0.5 points of its accuracy gain (means over >= 3 seeds).
@@ -67,7 +68,8 @@ def one(task: str, seed: int, weights: list[float], start: str, env: dict) -> li
     name = f"upd-{task}-s{seed}"
     common = ["train", "--base", BASE, "--task", task, "--name", name, "--seed", str(seed)]
     n = max(1, round(SHARE * train_rows(task, env)))
-    run([*common, "--train-rows", str(n), "--overwrite"], env)                  # v1 (fresh history)
+    run(["rm", name, "--missing-ok"], env)          # a fresh history: `train --overwrite` would replace only
+    run([*common, "--train-rows", str(n)], env)     # the promoted v1 and keep an earlier run's v2, v3, ...
     run(common, env)                                                            # v2: naive
     naive, version, extra = compared(name, 2, task, env), 2, {}
     update = common

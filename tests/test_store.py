@@ -138,6 +138,31 @@ def test_remove(base, tmp_path):
     assert store.list() == [] and list((tmp_path / "s" / "adapters").iterdir()) == []
 
 
+def test_cli_rm_removes_a_version_or_a_name_with_all_its_versions(base, tmp_path):
+    store = AdapterStore(tmp_path / "s")
+    store.put(make(base, "x"))
+    store.put_version(make(base, "x", seed=1))
+    store.put_version(make(base, "x", seed=2))
+    run = lambda *a: CliRunner().invoke(app, [*a, "--store", str(tmp_path / "s")])  # noqa: E731
+    res = run("rm", "x@v1")
+    assert res.exit_code == 2 and "x@v1 is the promoted version of 'x': promote another version first, or remove " \
+        "'x' with all its versions" in " ".join(res.output.split())
+    res = run("rm", "x@v2")
+    assert res.exit_code == 0 and "removed x@v2" in res.output
+    assert [v["ref"] for v in store.versions("x")] == ["x@v1", "x@v3"]
+    kept, want = store.get("x@v3").tensors, make(base, "x", seed=2).tensors     # the other versions untouched
+    assert kept.keys() == want.keys() and all(torch.equal(kept[s][k], want[s][k]) for s in want for k in want[s])
+    res = run("rm", "x")
+    assert res.exit_code == 0 and "removed x@v1, x@v3" in res.output
+    assert store.list() == [] and list((tmp_path / "s" / "adapters").iterdir()) == []
+    res = run("rm", "x")
+    assert res.exit_code == 2 and "no adapter named 'x'" in res.output
+    res = run("rm", "x", "--missing-ok")
+    assert res.exit_code == 0 and "x: not in the store, nothing to remove" in res.output
+    store.put(make(base, "x"))                      # the name starts a fresh history: v1 again
+    assert [v["ref"] for v in store.versions("x")] == ["x@v1"]
+
+
 def test_cli_ls_and_show(base, tmp_path):
     store = AdapterStore(tmp_path / "s")
     store.put(make(base, "r8-lora"))

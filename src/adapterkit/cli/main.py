@@ -17,7 +17,7 @@ from .merge import merge_cmd
 from .route import route_app
 from .serve import serve_cmd
 from .compare import compare_cmd
-from .versions import gate_cmd, promote_cmd, rollback_cmd, versions_cmd
+from .versions import gate_cmd, promote_cmd, rm_cmd, rollback_cmd, versions_cmd
 from .train import eval_cmd, train_cmd
 from ..errors import AdapterkitError
 from ..serve.requests import MAX_TEMPERATURE, MIN_TEMPERATURE
@@ -39,6 +39,7 @@ adapter_app.command("quantize")(quantize_cmd)
 app.command("versions")(versions_cmd)
 app.command("promote")(promote_cmd)
 app.command("rollback")(rollback_cmd)
+app.command("rm")(rm_cmd)
 app.command("compare")(compare_cmd)
 app.command("gate")(gate_cmd)
 adapter_app.command("export-peft")(export_peft_cmd)

@@ -1,5 +1,5 @@
-"""`adapterkit versions | promote | rollback`: the versions of a stored adapter (store.py; main.py registers
-them) and what the bare name resolves to."""
+"""`adapterkit versions | promote | rollback | rm`: the versions of a stored adapter (store.py; main.py
+registers them), what the bare name resolves to, and removing a name or one version."""
 
 from __future__ import annotations
 
@@ -32,6 +32,35 @@ def versions_cmd(name: str = typer.Argument(..., help="A stored adapter's name."
         table.append([("* " if r["promoted"] else "  ") + r["ref"], r.get("summary") or r["method"], metrics,
                       r["created"]])
     print_listing(("version", "adapter", "metrics", "created"), [[escape(c) for c in row] for row in table])
+
+
+def rm_cmd(ref: str = typer.Argument(..., help="NAME (every version) or NAME@vN (one version that is not the "
+                                     "promoted one)."),
+           missing_ok: bool = typer.Option(False, "--missing-ok", help="A name the store does not hold is not an "
+                                           "error (scripts that start a name's history afresh)."),
+           store: Optional[Path] = STORE_OPT) -> None:
+    """Remove a stored adapter with all its versions, or one version. Its catalog rows go in one commit,
+    then its folders; a server answers the next request for it with a 404."""
+    from ..errors import AdapterNotFoundError
+    from ..store import parse_ref
+
+    try:
+        st = open_store(store)
+        name, version = parse_ref(ref)
+        try:
+            gone = [v["ref"] for v in st.versions(name) if version is None or v["version"] == version] or [ref]
+        except AdapterNotFoundError:               # a name stored before versions existed: remove() knows it
+            gone = [ref]
+        try:
+            st.remove(ref)
+        except AdapterNotFoundError:
+            if not missing_ok:
+                raise
+            out.print(f"{ref}: not in the store, nothing to remove", highlight=False)
+            return
+    except AdapterkitError as exc:
+        fail(exc)
+    out.print(f"removed {', '.join(gone)}", highlight=False)
 
 
 def promote_cmd(ref: str = typer.Argument(..., help="NAME@vN: the version NAME should resolve to."),
