@@ -90,6 +90,9 @@ def one(task: str, seed: int, weights: list[float], start: str, env: dict) -> li
 
 def table(path: Path) -> None:
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    # a warm row's update without the distillation term is the warm start alone: weight 0 (once per seed)
+    rows += list({(r["task"], r["seed"]): {**r, "compat_weight": 0.0, "compatible": r["warm_naive"]}
+                  for r in rows if "warm_naive" in r}.values())
     out = []
     def key(r: dict) -> tuple:
         return r["task"], r.get("start", "fresh"), r.get("compat_weight", 1.0)
