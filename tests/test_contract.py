@@ -141,7 +141,10 @@ def test_mixed_batch_equals_per_adapter_loop_and_float64(setup, kernel):
         with rt.batch([name]):
             alone = out(rt.model, ids[i:i + 1])[0]
         assert (alone - plain[i]).abs().max() > 1e-2
-        torch.testing.assert_close(mixed[i], alone, rtol=1e-5, atol=1e-5)
+        # float32 rounding differs with the batch's shape: on some CPUs (this one has AVX-512 FP16) AdapterFusion's
+        # BERT rows differ from the row alone by up to 1.6e-5 on outputs of ~3, both within 2.5e-5 of the float64
+        # reference below; a wrong adapter or a row leaking into another moves an output by > 1e-2
+        torch.testing.assert_close(mixed[i], alone, rtol=1e-5, atol=5e-5)
     if not rt.adapters["ad0"].method.mergeable:      # float64 reference: each row alone, the family's own forward
         want = reference(rt.model, [[rt.adapters[n]] if n else [] for n in rows], ids, output=_main_output)
         torch.testing.assert_close(mixed.double(), want, rtol=1e-4, atol=1e-4)
