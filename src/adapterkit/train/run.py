@@ -85,9 +85,12 @@ def train_classifier(
                             overwrite=overwrite, resume=resume, method=method,
                             options=method_options)
         labels = sorted({e.label for e in train_examples})
-        head = probe if probe is not None else previous_head(store, method_options, labels) \
-            if head_init == "previous" else ClassificationHead.create(
-                labels, base.model.config.hidden_size, POOLING[base.kind], config.seed)
+        if probe is not None:
+            head = probe
+        elif head_init == "previous":
+            head = previous_head(store, method_options, labels)
+        else:
+            head = ClassificationHead.create(labels, base.model.config.hidden_size, POOLING[base.kind], config.seed)
         adapter.head = head.to(base.device)                  # trains beside the base
         adapter.meta.labels = labels
         lengths = ([1] * len(train_examples) if base.kind == "image"       # an image is one unit
