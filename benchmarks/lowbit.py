@@ -9,6 +9,8 @@
              --import-from STORE[,STORE] reuses the method benchmark's fp32 LoRA adapters (NAME-lora).
   bytes      a rank-16 LoRA on SmolLM2's q,k,v,o (and rank 8): weight-file bytes fp32 vs 1/2/4/8 bits
   serve      benchmarks/lowbit_serve.py: 10,000 rank-16 adapters, 1-bit in a <= 2 GiB RAM tier vs fp32
+  corda-tune the lr of a CorDA start on a tuning task (election-tweets, 50 steps, validation split; neither
+             CorDA task): results/lowbit_corda_tune.jsonl
   corda      CorDA IPM / KPM vs LoRA's default init on two tasks (SmolLM2) at 50 and 200 steps (test
              accuracy), and forgetting: the base's perplexity on held-out general text (the chatterbot
              corpus's English dialogue, never trained on) with each 200-step adapter attached
@@ -20,6 +22,7 @@ the packed tier p50 <= 5 ms.
 
     .venv/bin/python benchmarks/lowbit.py --part retention [--import-from STORE] [--tasks ...] [--bits 1,4]
     .venv/bin/python benchmarks/lowbit.py --part bytes
+    .venv/bin/python benchmarks/lowbit.py --part corda-tune
     .venv/bin/python benchmarks/lowbit.py --part corda
     .venv/bin/python benchmarks/lowbit.py --part table
 """
@@ -242,6 +245,31 @@ def part_corda(a, env: dict) -> None:
                                         "perplexity": ppl, "date": now()}, indent=1) + "\n")
 
 
+CORDA_TUNE_TASK = "election-tweets"    # a tuning task, neither CorDA task: its lr is chosen here, judged there
+CORDA_TUNE = (("default", None), ("corda-ipm", None), ("corda-ipm", 5e-4), ("corda-ipm", 1e-4), ("corda-ipm", 2e-5))
+
+
+def part_corda_tune(a, env: dict) -> None:
+    """The learning rate of a CorDA start (None: the CLI default, LoRA's), 50 steps on the tuning task, scored
+    on its validation split; rows append to results/lowbit_corda_tune.jsonl."""
+    path = RESULTS / "lowbit_corda_tune.jsonl"
+    done = read_rows(path, ("init", "lr"))
+    steps = min(CORDA_STEPS)
+    for init, lr in CORDA_TUNE:
+        if (init, lr) in done and not a.redo:
+            continue
+        name = f"corda-tune-{init}-{lr or 'default'}"
+        lr_flag = ["--lr", str(lr)] if lr else []
+        _, secs = run(["train", "--base", "smollm2-135m", "--task", CORDA_TUNE_TASK, "--name", name, "--method", "lora",
+                       "--steps", str(steps), "--init", init, *lr_flag, "--overwrite"], env)
+        got = json.loads(run(["eval", name, "--task", CORDA_TUNE_TASK, "--split", "validation", "--json"], env)[0])
+        row = {"task": CORDA_TUNE_TASK, "init": init, "lr": lr, "steps": steps, "name": name,
+               "validation": {k: got[k] for k in ("accuracy", "macro_f1", "n")},
+               "summary": shown(name, env)["summary"], "seconds": round(secs, 1), "date": now()}
+        append(path, row)
+        log(f"{init} lr {lr or 'default'}: {row['validation']} ({secs:.0f} s)")
+
+
 # ---------------------------------------------------------------------- table
 def part_table(a, env: dict) -> None:
     runs = read_rows(a.runs, ("task", "mode", "bits"))
@@ -319,7 +347,7 @@ def plot(table: list[dict]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--part", choices=("retention", "bytes", "serve", "corda", "table"), required=True)
+    p.add_argument("--part", choices=("retention", "bytes", "serve", "corda", "corda-tune", "table"), required=True)
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--bits", default=",".join(map(str, BITS)))
     p.add_argument("--import-from", default="", help="the method benchmark's stores, comma-separated (their "
@@ -335,7 +363,8 @@ def main() -> None:
         from lowbit_serve import main as serve_main
         serve_main(rest)
         return
-    {"retention": part_retention, "bytes": part_bytes, "corda": part_corda, "table": part_table}[a.part](a, env)
+    {"retention": part_retention, "bytes": part_bytes, "corda": part_corda, "corda-tune": part_corda_tune,
+     "table": part_table}[a.part](a, env)
 
 
 if __name__ == "__main__":
