@@ -195,14 +195,17 @@ def part_fewshot(a, env) -> None:
 
 SWEEP_TASK = "rt-sentiment"      # a tuning task, never a target: the defaults are chosen here, judged there
 SWEEP_LR = {"scalearn-vector": (3e-3, 1e-2, 3e-2, 1e-1), "fusion": (1e-4, 5e-4, 2e-3, 5e-3)}
+SWEEP_STEPS = {"single": (150, 400), "scalearn-vector": (50, 150, 400), "fusion": (50, 150)}   # 50: the default at 256
+# rows, run explicitly so that the steps compare within one store of sources (the lr rows came from an earlier one)
 
 
 def part_sweep(a, env) -> None:
-    """Learning rates of ScaLearn and fusion on the tuning task (256 rows, seed 0; the validation split),
-    beside the CLI default (no --lr); rows append to results/transfer_sweep.jsonl."""
+    """Learning rates of ScaLearn and fusion, and the steps of the single adapter, ScaLearn and fusion, on the
+    tuning task (256 rows, seed 0; the validation split), beside the CLI defaults (no --lr, no --steps); rows
+    append to results/transfer_sweep.jsonl."""
     path = results() / "transfer_sweep.jsonl"
-    done = {(r["system"], r["lr"]) for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))} \
-        if path.is_file() else set()
+    done = {(r["system"], r["lr"], r.get("steps")) for r in map(json.loads, filter(str.strip,
+            path.read_text().splitlines()))} if path.is_file() else set()
     n, seed = 256, 0
     single = f"few-{SWEEP_TASK}-{n}-{seed}"
     from adapterkit.store import AdapterStore
@@ -211,21 +214,24 @@ def part_sweep(a, env) -> None:
         run_cli(["train", "--base", BASE, "--task", SWEEP_TASK, "--name", single, "--train-rows", str(n), "--seed",
                  str(seed)], env)
     sources = [f"src-{t}" for t in TASKS if t != SWEEP_TASK] + [single]
-    for system, lrs in SWEEP_LR.items():
-        for lr in (None, *lrs):
-            if (system, lr) in done and not a.redo:
-                continue
-            name = f"sweep-{system}-{lr or 'default'}"
-            _, secs = run_cli(["train", "--base", BASE, "--task", SWEEP_TASK, "--name", name, "--train-rows", str(n),
-                               "--seed", str(seed), "--overwrite", *SYSTEMS[system], "--sources", ",".join(sources),
-                               *(["--lr", str(lr)] if lr else [])], env)
-            got = json.loads(run_cli(["eval", name, "--task", SWEEP_TASK, "--split", "validation", "--json"], env)[0])
-            r = {"system": system, "lr": lr, "validation": {k: got[k] for k in ("accuracy", "macro_f1", "n")},
-                 "lineage_lr": shown(name, env)["lineage"][0]["params"].get("lr"), "train_s": round(secs, 1),
-                 "date": now()}
-            with path.open("a") as f:
-                f.write(json.dumps(r) + "\n")
-            log(f"sweep {system} lr {lr or 'default'}: {r['validation']}")
+    grid = [(system, lr, None) for system, lrs in SWEEP_LR.items() for lr in (None, *lrs)]
+    grid += [(system, None, steps) for system, steps_list in SWEEP_STEPS.items() for steps in (None, *steps_list)]
+    for system, lr, steps in grid:
+        if (system, lr, steps) in done and not a.redo:
+            continue
+        name = f"sweep-{system}-{lr or 'default'}" + (f"-{steps}steps" if steps else "")
+        composed = ["--sources", ",".join(sources)] if SYSTEMS[system] else []
+        _, secs = run_cli(["train", "--base", BASE, "--task", SWEEP_TASK, "--name", name, "--train-rows", str(n),
+                           "--seed", str(seed), "--overwrite", *SYSTEMS[system], *composed,
+                           *(["--lr", str(lr)] if lr else []), *(["--steps", str(steps)] if steps else [])], env)
+        got = json.loads(run_cli(["eval", name, "--task", SWEEP_TASK, "--split", "validation", "--json"], env)[0])
+        r = {"system": system, "lr": lr, "steps": steps,
+             "validation": {k: got[k] for k in ("accuracy", "macro_f1", "n")},
+             "lineage_lr": shown(name, env)["lineage"][0]["params"].get("lr"), "train_s": round(secs, 1),
+             "date": now()}
+        with path.open("a") as f:
+            f.write(json.dumps(r) + "\n")
+        log(f"sweep {system} lr {lr or 'default'} steps {steps or 'default'}: {r['validation']}")
 
 
 def part_stacking(a, env) -> None:
