@@ -221,9 +221,22 @@ def general_texts(n: int = 400) -> list[str]:
     return [e.text for e in rows][:n]
 
 
+CORDA_LORA_LR = 2e-3       # LoRA's classification lr, the one every CorDA row before INIT_LR ran at
+
+
+def corda_rows(path: Path) -> dict[tuple, dict]:
+    """The CorDA rows by (task, init, steps, lr); the last row of a key counts."""
+    return {k[:3] + (k[3] or CORDA_LORA_LR,): r for k, r in read_rows(path, ("task", "init", "steps", "lr")).items()}
+
+
 def part_corda(a, env: dict) -> None:
+    from adapterkit.train.defaults import INIT_LR
+
     path = RESULTS / "lowbit_corda_runs.jsonl"
-    done = read_rows(path, ("task", "init", "steps"))
+    # a row counts at the lr the CLI now picks for its init (rows before IPM's own factor, which carry no
+    # "lr", ran at LoRA's 2e-3; an IPM row of those is rerun)
+    done = {(r["task"], r["init"], r["steps"]) for r in corda_rows(path).values()
+            if math.isclose(r.get("lr", CORDA_LORA_LR), CORDA_LORA_LR * INIT_LR.get(r["init"], 1.0))}
     for task in CORDA_TASKS:
         for steps in CORDA_STEPS:
             for init in CORDA_INITS:
@@ -232,8 +245,10 @@ def part_corda(a, env: dict) -> None:
                 name = f"corda-{task}-{init}-{steps}"
                 _, secs = run(["train", "--base", "smollm2-135m", "--task", task, "--name", name, "--method", "lora",
                                "--steps", str(steps), "--init", init, "--overwrite"], env)
+                info = shown(name, env)
                 row = {"task": task, "init": init, "steps": steps, "name": name, "test": scored(name, task, env),
-                       "summary": shown(name, env)["summary"], "seconds": round(secs, 1), "date": now()}
+                       "lr": info["lineage"][0]["params"].get("lr"), "summary": info["summary"],
+                       "seconds": round(secs, 1), "date": now()}
                 append(path, row)
                 log(f"{task} {init} {steps} steps: {row['test']} ({secs:.0f} s)")
     ppl_path = RESULTS / "lowbit_corda_perplexity.json"
@@ -246,7 +261,7 @@ def part_corda(a, env: dict) -> None:
 
 
 CORDA_TUNE_TASK = "election-tweets"    # a tuning task, neither CorDA task: its lr is chosen here, judged there
-CORDA_TUNE = (("default", None), ("corda-ipm", None), ("corda-ipm", 5e-4), ("corda-ipm", 1e-4), ("corda-ipm", 2e-5))
+CORDA_TUNE = (("default", None), ("corda-ipm", None), ("corda-ipm", 5e-4), ("corda-ipm", 1e-4))
 
 
 def part_corda_tune(a, env: dict) -> None:
@@ -298,7 +313,7 @@ def part_table(a, env: dict) -> None:
     for part in ("lowbit_bytes.json", "lowbit_serve.json", "lowbit_corda_perplexity.json"):
         if (RESULTS / part).is_file():
             out[part.removesuffix(".json").removeprefix("lowbit_")] = json.loads((RESULTS / part).read_text())
-    out["corda_runs"] = list(read_rows(RESULTS / "lowbit_corda_runs.jsonl", ("task", "init", "steps")).values())
+    out["corda_runs"] = list(corda_rows(RESULTS / "lowbit_corda_runs.jsonl").values())
     (RESULTS / "lowbit.json").write_text(json.dumps(out, indent=1) + "\n")
     print("| task | fp32 | " + " | ".join(f"PTQ {b}-bit | QAT {b}-bit" for b in BITS) + " |")
     print("|---|---|" + "---|---|" * len(BITS))
@@ -311,10 +326,10 @@ def part_table(a, env: dict) -> None:
         print(f"| {r['task']} | {r['fp32']:.3f} | " + " | ".join(cells) + " |")
     print(f"\nverdict: {verdict}")
     if out["corda_runs"]:
-        print("\n| task | init | steps | test accuracy | macro-F1 |\n|---|---|---|---|---|")
-        for r in sorted(out["corda_runs"], key=lambda r: (r["task"], r["steps"], r["init"])):
-            print(f"| {r['task']} | {r['init']} | {r['steps']} | {r['test']['accuracy']:.3f} | "
-                  f"{r['test']['macro_f1']:.3f} |")
+        print("\n| task | init | lr | steps | test accuracy | macro-F1 |\n|---|---|---|---|---|---|")
+        for r in sorted(out["corda_runs"], key=lambda r: (r["task"], r["steps"], r["init"], -r.get("lr", CORDA_LORA_LR))):
+            print(f"| {r['task']} | {r['init']} | {r.get('lr', CORDA_LORA_LR):g} | {r['steps']} | "
+                  f"{r['test']['accuracy']:.3f} | {r['test']['macro_f1']:.3f} |")
     plot(table)
 
 

@@ -112,6 +112,20 @@ def test_each_family_trains_at_its_factor_of_the_objective_lr_per_base_kind():
     assert resolve("classification", 1000, False, base_kind="causal-lm", method="bottleneck", lr=3e-3).config.lr == 3e-3
 
 
+def test_a_corda_ipm_start_trains_at_a_quarter_of_loras_lr_unless_told():
+    """IPM starts from the weight's largest components (chosen on election-tweets, lowbit_corda_tune.jsonl);
+    KPM and the default start keep LoRA's lr; --lr still wins."""
+    from adapterkit.train.defaults import resolve
+
+    def lr(init, **kw):
+        return resolve("classification", 1000, False, base_kind="causal-lm", method="lora", init=init, **kw).config.lr
+    assert lr("corda-ipm") == pytest.approx(5e-4)
+    assert lr("corda-kpm") == lr("default") == pytest.approx(2e-3)
+    assert lr("corda-ipm", lr=2e-3) == 2e-3
+    got = resolve("classification", 1000, False, base_kind="causal-lm", method="lora", init="corda-ipm")
+    assert got.config.init == "corda-ipm" and "lr 0.0005" in got.describe()
+
+
 def test_a_parallel_bottleneck_has_its_own_lr_and_scale_per_base_kind():
     """Chosen on chat-topics (methods_tune.jsonl): on an encoder 1x the objective's lr (the bottleneck's 5x
     collapsed) at scale 1; on a causal LM the bottleneck's 0.25x at He et al.'s scale 4."""

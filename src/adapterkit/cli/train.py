@@ -85,8 +85,9 @@ def train_cmd(
     compat_weight: float = typer.Option(1.0, "--compat-weight", min=0.0, help="With --compatible-with: weight of "
                                         "the distillation from the old version on the rows it got right."),
     init: str = typer.Option("default", "--init", help="LoRA's start: default (B = 0), corda-ipm (CorDA: the "
-                             "weight's components the task's inputs use most; learns faster) or corda-kpm (those "
-                             "they use least; keeps the base's knowledge). CorDA stores a rank-2r LoRA."),
+                             "weight's components the task's inputs use most, to learn faster; trains at 1/4 of "
+                             "LoRA's lr) or corda-kpm (those they use least; keeps the base's knowledge). CorDA "
+                             "stores a rank-2r LoRA."),
     calibration_rows: int = typer.Option(256, "--calibration-rows", min=1, help="CorDA: training rows (a seeded "
                                          "sample) whose inputs give each layer's covariance."),
     objective: str = typer.Option("classification", help="classification (text, label), causal-lm "

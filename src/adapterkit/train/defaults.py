@@ -113,6 +113,16 @@ def sparse_phase_lr(run_lr: float, base_kind: str) -> float:
     return run_lr * SPARSE_PHASE_LR_BY_KIND.get(base_kind, 1.0)
 
 
+# A further factor on LoRA's lr for a CorDA start (--init). IPM's A and B start as the weight's largest
+# components (B = U·√S, not 0), so each step of A moves W by far more than from LoRA's B = 0 start: at
+# LoRA's lr IPM fell 8 points under the default start on rt-sentiment at 50 steps. Chosen on a tuning task,
+# SmolLM2 + election-tweets (50 steps, validation 643 rows; benchmarks/lowbit.py --part corda-tune,
+# results/lowbit_corda_tune.jsonl): default start 0.868; IPM 0.843 at 2e-3, 0.879 at 5e-4, 0.841 at 1e-4
+# -> 0.25x.
+# KPM keeps the smallest components (a near-zero start, like LoRA's) and LoRA's lr.
+INIT_LR = {"corda-ipm": 0.25}
+
+
 def method_lr(method: str, base_kind: str, placement: str | None = None) -> float:
     """The factor on the objective's adapter lr for a family (a bottleneck: of its placement) on a base of
     `base_kind`."""
@@ -170,7 +180,7 @@ def resolve(objective: str, n_train: int, has_eval: bool, *, base_kind: str = "c
     steps = pick("steps", steps, min(cap, max(r.min_steps, math.ceil(r.epochs * per_epoch))))
     if method not in METHOD_LR:
         raise ConfigError(f"`train` trains {', '.join(TRAINABLE)} adapters; {method!r} is not one of them")
-    lr = pick("lr", lr, r.lr * method_lr(method, base_kind, placement))
+    lr = pick("lr", lr, r.lr * method_lr(method, base_kind, placement) * INIT_LR.get(fixed.get("init", "default"), 1.0))
     head_lr = pick("head_lr", head_lr, r.head_lr)
     if isinstance(steps, int) and steps >= 1:
         warmup = pick("warmup", warmup, min(steps, round(r.warmup * steps)))
