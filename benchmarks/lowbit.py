@@ -230,13 +230,14 @@ def corda_rows(path: Path) -> dict[tuple, dict]:
 
 
 def part_corda(a, env: dict) -> None:
-    from adapterkit.train.defaults import INIT_LR
+    from adapterkit.train.defaults import resolve
 
     path = RESULTS / "lowbit_corda_runs.jsonl"
     # a row counts at the lr the CLI now picks for its init (rows before IPM's own factor, which carry no
     # "lr", ran at LoRA's 2e-3; an IPM row of those is rerun)
     done = {(r["task"], r["init"], r["steps"]) for r in corda_rows(path).values()
-            if math.isclose(r.get("lr", CORDA_LORA_LR), CORDA_LORA_LR * INIT_LR.get(r["init"], 1.0))}
+            if math.isclose(r.get("lr", CORDA_LORA_LR), resolve("classification", 1, True, method="lora",
+                                                                 init=r["init"]).config.lr)}
     for task in CORDA_TASKS:
         for steps in CORDA_STEPS:
             for init in CORDA_INITS:
