@@ -19,8 +19,9 @@ on two cores): few-shot target tasks with the other example tasks' adapters as s
             texts; rt-sentiment's task adapter trained alone, and trained on top of the rt domain adapter;
             both scored on tweet-sentiment's positive and negative test rows (fresh = positive), the
             stacked one with the tweet domain adapter swapped in
-  sweep     ScaLearn's and fusion's learning rates on a tuning task (rt-sentiment, never a target; 256 rows,
-            validation split) beside the CLI default: results/transfer_sweep.jsonl
+  sweep     ScaLearn's and fusion's learning rates and steps on a tuning task (rt-sentiment, never a target;
+            256 rows, validation split) beside the CLI default, and their --head-init (random, or the source
+            head: the cell's own few-shot adapter's) over seeds 0-2: results/transfer_sweep.jsonl
   table     results/transfer.json, the README table (markdown) and results/transfer.png
 
 Targets: ScaLearn within 1 point of AdapterFusion with <= 5% of its trainable parameters; ScaLearn above
@@ -197,41 +198,50 @@ SWEEP_TASK = "rt-sentiment"      # a tuning task, never a target: the defaults a
 SWEEP_LR = {"scalearn-vector": (3e-3, 1e-2, 3e-2, 1e-1), "fusion": (1e-4, 5e-4, 2e-3, 5e-3)}
 SWEEP_STEPS = {"single": (150, 400), "scalearn-vector": (50, 150, 400), "fusion": (50, 150)}   # 50: the default at 256
 # rows, run explicitly so that the steps compare within one store of sources (the lr rows came from an earlier one)
+SWEEP_HEADS = {"scalearn-vector": ("random", "source"), "fusion": ("random", "source")}  # --head-init, seeds 0-2
+SWEEP_SEEDS = (0, 1, 2)
 
 
 def part_sweep(a, env) -> None:
-    """Learning rates of ScaLearn and fusion, and the steps of the single adapter, ScaLearn and fusion, on the
-    tuning task (256 rows, seed 0; the validation split), beside the CLI defaults (no --lr, no --steps); rows
-    append to results/transfer_sweep.jsonl."""
+    """Learning rates of ScaLearn and fusion, and the steps of the single adapter, ScaLearn and fusion (seed 0),
+    and their head's start (--head-init random / source, seeds 0-2) on the tuning task (256 rows; the validation
+    split), beside the CLI defaults (no --lr, no --steps); rows append to results/transfer_sweep.jsonl."""
     path = results() / "transfer_sweep.jsonl"
-    done = {(r["system"], r["lr"], r.get("steps")) for r in map(json.loads, filter(str.strip,
-            path.read_text().splitlines()))} if path.is_file() else set()
-    n, seed = 256, 0
-    single = f"few-{SWEEP_TASK}-{n}-{seed}"
+    # a row's key: system, lr, steps, --head-init (rows before it: random), seed (rows before it: 0)
+    done = {(r["system"], r["lr"], r.get("steps"), r.get("head_init", "random"), r.get("seed", 0))
+            for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))} if path.is_file() else set()
+    n = 256
     from adapterkit.store import AdapterStore
 
-    if single not in AdapterStore(store_dir()):
-        run_cli(["train", "--base", BASE, "--task", SWEEP_TASK, "--name", single, "--train-rows", str(n), "--seed",
-                 str(seed)], env)
-    sources = [f"src-{t}" for t in TASKS if t != SWEEP_TASK] + [single]
-    grid = [(system, lr, None) for system, lrs in SWEEP_LR.items() for lr in (None, *lrs)]
-    grid += [(system, None, steps) for system, steps_list in SWEEP_STEPS.items() for steps in (None, *steps_list)]
-    for system, lr, steps in grid:
-        if (system, lr, steps) in done and not a.redo:
+    grid = [(system, lr, None, "random", 0) for system, lrs in SWEEP_LR.items() for lr in (None, *lrs)]
+    grid += [(system, None, steps, "random", 0) for system, steps_list in SWEEP_STEPS.items()
+             for steps in (None, *steps_list)]
+    grid += [(system, None, None, head, seed) for seed in SWEEP_SEEDS for system, heads in SWEEP_HEADS.items()
+             for head in heads]
+    for system, lr, steps, head, seed in grid:
+        if (system, lr, steps, head, seed) in done and not a.redo:
             continue
-        name = f"sweep-{system}-{lr or 'default'}" + (f"-{steps}steps" if steps else "")
+        single = f"few-{SWEEP_TASK}-{n}-{seed}"
+        if single not in AdapterStore(store_dir()):
+            run_cli(["train", "--base", BASE, "--task", SWEEP_TASK, "--name", single, "--train-rows", str(n),
+                     "--seed", str(seed)], env)
+        sources = [f"src-{t}" for t in TASKS if t != SWEEP_TASK] + [single]
+        name = f"sweep-{system}-{lr or 'default'}" + (f"-{steps}steps" if steps else "") + \
+            (f"-head-{head}" if head != "random" else "") + (f"-seed{seed}" if seed else "")
         composed = ["--sources", ",".join(sources)] if SYSTEMS[system] else []
         _, secs = run_cli(["train", "--base", BASE, "--task", SWEEP_TASK, "--name", name, "--train-rows", str(n),
                            "--seed", str(seed), "--overwrite", *SYSTEMS[system], *composed,
-                           *(["--lr", str(lr)] if lr else []), *(["--steps", str(steps)] if steps else [])], env)
+                           *(["--lr", str(lr)] if lr else []), *(["--steps", str(steps)] if steps else []),
+                           *(["--head-init", head] if head != "random" else [])], env)
         got = json.loads(run_cli(["eval", name, "--task", SWEEP_TASK, "--split", "validation", "--json"], env)[0])
-        r = {"system": system, "lr": lr, "steps": steps,
+        r = {"system": system, "lr": lr, "steps": steps, "head_init": head, "seed": seed,
              "validation": {k: got[k] for k in ("accuracy", "macro_f1", "n")},
              "lineage_lr": shown(name, env)["lineage"][0]["params"].get("lr"), "train_s": round(secs, 1),
              "date": now()}
         with path.open("a") as f:
             f.write(json.dumps(r) + "\n")
-        log(f"sweep {system} lr {lr or 'default'} steps {steps or 'default'}: {r['validation']}")
+        log(f"sweep {system} lr {lr or 'default'} steps {steps or 'default'} head {head} seed {seed}: "
+            f"{r['validation']}")
 
 
 def part_stacking(a, env) -> None:

@@ -311,9 +311,52 @@ def test_head_init_is_checked(files, tmp_path):
     base, data = files
     res = CliRunner().invoke(app, ["train", "--name", "c", "--base", str(base), "--train-file", str(data),
                                    "--head-init", "zeros", "--store", str(tmp_path / "s")])
-    assert res.exit_code == 2 and "--head-init must be one of random, probe, previous, got 'zeros'" in res.output
+    assert res.exit_code == 2 and "--head-init must be one of random, probe, previous, source, got 'zeros'" in res.output
     res = CliRunner().invoke(app, ["train", "--name", "c", "--objective", "causal-lm", "--base", str(base),
                                    "--train-file", str(data), "--head-init", "probe", "--store", str(tmp_path / "s")])
     assert res.exit_code == 2
     assert ("--head-init sets a classification head's start; causal-lm training has no classification head: leave "
             "it out") in " ".join(res.output.split())
+
+
+def test_head_init_source_starts_a_composition_at_its_own_source_head(files, tmp_path, monkeypatch):
+    """--method scalearn --head-init source: the head handed to the trainer is a copy of the first source's head
+    with the run's labels (a source of other labels is passed over); for a method without sources, or sources
+    none of which has the labels, a clear error before any training."""
+    import adapterkit.train.run as run
+    from adapterkit.store import AdapterStore
+
+    base, data = files
+    store = tmp_path / "s"
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(json.dumps({"sentence": t, "y": y.upper()}) for t, y in ROWS) + "\n")
+    common = ["--base", str(base), "--text-field", "sentence", "--label-field", "y", "--steps", "3", "--lr", "0.05",
+              "--targets", "q_proj,v_proj", "--store", str(store), "--no-progress"]
+    for name, file in (("upper", other), ("own", data)):
+        res = CliRunner().invoke(app, ["train", "--name", name, "--train-file", str(file), *common])
+        assert res.exit_code == 0, res.output
+    seen = {}
+    real_fit = run.fit
+
+    def spy(b, adapter, *a, **k):
+        seen["head"] = (adapter.head.weight.detach().clone(), adapter.head.bias.detach().clone())
+        return real_fit(b, adapter, *a, **k)
+    monkeypatch.setattr(run, "fit", spy)
+    res = CliRunner().invoke(app, ["train", "--name", "comp", "--train-file", str(data), *common, "--method",
+                                   "scalearn", "--sources", "upper,own", "--head-init", "source"])
+    assert res.exit_code == 0, res.output
+    own = AdapterStore(store).get("own")
+    torch.testing.assert_close(seen["head"][0], own.head.weight.float())
+    torch.testing.assert_close(seen["head"][1], own.head.bias.float())
+    assert not torch.allclose(AdapterStore(store).get("comp").head.weight, own.head.weight)   # trained from it
+    res = CliRunner().invoke(app, ["train", "--name", "comp2", "--train-file", str(data), *common, "--method",
+                                   "scalearn", "--sources", "upper", "--head-init", "source"])
+    assert res.exit_code == 2
+    assert ("--head-init source: no source has a classification head with this run's labels ['canine', 'feline'] "
+            "(upper ['CANINE', 'FELINE']); add a source trained on the task (e.g. a few-shot adapter of it), or "
+            "leave --head-init out (a random head)") in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["train", "--name", "plain", "--train-file", str(data), *common,
+                                   "--head-init", "source"])
+    assert res.exit_code == 2
+    assert ("--head-init source starts the head as a composition source's head; --method lora has no sources: add "
+            "--method scalearn or fusion, or leave --head-init out") in " ".join(res.output.split())

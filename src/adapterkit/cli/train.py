@@ -116,7 +116,9 @@ def train_cmd(
     head_init: str = typer.Option("random", "--head-init", help="Classification: the head starts random, or as "
                                   "the linear probe on the frozen base's features (probe: LP-FT; one feature pass "
                                   "over the training data first), or as --continue-from's head (previous: an "
-                                  "update of the same task that starts where the old version stands)."),
+                                  "update of the same task that starts where the old version stands), or as "
+                                  "the head of the first --sources adapter with the run's labels (source: "
+                                  "scalearn / fusion over the task's own few-shot adapter)."),
     warmup: Optional[int] = typer.Option(None, help="Warm-up steps (default: 10 % of the steps)."),
     schedule: str = typer.Option("cosine", help="Learning-rate decay after warm-up: cosine, linear or constant."),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
@@ -191,6 +193,10 @@ def train_cmd(
             raise AdapterkitError("--head-init previous starts the head as the head of the adapter the run "
                                   "continues: add --continue-from NAME (the version being updated), or leave "
                                   "--head-init out")
+        if head_init == "source" and method not in ("scalearn", "fusion"):
+            raise AdapterkitError(f"--head-init source starts the head as a composition source's head; --method "
+                                  f"{method} has no sources: add --method scalearn or fusion, or leave --head-init "
+                                  "out")
         if objective != "classification" and head_init != "random":
             raise AdapterkitError(f"--head-init sets a classification head's start; {objective} training has no "
                                   "classification head: leave it out")

@@ -44,7 +44,7 @@ def classification_metrics(predicted: Sequence[str], gold: Sequence[str], labels
     return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s), "n": len(gold)}
 
 
-HEAD_INITS = ("random", "probe", "previous")
+HEAD_INITS = ("random", "probe", "previous", "source")
 
 
 def train_classifier(
@@ -72,7 +72,8 @@ def train_classifier(
     head_init: "random", or "probe": the head starts as the linear probe on the frozen base's features
     (train/probe.py), then trains with the adapter (LP-FT, Kumar et al. 2022), or "previous": as the head of the
     adapter the run continues (method_options["continue_from"]; an update of the same task that starts
-    where the old version stands, tensors and head)."""
+    where the old version stands, tensors and head), or "source" (a composition): as the head of its first
+    source trained on the run's labels (the target's own few-shot adapter among ScaLearn's sources)."""
     if head_init not in HEAD_INITS:
         raise ConfigError(f"head_init must be one of {', '.join(HEAD_INITS)}, got {head_init!r}")
     check_modality(base.kind, train_examples, "the training examples")
@@ -89,6 +90,8 @@ def train_classifier(
             head = probe
         elif head_init == "previous":
             head = previous_head(store, method_options, labels)
+        elif head_init == "source":
+            head = source_head(store, method, method_options, labels)
         else:
             head = ClassificationHead.create(labels, base.model.config.hidden_size, POOLING[base.kind], config.seed)
         adapter.head = head.to(base.device)                  # trains beside the base
@@ -138,6 +141,30 @@ def previous_head(store: AdapterStore, options: dict[str, Any] | None, labels: l
                           f"{labels}; its head can start only a run of the same labels (leave --head-init out)")
     return ClassificationHead(list(old.labels), old.pooling, old.weight.detach().float().clone(),
                               old.bias.detach().float().clone())
+
+
+def source_head(store: AdapterStore, method: str, options: dict[str, Any] | None,
+                labels: list[str]) -> ClassificationHead:
+    """head_init "source": a copy of the head of the first of a composition's sources (in --sources order)
+    whose classification head has the run's labels."""
+    from ..methods import get_method
+
+    if not getattr(get_method(method), "composes", False):
+        raise ConfigError(f"--head-init source starts the head as a composition source's head; this run trains "
+                          f"{method}, which has no sources: add --method scalearn or fusion, or leave --head-init out")
+    given = (options or {}).get("sources") or ()
+    names = [n.strip() for n in (given.split(",") if isinstance(given, str) else given) if n.strip()]
+    seen = []
+    for name in names:
+        head = store.get(name).head
+        if head is not None and hasattr(head, "labels"):
+            if list(head.labels) == list(labels):
+                return ClassificationHead(list(head.labels), head.pooling, head.weight.detach().float().clone(),
+                                          head.bias.detach().float().clone())
+            seen.append(f"{name} {list(head.labels)}")
+    raise ConfigError(f"--head-init source: no source has a classification head with this run's labels {labels} "
+                      f"({'; '.join(seen) or 'none has a classification head'}); add a source trained on the "
+                      "task (e.g. a few-shot adapter of it), or leave --head-init out (a random head)")
 
 
 @dataclass(frozen=True)
