@@ -168,7 +168,7 @@ def part_fewshot(a, env) -> None:
                 single = f"few-{target}-{n}-{seed}"
                 for system, flags in SYSTEMS.items():
                     key = (target, n, seed, system)
-                    if key in done and not a.redo:
+                    if (key in done and not a.redo) or system not in a.systems:
                         continue
                     name = single if system == "single" else f"{system}-{target}-{n}-{seed}"
                     extra = [] if system == "single" else ["--sources", ",".join([*others, single])]
@@ -184,7 +184,7 @@ def part_fewshot(a, env) -> None:
                         f.write(json.dumps(r) + "\n")
                     log(f"{key}: {r['test']} ({r['parameters']} params, {secs:.0f} s)")
                 key = (target, n, seed, "merge")
-                if key not in done or a.redo:
+                if (key not in done or a.redo) and "merge" in a.systems:
                     t0 = time.perf_counter()            # both merges, their probes and validation scores
                     got = merge_with_probe(target, n, seed, others)
                     r = {"target": target, "n": n, "seed": seed, "system": "merge", **got,
@@ -346,6 +346,8 @@ def main() -> None:
     p.add_argument("--sizes", default="64,256,1024")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--runs", type=Path, default=RESULTS / "transfer_runs.jsonl")
+    p.add_argument("--systems", default=",".join([*SYSTEMS, "merge"]), help="fewshot: only these systems (e.g. "
+                   "single,merge first: the compositions' runs compose the cell's single adapter)")
     p.add_argument("--redo", action="store_true")
     p.add_argument("--smoke", action="store_true", help="4 steps per run, one size (32) and seed, a separate store "
                    "and runs file under /tmp: checks the script end to end in minutes (numbers meaningless)")
@@ -357,6 +359,10 @@ def main() -> None:
     a.targets = a.targets.split(",")
     a.sizes = [int(x) for x in a.sizes.split(",")]
     a.seeds = [int(x) for x in a.seeds.split(",")]
+    a.systems = a.systems.split(",")
+    unknown = set(a.systems) - {*SYSTEMS, "merge"}
+    if unknown:
+        p.error(f"--systems: unknown {sorted(unknown)}; choose among {', '.join([*SYSTEMS, 'merge'])}")
     env = {**os.environ, "ADAPTERKIT_DEVICE": "cpu"}
     {"sources": part_sources, "sweep": part_sweep, "fewshot": part_fewshot, "stacking": part_stacking,
      "table": part_table}[a.part](a, env)
