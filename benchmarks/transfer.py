@@ -20,8 +20,9 @@ on two cores): few-shot target tasks with the other example tasks' adapters as s
             both scored on tweet-sentiment's positive and negative test rows (fresh = positive), the
             stacked one with the tweet domain adapter swapped in
   sweep     ScaLearn's and fusion's learning rates and steps on a tuning task (rt-sentiment, never a target;
-            256 rows, validation split) beside the CLI default, and their --head-init (random, or the source
-            head: the cell's own few-shot adapter's) over seeds 0-2: results/transfer_sweep.jsonl
+            256 rows, validation split) beside the CLI default, and their start over seeds 0-2: the head random
+            or the source's (--head-init source: the cell's own few-shot adapter's), and ScaLearn's ω at the
+            paper's 2/N or at that source alone (--omega-init source): results/transfer_sweep.jsonl
   table     results/transfer.json, the README table (markdown) and results/transfer.png
 
 Targets: ScaLearn within 1 point of AdapterFusion with <= 5% of its trainable parameters; ScaLearn above
@@ -198,7 +199,9 @@ SWEEP_TASK = "rt-sentiment"      # a tuning task, never a target: the defaults a
 SWEEP_LR = {"scalearn-vector": (3e-3, 1e-2, 3e-2, 1e-1), "fusion": (1e-4, 5e-4, 2e-3, 5e-3)}
 SWEEP_STEPS = {"single": (150, 400), "scalearn-vector": (50, 150, 400), "fusion": (50, 150)}   # 50: the default at 256
 # rows, run explicitly so that the steps compare within one store of sources (the lr rows came from an earlier one)
-SWEEP_HEADS = {"scalearn-vector": ("random", "source"), "fusion": ("random", "source")}  # --head-init, seeds 0-2
+SWEEP_HEADS = {"scalearn-vector": ("random", "source", "source+omega"), "fusion": ("random", "source")}  # seeds 0-2
+HEAD_FLAGS = {"random": [], "source": ["--head-init", "source"],      # source+omega: ScaLearn starts as the own
+              "source+omega": ["--head-init", "source", "--omega-init", "source"]}     # source alone, head and ω
 SWEEP_SEEDS = (0, 1, 2)
 
 
@@ -227,12 +230,12 @@ def part_sweep(a, env) -> None:
                      "--seed", str(seed)], env)
         sources = [f"src-{t}" for t in TASKS if t != SWEEP_TASK] + [single]
         name = f"sweep-{system}-{lr or 'default'}" + (f"-{steps}steps" if steps else "") + \
-            (f"-head-{head}" if head != "random" else "") + (f"-seed{seed}" if seed else "")
+            (f"-head-{head.replace('+', '-')}" if head != "random" else "") + (f"-seed{seed}" if seed else "")
         composed = ["--sources", ",".join(sources)] if SYSTEMS[system] else []
         _, secs = run_cli(["train", "--base", BASE, "--task", SWEEP_TASK, "--name", name, "--train-rows", str(n),
                            "--seed", str(seed), "--overwrite", *SYSTEMS[system], *composed,
                            *(["--lr", str(lr)] if lr else []), *(["--steps", str(steps)] if steps else []),
-                           *(["--head-init", head] if head != "random" else [])], env)
+                           *HEAD_FLAGS[head]], env)
         got = json.loads(run_cli(["eval", name, "--task", SWEEP_TASK, "--split", "validation", "--json"], env)[0])
         r = {"system": system, "lr": lr, "steps": steps, "head_init": head, "seed": seed,
              "validation": {k: got[k] for k in ("accuracy", "macro_f1", "n")},

@@ -340,6 +340,7 @@ def test_head_init_source_starts_a_composition_at_its_own_source_head(files, tmp
 
     def spy(b, adapter, *a, **k):
         seen["head"] = (adapter.head.weight.detach().clone(), adapter.head.bias.detach().clone())
+        seen["omega"] = [p["omega"].detach().clone() for p in adapter.tensors.values()]
         return real_fit(b, adapter, *a, **k)
     monkeypatch.setattr(run, "fit", spy)
     res = CliRunner().invoke(app, ["train", "--name", "comp", "--train-file", str(data), *common, "--method",
@@ -349,6 +350,21 @@ def test_head_init_source_starts_a_composition_at_its_own_source_head(files, tmp
     torch.testing.assert_close(seen["head"][0], own.head.weight.float())
     torch.testing.assert_close(seen["head"][1], own.head.bias.float())
     assert not torch.allclose(AdapterStore(store).get("comp").head.weight, own.head.weight)   # trained from it
+    assert all(abs(float(w.mean()) - 1.0) < 0.01 for w in seen["omega"])     # the paper's start: 2/N each, N = 2
+    # --omega-init source: ω starts as 'own' alone (row 1 of [N, d]), so the composition starts as that source
+    res = CliRunner().invoke(app, ["train", "--name", "comp-own", "--train-file", str(data), *common, "--method",
+                                   "scalearn", "--sources", "upper,own", "--head-init", "source", "--omega-init",
+                                   "source"])
+    assert res.exit_code == 0, res.output
+    for w in seen["omega"]:
+        assert torch.equal(w[0], torch.zeros_like(w[0])) and torch.equal(w[1], torch.ones_like(w[1]))
+    params = AdapterStore(store).get("comp-own").meta.lineage[-1]["params"]
+    assert params["head_init"] == "source" and params["omega_init"] == "source"
+    res = CliRunner().invoke(app, ["train", "--name", "comp3", "--train-file", str(data), *common, "--method",
+                                   "scalearn", "--sources", "upper,own", "--omega-init", "source"])
+    assert res.exit_code == 2
+    assert ("--omega-init source starts ScaLearn at the source whose head starts the run: add --head-init source, "
+            "or leave --omega-init out") in " ".join(res.output.split())
     res = CliRunner().invoke(app, ["train", "--name", "comp2", "--train-file", str(data), *common, "--method",
                                    "scalearn", "--sources", "upper", "--head-init", "source"])
     assert res.exit_code == 2

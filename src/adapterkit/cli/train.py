@@ -66,6 +66,10 @@ def train_cmd(
     variant: Optional[str] = typer.Option(None, "--variant", help="ScaLearn: vector (default: ω a vector per "
                                           "source and site), uniform (a scalar), shared / shared-uniform (one ω "
                                           "for all layers: ScaLearn++ / Uniform++)."),
+    omega_init: Optional[str] = typer.Option(None, "--omega-init", help="ScaLearn's start: scaled (default: ω ~ "
+                                             "N(2/N, 0.001), the paper's) or source (ω = 1 for the source whose "
+                                             "head starts the run, 0 for the others: the composition starts as "
+                                             "that source alone; needs --head-init source)."),
     continue_from: Optional[str] = typer.Option(None, "--continue-from", help="A task after others: the stored "
                                                 "adapter of the earlier tasks. MoRA: its experts stay frozen (and "
                                                 "selectable) and --r new ones learn this task; LoRA: its tensors "
@@ -197,6 +201,11 @@ def train_cmd(
             raise AdapterkitError(f"--head-init source starts the head as a composition source's head; --method "
                                   f"{method} has no sources: add --method scalearn or fusion, or leave --head-init "
                                   "out")
+        if omega_init not in (None, "scaled", "source"):
+            raise AdapterkitError(f"--omega-init must be scaled or source, got {omega_init!r}")
+        if omega_init == "source" and head_init != "source":
+            raise AdapterkitError("--omega-init source starts ScaLearn at the source whose head starts the run: add "
+                                  "--head-init source, or leave --omega-init out")
         if objective != "classification" and head_init != "random":
             raise AdapterkitError(f"--head-init sets a classification head's start; {objective} training has no "
                                   "classification head: leave it out")
@@ -212,7 +221,7 @@ def train_cmd(
                                           nonlinearity=nonlinearity, scaling=scaling),
                        "sparse": dict(sparse_params=sparse_params, sparse_proportion=sparse_proportion,
                                       dense_steps=dense_steps, l1=l1, sparse_lr=sparse_lr),
-                       "scalearn": dict(sources=sources, variant=variant), "fusion": dict(sources=sources),
+                       "scalearn": dict(sources=sources, variant=variant, omega_init=omega_init), "fusion": dict(sources=sources),
                        "mora": dict(continue_from=continue_from, top_k=top_k, threshold=threshold),
                        "lora": dict(continue_from=continue_from)}
             own = options.get(method, {})

@@ -162,8 +162,10 @@ def _continued(base: Base, name: str, store: AdapterStore, *, method: str, seed:
 
 
 def _composition(base: Base, name: str, store: AdapterStore, *, method: str, seed: int, task: str | None,
-                 sources: str | Sequence[str] | None = None, variant: str | None = None) -> Adapter:
-    """The composition a run trains over the stored `sources` (names, or one comma-separated string)."""
+                 sources: str | Sequence[str] | None = None, variant: str | None = None,
+                 omega_init: str | None = None) -> Adapter:
+    """The composition a run trains over the stored `sources` (names, or one comma-separated string).
+    omega_init "source" is applied by the classifier run, which knows the source (train/run.py)."""
     from .compose import compose
 
     names = [n.strip() for n in sources.split(",")] if isinstance(sources, str) else list(sources or [])

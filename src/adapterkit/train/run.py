@@ -91,7 +91,9 @@ def train_classifier(
         elif head_init == "previous":
             head = previous_head(store, method_options, labels)
         elif head_init == "source":
-            head = source_head(store, method, method_options, labels)
+            index, head = source_head(store, method, method_options, labels)
+            if (method_options or {}).get("omega_init") == "source" and not resume:
+                start_at_source(adapter, index)
         else:
             head = ClassificationHead.create(labels, base.model.config.hidden_size, POOLING[base.kind], config.seed)
         adapter.head = head.to(base.device)                  # trains beside the base
@@ -100,6 +102,7 @@ def train_classifier(
                    else token_lengths(base.tokenizer, [e.text for e in train_examples]))
         truncated = sum(n > max_length for n in lengths)      # collate cuts these to max_length
         info = {"objective": "classification", **method_info(adapter), "head_init": head_init,
+                **({"omega_init": method_options["omega_init"]} if (method_options or {}).get("omega_init") else {}),
                 "targets": list(adapter.config.target_modules), "max_length": max_length, "labels": labels}
         checks = selection_rows(eval_examples, select_rows, config.seed)        # best-checkpoint rows
         score = (lambda rt: evaluate(rt, adapter, checks, max_length)["accuracy"]) if eval_examples else None
@@ -144,9 +147,9 @@ def previous_head(store: AdapterStore, options: dict[str, Any] | None, labels: l
 
 
 def source_head(store: AdapterStore, method: str, options: dict[str, Any] | None,
-                labels: list[str]) -> ClassificationHead:
-    """head_init "source": a copy of the head of the first of a composition's sources (in --sources order)
-    whose classification head has the run's labels."""
+                labels: list[str]) -> tuple[int, ClassificationHead]:
+    """head_init "source": (its index, a copy of the head) of the first of a composition's sources (in --sources
+    order) whose classification head has the run's labels."""
     from ..methods import get_method
 
     if not getattr(get_method(method), "composes", False):
@@ -155,16 +158,27 @@ def source_head(store: AdapterStore, method: str, options: dict[str, Any] | None
     given = (options or {}).get("sources") or ()
     names = [n.strip() for n in (given.split(",") if isinstance(given, str) else given) if n.strip()]
     seen = []
-    for name in names:
+    for index, name in enumerate(names):
         head = store.get(name).head
         if head is not None and hasattr(head, "labels"):
             if list(head.labels) == list(labels):
-                return ClassificationHead(list(head.labels), head.pooling, head.weight.detach().float().clone(),
+                return index, ClassificationHead(list(head.labels), head.pooling, head.weight.detach().float().clone(),
                                           head.bias.detach().float().clone())
             seen.append(f"{name} {list(head.labels)}")
     raise ConfigError(f"--head-init source: no source has a classification head with this run's labels {labels} "
                       f"({'; '.join(seen) or 'none has a classification head'}); add a source trained on the "
                       "task (e.g. a few-shot adapter of it), or leave --head-init out (a random head)")
+
+
+def start_at_source(adapter: Adapter, index: int) -> None:
+    """omega_init "source": ScaLearn's ω [N, d] = 1 for source `index`, 0 for the others at every site, so the
+    composition starts as that source alone (its change exactly) and learns what the others add."""
+    if adapter.config.type != "scalearn":
+        raise ConfigError(f"--omega-init sets ScaLearn's ω; {adapter.method.an_adapter} has none: leave it out")
+    with torch.no_grad():
+        for parts in adapter.tensors.values():
+            parts["omega"].zero_()
+            parts["omega"][index] = 1.0
 
 
 @dataclass(frozen=True)
