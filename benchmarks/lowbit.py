@@ -238,14 +238,14 @@ def part_corda(a, env: dict) -> None:
     done = {(r["task"], r["init"], r["steps"]) for r in corda_rows(path).values()
             if math.isclose(r.get("lr", CORDA_LORA_LR), resolve("classification", 1, True, method="lora",
                                                                  init=r["init"]).config.lr)}
-    jobs = [(t, s, i) for t in CORDA_TASKS for s in CORDA_STEPS for i in CORDA_INITS
+    jobs = [(t, s, i) for t in CORDA_TASKS for s in CORDA_STEPS for i in a.inits
             if (t, i, s) not in done or a.redo]
     ppl_path = RESULTS / "lowbit_corda_perplexity.json"
     if not ppl_path.is_file() or a.redo:
         # the perplexity needs every 200-step adapter in the store; one whose row stands but whose store was
         # lost (a fresh machine) is trained again, after the missing rows (its new row replaces the old)
         stored = {r["name"] for r in json.loads(run(["ls", "--json"], env)[0])}
-        jobs += [(t, max(CORDA_STEPS), i) for t in CORDA_TASKS for i in CORDA_INITS
+        jobs += [(t, max(CORDA_STEPS), i) for t in CORDA_TASKS for i in a.inits
                  if (t, max(CORDA_STEPS), i) not in jobs and f"corda-{t}-{i}-{max(CORDA_STEPS)}" not in stored]
     for task, steps, init in jobs:
         name = f"corda-{task}-{init}-{steps}"
@@ -257,7 +257,9 @@ def part_corda(a, env: dict) -> None:
                "seconds": round(secs, 1), "date": now()}
         append(path, row)
         log(f"{task} {init} {steps} steps: {row['test']} ({secs:.0f} s)")
-    if not ppl_path.is_file() or a.redo:
+    if set(a.inits) != set(CORDA_INITS):
+        log(f"--inits {','.join(a.inits)}: the perplexity waits for a run over every init")
+    elif not ppl_path.is_file() or a.redo:
         names = [None] + [f"corda-{t}-{i}-{max(CORDA_STEPS)}" for t in CORDA_TASKS for i in CORDA_INITS]
         texts = general_texts()
         ppl = perplexity(names, texts)
@@ -373,10 +375,15 @@ def main() -> None:
     p.add_argument("--import-from", default="", help="the method benchmark's stores, comma-separated (their "
                    "NAME-lora adapters become the fp32 adapters here; a task found in none is trained)")
     p.add_argument("--runs", type=Path, default=RESULTS / "lowbit_runs.jsonl")
+    p.add_argument("--inits", default=",".join(CORDA_INITS), help="corda: only these inits' rows (two processes "
+                   "can split the rows; the perplexity needs every init's 200-step adapter, so it runs with all)")
     p.add_argument("--redo", action="store_true")
     a, rest = p.parse_known_args()
     a.tasks = a.tasks.split(",")
     a.bits = [int(b) for b in a.bits.split(",")]
+    a.inits = a.inits.split(",")
+    if set(a.inits) - set(CORDA_INITS):
+        p.error(f"--inits: unknown {sorted(set(a.inits) - set(CORDA_INITS))}; choose among {', '.join(CORDA_INITS)}")
     a.import_from = [Path(x) for x in a.import_from.split(",") if x]
     env = {**os.environ, "ADAPTERKIT_DEVICE": "cpu"}
     if a.part == "serve":

@@ -15,10 +15,10 @@ on two cores): few-shot target tasks with the other example tasks' adapters as s
                                 the better validation accuracy counts
             each cell scored on the target's test split; rows appended to results/transfer_runs.jsonl
             (done cells are skipped: the runs take hours, so the table fills over several sittings)
-  stacking  MAD-X style, zero-shot: masked-LM domain adapters on rt-sentiment's and tweet-sentiment's
-            texts; rt-sentiment's task adapter trained alone, and trained on top of the rt domain adapter;
-            both scored on tweet-sentiment's positive and negative test rows (fresh = positive), the
-            stacked one with the tweet domain adapter swapped in
+  stacking  MAD-X style, zero-shot, per seed: masked-LM domain adapters on rt-sentiment's and
+            tweet-sentiment's texts; rt-sentiment's task adapter trained alone, and trained on top of the rt
+            domain adapter; both scored on tweet-sentiment's positive and negative test rows (fresh =
+            positive), the stacked one with the tweet domain adapter swapped in
   sweep     ScaLearn's and fusion's learning rates and steps on a tuning task (rt-sentiment, never a target;
             256 rows, validation split) beside the CLI default, and their start over seeds 0-2: the head random
             or the source's (--head-init source: the cell's own few-shot adapter's), and ScaLearn's ω at the
@@ -247,33 +247,52 @@ def part_sweep(a, env) -> None:
             f"{r['validation']}")
 
 
+STACK_SYSTEMS = ("task_alone", "stacked_tweet_domain", "stacked_rt_domain")
+
+
 def part_stacking(a, env) -> None:
-    """Zero-shot rt-sentiment -> tweets: the task adapter alone vs trained on the rt domain adapter and run
-    on the tweet domain adapter (MAD-X's swap)."""
+    """Zero-shot rt-sentiment -> tweets per seed in --seeds: the task adapter alone vs trained on the rt domain
+    adapter and run on the tweet domain adapter (MAD-X's swap). Every adapter of a seed trains with it (the
+    domain adapters too); results/transfer_stacking.json keeps each seed's run and the mean (sd)."""
     from adapterkit.data.tasks import load_task
 
+    path = results() / "transfer_stacking.json"
+    runs = {} if a.redo or not path.is_file() else json.loads(path.read_text())["runs"]
     tmp = Path(tempfile.mkdtemp(prefix="transfer-"))
-    for task, name in (("rt-sentiment", "dom-rt"), ("tweet-sentiment", "dom-tweets")):
-        text = tmp / f"{name}.txt"
-        text.write_text("\n".join(e.text.replace("\n", " ") for e in load_task(task).train) + "\n")
-        run_cli(["train", "--base", BASE, "--objective", "mlm", "--train-file", str(text), "--name", name,
-                 "--overwrite"], env)
-    run_cli(["train", "--base", BASE, "--task", "rt-sentiment", "--name", "task-rt", "--overwrite"], env)
-    run_cli(["train", "--base", BASE, "--task", "rt-sentiment", "--name", "task-rt-on-dom", "--stack-on", "dom-rt",
-             "--overwrite"], env)
     tweets = tmp / "tweets-pos-neg.jsonl"           # rt's labels: fresh = positive, rotten = negative
     mapping = {"positive": "fresh", "negative": "rotten"}
     tweets.write_text("".join(json.dumps({"text": e.text, "label": mapping[e.label]}) + "\n"
                               for e in load_task("tweet-sentiment").test if e.label in mapping))
+    for seed in a.seeds:
+        if str(seed) in runs:
+            continue
+        tag = "" if seed == 0 else f"-s{seed}"      # seed 0 keeps the names of the first run
+        train = ["--seed", str(seed), "--overwrite"]
+        for task, name in (("rt-sentiment", "dom-rt"), ("tweet-sentiment", "dom-tweets")):
+            text = tmp / f"{name}.txt"
+            text.write_text("\n".join(e.text.replace("\n", " ") for e in load_task(task).train) + "\n")
+            run_cli(["train", "--base", BASE, "--objective", "mlm", "--train-file", str(text), "--name",
+                     name + tag, *train], env)
+        run_cli(["train", "--base", BASE, "--task", "rt-sentiment", "--name", "task-rt" + tag, *train], env)
+        run_cli(["train", "--base", BASE, "--task", "rt-sentiment", "--name", "task-rt-on-dom" + tag,
+                 "--stack-on", "dom-rt" + tag, *train], env)
 
-    def on_tweets(name: str, stack: str) -> dict:
-        got = json.loads(run_cli(["eval", name, "--file", str(tweets), "--json", "--stack-on", stack], env)[0])
-        return {k: got[k] for k in ("accuracy", "macro_f1", "n")}
-    out = {"task_alone": on_tweets("task-rt", "none"),
-           "stacked_tweet_domain": on_tweets("task-rt-on-dom", "dom-tweets"),
-           "stacked_rt_domain": on_tweets("task-rt-on-dom", "dom-rt"), "date": now()}
-    (results() / "transfer_stacking.json").write_text(json.dumps(out, indent=1) + "\n")
-    log(f"stacking: {out}")
+        def on_tweets(name: str, stack: str) -> dict:
+            got = json.loads(run_cli(["eval", name, "--file", str(tweets), "--json", "--stack-on", stack], env)[0])
+            return {k: got[k] for k in ("accuracy", "macro_f1", "n")}
+        runs[str(seed)] = {"task_alone": on_tweets("task-rt" + tag, "none"),
+                           "stacked_tweet_domain": on_tweets("task-rt-on-dom" + tag, "dom-tweets" + tag),
+                           "stacked_rt_domain": on_tweets("task-rt-on-dom" + tag, "dom-rt" + tag), "date": now()}
+        log(f"stacking seed {seed}: {runs[str(seed)]}")
+        out = {"runs": runs}
+        for system in STACK_SYSTEMS:
+            acc = [r[system]["accuracy"] for r in runs.values()]
+            out[system] = {"accuracy": statistics.mean(acc), "accuracy_sd": statistics.stdev(acc) if len(acc) > 1
+                           else 0.0, "macro_f1": statistics.mean(r[system]["macro_f1"] for r in runs.values()),
+                           "seeds": len(acc)}
+        tmp_out = path.with_suffix(".tmp")          # atomic: a killed run keeps the seeds before it
+        tmp_out.write_text(json.dumps(out, indent=1) + "\n")
+        tmp_out.replace(path)
 
 
 def part_table(a, env) -> None:
@@ -330,10 +349,10 @@ def plot(rows: list[dict], stacking: dict | None) -> None:
         ax.legend(fontsize=7)
     ax = axes[0][-1]
     if stacking:
-        bars = {"task alone": stacking["task_alone"]["accuracy"],
-                "on tweet domain": stacking["stacked_tweet_domain"]["accuracy"],
-                "on rt domain": stacking["stacked_rt_domain"]["accuracy"]}
-        ax.bar(list(bars), list(bars.values()), color=["grey", "tab:green", "tab:blue"])
+        bars = {"task alone": stacking["task_alone"], "on tweet domain": stacking["stacked_tweet_domain"],
+                "on rt domain": stacking["stacked_rt_domain"]}
+        ax.bar(list(bars), [b["accuracy"] for b in bars.values()], yerr=[b["accuracy_sd"] for b in bars.values()],
+               capsize=3, color=["grey", "tab:green", "tab:blue"])
         ax.set_ylim(0.4, 1.0)
         ax.tick_params(axis="x", labelsize=8)
     ax.set_title("rt-sentiment task adapter, zero-shot on tweets", fontsize=10)
