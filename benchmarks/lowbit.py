@@ -238,15 +238,16 @@ def part_corda(a, env: dict) -> None:
     done = {(r["task"], r["init"], r["steps"]) for r in corda_rows(path).values()
             if math.isclose(r.get("lr", CORDA_LORA_LR), resolve("classification", 1, True, method="lora",
                                                                  init=r["init"]).config.lr)}
-    jobs = [(t, s, i) for t in CORDA_TASKS for s in CORDA_STEPS for i in a.inits
+    jobs = [(t, s, i) for t in a.corda_tasks for s in CORDA_STEPS for i in a.inits
             if (t, i, s) not in done or a.redo]
     ppl_path = RESULTS / "lowbit_corda_perplexity.json"
-    if not ppl_path.is_file() or a.redo:
-        # the perplexity needs every 200-step adapter in the store; one whose row stands but whose store was
-        # lost (a fresh machine) is trained again, after the missing rows (its new row replaces the old)
-        stored = {r["name"] for r in json.loads(run(["ls", "--json"], env)[0])}
-        jobs += [(t, max(CORDA_STEPS), i) for t in CORDA_TASKS for i in a.inits
-                 if (t, max(CORDA_STEPS), i) not in jobs and f"corda-{t}-{i}-{max(CORDA_STEPS)}" not in stored]
+    ppl_done = {} if a.redo or not ppl_path.is_file() else json.loads(ppl_path.read_text())["perplexity"]
+    top = max(CORDA_STEPS)
+    # the perplexity needs a task's three 200-step adapters in the store; one whose row stands but whose store
+    # was lost (a fresh machine) is trained again, after the missing rows (its new row replaces the old)
+    stored = {r["name"] for r in json.loads(run(["ls", "--json"], env)[0])}
+    jobs += [(t, top, i) for t in a.corda_tasks for i in a.inits if (t, top, i) not in jobs
+             and f"corda-{t}-{i}-{top}" not in stored and f"corda-{t}-{i}-{top}" not in ppl_done]
     for task, steps, init in jobs:
         name = f"corda-{task}-{init}-{steps}"
         _, secs = run(["train", "--base", "smollm2-135m", "--task", task, "--name", name, "--method", "lora",
@@ -257,15 +258,21 @@ def part_corda(a, env: dict) -> None:
                "seconds": round(secs, 1), "date": now()}
         append(path, row)
         log(f"{task} {init} {steps} steps: {row['test']} ({secs:.0f} s)")
-    if set(a.inits) != set(CORDA_INITS):
-        log(f"--inits {','.join(a.inits)}: the perplexity waits for a run over every init")
-    elif not ppl_path.is_file() or a.redo:
-        names = [None] + [f"corda-{t}-{i}-{max(CORDA_STEPS)}" for t in CORDA_TASKS for i in CORDA_INITS]
-        texts = general_texts()
-        ppl = perplexity(names, texts)
-        ppl_path.write_text(json.dumps({"texts": len(texts), "source": "chat-topics test split (chatterbot English)",
-                                        "perplexity": ppl, "date": now()}, indent=1) + "\n")
-
+    # perplexity per task, once all three of its 200-step adapters are stored (two processes may split the
+    # inits: the one that finishes last measures); results merge into one file, the bare base measured once
+    stored = {r["name"] for r in json.loads(run(["ls", "--json"], env)[0])}
+    names = [n for t in CORDA_TASKS
+             if all(f"corda-{t}-{i}-{top}" in stored for i in CORDA_INITS)
+             for n in (f"corda-{t}-{i}-{top}" for i in CORDA_INITS) if n not in ppl_done or a.redo]
+    if not names:
+        log("perplexity: no task with all three 200-step adapters stored and unmeasured")
+        return
+    texts = general_texts()
+    ppl = {**ppl_done, **perplexity(([None] if "base" not in ppl_done else []) + names, texts)}
+    tmp = ppl_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"texts": len(texts), "source": "chat-topics test split (chatterbot English)",
+                               "perplexity": ppl, "date": now()}, indent=1) + "\n")
+    tmp.replace(ppl_path)
 
 CORDA_TUNE_TASK = "election-tweets"    # a tuning task, neither CorDA task: its lr is chosen here, judged there
 CORDA_TUNE = (("default", None), ("corda-ipm", None), ("corda-ipm", 5e-4), ("corda-ipm", 1e-4))
@@ -376,12 +383,18 @@ def main() -> None:
                    "NAME-lora adapters become the fp32 adapters here; a task found in none is trained)")
     p.add_argument("--runs", type=Path, default=RESULTS / "lowbit_runs.jsonl")
     p.add_argument("--inits", default=",".join(CORDA_INITS), help="corda: only these inits' rows (two processes "
-                   "can split the rows; the perplexity needs every init's 200-step adapter, so it runs with all)")
+                   "can split the rows; a task's perplexity is measured once all three of its 200-step adapters "
+                   "are stored)")
+    p.add_argument("--corda-tasks", default=",".join(CORDA_TASKS), help="corda: only these tasks' rows")
     p.add_argument("--redo", action="store_true")
     a, rest = p.parse_known_args()
     a.tasks = a.tasks.split(",")
     a.bits = [int(b) for b in a.bits.split(",")]
     a.inits = a.inits.split(",")
+    a.corda_tasks = a.corda_tasks.split(",")
+    if set(a.corda_tasks) - set(CORDA_TASKS):
+        p.error(f"--corda-tasks: unknown {sorted(set(a.corda_tasks) - set(CORDA_TASKS))}; choose among "
+                f"{', '.join(CORDA_TASKS)}")
     if set(a.inits) - set(CORDA_INITS):
         p.error(f"--inits: unknown {sorted(set(a.inits) - set(CORDA_INITS))}; choose among {', '.join(CORDA_INITS)}")
     a.import_from = [Path(x) for x in a.import_from.split(",") if x]
