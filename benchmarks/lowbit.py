@@ -20,7 +20,7 @@ Targets: 1-bit quantization-aware >= 98 % of fp32 accuracy on at least 3 of 4 ta
 >= 99 %; 1-bit >= 20x smaller than fp32 at rank 16; (serve) every adapter in RAM <= 2 GiB, cold attach from
 the packed tier p50 <= 5 ms.
 
-    .venv/bin/python benchmarks/lowbit.py --part retention [--import-from STORE] [--tasks ...] [--bits 1,4]
+    .venv/bin/python benchmarks/lowbit.py --part retention [--import-from STORE] [--tasks ...] [--bits 1,4] [--modes ptq]
     .venv/bin/python benchmarks/lowbit.py --part bytes
     .venv/bin/python benchmarks/lowbit.py --part corda-tune
     .venv/bin/python benchmarks/lowbit.py --part corda
@@ -137,7 +137,7 @@ def part_retention(a, env: dict) -> None:
                             "bytes": shown(fp32, env)["bytes"], "date": now()})
             log(f"{key} fp32: {read_rows(a.runs, ('task', 'mode', 'bits'))[(key, 'fp32', 32)]['test']}")
         for bits in a.bits:
-            for mode in ("ptq", "qat"):
+            for mode in a.modes:
                 if (key, mode, bits) in done and not a.redo:
                     continue
                 name = f"{fp32.removesuffix('-fp32')}-{mode}{bits}"
@@ -379,6 +379,8 @@ def main() -> None:
     p.add_argument("--part", choices=("retention", "bytes", "serve", "corda", "corda-tune", "table"), required=True)
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--bits", default=",".join(map(str, BITS)))
+    p.add_argument("--modes", default="ptq,qat", help="retention: post-training (minutes) and/or quantization-"
+                   "aware (a training run each)")
     p.add_argument("--import-from", default="", help="the method benchmark's stores, comma-separated (their "
                    "NAME-lora adapters become the fp32 adapters here; a task found in none is trained)")
     p.add_argument("--runs", type=Path, default=RESULTS / "lowbit_runs.jsonl")
@@ -391,6 +393,9 @@ def main() -> None:
     a.tasks = a.tasks.split(",")
     a.bits = [int(b) for b in a.bits.split(",")]
     a.inits = a.inits.split(",")
+    a.modes = a.modes.split(",")
+    if set(a.modes) - {"ptq", "qat"}:
+        p.error(f"--modes: unknown {sorted(set(a.modes) - {'ptq', 'qat'})}; choose among ptq, qat")
     a.corda_tasks = a.corda_tasks.split(",")
     if set(a.corda_tasks) - set(CORDA_TASKS):
         p.error(f"--corda-tasks: unknown {sorted(set(a.corda_tasks) - set(CORDA_TASKS))}; choose among "
