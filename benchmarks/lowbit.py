@@ -274,6 +274,7 @@ def part_corda(a, env: dict) -> None:
                                "perplexity": ppl, "date": now()}, indent=1) + "\n")
     tmp.replace(ppl_path)
 
+
 CORDA_TUNE_TASK = "election-tweets"    # a tuning task, neither CorDA task: its lr is chosen here, judged there
 CORDA_TUNE = (("default", None), ("corda-ipm", None), ("corda-ipm", 5e-4), ("corda-ipm", 1e-4))
 
