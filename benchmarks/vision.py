@@ -340,7 +340,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="vqa: steps per per-task adapter (default: the recipe's); "
                    "vqa-sweep: steps per variant (default 100)")
     p.add_argument("--vqa-systems", default=None, help="vqa: only these systems (comma-separated: per-task:colour, "
-                   "per-task:shape, per-task:yesno, shared, projector)")
+                   "per-task:shape, per-task:yesno, shared, projector, align, per-task-aligned:colour, ...)")
     p.add_argument("--test-rows", type=int, default=300, help="vqa: test questions per question type")
     p.add_argument("--val-rows", type=int, default=64, help="vqa: validation questions per type (best checkpoint)")
     p.add_argument("--tasks", default=",".join(TASKS))

@@ -9,6 +9,11 @@ head lr and batch):
               yes/no), --steps steps each (default: the recipe's, 1 epoch capped at 300), scored on its own type
   shared      one adapter trained on all three types, the per-task steps summed (the same compute as the three)
   projector   the projector alone (the LM bare), as many steps: VL-Adapter's lower bound
+  align       LLaVA's first stage: the projector alone (the LM bare) on the describing questions (colour and
+              shape), the recipe's steps for those rows
+  per-task-aligned  per-task adapters whose projector starts from align's (LLaVA's second stage): the
+              per-task yes/no adapter alone answers from the question's wording only (0.813 = the prior of
+              "not" -> yes, else no), so its image tokens get no signal a yes/no bit can shape
 The recipe was tuned on colour questions' validation split (--part vqa-sweep); shape and yes/no are held out.
 Test: a seeded sample of --test-rows questions per type from the package's test images (the same rows for
 every system). The image base runs once per image for all systems (features cached in process).
@@ -19,6 +24,7 @@ Target: per-task adapters >= 0.90 overall.
 from __future__ import annotations
 
 import json
+import os
 import random
 import tempfile
 import time
@@ -78,13 +84,21 @@ def run(results: Path, *, steps: int | None, test_rows: int, val_rows: int, redo
     every_train = [e for q in QTYPES for e in train[q]]
     images = {e.image for e in every_train} | {e.image for q in QTYPES for e in test[q] + val[q]}
     features = cached_features(image_base, sorted(images), DEFAULT_GRID, log)
-    store = AdapterStore(Path(tempfile.mkdtemp(prefix="vqa-")) / "store")
+    # a lasting store (a smoke run's is temporary): the aligned projector is read by later processes too
+    root = Path(tempfile.mkdtemp(prefix="vqa-")) if smoke else \
+        Path(os.environ.get("ADAPTERKIT_HOME", Path.home() / ".adapterkit")) / "bench"
+    store = AdapterStore(root / "vqa-store")
     # per-task: `steps` each, or the vqa recipe's default for its data; shared / projector: their sum
     per = {q: steps or resolve("vqa", len(train[q]), True).config.steps for q in QTYPES}
-    systems: list[tuple[str, list[str], int, bool]] = [(f"per-task:{q}", [q], per[q], False) for q in QTYPES]
-    systems += [("shared", list(QTYPES), sum(per.values()), False),
-                ("projector", list(QTYPES), sum(per.values()), True)]
-    for system, types, n_steps, freeze in systems:
+    describe = ["colour", "shape"]
+    align_steps = steps or resolve("vqa", sum(len(train[q]) for q in describe), True).config.steps
+    systems: list[tuple[str, list[str], int, bool, str | None]] = [
+        (f"per-task:{q}", [q], per[q], False, None) for q in QTYPES]
+    systems += [("shared", list(QTYPES), sum(per.values()), False, None),
+                ("projector", list(QTYPES), sum(per.values()), True, None),
+                ("align", describe, align_steps, True, None)]
+    systems += [(f"per-task-aligned:{q}", [q], per[q], False, "align") for q in QTYPES]
+    for system, types, n_steps, freeze, start in systems:
         if only and system not in only:
             continue
         if system in done:
@@ -96,9 +110,13 @@ def run(results: Path, *, steps: int | None, test_rows: int, val_rows: int, redo
         name = system.replace(":", "-")
         log(f"{system}: {n_steps} steps on {len(rows)} rows ({plan.config.lr:g} / head {plan.config.head_lr:g})")
         t = time.perf_counter()
+        if start is not None and start not in store:
+            raise SystemExit(f"{system} starts from {start}'s projector, which is not in {store.root}: run "
+                             f"--vqa-systems {start} first")
         adapter, _ = train_vqa(lm, name, rows, [e for q in types for e in val[q]], image_base=image_base, task=None,
                                store=store, config=plan.config, select_rows=None, freeze_lm=freeze,
-                               progress=False, features=features)
+                               progress=False, features=features, overwrite=True,
+                               projector_from=None if start is None else store.get(start))
         secs = time.perf_counter() - t
         from adapterkit import AdapterRuntime
         from adapterkit.train.vqa import evaluate_vqa
@@ -111,6 +129,7 @@ def run(results: Path, *, steps: int | None, test_rows: int, val_rows: int, redo
             if (store.root / "runs" / name / "train_log.jsonl").is_file() else []
         step_s = sorted(r["seconds"] for r in log_rows)[len(log_rows) // 2] if log_rows else None
         row = {"system": system, "types": types, "steps": n_steps, "train_rows": len(rows), "test": got,
+               "projector_from": start,
                "lm_adapter_params": 0 if freeze else adapter.num_parameters(),
                "projector_params": adapter.head.num_parameters(), "wall_s": round(secs, 1), "step_s": step_s,
                "best_step": adapter.meta.lineage[0]["params"].get("best_step"),

@@ -133,6 +133,58 @@ def test_projector_only_training_leaves_the_language_model_bare(lm, tmp_path):
     assert not torch.equal(adapter.head.w2, fresh.w2)                  # the projector trained from its seeded init
 
 
+def test_a_task_adapter_starts_from_an_aligned_projector_and_records_it(lm, tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    image_base = tiny_image_base()
+    aligned, _ = train_vqa(lm, "align", _rows(16, 0), [], image_base=image_base, task=None, store=store, grid=1,
+                           config=TrainConfig(steps=3, batch_size=8, lr=3e-3, head_lr=1e-2), freeze_lm=True,
+                           progress=False)
+    kept = store.get("align")
+    # a projector lr of 1e-6: two Adam steps (the second at lr 0: the schedule's end) move each weight by at most
+    # about 1e-6, so it ends where it started
+    task, _ = train_vqa(lm, "task", _rows(16, 1), [], image_base=image_base, task=None, store=store, grid=1,
+                        config=TrainConfig(steps=2, batch_size=8, lr=3e-3, head_lr=1e-6), progress=False,
+                        projector_from=kept)
+    for f in ImageProjector.FIELDS:
+        assert torch.allclose(getattr(task.head, f), getattr(kept.head, f), rtol=0, atol=2e-6), f
+    assert any(not torch.equal(getattr(task.head, f), getattr(kept.head, f)) for f in ImageProjector.FIELDS)
+    again = store.get("align")                                   # the source is copied, never trained in place
+    assert all(torch.equal(getattr(again.head, f), getattr(kept.head, f)) for f in ImageProjector.FIELDS)
+    assert task.meta.lineage[0]["params"]["projector_from"] == {"name": "align", "projector": kept.head.content()}
+    fresh, _ = train_vqa(lm, "fresh", _rows(16, 1), [], image_base=image_base, task=None, store=store, grid=1,
+                         config=TrainConfig(steps=1, batch_size=8, lr=3e-3, head_lr=1e-6), progress=False)
+    assert fresh.meta.lineage[0]["params"]["projector_from"] is None
+    assert not torch.allclose(fresh.head.w2, kept.head.w2, atol=1e-3)
+
+
+def test_starting_from_a_projector_refuses_what_does_not_fit(lm, tmp_path):
+    store = AdapterStore(tmp_path / "store")
+    image_base = tiny_image_base()
+    cfg = TrainConfig(steps=1, batch_size=8)
+    aligned, _ = train_vqa(lm, "align", _rows(8, 0), [], image_base=image_base, task=None, store=store, grid=1,
+                           config=cfg, freeze_lm=True, progress=False)
+    head = aligned.head                  # (the tiny image base's feature map is 1 x 1: grid 2 is checked here)
+    with pytest.raises(ConfigError, match="pools the feature map to grid 1; this run asks for grid 2: pass --grid 1"):
+        head.start_copy("sha256:tinyimage", 2, head.feature_dim, head.width)
+    with pytest.raises(BaseMismatchError, match="maps 1280 features to width 32; this run needs 1280 -> 64"):
+        head.start_copy("sha256:tinyimage", 1, head.feature_dim, 64)
+    other = tiny_image_base()
+    other.fingerprint = "sha256:otherimage"
+    with pytest.raises(BaseMismatchError, match="reads the image base tiny-mobilenet \\(sha256:tinyimage\\); this "
+                                                "run's image base is sha256:otherimage"):
+        train_vqa(lm, "x", _rows(8, 0), [], image_base=other, task=None, store=store, grid=1, config=cfg,
+                  progress=False, projector_from=aligned)
+    with pytest.raises(ConfigError, match="--projector-from and --image-adapter do not combine"):
+        train_vqa(lm, "x", _rows(8, 0), [], image_base=image_base, task=None, store=store, grid=1, config=cfg,
+                  progress=False, projector_from=aligned, image_adapter=True)
+    text_only = store.get("align")
+    text_only.head = None
+    with pytest.raises(ConfigError, match="adapter 'align' has no image projector"):
+        train_vqa(lm, "x", _rows(8, 0), [], image_base=image_base, task=None, store=store, grid=1, config=cfg,
+                  progress=False, projector_from=text_only)
+    assert "x" not in store
+
+
 def test_vl_training_refuses_the_wrong_bases_and_data(lm, tmp_path):
     store = AdapterStore(tmp_path / "store")
     cfg = TrainConfig(steps=1)

@@ -240,4 +240,4 @@ def test_cli_trains_and_scores_a_vl_adapter_on_an_easy_vqa_task(world, tmp_path)
     assert got["n"] == 1257 and set(got) >= {"accuracy", "accuracy_shape"}
     res = runner.invoke(app, ["train", "--base", str(lm.path), "--task", "rt-sentiment", "--name", "x", "--grid", "3",
                               "--store", store])
-    assert res.exit_code != 0 and "--image-base, --grid, --projector-only and --image-adapter set a vision-language" in res.output
+    assert res.exit_code != 0 and "--image-base, --grid, --projector-only, --image-adapter and --projector-from set a vision-language" in res.output

@@ -105,6 +105,10 @@ def train_cmd(
                                         "(the language model's adapter stays at zero: the bare base)."),
     image_adapter: bool = typer.Option(False, "--image-adapter", help="vqa: a LoRA (rank --r) on the image base's "
                                        "default sites trains too (VL-Adapter's option); saved inside the adapter."),
+    projector_from: Optional[str] = typer.Option(None, "--projector-from", help="vqa: a stored vision-language "
+                                                 "adapter whose trained projector this one starts from (LLaVA's "
+                                                 "two stages: align a projector with --projector-only, then train "
+                                                 "each task from it)."),
     r: int = typer.Option(8, help="LoRA rank."),
     alpha: float = typer.Option(16.0, help="LoRA alpha."),
     targets: Optional[str] = typer.Option(None, help="Comma-separated target modules (default per base)."),
@@ -172,10 +176,11 @@ def train_cmd(
         if objective == "vqa" and task not in VQA_TASKS:
             raise AdapterkitError(f"vqa training reads a visual question answering task: --task one of "
                                   f"{', '.join(VQA_TASKS)}")
-        if objective != "vqa" and (projector_only or image_adapter or grid != 2 or image_base != "mobilenet-v2"):
-            raise AdapterkitError("--image-base, --grid, --projector-only and --image-adapter set a vision-language "
-                                  f"(vqa) run; this run trains {objective}: train a visual question answering task "
-                                  "or leave them out")
+        if objective != "vqa" and (projector_only or image_adapter or projector_from or grid != 2
+                                   or image_base != "mobilenet-v2"):
+            raise AdapterkitError("--image-base, --grid, --projector-only, --image-adapter and --projector-from set a "
+                                  f"vision-language (vqa) run; this run trains {objective}: train a visual question "
+                                  "answering task or leave them out")
         dev, dt = device_dtype(device, dtype)
         flags = dict(steps=steps, batch_size=batch_size, lr=lr, head_lr=head_lr, warmup=warmup, eval_every=eval_every,
                      grad_accum=grad_accum, schedule=schedule, weight_decay=weight_decay, seed=seed, bf16=bf16,
@@ -246,7 +251,8 @@ def train_cmd(
                 train_data, eval_data = data.train, data.validation
                 image = load_base(image_base, dt, dev)
                 trainer = partial(train_vqa, image_base=image, grid=grid, freeze_lm=projector_only,
-                                  image_adapter=image_adapter, image_r=r)
+                                  image_adapter=image_adapter, image_r=r,
+                                  projector_from=None if projector_from is None else st.get(projector_from))
             elif objective == "causal-lm":
                 from ..data.readers import read_records
                 from ..train.instruct import train_instructions

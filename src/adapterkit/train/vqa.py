@@ -230,11 +230,14 @@ def train_vqa(base: Base, name: str, train_examples: Sequence[Any], eval_example
               log_path: str | None = None, select_rows: int | None = None, method: str = "lora",
               method_options: dict[str, Any] | None = None,
               features: dict[Any, torch.Tensor] | None = None, image_adapter: bool = False,
-              image_r: int = 8, norm: bool = DEFAULT_NORM) -> tuple[Adapter, dict[str, Any]]:
+              image_r: int = 8, norm: bool = DEFAULT_NORM,
+              projector_from: Adapter | None = None) -> tuple[Adapter, dict[str, Any]]:
     """Train a VL adapter (projector + `method` adapter of the language model) on VQAExample rows. targets:
     default DEFAULT_TARGETS where the base has them; features: a feature_table of these images at `grid` made
     before (several runs over one data set compute it once); image_adapter: a LoRA (rank image_r, the image
-    base's default sites) trains on the image base too, saved inside the projector."""
+    base's default sites) trains on the image base too, saved inside the projector; projector_from: a VL
+    adapter whose projector this one starts from (LLaVA's two stages: an aligned projector, then the task's
+    adapter), else a fresh projector."""
     if base.kind != "causal-lm" or base.tokenizer is None:
         raise ConfigError(f"a vision-language adapter needs a causal language model with a tokenizer as --base; "
                           f"{base.name} is a {base.kind}")
@@ -247,6 +250,10 @@ def train_vqa(base: Base, name: str, train_examples: Sequence[Any], eval_example
     if targets is None:
         names = {n.rsplit(".", 1)[-1] for n, _ in base.model.named_modules()}
         targets = tuple(t for t in DEFAULT_TARGETS if t in names) or None
+    start = None if projector_from is None else _projector(projector_from)
+    if start is not None and image_adapter:
+        raise ConfigError("--projector-from and --image-adapter do not combine: a projector to start from reads the "
+                          "bare image base's features; train with one or the other")
     with run_lock(store, name):
         adapter = start_run(base, name, task=task, store=store, config=config, r=r, alpha=alpha, targets=targets,
                             overwrite=overwrite, resume=resume, method=method, options=method_options)
@@ -270,8 +277,11 @@ def train_vqa(base: Base, name: str, train_examples: Sequence[Any], eval_example
         else:
             width = feature_table(image_base, [train_examples[0].image], grid, side=side).popitem()[1].shape[-1]
         emb = base.model.get_input_embeddings().weight
-        adapter.head = ImageProjector.create(image_base.name, image_base.fingerprint, grid, width, emb.shape[1],
-                                             float(emb.float().std()), config.seed, norm).to(base.device)
+        if start is not None:
+            adapter.head = start.start_copy(image_base.fingerprint, grid, width, emb.shape[1]).to(base.device)
+        else:
+            adapter.head = ImageProjector.create(image_base.name, image_base.fingerprint, grid, width, emb.shape[1],
+                                                 float(emb.float().std()), config.seed, norm).to(base.device)
         tok = base.tokenizer
         rows = encode_rows(tok, train_examples, adapter.head.n_tokens, max_length)
         checks = selection_rows(list(eval_examples), select_rows, config.seed)
@@ -281,7 +291,9 @@ def train_vqa(base: Base, name: str, train_examples: Sequence[Any], eval_example
             return evaluate_vqa(rt, adapter, checks, feats)["accuracy"]
         info = {"objective": "vqa", **method_info(adapter), "targets": list(adapter.config.target_modules),
                 "max_length": max_length, "image_base": image_base.name, "image_fingerprint": image_base.fingerprint,
-                "grid": grid, "image_tokens": adapter.head.n_tokens, "freeze_lm": freeze_lm, "norm": norm,
+                "grid": grid, "image_tokens": adapter.head.n_tokens, "freeze_lm": freeze_lm,
+                "norm": adapter.head.norm, "projector_from": None if start is None else {
+                    "name": projector_from.name, "projector": start.content()},
                 "projector_params": adapter.head.num_parameters(),
                 "image_adapter": None if side is None else {"r": image_r, "params": side.adapter.num_parameters()}}
         by_key = {image_key(e.image): e.image for e in train_examples}

@@ -81,6 +81,37 @@ class ImageProjector:
         w2 = torch.randn(width, mid, generator=gen) * (embed_std / mid ** 0.5) * 2.0
         return cls(image_base, image_fingerprint, grid, w1, torch.zeros(mid), w2, torch.zeros(width), norm)
 
+    def start_copy(self, image_fingerprint: str, grid: int, feature_dim: int, width: int) -> "ImageProjector":
+        """A trainable copy of this (trained) projector as the start of another vision-language adapter:
+        LLaVA's two stages, the projector aligned once (e.g. projector-only training on describing
+        questions), then each task's adapter trained from it. Its image base, grid and widths must match."""
+        if self.image_adapter is not None:
+            raise ConfigError("this projector was trained with an adapter on the image base (--image-adapter), so "
+                              "it reads that adapter's features; start from a projector of the bare image base")
+        if image_fingerprint != self.image_fingerprint:
+            raise BaseMismatchError(f"the projector to start from reads the image base {self.image_base} "
+                                    f"({self.image_fingerprint}); this run's image base is {image_fingerprint}: "
+                                    "pass its own image base as --image-base")
+        if grid != self.grid:
+            raise ConfigError(f"the projector to start from pools the feature map to grid {self.grid}; this run "
+                              f"asks for grid {grid}: pass --grid {self.grid}")
+        if (feature_dim, width) != (self.feature_dim, self.width):
+            raise BaseMismatchError(f"the projector to start from maps {self.feature_dim} features to width "
+                                    f"{self.width}; this run needs {feature_dim} -> {width}: start from a projector "
+                                    "of the same image base and language model")
+        return ImageProjector(self.image_base, self.image_fingerprint, self.grid,
+                              *(getattr(self, f).detach().clone().float() for f in self.FIELDS), norm=self.norm)
+
+    def content(self) -> str:
+        """sha256 of the projector's tensors: names the projector another adapter started from (lineage)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for f in self.FIELDS:
+            t = getattr(self, f).detach().cpu().float().contiguous()
+            h.update(f"{f}:{tuple(t.shape)}".encode() + t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return "sha256:" + h.hexdigest()[:16]
+
     @property
     def n_tokens(self) -> int:
         return self.grid * self.grid
