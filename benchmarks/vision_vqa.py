@@ -147,15 +147,20 @@ def summary(results: Path) -> dict[str, Any]:
     rows = {json.loads(x)["system"]: json.loads(x) for x in path.read_text().splitlines() if x.strip()} \
         if path.is_file() else {}
     out: dict[str, Any] = {}
-    per = [rows.get(f"per-task:{q}") for q in QTYPES]
-    if all(per):
-        n = sum(r["test"]["n"] for r in per)
-        out["per-task"] = {"accuracy": sum(r["test"]["accuracy"] * r["test"]["n"] for r in per) / n,
-                           **{f"accuracy_{q}": r["test"][f"accuracy_{q}"] for q, r in zip(QTYPES, per)}, "n": n,
-                           "lm_adapter_params": sum(r["lm_adapter_params"] for r in per),
-                           "projector_params": sum(r["projector_params"] for r in per),
-                           "steps": sum(r["steps"] for r in per), "step_s": per[0]["step_s"]}
-    for system in ("shared", "projector"):
+    for prefix in ("per-task", "per-task-aligned"):      # per-task adapters, from a fresh / the aligned projector
+        per = [(q, rows[f"{prefix}:{q}"]) for q in QTYPES if f"{prefix}:{q}" in rows]
+        if not per:
+            continue
+        n = sum(r["test"]["n"] for _, r in per)
+        out[prefix] = {"accuracy": sum(r["test"]["accuracy"] * r["test"]["n"] for _, r in per) / n,
+                       **{f"accuracy_{q}": r["test"][f"accuracy_{q}"] for q, r in per}, "n": n,
+                       "lm_adapter_params": sum(r["lm_adapter_params"] for _, r in per),
+                       "projector_params": sum(r["projector_params"] for _, r in per),
+                       "steps": sum(r["steps"] for _, r in per), "step_s": per[0][1]["step_s"],
+                       "types": [q for q, _ in per]}
+    if "per-task-aligned" in out and "align" in rows:       # the aligned start is part of the system's cost
+        out["per-task-aligned"]["steps_with_align"] = out["per-task-aligned"]["steps"] + rows["align"]["steps"]
+    for system in ("shared", "projector", "align"):
         if system in rows:
             r = rows[system]
             out[system] = {**r["test"], "lm_adapter_params": r["lm_adapter_params"],
@@ -168,10 +173,11 @@ def summary(results: Path) -> dict[str, Any]:
     for r in out.values():
         if all(f"accuracy_{q}" in r for q in QTYPES):
             r["accuracy_test_mix"] = sum(r[f"accuracy_{q}"] * mix[q] for q in QTYPES) / sum(mix.values())
-    if "per-task" in out:
-        got = out["per-task"]["accuracy_test_mix"]
-        out["target"] = {"per_task_overall": TARGET, "measured_on_the_test_mix": got, "met": got >= TARGET,
-                         "equal_type_sample": out["per-task"]["accuracy"], "test_type_counts": mix}
+    for system in ("per-task", "per-task-aligned"):
+        if "accuracy_test_mix" in out.get(system, {}):
+            got = out[system]["accuracy_test_mix"]
+            out.setdefault("target", {"per_task_overall": TARGET, "test_type_counts": mix})[system] = {
+                "measured_on_the_test_mix": got, "met": got >= TARGET, "equal_type_sample": out[system]["accuracy"]}
     return out
 
 
