@@ -123,7 +123,10 @@ def part_retention(a, env: dict) -> None:
     done = read_rows(a.runs, ("task", "mode", "bits"))
     for key in a.tasks:
         base, task = TASKS[key]
-        fp32 = fp32_adapter(key, a, env)
+        if "ptq" not in a.modes and (key, "fp32", 32) in done and not a.redo:
+            fp32 = f"{key.replace(':', '-')}-fp32"    # QAT trains from scratch: no fp32 adapter needed
+        else:
+            fp32 = fp32_adapter(key, a, env)
         if (key, "fp32", 32) in done and not a.redo and fp32 in RETRAINED:
             # the stored adapter is gone (a fresh machine) and was trained again: the rows already there
             # were measured against the first one, so the new one must score the same (seeded training)

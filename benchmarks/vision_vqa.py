@@ -14,6 +14,9 @@ head lr and batch):
   per-task-aligned  per-task adapters whose projector starts from align's (LLaVA's second stage): the
               per-task yes/no adapter alone answers from the question's wording only (0.813 = the prior of
               "not" -> yes, else no), so its image tokens get no signal a yes/no bit can shape
+  per-task-paired:yesno  the yes/no adapter trained on easy-vqa-yesno-paired (each training question also
+              asked of an image with the opposite answer: the wording alone is worth 0.5), the same steps;
+              the summary's per-task-paired is it with per-task colour and shape
 The recipe was tuned on colour questions' validation split (--part vqa-sweep); shape and yes/no are held out.
 Test: a seeded sample of --test-rows questions per type from the package's test images (the same rows for
 every system). The image base runs once per image for all systems (features cached in process).
@@ -78,11 +81,12 @@ def run(results: Path, *, steps: int | None, test_rows: int, val_rows: int, redo
         json.loads(line)["system"]: json.loads(line) for line in runs_path.read_text().splitlines() if line.strip()}
     lm, image_base = load_base("smollm2-135m"), load_base("mobilenet-v2")
     tasks = {q: load_task(TASK_OF[q]) for q in QTYPES}
+    paired = load_task("easy-vqa-yesno-paired").train
     test = {q: _sample(tasks[q].test, test_rows, f"vqa-test:{q}") for q in QTYPES}
     val = {q: _sample(tasks[q].validation, val_rows, f"vqa-val:{q}") for q in QTYPES}
     train = {q: tasks[q].train for q in QTYPES}
     every_train = [e for q in QTYPES for e in train[q]]
-    images = {e.image for e in every_train} | {e.image for q in QTYPES for e in test[q] + val[q]}
+    images = {e.image for e in every_train + paired} | {e.image for q in QTYPES for e in test[q] + val[q]}
     features = cached_features(image_base, sorted(images), DEFAULT_GRID, log)
     # a lasting store (a smoke run's is temporary): the aligned projector is read by later processes too
     root = Path(tempfile.mkdtemp(prefix="vqa-")) if smoke else \
@@ -98,13 +102,15 @@ def run(results: Path, *, steps: int | None, test_rows: int, val_rows: int, redo
                 ("projector", list(QTYPES), sum(per.values()), True, None),
                 ("align", describe, align_steps, True, None)]
     systems += [(f"per-task-aligned:{q}", [q], per[q], False, "align") for q in QTYPES]
+    systems += [("per-task-paired:yesno", ["yesno"], per["yesno"], False, None)]
+    train_rows = {"per-task-paired:yesno": paired}      # a system's own training rows (else its types')
     for system, types, n_steps, freeze, start in systems:
         if only and system not in only:
             continue
         if system in done:
             log(f"{system}: done before ({done[system]['test']}); --redo runs it again")
             continue
-        rows = [e for q in types for e in train[q]]
+        rows = list(train_rows.get(system) or [e for q in types for e in train[q]])
         random.Random(f"vqa-train:{system}").shuffle(rows)
         plan = resolve("vqa", len(rows), True, steps=n_steps, eval_every=max(1, n_steps // 4))
         name = system.replace(":", "-")
@@ -147,7 +153,11 @@ def summary(results: Path) -> dict[str, Any]:
     rows = {json.loads(x)["system"]: json.loads(x) for x in path.read_text().splitlines() if x.strip()} \
         if path.is_file() else {}
     out: dict[str, Any] = {}
-    for prefix in ("per-task", "per-task-aligned"):      # per-task adapters, from a fresh / the aligned projector
+    # per-task adapters, from a fresh / the aligned projector; per-task-paired: yes/no from complementary pairs
+    if "per-task-paired:yesno" in rows:
+        rows.update({f"per-task-paired:{q}": rows[f"per-task:{q}"] for q in ("colour", "shape")
+                     if f"per-task:{q}" in rows})
+    for prefix in ("per-task", "per-task-aligned", "per-task-paired"):
         per = [(q, rows[f"{prefix}:{q}"]) for q in QTYPES if f"{prefix}:{q}" in rows]
         if not per:
             continue
@@ -173,7 +183,7 @@ def summary(results: Path) -> dict[str, Any]:
     for r in out.values():
         if all(f"accuracy_{q}" in r for q in QTYPES):
             r["accuracy_test_mix"] = sum(r[f"accuracy_{q}"] * mix[q] for q in QTYPES) / sum(mix.values())
-    for system in ("per-task", "per-task-aligned"):
+    for system in ("per-task", "per-task-aligned", "per-task-paired"):
         if "accuracy_test_mix" in out.get(system, {}):
             got = out[system]["accuracy_test_mix"]
             out.setdefault("target", {"per_task_overall": TARGET, "test_type_counts": mix})[system] = {

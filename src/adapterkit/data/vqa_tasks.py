@@ -5,6 +5,11 @@ and questions about it, answered by one of 13 words (3 shapes, 8 colours, yes, n
   easy-vqa-colour   "what color is the shape?", "what is the color of the circle?" ... (8 colour answers)
   easy-vqa-shape    "what shape is in the image?", "what is the red shape?" ... (3 shape answers)
   easy-vqa-yesno    "is there a red shape?", "does the image not contain a circle?" ... (yes / no)
+  easy-vqa-yesno-paired  the yes/no questions with complementary pairs in training (VQA v2's remedy, Goyal
+                    et al. 2017): each training question is also asked of another training image whose answer
+                    is the opposite, so the wording alone answers half of them. In the package 82 % of yes/no
+                    answers follow from the wording ("not" -> yes, else no); validation and test stay as
+                    they come, so scores compare with easy-vqa-yesno's.
 
 The question type is read from the question's words (a "what" question about colour, another "what"
 question, or a yes/no question), never from the answer. Splits: the package's test images are the test
@@ -48,7 +53,59 @@ VQA_TASKS: dict[str, tuple[str, ...]] = {
     "easy-vqa-colour": ("colour",),
     "easy-vqa-shape": ("shape",),
     "easy-vqa-yesno": ("yesno",),
+    "easy-vqa-yesno-paired": ("yesno",),
 }
+COLOURS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
+SHAPES = ("circle", "rectangle", "triangle")
+
+
+def asked(question: str) -> tuple[str, str, bool]:
+    """The attribute a yes/no question asks about, its value and whether it is negated:
+    "is there not a red shape?" -> ("colour", "red", True)."""
+    words = question.strip().lower().rstrip("?").split()
+    negated = "not" in words or "no" in words
+    for kind, values in (("colour", COLOURS), ("shape", SHAPES)):
+        hit = [w for w in words if w in values]
+        if hit:
+            return kind, hit[0], negated
+    raise ValueError(f"easy-vqa yes/no question names no colour or shape: {question!r}")
+
+
+def image_attributes(rows: list[VQAExample]) -> dict[str, dict[str, str]]:
+    """{image: {"colour": c, "shape": s}} read off every question's answer (what-questions directly, a
+    yes/no answer where it names the value: "is there a red shape?" yes, or "... not ... red" no)."""
+    out: dict[str, dict[str, str]] = {}
+    for e in rows:
+        if e.qtype != "yesno":
+            out.setdefault(e.image, {})[e.qtype] = e.answer
+            continue
+        kind, value, negated = asked(e.question)
+        if (e.answer == "yes") != negated:                    # the image has `value`
+            out.setdefault(e.image, {})[kind] = value
+    return out
+
+
+def complementary_pairs(rows: list[VQAExample], attributes: dict[str, dict[str, str]],
+                        seed: str) -> list[VQAExample]:
+    """`rows` (yes/no questions) and, for each, the same question on another image of `attributes` with the
+    opposite answer (drawn seeded); a question whose opposite no image has is kept unpaired."""
+    rng = random.Random(seed)
+    by_value: dict[tuple[str, str], list[str]] = {}
+    for image, attrs in sorted(attributes.items()):
+        for kind, value in attrs.items():
+            by_value.setdefault((kind, value), []).append(image)
+    out = list(rows)
+    for e in rows:
+        kind, value, negated = asked(e.question)
+        has = (e.answer == "yes") != negated
+        # the partner has `value` when this image has not, and another value of the same kind when it has
+        pool = by_value.get((kind, value), []) if not has else \
+            [i for (k, v), images in by_value.items() if k == kind and v != value for i in images]
+        if not pool:
+            continue
+        image = pool[rng.randrange(len(pool))]
+        out.append(VQAExample(image, e.question, "no" if e.answer == "yes" else "yes", e.qtype, f"{e.id}~{image}"))
+    return out
 
 
 def _questions(split: str) -> list[VQAExample]:
@@ -68,10 +125,13 @@ def load_vqa_task(name: str) -> Task:
     random.Random("adapterkit:easy-vqa:images").shuffle(image_ids)
     held = set(image_ids[: round(0.1 * len(image_ids))])
     train = [e for e in train_all if e.image not in held]
+    if name.endswith("-paired"):            # partners come from the training images only (none held out)
+        every_train = [e for e in _questions("train") if e.image not in held]
+        train = complementary_pairs(train, image_attributes(every_train), f"adapterkit:{name}:pairs")
     validation = [e for e in train_all if e.image in held]
     splits = {"train": train, "validation": validation, "test": test}
-    for split, items in splits.items():
-        random.Random(f"adapterkit:{name}:{split}").shuffle(items)
+    for split, items in splits.items():     # a paired task's validation and test: the same order as unpaired
+        random.Random(f"adapterkit:{name if split == 'train' else name.removesuffix('-paired')}:{split}").shuffle(items)
     answers = sorted({e.answer for part in splits.values() for e in part})
     card = {
         "name": name, "modality": "image+text", "objective": "visual question answering (a one-word answer)",
@@ -86,7 +146,10 @@ def load_vqa_task(name: str) -> Task:
         "fields": {"image": "a 64x64 RGB PNG", "question": "English text", "answer": "one word"},
         "question_types": list(types), "labels": answers, "num_labels": len(answers),
         "split_method": "the package's test images are the test split; its training images are split 90/10 by "
-                        "image (seeded), so an image's questions stay in one split",
+                        "image (seeded), so an image's questions stay in one split" + (
+                            "; training adds each question's complementary pair (the same question on another "
+                            "training image, the opposite answer), validation and test are unchanged"
+                            if name.endswith("-paired") else ""),
         "sizes": {k: len(v) for k, v in splits.items()},
         "images": {k: len({e.image for e in v}) for k, v in splits.items()},
         "type_counts": {k: dict(sorted(Counter(e.qtype for e in v).items())) for k, v in splits.items()},
