@@ -17,6 +17,7 @@ head lr and batch):
   per-task-paired:yesno  the yes/no adapter trained on easy-vqa-yesno-paired (each training question also
               asked of an image with the opposite answer: the wording alone is worth 0.5), the same steps;
               the summary's per-task-paired is it with per-task colour and shape
+  per-task-paired-aligned:yesno  the same from align's projector (both remedies)
 The recipe was tuned on colour questions' validation split (--part vqa-sweep); shape and yes/no are held out.
 Test: a seeded sample of --test-rows questions per type from the package's test images (the same rows for
 every system). The image base runs once per image for all systems (features cached in process).
@@ -102,8 +103,10 @@ def run(results: Path, *, steps: int | None, test_rows: int, val_rows: int, redo
                 ("projector", list(QTYPES), sum(per.values()), True, None),
                 ("align", describe, align_steps, True, None)]
     systems += [(f"per-task-aligned:{q}", [q], per[q], False, "align") for q in QTYPES]
-    systems += [("per-task-paired:yesno", ["yesno"], per["yesno"], False, None)]
-    train_rows = {"per-task-paired:yesno": paired}      # a system's own training rows (else its types')
+    systems += [("per-task-paired:yesno", ["yesno"], per["yesno"], False, None),
+                ("per-task-paired-aligned:yesno", ["yesno"], per["yesno"], False, "align")]
+    # a system's own training rows (else its types')
+    train_rows = {"per-task-paired:yesno": paired, "per-task-paired-aligned:yesno": paired}
     for system, types, n_steps, freeze, start in systems:
         if only and system not in only:
             continue
@@ -154,10 +157,10 @@ def summary(results: Path) -> dict[str, Any]:
         if path.is_file() else {}
     out: dict[str, Any] = {}
     # per-task adapters, from a fresh / the aligned projector; per-task-paired: yes/no from complementary pairs
-    if "per-task-paired:yesno" in rows:
-        rows.update({f"per-task-paired:{q}": rows[f"per-task:{q}"] for q in ("colour", "shape")
-                     if f"per-task:{q}" in rows})
-    for prefix in ("per-task", "per-task-aligned", "per-task-paired"):
+    for prefix in ("per-task-paired", "per-task-paired-aligned"):
+        if f"{prefix}:yesno" in rows:
+            rows.update({f"{prefix}:{q}": rows[f"per-task:{q}"] for q in ("colour", "shape") if f"per-task:{q}" in rows})
+    for prefix in ("per-task", "per-task-aligned", "per-task-paired", "per-task-paired-aligned"):
         per = [(q, rows[f"{prefix}:{q}"]) for q in QTYPES if f"{prefix}:{q}" in rows]
         if not per:
             continue
@@ -168,8 +171,9 @@ def summary(results: Path) -> dict[str, Any]:
                        "projector_params": sum(r["projector_params"] for _, r in per),
                        "steps": sum(r["steps"] for _, r in per), "step_s": per[0][1]["step_s"],
                        "types": [q for q, _ in per]}
-    if "per-task-aligned" in out and "align" in rows:       # the aligned start is part of the system's cost
-        out["per-task-aligned"]["steps_with_align"] = out["per-task-aligned"]["steps"] + rows["align"]["steps"]
+    for system in ("per-task-aligned", "per-task-paired-aligned"):   # the aligned start is part of the cost
+        if system in out and "align" in rows:
+            out[system]["steps_with_align"] = out[system]["steps"] + rows["align"]["steps"]
     for system in ("shared", "projector", "align"):
         if system in rows:
             r = rows[system]
@@ -183,7 +187,7 @@ def summary(results: Path) -> dict[str, Any]:
     for r in out.values():
         if all(f"accuracy_{q}" in r for q in QTYPES):
             r["accuracy_test_mix"] = sum(r[f"accuracy_{q}"] * mix[q] for q in QTYPES) / sum(mix.values())
-    for system in ("per-task", "per-task-aligned", "per-task-paired"):
+    for system in ("per-task", "per-task-aligned", "per-task-paired", "per-task-paired-aligned"):
         if "accuracy_test_mix" in out.get(system, {}):
             got = out[system]["accuracy_test_mix"]
             out.setdefault("target", {"per_task_overall": TARGET, "test_type_counts": mix})[system] = {
