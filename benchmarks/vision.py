@@ -295,7 +295,8 @@ def part_table(a) -> None:
         print("\n| easy-vqa (SmolLM2 + MobileNetV2) | overall (test mix) | equal-type sample | colour | shape | yes/no "
               "| LM adapter params | projector params | steps |")
         print("|---|---|---|---|---|---|---|---|---|")
-        for system in ("per-task", "per-task-aligned", "per-task-paired", "per-task-paired-aligned", "shared",
+        for system in ("per-task", "per-task-aligned", "per-task-paired", "per-task-paired-aligned",
+                       "per-task-paired-aligned-headlr1e-5", "shared",
                        "projector", "align"):
             r = vqa.get(system)
             if r is not None:

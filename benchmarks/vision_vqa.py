@@ -18,6 +18,8 @@ head lr and batch):
               asked of an image with the opposite answer: the wording alone is worth 0.5), the same steps;
               the summary's per-task-paired is it with per-task colour and shape
   per-task-paired-aligned:yesno  the same from align's projector (both remedies)
+  per-task-paired-aligned-headlr1e-5:yesno  and the projector kept almost where align left it (lr 1e-5,
+              not the recipe's 1e-2), so the yes/no gradient cannot unlearn the image tokens' meaning
 The recipe was tuned on colour questions' validation split (--part vqa-sweep); shape and yes/no are held out.
 Test: a seeded sample of --test-rows questions per type from the package's test images (the same rows for
 every system). The image base runs once per image for all systems (features cached in process).
@@ -104,9 +106,11 @@ def run(results: Path, *, steps: int | None, test_rows: int, val_rows: int, redo
                 ("align", describe, align_steps, True, None)]
     systems += [(f"per-task-aligned:{q}", [q], per[q], False, "align") for q in QTYPES]
     systems += [("per-task-paired:yesno", ["yesno"], per["yesno"], False, None),
-                ("per-task-paired-aligned:yesno", ["yesno"], per["yesno"], False, "align")]
-    # a system's own training rows (else its types')
-    train_rows = {"per-task-paired:yesno": paired, "per-task-paired-aligned:yesno": paired}
+                ("per-task-paired-aligned:yesno", ["yesno"], per["yesno"], False, "align"),
+                ("per-task-paired-aligned-headlr1e-5:yesno", ["yesno"], per["yesno"], False, "align")]
+    # a system's own training rows (else its types') and projector lr (else the recipe's)
+    train_rows = {s: paired for s, *_ in systems if s.startswith("per-task-paired")}
+    head_lr = {"per-task-paired-aligned-headlr1e-5:yesno": 1e-5}
     for system, types, n_steps, freeze, start in systems:
         if only and system not in only:
             continue
@@ -115,7 +119,8 @@ def run(results: Path, *, steps: int | None, test_rows: int, val_rows: int, redo
             continue
         rows = list(train_rows.get(system) or [e for q in types for e in train[q]])
         random.Random(f"vqa-train:{system}").shuffle(rows)
-        plan = resolve("vqa", len(rows), True, steps=n_steps, eval_every=max(1, n_steps // 4))
+        plan = resolve("vqa", len(rows), True, steps=n_steps, eval_every=max(1, n_steps // 4),
+                       head_lr=head_lr.get(system))
         name = system.replace(":", "-")
         log(f"{system}: {n_steps} steps on {len(rows)} rows ({plan.config.lr:g} / head {plan.config.head_lr:g})")
         t = time.perf_counter()
@@ -157,10 +162,11 @@ def summary(results: Path) -> dict[str, Any]:
         if path.is_file() else {}
     out: dict[str, Any] = {}
     # per-task adapters, from a fresh / the aligned projector; per-task-paired: yes/no from complementary pairs
-    for prefix in ("per-task-paired", "per-task-paired-aligned"):
+    paired_systems = ("per-task-paired", "per-task-paired-aligned", "per-task-paired-aligned-headlr1e-5")
+    for prefix in paired_systems:
         if f"{prefix}:yesno" in rows:
             rows.update({f"{prefix}:{q}": rows[f"per-task:{q}"] for q in ("colour", "shape") if f"per-task:{q}" in rows})
-    for prefix in ("per-task", "per-task-aligned", "per-task-paired", "per-task-paired-aligned"):
+    for prefix in ("per-task", "per-task-aligned", *paired_systems):
         per = [(q, rows[f"{prefix}:{q}"]) for q in QTYPES if f"{prefix}:{q}" in rows]
         if not per:
             continue
@@ -171,7 +177,7 @@ def summary(results: Path) -> dict[str, Any]:
                        "projector_params": sum(r["projector_params"] for _, r in per),
                        "steps": sum(r["steps"] for _, r in per), "step_s": per[0][1]["step_s"],
                        "types": [q for q, _ in per]}
-    for system in ("per-task-aligned", "per-task-paired-aligned"):   # the aligned start is part of the cost
+    for system in ("per-task-aligned", *paired_systems[1:]):           # the aligned start is part of the cost
         if system in out and "align" in rows:
             out[system]["steps_with_align"] = out[system]["steps"] + rows["align"]["steps"]
     for system in ("shared", "projector", "align"):
@@ -187,7 +193,7 @@ def summary(results: Path) -> dict[str, Any]:
     for r in out.values():
         if all(f"accuracy_{q}" in r for q in QTYPES):
             r["accuracy_test_mix"] = sum(r[f"accuracy_{q}"] * mix[q] for q in QTYPES) / sum(mix.values())
-    for system in ("per-task", "per-task-aligned", "per-task-paired", "per-task-paired-aligned"):
+    for system in ("per-task", "per-task-aligned", *paired_systems):
         if "accuracy_test_mix" in out.get(system, {}):
             got = out[system]["accuracy_test_mix"]
             out.setdefault("target", {"per_task_overall": TARGET, "test_type_counts": mix})[system] = {
