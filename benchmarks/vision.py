@@ -300,8 +300,10 @@ def part_table(a) -> None:
                        "projector", "align"):
             r = vqa.get(system)
             if r is not None:
-                cells = " | ".join(f"{r.get(f'accuracy_{q}', float('nan')):.3f}" for q in vision_vqa.QTYPES)
-                print(f"| {system} | {r.get('accuracy_test_mix', float('nan')):.3f} | {r['accuracy']:.3f} | {cells} | "
+                def cell(key: str) -> str:            # a type the system was not scored on: a dash
+                    return f"{r[key]:.3f}" if key in r else "-"
+                cells = " | ".join(cell(f"accuracy_{q}") for q in vision_vqa.QTYPES)
+                print(f"| {system} | {cell('accuracy_test_mix')} | {r['accuracy']:.3f} | {cells} | "
                       f"{r['lm_adapter_params']:,} | {r['projector_params']:,} | {r['steps']} |")
     plot(rows, a.results)
 

@@ -47,7 +47,7 @@ def _needs(name: str):
 
 def test_registry_lists_the_text_image_and_vqa_tasks():
     assert list_tasks() == sorted(ALL + ["mnist-5k", "textile-defects", "easy-vqa", "easy-vqa-colour",
-                                         "easy-vqa-shape", "easy-vqa-yesno"])
+                                         "easy-vqa-shape", "easy-vqa-yesno", "easy-vqa-yesno-paired"])
 
 
 def test_unknown_task_lists_the_known_ones():
