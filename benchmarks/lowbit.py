@@ -14,6 +14,8 @@
   corda      CorDA IPM / KPM vs LoRA's default init on two tasks (SmolLM2) at 50 and 200 steps (test
              accuracy), and forgetting: the base's perplexity on held-out general text (the chatterbot
              corpus's English dialogue, never trained on) with each 200-step adapter attached
+  spread     the run-to-run spread the retention cells sit in: the fp32 LoRA of --tasks trained again with
+             other seeds (--seeds), test accuracy per seed in results/lowbit_spread.jsonl
   table      results/lowbit.json, README tables (markdown on stdout) and results/lowbit.png
 
 Targets: 1-bit quantization-aware >= 98 % of fp32 accuracy on at least 3 of 4 tasks; 4-bit post-training
@@ -24,6 +26,7 @@ the packed tier p50 <= 5 ms.
     .venv/bin/python benchmarks/lowbit.py --part bytes
     .venv/bin/python benchmarks/lowbit.py --part corda-tune
     .venv/bin/python benchmarks/lowbit.py --part corda
+    .venv/bin/python benchmarks/lowbit.py --part spread --tasks smollm2:rt-sentiment --seeds 1
     .venv/bin/python benchmarks/lowbit.py --part table
 """
 
@@ -154,6 +157,24 @@ def part_retention(a, env: dict) -> None:
                        "bytes": shown(name, env)["bytes"], "seconds": round(secs, 1), "date": now()}
                 append(a.runs, row)
                 log(f"{key} {mode} {bits}-bit: {row['test']} ({row['bytes']:,} bytes)")
+
+
+def part_spread(a, env: dict) -> None:
+    """fp32 LoRA of each task at CLI defaults but --seed S: how far a cell moves with nothing but the seed."""
+    path = RESULTS / "lowbit_spread.jsonl"
+    done = read_rows(path, ("task", "seed"))
+    for key in a.tasks:
+        base, task = TASKS[key]
+        for seed in a.seeds:
+            if (key, seed) in done and not a.redo:
+                continue
+            name = f"{key.replace(':', '-')}-fp32-seed{seed}"
+            _, secs = run(["train", "--base", base, "--task", task, "--name", name, "--method", "lora",
+                           "--seed", str(seed), "--overwrite"], env)
+            row = {"task": key, "seed": seed, "name": name, "test": scored(name, task, env),
+                   "seconds": round(secs, 1), "date": now()}
+            append(path, row)
+            log(f"{key} fp32 seed {seed}: {row['test']}")
 
 
 # ---------------------------------------------------------------------- bytes
@@ -380,7 +401,9 @@ def plot(table: list[dict]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--part", choices=("retention", "bytes", "serve", "corda", "corda-tune", "table"), required=True)
+    p.add_argument("--part", choices=("retention", "bytes", "serve", "corda", "corda-tune", "spread", "table"),
+                   required=True)
+    p.add_argument("--seeds", default="1,2", help="spread: the seeds to train (the retention rows used seed 0)")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--bits", default=",".join(map(str, BITS)))
     p.add_argument("--modes", default="ptq,qat", help="retention: post-training (minutes) and/or quantization-"
@@ -397,6 +420,7 @@ def main() -> None:
     a.tasks = a.tasks.split(",")
     a.bits = [int(b) for b in a.bits.split(",")]
     a.inits = a.inits.split(",")
+    a.seeds = [int(x) for x in a.seeds.split(",")]
     a.modes = a.modes.split(",")
     if set(a.modes) - {"ptq", "qat"}:
         p.error(f"--modes: unknown {sorted(set(a.modes) - {'ptq', 'qat'})}; choose among ptq, qat")
@@ -413,7 +437,7 @@ def main() -> None:
         serve_main(rest)
         return
     {"retention": part_retention, "bytes": part_bytes, "corda": part_corda, "corda-tune": part_corda_tune,
-     "table": part_table}[a.part](a, env)
+     "spread": part_spread, "table": part_table}[a.part](a, env)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,8 @@ def summary(results: Path) -> dict[str, Any]:
     paired_systems = ("per-task-paired", "per-task-paired-aligned", "per-task-paired-aligned-headlr1e-5")
     for prefix in paired_systems:
         if f"{prefix}:yesno" in rows:
-            rows.update({f"{prefix}:{q}": rows[f"per-task:{q}"] for q in ("colour", "shape") if f"per-task:{q}" in rows})
+            rows.update({f"{prefix}:{q}": rows[f"per-task:{q}"] for q in ("colour", "shape")
+                         if f"per-task:{q}" in rows})
     for prefix in ("per-task", "per-task-aligned", *paired_systems):
         per = [(q, rows[f"{prefix}:{q}"]) for q in QTYPES if f"{prefix}:{q}" in rows]
         if not per:
