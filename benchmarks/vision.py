@@ -344,7 +344,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="vqa: steps per per-task adapter (default: the recipe's); "
                    "vqa-sweep: steps per variant (default 100)")
     p.add_argument("--vqa-systems", default=None, help="vqa: only these systems (comma-separated: per-task:colour, "
-                   "per-task:shape, per-task:yesno, shared, projector, align, per-task-aligned:colour, ...)")
+                   "per-task:shape, per-task:yesno, shared, projector, align, per-task-aligned:colour, ..., "
+                   "per-task-paired:yesno, per-task-paired-aligned:yesno, per-task-paired-aligned-headlr1e-5:yesno)")
     p.add_argument("--test-rows", type=int, default=300, help="vqa: test questions per question type")
     p.add_argument("--val-rows", type=int, default=64, help="vqa: validation questions per type (best checkpoint)")
     p.add_argument("--tasks", default=",".join(TASKS))
