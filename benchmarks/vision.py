@@ -16,6 +16,8 @@
             targets, r=8) against the bare base, alternated over --rounds rounds, median (target <= 1.3x)
   vqa       vision-language adapters on easy-vqa (benchmarks/vision_vqa.py): per-task adapters vs one shared
             adapter vs the projector alone, accuracy per question type; rows in results/vision_vqa_runs.jsonl
+  vqa-losses  results/vision_vqa_losses.json: the training-loss curves still in the bench store, and what
+            answering yes/no from the question's wording alone scores (accuracy, loss)
   sweep     an image base's training defaults, chosen on mnist-5k's VALIDATION split (textile-defects held
             out): `adapterkit train ... --lr X` per family and lr; rows in results/vision_sweep.jsonl
   table     results/vision.json, the README table (markdown) and results/vision.png
@@ -300,12 +302,15 @@ def part_table(a) -> None:
                        "projector", "align"):
             r = vqa.get(system)
             if r is not None:
-                def cell(key: str) -> str:            # a type the system was not scored on: a dash
-                    return f"{r[key]:.3f}" if key in r else "-"
-                cells = " | ".join(cell(f"accuracy_{q}") for q in vision_vqa.QTYPES)
-                print(f"| {system} | {cell('accuracy_test_mix')} | {r['accuracy']:.3f} | {cells} | "
+                cells = " | ".join(_cell(r, f"accuracy_{q}") for q in vision_vqa.QTYPES)
+                print(f"| {system} | {_cell(r, 'accuracy_test_mix')} | {r['accuracy']:.3f} | {cells} | "
                       f"{r['lm_adapter_params']:,} | {r['projector_params']:,} | {r['steps']} |")
     plot(rows, a.results)
+
+
+def _cell(row: dict, key: str) -> str:
+    """A table cell: the value to 3 places, or a dash for a type the system was not scored on."""
+    return f"{row[key]:.3f}" if key in row else "-"
 
 
 def plot(rows: list[dict], results: Path) -> None:
@@ -335,7 +340,8 @@ def plot(rows: list[dict], results: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("accuracy", "mixed", "sweep", "vqa", "vqa-sweep", "table"), required=True)
+    p.add_argument("--part", choices=("accuracy", "mixed", "sweep", "vqa", "vqa-sweep", "vqa-losses", "table"),
+                   required=True)
     p.add_argument("--families", default="ia3", help="sweep: families (of lora, ia3, bottleneck)")
     p.add_argument("--lrs", default="1e-2,5e-2,1e-1", help="sweep: adapter learning rates")
     p.add_argument("--sweep-task", default="mnist-5k", help="sweep: the tuning task (its validation split)")
@@ -367,7 +373,14 @@ def main() -> None:
     a.runs = a.results / "vision_runs.jsonl"
     env = {**os.environ, "ADAPTERKIT_DEVICE": "cpu"}
     {"accuracy": lambda: part_accuracy(a, env), "mixed": lambda: part_mixed(a), "vqa": lambda: part_vqa(a),
-     "vqa-sweep": lambda: part_vqa_sweep(a), "sweep": lambda: part_sweep(a, env), "table": lambda: part_table(a)}[a.part]()
+     "vqa-sweep": lambda: part_vqa_sweep(a), "vqa-losses": lambda: part_vqa_losses(a),
+     "sweep": lambda: part_sweep(a, env), "table": lambda: part_table(a)}[a.part]()
+
+
+def part_vqa_losses(a) -> None:
+    import vision_vqa
+
+    vision_vqa.write_losses(a.results, log=log)
 
 
 def part_vqa_sweep(a) -> None:

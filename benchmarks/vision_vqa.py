@@ -92,9 +92,7 @@ def run(results: Path, *, steps: int | None, test_rows: int, val_rows: int, redo
     images = {e.image for e in every_train + paired} | {e.image for q in QTYPES for e in test[q] + val[q]}
     features = cached_features(image_base, sorted(images), DEFAULT_GRID, log)
     # a lasting store (a smoke run's is temporary): the aligned projector is read by later processes too
-    root = Path(tempfile.mkdtemp(prefix="vqa-")) if smoke else \
-        Path(os.environ.get("ADAPTERKIT_HOME", Path.home() / ".adapterkit")) / "bench"
-    store = AdapterStore(root / "vqa-store")
+    store = AdapterStore(Path(tempfile.mkdtemp(prefix="vqa-")) / "vqa-store" if smoke else store_root())
     # per-task: `steps` each, or the vqa recipe's default for its data; shared / projector: their sum
     per = {q: steps or resolve("vqa", len(train[q]), True).config.steps for q in QTYPES}
     describe = ["colour", "shape"]
@@ -139,20 +137,92 @@ def run(results: Path, *, steps: int | None, test_rows: int, val_rows: int, redo
         rt.add(adapter)
         got = evaluate_vqa(rt, adapter, [e for q in types for e in test[q]], features)
         rt.remove(adapter.name)
-        log_rows = [json.loads(x) for x in (store.root / "runs" / name / "train_log.jsonl").read_text().splitlines()] \
-            if (store.root / "runs" / name / "train_log.jsonl").is_file() else []
+        log_rows = train_log(store.root, name)
         step_s = sorted(r["seconds"] for r in log_rows)[len(log_rows) // 2] if log_rows else None
         row = {"system": system, "types": types, "steps": n_steps, "train_rows": len(rows), "test": got,
                "projector_from": start,
                "lm_adapter_params": 0 if freeze else adapter.num_parameters(),
                "projector_params": adapter.head.num_parameters(), "wall_s": round(secs, 1), "step_s": step_s,
                "best_step": adapter.meta.lineage[0]["params"].get("best_step"),
+               "loss_per_50_steps": loss_curve(log_rows),
                "config": {k: getattr(plan.config, k) for k in ("lr", "head_lr", "batch_size", "warmup_steps")},
                "threads": torch.get_num_threads(), "smoke": smoke, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                          time.gmtime())}
         with runs_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         log(f"{system}: {got}")
+
+
+def store_root() -> Path:
+    return Path(os.environ.get("ADAPTERKIT_HOME", Path.home() / ".adapterkit")) / "bench" / "vqa-store"
+
+
+def train_log(root: Path, name: str) -> list[dict]:
+    path = root / "runs" / name / "train_log.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def loss_curve(log_rows: list[dict], every: int = 50) -> list[dict]:
+    """The training loss's mean over each `every` steps: [{"from_step": 0, "loss": ...}, ...]."""
+    return [{"from_step": log_rows[i]["step"], "loss": round(sum(r["loss"] for r in log_rows[i:i + every])
+                                                             / len(log_rows[i:i + every]), 4)}
+            for i in range(0, len(log_rows), every)]
+
+
+def wording_loss(rows: list[Any], tokens_per_answer: int = 2) -> float:
+    """The mean loss per answer token of the best answer read off a yes/no question's wording alone (its
+    attribute kind and negation), the other question types taken as answered perfectly: the entropy of the
+    answer within each wording group, spread over the answer's tokens (the word and the end token)."""
+    import math
+    from collections import Counter
+
+    from adapterkit.data.vqa_tasks import asked
+
+    groups = Counter((asked(e.question)[0], asked(e.question)[2], e.answer) for e in rows if e.qtype == "yesno")
+    nats = 0.0
+    for kind, negated in {(k, n) for k, n, _ in groups}:
+        counts = [groups[(kind, negated, a)] for a in ("yes", "no")]
+        nats -= sum(c * math.log(c / sum(counts)) for c in counts if c)
+    return nats / len(rows) / tokens_per_answer
+
+
+def wording_rule(train: list[Any]) -> Any:
+    """The best yes/no answer from the wording alone, learnt from `train`: the majority answer of each
+    (attribute kind, negated) group ("not" -> yes, else no on easy-vqa)."""
+    from collections import Counter
+
+    from adapterkit.data.vqa_tasks import asked
+
+    votes = Counter((asked(e.question)[0], asked(e.question)[2], e.answer) for e in train)
+    return lambda question: max(("yes", "no"), key=lambda a: votes[(*[asked(question)[i] for i in (0, 2)], a)])
+
+
+def write_losses(results: Path, log: Any) -> None:
+    """results/vision_vqa_losses.json: the 50-step loss means of every system whose training log is still in the
+    bench store (runs before the rows carried them), the loss the wording alone would give, and the yes/no
+    accuracy of answering from the wording alone (the 300 test questions are the benchmark's --test-rows
+    default sample)."""
+    from adapterkit.data.tasks import load_task
+
+    root = store_root()
+    out: dict[str, Any] = {"curves": {}}
+    for line in (results / "vision_vqa_runs.jsonl").read_text().splitlines():
+        system = json.loads(line)["system"]
+        rows = train_log(root, system.replace(":", "-"))
+        if rows:
+            out["curves"][system] = loss_curve(rows)
+    train = {q: load_task(TASK_OF[q]).train for q in QTYPES}
+    out["wording_loss"] = {"yesno": wording_loss(train["yesno"]), "yesno_paired": wording_loss(
+        load_task("easy-vqa-yesno-paired").train), "shared": wording_loss([e for q in QTYPES for e in train[q]])}
+    # what the wording alone answers: on the training split, on the whole test split, on the benchmark's sample
+    rule, task = wording_rule(train["yesno"]), load_task(TASK_OF["yesno"])
+    out["wording_rule_accuracy"] = {
+        split: sum(rule(e.question) == e.answer for e in rows) / len(rows)
+        for split, rows in (("train", task.train), ("test", task.test),
+                            ("test_sample", _sample(task.test, 300, "vqa-test:yesno")))}
+    (results / "vision_vqa_losses.json").write_text(json.dumps(out, indent=1) + "\n")
+    log(f"loss curves of {', '.join(out['curves'])}; wording alone: {out['wording_loss']}, "
+        f"{out['wording_rule_accuracy']}")
 
 
 def summary(results: Path) -> dict[str, Any]:

@@ -94,13 +94,15 @@ def complementary_pairs(rows: list[VQAExample], attributes: dict[str, dict[str, 
     for image, attrs in sorted(attributes.items()):
         for kind, value in attrs.items():
             by_value.setdefault((kind, value), []).append(image)
+    # (kind, value) -> the images with another value of that kind, built once per value
+    others = {(k, v): [i for (k2, v2), images in by_value.items() if k2 == k and v2 != v for i in images]
+              for k, v in by_value}
     out = list(rows)
     for e in rows:
         kind, value, negated = asked(e.question)
         has = (e.answer == "yes") != negated
         # the partner has `value` when this image has not, and another value of the same kind when it has
-        pool = by_value.get((kind, value), []) if not has else \
-            [i for (k, v), images in by_value.items() if k == kind and v != value for i in images]
+        pool = others.get((kind, value), []) if has else by_value.get((kind, value), [])
         if not pool:
             continue
         image = pool[rng.randrange(len(pool))]
@@ -119,15 +121,16 @@ def _questions(split: str) -> list[VQAExample]:
 
 def load_vqa_task(name: str) -> Task:
     types = VQA_TASKS[name]
-    train_all = [e for e in _questions("train") if e.qtype in types]
+    every_question = _questions("train")
+    train_all = [e for e in every_question if e.qtype in types]
     test = [e for e in _questions("test") if e.qtype in types]
-    image_ids = sorted({e.image for e in _questions("train")})        # the same image split for every task
+    image_ids = sorted({e.image for e in every_question})             # the same image split for every task
     random.Random("adapterkit:easy-vqa:images").shuffle(image_ids)
     held = set(image_ids[: round(0.1 * len(image_ids))])
     train = [e for e in train_all if e.image not in held]
     if name.endswith("-paired"):            # partners come from the training images only (none held out)
-        every_train = [e for e in _questions("train") if e.image not in held]
-        train = complementary_pairs(train, image_attributes(every_train), f"adapterkit:{name}:pairs")
+        attributes = image_attributes([e for e in every_question if e.image not in held])
+        train = complementary_pairs(train, attributes, f"adapterkit:{name}:pairs")
     validation = [e for e in train_all if e.image in held]
     splits = {"train": train, "validation": validation, "test": test}
     for split, items in splits.items():     # a paired task's validation and test: the same order as unpaired
